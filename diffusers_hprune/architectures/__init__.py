@@ -1,0 +1,62 @@
+"""Model-family registry: the one place each family's structure is known.
+
+``get_family(x)`` accepts a family name, a transformer (instance or class) or a
+transformer config dict and returns the family object; unsupported inputs get an
+error that lists the supported families.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import UnsupportedModelError
+from .base import BLOCK, BlockSpec, ModelFamily, RemovedBlock
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a model family (a :class:`ModelFamily` instance) to the registry."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def family_names() -> tuple[str, ...]:
+    _ensure_builtin()
+    return tuple(_FAMILIES)
+
+
+def _ensure_builtin() -> None:
+    if not _FAMILIES:
+        from .flux import FLUX
+        from .sd3 import SD3
+
+        register_family(SD3)
+        register_family(FLUX)
+
+
+def _supported() -> str:
+    return "; ".join(f"{f.name} ({f.display_name}: {f.base_class_name})" for f in _FAMILIES.values())
+
+
+def get_family(obj: Any) -> ModelFamily:
+    """The family of a name (``"sd3"``), a transformer instance or class, or a config dict."""
+    _ensure_builtin()
+    if isinstance(obj, str):
+        if obj in _FAMILIES:
+            return _FAMILIES[obj]
+        raise UnsupportedModelError(f"Unknown model family {obj!r}. Supported families: {_supported()}.")
+    for family in _FAMILIES.values():
+        if family.matches(obj):
+            return family
+    if isinstance(obj, Mapping):
+        what = f"a config with _class_name {obj.get('_class_name')!r}"
+    else:
+        what = f"a {(obj if isinstance(obj, type) else type(obj)).__name__}"
+    raise UnsupportedModelError(
+        f"diffusers-hprune cannot prune {what}. Supported families: {_supported()}. "
+        "Pass the `transformer` of a StableDiffusion3Pipeline or FluxPipeline."
+    )
+
+
+__all__ = ["BLOCK", "BlockSpec", "ModelFamily", "RemovedBlock", "family_names", "get_family", "register_family"]

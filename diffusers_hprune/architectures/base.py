@@ -1,0 +1,248 @@
+"""What every model family module provides, and the mechanics they share.
+
+A family module (``sd3.py``, ``flux.py``) is the ONE place that knows a model
+family's structure: which blocks exist in which order, which components each
+block has, which parameters each component owns, and how each is removed. Every
+other stage (planning, analysis, distillation, quantisation, reports) asks the
+family object instead of naming modules itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..plan import PrunePlan
+
+BLOCK = "block"
+"""Pseudo-component name for a whole block (used by analysis reports and plans)."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One transformer block, as the method sees it.
+
+    Attributes:
+        index: global execution-order index (FLUX: double blocks first, then single blocks).
+        path: module path inside the transformer, e.g. ``"single_transformer_blocks.3"``.
+        kind: ``"joint"`` (SD3 JointTransformerBlock), ``"double"`` or ``"single"`` (FLUX).
+        components: canonical names of the removable components of this block.
+        branches: the subset of ``components`` that are residual branches; a block
+            with every branch removed is the identity and counts as a removed block.
+        dual_attention: SD3.5 dual-attention block (``attn`` then covers ``attn`` and ``attn2``).
+        context_pre_only: SD3 last block (no text-stream output, no ``ff_context``).
+    """
+
+    index: int
+    path: str
+    kind: str
+    components: tuple[str, ...]
+    branches: tuple[str, ...]
+    dual_attention: bool = False
+    context_pre_only: bool = False
+
+    @property
+    def local_index(self) -> int:
+        return int(self.path.rsplit(".", 1)[1])
+
+
+class ModelFamily:
+    """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
+
+    name: str = ""
+    display_name: str = ""
+    base_class_name: str = ""
+    pruned_class_name: str = ""
+    component_names: tuple[str, ...] = ()
+    default_alpha: float = 0.0
+    """Position-weight alpha the paper used for this family (DESIGN.md section 6, step 2)."""
+
+    # -- identification -------------------------------------------------------
+    @property
+    def base_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.base_class_name)
+
+    @property
+    def pruned_class(self) -> type:
+        from .. import models
+
+        return getattr(models, self.pruned_class_name)
+
+    def matches(self, obj: Any) -> bool:
+        """True for a transformer instance/class of this family or a config naming one."""
+        if isinstance(obj, Mapping):
+            return obj.get("_class_name") in (self.base_class_name, self.pruned_class_name)
+        cls = obj if isinstance(obj, type) else type(obj)
+        return issubclass(cls, self.base_class)
+
+    # -- structure --------------------------------------------------------------
+    def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
+        """Every block in execution order, derived from the transformer config alone."""
+        raise NotImplementedError
+
+    def component_submodules(self, spec: BlockSpec, component: str) -> tuple[str, ...]:
+        """Submodule names (relative to the block) whose parameters belong wholly to ``component``."""
+        raise NotImplementedError
+
+    def shared_parameter_slices(self, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> dict[str, tuple[int, slice]]:
+        """Parameters that a component owns only a slice of: name (relative to the block) -> (dim, slice)."""
+        return {}
+
+    def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
+        """A module replacing ``block`` with the ``removed`` components gone (adopts the kept submodules)."""
+        raise NotImplementedError
+
+    def num_blocks(self, config: Mapping[str, Any]) -> int:
+        return len(self.block_specs(config))
+
+    # -- parameter accounting -----------------------------------------------------
+    def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
+        """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""
+        if component == BLOCK:
+            return sum(p.numel() for p in block.parameters())
+        total = 0
+        for sub in self.component_submodules(spec, component):
+            module = getattr(block, sub, None)
+            if module is not None:
+                total += sum(p.numel() for p in module.parameters())
+        params = dict(block.named_parameters())
+        for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
+            total += params[name].narrow(dim, sl.start, sl.stop - sl.start).numel()
+        return total
+
+    # -- plans ------------------------------------------------------------------------
+    def empty_plan(self, config: Mapping[str, Any]) -> PrunePlan:
+        return PrunePlan(family=self.name, num_blocks=self.num_blocks(config))
+
+    def check_plan(self, plan: PrunePlan, config: Mapping[str, Any]) -> PrunePlan:
+        """Validate ``plan`` against a concrete config and return its normalised form.
+
+        Raises :class:`PlanError` when the plan was made for another family or block
+        count, or names a component a block does not have. A block whose residual
+        branches are all removed is the identity, so it is moved to ``removed_blocks``.
+        """
+        if plan.family != self.name:
+            raise PlanError(
+                f"This prune plan was made for the {plan.family!r} family but the model is a {self.display_name} "
+                f"({self.name!r}) transformer; make a plan for this model (e.g. `hprune plan` on its analysis)."
+            )
+        specs = self.block_specs(config)
+        if plan.num_blocks != len(specs):
+            raise PlanError(
+                f"This prune plan was made for a {plan.family} transformer with {plan.num_blocks} blocks, but the "
+                f"model has {len(specs)} blocks; make a plan for this model."
+            )
+        removed_blocks = set(plan.removed_blocks)
+        components: dict[int, list[str]] = {}
+        for index, names in plan.removed_components.items():
+            spec = specs[index]
+            invalid = [n for n in names if n not in spec.components]
+            if invalid:
+                raise PlanError(
+                    f"Block {index} ({spec.path}, a {spec.kind} block) has no component(s) {invalid}; "
+                    f"its components are {', '.join(spec.components)}."
+                )
+            if set(spec.branches) <= set(names):
+                removed_blocks.add(index)
+            else:
+                components[index] = names
+        normalised = PrunePlan(
+            removed_blocks=sorted(removed_blocks),
+            removed_components=components,
+            family=plan.family,
+            num_blocks=plan.num_blocks,
+            metadata=plan.metadata,
+        )
+        return normalised
+
+    # -- surgery ------------------------------------------------------------------------
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The block modules of ``model`` in execution order."""
+        return [model.get_submodule(spec.path) for spec in self.block_specs(model.config)]
+
+    def apply_plan(self, model: nn.Module, plan: PrunePlan) -> None:
+        """Replace, in place, the removed blocks and components of ``model`` (plan already checked)."""
+        for spec in self.block_specs(model.config):
+            if spec.index in plan.removed_blocks:
+                block = model.get_submodule(spec.path)
+                model.set_submodule(spec.path, RemovedBlock(context_pre_only=getattr(block, "context_pre_only", False)))
+            elif spec.index in plan.removed_components:
+                block = model.get_submodule(spec.path)
+                removed = frozenset(plan.removed_components[spec.index])
+                model.set_submodule(spec.path, self.pruned_block(block, spec, removed))
+
+    def prune_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The state dict of the pruned model, from the state dict of the unpruned one (plan already checked).
+
+        Keys of removed parts are dropped; parameters shared between components are
+        sliced to the kept parts. Kept keys keep their original block indices.
+        """
+        drop: list[str] = []
+        slices: dict[str, list[tuple[int, slice]]] = {}
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                drop.append(spec.path + ".")
+                continue
+            for component in plan.removed_components.get(spec.index, []):
+                drop.extend(f"{spec.path}.{sub}." for sub in self.component_submodules(spec, component))
+                for name, part in self.shared_parameter_slices(spec, component, config).items():
+                    slices.setdefault(f"{spec.path}.{name}", []).append(part)
+        out = {}
+        for key, tensor in state_dict.items():
+            if any(key.startswith(prefix) for prefix in drop):
+                continue
+            if key in slices:
+                tensor = _remove_slices(tensor, slices[key])
+            out[key] = tensor
+        return out
+
+
+def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:
+    """``tensor`` without the given (dim, slice) parts, all along one dimension."""
+    dim = parts[0][0]
+    removed = set()
+    for d, sl in parts:
+        assert d == dim, "slices of one parameter must share a dimension"
+        removed.update(range(sl.start, sl.stop))
+    keep = [i for i in range(tensor.shape[dim]) if i not in removed]
+    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
+    return tensor.index_select(dim, index).contiguous()
+
+
+class RemovedBlock(nn.Module):
+    """A removed block: the identity on both streams, with no parameters."""
+
+    def __init__(self, context_pre_only: bool = False):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return encoder_hidden_states, hidden_states
+
+    def extra_repr(self) -> str:
+        return "identity"
+
+
+def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """What a removed modulation leaves: LayerNorm without affine, eps 1e-6."""
+    return nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+    """AdaLN modulation ``x * (1 + scale) + shift``; shift and scale are 0 when the modulation was removed."""
+    if shift is None:
+        return x
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``gate * x``; the gate is 1 when the modulation was removed."""
+    return x if gate is None else gate.unsqueeze(1) * x

@@ -1,0 +1,259 @@
+"""Parameter inventory of a transformer: every block and component, counted on the meta device.
+
+Used by ``hprune inspect`` and by every stage that needs sizes (planning, memory
+estimates, reports). Nothing here needs weights: a config is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import init_empty_weights
+
+from .architectures import BLOCK, BlockSpec, ModelFamily, get_family
+from .errors import UnsupportedModelError
+from .plan import PrunePlan
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Public transformer configs shipped with the package (name -> file in diffusers_hprune/configs).
+BUILTIN_CONFIGS = {
+    "sd3-medium": "sd3-medium.json",
+    "sd3.5-large": "sd3.5-large.json",
+    "sd3.5-large-turbo": "sd3.5-large.json",
+    "sd3.5-medium": "sd3.5-medium.json",
+    "flux.1-schnell": "flux.1-schnell.json",
+    "flux.1-dev": "flux.1-dev.json",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UnsupportedModelError(f"{path} is not valid JSON ({e}); the file is corrupt.") from None
+
+
+def load_transformer_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A transformer config from a built-in name, a ``config.json``, a model or pipeline folder, or a Hub repo id.
+
+    Built-in names: ``sd3-medium``, ``sd3.5-large``, ``sd3.5-large-turbo``, ``sd3.5-medium``,
+    ``flux.1-schnell``, ``flux.1-dev``. A repo id reads only ``transformer/config.json``
+    (from the local Hugging Face cache when offline).
+    """
+    if isinstance(source, Mapping):
+        return dict(source)
+    text = str(source)
+    if text in BUILTIN_CONFIGS:
+        ref = resources.files("diffusers_hprune") / "configs" / BUILTIN_CONFIGS[text]
+        return json.loads(ref.read_text(encoding="utf-8"))
+    path = Path(text)
+    if path.is_file():
+        return _read_json(path)
+    if path.is_dir():
+        for candidate in (path / "config.json", path / "transformer" / "config.json"):
+            if candidate.is_file():
+                return _read_json(candidate)
+        raise UnsupportedModelError(
+            f"{path} has neither config.json nor transformer/config.json; pass a transformer folder, "
+            "a pipeline folder or a config file."
+        )
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        for filename in ("transformer/config.json", "config.json"):
+            try:
+                return _read_json(Path(hf_hub_download(text, filename)))
+            except EntryNotFoundError:
+                continue
+            except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as e:
+                raise UnsupportedModelError(
+                    f"Could not get the transformer config of {text!r} from the Hub or the local cache ({e})."
+                ) from None
+    raise UnsupportedModelError(
+        f"{text!r} is not a config file, a model or pipeline folder, a Hub repo id or a built-in config; "
+        f"built-in configs: {', '.join(BUILTIN_CONFIGS)}."
+    )
+
+
+def build_on_meta(config: Mapping[str, Any], pruned: bool | None = None) -> torch.nn.Module:
+    """Instantiate the transformer of ``config`` without allocating weights (meta device)."""
+    family = get_family(config)
+    config = dict(config)
+    if pruned is None:
+        pruned = bool(config.get("prune_plan"))
+    if not pruned:
+        config.pop("prune_plan", None)
+    cls = family.pruned_class if pruned else family.base_class
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+@dataclass
+class BlockInventory:
+    """Parameters of one block (in the unpruned model) and what the plan does to it."""
+
+    spec: BlockSpec
+    params: int
+    components: dict[str, int]
+    removed: bool = False
+    removed_components: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        if self.removed:
+            return "removed"
+        return "pruned" if self.removed_components else "kept"
+
+    @property
+    def removed_params(self) -> int:
+        if self.removed:
+            return self.params
+        return sum(self.components[c] for c in self.removed_components)
+
+
+@dataclass
+class TransformerInventory:
+    """The parameter inventory of one transformer (see :func:`inspect_transformer`)."""
+
+    family: ModelFamily
+    config: dict[str, Any]
+    blocks: list[BlockInventory]
+    original_params: int
+    params: int
+    name: str = ""
+    plan_description: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def non_block_params(self) -> int:
+        return self.original_params - sum(b.params for b in self.blocks)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.params / self.original_params
+
+    def nbytes(self, dtype: str = "bf16", params: int | None = None) -> int:
+        return (self.params if params is None else params) * BYTES_PER_PARAM[dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family.name,
+            "name": self.name,
+            "original_params": self.original_params,
+            "params": self.params,
+            "non_block_params": self.non_block_params,
+            "blocks": [
+                {
+                    "index": b.spec.index,
+                    "path": b.spec.path,
+                    "kind": b.spec.kind,
+                    "status": b.status,
+                    "params": b.params,
+                    "components": b.components,
+                    "removed_components": list(b.removed_components),
+                }
+                for b in self.blocks
+            ],
+        }
+
+
+def inspect_transformer(source: Any) -> TransformerInventory:
+    """Count the parameters of every block and component of a transformer.
+
+    ``source`` may be a transformer instance, a config dict, or anything
+    :func:`load_transformer_config` accepts. Counting happens on the meta device,
+    so even FLUX.1 needs no memory. For a pruned transformer the counts are those
+    of the original blocks, and each block says what the plan removed.
+    """
+    if isinstance(source, torch.nn.Module):
+        config = dict(source.config)
+        name = str(config.get("_name_or_path", type(source).__name__))
+        params = sum(p.numel() for p in source.parameters())
+    else:
+        config = load_transformer_config(source)
+        name = str(config.get("_name_or_path", source if isinstance(source, (str, os.PathLike)) else ""))
+        params = None
+    family = get_family(config)
+    original = build_on_meta(config, pruned=False)
+    if params is None:
+        params = sum(p.numel() for p in build_on_meta(config).parameters())
+    plan = family.empty_plan(config)
+    if config.get("prune_plan"):
+        plan = family.check_plan(PrunePlan.from_dict(config["prune_plan"]), config)
+    blocks = []
+    for spec, module in zip(family.block_specs(config), family.block_modules(original)):
+        blocks.append(
+            BlockInventory(
+                spec=spec,
+                params=family.component_numel(module, spec, BLOCK, config),
+                components={c: family.component_numel(module, spec, c, config) for c in spec.components},
+                removed=spec.index in plan.removed_blocks,
+                removed_components=tuple(plan.removed_components.get(spec.index, ())),
+            )
+        )
+    return TransformerInventory(
+        family=family,
+        config=config,
+        blocks=blocks,
+        original_params=sum(p.numel() for p in original.parameters()),
+        params=params,
+        name=name,
+        plan_description="" if plan.is_empty else plan.describe(),
+    )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB ({nbytes / 2**30:.2f} GiB)"
+
+
+def format_inventory(inventory: TransformerInventory, dtype: str = "bf16") -> str:
+    """A plain-text table: one row per block with its components' parameter counts."""
+    if dtype not in BYTES_PER_PARAM:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+    family = inventory.family
+    names = list(family.component_names)
+    header = ["block", "path", "kind", "status", "params", f"MB@{dtype}"] + names
+    rows = []
+    for b in inventory.blocks:
+        cells = [str(b.spec.index), b.spec.path, b.spec.kind + ("+dual" if b.spec.dual_attention else ""), b.status]
+        cells += [f"{b.params:,}", f"{b.params * BYTES_PER_PARAM[dtype] / 1e6:,.1f}"]
+        for c in names:
+            if c not in b.components:
+                cells.append("")
+            else:
+                mark = "-" if b.removed or c in b.removed_components else ""
+                cells.append(f"{mark}{b.components[c]:,}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    right = {4, 5} | set(range(6, len(header)))
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [
+        f"{inventory.name or family.display_name}: {family.display_name} transformer ({family.name}), "
+        f"{len(inventory.blocks)} blocks",
+    ]
+    if inventory.plan_description:
+        out.append(f"prune plan: {inventory.plan_description}")
+    out += ["", line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + [""]
+    out.append("(a leading '-' marks a removed component; counts are those of the original block)")
+    out.append(f"embeddings, norm_out and proj_out: {inventory.non_block_params:,} parameters")
+    out.append(
+        f"original:  {inventory.original_params:,} parameters, "
+        f"{_size(inventory.nbytes(dtype, inventory.original_params))} at {dtype}"
+    )
+    if inventory.params != inventory.original_params:
+        out.append(
+            f"pruned:    {inventory.params:,} parameters, {_size(inventory.nbytes(dtype))} at {dtype} "
+            f"({inventory.removed_fraction:.1%} removed)"
+        )
+    return "\n".join(out)

@@ -1,0 +1,80 @@
+"""Shared behaviour of the pruned transformer classes: the plan in the config,
+structure built before weights load, and strict loading with clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..architectures import get_family
+from ..errors import CheckpointMismatchError
+from ..plan import PrunePlan
+
+_SHOWN = 8
+
+
+def _listing(keys: list[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+class HierarchicalPrunedMixin:
+    """Mixed into a Diffusers transformer subclass whose config has a ``prune_plan`` entry."""
+
+    family_name: str = ""
+
+    def _build_pruned_structure(self, prune_plan: dict[str, Any] | PrunePlan | None) -> None:
+        family = get_family(self.family_name)
+        plan = family.empty_plan(self.config) if prune_plan is None else PrunePlan.from_dict(prune_plan)
+        plan = family.check_plan(plan, self.config)
+        family.apply_plan(self, plan)
+        # Store the normalised plan, so the saved config.json says exactly what the weights hold.
+        self.register_to_config(prune_plan=plan.to_dict())
+
+    @property
+    def prune_plan(self) -> PrunePlan:
+        """The :class:`PrunePlan` this transformer was pruned with (read from its config)."""
+        return PrunePlan.from_dict(self.config.prune_plan)
+
+    @property
+    def family(self):
+        """The model family object (structure knowledge) of this transformer."""
+        return get_family(self.family_name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ModelMixin.from_pretrained`` with strict loading: the weights must match the prune plan exactly.
+
+        Raises :class:`CheckpointMismatchError` naming the missing, unexpected or
+        wrongly shaped keys instead of leaving parts of the model uninitialised.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            raise CheckpointMismatchError(
+                f"The weights at {pretrained_model_name_or_path} do not match the prune plan in its config.json "
+                f"(shapes differ):\n{e}\nThe config and the weights come from different models; save the pruned "
+                "model again with `save_pretrained`, or restore the config.json that came with these weights."
+            ) from None
+        problems = []
+        if info["missing_keys"]:
+            problems.append(f"missing keys (the plan keeps them, the file lacks them): {_listing(info['missing_keys'])}")
+        if info["unexpected_keys"]:
+            problems.append(
+                f"unexpected keys (in the file, removed by the plan): {_listing(info['unexpected_keys'])}"
+            )
+        if info["mismatched_keys"]:
+            problems.append(f"keys with other shapes: {_listing([k[0] for k in info['mismatched_keys']])}")
+        if problems:
+            raise CheckpointMismatchError(
+                f"The weights at {pretrained_model_name_or_path} do not match the prune plan in its config.json "
+                f"({model.prune_plan.describe()}): " + "; ".join(problems) + ". The config and the weights come "
+                "from different models; save the pruned model again with `save_pretrained`, or restore the "
+                "config.json that came with these weights."
+            )
+        return (model, info) if output_loading_info else model

@@ -1,0 +1,192 @@
+"""`PrunePlan`: what to remove from a transformer, as a small validated JSON object.
+
+Block indices are global execution-order indices: for SD3 the joint blocks
+``0..num_layers-1``; for FLUX the double-stream blocks first, then the
+single-stream blocks (FLUX.1: 0..18 double, 19..56 single).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+from .fileio import atomic_write_json
+
+PLAN_FORMAT = "diffusers-hprune/prune-plan"
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class PrunePlan:
+    """What to remove from one transformer.
+
+    Args:
+        removed_blocks: global indices of blocks removed whole (the block becomes the identity).
+        removed_components: block index -> canonical component names removed from that block
+            (e.g. ``{12: ["ff_context"], 30: ["attn", "norm1"]}``); see DESIGN.md section 5.
+        family: the model family the plan was made for (``"sd3"`` or ``"flux"``).
+        num_blocks: the number of blocks of the transformer the plan was made for.
+        metadata: free-form provenance (strategy, target ratio, ...); saved, never interpreted.
+
+    The plan is validated and normalised on construction: indices must lie in
+    ``[0, num_blocks)``, component names must belong to the family, at least one
+    block must be kept; indices are sorted and de-duplicated, and components of a
+    block that is removed whole are dropped (the block removal covers them).
+    Checks that need the model itself (e.g. the last SD3 block has no
+    ``ff_context``) happen when the plan is applied.
+    """
+
+    removed_blocks: list[int] = field(default_factory=list)
+    removed_components: dict[int, list[str]] = field(default_factory=dict)
+    _: KW_ONLY
+    family: str
+    num_blocks: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .architectures import family_names, get_family
+
+        if self.family not in family_names():
+            raise PlanError(
+                f"Unknown model family {self.family!r} in prune plan; supported families are "
+                f"{', '.join(family_names())}. Make the plan with `family=` set to one of them."
+            )
+        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            raise PlanError(f"`num_blocks` must be a positive integer, got {self.num_blocks!r}.")
+
+        blocks = sorted({self._check_index(i, "removed_blocks") for i in self.removed_blocks})
+        vocabulary = get_family(self.family).component_names
+        components: dict[int, list[str]] = {}
+        if not isinstance(self.removed_components, dict):
+            raise PlanError(
+                "`removed_components` must map block indices to lists of component names, "
+                f"got {type(self.removed_components).__name__}."
+            )
+        for key, names in self.removed_components.items():
+            index = self._check_index(key, "removed_components")
+            if isinstance(names, str):
+                names = [names]
+            unknown = [n for n in names if n not in vocabulary]
+            if unknown:
+                raise PlanError(
+                    f"Unknown component name(s) {unknown} for block {index} in a {self.family!r} plan; "
+                    f"valid names are {', '.join(vocabulary)} (use `removed_blocks` to remove a whole block)."
+                )
+            if index in blocks or not names:
+                continue
+            components[index] = sorted(set(names), key=vocabulary.index)
+        if len(blocks) >= self.num_blocks:
+            raise PlanError(
+                f"The plan removes all {self.num_blocks} blocks; nothing would be left of the model. "
+                "Keep at least one block (lower the target ratio)."
+            )
+        self.removed_blocks = blocks
+        self.removed_components = dict(sorted(components.items()))
+        if not isinstance(self.metadata, dict):
+            raise PlanError(f"`metadata` must be a dict, got {type(self.metadata).__name__}.")
+
+    def _check_index(self, value: Any, where: str) -> int:
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            raise PlanError(f"Block index {value!r} in `{where}` is not an integer.") from None
+        if isinstance(value, float) and value != index:
+            raise PlanError(f"Block index {value!r} in `{where}` is not an integer.")
+        if not 0 <= index < self.num_blocks:
+            raise PlanError(
+                f"Block index {index} in `{where}` is out of range: the {self.family!r} model this plan is for "
+                f"has {self.num_blocks} blocks (valid indices 0..{self.num_blocks - 1})."
+            )
+        return index
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_empty(self) -> bool:
+        """True when the plan removes nothing."""
+        return not self.removed_blocks and not self.removed_components
+
+    def kept_blocks(self) -> list[int]:
+        """Indices of the blocks that are (at least partly) kept, in execution order."""
+        removed = set(self.removed_blocks)
+        return [i for i in range(self.num_blocks) if i not in removed]
+
+    def components_removed_from(self, index: int) -> list[str]:
+        """Component names removed from block ``index`` (empty for kept-whole and removed blocks)."""
+        return list(self.removed_components.get(index, []))
+
+    def first_pruned_block(self) -> int | None:
+        """The lowest block index touched by the plan, or ``None`` for an empty plan."""
+        touched = set(self.removed_blocks) | set(self.removed_components)
+        return min(touched) if touched else None
+
+    def describe(self) -> str:
+        """The plan in words, e.g. ``sd3 (24 blocks): removes blocks 20, 22; removes 12: ff_context``."""
+        what = []
+        if self.removed_blocks:
+            what.append("removes blocks " + ", ".join(map(str, self.removed_blocks)))
+        if self.removed_components:
+            what.append("removes " + "; ".join(f"{i}: {', '.join(c)}" for i, c in self.removed_components.items()))
+        return f"{self.family} ({self.num_blocks} blocks): " + ("; ".join(what) or "removes nothing")
+
+    # ---------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (component keys become strings, as JSON requires)."""
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_FORMAT_VERSION,
+            "family": self.family,
+            "num_blocks": self.num_blocks,
+            "removed_blocks": list(self.removed_blocks),
+            "removed_components": {str(i): list(c) for i, c in self.removed_components.items()},
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
+        """Build a plan from :meth:`to_dict` output (or the ``prune_plan`` entry of a model config)."""
+        if isinstance(data, PrunePlan):
+            return data
+        if not isinstance(data, dict):
+            raise PlanError(f"A prune plan must be a JSON object, got {type(data).__name__}.")
+        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise PlanError(f"Not a prune plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}.")
+        version = data.get("version", PLAN_FORMAT_VERSION)
+        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
+            raise PlanError(
+                f"Prune plan format version {version!r} is newer than this diffusers-hprune understands "
+                f"({PLAN_FORMAT_VERSION}); upgrade with `pip install -U diffusers-hprune`."
+            )
+        missing = [k for k in ("family", "num_blocks") if k not in data]
+        if missing:
+            raise PlanError(f"Prune plan is missing the field(s) {missing}; it cannot be applied without them.")
+        return cls(
+            removed_blocks=list(data.get("removed_blocks", [])),
+            removed_components=dict(data.get("removed_components", {})),
+            family=data["family"],
+            num_blocks=data["num_blocks"],
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON (atomically); returns the path written."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PrunePlan":
+        """Read a plan written by :meth:`save` (a ``plan.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PlanError(f"No prune plan at {path}; make one with `hprune plan` or `PrunePlan(...).save()`.") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON ({e}); the file is corrupt, make the plan again.") from None
+        return cls.from_dict(data)

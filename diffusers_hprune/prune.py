@@ -1,0 +1,40 @@
+"""``prune_transformer``: turn a stock SD3/FLUX transformer into its pruned twin."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import init_empty_weights
+
+from .architectures import get_family
+from .errors import PlanError
+from .plan import PrunePlan
+
+
+def prune_transformer(transformer: torch.nn.Module, plan: PrunePlan | dict) -> torch.nn.Module:
+    """Return a ``HierarchicalPruned*Transformer2DModel`` equal to ``transformer`` with ``plan`` applied.
+
+    The result carries the (normalised) plan in ``config.prune_plan``. Removed parts
+    hold no parameters and no state-dict keys; kept parameters keep their names and
+    original block indices. Kept weights are the SAME tensors as in ``transformer``
+    (no copy, no extra memory): pass ``copy.deepcopy(transformer)`` if the original
+    must stay independent, e.g. as a distillation teacher.
+
+    Raises:
+        UnsupportedModelError: ``transformer`` is not an SD3 or FLUX transformer.
+        PlanError: the plan was made for another family or block count, or names a
+            component a block does not have.
+    """
+    family = get_family(transformer)
+    if getattr(transformer.config, "prune_plan", None) is not None and not transformer.prune_plan.is_empty:
+        raise PlanError(
+            "This transformer is already pruned "
+            f"({transformer.prune_plan.describe()}); prune the original model with the combined plan instead."
+        )
+    plan = family.check_plan(PrunePlan.from_dict(plan), transformer.config)
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_") and k != "prune_plan"}
+    with init_empty_weights():
+        pruned = family.pruned_class.from_config(config, prune_plan=plan.to_dict())
+    state_dict = family.prune_state_dict(transformer.state_dict(), plan, transformer.config)
+    pruned.load_state_dict(state_dict, strict=True, assign=True)
+    pruned.train(transformer.training)
+    return pruned

@@ -1,0 +1,1 @@
+"""The embedded default: tiny genuine SD3 and FLUX pipelines (see DESIGN.md section 7)."""
