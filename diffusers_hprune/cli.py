@@ -20,6 +20,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import diffusers
+    import transformers
+
+    from .demo import format_summary, run_demo
+
+    # The demo shows its own progress; Diffusers' per-file bars would bury it.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        summary = run_demo(args.out, families=args.family, steps=args.steps, overwrite=args.overwrite)
+    except FileExistsError as e:
+        print(f"hprune demo: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .inventory import BUILTIN_CONFIGS, BYTES_PER_PARAM
@@ -46,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(BYTES_PER_PARAM), default="bf16", help="weight dtype for sizes (default bf16)")
     p.add_argument("--json", action="store_true", help="print the inventory as JSON instead of a table")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the flow on the embedded tiny SD3 and FLUX pipelines (CPU, seconds)",
+        description="Prune the embedded tiny SD3 and FLUX pipelines with an example plan, save them, load them "
+        "back with DiffusionPipeline.from_pretrained and draw samples.",
+    )
+    p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
+    p.add_argument("--family", nargs="+", choices=["sd3", "flux"], default=["sd3", "flux"], help="families to run")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps for the samples (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

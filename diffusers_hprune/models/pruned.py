@@ -3,6 +3,7 @@ structure built before weights load, and strict loading with clear errors."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..architectures import get_family
@@ -16,6 +17,18 @@ def _listing(keys: list[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_SHOWN])
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def _shape_problems(message: str) -> str:
+    """The key and shapes named in one of Diffusers' shape-mismatch errors."""
+    found = re.findall(r"(\S+) expected shape (torch\.Size\(\[[^]]*\]\)), but got (torch\.Size\(\[[^]]*\]\))", message)
+    found = [f"{k} (file {got}, plan needs {want})" for k, want, got in found]
+    found += [
+        f"{k} (file {got}, plan needs {want})"
+        for k, got, want in re.findall(r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^]]*\]\)) from "
+                                       r"checkpoint, the shape in current model is (torch\.Size\(\[[^]]*\]\))", message)
+    ]
+    return "; ".join(found) or message
 
 
 class HierarchicalPrunedMixin:
@@ -53,13 +66,16 @@ class HierarchicalPrunedMixin:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
-        except RuntimeError as e:
-            if "size mismatch" not in str(e):
+        except (RuntimeError, ValueError) as e:
+            # Diffusers reports a shape mismatch as RuntimeError("size mismatch ...") or,
+            # when loading onto the meta device, ValueError("... expected shape ...").
+            if "size mismatch" not in str(e) and "expected shape" not in str(e):
                 raise
             raise CheckpointMismatchError(
-                f"The weights at {pretrained_model_name_or_path} do not match the prune plan in its config.json "
-                f"(shapes differ):\n{e}\nThe config and the weights come from different models; save the pruned "
-                "model again with `save_pretrained`, or restore the config.json that came with these weights."
+                f"The weights at {pretrained_model_name_or_path} do not match the prune plan in its config.json: "
+                f"keys with other shapes: {_shape_problems(str(e))}. The config and the weights come from different "
+                "models; save the pruned model again with `save_pretrained`, or restore the config.json that came "
+                "with these weights."
             ) from None
         problems = []
         if info["missing_keys"]:

@@ -115,7 +115,7 @@ def _vae(latent_channels: int):
 def tiny_sd3_transformer_config(num_layers: int = 4, dual_attention_layers: tuple[int, ...] = (0, 1), **overrides):
     """Config of a tiny ``SD3Transformer2DModel`` (SD3.5-style: qk RMS-norm, some dual-attention blocks)."""
     config = dict(
-        sample_size=16,
+        sample_size=32,
         patch_size=1,
         in_channels=4,
         num_layers=num_layers,
@@ -125,7 +125,7 @@ def tiny_sd3_transformer_config(num_layers: int = 4, dual_attention_layers: tupl
         caption_projection_dim=32,
         pooled_projection_dim=64,
         out_channels=4,
-        pos_embed_max_size=16,
+        pos_embed_max_size=32,
         dual_attention_layers=tuple(dual_attention_layers),
         qk_norm="rms_norm",
     )

@@ -1,0 +1,132 @@
+"""Test helpers: model inputs, and a reference for removal built from forward hooks on the ORIGINAL model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from diffusers_hprune import get_family
+
+
+def transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """Random inputs of the right shapes for an SD3 or FLUX transformer."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    if get_family(transformer).name == "sd3":
+        return dict(
+            hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(batch, 7, cfg.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([500.0, 125.0][:batch]),
+        )
+    n_img, n_txt = 16, 6
+    img_ids = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    return dict(
+        hidden_states=torch.randn(batch, n_img, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, n_txt, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.5, 0.125][:batch]),
+        img_ids=torch.cat([torch.zeros(n_img, 1), img_ids.float()], 1),
+        txt_ids=torch.zeros(n_txt, 3),
+    )
+
+
+def _zeros_like_output(module, args, kwargs, output):
+    if isinstance(output, tuple):
+        return tuple(None if o is None else torch.zeros_like(o) for o in output)
+    return torch.zeros_like(output)
+
+
+def _unmodulated(module, args, kwargs, output):
+    """Replace an AdaLN output by a plain LayerNorm (eps 1e-6), shifts/scales 0, gates 1."""
+    x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+    normed = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    if not isinstance(output, tuple):  # AdaLayerNormContinuous: just the normalised tensor
+        return normed
+    if len(output) == 2:  # AdaLayerNormZeroSingle: x, gate
+        return normed, torch.ones_like(output[1])
+    if len(output) == 5:  # AdaLayerNormZero: x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        g = output[1]
+        return normed, torch.ones_like(g), torch.zeros_like(g), torch.zeros_like(g), torch.ones_like(g)
+    if len(output) == 7:  # SD35AdaLayerNormZeroX: ..., norm_hidden_states2, gate_msa2
+        g = output[1]
+        return normed, torch.ones_like(g), torch.zeros_like(g), torch.zeros_like(g), torch.ones_like(g), normed, torch.ones_like(g)
+    raise AssertionError(f"unexpected norm output of length {len(output)}")
+
+
+def _identity_block(module, args, kwargs, output):
+    return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+
+
+# What each canonical component is in the stock Diffusers modules, for the reference.
+_REFERENCE_HOOKS = {
+    "attn": [("attn", _zeros_like_output), ("attn2", _zeros_like_output)],
+    "ff": [("ff", _zeros_like_output)],
+    "ff_context": [("ff_context", _zeros_like_output)],
+    "mlp": [("proj_mlp", _zeros_like_output)],
+    "norm1": [("norm1", _unmodulated)],
+    "norm1_context": [("norm1_context", _unmodulated)],
+    "norm": [("norm", _unmodulated)],
+}
+
+
+@contextlib.contextmanager
+def reference_removal(transformer, removed_blocks=(), removed_components=None):
+    """Hooks on an unpruned transformer so that its forward skips the given parts (DESIGN.md section 5)."""
+    family = get_family(transformer)
+    blocks = family.block_modules(transformer)
+    handles = []
+    try:
+        for index in removed_blocks:
+            handles.append(blocks[index].register_forward_hook(_identity_block, with_kwargs=True))
+        for index, names in (removed_components or {}).items():
+            for name in names:
+                for attr, hook in _REFERENCE_HOOKS[name]:
+                    sub = getattr(blocks[index], attr, None)
+                    if sub is not None:
+                        handles.append(sub.register_forward_hook(hook, with_kwargs=True))
+        yield transformer
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fill_hf_cache(folder, repo_id: str, cache_dir, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Lay ``folder`` out in ``cache_dir`` exactly as huggingface_hub stores a downloaded snapshot
+    (content-addressed blobs, a snapshot of symlinks, refs/main), so it loads with HF_HUB_OFFLINE=1."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    root = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    for path in Path(folder).rglob("*"):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def folder_state(folder):
+    """Names, sizes and modification times of every file under ``folder`` (to show nothing was written)."""
+    from pathlib import Path
+
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*"))}
+
+
+def tiny_unet():
+    """A small UNet2DModel: a Diffusers model of a family diffusers-hprune does not prune."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))

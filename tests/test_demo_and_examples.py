@@ -1,0 +1,60 @@
+"""`hprune demo` and the quick-start example run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from diffusers_hprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_writes_pipelines_samples_and_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sd3", "flux"}
+    for family, s in summary.items():
+        assert s["reload_max_abs_diff"] == 0.0
+        assert 0.05 < s["removed_fraction"] < 0.5
+        assert s["pruned_params"] < s["original_params"]
+        assert s["pruning_changes_image_by"] > 0
+        assert (out / family / "samples.png").is_file()
+        assert (out / family / "pipeline" / "model_index.json").is_file()
+        assert f"{s['removed_fraction']:.1%} removed" in printed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_demo_refuses_to_overwrite_and_keeps_the_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert main(["demo", "--out", str(out), "--family", "sd3"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_quickstart_example_runs(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output", str(tmp_path / "q"), "--steps", "2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removes blocks 4" in result.stdout
+    assert "reloaded HierarchicalPrunedSD3Pipeline" in result.stdout
+    assert (tmp_path / "q" / "sample.png").is_file()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Run", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    demo_cmd, test_cmd = [line.strip() for line in block.strip().splitlines()]
+    assert demo_cmd == "hprune demo"
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci_lines[-1] == test_cmd

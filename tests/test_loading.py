@@ -1,0 +1,130 @@
+"""Pruned pipelines save and load again through every ordinary Diffusers path, in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_hprune import (
+    HierarchicalPrunedFluxPipeline,
+    HierarchicalPrunedFluxTransformer2DModel,
+    HierarchicalPrunedSD3Pipeline,
+    HierarchicalPrunedSD3Transformer2DModel,
+    PrunePlan,
+    prune_pipeline,
+)
+from helpers import fill_hf_cache
+
+PROMPT = "a red circle left of a blue square"
+CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    how, source, out = sys.argv[1:4]
+    import diffusers_hprune
+    from diffusers import DiffusionPipeline
+    if how == "class":
+        pipe = getattr(diffusers_hprune, sys.argv[4]).from_pretrained(source)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(source)
+    pipe.set_progress_bar_config(disable=True)
+    call = json.loads(sys.argv[5])
+    image = pipe(sys.argv[6], generator=torch.Generator().manual_seed(0), **call).images
+    np.save(out, image)
+    print(json.dumps({
+        "pipeline": type(pipe).__name__,
+        "transformer": type(pipe.transformer).__name__,
+        "plan": pipe.transformer.prune_plan.to_dict(),
+    }))
+    """
+)
+
+PLANS = {
+    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3", num_blocks=4),
+    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux", num_blocks=5),
+}
+CLASSES = {
+    "sd3": (HierarchicalPrunedSD3Pipeline, HierarchicalPrunedSD3Transformer2DModel),
+    "flux": (HierarchicalPrunedFluxPipeline, HierarchicalPrunedFluxTransformer2DModel),
+}
+
+
+def _image(pipe):
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **CALL).images
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def saved(request, tmp_path_factory):
+    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    family = request.param
+    pipe = (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pruned = prune_pipeline(pipe, PLANS[family])
+    folder = tmp_path_factory.mktemp(f"pruned-{family}")
+    pruned.save_pretrained(folder)
+    return family, folder, _image(pruned), _image(pipe)
+
+
+def _load_in_fresh_process(tmp_path, how, source, extra=None, env=None):
+    out = tmp_path / "image.npy"
+    args = [sys.executable, "-c", LOADER, how, str(source), str(out), extra or "", json.dumps(CALL), PROMPT]
+    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_saved_folder_describes_itself(saved):
+    family, folder, _, _ = saved
+    index = json.loads((folder / "model_index.json").read_text())
+    pipe_cls, model_cls = CLASSES[family]
+    assert index["_class_name"] == pipe_cls.__name__
+    assert index["transformer"] == ["diffusers_hprune", model_cls.__name__]
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == model_cls.__name__
+    assert PrunePlan.from_dict(config["prune_plan"]) == PLANS[family]
+    assert list((folder / "transformer").glob("*.safetensors")) and not list(folder.rglob("*.bin"))
+
+
+@pytest.mark.parametrize("how", ["auto", "class"])
+def test_fresh_process_loads_folder_and_draws_the_same_image(saved, tmp_path, how):
+    family, folder, expected, unpruned = saved
+    pipe_cls, model_cls = CLASSES[family]
+    info, image = _load_in_fresh_process(tmp_path, how, folder, extra=pipe_cls.__name__)
+    assert info["pipeline"] == pipe_cls.__name__ and info["transformer"] == model_cls.__name__
+    assert PrunePlan.from_dict(info["plan"]) == PLANS[family]
+    np.testing.assert_allclose(image, expected, atol=1e-5)
+    assert np.abs(expected - unpruned).max() > 1e-3  # the pruning is visible in the image
+
+
+def test_fresh_process_loads_by_repo_id_from_offline_cache(saved, tmp_path):
+    family, folder, expected, _ = saved
+    cache = tmp_path / "hub"
+    repo_id = f"someone/tiny-{family}-hpruned"
+    fill_hf_cache(folder, repo_id, cache)
+    for how in ("auto", "class"):
+        info, image = _load_in_fresh_process(
+            tmp_path, how, repo_id, extra=CLASSES[family][0].__name__, env={"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path)}
+        )
+        assert info["transformer"] == CLASSES[family][1].__name__
+        np.testing.assert_allclose(image, expected, atol=1e-5)
+
+
+def test_transformer_alone_round_trips(saved, tmp_path):
+    family, folder, _, _ = saved
+    model_cls = CLASSES[family][1]
+    model = model_cls.from_pretrained(folder, subfolder="transformer")
+    assert model.prune_plan == PLANS[family]
+    model.save_pretrained(tmp_path / "t")
+    again = model_cls.from_pretrained(tmp_path / "t")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

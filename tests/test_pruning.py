@@ -1,0 +1,181 @@
+"""prune_transformer: the pruned forward equals the original with those parts removed (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_hprune import (
+    BLOCK,
+    HierarchicalPrunedFluxTransformer2DModel,
+    HierarchicalPrunedSD3Transformer2DModel,
+    PrunePlan,
+    get_family,
+    prune_transformer,
+)
+from diffusers_hprune.architectures import RemovedBlock
+from helpers import reference_removal, transformer_inputs
+
+# Tiny SD3: 4 blocks, 0 and 1 dual-attention (SD3.5 Medium style), 3 is context_pre_only.
+SD3_CASES = [(i, c) for i in (0, 2, 3) for c in ("attn", "ff", "ff_context", "norm1", "norm1_context") if (i, c) != (3, "ff_context")]
+SD3_CASES += [(i, BLOCK) for i in (0, 1, 2, 3)]
+# Tiny FLUX: blocks 0, 1 double-stream; 2, 3, 4 single-stream.
+FLUX_CASES = [(0, c) for c in ("attn", "ff", "ff_context", "norm1", "norm1_context")]
+FLUX_CASES += [(i, c) for i in (2, 4) for c in ("attn", "mlp", "norm")]
+FLUX_CASES += [(i, BLOCK) for i in (0, 1, 2, 4)]
+
+
+def _plan_for(transformer, index, component):
+    family = get_family(transformer)
+    n = family.num_blocks(transformer.config)
+    if component == BLOCK:
+        return PrunePlan(removed_blocks=[index], family=family.name, num_blocks=n)
+    return PrunePlan(removed_components={index: [component]}, family=family.name, num_blocks=n)
+
+
+def _outputs(transformer, inputs):
+    with torch.no_grad():
+        return transformer(**inputs, return_dict=False)[0]
+
+
+def _check_against_reference(transformer, plan):
+    inputs = transformer_inputs(transformer)
+    with reference_removal(transformer, plan.removed_blocks, plan.removed_components):
+        expected = _outputs(transformer, inputs)
+    full = _outputs(transformer, inputs)
+    pruned = prune_transformer(transformer, plan)
+    got = _outputs(pruned, inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The removal must matter, otherwise the comparison above proves nothing.
+    assert (full - expected).abs().max() > 1e-4
+    return pruned
+
+
+@pytest.mark.parametrize("index,component", SD3_CASES)
+def test_sd3_removal_matches_reference(sd3_pipeline, index, component):
+    transformer = sd3_pipeline.transformer
+    pruned = _check_against_reference(transformer, _plan_for(transformer, index, component))
+    assert isinstance(pruned, HierarchicalPrunedSD3Transformer2DModel)
+
+
+@pytest.mark.parametrize("index,component", FLUX_CASES)
+def test_flux_removal_matches_reference(flux_pipeline, index, component):
+    transformer = flux_pipeline.transformer
+    pruned = _check_against_reference(transformer, _plan_for(transformer, index, component))
+    assert isinstance(pruned, HierarchicalPrunedFluxTransformer2DModel)
+
+
+def test_sd3_combined_plan_matches_reference(sd3_pipeline):
+    t = sd3_pipeline.transformer
+    plan = PrunePlan(
+        removed_blocks=[1],
+        removed_components={0: ["attn", "norm1_context"], 2: ["ff", "norm1", "ff_context"], 3: ["norm1"]},
+        family="sd3",
+        num_blocks=4,
+    )
+    _check_against_reference(t, plan)
+
+
+def test_flux_combined_plan_matches_reference(flux_pipeline):
+    t = flux_pipeline.transformer
+    plan = PrunePlan(
+        removed_blocks=[3],
+        removed_components={0: ["ff_context", "norm1"], 1: ["attn"], 2: ["mlp", "norm"], 4: ["attn"]},
+        family="flux",
+        num_blocks=5,
+    )
+    _check_against_reference(t, plan)
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipeline", "flux_pipeline"])
+def test_empty_plan_gives_identical_outputs(fixture, request):
+    t = request.getfixturevalue(fixture).transformer
+    family = get_family(t)
+    pruned = prune_transformer(t, family.empty_plan(t.config))
+    inputs = transformer_inputs(t)
+    assert torch.equal(_outputs(pruned, inputs), _outputs(t, inputs))
+    assert pruned.prune_plan.is_empty
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipeline", "flux_pipeline"])
+def test_parameter_count_is_original_minus_reported_parts(fixture, request):
+    t = request.getfixturevalue(fixture).transformer
+    family = get_family(t)
+    specs = family.block_specs(t.config)
+    blocks = family.block_modules(t)
+    if family.name == "sd3":
+        plan = PrunePlan(removed_blocks=[1], removed_components={0: ["attn", "ff"], 3: ["norm1_context"]}, family="sd3", num_blocks=4)
+    else:
+        plan = PrunePlan(removed_blocks=[1], removed_components={0: ["norm1"], 2: ["mlp"], 4: ["attn", "norm"]}, family="flux", num_blocks=5)
+    expected_removed = sum(family.component_numel(blocks[i], specs[i], BLOCK, t.config) for i in plan.removed_blocks)
+    expected_removed += sum(
+        family.component_numel(blocks[i], specs[i], c, t.config) for i, names in plan.removed_components.items() for c in names
+    )
+    assert expected_removed > 0
+    original = sum(p.numel() for p in t.parameters())
+    pruned = prune_transformer(t, plan)
+    assert sum(p.numel() for p in pruned.parameters()) == original - expected_removed
+
+
+def test_components_and_rest_add_up_to_the_block(flux_pipeline, sd3_pipeline):
+    for t in (sd3_pipeline.transformer, flux_pipeline.transformer):
+        family = get_family(t)
+        for spec, block in zip(family.block_specs(t.config), family.block_modules(t)):
+            total = family.component_numel(block, spec, BLOCK, t.config)
+            parts = sum(family.component_numel(block, spec, c, t.config) for c in spec.components)
+            bias = block.proj_out.bias.numel() if spec.kind == "single" else 0  # owned by the block as a whole
+            assert parts + bias == total, spec
+
+
+def test_removed_parts_have_no_keys_and_kept_keys_keep_indices(sd3_pipeline, flux_pipeline):
+    t = sd3_pipeline.transformer
+    plan = PrunePlan(removed_blocks=[1], removed_components={2: ["ff_context", "norm1"]}, family="sd3", num_blocks=4)
+    pruned = prune_transformer(t, plan)
+    keys = set(pruned.state_dict())
+    assert not any(k.startswith("transformer_blocks.1.") for k in keys)
+    assert not any(k.startswith(("transformer_blocks.2.ff_context.", "transformer_blocks.2.norm1.")) for k in keys)
+    assert "transformer_blocks.2.norm1_context.linear.weight" in keys
+    assert "transformer_blocks.3.attn.to_q.weight" in keys  # original index, not renumbered
+    assert keys == {k for k in t.state_dict() if not k.startswith(("transformer_blocks.1.", "transformer_blocks.2.ff_context.", "transformer_blocks.2.norm1."))}
+    assert isinstance(pruned.transformer_blocks[1], RemovedBlock)
+    assert list(pruned.transformer_blocks[1].parameters()) == []
+
+    f = flux_pipeline.transformer
+    plan = PrunePlan(removed_components={3: ["mlp"]}, family="flux", num_blocks=5)
+    pruned = prune_transformer(f, plan)
+    sd = pruned.state_dict()
+    assert "single_transformer_blocks.1.proj_mlp.weight" not in sd
+    dim = f.config.num_attention_heads * f.config.attention_head_dim
+    w = f.single_transformer_blocks[1].proj_out.weight
+    assert sd["single_transformer_blocks.1.proj_out.weight"].shape == (dim, dim)
+    assert torch.equal(sd["single_transformer_blocks.1.proj_out.weight"], w[:, :dim])
+
+
+def test_pruned_model_shares_kept_weights_and_trains(sd3_pipeline):
+    t = sd3_pipeline.transformer
+    plan = PrunePlan(removed_blocks=[2], removed_components={0: ["ff"]}, family="sd3", num_blocks=4)
+    pruned = prune_transformer(t, plan)
+    assert pruned.transformer_blocks[1].attn.to_q.weight.data_ptr() == t.transformer_blocks[1].attn.to_q.weight.data_ptr()
+    # Gradient checkpointing goes through the stock forward with our blocks.
+    pruned.train()
+    pruned.enable_gradient_checkpointing()
+    inputs = transformer_inputs(pruned)
+    out = pruned(**inputs).sample
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in pruned.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    pruned.eval()
+    pruned.disable_gradient_checkpointing()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).sample, out.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_block_whose_branches_are_all_removed_becomes_a_removed_block(sd3_pipeline, flux_pipeline):
+    pruned = prune_transformer(
+        sd3_pipeline.transformer, PrunePlan(removed_components={2: ["attn", "ff", "ff_context"]}, family="sd3", num_blocks=4)
+    )
+    assert pruned.prune_plan.removed_blocks == [2] and pruned.prune_plan.removed_components == {}
+    pruned = prune_transformer(
+        flux_pipeline.transformer, PrunePlan(removed_components={4: ["attn", "mlp"]}, family="flux", num_blocks=5)
+    )
+    assert pruned.prune_plan.removed_blocks == [4]
