@@ -15,18 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_writes_pipelines_samples_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--prompts", "6"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"sd3", "flux"}
     for family, s in summary.items():
         assert s["reload_max_abs_diff"] == 0.0
-        assert 0.05 < s["removed_fraction"] < 0.5
+        assert 0.02 < s["removed_fraction"] < 0.5
         assert s["pruned_params"] < s["original_params"]
-        assert s["pruning_changes_image_by"] > 0
-        assert (out / family / "samples.png").is_file()
-        assert (out / family / "pipeline" / "model_index.json").is_file()
+        assert 0.0 <= s["shapeeval"]["overall"] <= 1.0 and "position" in s["shapeeval"]
+        assert (out / family / "samples.png").is_file() and (out / family / "samples-pruned.png").is_file()
+        assert (out / family / "pruned-pipeline" / "model_index.json").is_file()
+        assert len((out / family / "prompts.txt").read_text().splitlines()) == 6
         assert f"{s['removed_fraction']:.1%} removed" in printed
+        assert f"ShapeEval {s['shapeeval']['overall']:.2f}" in printed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 

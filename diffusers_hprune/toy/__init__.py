@@ -1,1 +1,119 @@
-"""The embedded default: tiny genuine SD3 and FLUX pipelines (see DESIGN.md section 7)."""
+"""The embedded default (DESIGN.md section 7): tiny genuine SD3 and FLUX pipelines trained on
+a procedural captioned-shapes dataset, and ShapeEval, a GenEval-like prompt-adherence metric.
+
+```python
+from diffusers_hprune import toy
+
+pipe = toy.load_pipeline("sd3")                      # stock StableDiffusion3Pipeline, fp32, CPU
+prompts = toy.prompts(split="heldout", n=8)
+images = pipe(prompts, **toy.generation_kwargs("sd3")).images
+print(toy.shapeeval(images, prompts))               # {'overall': ..., 'position': ..., ...}
+```
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .dataset import CATEGORIES, parse_prompt, prompts, render, sample
+from .shapeeval import detect_objects, score_image, shapeeval
+
+FAMILIES = ("sd3", "flux")
+
+_GENERATION = {
+    "sd3": dict(height=32, width=32, num_inference_steps=20, guidance_scale=5.0, max_sequence_length=10),
+    "flux": dict(height=32, width=32, num_inference_steps=20, true_cfg_scale=5.0, negative_prompt="",
+                 max_sequence_length=10),
+}
+
+
+def model_path(family: str = "sd3") -> Path:
+    """The folder of the shipped toy pipeline of ``family`` (``"sd3"`` or ``"flux"``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown toy family {family!r}; choose one of {', '.join(FAMILIES)}.")
+    path = Path(str(resources.files("diffusers_hprune") / "toy" / "models" / family))
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The toy {family} pipeline is missing from {path}; reinstall diffusers-hprune, or train it with "
+            f"`python -m diffusers_hprune.toy.train {family} --vae VAE_DIR --out {path}`."
+        )
+    return path
+
+
+def generation_kwargs(family: str = "sd3") -> dict:
+    """The call arguments the toy pipelines were trained for (size, steps, guidance, text length)."""
+    return dict(_GENERATION[family])
+
+
+def load_pipeline(family_or_path: str | Path = "sd3", dtype=None):
+    """Load a toy pipeline (shipped family name or a folder) in float32 with stock ``DiffusionPipeline``."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    path = model_path(family_or_path) if str(family_or_path) in FAMILIES else Path(family_or_path)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _family_of(pipe) -> str:
+    from diffusers import FluxPipeline
+
+    return "flux" if isinstance(pipe, FluxPipeline) else "sd3"
+
+
+def generate(pipe, prompt_list, seed: int = 0, batch_size: int = 25, **overrides):
+    """Images for ``prompt_list`` (one per prompt, image ``i`` seeded with ``seed + i``), as PIL images."""
+    import torch
+
+    kwargs = generation_kwargs(_family_of(pipe)) | overrides
+    images = []
+    for start in range(0, len(prompt_list), batch_size):
+        chunk = list(prompt_list[start : start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images += pipe(chunk, generator=generators, **kwargs).images
+    return images
+
+
+def save_grid(images, path, columns: int = 8, scale: int = 3):
+    """Save images (PIL or arrays) as one PNG grid, enlarged ``scale`` times."""
+    import numpy as np
+    from PIL import Image
+
+    from .dataset import to_array
+
+    arrays = [to_array(im) for im in images]
+    rows = [arrays[i : i + columns] for i in range(0, len(arrays), columns)]
+    h, w = arrays[0].shape[:2]
+    rows = [np.concatenate(r + [np.zeros((h, w, 3), np.float32)] * (columns - len(r)), axis=1) for r in rows]
+    grid = Image.fromarray((np.concatenate(rows, axis=0).clip(0, 1) * 255).round().astype(np.uint8))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return Path(path)
+
+
+def evaluate_pipeline(pipe, n: int = 200, seed: int = 0, split: str = "heldout", **overrides) -> dict:
+    """ShapeEval of ``pipe`` on ``n`` prompts of ``split`` (one image each)."""
+    prompt_list = prompts(split=split, n=n, seed=seed)
+    return shapeeval(generate(pipe, prompt_list, seed=seed, **overrides), prompt_list)
+
+
+__all__ = [
+    "CATEGORIES",
+    "FAMILIES",
+    "detect_objects",
+    "evaluate_pipeline",
+    "generate",
+    "generation_kwargs",
+    "load_pipeline",
+    "model_path",
+    "parse_prompt",
+    "prompts",
+    "render",
+    "save_grid",
+    "sample",
+    "score_image",
+    "shapeeval",
+]

@@ -8,6 +8,7 @@ these builders; tests use them untrained.
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 import torch
@@ -21,28 +22,28 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 77):
-    """A byte-pair ``CLIPTokenizer`` whose vocabulary is the letters plus every word of ``words`` as one token."""
+    """A byte-pair ``CLIPTokenizer`` in which every word of ``words`` is one token (letters cover the rest).
+
+    The merges are learned with the ``tokenizers`` BPE trainer on ``words``, so they are
+    consistent: every listed word merges all the way to a single token.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {}
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for token in (CLIP_BOS, CLIP_EOS):
-        add(token)
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,":
-        add(ch)
-        add(ch + "</w>")
-    merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words}):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:  # merge left to right: w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>
-            merge = (symbols[0], symbols[1])
-            if merge not in merges:
-                merges.append(merge)
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            add(symbols[0])
+    words = sorted({w.lower() for w in words})
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,") | set("".join(words)))
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100000, special_tokens=[CLIP_BOS, CLIP_EOS], initial_alphabet=alphabet,
+        end_of_word_suffix="</w>", show_progress=False,
+    )
+    bpe.train_from_iterator(words * 2, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab = dict(state["vocab"])
+    for ch in alphabet:  # CLIP also needs every letter as a word end
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
@@ -55,7 +56,7 @@ def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: i
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _clip_text_config(hidden_size: int, vocab_size: int, projection_dim: int, seed_layers: int = 2):
+def _clip_text_config(hidden_size: int, vocab_size: int, projection_dim: int, max_length: int = 77):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -65,8 +66,8 @@ def _clip_text_config(hidden_size: int, vocab_size: int, projection_dim: int, se
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_attention_heads=4,
-        num_hidden_layers=seed_layers,
-        max_position_embeddings=77,
+        num_hidden_layers=2,
+        max_position_embeddings=max_length,
         vocab_size=vocab_size,
         projection_dim=projection_dim,
         hidden_act="gelu",
@@ -80,7 +81,7 @@ def _t5_encoder(d_model: int, vocab_size: int):
         T5Config(
             vocab_size=vocab_size,
             d_model=d_model,
-            d_kv=8,
+            d_kv=d_model // 4,
             d_ff=2 * d_model,
             num_layers=2,
             num_heads=4,
@@ -92,21 +93,24 @@ def _t5_encoder(d_model: int, vocab_size: int):
     )
 
 
-def _vae(latent_channels: int):
+def build_vae(latent_channels: int = 4, block_out_channels: tuple[int, ...] = (8,), norm_num_groups: int = 2):
+    """An ``AutoencoderKL`` for 32x32 RGB; it downsamples by ``2 ** (len(block_out_channels) - 1)``."""
     from diffusers import AutoencoderKL
 
+    n = len(block_out_channels)
     return AutoencoderKL(
         sample_size=32,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=2,
+        norm_num_groups=norm_num_groups,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        mid_block_add_attention=False,
         shift_factor=0.0,
         scaling_factor=1.0,
     )
@@ -150,51 +154,74 @@ def tiny_flux_transformer_config(num_layers: int = 2, num_single_layers: int = 3
     return config
 
 
-def tiny_sd3_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **transformer_overrides):
-    """A randomly initialised ``StableDiffusion3Pipeline`` with genuine tiny components."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def build_sd3_pipeline(transformer, words=DEFAULT_WORDS, seed: int = 0, clip_hidden: int = 32, t5_d_model: int = 32,
+                       text_length: int = 77, vae=None, scheduler=None):
+    """A ``StableDiffusion3Pipeline`` around ``transformer`` with seeded tiny text encoders and tokenizers from ``words``.
+
+    The transformer must have ``joint_attention_dim == t5_d_model`` and
+    ``pooled_projection_dim == 2 * clip_hidden``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     words = list(words)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
-    tokenizer_2 = build_clip_tokenizer(words)
+    tokenizers = [build_clip_tokenizer(words, text_length), build_clip_tokenizer(words, text_length)]
     tokenizer_3 = build_t5_tokenizer(words)
-    text_encoder = CLIPTextModelWithProjection(_clip_text_config(32, len(tokenizer), 32))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(32, len(tokenizer_2), 32))
-    text_encoder_3 = _t5_encoder(32, len(tokenizer_3))
-    transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config(**transformer_overrides))
+    encoders = [
+        CLIPTextModelWithProjection(_clip_text_config(clip_hidden, len(t), clip_hidden, text_length)).eval()
+        for t in tokenizers
+    ]
     return StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(latent_channels=4),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3.eval(),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae or build_vae(latent_channels=transformer.config.in_channels),
+        text_encoder=encoders[0],
+        tokenizer=tokenizers[0],
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizers[1],
+        text_encoder_3=_t5_encoder(t5_d_model, len(tokenizer_3)).eval(),
         tokenizer_3=tokenizer_3,
         transformer=transformer.eval(),
     )
 
 
-def tiny_flux_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **transformer_overrides):
-    """A randomly initialised ``FluxPipeline`` with genuine tiny components."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_flux_pipeline(transformer, words=DEFAULT_WORDS, seed: int = 0, clip_hidden: int = 32, t5_d_model: int = 32,
+                        text_length: int = 77, vae=None, scheduler=None):
+    """A ``FluxPipeline`` around ``transformer`` with seeded tiny text encoders and tokenizers from ``words``.
+
+    The transformer must have ``joint_attention_dim == t5_d_model`` and ``pooled_projection_dim == clip_hidden``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
     words = list(words)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
+    tokenizer = build_clip_tokenizer(words, text_length)
     tokenizer_2 = build_t5_tokenizer(words)
-    text_encoder = CLIPTextModel(_clip_text_config(32, len(tokenizer), 32))
-    text_encoder_2 = _t5_encoder(32, len(tokenizer_2))
-    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(**transformer_overrides))
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(latent_channels=4),
-        text_encoder=text_encoder.eval(),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
+        vae=vae or build_vae(latent_channels=transformer.config.in_channels // 4),
+        text_encoder=CLIPTextModel(_clip_text_config(clip_hidden, len(tokenizer), clip_hidden, text_length)).eval(),
         tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
+        text_encoder_2=_t5_encoder(t5_d_model, len(tokenizer_2)).eval(),
         tokenizer_2=tokenizer_2,
         transformer=transformer.eval(),
     )
+
+
+def tiny_sd3_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **transformer_overrides):
+    """A randomly initialised ``StableDiffusion3Pipeline`` with genuine tiny components."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config(**transformer_overrides))
+    return build_sd3_pipeline(transformer, words, seed=seed)
+
+
+def tiny_flux_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **transformer_overrides):
+    """A randomly initialised ``FluxPipeline`` with genuine tiny components."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(**transformer_overrides))
+    return build_flux_pipeline(transformer, words, seed=seed)

@@ -1,0 +1,47 @@
+"""Write a benchmark's section of BENCHMARKS.md (between its markers), with the command, machine and date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery number here is written by a script in `benchmarks/`; none is typed in.\n"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def provenance() -> str:
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    return f"Command: `{command}`  \nMachine: {machine()}  \nDate: {datetime.date.today().isoformat()}\n"
+
+
+def update_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    section = f"{begin}\n## {title}\n\n{provenance()}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = BENCHMARKS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(BENCHMARKS)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+"""Train the embedded toy pipelines (``hprune toy-train`` / ``python -m diffusers_hprune.toy.train``).
+
+Three stages, each reproducible from ``--seed``:
+
+1. ``vae``: an ``AutoencoderKL`` (2x downsampling, 4 latent channels) trained on the
+   shapes dataset; its ``shift_factor`` / ``scaling_factor`` come from latent statistics.
+2. ``sd3`` / ``flux``: the transformer of a ``StableDiffusion3Pipeline`` (12 joint blocks,
+   the first three with dual attention, like SD3.5 Medium) or a ``FluxPipeline``
+   (4 double + 8 single blocks), trained by rectified-flow matching on cached VAE
+   latents, with the text encoders frozen at their seeded initialisation (as SD3
+   trains with frozen encoders), timesteps shifted towards high noise (SD3's
+   shift 3, in training and sampling), 10 % caption dropout for classifier-free
+   guidance and an EMA of the weights. Training runs for a wall-clock budget.
+3. The pipeline is saved (fp16 weights) with ``save_pretrained``.
+
+Run the two transformers in parallel with one thread each to use both cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import dataset as D
+
+TEXT_LENGTH = 10  # CLIP and T5 tokens per prompt (the longest prompt needs 9)
+TOY_CONFIGS = {
+    "sd3": dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
+        attention_head_dim=24, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=96,
+        pooled_projection_dim=64, pos_embed_max_size=16, dual_attention_layers=(0, 1, 2), qk_norm="rms_norm",
+    ),
+    "flux": dict(
+        patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=24,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 8, 8),
+    ),
+}
+SHIFT = 3.0
+CAPTION_DROPOUT = 0.1
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _images_to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------- VAE
+def train_vae(out: Path, seed: int = 0, steps: int = 1500, batch: int = 32, n_images: int = 20000) -> Path:
+    """Train the shared toy VAE and save it to ``out`` (a diffusers model folder)."""
+    from .components import build_vae
+
+    torch.manual_seed(seed)
+    vae = build_vae(latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8)
+    images = _images_to_tensor([im for im, _ in D.sample(n_images, "train", seed=seed)])
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        x = images[torch.randint(len(images), (batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, 4096, 256)])
+        recon = torch.cat([vae.decode(vae.encode(images[i : i + 256]).latent_dist.mean).sample for i in range(0, 1024, 256)])
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(scale, 6))
+    psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, images[:1024])))
+    _log(f"vae: reconstruction PSNR {psnr:.2f} dB, latent shift {shift:.4f}, scale {scale:.4f}")
+    vae.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"steps": steps, "batch": batch, "seed": seed, "psnr_db": psnr}, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------------------- transformer
+def build_toy_pipeline(family: str, vae, seed: int = 0):
+    """The untrained toy pipeline of ``family`` around ``vae`` (tokenizers from the dataset vocabulary)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from .components import build_flux_pipeline, build_sd3_pipeline
+
+    torch.manual_seed(seed)
+    words = D.vocabulary()
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(**TOY_CONFIGS["sd3"])
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+        return build_sd3_pipeline(transformer, words, seed=seed, clip_hidden=32, t5_d_model=64,
+                                  text_length=TEXT_LENGTH, vae=vae, scheduler=scheduler)
+    transformer = FluxTransformer2DModel(**TOY_CONFIGS["flux"])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT, use_dynamic_shifting=False)
+    return build_flux_pipeline(transformer, words, seed=seed, clip_hidden=32, t5_d_model=64,
+                               text_length=TEXT_LENGTH, vae=vae, scheduler=scheduler)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings and pooled embeddings of ``texts`` with the pipeline's frozen encoders."""
+    if type(pipe).__name__.endswith("FluxPipeline"):
+        embeds, pooled, _ = pipe.encode_prompt(texts, prompt_2=None, max_sequence_length=TEXT_LENGTH)
+    else:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH
+        )
+    return embeds, pooled
+
+
+@torch.no_grad()
+def encode_latents(vae, images, batch: int = 512) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        z = vae.encode(_images_to_tensor(images[i : i + batch])).latent_dist.mean
+        out.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def _sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal timesteps shifted towards high noise (SD3's shift)."""
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    return SHIFT * u / (1 + (SHIFT - 1) * u)
+
+
+def _predict(family: str, transformer, x_t, sigmas, embeds, pooled, ids=None):
+    if family == "sd3":
+        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                           timestep=sigmas * 1000, return_dict=False)[0]
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x_t.shape
+    packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
+    img_ids, txt_ids = ids
+    out = transformer(hidden_states=packed, encoder_hidden_states=embeds, pooled_projections=pooled,
+                      timestep=sigmas, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h * 2, w * 2, 2)  # our VAE scale factor is 2
+
+
+def flow_matching_loss(family, transformer, x0, embeds, pooled, gen, ids=None) -> torch.Tensor:
+    """Rectified-flow loss: predict v = noise - x0 at x_t = (1 - s) x0 + s noise."""
+    sigmas = _sample_sigmas(x0.shape[0], gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigmas[:, None, None, None]
+    x_t = (1 - s) * x0 + s * noise
+    return F.mse_loss(_predict(family, transformer, x_t, sigmas, embeds, pooled, ids), noise - x0)
+
+
+def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45.0, seed: int = 0, batch: int = 32,
+                      lr: float = 8e-4, n_images: int = 40000, max_steps: int | None = None, eval_prompts: int = 60) -> Path:
+    """Train the toy transformer of ``family`` for a wall-clock budget and save the whole pipeline to ``out``."""
+    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers.training_utils import EMAModel
+
+    start = time.time()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    pipe = build_toy_pipeline(family, vae, seed=seed)
+    transformer = pipe.transformer
+    train_specs = sorted({s.text for specs in D.split_prompts("train").values() for s in specs})
+    texts = train_specs + [""]
+    embeds, pooled = encode_prompts(pipe, texts)
+    index = {t: i for i, t in enumerate(texts)}
+    data = D.sample(n_images, "train", seed=seed)
+    latents = encode_latents(vae, [im for im, _ in data])
+    captions = torch.tensor([index[c] for _, c in data])
+    ids = None
+    if family == "flux":
+        h = latents.shape[-1] // 2
+        ids = (FluxPipeline._prepare_latent_image_ids(1, h, h, "cpu", torch.float32), torch.zeros(TEXT_LENGTH, 3))
+    _log(f"{family}: {sum(p.numel() for p in transformer.parameters()):,} parameters; {len(data)} images, "
+         f"{len(texts)} prompts cached in {time.time() - start:.0f}s")
+
+    transformer.train()
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    warmup = 200
+    ema = EMAModel(transformer.parameters(), decay=0.999)
+    gen = torch.Generator().manual_seed(seed)
+    empty = index[""]
+    budget = minutes * 60 - (time.time() - start)
+    t0, step, losses = time.time(), 0, []
+    while (max_steps is None and time.time() - t0 < budget) or (max_steps is not None and step < max_steps):
+        pick = torch.randint(len(latents), (batch,), generator=gen)
+        cap = captions[pick].clone()
+        cap[torch.rand(batch, generator=gen) < CAPTION_DROPOUT] = empty
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        loss = flow_matching_loss(family, transformer, latents[pick], embeds[cap], pooled[cap], gen, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        ema.step(transformer.parameters())
+        losses.append(loss.item())
+        step += 1
+        if step % 250 == 0:
+            _log(f"{family}: step {step}, loss {np.mean(losses[-250:]):.4f}, {step / (time.time() - t0):.2f} steps/s")
+    ema.copy_to(transformer.parameters())
+    transformer.eval()
+    train_info = {"family": family, "steps": step, "batch": batch, "lr": lr, "seed": seed, "shift": SHIFT,
+                  "caption_dropout": CAPTION_DROPOUT, "minutes": round((time.time() - start) / 60, 1),
+                  "final_loss": float(np.mean(losses[-250:])) if losses else None}
+    _log(f"{family}: trained {step} steps in {(time.time() - t0) / 60:.1f} min")
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(train_info, indent=2) + "\n")
+    if eval_prompts:
+        from . import evaluate_pipeline, load_pipeline
+
+        result = evaluate_pipeline(load_pipeline(out), n=eval_prompts)
+        _log(f"{family}: ShapeEval on {eval_prompts} held-out prompts: " + json.dumps({k: round(v, 3) for k, v in result.items()}))
+    return out
+
+
+def train_all(out: Path, minutes: float = 55.0, seed: int = 0) -> dict[str, Path]:
+    """Train the VAE, then both transformers at once (one thread each), into ``out/{vae,sd3,flux}``."""
+    import subprocess
+    import sys
+
+    out = Path(out)
+    train_vae(out / "vae", seed=seed)
+    procs = {}
+    for family in ("sd3", "flux"):
+        cmd = [sys.executable, "-m", "diffusers_hprune.toy.train", family, "--vae", str(out / "vae"),
+               "--out", str(out / family), "--minutes", str(minutes), "--seed", str(seed), "--threads", "1"]
+        log = open(out / f"{family}.log", "w")
+        procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        _log(f"{family}: training in the background, log in {out / f'{family}.log'}")
+    failed = []
+    for family, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            failed.append(family)
+        log.close()
+    if failed:
+        raise RuntimeError(f"training failed for {failed}; see the logs in {out}")
+    return {f: out / f for f in ("vae", "sd3", "flux")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusers_hprune.toy.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["all", "vae", "sd3", "flux"], help="what to train (all: vae, then sd3 and flux at once)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--vae", help="trained VAE folder (for sd3 / flux)")
+    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget for a transformer (default 45)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead (tests)")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--images", type=int, default=None, help="dataset size (default 20000 for vae, 40000 otherwise)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts scored after training (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 per process when training two at once)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.stage == "all":
+        train_all(out, minutes=args.minutes, seed=args.seed)
+    elif args.stage == "vae":
+        train_vae(out, seed=args.seed, steps=args.vae_steps, batch=args.batch or 32, n_images=args.images or 20000)
+    else:
+        if not args.vae:
+            parser.error("--vae is required to train a transformer (train it first: `... vae --out DIR`)")
+        train_transformer(args.stage, Path(args.vae), out, minutes=args.minutes, seed=args.seed, batch=args.batch or 32,
+                          n_images=args.images or 40000, max_steps=args.max_steps, eval_prompts=args.eval_prompts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
