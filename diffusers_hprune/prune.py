@@ -36,5 +36,11 @@ def prune_transformer(transformer: torch.nn.Module, plan: PrunePlan | dict) -> t
         pruned = family.pruned_class.from_config(config, prune_plan=plan.to_dict())
     state_dict = family.prune_state_dict(transformer.state_dict(), plan, transformer.config)
     pruned.load_state_dict(state_dict, strict=True, assign=True)
+    # Non-persistent buffers are not in the state dict: take them from the original (same device and dtype).
+    original_buffers = dict(transformer.named_buffers())
+    for name, _ in list(pruned.named_buffers()):
+        if name not in state_dict and name in original_buffers:
+            module_path, _, buffer_name = name.rpartition(".")
+            pruned.get_submodule(module_path).register_buffer(buffer_name, original_buffers[name], persistent=False)
     pruned.train(transformer.training)
     return pruned

@@ -179,3 +179,19 @@ def test_block_whose_branches_are_all_removed_becomes_a_removed_block(sd3_pipeli
         flux_pipeline.transformer, PrunePlan(removed_components={4: ["attn", "mlp"]}, family="flux", num_blocks=5)
     )
     assert pruned.prune_plan.removed_blocks == [4]
+
+
+def test_non_persistent_buffers_come_from_the_original():
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_hprune.toy.components import tiny_sd3_transformer_config
+
+    t = SD3Transformer2DModel(**tiny_sd3_transformer_config(pos_embed_max_size=None, sample_size=8))
+    assert "pos_embed.pos_embed" not in t.state_dict()  # non-persistent without pos_embed_max_size
+    t.pos_embed.pos_embed.mul_(2)  # a value that a fresh initialisation would not reproduce
+    pruned = prune_transformer(t, PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4))
+    assert torch.equal(pruned.pos_embed.pos_embed, t.pos_embed.pos_embed)
+    inputs = transformer_inputs(t)
+    with reference_removal(t, [1]):
+        expected = _outputs(t, inputs)
+    torch.testing.assert_close(_outputs(pruned, inputs), expected, atol=1e-5, rtol=1e-5)
