@@ -1,0 +1,212 @@
+"""Hierarchical Position Pruning (HPP): from measured contributions to a :class:`PrunePlan`.
+
+DESIGN.md section 6, steps 2-4, exactly:
+
+* position weight ``W_pos(i) = exp(alpha * (i - |B|) / |B|)``; early blocks get small weights;
+* prunability ``Score(i, c) = -|dP(i, c)| / W_pos(i)``; higher is removed first;
+* with a target ratio ``r`` of the parameters of the whole transformer:
+  ``r <= r_thres``: remove whole blocks in Score order until the removed fraction is >= r;
+  ``r > r_thres``: remove whole blocks in Score order while the removed fraction stays
+  <= r_thres, then components of the remaining blocks in Score order until >= r. A
+  block whose residual branches are all gone becomes a removed block (its remaining
+  parameters count as removed too);
+* with a memory budget instead: the same procedure, stopping when the estimated
+  weight bytes fit.
+
+Baselines for comparison (same inputs, same stopping rule, whole blocks only):
+``bk-sdm`` (blocks by measured drop, no position weight) and ``last`` (the last blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .architectures import BLOCK
+from .errors import PlanError
+from .inventory import BYTES_PER_PARAM, TransformerInventory
+from .plan import PrunePlan
+
+STRATEGIES = ("hierarchical", "bk-sdm", "last")
+DEFAULT_R_THRES = 0.25
+
+
+def position_weight(index: int, num_blocks: int, alpha: float) -> float:
+    """``W_pos(i) = exp(alpha * (i - |B|) / |B|)``."""
+    if alpha < 0:
+        raise PlanError(f"alpha must be >= 0 (got {alpha}); 0 ranks by contribution alone.")
+    return math.exp(alpha * (index - num_blocks) / num_blocks)
+
+
+def prunability(delta: float, index: int, num_blocks: int, alpha: float) -> float:
+    """``Score(i, c) = -|dP(i, c)| / W_pos(i)``: higher means remove first."""
+    return -abs(delta) / position_weight(index, num_blocks, alpha)
+
+
+@dataclass
+class PlanOutcome:
+    """A plan and what it achieves."""
+
+    plan: PrunePlan
+    removed_params: int
+    total_params: int
+    estimated_bytes: int
+    weight_dtype: str
+    order: list[tuple[int, str]] = field(default_factory=list)  # removals in the order they were chosen
+
+    @property
+    def ratio(self) -> float:
+        return self.removed_params / self.total_params
+
+    def summary(self) -> str:
+        return (
+            f"{self.plan.describe()}\nremoved {self.removed_params:,} of {self.total_params:,} parameters "
+            f"({self.ratio:.2%}); estimated weights {self.estimated_bytes / 1e9:.3f} GB at {self.weight_dtype}"
+        )
+
+
+def _check_contributions(contributions: Mapping[tuple[int, str], float], inventory: TransformerInventory,
+                         components: bool) -> None:
+    needed = [(b.spec.index, BLOCK) for b in inventory.blocks]
+    if components:
+        needed += [(b.spec.index, c) for b in inventory.blocks for c in b.spec.components]
+    missing = [k for k in needed if k not in contributions]
+    if missing:
+        shown = ", ".join(f"{i}:{c}" for i, c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise PlanError(
+            f"The analysis lacks {len(missing)} contribution(s) the planner needs ({shown}); "
+            "finish the analysis (`hprune analyze` resumes where it stopped) or choose a block-only strategy."
+        )
+
+
+def make_plan(
+    contributions: Mapping[tuple[int, str], float],
+    inventory: TransformerInventory,
+    *,
+    ratio: float | None = None,
+    memory_bytes: int | None = None,
+    weight_dtype: str = "bf16",
+    alpha: float | None = None,
+    r_thres: float = DEFAULT_R_THRES,
+    strategy: str = "hierarchical",
+    metadata: Mapping | None = None,
+) -> PlanOutcome:
+    """Choose what to remove (see the module docstring).
+
+    Args:
+        contributions: ``(block index, component) -> dP`` (``"block"`` for whole blocks).
+        inventory: parameter counts of the unpruned transformer (:func:`inspect_transformer`).
+        ratio: target fraction of the transformer's parameters to remove, in (0, 1).
+        memory_bytes: alternative target: estimated weight bytes at ``weight_dtype`` must fit.
+        alpha: position-weight exponent; default: the family's (0.55 SD3, 0.01 FLUX).
+        r_thres: above this ratio, components are removed after whole blocks (paper: 0.25).
+        strategy: ``hierarchical`` (the paper), ``bk-sdm`` or ``last``.
+    """
+    if (ratio is None) == (memory_bytes is None):
+        raise PlanError("Give exactly one target: a ratio (--ratio) or a memory budget (--memory).")
+    if ratio is not None and not 0 < ratio < 1:
+        raise PlanError(f"The target ratio must lie in (0, 1), got {ratio}; e.g. 0.2 removes 20 % of the parameters.")
+    if weight_dtype not in BYTES_PER_PARAM:
+        raise PlanError(f"Unknown weight dtype {weight_dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+    if strategy not in STRATEGIES:
+        raise PlanError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    family = inventory.family
+    alpha = family.default_alpha if alpha is None else alpha
+    if strategy != "hierarchical":
+        alpha = 0.0
+    n = len(inventory.blocks)
+    total = inventory.original_params
+    per_param = BYTES_PER_PARAM[weight_dtype]
+
+    def nbytes(removed: int) -> int:
+        return (total - removed) * per_param
+
+    if ratio is not None:
+        def done(removed: int) -> bool:
+            return removed / total >= ratio
+
+        target = ratio
+    else:
+        if memory_bytes <= 0:
+            raise PlanError(f"The memory budget must be positive, got {memory_bytes} bytes.")
+
+        def done(removed: int) -> bool:
+            return nbytes(removed) <= memory_bytes
+
+        target = 1 - memory_bytes / nbytes(0)
+    if done(0):
+        raise PlanError(
+            f"The model already fits ({nbytes(0) / 1e9:.3f} GB at {weight_dtype} <= budget); nothing to prune."
+        )
+
+    if strategy == "last":
+        block_order = list(range(n - 1, -1, -1))
+    else:
+        _check_contributions(contributions, inventory, components=strategy == "hierarchical" and target > r_thres)
+        block_order = sorted(range(n), key=lambda i: -prunability(contributions[(i, BLOCK)], i, n, alpha))
+
+    removed_blocks: set[int] = set()
+    removed_components: dict[int, set[str]] = {}
+    order: list[tuple[int, str]] = []
+    removed = 0
+    stage_one_limit = r_thres if strategy == "hierarchical" and target > r_thres else None
+
+    def block_left(i: int) -> int:
+        b = inventory.blocks[i]
+        return b.params - sum(b.components[c] for c in removed_components.get(i, ()))
+
+    for i in block_order:
+        if done(removed) or len(removed_blocks) == n - 1:
+            break
+        size = inventory.blocks[i].params
+        if stage_one_limit is not None and (removed + size) / total > stage_one_limit:
+            break
+        removed_blocks.add(i)
+        order.append((i, BLOCK))
+        removed += size
+
+    if not done(removed) and stage_one_limit is not None:
+        candidates = [
+            (i, c)
+            for i in range(n)
+            if i not in removed_blocks
+            for c in inventory.blocks[i].spec.components
+        ]
+        candidates.sort(key=lambda k: -prunability(contributions[k], k[0], n, alpha))
+        for i, c in candidates:
+            if done(removed):
+                break
+            if i in removed_blocks:
+                continue
+            spec = inventory.blocks[i].spec
+            gone = removed_components.setdefault(i, set())
+            if c in spec.branches and set(spec.branches) <= gone | {c}:
+                if len(removed_blocks) == n - 1:
+                    continue  # never remove the last block
+                removed += block_left(i)
+                removed_blocks.add(i)
+                del removed_components[i]
+                order.append((i, BLOCK))
+                continue
+            gone.add(c)
+            removed += inventory.blocks[i].components[c]
+            order.append((i, c))
+
+    if not done(removed):
+        what = f"{ratio:.0%} of the parameters" if ratio is not None else f"{memory_bytes / 1e9:.3f} GB"
+        raise PlanError(
+            f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
+            f"{removed / total:.1%}); lower the target or choose the hierarchical strategy."
+        )
+    plan = PrunePlan(
+        removed_blocks=sorted(removed_blocks),
+        removed_components={i: sorted(c) for i, c in removed_components.items() if c},
+        family=family.name,
+        num_blocks=n,
+        metadata=dict(metadata or {}, strategy=strategy, alpha=alpha, r_thres=r_thres,
+                      target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
+                      achieved_ratio=round(removed / total, 6)),
+    )
+    return PlanOutcome(plan, removed, total, nbytes(removed), weight_dtype, order)
+
