@@ -14,7 +14,7 @@ import argparse
 import torch
 from diffusers import DiffusionPipeline
 
-import diffusers_hprune  # registers the pruned classes with Diffusers
+import diffusers_hprune  # noqa: F401  (registers the pruned classes with Diffusers)
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -119,7 +117,9 @@ def build_toy_pipeline(family: str, vae, seed: int = 0):
 @torch.no_grad()
 def encode_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings and pooled embeddings of ``texts`` with the pipeline's frozen encoders."""
-    if type(pipe).__name__.endswith("FluxPipeline"):
+    from . import _family_of
+
+    if _family_of(pipe) == "flux":
         embeds, pooled, _ = pipe.encode_prompt(texts, prompt_2=None, max_sequence_length=TEXT_LENGTH)
     else:
         embeds, _, pooled, _ = pipe.encode_prompt(
