@@ -68,9 +68,115 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"`` -> 4e9, ``"3.5GiB"`` -> 3.5 * 2**30, ``"123"`` -> 123 (bytes)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if unit and not unit.endswith("b"):
+        unit += "b"
+    if not m or unit not in _UNITS and unit:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size; write e.g. 4GB, 3.5GiB, 800MB or a number of bytes"
+        )
+    return int(float(m.group(1)) * _UNITS[unit or "b"])
+
+
+def _metric_args(pairs: list[str]) -> dict:
+    options = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HPruneError(f"--metric-arg takes KEY=VALUE, got {item!r}.")
+        options[key] = value
+    return options
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis import analyze, synthetic_report
+
+    if args.synthetic:
+        report = synthetic_report(args.model, seed=args.seed, pairs=args.pairs)
+        report.save(args.out)
+        print(f"wrote a SYNTHETIC analysis of {args.model} (no weights, no measurement) to {args.out}")
+        return 0
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    prompts = None
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.")
+    report = analyze(
+        args.model, args.out, metric=args.metric, metric_options=_metric_args(args.metric_arg), prompts=prompts,
+        n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
+        height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+        pairs=args.pairs, method="naive" if args.naive else "cached", overwrite=args.overwrite,
+    )
+    from .distributed import process_state
+
+    if process_state().is_main_process:
+        run = report.run.get("this_process", report.run)
+        print(f"analysed {report.model}: {len(report.entries)} entries ({run.get('reused_entries', 0)} reused from an "
+              f"earlier run, {run.get('computed_entries', 0)} computed here), metric {report.metric['name']}, "
+              f"P(original) = {report.baseline_score:.6g}")
+        print(f"block evaluations: {report.run.get('block_evaluations')}, seconds: {report.run.get('seconds'):.1f}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisError, ContributionReport
+    from .inventory import inspect_transformer
+    from .planning import make_plan
+
+    report = ContributionReport.load(args.analysis)
+    if not report.complete and args.strategy != "last":
+        raise AnalysisError(
+            f"{args.analysis} is incomplete ({len(report.entries)} of {len(report.expected_keys())} entries); "
+            "finish it with the same `hprune analyze` command (it resumes), or use --strategy last."
+        )
+    inventory = inspect_transformer(report.transformer_config)
+    outcome = make_plan(
+        report.contributions(), inventory, ratio=args.ratio, memory_bytes=args.memory, weight_dtype=args.weight_dtype,
+        alpha=args.alpha, r_thres=args.r_thres, strategy=args.strategy, similarity=report.similarity,
+        metadata={"analysis": str(args.analysis), "analysis_metric": report.metric["name"], "model": report.model},
+    )
+    outcome.plan.save(args.out)
+    print(outcome.summary())
+    print("removed, in the order chosen: " + ", ".join(f"{i}:{c}" for i, c in outcome.order))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .analysis import ContributionReport
+    from .plan import PrunePlan
+    from .report import format_table, write_report
+
+    report = ContributionReport.load(args.analysis)
+    plan = PrunePlan.load(args.plan) if args.plan else None
+    if plan is not None:
+        plan = report.model_family.check_plan(plan, report.transformer_config)
+    paths = write_report(report, args.out, plan, alpha=args.alpha)
+    print(format_table(report, plan, args.alpha))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .inventory import BUILTIN_CONFIGS, BYTES_PER_PARAM
+    from .inventory import BUILTIN_CONFIGS
+    from .memory import DTYPES
 
     parser = argparse.ArgumentParser(
         prog="hprune",
@@ -91,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a transformer config.json, a transformer or pipeline folder, a Hub repo id, or a built-in config: "
         + ", ".join(BUILTIN_CONFIGS),
     )
-    p.add_argument("--dtype", choices=sorted(BYTES_PER_PARAM), default="bf16", help="weight dtype for sizes (default bf16)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16",
+                   help="weight dtype for sizes (default bf16; nf4 = 4-bit weights with double quantisation)")
     p.add_argument("--json", action="store_true", help="print the inventory as JSON instead of a table")
     p.set_defaults(func=_cmd_inspect)
 
@@ -122,6 +229,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="write a PNG grid of the first images here")
     p.add_argument("--grid-size", type=int, default=32, help="images in the grid (default 32)")
     p.set_defaults(func=_cmd_evaluate)
+
+    from .metrics import metric_names
+    from .planning import DEFAULT_R_THRES, STRATEGIES
+
+    p = sub.add_parser(
+        "analyze",
+        help="measure dP for every block and component (contribution analysis; resumable, shardable)",
+        description="Contribution analysis (DESIGN.md section 6, step 1): dP(i, c) = P(original) - P(without "
+        "component c of block i) for every block and component, on calibration prompts with fixed seeds. "
+        "Each finished entry is saved as it completes (OUT.parts/); run the same command again to resume. "
+        "Under `accelerate launch --num_processes N` the entries are split across processes.",
+    )
+    p.add_argument("model", help="a pipeline folder or Hub repo id (SD3/SD3.5/FLUX.1), or a toy name (sd3, flux); "
+                   "with --synthetic: a config (built-in name, config.json, folder)")
+    p.add_argument("--out", required=True, help="the analysis.json to write (and resume from)")
+    p.add_argument("--metric", default="fidelity", help=f"quality metric P, one of {', '.join(metric_names())} "
+                   "(default fidelity: agreement of the predicted velocity with the full model's)")
+    p.add_argument("--metric-arg", action="append", metavar="KEY=VALUE",
+                   help="an option of the metric, e.g. model=PATH for clip_score (repeatable)")
+    p.add_argument("--prompts", help="calibration prompts, one a line (default: toy training prompts for the toys, "
+                   "a built-in varied list otherwise)")
+    p.add_argument("--n-prompts", type=int, default=8, help="how many default prompts (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
+    p.add_argument("--steps", type=int, help="denoising steps of the calibration images (default: the toy's, else 28)")
+    p.add_argument("--eval-steps", type=int, default=4,
+                   help="denoising steps at which predictions are compared (default 4, spread evenly)")
+    p.add_argument("--height", type=int, help="image height (default: the toy's or the pipeline's)")
+    p.add_argument("--width", type=int, help="image width (default: the toy's or the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the toy's or the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
+    p.add_argument("--naive", action="store_true",
+                   help="rebuild and run the whole ablated model per entry instead of the block cache (same numbers, "
+                   "slower; for verification)")
+    p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
+    p.add_argument("--synthetic", action="store_true",
+                   help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "
+                   "planning and memory estimates")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser(
+        "plan",
+        help="choose what to remove from an analysis for a target ratio or memory budget (HPP)",
+        description="Hierarchical Position Pruning (DESIGN.md section 6, steps 2-4): rank blocks and components by "
+        "Score = -|dP| / W_pos and remove whole blocks, then (above --r-thres) components, until the target is met. "
+        "Parameters are counted over the whole transformer.",
+    )
+    p.add_argument("analysis", help="an analysis.json from `hprune analyze`")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove, in (0, 1)")
+    target.add_argument("--memory", type=parse_bytes, help="weight budget, e.g. 4GB or 3.5GiB (at --weight-dtype)")
+    p.add_argument("--weight-dtype", choices=DTYPES, default="bf16",
+                   help="dtype the memory budget and estimate are for (default bf16; nf4 = 4-bit weights)")
+    p.add_argument("--alpha", type=float, help="position-weight exponent (default: 0.55 SD3 family, 0.01 FLUX)")
+    p.add_argument("--r-thres", type=float, default=DEFAULT_R_THRES,
+                   help=f"above this ratio components are removed after whole blocks (default {DEFAULT_R_THRES})")
+    p.add_argument("--strategy", choices=STRATEGIES, default="hierarchical",
+                   help="hierarchical (the paper, default); baselines: bk-sdm (blocks by dP), koala (blocks by "
+                   "input/output similarity), last (the last blocks)")
+    p.add_argument("--out", required=True, help="the plan.json to write")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "report",
+        help="plots and a table of an analysis, with a plan marked",
+        description="Bar charts and heatmaps of dP per block and component (paper Figs. 4, 8, 9), the "
+        "similarity per block, and a text table; with --plan, what it removes is marked.",
+    )
+    p.add_argument("analysis", help="an analysis.json from `hprune analyze`")
+    p.add_argument("--plan", help="a plan.json to mark")
+    p.add_argument("--alpha", type=float, help="alpha for the Score panel (default: the family's)")
+    p.add_argument("--out", required=True, help="folder for blocks.png, components.png, similarity.png, table.txt")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "toy-train",

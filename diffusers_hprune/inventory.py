@@ -18,9 +18,8 @@ from accelerate import init_empty_weights
 
 from .architectures import BLOCK, BlockSpec, ModelFamily, get_family
 from .errors import UnsupportedModelError
+from .memory import BYTES_PER_PARAM, DTYPES, format_bytes, is_skipped, model_weight_bytes, param_bytes
 from .plan import PrunePlan
-
-BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Public transformer configs shipped with the package (name -> file in diffusers_hprune/configs).
 BUILTIN_CONFIGS = {
@@ -105,6 +104,8 @@ class BlockInventory:
     components: dict[str, int]
     removed: bool = False
     removed_components: tuple[str, ...] = ()
+    nbytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """dtype -> {"block" or component -> weight bytes} (see :mod:`diffusers_hprune.memory`)."""
 
     @property
     def status(self) -> str:
@@ -131,6 +132,8 @@ class TransformerInventory:
     name: str = ""
     plan_description: str = ""
     notes: list[str] = field(default_factory=list)
+    original_bytes: dict[str, int] = field(default_factory=dict)
+    """dtype -> weight bytes of the unpruned transformer."""
 
     @property
     def non_block_params(self) -> int:
@@ -141,7 +144,22 @@ class TransformerInventory:
         return 1.0 - self.params / self.original_params
 
     def nbytes(self, dtype: str = "bf16", params: int | None = None) -> int:
-        return (self.params if params is None else params) * BYTES_PER_PARAM[dtype]
+        """Weight bytes at ``dtype``: of the transformer as it is (pruned parts gone), or of ``params`` parameters.
+
+        ``nf4`` needs the per-parameter accounting, so it is available for the transformer
+        itself only (``params`` must be None).
+        """
+        if params is not None:
+            if dtype not in BYTES_PER_PARAM:
+                raise ValueError(f"Bytes of a bare parameter count are defined for {', '.join(BYTES_PER_PARAM)} only.")
+            return params * BYTES_PER_PARAM[dtype]
+        return self.original_bytes[dtype] - sum(self.removed_bytes(b, dtype) for b in self.blocks)
+
+    @staticmethod
+    def removed_bytes(block: "BlockInventory", dtype: str) -> int:
+        if block.removed:
+            return block.nbytes[dtype][BLOCK]
+        return sum(block.nbytes[dtype][c] for c in block.removed_components)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,13 +208,24 @@ def inspect_transformer(source: Any) -> TransformerInventory:
         plan = family.check_plan(PrunePlan.from_dict(config["prune_plan"]), config)
     blocks = []
     for spec, module in zip(family.block_specs(config), family.block_modules(original)):
+        sizes = {c: family.component_parameters(module, spec, c, config) for c in (BLOCK, *spec.components)}
+        skipped = is_skipped(spec.path)
+        nbytes = {
+            dtype: {
+                c: sum(param_bytes(n, dtype, linear and not skipped, tables=not _is_slice(c, name, spec, family, config))
+                       for name, n, linear in parts)
+                for c, parts in sizes.items()
+            }
+            for dtype in DTYPES
+        }
         blocks.append(
             BlockInventory(
                 spec=spec,
-                params=family.component_numel(module, spec, BLOCK, config),
-                components={c: family.component_numel(module, spec, c, config) for c in spec.components},
+                params=sum(n for _, n, _ in sizes[BLOCK]),
+                components={c: sum(n for _, n, _ in sizes[c]) for c in spec.components},
                 removed=spec.index in plan.removed_blocks,
                 removed_components=tuple(plan.removed_components.get(spec.index, ())),
+                nbytes=nbytes,
             )
         )
     return TransformerInventory(
@@ -207,24 +236,29 @@ def inspect_transformer(source: Any) -> TransformerInventory:
         params=params,
         name=name,
         plan_description="" if plan.is_empty else plan.describe(),
+        original_bytes={dtype: model_weight_bytes(original, dtype) for dtype in DTYPES},
     )
 
 
+def _is_slice(component: str, name: str, spec: BlockSpec, family: ModelFamily, config) -> bool:
+    return component != BLOCK and name in family.shared_parameter_slices(spec, component, config)
+
+
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB ({nbytes / 2**30:.2f} GiB)"
+    return format_bytes(nbytes)
 
 
 def format_inventory(inventory: TransformerInventory, dtype: str = "bf16") -> str:
     """A plain-text table: one row per block with its components' parameter counts."""
-    if dtype not in BYTES_PER_PARAM:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     family = inventory.family
     names = list(family.component_names)
     header = ["block", "path", "kind", "status", "params", f"MB@{dtype}"] + names
     rows = []
     for b in inventory.blocks:
         cells = [str(b.spec.index), b.spec.path, b.spec.kind + ("+dual" if b.spec.dual_attention else ""), b.status]
-        cells += [f"{b.params:,}", f"{b.params * BYTES_PER_PARAM[dtype] / 1e6:,.1f}"]
+        cells += [f"{b.params:,}", f"{b.nbytes[dtype][BLOCK] / 1e6:,.1f}"]
         for c in names:
             if c not in b.components:
                 cells.append("")
@@ -249,7 +283,7 @@ def format_inventory(inventory: TransformerInventory, dtype: str = "bf16") -> st
     out.append(f"embeddings, norm_out and proj_out: {inventory.non_block_params:,} parameters")
     out.append(
         f"original:  {inventory.original_params:,} parameters, "
-        f"{_size(inventory.nbytes(dtype, inventory.original_params))} at {dtype}"
+        f"{_size(inventory.original_bytes[dtype])} at {dtype}"
     )
     if inventory.params != inventory.original_params:
         out.append(

@@ -14,7 +14,9 @@ DESIGN.md section 6, steps 2-4, exactly:
   weight bytes fit.
 
 Baselines for comparison (same inputs, same stopping rule, whole blocks only):
-``bk-sdm`` (blocks by measured drop, no position weight) and ``last`` (the last blocks).
+``bk-sdm`` (blocks by measured drop, no position weight), ``koala`` (blocks whose output
+is most similar to their input, by the cosine similarity the analysis measured) and
+``last`` (the last blocks).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Mapping
 
 from .architectures import BLOCK
 from .errors import PlanError
-from .inventory import BYTES_PER_PARAM, TransformerInventory
+from .inventory import TransformerInventory
+from .memory import DTYPES, format_bytes
 from .plan import PrunePlan
 
-STRATEGIES = ("hierarchical", "bk-sdm", "last")
+STRATEGIES = ("hierarchical", "bk-sdm", "koala", "last")
 DEFAULT_R_THRES = 0.25
 
 
@@ -62,7 +65,7 @@ class PlanOutcome:
     def summary(self) -> str:
         return (
             f"{self.plan.describe()}\nremoved {self.removed_params:,} of {self.total_params:,} parameters "
-            f"({self.ratio:.2%}); estimated weights {self.estimated_bytes / 1e9:.3f} GB at {self.weight_dtype}"
+            f"({self.ratio:.2%}); estimated weights {format_bytes(self.estimated_bytes)} at {self.weight_dtype}"
         )
 
 
@@ -90,6 +93,7 @@ def make_plan(
     alpha: float | None = None,
     r_thres: float = DEFAULT_R_THRES,
     strategy: str = "hierarchical",
+    similarity: Mapping[int, float] | None = None,
     metadata: Mapping | None = None,
 ) -> PlanOutcome:
     """Choose what to remove (see the module docstring).
@@ -101,14 +105,15 @@ def make_plan(
         memory_bytes: alternative target: estimated weight bytes at ``weight_dtype`` must fit.
         alpha: position-weight exponent; default: the family's (0.55 SD3, 0.01 FLUX).
         r_thres: above this ratio, components are removed after whole blocks (paper: 0.25).
-        strategy: ``hierarchical`` (the paper), ``bk-sdm`` or ``last``.
+        strategy: ``hierarchical`` (the paper), ``bk-sdm``, ``koala`` or ``last``.
+        similarity: block index -> cosine similarity of its input and output (``koala`` only).
     """
     if (ratio is None) == (memory_bytes is None):
         raise PlanError("Give exactly one target: a ratio (--ratio) or a memory budget (--memory).")
     if ratio is not None and not 0 < ratio < 1:
         raise PlanError(f"The target ratio must lie in (0, 1), got {ratio}; e.g. 0.2 removes 20 % of the parameters.")
-    if weight_dtype not in BYTES_PER_PARAM:
-        raise PlanError(f"Unknown weight dtype {weight_dtype!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+    if weight_dtype not in DTYPES:
+        raise PlanError(f"Unknown weight dtype {weight_dtype!r}; choose one of {', '.join(DTYPES)}.")
     if strategy not in STRATEGIES:
         raise PlanError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     family = inventory.family
@@ -117,10 +122,10 @@ def make_plan(
         alpha = 0.0
     n = len(inventory.blocks)
     total = inventory.original_params
-    per_param = BYTES_PER_PARAM[weight_dtype]
-
-    def nbytes(removed: int) -> int:
-        return (total - removed) * per_param
+    total_bytes = inventory.original_bytes[weight_dtype]
+    sizes = {b.spec.index: b.nbytes[weight_dtype] for b in inventory.blocks}
+    # What is removed so far: parameters and bytes (at weight_dtype) travel together.
+    removed_b = 0
 
     if ratio is not None:
         def done(removed: int) -> bool:
@@ -132,19 +137,36 @@ def make_plan(
             raise PlanError(f"The memory budget must be positive, got {memory_bytes} bytes.")
 
         def done(removed: int) -> bool:
-            return nbytes(removed) <= memory_bytes
+            return total_bytes - removed_b <= memory_bytes
 
-        target = 1 - memory_bytes / nbytes(0)
+        target = 1 - memory_bytes / total_bytes
+        floor = total_bytes - sum(s[BLOCK] for s in sizes.values())
+        if memory_bytes < floor:
+            raise PlanError(
+                f"No plan fits {format_bytes(memory_bytes)} at {weight_dtype}: the embeddings and output layers "
+                f"alone take {format_bytes(floor)} and at least one block must stay; raise the budget or choose "
+                "a smaller weight dtype (--weight-dtype nf4)."
+            )
     if done(0):
         raise PlanError(
-            f"The model already fits ({nbytes(0) / 1e9:.3f} GB at {weight_dtype} <= budget); nothing to prune."
+            f"The model already fits ({format_bytes(total_bytes)} at {weight_dtype} <= budget); nothing to prune."
         )
 
     if strategy == "last":
         block_order = list(range(n - 1, -1, -1))
+    elif strategy == "koala":
+        missing = [i for i in range(n) if similarity is None or i not in similarity]
+        if missing:
+            raise PlanError(
+                f"The koala strategy needs the input/output cosine similarity of every block; the analysis lacks "
+                f"it for {len(missing)} block(s) (e.g. {missing[0]}). Re-run `hprune analyze` (it measures it in "
+                "the full-model pass) or choose another strategy."
+            )
+        block_order = sorted(range(n), key=lambda i: (-similarity[i], -i))
     else:
         _check_contributions(contributions, inventory, components=strategy == "hierarchical" and target > r_thres)
-        block_order = sorted(range(n), key=lambda i: -prunability(contributions[(i, BLOCK)], i, n, alpha))
+        # Ties go to the later block (the position-aware reading of the method).
+        block_order = sorted(range(n), key=lambda i: (-prunability(contributions[(i, BLOCK)], i, n, alpha), -i))
 
     removed_blocks: set[int] = set()
     removed_components: dict[int, set[str]] = {}
@@ -165,6 +187,7 @@ def make_plan(
         removed_blocks.add(i)
         order.append((i, BLOCK))
         removed += size
+        removed_b += sizes[i][BLOCK]
 
     if not done(removed) and stage_one_limit is not None:
         candidates = [
@@ -173,7 +196,7 @@ def make_plan(
             if i not in removed_blocks
             for c in inventory.blocks[i].spec.components
         ]
-        candidates.sort(key=lambda k: -prunability(contributions[k], k[0], n, alpha))
+        candidates.sort(key=lambda k: (-prunability(contributions[k], k[0], n, alpha), -k[0]))
         for i, c in candidates:
             if done(removed):
                 break
@@ -185,16 +208,18 @@ def make_plan(
                 if len(removed_blocks) == n - 1:
                     continue  # never remove the last block
                 removed += block_left(i)
+                removed_b += sizes[i][BLOCK] - sum(sizes[i][g] for g in gone)
                 removed_blocks.add(i)
                 del removed_components[i]
                 order.append((i, BLOCK))
                 continue
             gone.add(c)
             removed += inventory.blocks[i].components[c]
+            removed_b += sizes[i][c]
             order.append((i, c))
 
     if not done(removed):
-        what = f"{ratio:.0%} of the parameters" if ratio is not None else f"{memory_bytes / 1e9:.3f} GB"
+        what = f"{ratio:.0%} of the parameters" if ratio is not None else format_bytes(memory_bytes)
         raise PlanError(
             f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
             f"{removed / total:.1%}); lower the target or choose the hierarchical strategy."
@@ -208,5 +233,5 @@ def make_plan(
                       target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
                       achieved_ratio=round(removed / total, 6)),
     )
-    return PlanOutcome(plan, removed, total, nbytes(removed), weight_dtype, order)
+    return PlanOutcome(plan, removed, total, total_bytes - removed_b, weight_dtype, order)
 

@@ -131,3 +131,76 @@ def test_missing_contributions_are_named(sd35):
 def test_unreachable_target(sd35):
     with pytest.raises(PlanError, match="without removing every block"):
         make_plan({}, sd35, ratio=0.999, strategy="last")
+
+
+# -- a small made-up analysis on the 4-block tiny SD3, every step computed by hand -----------------
+@pytest.fixture(scope="module")
+def tiny():
+    from diffusers_hprune.toy.components import tiny_sd3_transformer_config
+
+    return inspect_transformer(dict(tiny_sd3_transformer_config(), _class_name="SD3Transformer2DModel"))
+
+
+def _tiny_contributions():
+    # Block sizes: 45264, 45264, 37856, 24224 of 168484 parameters.
+    d = {(0, BLOCK): 0.9, (1, BLOCK): 0.2, (2, BLOCK): 0.2, (3, BLOCK): 0.3}
+    d.update({(0, c): 0.5 for c in ("attn", "ff", "ff_context", "norm1", "norm1_context")})
+    d.update({(1, "attn"): 0.05, (1, "ff"): 0.01, (1, "ff_context"): 0.01, (1, "norm1"): 0.3, (1, "norm1_context"): 0.02})
+    d.update({(2, c): 0.1 for c in ("attn", "ff", "ff_context", "norm1", "norm1_context")})
+    d.update({(3, "attn"): 0.2, (3, "ff"): 0.01, (3, "norm1"): 0.3, (3, "norm1_context"): 0.01})
+    return d
+
+
+def test_hand_computed_moderate_plan(tiny):
+    assert [b.params for b in tiny.blocks] == [45264, 45264, 37856, 24224] and tiny.original_params == 168484
+    # W_pos = exp(0.55 (i - 4) / 4) = .577, .662, .760, .872; Score = -dP / W = -1.560, -.302, -.263, -.344
+    outcome = make_plan(_tiny_contributions(), tiny, ratio=0.2)
+    assert outcome.order == [(2, BLOCK)]  # 37856 / 168484 = 22.5 % >= 20 %
+    assert outcome.plan.removed_blocks == [2] and not outcome.plan.removed_components
+    assert outcome.removed_params == 37856
+
+
+def test_hand_computed_aggressive_plan(tiny):
+    # r = 0.4 > r_thres: block 2 (22.5 %); block 1 next would pass 25 %, so components follow, by
+    # Score: 3:ff = 3:norm1_context (-.0115, same block: component order), 1:ff = 1:ff_context (-.0151),
+    # 1:norm1_context (-.0302): 37856 + 8352 + 2112 + 8352 + 8352 + 6336 = 71360 = 42.4 % >= 40 %.
+    outcome = make_plan(_tiny_contributions(), tiny, ratio=0.4)
+    assert outcome.order == [(2, BLOCK), (3, "ff"), (3, "norm1_context"), (1, "ff"), (1, "ff_context"),
+                             (1, "norm1_context")]
+    assert outcome.removed_params == 71360
+    assert outcome.plan.removed_blocks == [2]
+    assert outcome.plan.removed_components == {1: ["ff", "ff_context", "norm1_context"], 3: ["ff", "norm1_context"]}
+    # r just below r_thres: blocks only.
+    assert not make_plan(_tiny_contributions(), tiny, ratio=0.24).plan.removed_components
+
+
+def test_ties_go_to_the_later_block(tiny):
+    # alpha = 0: blocks 1 and 2 tie at Score -0.2; the later one goes first.
+    outcome = make_plan(_tiny_contributions(), tiny, ratio=0.2, alpha=0.0)
+    assert outcome.order == [(2, BLOCK)]
+    d = _tiny_contributions()
+    d[(2, BLOCK)] = 0.25
+    assert make_plan(d, tiny, ratio=0.2, alpha=0.0).order == [(1, BLOCK)]
+
+
+def test_nf4_memory_mode(sd35):
+    contributions = _contributions(sd35, lambda i: 0.01)
+    budget = 3 * 10**9
+    outcome = make_plan(contributions, sd35, memory_bytes=budget, weight_dtype="nf4")
+    assert outcome.estimated_bytes <= budget
+    removed = sum(sd35.blocks[i].nbytes["nf4"][BLOCK] for i in outcome.plan.removed_blocks) + sum(
+        sd35.blocks[i].nbytes["nf4"][c] for i, cs in outcome.plan.removed_components.items() for c in cs)
+    assert outcome.estimated_bytes == sd35.original_bytes["nf4"] - removed
+    # NF4 packs linear weights at about 0.52 bytes per weight; the rest stays 16-bit.
+    assert 0.25 < sd35.original_bytes["nf4"] / sd35.original_bytes["bf16"] < 0.30
+    with pytest.raises(PlanError, match="No plan fits"):
+        make_plan(contributions, sd35, memory_bytes=10**6, weight_dtype="nf4")
+
+
+def test_koala_ranks_by_similarity(tiny):
+    similarity = {0: 0.5, 1: 0.99, 2: 0.7, 3: 0.98}
+    outcome = make_plan({}, tiny, ratio=0.4, strategy="koala", similarity=similarity)
+    assert outcome.order == [(1, BLOCK), (3, BLOCK)]
+    assert outcome.plan.removed_blocks == [1, 3]  # 45264 + 24224 = 41.2 %
+    with pytest.raises(PlanError, match="koala strategy needs"):
+        make_plan({}, tiny, ratio=0.2, strategy="koala", similarity={0: 1.0})

@@ -104,17 +104,29 @@ class ModelFamily:
     # -- parameter accounting -----------------------------------------------------
     def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
         """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""
+        return sum(n for _, n, _ in self.component_parameters(block, spec, component, config))
+
+    def component_parameters(
+        self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]
+    ) -> list[tuple[str, int, bool]]:
+        """``(name, numel, is_linear_weight)`` of every parameter (or slice of one) that ``component`` owns.
+
+        Names are relative to the block; a slice keeps the name of its parameter. The
+        flag tells the memory estimates which parameters 4-bit quantisation would pack.
+        """
         if component == BLOCK:
-            return sum(p.numel() for p in block.parameters())
-        total = 0
+            return _parameters_of(block, "")
+        out = []
         for sub in self.component_submodules(spec, component):
             module = getattr(block, sub, None)
             if module is not None:
-                total += sum(p.numel() for p in module.parameters())
+                out += _parameters_of(module, sub + ".")
         params = dict(block.named_parameters())
         for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
-            total += params[name].narrow(dim, sl.start, sl.stop - sl.start).numel()
-        return total
+            owner = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+            linear = isinstance(owner, nn.Linear) and name.endswith(".weight")
+            out.append((name, params[name].narrow(dim, sl.start, sl.stop - sl.start).numel(), linear))
+        return out
 
     # -- plans ------------------------------------------------------------------------
     def empty_plan(self, config: Mapping[str, Any]) -> PrunePlan:
@@ -203,6 +215,15 @@ class ModelFamily:
                 tensor = _remove_slices(tensor, slices[key])
             out[key] = tensor
         return out
+
+
+def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:
+    out = []
+    for module_name, sub in module.named_modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            name = f"{prefix}{module_name}.{pname}" if module_name else f"{prefix}{pname}"
+            out.append((name, p.numel(), isinstance(sub, nn.Linear) and pname == "weight"))
+    return out
 
 
 def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:

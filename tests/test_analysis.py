@@ -1,0 +1,237 @@
+"""Contribution analysis: every entry, exact cached evaluation, image metrics, resume, sharding, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_hprune import BLOCK
+from diffusers_hprune.ablation import entry_plan, naive_outputs, normalised_error, record_transformer_calls
+from diffusers_hprune.analysis import AnalysisError, ContributionReport, analyze, component_keys
+from diffusers_hprune.metrics import MetricError, get_metric, register_metric
+
+SMALL = dict(n_prompts=2, eval_steps=2, num_inference_steps=3, height=32, width=32, progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_every_entry_and_cached_equals_naive(family, request):
+    pipe = request.getfixturevalue(f"{family}_pipeline")
+    cached = analyze(pipe, **SMALL)
+    naive = analyze(pipe, method="naive", **SMALL)
+    fam = cached.model_family
+    keys = component_keys(fam, cached.transformer_config)
+    assert list(cached.entries) == keys == list(naive.entries)
+    assert {c for _, c in keys} == {BLOCK} | set(fam.component_names)
+    # Bit-identical: the blocks before the ablated one see the same inputs either way.
+    assert cached.entries == naive.entries
+    assert cached.baseline_score == 0.0  # removing nothing: the model agrees with itself
+    assert all(v["delta"] > 0 for v in cached.entries.values())  # every removal changes the prediction
+    assert cached.run["block_evaluations"] < naive.run["block_evaluations"]
+    assert set(cached.similarity) == set(range(cached.num_blocks))
+    assert all(-1 <= s <= 1 for s in cached.similarity.values())
+    assert len(cached.timesteps) == 2 and cached.calibration["eval_steps"] == [0, 2]
+    assert cached.complete
+
+
+def test_fidelity_is_the_normalised_error_of_the_pruned_model(sd3_pipeline):
+    """One entry recomputed from scratch: record the pipeline's transformer calls, prune, compare."""
+    report = analyze(sd3_pipeline, **SMALL)
+    pipe, transformer = sd3_pipeline, sd3_pipeline.transformer
+    steps = []
+    with record_transformer_calls(transformer) as calls:
+        generators = [torch.Generator().manual_seed(s) for s in report.calibration["seeds"]]
+        pipe(report.calibration["prompts"], generator=generators, callback_on_step_end=lambda p, i, t, k: steps.append(i) or {},
+             **report.calibration["generation"])
+    selected = [calls[0], calls[2]]  # the recorded calls at denoising steps 0 and 2 (one call per step)
+    with torch.no_grad():
+        references = [transformer(**c.kwargs, return_dict=False)[0] for c in selected]
+    plan = entry_plan(report.model_family, transformer.config, 1, "ff")
+    error = normalised_error(naive_outputs(transformer, plan, selected), references)
+    assert report.entries[(1, "ff")]["delta"] == pytest.approx(error, rel=1e-9)
+
+
+def test_pairs(flux_pipeline):
+    report = analyze(flux_pipeline, pairs=True, **SMALL)
+    assert (0, "ff+ff_context") in report.entries and (2, "attn+mlp") in report.entries
+    assert len(report.entries) == len(component_keys(report.model_family, report.transformer_config, pairs=True))
+    # attn+mlp of a single block leaves no branch: it is the removed block.
+    assert report.entries[(2, "attn+mlp")] == report.entries[(2, BLOCK)]
+    assert (0, "ff+ff_context") not in report.contributions()
+
+
+def test_image_metric_and_registry(sd3_pipeline):
+    @register_metric("test_brightness", description="mean pixel value")
+    def brightness(images, prompts):
+        import numpy as np
+
+        return float(np.mean([np.asarray(im, dtype=np.float64).mean() for im in images]))
+
+    report = analyze(sd3_pipeline, metric="test_brightness", **SMALL)
+    assert report.metric == {"name": "test_brightness", "options": {}}
+    # The unpruned score is that of the images the pipeline draws with the recorded seeds.
+    gen = report.calibration["generation"]
+    images = sd3_pipeline(report.calibration["prompts"],
+                          generator=[torch.Generator().manual_seed(s) for s in report.calibration["seeds"]], **gen).images
+    assert report.baseline_score == brightness(images, report.calibration["prompts"])
+    assert all(v["delta"] == pytest.approx(report.baseline_score - v["score"]) for v in report.entries.values())
+    assert any(v["delta"] != 0 for v in report.entries.values())
+    assert get_metric("shapeeval").kind == "image"
+
+
+def test_unknown_and_unavailable_metrics(sd3_pipeline, tmp_path):
+    out = tmp_path / "analysis.json"
+    out.write_text("keep me")
+    with pytest.raises(MetricError, match="Unknown metric 'magic'.*fidelity"):
+        analyze(sd3_pipeline, out, metric="magic", **SMALL)
+    assert out.read_text() == "keep me"
+    with pytest.raises(MetricError, match="hpsv2"):
+        get_metric("hpsv2").build()
+    with pytest.raises(MetricError, match="takes no options"):
+        get_metric("fidelity").build(model="x")
+
+
+def test_clip_score_with_a_local_model(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffusers_hprune.toy.components import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path / "clip")
+    score = get_metric("clip_score").build(model=str(tmp_path / "clip"))
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    value = score(images, ["a red circle", "a blue square"])
+    assert isinstance(value, float) and value == value
+    with pytest.raises(MetricError, match="Could not load the CLIP model"):
+        get_metric("clip_score").build(model=str(tmp_path / "missing"))
+
+
+# -- files: resume, corrupt files, other models -------------------------------------------------------
+def test_resume_reuses_entries_and_refuses_other_settings(sd3_pipeline, tmp_path):
+    out = tmp_path / "analysis.json"
+    first = analyze(sd3_pipeline, out, **SMALL)
+    assert out.is_file() and not (tmp_path / "analysis.json.parts").exists()
+    again = analyze(sd3_pipeline, out, **SMALL)
+    assert again.run["this_process"]["computed_entries"] == 0
+    assert again.entries == first.entries
+    before = out.read_text()
+    with pytest.raises(AnalysisError, match="other settings.*calibration"):
+        analyze(sd3_pipeline, out, **dict(SMALL, n_prompts=3))
+    assert out.read_text() == before
+    out.write_text("{not json")
+    with pytest.raises(AnalysisError, match="not valid JSON.*--overwrite"):
+        analyze(sd3_pipeline, out, **SMALL)
+    assert out.read_text() == "{not json"
+    replaced = analyze(sd3_pipeline, out, overwrite=True, **SMALL)
+    assert replaced.entries == first.entries
+
+
+def _cli(*args, env_extra=None, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return [sys.executable, "-m", "diffusers_hprune", *args], env
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path):
+    """SIGKILL in the middle of a run; the same command then computes only what is missing."""
+    out = tmp_path / "analysis.json"
+    part = tmp_path / "analysis.json.parts" / "rank-0.json"
+    cmd, env = _cli("analyze", "sd3", "--out", str(out), "--n-prompts", "2", "--eval-steps", "2")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    done = 0
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if part.is_file():
+            try:
+                done = len(json.loads(part.read_text())["entries"])
+            except (json.JSONDecodeError, KeyError):
+                pass  # never happens with atomic writes, but do not fail the poll on it
+            if done >= 10:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = ContributionReport.load(part)  # a whole, valid file: written atomically
+    kept = len(stored.entries)
+    assert kept >= 10 and not out.exists()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"({kept} reused from an earlier run, {71 - kept} computed here)" in result.stdout
+    final = ContributionReport.load(out)
+    assert final.complete and all(final.entries[k] == v for k, v in stored.entries.items())
+    # Same numbers as an uninterrupted run.
+    fresh = tmp_path / "fresh.json"
+    cmd2, _ = _cli("analyze", "sd3", "--out", str(fresh), "--n-prompts", "2", "--eval-steps", "2")
+    subprocess.run(cmd2, env=env, check=True, capture_output=True, timeout=300)
+    assert ContributionReport.load(fresh).entries == final.entries
+
+
+def test_two_processes_give_the_single_process_report(tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): entries split, merged, identical to one process."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    args = ["--n-prompts", "2", "--eval-steps", "2"]
+    cmd, env = _cli("analyze", "sd3", "--out", str(one), *args)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "36 computed here" in result.stdout  # rank 0 did its half of the 71 entries
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["run"]["processes"] == 2 and a["run"]["processes"] == 1
+    for key in ("entries", "similarity", "baseline_score", "calibration", "timesteps", "fingerprint"):
+        assert a[key] == b[key], key
+    assert not (tmp_path / "two.json.parts").exists()
+
+
+def test_analysis_file_errors(tmp_path, sd3_pipeline):
+    with pytest.raises(AnalysisError, match="No analysis at"):
+        ContributionReport.load(tmp_path / "nothing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(AnalysisError, match="not a diffusers-hprune analysis"):
+        ContributionReport.load(bad)
+    report = analyze(sd3_pipeline, **SMALL)
+    data = report.to_dict()
+    del data["entries"][0]["delta"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(AnalysisError, match="corrupt"):
+        ContributionReport.load(bad)
+    from diffusers_hprune.inventory import load_transformer_config
+
+    with pytest.raises(AnalysisError, match="made for a sd3 model.*FLUX"):
+        report.check_model(load_transformer_config("flux.1-schnell"))
+    with pytest.raises(AnalysisError, match="another Stable Diffusion 3"):
+        report.check_model(load_transformer_config("sd3.5-large"))
+    report.check_model(sd3_pipeline.transformer)
+
+
+def test_pruned_models_are_refused(sd3_pipeline):
+    from diffusers_hprune import PrunePlan, prune_pipeline
+
+    pruned = prune_pipeline(sd3_pipeline, PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4))
+    with pytest.raises(AnalysisError, match="already pruned"):
+        analyze(pruned, **SMALL)
