@@ -17,10 +17,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, markdown_table, update_section  # noqa: E402
+from _report import ROOT, markdown_table, update_section
 
-from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy  # noqa: E402
-from diffusers_hprune.toy.dataset import to_array  # noqa: E402
+from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy
+from diffusers_hprune.toy.dataset import to_array
 
 
 def psnr(a, b) -> float:

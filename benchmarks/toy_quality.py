@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import markdown_table, update_section  # noqa: E402
+from _report import markdown_table, update_section
 
-from diffusers_hprune import toy  # noqa: E402
+from diffusers_hprune import toy
 
 BARS = {"sd3": 0.40, "flux": 0.30}
 

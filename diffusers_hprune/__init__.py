@@ -7,10 +7,22 @@ with Diffusers, so ``DiffusionPipeline.from_pretrained`` loads pruned checkpoint
 from diffusers import DiffusionPipeline, ModelMixin  # noqa: F401  (Diffusers' loader looks these up here)
 
 from .architectures import BLOCK, BlockSpec, ModelFamily, family_names, get_family
-from .errors import CheckpointMismatchError, HPruneError, PlanError, UnsupportedModelError
+from .errors import (
+    CheckpointMismatchError,
+    HPruneError,
+    PlanError,
+    UnsupportedModelError,
+)
 from .inventory import inspect_transformer, load_transformer_config
-from .models import HierarchicalPrunedFluxTransformer2DModel, HierarchicalPrunedSD3Transformer2DModel
-from .pipelines import HierarchicalPrunedFluxPipeline, HierarchicalPrunedSD3Pipeline, prune_pipeline
+from .models import (
+    HierarchicalPrunedFluxTransformer2DModel,
+    HierarchicalPrunedSD3Transformer2DModel,
+)
+from .pipelines import (
+    HierarchicalPrunedFluxPipeline,
+    HierarchicalPrunedSD3Pipeline,
+    prune_pipeline,
+)
 from .plan import PrunePlan
 from .prune import prune_transformer
 from .registration import register as _register

@@ -17,8 +17,9 @@ same inputs either way); the cached one runs about half the block evaluations.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ class BlockCounter:
         self.count = 0
         self._handles = []
 
-    def attach(self, transformer: nn.Module) -> "BlockCounter":
+    def attach(self, transformer: nn.Module) -> BlockCounter:
         family = get_family(transformer)
         for block in family.block_modules(transformer):
             if not isinstance(block, (RemovedBlock, _Replay)):
@@ -163,7 +164,7 @@ class BlockCache:
 
     @classmethod
     def build(cls, transformer: nn.Module, calls: list[RecordedCall], cache_device=None,
-              counter: BlockCounter | None = None) -> "BlockCache":
+              counter: BlockCounter | None = None) -> BlockCache:
         family = get_family(transformer)
         blocks = family.block_modules(transformer)
         current: list[Any] = []

@@ -25,9 +25,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -154,7 +155,7 @@ class ContributionReport:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "the analysis") -> "ContributionReport":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the analysis") -> ContributionReport:
         if not isinstance(data, Mapping) or data.get("format") != ANALYSIS_FORMAT:
             raise AnalysisError(
                 f"{source} is not a diffusers-hprune analysis file (no \"format\": {ANALYSIS_FORMAT!r}); "
@@ -196,7 +197,7 @@ class ContributionReport:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ContributionReport":
+    def load(cls, path: str | os.PathLike) -> ContributionReport:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -398,7 +399,14 @@ def analyze(
     """
     from tqdm.auto import tqdm
 
-    from .ablation import BlockCache, BlockCounter, entry_plan, naive_outputs, normalised_error, record_transformer_calls
+    from .ablation import (
+        BlockCache,
+        BlockCounter,
+        entry_plan,
+        naive_outputs,
+        normalised_error,
+        record_transformer_calls,
+    )
     from .metrics import OUTPUT, get_metric
 
     if method not in METHODS:

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 
 from .architectures import BLOCK, BlockSpec, ModelFamily, get_family
 from .errors import UnsupportedModelError
-from .memory import BYTES_PER_PARAM, DTYPES, format_bytes, is_skipped, model_weight_bytes, param_bytes
+from .memory import (
+    BYTES_PER_PARAM,
+    DTYPES,
+    format_bytes,
+    is_skipped,
+    model_weight_bytes,
+    param_bytes,
+)
 from .plan import PrunePlan
 
 # Public transformer configs shipped with the package (name -> file in diffusers_hprune/configs).
@@ -65,7 +73,11 @@ def load_transformer_config(source: str | os.PathLike | Mapping[str, Any]) -> di
         )
     if text.count("/") == 1 and not text.startswith((".", "/")):
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         for filename in ("transformer/config.json", "config.json"):
             try:
@@ -156,7 +168,7 @@ class TransformerInventory:
         return self.original_bytes[dtype] - sum(self.removed_bytes(b, dtype) for b in self.blocks)
 
     @staticmethod
-    def removed_bytes(block: "BlockInventory", dtype: str) -> int:
+    def removed_bytes(block: BlockInventory, dtype: str) -> int:
         if block.removed:
             return block.nbytes[dtype][BLOCK]
         return sum(block.nbytes[dtype][c] for c in block.removed_components)

@@ -28,8 +28,9 @@ key=value`` on the command line) and returns such a scorer.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .errors import HPruneError
 
@@ -108,7 +109,6 @@ def _clip_score(model: str = "openai/clip-vit-base-patch16"):
     if importlib.util.find_spec("torchmetrics") is None:
         raise MetricError("The clip_score metric needs torchmetrics: pip install torchmetrics.")
     from torchmetrics.multimodal.clip_score import CLIPScore
-
     from transformers import CLIPModel, CLIPProcessor
 
     try:

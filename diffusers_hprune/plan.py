@@ -146,7 +146,7 @@ class PrunePlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
+    def from_dict(cls, data: dict[str, Any]) -> PrunePlan:
         """Build a plan from :meth:`to_dict` output (or the ``prune_plan`` entry of a model config)."""
         if isinstance(data, PrunePlan):
             return data
@@ -176,7 +176,7 @@ class PrunePlan:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PrunePlan":
+    def load(cls, path: str | os.PathLike) -> PrunePlan:
         """Read a plan written by :meth:`save` (a ``plan.json``)."""
         path = Path(path)
         if path.is_dir():

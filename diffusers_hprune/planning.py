@@ -22,8 +22,8 @@ is most similar to their input, by the cosine similarity the analysis measured) 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .architectures import BLOCK
 from .errors import PlanError

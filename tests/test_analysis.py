@@ -8,14 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from diffusers_hprune import BLOCK
-from diffusers_hprune.ablation import entry_plan, naive_outputs, normalised_error, record_transformer_calls
-from diffusers_hprune.analysis import AnalysisError, ContributionReport, analyze, component_keys
+from diffusers_hprune.ablation import (
+    entry_plan,
+    naive_outputs,
+    normalised_error,
+    record_transformer_calls,
+)
+from diffusers_hprune.analysis import (
+    AnalysisError,
+    ContributionReport,
+    analyze,
+    component_keys,
+)
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
 SMALL = dict(n_prompts=2, eval_steps=2, num_inference_steps=3, height=32, width=32, progress=False)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import folder_state, tiny_unet
 
 from diffusers_hprune import (
     CheckpointMismatchError,
@@ -19,7 +20,6 @@ from diffusers_hprune import (
     prune_pipeline,
     prune_transformer,
 )
-from helpers import folder_state, tiny_unet
 
 
 def _snapshot(module):

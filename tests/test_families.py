@@ -8,7 +8,12 @@ import sys
 
 import pytest
 
-from diffusers_hprune import BLOCK, get_family, inspect_transformer, load_transformer_config
+from diffusers_hprune import (
+    BLOCK,
+    get_family,
+    inspect_transformer,
+    load_transformer_config,
+)
 from diffusers_hprune.cli import main
 from diffusers_hprune.inventory import build_on_meta
 

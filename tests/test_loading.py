@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import fill_hf_cache
 
 from diffusers_hprune import (
     HierarchicalPrunedFluxPipeline,
@@ -20,7 +21,6 @@ from diffusers_hprune import (
     PrunePlan,
     prune_pipeline,
 )
-from helpers import fill_hf_cache
 
 PROMPT = "a red circle left of a blue square"
 CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")

@@ -6,9 +6,9 @@ import inspect
 
 import diffusers
 import pytest
+from helpers import tiny_unet
 
 import diffusers_hprune
-from helpers import tiny_unet
 from diffusers_hprune import (
     HierarchicalPrunedFluxPipeline,
     HierarchicalPrunedFluxTransformer2DModel,

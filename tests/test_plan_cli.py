@@ -94,6 +94,7 @@ def test_parse_bytes():
 def test_report_figures_and_table(synthetic, tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
     assert main(["plan", str(synthetic), "--ratio", "0.3", "--out", str(plan_path)]) == 0
+    capsys.readouterr()
     out = tmp_path / "report"
     assert main(["report", str(synthetic), "--plan", str(plan_path), "--out", str(out)]) == 0
     for name in ("blocks.png", "components.png", "similarity.png", "table.txt"):

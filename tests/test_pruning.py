@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import reference_removal, transformer_inputs
 
 from diffusers_hprune import (
     BLOCK,
@@ -14,7 +15,6 @@ from diffusers_hprune import (
     prune_transformer,
 )
 from diffusers_hprune.architectures import RemovedBlock
-from helpers import reference_removal, transformer_inputs
 
 # Tiny SD3: 4 blocks, 0 and 1 dual-attention (SD3.5 Medium style), 3 is context_pre_only.
 SD3_CASES = [(i, c) for i in (0, 2, 3) for c in ("attn", "ff", "ff_context", "norm1", "norm1_context") if (i, c) != (3, "ff_context")]
@@ -195,3 +195,25 @@ def test_non_persistent_buffers_come_from_the_original():
     with reference_removal(t, [1]):
         expected = _outputs(t, inputs)
     torch.testing.assert_close(_outputs(pruned, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("removed", [{0: ["norm1_context"]}, {0: ["norm1_context", "attn"]}, {2: ["norm"]}])
+def test_batch_one_text_stream_is_broadcast(flux_pipeline, removed):
+    """FluxPipeline's true-CFG call feeds one negative text embedding for a batch of latents."""
+    from helpers import transformer_inputs
+
+    from diffusers_hprune import PrunePlan, prune_transformer
+
+    transformer = flux_pipeline.transformer
+    pruned = prune_transformer(transformer, PrunePlan(removed_components=removed, family="flux", num_blocks=5))
+    inputs = transformer_inputs(transformer, batch=2)
+    inputs = {k: torch.cat([v, v[:1]]) if k in ("hidden_states", "timestep", "pooled_projections", "guidance")
+              and isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # a batch of 3
+    one = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:1],
+               pooled_projections=inputs["pooled_projections"])
+    expanded = dict(one, encoder_hidden_states=one["encoder_hidden_states"].expand(3, -1, -1))
+    with torch.no_grad():
+        a = pruned(**one, return_dict=False)[0]
+        b = pruned(**expanded, return_dict=False)[0]
+    assert a.shape[0] == 3
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -7,7 +7,8 @@ error that lists the supported families.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import BLOCK, BlockSpec, ModelFamily, RemovedBlock

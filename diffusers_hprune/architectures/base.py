@@ -9,8 +9,9 @@ family object instead of naming modules itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -250,6 +251,18 @@ class RemovedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return "identity"
+
+
+def match_batch(context: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """Broadcast a batch-1 text stream to the image batch.
+
+    FluxPipeline's true-CFG call passes one negative prompt embedding for a whole batch of
+    latents; the stock blocks broadcast it through the text modulation. A block without
+    that modulation must broadcast explicitly to compute the same thing.
+    """
+    if context is not None and context.shape[0] == 1 and hidden_states.shape[0] > 1:
+        return context.expand(hidden_states.shape[0], *context.shape[1:])
+    return context
 
 
 def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:

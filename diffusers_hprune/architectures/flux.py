@@ -14,12 +14,13 @@ AdaLN modulation. ``proj_out.bias`` belongs to the block as a whole.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import BlockSpec, ModelFamily, gated, plain_layer_norm
+from .base import BlockSpec, ModelFamily, gated, match_batch, plain_layer_norm
 from .mmdit import PrunedDualStreamBlock
 
 _DOUBLE_SUBMODULES = {
@@ -79,6 +80,7 @@ class PrunedFluxSingleTransformerBlock(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         text_seq_len = encoder_hidden_states.shape[1]
+        encoder_hidden_states = match_batch(encoder_hidden_states, hidden_states)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         residual = hidden_states
         if self.norm is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import gated, modulate, plain_layer_norm
+from .base import gated, match_batch, modulate, plain_layer_norm
 
 
 class PrunedDualStreamBlock(nn.Module):
@@ -50,6 +50,7 @@ class PrunedDualStreamBlock(nn.Module):
         return _chunked_feed_forward(ff, x, self._chunk_dim, self._chunk_size)
 
     def _forward(self, hidden_states, encoder_hidden_states, temb, attention_kwargs):
+        encoder_hidden_states = match_batch(encoder_hidden_states, hidden_states)
         # Image-stream modulation (norm1).
         gate_msa = shift_mlp = scale_mlp = gate_mlp = gate_msa2 = None
         if self.norm1 is None:

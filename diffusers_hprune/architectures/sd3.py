@@ -8,7 +8,8 @@ a second, image-only attention ``attn2`` that belongs to the ``attn`` component.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 

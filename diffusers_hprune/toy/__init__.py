@@ -112,8 +112,8 @@ __all__ = [
     "parse_prompt",
     "prompts",
     "render",
-    "save_grid",
     "sample",
+    "save_grid",
     "score_image",
     "shapeeval",
 ]

@@ -9,14 +9,11 @@ these builders; tests use them untrained.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-DEFAULT_WORDS = (
-    "a an the one two three red green blue yellow circle square triangle and of left right above below "
-    "to on photo"
-).split()
+DEFAULT_WORDS = ["a", "an", "the", "one", "two", "three", "red", "green", "blue", "yellow", "circle", "square", "triangle", "and", "of", "left", "right", "above", "below", "to", "on", "photo"]
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 

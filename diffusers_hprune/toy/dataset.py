@@ -24,7 +24,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,7 +87,7 @@ def _spec(category, objects, relation=None) -> PromptSpec:
     return PromptSpec(category, spec.objects, relation, prompt_text(spec))
 
 
-@lru_cache(maxsize=None)
+@cache
 def all_prompts() -> dict[str, tuple[PromptSpec, ...]]:
     """Every prompt of every category."""
     out: dict[str, list[PromptSpec]] = {c: [] for c in CATEGORIES}
@@ -117,7 +117,7 @@ def _is_heldout(spec: PromptSpec) -> bool:
     return digest[0] / 256 < HELDOUT_FRACTION
 
 
-@lru_cache(maxsize=None)
+@cache
 def split_prompts(split: str) -> dict[str, tuple[PromptSpec, ...]]:
     """Prompts of ``split`` (``"train"`` or ``"heldout"``) by category."""
     if split not in ("train", "heldout"):

@@ -97,7 +97,11 @@ def train_vae(out: Path, seed: int = 0, steps: int = 1500, batch: int = 32, n_im
 # ---------------------------------------------------------------------------- transformer
 def build_toy_pipeline(family: str, vae, seed: int = 0):
     """The untrained toy pipeline of ``family`` around ``vae`` (tokenizers from the dataset vocabulary)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
 
     from .components import build_flux_pipeline, build_sd3_pipeline
 
