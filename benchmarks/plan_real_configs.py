@@ -27,6 +27,19 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def ranges(indices) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "-"
+
+
 def main():
     rows = []
     for name in ("sd3.5-large-turbo", "flux.1-schnell"):
@@ -45,12 +58,15 @@ def main():
                 n_comp = sum(len(v) for v in plan.removed_components.values())
                 rows.append([name, f"{ratio:.0%}", strategy, f"{outcome.ratio:.2%}",
                              f"{pruned.params / 1e9:.3f} B", gb(pruned.nbytes("bf16")), gb(pruned.nbytes("nf4")),
-                             f"{len(plan.removed_blocks)} blocks + {n_comp} components"])
+                             f"{len(plan.removed_blocks)} blocks ({ranges(plan.removed_blocks)}) + {n_comp} components"
+                             + (f" in blocks {ranges(plan.removed_components)}" if n_comp else "")])
         print(f"{name}: done", flush=True)
     body = markdown_table(["model", "target", "strategy", "removed", "params left", "weights bf16",
                            "weights NF4", "what goes"], rows)
     body += (
-        "\n\nSynthetic analysis (seed 0), alpha = the family default (0.55 SD3, 0.01 FLUX), r_thres = 0.25. Bytes "
+        "\n\nSynthetic analysis (seed 0), alpha = the family default (0.55 SD3, 0.01 FLUX), r_thres = 0.25. In a "
+        "synthetic analysis the similarity is a function of the block's dP, so koala and bk-sdm choose alike; with "
+        "measured analyses they differ (issue 7 compares them on the toys). Bytes "
         "are weights only (GB = 10^9 bytes); the paper's 3.24 GB / 4.44 GB are measured peaks, which include "
         "activations. The issue 7 memory table compares the two.\n"
     )

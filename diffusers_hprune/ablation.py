@@ -211,16 +211,20 @@ class BlockCache:
 
     @contextlib.contextmanager
     def _swapped(self, index: int, replacement: nn.Module, call_index: int):
+        """Blocks before ``index`` replay, block ``index`` is ``replacement``; restored on exit.
+
+        Only the output of block ``index - 1`` reaches block ``index``, so every replayed
+        block returns that one (moved to the model's device once): nothing before it is
+        computed or transferred.
+        """
         family = get_family(self.transformer)
         specs = family.block_specs(self.transformer.config)
         originals = {}
+        replay = _Replay(self._on_device(self.block_outputs[call_index][index - 1])) if index > 0 else None
         try:
             for spec in specs[: index + 1]:
                 originals[spec.path] = self.transformer.get_submodule(spec.path)
-                if spec.index < index:
-                    self.transformer.set_submodule(spec.path, _Replay(self._on_device(self.block_outputs[call_index][spec.index])))
-                else:
-                    self.transformer.set_submodule(spec.path, replacement)
+                self.transformer.set_submodule(spec.path, replay if spec.index < index else replacement)
             yield
         finally:
             for path, module in originals.items():
@@ -232,16 +236,34 @@ class BlockCache:
         device = next(self.transformer.parameters()).device
         return _detach(value, device)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached block outputs."""
+        total = 0
+        for outputs in self.block_outputs:
+            for out in outputs:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
+        return total
+
     def ablated_outputs(self, plan: PrunePlan, counter: BlockCounter | None = None) -> list[torch.Tensor]:
-        """Outputs of the transformer with ``plan`` (one block touched) applied, for every recorded call."""
+        """Outputs of the transformer with ``plan`` (one block touched) applied, for every recorded call.
+
+        An empty plan replays every block: the output is rebuilt from the cache alone (no
+        block runs), which must equal the full model's output (a check of the cache).
+        """
         family = get_family(self.transformer)
         touched = sorted(set(plan.removed_blocks) | set(plan.removed_components))
-        if len(touched) != 1:
+        if len(touched) > 1:
             raise ValueError(f"A cached ablation touches exactly one block; this plan touches {touched}.")
-        index = touched[0]
-        spec = family.block_specs(self.transformer.config)[index]
-        block = self.transformer.get_submodule(spec.path)
-        if index in plan.removed_blocks:
+        specs = family.block_specs(self.transformer.config)
+        index = touched[0] if touched else len(specs)
+        spec = specs[index] if touched else None
+        block = self.transformer.get_submodule(spec.path) if touched else None
+        if not touched:
+            replacement = None
+        elif index in plan.removed_blocks:
             replacement = RemovedBlock(context_pre_only=getattr(block, "context_pre_only", False))
         else:
             replacement = family.pruned_block(block, spec, frozenset(plan.removed_components[index]))

@@ -39,7 +39,7 @@ from .fileio import atomic_write_json
 
 ANALYSIS_FORMAT = "diffusers-hprune/analysis"
 ANALYSIS_FORMAT_VERSION = 1
-METHODS = ("cached", "naive")
+METHODS = ("cached", "naive", "scratch")
 
 # Generic calibration prompts for models other than the toys (varied objects, colours, counts, layouts).
 DEFAULT_PROMPTS = (
@@ -377,6 +377,7 @@ def analyze(
     method: str = "cached",
     overwrite: bool = False,
     torch_dtype: torch.dtype | None = None,
+    cache_device: str | torch.device | None = None,
     progress: bool = True,
 ) -> ContributionReport:
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
@@ -393,9 +394,14 @@ def analyze(
             the toy's settings, or the pipeline's defaults with 28 steps).
         eval_steps: denoising steps at which the fidelity metric compares predictions.
         pairs: also measure every pair of components of a block removed together.
-        method: ``cached`` (default) or ``naive`` (rebuilds and runs the whole ablated model;
-            for verification and benchmarks; gives the same numbers).
+        method: ``cached`` (default); ``naive`` rebuilds and runs the whole ablated model per
+            entry (full model's outputs computed once); ``scratch`` also recomputes the full
+            model's outputs for every entry. The latter two are for verification and benchmarks
+            and give the same numbers.
         overwrite: start again, replacing an existing ``out`` of other settings.
+        torch_dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
+        cache_device: where the cached block outputs live (default: with the model; ``"cpu"``
+            keeps them in host memory, for large models at high resolution).
     """
     from tqdm.auto import tqdm
 
@@ -467,6 +473,7 @@ def analyze(
     counter = BlockCounter()
     started = time.perf_counter()
     need_similarity = len(report.similarity) < report.num_blocks
+    cache_bytes = 0
 
     if mine or report.baseline_score is None or need_similarity:
         # The full model draws the calibration images; its transformer inputs are recorded.
@@ -487,12 +494,15 @@ def analyze(
                 handle.remove()
         selected = [c for c, s in zip(calls, call_steps) if s in steps]
         report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
-        cache = BlockCache.build(transformer, selected, counter=counter)
+        cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter)
+        cache_bytes = cache.nbytes
         report.similarity.update(cache.similarity)
         if metric_def.kind == OUTPUT:
             references = [c.output for c in selected]
             if report.baseline_score is None:
-                base = naive_outputs(transformer, family.empty_plan(config), selected, counter)
+                # Removing nothing: through the cache (no block runs) or through the whole model.
+                base = (cache.ablated_outputs(family.empty_plan(config), counter) if method == "cached"
+                        else naive_outputs(transformer, family.empty_plan(config), selected, counter))
                 report.baseline_score = 0.0 - normalised_error(base, references)
         else:
             del cache
@@ -503,8 +513,12 @@ def analyze(
             i, c = key
             entry = entry_plan(family, config, i, tuple(c.split("+")))
             if metric_def.kind == OUTPUT:
-                outputs = (cache.ablated_outputs(entry, counter) if method == "cached"
-                           else naive_outputs(transformer, entry, selected, counter))
+                if method == "cached":
+                    return 0.0 - normalised_error(cache.ablated_outputs(entry, counter), references)
+                outputs = naive_outputs(transformer, entry, selected, counter)
+                if method == "scratch":  # P(original) and P(ablated) each computed from scratch
+                    refs = naive_outputs(transformer, family.empty_plan(config), selected, counter)
+                    return 0.0 - normalised_error(outputs, refs)
                 return 0.0 - normalised_error(outputs, references)
             from .prune import prune_transformer
 
@@ -522,6 +536,7 @@ def analyze(
 
     seconds = time.perf_counter() - started
     report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
+                  "cache_bytes": cache_bytes,
                   "computed_entries": len(mine), "block_evaluations": counter.count, "seconds": round(seconds, 3)}
     if out is None:
         return report

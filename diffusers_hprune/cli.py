@@ -31,7 +31,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     try:
-        summary = run_demo(args.out, families=args.family, n_prompts=args.prompts, overwrite=args.overwrite)
+        summary = run_demo(args.out, families=args.family, n_prompts=args.prompts, overwrite=args.overwrite,
+                           ratio=args.ratio)
     except FileExistsError as e:
         print(f"hprune demo: error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +109,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"wrote a SYNTHETIC analysis of {args.model} (no weights, no measurement) to {args.out}")
         return 0
     import diffusers
+    import torch
 
     diffusers.utils.logging.disable_progress_bar()
     prompts = None
@@ -120,7 +122,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         args.model, args.out, metric=args.metric, metric_options=_metric_args(args.metric_arg), prompts=prompts,
         n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-        pairs=args.pairs, method="naive" if args.naive else "cached", overwrite=args.overwrite,
+        pairs=args.pairs, method=args.method, overwrite=args.overwrite,
+        torch_dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
     )
     from .distributed import process_state
 
@@ -129,7 +132,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"analysed {report.model}: {len(report.entries)} entries ({run.get('reused_entries', 0)} reused from an "
               f"earlier run, {run.get('computed_entries', 0)} computed here), metric {report.metric['name']}, "
               f"P(original) = {report.baseline_score:.6g}")
-        print(f"block evaluations: {report.run.get('block_evaluations')}, seconds: {report.run.get('seconds'):.1f}")
+        print(f"block evaluations: {report.run.get('block_evaluations')}, seconds: {report.run.get('seconds'):.1f}, "
+              f"block-output cache: {run.get('cache_bytes', 0) / 1e6:.1f} MB")
         print(f"wrote {args.out}")
     return 0
 
@@ -204,13 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the flow on the embedded toy SD3 and FLUX pipelines (CPU, under a minute)",
-        description="Draw and score (ShapeEval) the embedded toy SD3 and FLUX pipelines, prune them with an "
-        "example plan, save them, load them back with DiffusionPipeline.from_pretrained and score them again.",
+        help="run the flow on the embedded toy SD3 and FLUX pipelines (CPU, about a minute)",
+        description="Draw and score (ShapeEval) the embedded toy SD3 and FLUX pipelines, analyse the contribution "
+        "of every block and component, plan with HPP, prune, save, load back with "
+        "DiffusionPipeline.from_pretrained and score again.",
     )
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
     p.add_argument("--family", nargs="+", choices=["sd3", "flux"], default=["sd3", "flux"], help="families to run")
     p.add_argument("--prompts", type=int, default=24, help="held-out prompts to draw and score (default 24)")
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of the transformer's parameters the HPP plan removes (default 0.2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_demo)
 
@@ -260,9 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the toy's or the pipeline's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
-    p.add_argument("--naive", action="store_true",
-                   help="rebuild and run the whole ablated model per entry instead of the block cache (same numbers, "
-                   "slower; for verification)")
+    p.add_argument("--method", choices=["cached", "naive", "scratch"], default="cached",
+                   help="cached (default): ablations run from cached block outputs; naive: the whole ablated model "
+                   "runs per entry; scratch: the full model's outputs are recomputed per entry too (same numbers, "
+                   "slower; for verification and benchmarks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--cache-device", help="where cached block outputs live (default: with the model; 'cpu' for "
+                   "large models at high resolution)")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
     p.add_argument("--synthetic", action="store_true",
                    help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "

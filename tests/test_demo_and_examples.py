@@ -26,6 +26,18 @@ def test_demo_writes_pipelines_samples_and_summary(tmp_path, capsys):
         assert 0.0 <= s["shapeeval"]["overall"] <= 1.0 and "position" in s["shapeeval"]
         assert (out / family / "samples.png").is_file() and (out / family / "samples-pruned.png").is_file()
         assert (out / family / "pruned-pipeline" / "model_index.json").is_file()
+        # The plan came from the analysis, through HPP, for the default 20 % target.
+        from diffusers_hprune import PrunePlan
+        from diffusers_hprune.analysis import ContributionReport
+
+        analysis = ContributionReport.load(out / family / "analysis.json")
+        assert analysis.complete and s["analysis"]["entries"] == len(analysis.entries)
+        plan = PrunePlan.load(out / family / "plan.json")
+        assert plan.describe() == s["plan"] and plan.metadata["strategy"] == "hierarchical"
+        assert plan.metadata["achieved_ratio"] >= 0.2
+        assert abs(plan.metadata["achieved_ratio"] - s["removed_fraction"]) < 1e-4
+        assert (out / family / "report" / "blocks.png").is_file()
+        assert not (out / family / "analysis.json.parts").exists()
         assert len((out / family / "prompts.txt").read_text().splitlines()) == 6
         assert f"{s['removed_fraction']:.1%} removed" in printed
         assert f"ShapeEval {s['shapeeval']['overall']:.2f}" in printed

@@ -120,3 +120,11 @@ def test_report_of_pairs(tmp_path):
     assert tmp_path / "pairs.png" in paths
     data = json.loads(json.dumps(report.to_dict()))
     assert ContributionReport.from_dict(data).entries == report.entries
+
+
+def test_report_refuses_a_plan_of_another_family(synthetic, tmp_path, capsys):
+    plan = PrunePlan(removed_blocks=[3], family="flux", num_blocks=57)
+    plan.save(tmp_path / "flux-plan.json")
+    assert main(["report", str(synthetic), "--plan", str(tmp_path / "flux-plan.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "made for the 'flux' family" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
