@@ -54,7 +54,7 @@ def run_demo(out_dir: str | os.PathLike = "hprune-demo", families=("sd3", "flux"
             pruned.save_pretrained(folder)
             reloaded = DiffusionPipeline.from_pretrained(folder)
             reloaded.set_progress_bar_config(disable=True)
-            pruned_images = toy.generate(pruned, prompts[:4])
+            pruned_images = toy.generate(pruned, prompts)  # same batches as below: bit-comparable
             reloaded_images = toy.generate(reloaded, prompts)
             toy.save_grid(images, tmp / family / "samples.png")
             toy.save_grid(reloaded_images, tmp / family / "samples-pruned.png")

@@ -125,7 +125,7 @@ def _clip_score(model: str = "openai/clip-vit-base-patch16"):
         import numpy as np
         import torch
 
-        batch = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+        batch = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
         metric.reset()
         metric.update(batch, list(prompts))
         return float(metric.compute())

@@ -100,7 +100,8 @@ def write_report(report: ContributionReport, out_dir: str | os.PathLike, plan: P
     written = []
     n = len(specs)
     x = np.arange(n)
-    title = f"{report.model} ({family.display_name}), metric {report.metric['name']}"
+    model = Path(report.model).name if Path(report.model).exists() else report.model  # a local path: its folder
+    title = f"{model} ({family.display_name}), metric {report.metric['name']}"
 
     def save(fig, name):
         path = out_dir / name
@@ -136,8 +137,12 @@ def write_report(report: ContributionReport, out_dir: str | os.PathLike, plan: P
             if (s.index, c) in deltas:
                 grid[r, s.index] = deltas[(s.index, c)]
     fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.45 * len(names)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax, label="dP")
+    finite = grid[np.isfinite(grid)]
+    log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm() if log else None)
+    fig.colorbar(im, ax=ax, label="dP (log scale)" if log else "dP")
     ax.set_yticks(range(len(names)), names)
     ax.set_xticks(x, [str(i) for i in x], fontsize=7)
     ax.set_xlabel("block (execution order)")
