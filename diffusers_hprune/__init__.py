@@ -4,7 +4,12 @@
 with Diffusers, so ``DiffusionPipeline.from_pretrained`` loads pruned checkpoints.
 """
 
-from diffusers import DiffusionPipeline, ModelMixin  # noqa: F401  (Diffusers' loader looks these up here)
+from ._quiet import quiet_third_party_notices as _quiet, running_as_cli as _running_as_cli
+
+if _running_as_cli():
+    _quiet()
+
+from diffusers import DiffusionPipeline, ModelMixin  # noqa: E402, F401  (Diffusers' loader looks these up here)
 
 from .architectures import BLOCK, BlockSpec, ModelFamily, family_names, get_family
 from .errors import (

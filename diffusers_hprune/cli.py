@@ -326,9 +326,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Only the command's own progress: no per-file loading bars, no notices that do not concern the user.
+
+    ``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY`` set by the user win.
+    """
+    import os
+
+    import diffusers
+    import transformers
+
+    from ._quiet import quiet_third_party_notices
+
+    quiet_third_party_notices()
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        transformers.utils.logging.set_verbosity_error()
+    if "DIFFUSERS_VERBOSITY" not in os.environ:
+        diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except HPruneError as e:

@@ -72,3 +72,20 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert demo_cmd == "hprune demo"
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == test_cmd
+
+
+def test_cli_output_has_no_library_noise(tmp_path):
+    """The command line drops third-party notices that do not concern its users (missing optional kernels,
+    torchvision, a renamed argument) and per-file loading bars; the library itself leaves logging alone."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    env.pop("DIFFUSERS_VERBOSITY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(tmp_path / "a.json"),
+         "--n-prompts", "1", "--eval-steps", "1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("gemm_4bit", "torchvision", "FutureWarning", "Loading weights", "Loading pipeline components"):
+        assert noise not in result.stderr, noise
+    assert "analysed sd3: 71 entries" in result.stdout
