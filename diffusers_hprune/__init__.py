@@ -4,7 +4,8 @@
 with Diffusers, so ``DiffusionPipeline.from_pretrained`` loads pruned checkpoints.
 """
 
-from ._quiet import quiet_third_party_notices as _quiet, running_as_cli as _running_as_cli
+from ._quiet import quiet_third_party_notices as _quiet
+from ._quiet import running_as_cli as _running_as_cli
 
 if _running_as_cli():
     _quiet()
