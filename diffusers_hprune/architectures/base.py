@@ -61,6 +61,10 @@ class ModelFamily:
     component_names: tuple[str, ...] = ()
     default_alpha: float = 0.0
     """Position-weight alpha the paper used for this family (DESIGN.md section 6, step 2)."""
+    input_modules: tuple[str, ...] = ()
+    """Top-level modules that run before the first block (embedders)."""
+    output_modules: tuple[str, ...] = ("norm_out", "proj_out")
+    """Top-level modules that run after the last block."""
 
     # -- identification -------------------------------------------------------
     @property

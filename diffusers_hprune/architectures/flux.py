@@ -110,6 +110,7 @@ class FluxFamily(ModelFamily):
     pruned_class_name = "HierarchicalPrunedFluxTransformer2DModel"
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context", "mlp", "norm")
     default_alpha = 0.01
+    input_modules = ("pos_embed", "time_text_embed", "context_embedder", "x_embedder")
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_double = int(config.get("num_layers", 19))

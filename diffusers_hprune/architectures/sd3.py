@@ -39,6 +39,7 @@ class SD3Family(ModelFamily):
     pruned_class_name = "HierarchicalPrunedSD3Transformer2DModel"
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context")
     default_alpha = 0.55
+    input_modules = ("pos_embed", "time_text_embed", "context_embedder")
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_layers = int(config.get("num_layers", 18))

@@ -1,0 +1,168 @@
+"""PWP, SGDistill and the distillation loss (DESIGN.md section 6, steps 5-7) on tiny SD3 and FLUX models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import transformer_inputs
+
+from diffusers_hprune import BLOCK, PlanError, PrunePlan, prune_transformer
+from diffusers_hprune.distillation import (
+    BlockFeatures,
+    apply_pwp,
+    distillation_loss,
+    first_pruned_block,
+    sensitivity_multipliers,
+    sgdistill_param_groups,
+)
+from diffusers_hprune.distillation.loss import kept_blocks
+
+
+def _student(pipe, **plan):
+    family = "sd3" if "joint_attention_dim" in pipe.transformer.config and "num_single_layers" not in pipe.transformer.config else "flux"
+    n = 4 if family == "sd3" else 5
+    return prune_transformer(copy.deepcopy(pipe.transformer), PrunePlan(family=family, num_blocks=n, **plan))
+
+
+def _frozen(model):
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_pwp_freezes_exactly_what_runs_before_the_first_pruned_location(sd3_pipeline, flux_pipeline):
+    student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
+    result = apply_pwp(student)
+    assert result.first_pruned == 2
+    assert result.frozen_modules == ["pos_embed", "time_text_embed", "context_embedder", "transformer_blocks.0",
+                                     "transformer_blocks.1"]
+    assert result.trainable_modules == ["transformer_blocks.3", "norm_out", "proj_out"]
+    prefixes = ("pos_embed.", "time_text_embed.", "context_embedder.", "transformer_blocks.0.", "transformer_blocks.1.")
+    assert _frozen(student) == {n for n, _ in student.named_parameters() if n.startswith(prefixes)}
+    assert result.frozen_params + result.trainable_params == sum(p.numel() for p in student.parameters())
+    assert "first pruned location is block 2" in result.summary()
+
+    # FLUX: execution order is double blocks (0, 1), then single blocks (2, 3, 4).
+    student = _student(flux_pipeline, removed_components={3: ["mlp"]})
+    result = apply_pwp(student)
+    assert result.first_pruned == 3
+    assert result.trainable_modules == ["single_transformer_blocks.1", "single_transformer_blocks.2", "norm_out",
+                                        "proj_out"]
+    assert "single_transformer_blocks.0.attn.to_q.weight" in _frozen(student)
+    assert "x_embedder.weight" in _frozen(student)
+
+    off = apply_pwp(student, enabled=False)
+    assert not off.frozen_modules and not _frozen(student)
+    with pytest.raises(PlanError, match="removes nothing"):
+        first_pruned_block(PrunePlan(family="sd3", num_blocks=4))
+
+
+def test_sgdistill_learning_rates_are_the_hand_computed_ones(sd3_pipeline):
+    student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
+    apply_pwp(student)
+    dp = {(3, "attn"): 0.4, (3, "norm1"): 0.1, (3, "norm1_context"): -0.05, (3, BLOCK): 0.9}
+    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4)}
+    # m = (1 / |dP|) / max: 2.5 / 20, 10 / 20, 20 / 20
+    assert groups["block 3: attn"].lr == pytest.approx(1e-4 * 0.125)
+    assert groups["block 3: norm1"].lr == pytest.approx(1e-4 * 0.5)
+    assert groups["block 3: norm1_context"].lr == pytest.approx(1e-4)
+    assert groups["outside the blocks"].lr == 1e-4  # norm_out, proj_out: no measured dP
+    assert set(groups) == {"block 3: attn", "block 3: norm1", "block 3: norm1_context", "outside the blocks"}
+    in_groups = {id(p) for g in groups.values() for p in g.params}
+    assert in_groups == {id(p) for p in student.parameters() if p.requires_grad}  # each trainable one, once
+    assert sum(g.numel for g in groups.values()) == sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+    # A floor: attn's 0.125 falls below 0.2, so it gets no update at all.
+    floored = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2)}
+    assert "block 3: attn" not in floored
+    assert not any(p.requires_grad for p in student.transformer_blocks[3].attn.parameters())
+    # The official code's binary variant: 0 below the floor, full rate above.
+    for p in student.parameters():
+        p.requires_grad_(True)
+    apply_pwp(student)
+    binary = {g.name: g.lr for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2, binary=True)}
+    assert binary == {"block 3: norm1": 1e-4, "block 3: norm1_context": 1e-4, "outside the blocks": 1e-4}
+    # Plain distillation: one group.
+    plain = sgdistill_param_groups(student, None, lr=3e-5, enabled=False)
+    assert len(plain) == 1 and plain[0].lr == 3e-5
+    with pytest.raises(PlanError, match="no dP for"):
+        sgdistill_param_groups(student, {(3, "attn"): 0.4}, lr=1e-4)
+
+
+def test_sgdistill_shared_flux_projection_uses_the_block_dp(flux_pipeline):
+    student = _student(flux_pipeline, removed_components={4: ["mlp"]})
+    apply_pwp(student)
+    dp = {(4, "attn"): 0.2, (4, "norm"): 0.05, (4, BLOCK): 0.1}
+    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1.0)}
+    assert groups["block 4: attn"].multiplier == pytest.approx(0.25)
+    assert groups["block 4: norm"].multiplier == pytest.approx(1.0)
+    shared = groups["block 4: shared"]
+    assert shared.multiplier == pytest.approx(0.5)  # (1 / 0.1) / (1 / 0.05)
+    names = {n for n, p in student.named_parameters() if any(p is q for q in shared.params)}
+    assert names == {"single_transformer_blocks.2.proj_out.weight", "single_transformer_blocks.2.proj_out.bias"}
+
+
+def test_sensitivity_multipliers():
+    m = sensitivity_multipliers({(0, "a"): 0.0, (0, "b"): 1.0}, eps=1e-2)
+    assert m[(0, "a")] == 1.0 and m[(0, "b")] == pytest.approx(0.01 / 1.01)
+    assert sensitivity_multipliers({}) == {}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_feature_loss_pairs_blocks_by_original_index(family, request):
+    pipe = request.getfixturevalue(f"{family}_pipeline")
+    teacher = pipe.transformer
+    student = _student(pipe, removed_blocks=[1])  # a block in the middle is gone
+    kept = kept_blocks(student)
+    assert 1 not in kept and kept[0] == 0 and len(kept) == (3 if family == "sd3" else 4)
+    inputs = transformer_inputs(teacher)
+    with torch.no_grad(), BlockFeatures(student, kept) as fs, BlockFeatures(teacher, kept) as ft:
+        v_s = student(**inputs, return_dict=False)[0]
+        v_t = teacher(**inputs, return_dict=False)[0]
+    assert sorted(fs.outputs) == sorted(ft.outputs) == kept
+    # Block 0 sees the same input in both models: its pair contributes exactly nothing.
+    torch.testing.assert_close(fs.outputs[0][1], ft.outputs[0][1], rtol=0, atol=0)
+    loss, parts = distillation_loss(v_s, v_t, fs.outputs, ft.outputs, lambda_feat=0.5)
+    expected = 0.0
+    for i in kept:
+        for s, t in zip(fs.outputs[i], ft.outputs[i]):
+            if s is not None and t is not None:
+                expected += float(((s - t) ** 2).mean())
+    assert parts["feat"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert parts["kd"] == pytest.approx(float(((v_s - v_t) ** 2).mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(parts["kd"] + 0.5 * parts["feat"], rel=1e-5)
+
+
+def test_training_steps_change_only_trainable_parameters(sd3_pipeline):
+    teacher = sd3_pipeline.transformer.eval()
+    student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]}).train()
+    apply_pwp(student)
+    dp = {(3, "attn"): 0.4, (3, "norm1"): 0.1, (3, "norm1_context"): 0.05}
+    groups = sgdistill_param_groups(student, dp, lr=1e-3)
+    optimizer = torch.optim.AdamW([g.as_dict() for g in groups], weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    kept = kept_blocks(student)
+    losses, reached = [], set()
+    for step in range(8):
+        inputs = transformer_inputs(teacher, seed=step % 2)
+        with torch.no_grad(), BlockFeatures(teacher, kept) as ft:
+            v_t = teacher(**inputs, return_dict=False)[0]
+        with BlockFeatures(student, kept) as fs:
+            v_s = student(**inputs, return_dict=False)[0]
+        loss, _ = distillation_loss(v_s, v_t, fs.outputs, ft.outputs)
+        optimizer.zero_grad()
+        loss.backward()
+        reached.update(n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0)
+        optimizer.step()
+        losses.append(float(loss))
+    # The last SD3 block's text-query projection feeds only the text output the block drops: no gradient.
+    assert {n for n, p in student.named_parameters() if p.requires_grad} - reached == {
+        "transformer_blocks.3.attn.add_q_proj.weight", "transformer_blocks.3.attn.add_q_proj.bias",
+        "transformer_blocks.3.attn.norm_added_q.weight"}
+    for name, p in student.named_parameters():
+        if name in reached:
+            assert p.requires_grad
+            assert not torch.equal(p, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed although frozen"
+    assert losses[-1] < losses[0]
