@@ -106,6 +106,25 @@ class ModelFamily:
     def num_blocks(self, config: Mapping[str, Any]) -> int:
         return len(self.block_specs(config))
 
+    # -- denoising: how the family's pipelines feed the transformer --------------------
+    def encode_text(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Text conditioning of ``prompts`` with the pipeline's encoders: ``prompt_embeds``, ``pooled_projections``."""
+        raise NotImplementedError
+
+    def denoiser_inputs(self, transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                        text: Mapping[str, torch.Tensor], guidance_scale: float | None = None) -> dict[str, Any]:
+        """Transformer keyword arguments for noisy ``latents`` (``B, C, H, W``, the VAE's scaled latent space)
+        at noise levels ``sigmas`` (``B``, in [0, 1]), in the family's own conventions."""
+        raise NotImplementedError
+
+    def denoiser_output(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's prediction in the shape of ``latents`` (``B, C, H, W``)."""
+        return output
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents a pipeline returned with ``output_type="latent"``, as ``B, C, H, W``."""
+        return latents
+
     # -- parameter accounting -----------------------------------------------------
     def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
         """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""

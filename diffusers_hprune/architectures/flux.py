@@ -154,5 +154,37 @@ class FluxFamily(ModelFamily):
             return PrunedFluxSingleTransformerBlock(block, removed)
         return PrunedFluxTransformerBlock(block, removed)
 
+    def encode_text(self, pipe, prompts, max_sequence_length):
+        embeds, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def denoiser_inputs(self, transformer, latents, sigmas, text, guidance_scale=None):
+        # FLUX takes packed 2x2 latent patches with position ids, and the timestep in [0, 1]
+        # (the model scales it by 1000); FLUX.1-dev also takes the distilled guidance scale.
+        from diffusers import FluxPipeline
+
+        b, c, h, w = latents.shape
+        packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        embeds = text["prompt_embeds"]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if transformer.config.get("guidance_embeds"):
+            guidance = torch.full((b,), 3.5 if guidance_scale is None else guidance_scale, device=latents.device,
+                                  dtype=latents.dtype)
+        return {"hidden_states": packed, "timestep": sigmas, "guidance": guidance, "encoder_hidden_states": embeds,
+                "pooled_projections": text["pooled_projections"], "img_ids": img_ids, "txt_ids": txt_ids}
+
+    def denoiser_output(self, output, latents):
+        from diffusers import FluxPipeline
+
+        _, _, h, w = latents.shape
+        return FluxPipeline._unpack_latents(output, h, w, 1)  # height/width in latent pixels: scale factor 1
+
+    def pipeline_latents(self, pipe, latents, height, width):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
 
 FLUX = FluxFamily()

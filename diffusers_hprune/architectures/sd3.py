@@ -67,5 +67,17 @@ class SD3Family(ModelFamily):
     def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
         return PrunedJointTransformerBlock(block, removed)
 
+    def encode_text(self, pipe, prompts, max_sequence_length):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def denoiser_inputs(self, transformer, latents, sigmas, text, guidance_scale=None):
+        # SD3 takes the timestep on the scheduler's 0..1000 scale.
+        return {"hidden_states": latents, "timestep": sigmas * 1000.0,
+                "encoder_hidden_states": text["prompt_embeds"], "pooled_projections": text["pooled_projections"]}
+
 
 SD3 = SD3Family()

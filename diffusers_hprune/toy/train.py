@@ -121,15 +121,10 @@ def build_toy_pipeline(family: str, vae, seed: int = 0):
 @torch.no_grad()
 def encode_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings and pooled embeddings of ``texts`` with the pipeline's frozen encoders."""
-    from . import _family_of
+    from ..architectures import get_family
 
-    if _family_of(pipe) == "flux":
-        embeds, pooled, _ = pipe.encode_prompt(texts, prompt_2=None, max_sequence_length=TEXT_LENGTH)
-    else:
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH
-        )
-    return embeds, pooled
+    text = get_family(pipe.transformer).encode_text(pipe, texts, TEXT_LENGTH)
+    return text["prompt_embeds"], text["pooled_projections"]
 
 
 @torch.no_grad()
@@ -147,33 +142,29 @@ def _sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     return SHIFT * u / (1 + (SHIFT - 1) * u)
 
 
-def _predict(family: str, transformer, x_t, sigmas, embeds, pooled, ids=None):
-    if family == "sd3":
-        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                           timestep=sigmas * 1000, return_dict=False)[0]
-    from diffusers import FluxPipeline
+def _predict(family: str, transformer, x_t, sigmas, embeds, pooled):
+    """The transformer's velocity for ``x_t`` (``B, C, H, W``); the family module knows the conventions."""
+    from ..architectures import get_family
 
-    b, c, h, w = x_t.shape
-    packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
-    img_ids, txt_ids = ids
-    out = transformer(hidden_states=packed, encoder_hidden_states=embeds, pooled_projections=pooled,
-                      timestep=sigmas, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-    return FluxPipeline._unpack_latents(out, h * 2, w * 2, 2)  # our VAE scale factor is 2
+    fam = get_family(transformer)
+    text = {"prompt_embeds": embeds, "pooled_projections": pooled}
+    out = transformer(**fam.denoiser_inputs(transformer, x_t, sigmas, text), return_dict=False)[0]
+    return fam.denoiser_output(out, x_t)
 
 
-def flow_matching_loss(family, transformer, x0, embeds, pooled, gen, ids=None) -> torch.Tensor:
+def flow_matching_loss(family, transformer, x0, embeds, pooled, gen) -> torch.Tensor:
     """Rectified-flow loss: predict v = noise - x0 at x_t = (1 - s) x0 + s noise."""
     sigmas = _sample_sigmas(x0.shape[0], gen)
     noise = torch.randn(x0.shape, generator=gen)
     s = sigmas[:, None, None, None]
     x_t = (1 - s) * x0 + s * noise
-    return F.mse_loss(_predict(family, transformer, x_t, sigmas, embeds, pooled, ids), noise - x0)
+    return F.mse_loss(_predict(family, transformer, x_t, sigmas, embeds, pooled), noise - x0)
 
 
 def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45.0, seed: int = 0, batch: int = 32,
                       lr: float = 8e-4, n_images: int = 40000, max_steps: int | None = None, eval_prompts: int = 60) -> Path:
     """Train the toy transformer of ``family`` for a wall-clock budget and save the whole pipeline to ``out``."""
-    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
     start = time.time()
@@ -187,10 +178,6 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
     data = D.sample(n_images, "train", seed=seed)
     latents = encode_latents(vae, [im for im, _ in data])
     captions = torch.tensor([index[c] for _, c in data])
-    ids = None
-    if family == "flux":
-        h = latents.shape[-1] // 2
-        ids = (FluxPipeline._prepare_latent_image_ids(1, h, h, "cpu", torch.float32), torch.zeros(TEXT_LENGTH, 3))
     _log(f"{family}: {sum(p.numel() for p in transformer.parameters()):,} parameters; {len(data)} images, "
          f"{len(texts)} prompts cached in {time.time() - start:.0f}s")
 
@@ -208,7 +195,7 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
         cap[torch.rand(batch, generator=gen) < CAPTION_DROPOUT] = empty
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
-        loss = flow_matching_loss(family, transformer, latents[pick], embeds[cap], pooled[cap], gen, ids)
+        loss = flow_matching_loss(family, transformer, latents[pick], embeds[cap], pooled[cap], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
