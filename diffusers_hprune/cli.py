@@ -162,6 +162,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distillation.arguments import config_from_args
+    from .distillation.trainer import distill
+
+    distill(config_from_args(args))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis import ContributionReport
     from .plan import PrunePlan
@@ -314,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="alpha for the Score panel (default: the family's)")
     p.add_argument("--out", required=True, help="folder for blocks.png, components.png, similarity.png, table.txt")
     p.set_defaults(func=_cmd_report)
+
+    from .distillation.arguments import add_distill_arguments
+
+    p = sub.add_parser(
+        "distill",
+        help="distil the pruned student from its teacher (PWP + SGDistill; Accelerate, resumable)",
+        description="Stage 2 of HierarchicalPrune: the student is the teacher's transformer with the plan applied; "
+        "it learns from the teacher's outputs and block features. Same options as examples/distill.py; run under "
+        "`accelerate launch -m diffusers_hprune distill ...` for several processes.",
+    )
+    add_distill_arguments(p)
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
         "toy-train",

@@ -50,8 +50,22 @@ def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPip
             f"prune_pipeline cannot prune a {type(pipeline).__name__}; supported pipelines: {supported} "
             "(and their subclasses). For other pipelines prune the transformer with `prune_transformer`."
         )
+    return with_pruned_transformer(pipeline, prune_transformer(pipeline.transformer, plan))
+
+
+def with_pruned_transformer(pipeline: DiffusionPipeline, transformer) -> DiffusionPipeline:
+    """A ``HierarchicalPruned*Pipeline`` with ``pipeline``'s other components and an already pruned ``transformer``.
+
+    Used to wrap a distilled student: the text encoders, tokenizers, VAE and scheduler are shared.
+    """
+    target = next((pruned for base, pruned in _PRUNED_PIPELINES.items() if isinstance(pipeline, base)), None)
+    if target is None or getattr(transformer, "prune_plan", None) is None:
+        raise UnsupportedModelError(
+            f"Cannot wrap a {type(transformer).__name__} in a pruned {type(pipeline).__name__}; pass a pruned "
+            "transformer (prune_transformer) and an SD3 or FLUX pipeline."
+        )
     components = dict(pipeline.components)
-    components["transformer"] = prune_transformer(pipeline.transformer, plan)
+    components["transformer"] = transformer
     pruned = target(**components)
     pruned.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
     return pruned

@@ -1,0 +1,90 @@
+"""Command-line options of a distillation run, shared by ``hprune distill`` and ``examples/distill.py``.
+
+Names follow Diffusers' training scripts where they overlap; every option is accepted with
+underscores or dashes (``--max_train_steps`` = ``--max-train-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from .trainer import DistillConfig
+
+
+def _add(parser, name, **kwargs):
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = DistillConfig(teacher="", plan="", output_dir="")
+    _add(parser, "teacher", required=True, help="teacher pipeline: a folder, a Hub repo id, or a toy name (sd3, flux)")
+    _add(parser, "plan", required=True, help="plan.json from `hprune plan`")
+    _add(parser, "analysis", help="analysis.json of the teacher (needed by SGDistill)")
+    _add(parser, "output_dir", required=True, help="where the pruned pipeline, checkpoints and logs go")
+    g = parser.add_argument_group("data (exactly one source)")
+    _add(g, "prompts", help="data-free: a text file, one prompt a line; the teacher draws the training latents")
+    _add(g, "train_data_dir", help="an imagefolder with captions (metadata.jsonl)")
+    _add(g, "dataset_name", help="a datasets name or builder (parquet, webdataset with --data_files)")
+    _add(g, "dataset_config_name")
+    _add(g, "data_files", help="files for --dataset_name builders, e.g. 'shards/*.tar'")
+    _add(g, "image_column", default=d.image_column)
+    _add(g, "caption_column", default=d.caption_column)
+    _add(g, "resolution", type=int, help="training resolution in pixels (default: the teacher's)")
+    _add(g, "teacher_steps", type=int, help="data-free: denoising steps of the teacher's drawings (few for turbo/schnell)")
+    _add(g, "guidance_scale", type=float, help="data-free drawings; FLUX.1-dev guidance input")
+    _add(g, "max_samples", type=int, help="use at most this many samples")
+    _add(g, "cache_dir", help="where encoded data is cached (default OUTPUT_DIR/data-cache)")
+    g = parser.add_argument_group("optimisation")
+    _add(g, "max_train_steps", type=int, default=d.max_train_steps)
+    _add(g, "max_train_minutes", type=float, help="also stop after this many minutes")
+    _add(g, "learning_rate", type=float, default=d.learning_rate)
+    _add(g, "train_batch_size", type=int, default=d.train_batch_size)
+    _add(g, "gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    _add(g, "max_grad_norm", type=float, default=d.max_grad_norm)
+    _add(g, "adam_weight_decay", type=float, default=d.adam_weight_decay)
+    _add(g, "use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
+    _add(g, "mixed_precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
+    _add(g, "seed", type=int, default=d.seed)
+    _add(g, "logit_mean", type=float, default=d.logit_mean, help="logit-normal timestep sampling (SD3 training)")
+    _add(g, "logit_std", type=float, default=d.logit_std)
+    g = parser.add_argument_group("the method")
+    _add(g, "lambda_feat", type=float, default=d.lambda_feat, help="weight of the block-output loss")
+    _add(g, "lambda_task", type=float, default=d.lambda_task, help="weight of the flow-matching task loss")
+    _add(g, "no_pwp", action="store_true", help="train every parameter (no Positional Weight Preservation)")
+    _add(g, "no_sgdistill", action="store_true", help="one learning rate for everything (no SGDistill)")
+    _add(g, "sensitivity_floor", type=float, default=d.sensitivity_floor,
+         help="SGDistill: components with m below this get no update")
+    _add(g, "sensitivity_eps", type=float, default=d.sensitivity_eps,
+         help="SGDistill: m is proportional to 1 / (|dP| + eps); a larger eps narrows the spread of rates")
+    _add(g, "binary_freeze", action="store_true",
+         help="the official code's SGDistill: freeze below the floor, full rate above")
+    _add(g, "r_thres", type=float, default=d.r_thres, help="SGDistill only when the plan removes at least this")
+    g = parser.add_argument_group("low memory")
+    _add(g, "gradient_checkpointing", action="store_true")
+    _add(g, "lora_rank", type=int, default=0, help="train LoRA adapters of this rank instead of full weights "
+         "(merged into the saved model); 0 = full weights")
+    _add(g, "lora_alpha", type=float)
+    _add(g, "teacher_4bit", action="store_true", help="load the teacher in NF4 (CUDA only)")
+    g = parser.add_argument_group("bookkeeping")
+    _add(g, "checkpointing_steps", type=int, default=d.checkpointing_steps)
+    _add(g, "checkpoints_total_limit", type=int)
+    _add(g, "resume_from_checkpoint", help="a checkpoint folder or 'latest'")
+    _add(g, "validation_steps", type=int, default=0, help="draw validation images every N steps (0: never)")
+    _add(g, "validation_prompts", nargs="*", default=[])
+    _add(g, "report_to", help="an Accelerate tracker, e.g. tensorboard")
+    _add(g, "no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    values = vars(args)
+    names = {f.name for f in fields(DistillConfig)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    kwargs["pwp"] = not values.get("no_pwp", False)
+    kwargs["sgdistill"] = not values.get("no_sgdistill", False)
+    kwargs["progress"] = not values.get("no_progress", False)
+    return DistillConfig(**kwargs)

@@ -1,0 +1,188 @@
+"""Training data for distillation, cached so that training runs no text encoder and no VAE.
+
+Two sources (DESIGN.md section 8: ``datasets`` loads and caches):
+
+* image-caption data: an ``imagefolder`` (``--train_data_dir``, captions in ``metadata.jsonl``
+  or ``metadata.csv``) or any ``datasets`` dataset (``--dataset_name``: a Hub name, or a builder
+  such as ``parquet`` / ``webdataset`` with ``--data_files``). Images are resized (shorter side),
+  centre-cropped, encoded with the VAE (latent mean, shifted and scaled as the pipeline does);
+* data-free (``--prompts FILE``, one prompt a line): the teacher draws each prompt (seed
+  ``seed + k``) and its final latents are the clean samples.
+
+Either way the prompts are encoded with the pipeline's text encoders and everything lands in
+an Arrow dataset (``latents``, ``prompt_embeds``, ``pooled_projections``, ``prompt``) saved in
+``cache_dir/<key>``, where the key hashes the teacher's weights digest and every setting. A
+second run with the same settings loads it instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..architectures import get_family
+from ..errors import HPruneError
+
+
+class DataError(HPruneError):
+    """Training data that is missing, empty or not what the options say."""
+
+
+@dataclass
+class DataSpec:
+    """Where the training data comes from and how it is prepared."""
+
+    prompts: str | None = None
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    data_files: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int | None = None
+    teacher_steps: int | None = None
+    guidance_scale: float | None = None
+    max_samples: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+
+    def check(self) -> None:
+        given = [n for n in ("prompts", "train_data_dir", "dataset_name") if getattr(self, n)]
+        if len(given) != 1:
+            raise DataError(
+                "Give exactly one data source: --prompts FILE (data-free: the teacher draws them), "
+                f"--train_data_dir DIR (an imagefolder with captions) or --dataset_name NAME (got {given or 'none'})."
+            )
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"Cannot read the prompt file {path} ({e}); give a text file with one prompt a line.") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"The prompt file {path} has no prompts; write one prompt a line.")
+    return prompts
+
+
+def _load_image_dataset(spec: DataSpec):
+    import datasets
+
+    try:
+        if spec.train_data_dir:
+            ds = datasets.load_dataset("imagefolder", data_dir=spec.train_data_dir, split="train")
+        else:
+            kwargs = {"data_files": spec.data_files} if spec.data_files else {}
+            ds = datasets.load_dataset(spec.dataset_name, spec.dataset_config_name, split="train", **kwargs)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(f"Could not load the training images ({type(e).__name__}: {e}).") from None
+    for column in (spec.image_column, spec.caption_column):
+        if column not in ds.column_names:
+            raise DataError(
+                f"The dataset has no column {column!r} (columns: {', '.join(ds.column_names)}); choose the image and "
+                "caption columns with --image_column / --caption_column (an imagefolder takes captions from "
+                "metadata.jsonl)."
+            )
+    if spec.max_samples:
+        ds = ds.select(range(min(spec.max_samples, len(ds))))
+    if len(ds) == 0:
+        raise DataError("The training dataset is empty.")
+    return ds
+
+
+def _image_tensor(image, resolution: int) -> torch.Tensor:
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def _encode_images(pipe, images: list, resolution: int) -> torch.Tensor:
+    vae = pipe.vae
+    x = torch.stack([_image_tensor(im, resolution) for im in images]).to(vae.device, vae.dtype)
+    z = vae.encode(x).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).float()
+
+
+def cache_key(spec: DataSpec, teacher_fingerprint: str, generation: dict) -> str:
+    payload = json.dumps({"spec": asdict(spec), "teacher": teacher_fingerprint, "generation": generation},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, progress: bool = True):
+    """Encode (and for data-free, draw) the training samples once; returns ``(datasets.Dataset, path)``.
+
+    Call on one process; the others load the returned path after a barrier.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
+    from ..analysis import fingerprint, generation_settings
+
+    spec.check()
+    family = get_family(pipe.transformer)
+    generation = generation_settings(pipe, spec.teacher_steps, spec.resolution, spec.resolution, spec.guidance_scale)
+    max_len = int(generation.pop("max_sequence_length", 256))
+    key = cache_key(spec, fingerprint(pipe.transformer), {**generation, "max_sequence_length": max_len})
+    path = Path(cache_dir) / key
+    if (path / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(path)).with_format("torch"), path
+
+    records = {"latents": [], "prompt_embeds": [], "pooled_projections": [], "prompt": []}
+    if spec.prompts:
+        prompts = _read_prompts(spec.prompts)
+        if spec.max_samples:
+            prompts = prompts[: spec.max_samples]
+        chunks = range(0, len(prompts), spec.batch_size)
+        for start in tqdm(chunks, desc="teacher draws the training latents", disable=not progress):
+            chunk = prompts[start : start + spec.batch_size]
+            gens = [torch.Generator(pipe._execution_device).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
+            out = pipe(chunk, generator=gens, output_type="latent", max_sequence_length=max_len, **generation).images
+            height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+            width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+            latents = family.pipeline_latents(pipe, out, height, width).float()
+            _add(records, family, pipe, chunk, latents, max_len)
+    else:
+        ds = _load_image_dataset(spec)
+        resolution = spec.resolution or generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+        for start in tqdm(range(0, len(ds), spec.batch_size), desc="encoding training images", disable=not progress):
+            rows = ds[start : start + spec.batch_size]
+            latents = _encode_images(pipe, rows[spec.image_column], resolution)
+            _add(records, family, pipe, [str(c) for c in rows[spec.caption_column]], latents, max_len)
+    dataset = datasets.Dataset.from_dict(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
+    try:
+        dataset.save_to_disk(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path)).with_format("torch"), path
+
+
+@torch.no_grad()
+def _add(records, family, pipe, prompts, latents, max_len):
+    text = family.encode_text(pipe, prompts, max_len)
+    for k in range(len(prompts)):
+        records["latents"].append(latents[k].cpu().numpy())
+        records["prompt_embeds"].append(text["prompt_embeds"][k].float().cpu().numpy())
+        records["pooled_projections"].append(text["pooled_projections"][k].float().cpu().numpy())
+        records["prompt"].append(prompts[k])

@@ -1,0 +1,417 @@
+"""The distillation run (Algorithm 1, stage 2) with Accelerate: ``hprune distill`` and ``examples/distill.py``.
+
+teacher pipeline + plan (+ analysis) -> student = prune_transformer(copy of the teacher's
+transformer, plan) -> PWP freezing -> SGDistill parameter groups (ratio >= r_thres) ->
+cached training data -> steps of ``L_KD + lambda_feat L_feat (+ lambda_task L_task)`` at
+logit-normal noise levels -> a pruned pipeline in ``output_dir`` that loads with
+``DiffusionPipeline.from_pretrained`` after ``import diffusers_hprune``.
+
+Runs on one process or under ``accelerate launch`` (DDP; FSDP / DeepSpeed through Accelerate
+configs). Checkpoints (``accelerator.save_state``) go to ``output_dir/checkpoint-<step>``;
+``resume_from_checkpoint="latest"`` continues from the newest.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HPruneError
+
+
+class DistillError(HPruneError):
+    """Distillation options that cannot work together, or inputs that do not match."""
+
+
+@dataclass
+class DistillConfig:
+    """Every option of a distillation run (the command-line flags, with dashes or underscores)."""
+
+    teacher: str
+    plan: str
+    output_dir: str
+    analysis: str | None = None
+    # data
+    prompts: str | None = None
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    data_files: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int | None = None
+    teacher_steps: int | None = None
+    guidance_scale: float | None = None
+    max_samples: int | None = None
+    cache_dir: str | None = None
+    # optimisation
+    max_train_steps: int = 1000
+    max_train_minutes: float | None = None
+    learning_rate: float = 1e-4
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_weight_decay: float = 0.0
+    use_8bit_adam: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # the method
+    lambda_feat: float = 1.0
+    lambda_task: float = 0.0
+    pwp: bool = True
+    sgdistill: bool = True
+    sensitivity_floor: float = 0.0
+    sensitivity_eps: float = 1e-8
+    binary_freeze: bool = False
+    r_thres: float = 0.25
+    # low memory
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    teacher_4bit: bool = False
+    # bookkeeping
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_steps: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    report_to: str | None = None
+    progress: bool = True
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return max(found)[1] if found else None
+
+
+def _plan_ratio(plan, config) -> float:
+    from ..inventory import inspect_transformer
+
+    inventory = inspect_transformer(dict(config, prune_plan=plan.to_dict()))
+    return inventory.removed_fraction
+
+
+def _load_teacher(config: DistillConfig, dtype: torch.dtype):
+    from ..analysis import _load_pipeline
+
+    pipe, name = _load_pipeline(config.teacher, "cpu", dtype)
+    return pipe, name
+
+
+def _lora(student, trainable_paths: list[str], rank: int, alpha: float | None):
+    from peft import LoraConfig
+
+    targets = []
+    for path in trainable_paths:
+        for name, module in student.get_submodule(path).named_modules():
+            if isinstance(module, torch.nn.Linear):
+                targets.append(f"{path}.{name}" if name else path)
+    if not targets:
+        raise DistillError("LoRA found no linear layer in the trainable part of the student.")
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                   target_modules=targets))
+    return targets
+
+
+def _save_pipeline(pipeline, output_dir: Path) -> None:
+    """Write the pipeline's files into ``output_dir`` (which also holds checkpoints); ``model_index.json`` last."""
+    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=output_dir))
+    try:
+        pipeline.save_pretrained(tmp)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+            target = output_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def distill(config: DistillConfig) -> dict[str, Any]:
+    """Run the distillation; returns the run summary (also written to ``output_dir/distill_summary.json``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from tqdm.auto import tqdm
+
+    from ..analysis import ContributionReport
+    from ..architectures import get_family
+    from ..distributed import launched_on_cpu
+    from ..fileio import atomic_write_json
+    from ..pipelines import with_pruned_transformer
+    from ..plan import PrunePlan
+    from ..prune import prune_transformer
+    from .data import DataSpec, build_training_cache
+    from .loss import BlockFeatures, distillation_loss, kept_blocks
+    from .pwp import apply_pwp
+    from .sgdistill import sgdistill_param_groups
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=launched_on_cpu(),
+    )
+    set_seed(config.seed)
+    say = accelerator.print
+    spec = DataSpec(
+        prompts=config.prompts, train_data_dir=config.train_data_dir, dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name, data_files=config.data_files,
+        image_column=config.image_column, caption_column=config.caption_column, resolution=config.resolution,
+        teacher_steps=config.teacher_steps, guidance_scale=config.guidance_scale, max_samples=config.max_samples,
+        seed=config.seed,
+    )
+    spec.check()
+    if config.lora_rank < 0:
+        raise DistillError(f"--lora_rank must be >= 0 (0 trains full weights), got {config.lora_rank}.")
+    if config.teacher_4bit and not torch.cuda.is_available():
+        raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
+                           "CUDA only; drop the flag on this machine.")
+    plan = PrunePlan.load(config.plan)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Teacher and student. The student copies the teacher's transformer, then the plan removes parts.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    pipe, teacher_name = _load_teacher(config, torch.float32)
+    teacher = pipe.transformer
+    family = get_family(teacher)
+    report = ContributionReport.load(config.analysis) if config.analysis else None
+    if report is not None:
+        report.check_model(teacher)
+    student = prune_transformer(copy.deepcopy(teacher), plan)
+    plan = student.prune_plan
+    ratio = _plan_ratio(plan, dict(teacher.config))
+    teacher.requires_grad_(False).eval()
+    if config.teacher_4bit:
+        from diffusers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        teacher = type(teacher).from_pretrained(config.teacher, subfolder="transformer", quantization_config=quant)
+        teacher.requires_grad_(False).eval()
+        pipe.transformer = teacher
+
+    pwp = apply_pwp(student, enabled=config.pwp)
+    say(pwp.summary())
+    use_sg = config.sgdistill and ratio >= config.r_thres
+    if config.sgdistill and not use_sg:
+        say(f"plan ratio {ratio:.1%} < r_thres {config.r_thres:.0%}: plain distillation (one learning rate)")
+    if use_sg and report is None:
+        raise DistillError("SGDistill needs the contribution analysis: pass --analysis analysis.json "
+                           "(or --no-sgdistill).")
+    lora_targets = []
+    if config.lora_rank:
+        student.requires_grad_(False)
+        lora_targets = _lora(student, pwp.trainable_modules, config.lora_rank, config.lora_alpha)
+    if config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    groups = sgdistill_param_groups(
+        student, report.contributions() if report is not None else None, config.learning_rate, enabled=use_sg,
+        floor=config.sensitivity_floor, eps=config.sensitivity_eps, binary=config.binary_freeze,
+    )
+    trainable = sum(g.numel for g in groups)
+    say(f"optimizer: {len(groups)} parameter group(s), {trainable:,} trainable parameters"
+        + (f" (LoRA rank {config.lora_rank} on {len(lora_targets)} layers)" if lora_targets else ""))
+    for g in groups:
+        say(f"  {g.name}: lr {g.lr:.3g} (m = {g.multiplier:.3g}), {g.numel:,} parameters")
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls([g.as_dict() for g in groups], lr=config.learning_rate,
+                              weight_decay=config.adam_weight_decay)
+
+    # Data: encoded once (main process), loaded by all.
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
+    pipe.to(accelerator.device)
+    if accelerator.is_main_process:
+        build_training_cache(pipe, spec, cache_dir, progress=config.progress)
+    accelerator.wait_for_everyone()
+    dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
+    say(f"training data: {len(dataset)} samples cached in {cache_path}")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=False,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    teacher.to(accelerator.device, dtype=weight_dtype if not config.teacher_4bit else None)
+    inner = accelerator.unwrap_model(student)
+    kept = kept_blocks(inner)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sigmas_table = scheduler.sigmas.to(accelerator.device)
+    n_train = scheduler.config.num_train_timesteps
+
+    step = 0
+    if config.resume_from_checkpoint:
+        path = (_latest_checkpoint(output_dir) if config.resume_from_checkpoint == "latest"
+                else Path(config.resume_from_checkpoint))
+        if path is None or not path.is_dir():
+            say(f"no checkpoint to resume from ({config.resume_from_checkpoint}); starting at step 0")
+        else:
+            accelerator.load_state(str(path))
+            step = int(path.name.rsplit("-", 1)[1])
+            say(f"resumed from {path} at step {step}")
+    if config.report_to:
+        accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    def held_out_loss() -> float:
+        return _fixed_batch_loss(accelerator.unwrap_model(student), teacher, family, dataset, kept,
+                                 accelerator.device, weight_dtype, config)
+
+    eval_start = held_out_loss()
+    gen = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + accelerator.process_index + step)
+    losses: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=config.max_train_steps, initial=step, desc="distilling", unit="step",
+               disable=not (config.progress and accelerator.is_main_process))
+    student.train()
+    epoch_iter = iter(loader)
+    while step < config.max_train_steps:
+        if config.max_train_minutes is not None and (time.perf_counter() - start) / 60 >= config.max_train_minutes:
+            break
+        for _ in range(config.gradient_accumulation_steps):
+            try:
+                batch = next(epoch_iter)
+            except StopIteration:
+                epoch_iter = iter(loader)
+                batch = next(epoch_iter)
+            x0 = batch["latents"].to(accelerator.device, weight_dtype)
+            text = {k: batch[k].to(accelerator.device, weight_dtype) for k in ("prompt_embeds", "pooled_projections")}
+            b = x0.shape[0]
+            u = compute_density_for_timestep_sampling("logit_normal", b, config.logit_mean, config.logit_std)
+            sigmas = sigmas_table[(u * n_train).long().clamp(max=len(sigmas_table) - 1)].to(weight_dtype)
+            noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, weight_dtype)
+            s = sigmas.view(-1, 1, 1, 1)
+            x_t = (1 - s) * x0 + s * noise
+            inputs = family.denoiser_inputs(inner, x_t, sigmas, text, config.guidance_scale)
+            with torch.no_grad(), BlockFeatures(teacher, kept) as ft:
+                v_t = family.denoiser_output(teacher(**inputs, return_dict=False)[0], x0)
+            with accelerator.accumulate(student), accelerator.autocast(), BlockFeatures(inner, kept) as fs:
+                v_s = family.denoiser_output(student(**inputs, return_dict=False)[0], x0)
+                task = torch.nn.functional.mse_loss(v_s.float(), (noise - x0).float()) if config.lambda_task else None
+                loss, parts = distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat, task,
+                                                config.lambda_task)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g.params], config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        step += 1
+        losses.append({"step": step, **parts})
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['total']:.4g}", kd=f"{parts['kd']:.3g}", feat=f"{parts['feat']:.3g}")
+        accelerator.log(parts, step=step)
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            _checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+        if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
+            _validate(pipe, accelerator.unwrap_model(student), config, output_dir, step)
+    bar.close()
+    seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    eval_end = held_out_loss()
+    say(f"loss on a fixed batch (fixed noise and noise levels): {eval_start:.4g} -> {eval_end:.4g}")
+
+    # Every rank must hold the same weights (DDP keeps them in step); check it, then save.
+    inner = accelerator.unwrap_model(student)
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in inner.parameters())],
+                            device=accelerator.device, dtype=torch.float64)
+    checksums = [float(c) for c in accelerator.gather(checksum).cpu()]
+    summary = {
+        "teacher": teacher_name, "plan": plan.describe(), "ratio": round(ratio, 6), "pwp": config.pwp,
+        "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
+        "steps": step, "seconds": round(seconds, 2), "processes": accelerator.num_processes,
+        "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
+        "trainable_params": trainable, "param_groups": [{"name": g.name, "lr": g.lr} for g in groups],
+        "rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1,
+        "fixed_batch_loss": {"start": eval_start, "end": eval_end}, "losses": losses,
+    }
+    if accelerator.is_main_process:
+        final = copy.deepcopy(inner).to(torch.float32)
+        if lora_targets:
+            final.fuse_lora()
+            final.unload_lora()
+        final.requires_grad_(False)
+        student_pipe = with_pruned_transformer(pipe, final)
+        student_pipe.to("cpu")
+        _save_pipeline(student_pipe, output_dir)
+        plan.save(output_dir / "plan.json")
+        atomic_write_json(output_dir / "distill_summary.json", summary)
+        say(f"distilled {step} steps in {seconds / 60:.1f} min; saved the pruned pipeline to {output_dir}")
+    accelerator.end_training()
+    return summary
+
+
+@torch.no_grad()
+def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, config: DistillConfig) -> float:
+    """The distillation loss on the first (up to) 8 samples at fixed noise levels and noise: comparable over time."""
+    from .loss import BlockFeatures, distillation_loss
+
+    n = min(8, len(dataset))
+    batch = dataset[:n]
+    x0 = batch["latents"].to(device, dtype)
+    text = {k: batch[k].to(device, dtype) for k in ("prompt_embeds", "pooled_projections")}
+    sigmas = torch.linspace(0.1, 0.9, n, device=device, dtype=dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
+    x_t = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise
+    inputs = family.denoiser_inputs(student, x_t, sigmas, text, config.guidance_scale)
+    was_training = student.training
+    student.eval()
+    with BlockFeatures(teacher, kept) as ft, BlockFeatures(student, kept) as fs:
+        v_t = family.denoiser_output(teacher(**inputs, return_dict=False)[0], x0)
+        v_s = family.denoiser_output(student(**inputs, return_dict=False)[0], x0)
+    student.train(was_training)
+    return float(distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat)[0])
+
+
+def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> None:
+    target = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        if limit:
+            found = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*"))
+            for _, old in found[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _validate(pipe, student, config: DistillConfig, output_dir: Path, step: int) -> None:
+    from .. import toy
+    from ..analysis import generation_settings
+    from ..pipelines import with_pruned_transformer
+
+    prompts = config.validation_prompts or toy.prompts(split="heldout", n=8, seed=config.seed)
+    was_training = student.training
+    student.eval()
+    student_pipe = with_pruned_transformer(pipe, student)
+    kwargs = generation_settings(pipe, None, config.resolution, config.resolution, config.guidance_scale)
+    gens = [torch.Generator(pipe._execution_device).manual_seed(config.seed + k) for k in range(len(prompts))]
+    images = student_pipe(prompts, generator=gens, **kwargs).images
+    toy.save_grid(images, output_dir / "validation" / f"step-{step}.png", columns=min(8, len(images)))
+    student.train(was_training)
+
+
+__all__ = ["DistillConfig", "DistillError", "distill"]
