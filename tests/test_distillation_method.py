@@ -61,26 +61,32 @@ def test_sgdistill_learning_rates_are_the_hand_computed_ones(sd3_pipeline):
     student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
     apply_pwp(student)
     dp = {(3, "attn"): 0.4, (3, "norm1"): 0.1, (3, "norm1_context"): -0.05, (3, BLOCK): 0.9}
-    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4)}
+    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4, eps=1e-12)}
     # m = (1 / |dP|) / max: 2.5 / 20, 10 / 20, 20 / 20
     assert groups["block 3: attn"].lr == pytest.approx(1e-4 * 0.125)
     assert groups["block 3: norm1"].lr == pytest.approx(1e-4 * 0.5)
     assert groups["block 3: norm1_context"].lr == pytest.approx(1e-4)
     assert groups["outside the blocks"].lr == 1e-4  # norm_out, proj_out: no measured dP
+    # The default eps is the median |dP| of the trainable components (0.1): 1/0.5, 1/0.2, 1/0.15 over 1/0.15.
+    median = {g.name: g.multiplier for g in sgdistill_param_groups(student, dp, lr=1e-4)}
+    assert median["block 3: attn"] == pytest.approx(0.3)
+    assert median["block 3: norm1"] == pytest.approx(0.75)
+    assert median["block 3: norm1_context"] == pytest.approx(1.0)
     assert set(groups) == {"block 3: attn", "block 3: norm1", "block 3: norm1_context", "outside the blocks"}
     in_groups = {id(p) for g in groups.values() for p in g.params}
     assert in_groups == {id(p) for p in student.parameters() if p.requires_grad}  # each trainable one, once
     assert sum(g.numel for g in groups.values()) == sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     # A floor: attn's 0.125 falls below 0.2, so it gets no update at all.
-    floored = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2)}
+    floored = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2, eps=1e-12)}
     assert "block 3: attn" not in floored
     assert not any(p.requires_grad for p in student.transformer_blocks[3].attn.parameters())
     # The official code's binary variant: 0 below the floor, full rate above.
     for p in student.parameters():
         p.requires_grad_(True)
     apply_pwp(student)
-    binary = {g.name: g.lr for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2, binary=True)}
+    binary = {g.name: g.lr for g in sgdistill_param_groups(student, dp, lr=1e-4, floor=0.2, binary=True,
+                                                                eps=1e-12)}
     assert binary == {"block 3: norm1": 1e-4, "block 3: norm1_context": 1e-4, "outside the blocks": 1e-4}
     # Plain distillation: one group.
     plain = sgdistill_param_groups(student, None, lr=3e-5, enabled=False)
@@ -93,7 +99,7 @@ def test_sgdistill_shared_flux_projection_uses_the_block_dp(flux_pipeline):
     student = _student(flux_pipeline, removed_components={4: ["mlp"]})
     apply_pwp(student)
     dp = {(4, "attn"): 0.2, (4, "norm"): 0.05, (4, BLOCK): 0.1}
-    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1.0)}
+    groups = {g.name: g for g in sgdistill_param_groups(student, dp, lr=1.0, eps=1e-12)}
     assert groups["block 4: attn"].multiplier == pytest.approx(0.25)
     assert groups["block 4: norm"].multiplier == pytest.approx(1.0)
     shared = groups["block 4: shared"]

@@ -59,7 +59,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "sensitivity_floor", type=float, default=d.sensitivity_floor,
          help="SGDistill: components with m below this get no update")
     _add(g, "sensitivity_eps", type=float, default=d.sensitivity_eps,
-         help="SGDistill: m is proportional to 1 / (|dP| + eps); a larger eps narrows the spread of rates")
+         help="SGDistill: m is proportional to 1 / (|dP| + eps) (default: the median |dP| of the trainable "
+         "components); a larger eps narrows the spread of rates")
     _add(g, "binary_freeze", action="store_true",
          help="the official code's SGDistill: freeze below the floor, full rate above")
     _add(g, "r_thres", type=float, default=d.r_thres, help="SGDistill only when the plan removes at least this")

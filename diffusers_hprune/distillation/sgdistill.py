@@ -14,6 +14,11 @@ the gradient (Adam would cancel a gradient scale).
   and get ``m = 1``.
 * ``binary=True`` is the official code's variant for comparison: ``m`` is 1 where it would
   be at least ``floor`` and 0 elsewhere.
+* ``eps``: dP has the unit of the analysis metric (a normalised error for fidelity, a score
+  difference for HPSv2), so the default ``eps=None`` takes the median ``|dP|`` of the
+  trainable components: rates then spread over about ``(|dP|max + med) / (|dP|min + med)``
+  instead of the raw ratio of the extremes (four decades with fidelity), which would leave
+  the most sensitive parts with no update. A float sets it explicitly.
 """
 
 from __future__ import annotations
@@ -45,12 +50,21 @@ class ParamGroup:
         return {"params": self.params, "lr": self.lr, "name": self.name}
 
 
+def default_eps(deltas) -> float:
+    """The median ``|dP|`` of the entries (see the module docstring)."""
+    import statistics
+
+    return float(statistics.median(abs(d) for d in deltas)) if deltas else 0.0
+
+
 def sensitivity_multipliers(
-    deltas: Mapping[tuple[int, str], float], eps: float = 1e-8, floor: float = 0.0, binary: bool = False
+    deltas: Mapping[tuple[int, str], float], eps: float | None = None, floor: float = 0.0, binary: bool = False
 ) -> dict[tuple[int, str], float]:
     """``m(i, c)`` for the given entries: ``(1 / (|dP| + eps))`` normalised to a maximum of 1, floored."""
     if not deltas:
         return {}
+    if eps is None:
+        eps = default_eps(deltas.values())
     raw = {k: 1.0 / (abs(d) + eps) for k, d in deltas.items()}
     top = max(raw.values())
     out = {}
@@ -67,7 +81,7 @@ def sgdistill_param_groups(
     *,
     enabled: bool = True,
     floor: float = 0.0,
-    eps: float = 1e-8,
+    eps: float | None = None,
     binary: bool = False,
 ) -> list[ParamGroup]:
     """Parameter groups over the student's trainable parameters (call after :func:`apply_pwp`).
@@ -116,6 +130,8 @@ def sgdistill_param_groups(
             "use the analysis of this student's teacher, or pass --no-sgdistill."
         )
     component_keys = [k for k in keys if k[1] != BLOCK]
+    if eps is None:
+        eps = default_eps([contributions[k] for k in component_keys])
     multipliers = sensitivity_multipliers({k: contributions[k] for k in component_keys}, eps, floor, binary)
     top = max((1.0 / (abs(contributions[k]) + eps) for k in component_keys), default=1.0)
     out = []

@@ -72,7 +72,7 @@ class DistillConfig:
     pwp: bool = True
     sgdistill: bool = True
     sensitivity_floor: float = 0.0
-    sensitivity_eps: float = 1e-8
+    sensitivity_eps: float | None = None
     binary_freeze: bool = False
     r_thres: float = 0.25
     # low memory
