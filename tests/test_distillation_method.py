@@ -172,3 +172,22 @@ def test_training_steps_change_only_trainable_parameters(sd3_pipeline):
         else:
             assert torch.equal(p, before[name]), f"{name} changed although frozen"
     assert losses[-1] < losses[0]
+
+
+def test_training_memory_matches_the_real_student(sd3_pipeline):
+    from diffusers_hprune.distillation.memory import training_memory
+
+    plan = PrunePlan(removed_blocks=[2], removed_components={3: ["ff"]}, family="sd3", num_blocks=4)
+    config = dict(sd3_pipeline.transformer.config, _class_name="SD3Transformer2DModel")
+    student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
+    pwp = apply_pwp(student)
+    full = training_memory(config, plan)
+    assert full.trainable_params == pwp.trainable_params
+    assert full.student_weights == 4 * sum(p.numel() for p in student.parameters())
+    assert full.gradients == 4 * pwp.trainable_params and full.optimizer == 8 * pwp.trainable_params
+    assert full.teacher == 2 * sum(p.numel() for p in sd3_pipeline.transformer.parameters())
+    lora = training_memory(config, plan, lora_rank=4, teacher_4bit=True, adam_8bit=True)
+    linears = [m for path in pwp.trainable_modules for m in student.get_submodule(path).modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert lora.trainable_params == sum(4 * (m.in_features + m.out_features) for m in linears)
+    assert lora.teacher < full.teacher and lora.total < full.total

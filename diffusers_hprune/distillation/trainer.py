@@ -247,7 +247,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=False,
                                          generator=torch.Generator().manual_seed(config.seed))
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
-    teacher.to(accelerator.device, dtype=weight_dtype if not config.teacher_4bit else None)
+    teacher.to(accelerator.device)
+    if weight_dtype != torch.float32 and not config.teacher_4bit:
+        teacher.to(dtype=weight_dtype)
     inner = accelerator.unwrap_model(student)
     kept = kept_blocks(inner)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
