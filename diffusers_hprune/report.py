@@ -129,47 +129,35 @@ def write_report(report: ContributionReport, out_dir: str | os.PathLike, plan: P
                        label="components removed"), Patch(color="tab:blue", label="kept")], fontsize=7)
     save(fig, "blocks.png")
 
-    # components heatmap
-    names = list(family.component_names)
-    grid = np.full((len(names), n), np.nan)
-    for r, c in enumerate(names):
-        for s in specs:
-            if (s.index, c) in deltas:
-                grid[r, s.index] = deltas[(s.index, c)]
-    fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.45 * len(names)))
-    finite = grid[np.isfinite(grid)]
-    log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
-    from matplotlib.colors import LogNorm
-
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm() if log else None)
-    fig.colorbar(im, ax=ax, label="dP (log scale)" if log else "dP")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xticks(x, [str(i) for i in x], fontsize=7)
-    ax.set_xlabel("block (execution order)")
-    ax.set_title(f"dP per component - {title}", fontsize=9)
-    if plan is not None:
-        for r, c in enumerate(names):
-            for s in specs:
-                if (s.index, c) in deltas and (_status(plan, s.index, c) == "removed" or s.index in plan.removed_blocks):
-                    ax.plot(s.index, r, marker="x", color="red", markersize=8, mew=2)
-    save(fig, "components.png")
-
-    # pairs
-    pair_names = sorted({c for (_, c) in deltas if "+" in c})
-    if pair_names:
-        grid = np.full((len(pair_names), n), np.nan)
-        for r, c in enumerate(pair_names):
+    def heatmap(rows: list[str], name: str, what: str, cmap: str, marks: bool) -> None:
+        grid = np.full((len(rows), n), np.nan)
+        for r, c in enumerate(rows):
             for s in specs:
                 if (s.index, c) in deltas:
                     grid[r, s.index] = deltas[(s.index, c)]
-        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.35 * len(pair_names)))
-        im = ax.imshow(grid, aspect="auto", cmap="magma")
-        fig.colorbar(im, ax=ax, label="dP")
-        ax.set_yticks(range(len(pair_names)), pair_names, fontsize=7)
+        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.45 * len(rows)))
+        finite = grid[np.isfinite(grid)]
+        log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+        from matplotlib.colors import LogNorm
+
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=LogNorm() if log else None)
+        fig.colorbar(im, ax=ax, label="dP (log scale)" if log else "dP")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 8 else None)
         ax.set_xticks(x, [str(i) for i in x], fontsize=7)
         ax.set_xlabel("block (execution order)")
-        ax.set_title(f"dP of removing two components together - {title}", fontsize=9)
-        save(fig, "pairs.png")
+        ax.set_title(f"{what} - {title}", fontsize=9)
+        if marks and plan is not None:
+            for r, c in enumerate(rows):
+                for s in specs:
+                    if (s.index, c) in deltas and (_status(plan, s.index, c) == "removed"
+                                                   or s.index in plan.removed_blocks):
+                        ax.plot(s.index, r, marker="x", color="red", markersize=8, mew=2)
+        save(fig, name)
+
+    heatmap(list(family.component_names), "components.png", "dP per component", "viridis", marks=True)
+    pair_names = sorted({c for (_, c) in deltas if "+" in c})
+    if pair_names:
+        heatmap(pair_names, "pairs.png", "dP of removing two components together", "magma", marks=False)
 
     # similarity
     if report.similarity:
