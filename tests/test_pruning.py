@@ -216,4 +216,5 @@ def test_batch_one_text_stream_is_broadcast(flux_pipeline, removed):
         a = pruned(**one, return_dict=False)[0]
         b = pruned(**expanded, return_dict=False)[0]
     assert a.shape[0] == 3
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Equal up to float32 rounding: a stride-0 (expanded) batch may take another matmul kernel on some CPUs.
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
