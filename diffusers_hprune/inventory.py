@@ -221,7 +221,7 @@ def inspect_transformer(source: Any) -> TransformerInventory:
     blocks = []
     for spec, module in zip(family.block_specs(config), family.block_modules(original)):
         sizes = {c: family.component_parameters(module, spec, c, config) for c in (BLOCK, *spec.components)}
-        skipped = is_skipped(spec.path)
+        skipped = is_skipped(spec.path, family.default_nf4_skip_modules)
         nbytes = {
             dtype: {
                 c: sum(param_bytes(n, dtype, linear and not skipped, tables=not _is_slice(c, name, spec, family, config))

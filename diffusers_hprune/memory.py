@@ -20,8 +20,9 @@ NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 _NF4_TABLES = 16 * 4 + 256 * 4  # quant_map + nested_quant_map, float32
 
-# Top-level modules kept in 16-bit by default when quantising (the input embedders, the
-# output norm and projection): quantising them costs quality for little memory.
+# Modules kept in 16-bit when quantising, unless the family says otherwise (the input
+# embedders, the output norm and projection): quantising them costs quality for little memory.
+# Each family's own list is ``family.default_nf4_skip_modules``.
 DEFAULT_SKIP_MODULES = (
     "pos_embed",
     "x_embedder",
@@ -54,21 +55,47 @@ def param_bytes(numel: int, dtype: str, quantizable: bool = False, tables: bool 
 
 
 def is_skipped(name: str, skip_modules=DEFAULT_SKIP_MODULES) -> bool:
-    """True when the parameter or module ``name`` lies under one of ``skip_modules``."""
-    return any(name == s or name.startswith(s + ".") for s in skip_modules)
+    """True when the linear layer ``name`` (a dotted module path) stays 16-bit under ``skip_modules``.
+
+    The rule of Diffusers' bitsandbytes loader: the layer's own name is listed, or a listed
+    name is the path or one of its leading parts.
+    """
+    own = name.rsplit(".", 1)[-1]
+    return own in skip_modules or any(name == s or f"{s}." in f"{name}." for s in skip_modules)
 
 
-def model_weight_bytes(model, dtype: str, skip_modules=DEFAULT_SKIP_MODULES) -> int:
-    """Weight bytes of ``model`` (works on the meta device) at ``dtype``."""
+def model_weight_bytes(model, dtype: str, skip_modules=None) -> int:
+    """Weight bytes of ``model`` (works on the meta device) at ``dtype``: parameters and the
+    persistent buffers a checkpoint stores (e.g. SD3's positional-embedding table).
+
+    ``skip_modules``: kept 16-bit under ``nf4`` (default: the model family's list, else
+    ``DEFAULT_SKIP_MODULES``).
+    """
     import torch
 
+    if skip_modules is None:
+        skip_modules = _family_skip_modules(model)
     total = 0
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            quantizable = isinstance(module, torch.nn.Linear) and pname == "weight" and not is_skipped(full, skip_modules)
+            quantizable = isinstance(module, torch.nn.Linear) and pname == "weight" and not is_skipped(module_name,
+                                                                                                        skip_modules)
             total += param_bytes(p.numel(), dtype, quantizable)
+        for bname, b in module.named_buffers(recurse=False):
+            if b is None or bname in module._non_persistent_buffers_set:
+                continue
+            total += param_bytes(b.numel(), dtype) if b.is_floating_point() else b.numel() * b.element_size()
     return total
+
+
+def _family_skip_modules(model) -> tuple[str, ...]:
+    from .architectures import get_family
+    from .errors import UnsupportedModelError
+
+    try:
+        return get_family(model).default_nf4_skip_modules
+    except UnsupportedModelError:
+        return DEFAULT_SKIP_MODULES
 
 
 def format_bytes(nbytes: int) -> str:

@@ -91,7 +91,9 @@ def test_memory_budget(sd35):
     contributions = _contributions(sd35, lambda i: 0.01)
     outcome = make_plan(contributions, sd35, memory_bytes=12 * 10**9, weight_dtype="bf16")
     assert outcome.estimated_bytes <= 12 * 10**9
-    assert outcome.estimated_bytes == (outcome.total_params - outcome.removed_params) * 2
+    # 2 bytes per remaining parameter, plus the stored positional-embedding table (max_size^2 x width, 16-bit)
+    table = sd35.config["pos_embed_max_size"] ** 2 * sd35.config["num_attention_heads"] * sd35.config["attention_head_dim"]
+    assert outcome.estimated_bytes == (outcome.total_params - outcome.removed_params) * 2 + table * 2
 
 
 def test_baseline_strategies(sd35):

@@ -65,6 +65,17 @@ class ModelFamily:
     """Top-level modules that run before the first block (embedders)."""
     output_modules: tuple[str, ...] = ("norm_out", "proj_out")
     """Top-level modules that run after the last block."""
+    nf4_skip_modules: tuple[str, ...] | None = None
+    """Modules kept in 16-bit when quantising to NF4 (default: the input and output modules).
+
+    Diffusers' bitsandbytes loader matches these names at any depth (a linear layer whose
+    own name is listed is skipped wherever it sits), so a family lists only names that do
+    not also occur inside its blocks.
+    """
+
+    @property
+    def default_nf4_skip_modules(self) -> tuple[str, ...]:
+        return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
 
     # -- identification -------------------------------------------------------
     @property

@@ -51,18 +51,18 @@ def training_memory(config, plan: PrunePlan, *, teacher_4bit: bool = False, lora
                     adam_8bit: bool = False, pwp: bool = True) -> TrainingMemory:
     """Weights, gradients and optimizer bytes of one process for the given mode."""
     from ..inventory import build_on_meta, inspect_transformer
+    from ..memory import model_weight_bytes
 
     inventory = inspect_transformer(config)
     student = build_on_meta(dict(config, prune_plan=plan.to_dict()))
     paths = _trainable_modules(student, pwp)
-    student_params = sum(p.numel() for p in student.parameters())
     if lora_rank:
         trainable = sum(lora_rank * (m.in_features + m.out_features) for path in paths
                         for m in student.get_submodule(path).modules() if isinstance(m, nn.Linear))
-        weights = 2 * student_params + 4 * trainable
+        weights = model_weight_bytes(student, "bf16") + 4 * trainable
     else:
         trainable = sum(p.numel() for path in paths for p in student.get_submodule(path).parameters())
-        weights = 4 * student_params
+        weights = model_weight_bytes(student, "fp32")
     optimizer = (2 * trainable + 2 * 4 * -(-trainable // 2048)) if adam_8bit else 8 * trainable
     mode = ", ".join(filter(None, ["LoRA r=%d" % lora_rank if lora_rank else "full weights",
                                    "8-bit AdamW" if adam_8bit else "AdamW",
