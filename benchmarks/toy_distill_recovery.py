@@ -6,6 +6,9 @@ Rows: the teacher; HPP alone (no training); HPP + PWP (plain distillation, one l
 rate); HPP + PWP + SGDistill. Every trained row gets the same data (the teacher's own drawings
 of training prompts, cached once), learning rate, batch size and wall-clock budget on this
 machine's cores. ShapeEval on held-out prompts, as in toy_quality.py.
+
+Each finished row is kept in ``OUT/rows.json`` with the settings it ran with; a second run with
+the same settings reuses those rows (so a run cut off part way goes on where it stopped).
 """
 
 from __future__ import annotations
@@ -59,16 +62,28 @@ def main(argv=None):
     lines = [train_prompts[k % len(train_prompts)] for k in range(args.samples)]
     (out / "prompts.txt").write_text("\n".join(lines) + "\n")
     variants = {"HPP + PWP": {"sgdistill": False}, "HPP + PWP + SGDistill": {}}
+    settings = {"minutes": args.minutes, "samples": args.samples, "lr": args.lr, "batch": args.batch,
+                "plan": outcome.plan.describe(), "threads": torch.get_num_threads()}
+    done_file = out / "rows.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for name, options in variants.items():
+        if name in done and done[name]["settings"] == settings:
+            results[name] = (done[name]["score"], done[name]["summary"])
+            print(name, "reused from", done_file, flush=True)
+            continue
         folder = out / name.replace(" ", "").replace("+", "-").lower()
         summary = distill(DistillConfig(
             teacher=family, plan=str(out / "plan.json"), analysis=str(out / "analysis.json"), output_dir=str(folder),
             prompts=str(out / "prompts.txt"), cache_dir=str(out / "cache"), max_train_steps=10**9,
             max_train_minutes=args.minutes, learning_rate=args.lr, train_batch_size=args.batch,
-            checkpointing_steps=0, progress=False, **options,
+            checkpointing_steps=0, progress=False, overwrite=True, **options,
         ))
         student = toy.load_pipeline(folder)
         results[name] = (score(student), summary)
+        done[name] = {"settings": settings, "score": results[name][0], "summary": summary}
+        tmp = done_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=2, default=str))
+        tmp.replace(done_file)
         print(name, results[name][0]["overall"], summary["steps"], flush=True)
     base = results["Original (teacher)"][0]["overall"]
     rows = []

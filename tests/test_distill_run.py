@@ -56,6 +56,8 @@ def test_distill_saves_a_loadable_pruned_pipeline(setup, family, capsys):
     assert summary["steps"] == 6 and summary["sgdistill"] and summary["ranks_identical"]
     assert (out / "checkpoint-3").is_dir() and (out / "checkpoint-6").is_dir()
     pipe = DiffusionPipeline.from_pretrained(out)
+    saved = sum(float(p.detach().double().sum()) for p in pipe.transformer.parameters())
+    assert saved == pytest.approx(summary["rank_checksums"][0], rel=1e-12)  # the trained weights were saved
     assert type(pipe).__name__.startswith("HierarchicalPruned")
     assert pipe.transformer.prune_plan.removed_blocks == plan.removed_blocks
     # PWP: what runs before the first pruned location is bit-identical to the teacher; the rest trained.
@@ -77,17 +79,83 @@ def test_distill_saves_a_loadable_pruned_pipeline(setup, family, capsys):
     assert len(images) == 2
 
 
-def test_resume_from_latest_checkpoint(setup, capsys):
+def test_resume_continues_exactly_where_the_run_stopped(setup, capsys):
+    """4 steps straight = 2 steps, stop, resume from `latest` to 4: same losses and weights."""
     base, plans = setup
     analysis, plan_path, _ = plans["sd3"]
-    out = base / "resume-out"
-    args = _args(base, "sd3", analysis, plan_path, out, "--checkpointing_steps", "2", "--no-sgdistill")
-    assert main(args + ["--max_train_steps", "2"]) == 0
+
+    def args(out):
+        return _args(base, "sd3", analysis, plan_path, out, "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+                     "--train_batch_size", "3")  # 3 does not divide 8 samples: batches wrap across epochs
+
+    straight, stopped = base / "straight-out", base / "resume-out"
+    assert main(args(straight) + ["--max_train_steps", "4"]) == 0
+    assert main(args(stopped) + ["--max_train_steps", "2"]) == 0
+    first = json.loads((stopped / "distill_summary.json").read_text())
     capsys.readouterr()
-    assert main(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]) == 0
-    assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
-    summary = json.loads((out / "distill_summary.json").read_text())
-    assert summary["steps"] == 4 and [entry["step"] for entry in summary["losses"]] == [3, 4]
+    assert main(args(stopped) + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]) == 0
+    assert f"resumed from {stopped / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    second = json.loads((stopped / "distill_summary.json").read_text())
+    whole = json.loads((straight / "distill_summary.json").read_text())
+    assert [e["step"] for e in first["losses"] + second["losses"]] == [e["step"] for e in whole["losses"]] == [1, 2, 3, 4]
+    for a, b in zip(first["losses"] + second["losses"], whole["losses"]):
+        assert a["total"] == pytest.approx(b["total"], abs=1e-6, rel=1e-6)
+    assert second["rank_checksums"][0] == pytest.approx(whole["rank_checksums"][0], rel=1e-9)
+
+
+def test_resume_and_output_folder_mistakes_are_refused_before_training(setup, tmp_path, capsys):
+    from diffusers_hprune import PrunePlan
+
+    base, plans = setup
+    analysis, plan_path, _ = plans["sd3"]
+    run = tmp_path / "run"
+    assert main(_args(base, "sd3", analysis, plan_path, run, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                      "--no-sgdistill")) == 0
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    # The same folder again without --resume_from_checkpoint: refused, nothing touched.
+    assert main(_args(base, "sd3", analysis, plan_path, run, "--max_train_steps", "2", "--no-sgdistill")) == 2
+    assert "already holds a distillation run" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    # Resuming another run's checkpoint (other plan): refused before any step, the new folder stays empty.
+    other = tmp_path / "other-plan.json"
+    PrunePlan(removed_blocks=[10], family="sd3", num_blocks=12).save(other)
+    new = tmp_path / "new"
+    assert main(_args(base, "sd3", analysis, other, new, "--no-sgdistill", "--resume_from_checkpoint",
+                      str(run / "checkpoint-2"))) == 2
+    assert "checkpoint of another run (different plan" in capsys.readouterr().err
+    assert not new.exists() or not any(new.iterdir())
+    assert main(_args(base, "sd3", analysis, plan_path, new, "--resume_from_checkpoint", str(tmp_path))) == 2
+    assert "not a checkpoint-<step> folder" in capsys.readouterr().err
+    # --overwrite starts afresh and removes the old run's checkpoints.
+    assert main(_args(base, "sd3", analysis, plan_path, run, "--max_train_steps", "1", "--no-sgdistill",
+                      "--checkpointing_steps", "0", "--overwrite")) == 0
+    assert not list(run.glob("checkpoint-*"))
+    assert json.loads((run / "distill_summary.json").read_text())["steps"] == 1
+
+
+def test_data_and_plan_mistakes_are_refused_before_training(setup, tmp_path, capsys):
+    from diffusers_hprune import PrunePlan
+
+    base, plans = setup
+    analysis, plan_path, _ = plans["sd3"]
+    too_big = tmp_path / "plan-24.json"
+    PrunePlan(removed_blocks=[20], family="sd3", num_blocks=24).save(too_big)
+    out = tmp_path / "out"
+    assert main(_args(base, "sd3", analysis, too_big, out, "--no-sgdistill")) == 2
+    assert "with 24 blocks, but the model has 12 blocks" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = _args(base, "sd3", analysis, plan_path, out)
+    args[args.index("--prompts") + 1] = str(empty)
+    assert main(args) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    folder = _imagefolder(tmp_path / "images", n=2)
+    (folder / "metadata.jsonl").unlink()  # images without captions
+    args = _args(base, "sd3", analysis, plan_path, out)
+    args[args.index("--prompts"):args.index("--prompts") + 2] = ["--train_data_dir", str(folder)]
+    assert main(args) == 2
+    assert "no column 'text'" in capsys.readouterr().err
+    assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize(
@@ -96,6 +164,7 @@ def test_resume_from_latest_checkpoint(setup, capsys):
         (["--train_data_dir", "somewhere"], "exactly one data source"),
         (["--teacher_4bit"], "CUDA only"),
         (["--lora_rank", "-1"], "lora_rank must be >= 0"),
+        (["--report_to", "nonsense"], "not an Accelerate tracker"),
     ],
 )
 def test_bad_options(setup, extra, message, capsys):
@@ -128,27 +197,70 @@ def test_two_processes_end_with_identical_weights(setup, tmp_path):
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["processes"] == 2
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_identical"]
+    from diffusers import DiffusionPipeline
+
+    saved = DiffusionPipeline.from_pretrained(out).transformer  # gathered with accelerator.get_state_dict
+    assert sum(float(p.double().sum()) for p in saved.parameters()) == pytest.approx(summary["rank_checksums"][0],
+                                                                                    rel=1e-12)
     assert summary["fixed_batch_loss"]["end"] < summary["fixed_batch_loss"]["start"]
 
 
 def test_lora_with_gradient_checkpointing_is_merged_into_the_saved_model(setup):
+    """Only the adapters train; the saved (merged) model computes what the adapted model computed."""
+    import copy
+
     from diffusers import DiffusionPipeline
+    from helpers import transformer_inputs
+    from safetensors.torch import load_file
+
+    from diffusers_hprune import prune_transformer
+    from diffusers_hprune.distillation import apply_pwp
+    from diffusers_hprune.distillation.trainer import _lora_config
 
     base, plans = setup
     analysis, plan_path, plan = plans["sd3"]
     out = base / "lora-out"
     assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "4", "--lora_rank", "4",
-                      "--gradient_checkpointing", "--no-sgdistill", "--learning_rate", "1e-3",
-                      "--checkpointing_steps", "0")) == 0
+                      "--gradient_checkpointing", "--no-sgdistill", "--learning_rate", "1e-2",
+                      "--checkpointing_steps", "4")) == 0
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["lora_rank"] == 4
-    pipe = DiffusionPipeline.from_pretrained(out)  # strict loading: no adapter keys left
-    assert not [n for n, _ in pipe.transformer.named_parameters() if "lora" in n]
-    teacher = dict(toy.load_pipeline("sd3").transformer.named_parameters())
-    last = f"transformer_blocks.{max(s for s in range(12) if s not in plan.removed_blocks)}"
-    moved = [n for n, p in pipe.transformer.named_parameters() if n.startswith(last) and not torch.equal(p, teacher[n])]
-    assert any(n.endswith(".weight") for n in moved)  # the merged adapters changed the linear weights
-    assert torch.equal(pipe.transformer.pos_embed.proj.weight, teacher["pos_embed.proj.weight"])
+    saved = DiffusionPipeline.from_pretrained(out).transformer  # strict loading: no adapter keys left
+    assert not [n for n, _ in saved.named_parameters() if "lora" in n]
+
+    # The adapted model as training left it (checkpoint-4), rebuilt from the teacher.
+    teacher = toy.load_pipeline("sd3").transformer
+    adapted = prune_transformer(copy.deepcopy(teacher), plan)
+    adapted.add_adapter(_lora_config(adapted, apply_pwp(adapted).trainable_modules, 4, None))
+    trained = load_file(out / "checkpoint-4" / "model.safetensors")
+    reference = prune_transformer(copy.deepcopy(teacher), plan).state_dict()
+    lora_keys = [k for k in trained if "lora_" in k]
+    assert lora_keys
+    for key, value in trained.items():
+        if "lora_" not in key:  # every base weight is the teacher's, untouched
+            assert torch.equal(value, reference[key.replace(".base_layer", "")]), key
+    adapted.load_state_dict(trained, strict=True)
+    inputs = transformer_inputs(adapted, batch=2, seed=1)
+    with torch.no_grad():
+        expected = adapted(**inputs, return_dict=False)[0]
+        got = saved(**inputs, return_dict=False)[0]
+        untrained = prune_transformer(copy.deepcopy(teacher), plan)(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - untrained).abs().max() > 1e-3  # the adapters did change the model
+
+
+def _imagefolder(folder: Path, n: int = 6) -> Path:
+    """``n`` toy training images as PNG files with captions in ``metadata.jsonl``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rows = []
+    for k, (image, caption) in enumerate(toy.sample(n, "train", seed=3)):
+        Image.fromarray((toy.dataset.to_array(image) * 255).round().astype(np.uint8)).save(folder / f"{k}.png")
+        rows.append(json.dumps({"file_name": f"{k}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def test_image_caption_data_is_encoded_once(tmp_path):
@@ -157,13 +269,8 @@ def test_image_caption_data_is_encoded_once(tmp_path):
 
     from diffusers_hprune.distillation.data import DataError, DataSpec, build_training_cache
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rows = []
-    for k, (image, caption) in enumerate(toy.sample(6, "train", seed=3)):
-        Image.fromarray((toy.dataset.to_array(image) * 255).round().astype(np.uint8)).save(folder / f"{k}.png")
-        rows.append(json.dumps({"file_name": f"{k}.png", "text": caption}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    folder = _imagefolder(tmp_path / "images")
+    rows = (folder / "metadata.jsonl").read_text().splitlines()
     pipe = toy.load_pipeline("sd3")
     spec = DataSpec(train_data_dir=str(folder), batch_size=4)
     ds, path = build_training_cache(pipe, spec, tmp_path / "cache", progress=False)
@@ -180,3 +287,72 @@ def test_image_caption_data_is_encoded_once(tmp_path):
     assert path2 == path and len(list((tmp_path / "cache").iterdir())) == 1
     with pytest.raises(DataError, match="no column 'caption'"):
         build_training_cache(pipe, DataSpec(train_data_dir=str(folder), caption_column="caption"), tmp_path / "c2")
+
+
+def test_parquet_and_webdataset_shards_give_the_imagefolder_samples(tmp_path):
+    """--dataset_name parquet / webdataset with --data_files: same latents and captions as the imagefolder."""
+    import io
+    import tarfile
+
+    import datasets
+
+    from diffusers_hprune.distillation.data import DataSpec, build_training_cache
+
+    folder = _imagefolder(tmp_path / "images")
+    rows = [json.loads(r) for r in (folder / "metadata.jsonl").read_text().splitlines()]
+    pipe = toy.load_pipeline("sd3")
+    reference, _ = build_training_cache(pipe, DataSpec(train_data_dir=str(folder)), tmp_path / "cache", progress=False)
+
+    parquet = tmp_path / "train.parquet"
+    table = datasets.Dataset.from_dict(
+        {"picture": [str(folder / r["file_name"]) for r in rows], "caption": [r["text"] for r in rows]},
+        features=datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    table.to_parquet(str(parquet))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard, part in enumerate((rows[:3], rows[3:])):  # two shards, as webdataset data comes
+        with tarfile.open(shards / f"train-{shard:05d}.tar", "w") as tar:
+            for r in part:
+                key = Path(r["file_name"]).stem
+                for name, payload in ((f"{key}.png", (folder / r["file_name"]).read_bytes()),
+                                      (f"{key}.txt", r["text"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    specs = {
+        "parquet": DataSpec(dataset_name="parquet", data_files=str(parquet), image_column="picture",
+                            caption_column="caption"),
+        "webdataset": DataSpec(dataset_name="webdataset", data_files=str(shards / "train-*.tar"), image_column="png",
+                               caption_column="txt"),
+    }
+    for name, spec in specs.items():
+        ds, _ = build_training_cache(pipe, spec, tmp_path / "cache", progress=False)
+        order = [ds["prompt"].index(p) for p in reference["prompt"]]  # shards may list samples in another order
+        assert sorted(ds["prompt"]) == sorted(reference["prompt"]), name
+        for k, j in enumerate(order):
+            torch.testing.assert_close(ds[j]["latents"], reference[k]["latents"], msg=name)
+            torch.testing.assert_close(ds[j]["prompt_embeds"], reference[k]["prompt_embeds"], msg=name)
+
+
+def test_8bit_adam_and_tensorboard_logging(setup):
+    """--use_8bit_adam keeps 8-bit optimizer state (bitsandbytes runs it on CPU); --report_to tensorboard logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base, plans = setup
+    analysis, plan_path, _ = plans["sd3"]
+    out = base / "adam8-out"
+    assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "3", "--use_8bit_adam",
+                      "--report_to", "tensorboard", "--checkpointing_steps", "3", "--learning_rate", "1e-3")) == 0
+    state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=True)["state"]  # as Accelerate reads it
+    # bitsandbytes keeps the moments beside "step" or (newer releases) under "__bnb_optimizer_quant_state__"
+    moments = [s.get("__bnb_optimizer_quant_state__", s) for s in state.values()]
+    dtypes = {v.dtype for s in moments for k, v in s.items() if k in ("state1", "state2")}
+    assert torch.uint8 in dtypes  # the large matrices' moments are stored in 8 bits
+    events = [p for p in (out / "logs").rglob("events.out.tfevents.*")]
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    summary = json.loads((out / "distill_summary.json").read_text())
+    logged = [e.value for e in acc.Scalars("total")]
+    assert logged == pytest.approx([s["total"] for s in summary["losses"]], rel=1e-5)

@@ -183,11 +183,53 @@ def test_training_memory_matches_the_real_student(sd3_pipeline):
     pwp = apply_pwp(student)
     full = training_memory(config, plan)
     assert full.trainable_params == pwp.trainable_params
-    assert full.student_weights == 4 * sum(p.numel() for p in student.parameters())
+    buffers = sum(b.numel() for b in student.buffers())  # SD3's positional-embedding table, stored with the weights
+    assert buffers > 0
+    assert full.student_weights == 4 * (sum(p.numel() for p in student.parameters()) + buffers)
     assert full.gradients == 4 * pwp.trainable_params and full.optimizer == 8 * pwp.trainable_params
-    assert full.teacher == 2 * sum(p.numel() for p in sd3_pipeline.transformer.parameters())
+    assert full.teacher == 2 * (sum(p.numel() for p in sd3_pipeline.transformer.parameters()) + buffers)
     lora = training_memory(config, plan, lora_rank=4, teacher_4bit=True, adam_8bit=True)
     linears = [m for path in pwp.trainable_modules for m in student.get_submodule(path).modules()
                if isinstance(m, torch.nn.Linear)]
     assert lora.trainable_params == sum(4 * (m.in_features + m.out_features) for m in linears)
     assert lora.teacher < full.teacher and lora.total < full.total
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-schnell", "flux-dev"])
+def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
+    """The family's denoiser_inputs (packing, ids, timestep scale, dev guidance) match a pipeline step."""
+    from diffusers_hprune.architectures import get_family
+    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(seed=0) if kind == "sd3" else tiny_flux_pipeline(seed=0, guidance_embeds=kind == "flux-dev")
+    pipe.set_progress_bar_config(disable=True)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    guidance = 2.5 if kind == "flux-dev" else (1.0 if kind == "sd3" else 0.0)  # no CFG batch doubling in SD3
+    pipe("a red circle", num_inference_steps=1, height=32, width=32, guidance_scale=guidance, output_type="latent",
+         max_sequence_length=10, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    family = get_family(pipe.transformer)
+    sigma = pipe.scheduler.sigmas[:1].to(torch.float32)
+    latents = captured["hidden_states"]
+    if kind != "sd3":
+        from diffusers import FluxPipeline
+
+        latents = FluxPipeline._unpack_latents(latents, 32, 32, pipe.vae_scale_factor)
+    text = {"prompt_embeds": captured["encoder_hidden_states"], "pooled_projections": captured["pooled_projections"]}
+    ours = family.denoiser_inputs(pipe.transformer, latents, sigma, text, guidance if kind == "flux-dev" else None)
+    for key, value in ours.items():
+        theirs = captured.get(key)
+        if value is None:
+            assert theirs is None, key
+        else:
+            torch.testing.assert_close(value.float(), theirs.float(), msg=key)
+    if kind == "flux-dev":
+        assert float(ours["guidance"][0]) == 2.5
+    # And the output convention inverts the packing: a packed prediction comes back as latents.
+    out = pipe.transformer(**ours, return_dict=False)[0]
+    assert family.denoiser_output(out, latents).shape == latents.shape

@@ -76,7 +76,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "resume_from_checkpoint", help="a checkpoint folder or 'latest'")
     _add(g, "validation_steps", type=int, default=0, help="draw validation images every N steps (0: never)")
     _add(g, "validation_prompts", nargs="*", default=[])
-    _add(g, "report_to", help="an Accelerate tracker, e.g. tensorboard")
+    _add(g, "report_to", help="Accelerate trackers, comma-separated, e.g. tensorboard (logs in OUTPUT_DIR/logs)")
+    _add(g, "overwrite", action="store_true",
+         help="start a new run in an OUTPUT_DIR that holds one (its checkpoints are deleted)")
     _add(g, "no_progress", action="store_true", help="no progress bar")
     return parser
 

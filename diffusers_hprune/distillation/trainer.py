@@ -87,7 +87,78 @@ class DistillConfig:
     validation_steps: int = 0
     validation_prompts: list[str] = field(default_factory=list)
     report_to: str | None = None
+    overwrite: bool = False
     progress: bool = True
+
+
+RUN_FILE = "hprune_run.json"
+
+
+class _StepSampler:
+    """Which samples, and which random seed, micro-step ``m`` of process ``r`` uses.
+
+    The sample stream is a concatenation of seeded permutations of the dataset (one per epoch);
+    micro-step ``m`` of process ``r`` of ``W`` takes positions ``[(m W + r) B, (m W + r + 1) B)``.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, seed: int):
+        self.n, self.batch, self.world, self.base = n, batch, world, seed
+        self._perm: tuple[int, list[int]] = (-1, [])
+
+    def indices(self, micro: int, rank: int) -> list[int]:
+        start = (micro * self.world + rank) * self.batch
+        out = []
+        for pos in range(start, start + self.batch):
+            epoch, k = divmod(pos, self.n)
+            if self._perm[0] != epoch:
+                gen = torch.Generator().manual_seed(self.base + epoch)
+                self._perm = (epoch, torch.randperm(self.n, generator=gen).tolist())
+            out.append(self._perm[1][k])
+        return out
+
+    def seed(self, micro: int, rank: int) -> int:
+        return (self.base * 1_000_003 + micro * 1_009 + rank) % (2**63)
+
+
+def _run_identity(teacher_fingerprint: str, plan, student, groups, config: DistillConfig) -> dict:
+    """What a checkpoint must share with the run resuming from it."""
+    return {
+        "teacher": teacher_fingerprint, "plan": plan.to_dict(), "lora_rank": config.lora_rank,
+        "param_groups": [g.name for g in groups], "trainable": sum(g.numel for g in groups),
+        "parameters": sum(p.numel() for p in student.parameters()),
+    }
+
+
+def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        return _latest_checkpoint(output_dir) if output_dir.is_dir() else None
+    path = Path(config.resume_from_checkpoint)
+    if not (path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)):
+        raise DistillError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder; give one written by "
+                           "this command, or 'latest'.")
+    return path
+
+
+def _check_resume(path: Path, identity: dict) -> None:
+    import json
+
+    try:
+        saved = json.loads((path / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        raise DistillError(f"{path} has no readable {RUN_FILE}: it is not a checkpoint of `hprune distill`; resume "
+                           "from one of this run's checkpoints, or start without --resume_from_checkpoint.") from None
+    differ = [k for k in identity if saved.get(k) != identity[k]]
+    if differ:
+        raise DistillError(f"{path} is a checkpoint of another run (different {', '.join(differ)}): resume with the "
+                           "teacher, plan and options it was made with, or start a new run in another --output_dir.")
+
+
+def _holds_a_run(output_dir: Path) -> bool:
+    if not output_dir.is_dir():
+        return False
+    return (output_dir / "model_index.json").exists() or _latest_checkpoint(output_dir) is not None
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
@@ -102,6 +173,23 @@ def _plan_ratio(plan, config) -> float:
     return inventory.removed_fraction
 
 
+def _check_trackers(report_to: str | None) -> None:
+    """Accelerate drops a tracker whose package is missing without a word: refuse instead."""
+    if not report_to or report_to == "all":
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in report_to.split(","):
+        name = name.strip()
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise DistillError(f"--report_to {name!r} is not an Accelerate tracker; choose one of "
+                               f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}.")
+        if name not in available:
+            raise DistillError(f"--report_to {name}: its package is not installed; install it (e.g. "
+                               f"`pip install {name}`) or drop the option.")
+
+
 def _load_teacher(config: DistillConfig, dtype: torch.dtype):
     from ..analysis import _load_pipeline
 
@@ -109,7 +197,8 @@ def _load_teacher(config: DistillConfig, dtype: torch.dtype):
     return pipe, name
 
 
-def _lora(student, trainable_paths: list[str], rank: int, alpha: float | None):
+def _lora_config(student, trainable_paths: list[str], rank: int, alpha: float | None):
+    """The LoRA adapter config for every linear layer of the trainable parts."""
     from peft import LoraConfig
 
     targets = []
@@ -119,9 +208,35 @@ def _lora(student, trainable_paths: list[str], rank: int, alpha: float | None):
                 targets.append(f"{path}.{name}" if name else path)
     if not targets:
         raise DistillError("LoRA found no linear layer in the trainable part of the student.")
-    student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                   target_modules=targets))
-    return targets
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+
+
+def _final_student(accelerator, student, family, lora_config):
+    """The trained student as a plain fp32 module on the main process (``None`` elsewhere), LoRA merged.
+
+    ``accelerator.get_state_dict`` runs on every process: under FSDP / DeepSpeed it gathers the
+    sharded weights into full tensors on the main process; under DDP it is the module's own
+    state dict. The weights go into a fresh module of the student's class and plan (built
+    without allocating weights), so nothing depends on how the training wrapper holds them.
+    """
+    from accelerate import init_empty_weights
+
+    state = accelerator.get_state_dict(student)
+    if not accelerator.is_main_process:
+        return None
+    inner = accelerator.unwrap_model(student)
+    config = {k: v for k, v in inner.config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        final = family.pruned_class.from_config(config)
+        if lora_config is not None:
+            final.add_adapter(copy.deepcopy(lora_config))
+    final.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True,
+                          assign=True)
+    final.to(torch.float32)
+    if lora_config is not None:
+        final.fuse_lora()
+        final.unload_lora()
+    return final.requires_grad_(False).eval()
 
 
 def _save_pipeline(pipeline, output_dir: Path) -> None:
@@ -159,10 +274,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     from .sgdistill import sgdistill_param_groups
 
     output_dir = Path(config.output_dir)
+    _check_trackers(config.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
-        log_with=config.report_to,
+        log_with=[t.strip() for t in config.report_to.split(",")] if config.report_to else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         cpu=launched_on_cpu(),
     )
@@ -182,7 +298,13 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
                            "CUDA only; drop the flag on this machine.")
     plan = PrunePlan.load(config.plan)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = _resume_path(config, output_dir)
+    if config.resume_from_checkpoint and resume_path is None:
+        say(f"no checkpoint in {output_dir} to resume from; starting at step 0")
+    if resume_path is None and not config.overwrite and _holds_a_run(output_dir):
+        raise DistillError(f"{output_dir} already holds a distillation run (checkpoints or a saved pipeline); continue "
+                           "it with --resume_from_checkpoint latest, replace it with --overwrite, or choose another "
+                           "--output_dir.")
 
     # Teacher and student. The student copies the teacher's transformer, then the plan removes parts.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -212,10 +334,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if use_sg and report is None:
         raise DistillError("SGDistill needs the contribution analysis: pass --analysis analysis.json "
                            "(or --no-sgdistill).")
-    lora_targets = []
+    lora_config = None
     if config.lora_rank:
         student.requires_grad_(False)
-        lora_targets = _lora(student, pwp.trainable_modules, config.lora_rank, config.lora_alpha)
+        lora_config = _lora_config(student, pwp.trainable_modules, config.lora_rank, config.lora_alpha)
+        student.add_adapter(copy.deepcopy(lora_config))
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     groups = sgdistill_param_groups(
@@ -223,8 +346,17 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         floor=config.sensitivity_floor, eps=config.sensitivity_eps, binary=config.binary_freeze,
     )
     trainable = sum(g.numel for g in groups)
+    from ..analysis import fingerprint
+
+    identity = _run_identity(fingerprint(teacher), plan, student, groups, config)
+    if resume_path is not None:
+        _check_resume(resume_path, identity)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite and resume_path is None and accelerator.is_main_process:
+        for old in output_dir.glob("checkpoint-*"):  # a new run: the old run's checkpoints must not be resumed
+            shutil.rmtree(old)
     say(f"optimizer: {len(groups)} parameter group(s), {trainable:,} trainable parameters"
-        + (f" (LoRA rank {config.lora_rank} on {len(lora_targets)} layers)" if lora_targets else ""))
+        + (f" (LoRA rank {config.lora_rank} on {len(lora_config.target_modules)} layers)" if lora_config else ""))
     for g in groups:
         say(f"  {g.name}: lr {g.lr:.3g} (m = {g.multiplier:.3g}), {g.numel:,} parameters")
     if config.use_8bit_adam:
@@ -244,9 +376,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
     say(f"training data: {len(dataset)} samples cached in {cache_path}")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=False,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    # Batches, noise and noise levels are functions of (seed, micro-step, rank): a resumed run draws
+    # exactly what the uninterrupted run would have drawn.
+    sampler = _StepSampler(len(dataset), config.train_batch_size, accelerator.num_processes, config.seed)
+    student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     if weight_dtype != torch.float32 and not config.teacher_4bit:
         teacher.to(dtype=weight_dtype)
@@ -257,15 +390,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     n_train = scheduler.config.num_train_timesteps
 
     step = 0
-    if config.resume_from_checkpoint:
-        path = (_latest_checkpoint(output_dir) if config.resume_from_checkpoint == "latest"
-                else Path(config.resume_from_checkpoint))
-        if path is None or not path.is_dir():
-            say(f"no checkpoint to resume from ({config.resume_from_checkpoint}); starting at step 0")
-        else:
-            accelerator.load_state(str(path))
-            step = int(path.name.rsplit("-", 1)[1])
-            say(f"resumed from {path} at step {step}")
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        step = int(resume_path.name.rsplit("-", 1)[1])
+        say(f"resumed from {resume_path} at step {step}")
     if config.report_to:
         accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
@@ -275,26 +403,23 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                                  accelerator.device, weight_dtype, config)
 
     eval_start = held_out_loss()
-    gen = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + accelerator.process_index + step)
     losses: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(total=config.max_train_steps, initial=step, desc="distilling", unit="step",
                disable=not (config.progress and accelerator.is_main_process))
     student.train()
-    epoch_iter = iter(loader)
     while step < config.max_train_steps:
         if config.max_train_minutes is not None and (time.perf_counter() - start) / 60 >= config.max_train_minutes:
             break
-        for _ in range(config.gradient_accumulation_steps):
-            try:
-                batch = next(epoch_iter)
-            except StopIteration:
-                epoch_iter = iter(loader)
-                batch = next(epoch_iter)
+        for micro in range(step * config.gradient_accumulation_steps, (step + 1) * config.gradient_accumulation_steps):
+            batch = dataset[sampler.indices(micro, accelerator.process_index)]
             x0 = batch["latents"].to(accelerator.device, weight_dtype)
             text = {k: batch[k].to(accelerator.device, weight_dtype) for k in ("prompt_embeds", "pooled_projections")}
             b = x0.shape[0]
-            u = compute_density_for_timestep_sampling("logit_normal", b, config.logit_mean, config.logit_std)
+            gen = torch.Generator().manual_seed(sampler.seed(micro, accelerator.process_index))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sampler.seed(micro, accelerator.process_index))
+                u = compute_density_for_timestep_sampling("logit_normal", b, config.logit_mean, config.logit_std)
             sigmas = sigmas_table[(u * n_train).long().clamp(max=len(sigmas_table) - 1)].to(weight_dtype)
             noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, weight_dtype)
             s = sigmas.view(-1, 1, 1, 1)
@@ -318,7 +443,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         bar.set_postfix(loss=f"{parts['total']:.4g}", kd=f"{parts['kd']:.3g}", feat=f"{parts['feat']:.3g}")
         accelerator.log(parts, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            _checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+            _checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit, identity)
         if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
             _validate(pipe, accelerator.unwrap_model(student), config, output_dir, step)
     bar.close()
@@ -341,12 +466,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1,
         "fixed_batch_loss": {"start": eval_start, "end": eval_end}, "losses": losses,
     }
+    final = _final_student(accelerator, student, family, lora_config)
     if accelerator.is_main_process:
-        final = copy.deepcopy(inner).to(torch.float32)
-        if lora_targets:
-            final.fuse_lora()
-            final.unload_lora()
-        final.requires_grad_(False)
         student_pipe = with_pruned_transformer(pipe, final)
         student_pipe.to("cpu")
         _save_pipeline(student_pipe, output_dir)
@@ -379,7 +500,7 @@ def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, co
     return float(distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat)[0])
 
 
-def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> None:
+def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, identity: dict) -> None:
     target = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     accelerator.wait_for_everyone()
@@ -389,6 +510,9 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from ..fileio import atomic_write_json
+
+        atomic_write_json(tmp / RUN_FILE, identity)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

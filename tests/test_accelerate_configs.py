@@ -1,0 +1,27 @@
+"""The Accelerate configs shipped in examples/ parse as Accelerate configs and say what their names say.
+
+FSDP and DeepSpeed need GPUs, so they are not run here; DDP is run with 2 CPU processes in
+test_distill_run.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs"
+
+
+@pytest.mark.parametrize("name, distributed_type", [("multi_gpu.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"),
+                                                    ("deepspeed_zero2.yaml", "DEEPSPEED")])
+def test_shipped_accelerate_configs_parse(name, distributed_type):
+    config = load_config_from_file(str(CONFIGS / name))
+    assert str(config.distributed_type).rsplit(".", 1)[-1] == distributed_type
+    assert config.num_processes >= 2 and config.mixed_precision == "bf16"
+    if distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    if distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
