@@ -13,6 +13,7 @@ if _running_as_cli():
 from diffusers import DiffusionPipeline, ModelMixin  # noqa: E402, F401  (Diffusers' loader looks these up here)
 
 from .architectures import BLOCK, BlockSpec, ModelFamily, family_names, get_family
+from .config import HPruneConfig
 from .errors import (
     CheckpointMismatchError,
     HPruneError,
@@ -31,6 +32,7 @@ from .pipelines import (
 )
 from .plan import PrunePlan
 from .prune import prune_transformer
+from .quantization import quantize, quantize_pipeline
 from .registration import register as _register
 
 __version__ = "0.1.0.dev0"
@@ -46,6 +48,7 @@ __all__ = [
     "BLOCK",
     "BlockSpec",
     "CheckpointMismatchError",
+    "HPruneConfig",
     "HPruneError",
     "HierarchicalPrunedFluxPipeline",
     "HierarchicalPrunedFluxTransformer2DModel",
@@ -61,4 +64,6 @@ __all__ = [
     "load_transformer_config",
     "prune_pipeline",
     "prune_transformer",
+    "quantize",
+    "quantize_pipeline",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import HPruneError
 
@@ -21,22 +22,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import diffusers
-    import transformers
+    from .demo import DemoFolderError, format_demo_summary, run_demo
 
-    from .demo import format_summary, run_demo
-
-    # The demo shows its own progress; Diffusers' per-file bars would bury it.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
+    overrides = _config_overrides(args)
     try:
-        summary = run_demo(args.out, families=args.family, n_prompts=args.prompts, overwrite=args.overwrite,
-                           ratio=args.ratio)
-    except FileExistsError as e:
+        summary = run_demo(args.out, overrides=overrides, overwrite=args.overwrite)
+    except DemoFolderError as e:
         print(f"hprune demo: error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(summary, args.out))
+    print(format_demo_summary(summary))
     return 0
 
 
@@ -50,23 +44,90 @@ def _cmd_toy_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import diffusers
-
     from . import toy
+    from .analysis import DEFAULT_PROMPTS, _is_toy
+    from .evaluation import FIDELITY, evaluate_pipelines, load_for_evaluation
     from .fileio import atomic_write_json
 
-    diffusers.utils.logging.disable_progress_bar()
-    pipe = toy.load_pipeline(args.model)
-    prompt_list = toy.prompts(split=args.split, n=args.n, seed=args.seed)
-    images = toy.generate(pipe, prompt_list, seed=args.seed)
-    result = {"model": str(args.model), "metric": args.metric, "split": args.split, "n": args.n, "seed": args.seed}
-    result.update(toy.shapeeval(images, prompt_list))
-    if args.grid:
-        toy.save_grid(images[: args.grid_size], args.grid)
+    models = {"teacher" if args.student else "model": load_for_evaluation(args.model)}
+    if args.student:
+        models["student"] = load_for_evaluation(args.student)
+    reference = next(iter(models.values()))
+    is_toy = _is_toy(reference) is not None or args.model in toy.FAMILIES
+    if args.prompts:
+        from .distillation.data import _read_prompts
+
+        prompt_list = _read_prompts(args.prompts)[: args.n] if args.n else _read_prompts(args.prompts)
+    elif is_toy:
+        prompt_list = toy.prompts(split=args.split, n=args.n or 200, seed=args.seed)
+    else:
+        prompt_list = [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)] for k in range(args.n or 8)]
+    metrics = args.metric or ([FIDELITY] if args.student else []) + (["shapeeval"] if is_toy else [])
+    result = evaluate_pipelines(
+        models, prompt_list, seed=args.seed, metrics=metrics, metric_options=_evaluate_metric_args(args.metric_arg,
+                                                                                                    metrics),
+        num_inference_steps=args.steps, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size, cost=not args.no_cost, latency_repeats=args.latency_repeats, warmup=args.warmup,
+        grid=args.grid, grid_size=args.grid_size,
+    )
+    print(format_evaluation(result))
     if args.out:
         atomic_write_json(args.out, result)
-    print(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
     return 0
+
+
+def _evaluate_metric_args(pairs: list[str], metrics: list[str]) -> dict[str, dict]:
+    """``METRIC:KEY=VALUE`` for one metric, ``KEY=VALUE`` for every metric that is not fidelity."""
+    options: dict[str, dict] = {}
+    for item in pairs or []:
+        target, colon, rest = item.partition(":")
+        if not colon or "=" in target:
+            target, rest = None, item
+        for key, value in _metric_args([rest]).items():
+            for metric in [target] if target else [m for m in metrics if m != "fidelity"]:
+                options.setdefault(metric, {})[key] = value
+    return options
+
+
+def format_evaluation(result: dict) -> str:
+    """The table ``hprune evaluate`` prints."""
+    names = list(result["models"])
+    entries = [result["models"][n] for n in names]
+    rows = []
+
+    def add(label, values):
+        rows.append([label, *values])
+
+    if "params" in entries[0]:
+        add("parameters", [f"{e['params']:,}" for e in entries])
+        add("weight bytes", [f"{e['weight_bytes']:,}" for e in entries])
+        add("step peak bytes", [f"{e['step_peak_bytes']:,}" for e in entries])
+        add("step latency", [f"{e['latency_s']['median'] * 1e3:.1f} ms (IQR {e['latency_s']['iqr'] * 1e3:.1f})"
+                             for e in entries])
+    for metric in entries[0]["metrics"]:
+        values = [e["metrics"][metric] for e in entries]
+        add(metric, [f"{v['overall'] if isinstance(v, dict) else v:.4g}" for v in values])
+    for e in entries[1:]:
+        if "fidelity" in e:
+            f = e["fidelity"]
+            rows.append(["fidelity to " + names[0], "-"] + [f"PSNR {f['psnr_db']:.2f} dB"
+                                                          + (f", SSIM {f['ssim']:.3f}" if f["ssim"] is not None else "")])
+    header = ["", *names]
+    if len(names) == 2:
+        header.append(f"{names[1]} / {names[0]}")
+        rel = entries[1].get("relative", {})
+        keys = {"parameters": "params", "weight bytes": "weight_bytes", "step peak bytes": "step_peak_bytes",
+                "step latency": "latency"}
+        for row in rows:
+            key = keys.get(row[0], row[0])
+            row.append(f"{rel[key]:.1%}" if key in rel else "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.append(f"{len(result['prompts'])} prompts, seeds {result['seed']}.., generation {result['generation']}")
+    if "grid" in result:
+        lines.append(f"grid ({' | '.join(names)}, one row each): {result['grid']}")
+    return "\n".join(lines)
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -170,6 +231,111 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .memory import format_bytes
+    from .quantization import quantize_pipeline
+
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
+    out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules, compute_dtype=dtype,
+                            dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],
+                            overwrite=args.overwrite)
+    import json
+
+    from .inventory import inspect_transformer
+
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    inventory = inspect_transformer(config)
+    on_disk = sum(f.stat().st_size for f in (out / "transformer").glob("*.safetensors"))
+    print(f"quantised the transformer to NF4 (double quantisation, block size 64); kept in 16-bit: {', '.join(skip)}")
+    nf4, bf16 = inventory.nbytes("nf4"), inventory.nbytes("bf16")
+    print(f"transformer file: {on_disk:,} bytes = {format_bytes(on_disk)}; computed NF4 weights {nf4:,} bytes, "
+          f"bf16 {bf16:,} bytes ({nf4 / bf16:.1%})")
+    print(f"wrote {out}; load it with `import diffusers_hprune` then `DiffusionPipeline.from_pretrained('{out}')`")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import get_token
+
+    from .card import write_model_card
+    from .hub import PushError, push_folder, upload_tree
+
+    if not (args.token or get_token()):  # before writing a card or anything else
+        raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
+                        "then push again. Nothing was uploaded.")
+    if args.base_model:
+        card = write_model_card(args.folder, base_model=args.base_model, evaluation=args.evaluation, grid=args.grid,
+                                repo_id=args.repo_id, license=args.license)
+        print(f"wrote the model card {card}")
+    files = upload_tree(args.folder) if Path(args.folder).is_dir() else []
+    url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"uploaded {len(files)} files to https://huggingface.co/{args.repo_id} ({url})")
+    return 0
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    """The HPruneConfig fields given on the command line (flags from ``_add_config_flags``)."""
+    from dataclasses import fields
+
+    from .config import HPruneConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(HPruneConfig) if getattr(args, f.name, None) is not None}
+    if getattr(args, "memory", None) is not None:
+        values["ratio"] = None
+    elif getattr(args, "ratio", None) is not None:
+        values["memory"] = None
+    if getattr(args, "quantize", None) is not None:
+        values["quantize"] = args.quantize == "nf4"
+    if getattr(args, "no_distill", False):
+        values["distill"] = False
+    return values
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress
+    from .config import HPruneConfig
+
+    values = HPruneConfig.load(args.config).to_dict() if args.config else {}
+    values.pop("format", None), values.pop("version", None)
+    values.update(_config_overrides(args))
+    prompts = None
+    if args.prompts:
+        from .distillation.data import _read_prompts
+
+        prompts = _read_prompts(args.prompts)
+    compress(args.model, args.out, HPruneConfig(**values), prompts=prompts, push=args.push, private=args.private,
+             license=args.license)
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, defaults=None) -> None:
+    """One flag per HPruneConfig field (``--max-train-steps`` ...); the help shows ``defaults``
+    (an HPruneConfig; default: the dataclass's defaults). Flags not given stay None."""
+    from dataclasses import MISSING, fields
+
+    from .config import HPruneConfig
+
+    special = {"ratio", "memory", "quantize", "distill"}
+    g = parser.add_argument_group("settings (HPruneConfig fields)" if defaults is not None else
+                                  "settings (HPruneConfig fields; --config FILE gives them all)")
+    for f in fields(HPruneConfig):
+        if f.name in special:
+            continue
+        default = f.default if f.default is not MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        kind = {"bool": None, "int": int, "float": float, "str": str}.get(type(default).__name__, float)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f.name, type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+                           metavar="true|false", help=f"default {default}")
+        else:
+            g.add_argument(flag, dest=f.name, type=kind or float, help=f"default {default}")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis import ContributionReport
     from .plan import PrunePlan
@@ -216,33 +382,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the flow on the embedded toy SD3 and FLUX pipelines (CPU, about a minute)",
-        description="Draw and score (ShapeEval) the embedded toy SD3 and FLUX pipelines, analyse the contribution "
-        "of every block and component, plan with HPP, prune, save, load back with "
-        "DiffusionPipeline.from_pretrained and score again.",
+        help="hprune compress on the embedded SD3 toy pipeline (CPU, about 10 minutes)",
+        description="The whole method on the embedded toy StableDiffusion3Pipeline: analyse, plan (HPP, 30%%), "
+        "prune, distil (PWP + SGDistill, 5 minutes), quantise (NF4), evaluate (ShapeEval of teacher and student, "
+        "bytes, latency, sample grid) and write the model card. Every compress setting can be changed with its "
+        "flag; a second run in the same folder continues where the first stopped.",
     )
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
-    p.add_argument("--family", nargs="+", choices=["sd3", "flux"], default=["sd3", "flux"], help="families to run")
-    p.add_argument("--prompts", type=int, default=24, help="held-out prompts to draw and score (default 24)")
-    p.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of the transformer's parameters the HPP plan removes (default 0.2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
+    p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
+    p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
+    p.add_argument("--overwrite", action="store_true", help="delete the output folder first and start over")
+    from .demo import DEMO_CONFIG
+
+    _add_config_flags(p, defaults=DEMO_CONFIG)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "evaluate",
-        help="score a pipeline's prompt adherence (ShapeEval on the toy prompts)",
-        description="Generate one image per held-out toy prompt and score them with ShapeEval "
-        "(overall, per category, per attribute).",
+        help="quality, memory and latency of a pipeline, or of a student next to its teacher",
+        description="Draw the same prompts with the same seeds with every pipeline; score them with the metrics "
+        "asked for (default: ShapeEval on the toys; fidelity = PSNR/SSIM of the student's images against the "
+        "teacher's), and measure the transformer's parameters, weight bytes, the peak memory and the latency of one "
+        "denoising step (warm-up, then the median of --latency-repeats steps).",
     )
-    p.add_argument("model", help="a toy name (sd3, flux) or a pipeline folder trained on the toy shapes")
-    p.add_argument("--metric", choices=["shapeeval"], default="shapeeval", help="metric (default shapeeval)")
-    p.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
-    p.add_argument("--split", choices=["heldout", "train"], default="heldout")
+    p.add_argument("model", help="the pipeline (the teacher when STUDENT is given): a folder, a cached Hub id, or a "
+                   "toy name (sd3, flux)")
+    p.add_argument("student", nargs="?", help="a student pipeline to compare with MODEL")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="a metric of the registry (fidelity, shapeeval, clip_score, hpsv2, ...); repeat for several")
+    p.add_argument("--metric-arg", action="append", metavar="[METRIC:]KEY=VALUE", help="an option of a metric")
+    p.add_argument("--prompts", help="a text file, one prompt a line (default: the toy's held-out prompts)")
+    p.add_argument("--n", type=int, help="number of prompts (default 200 on the toys, 8 otherwise)")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout", help="toy prompt split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed denoising steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--no-cost", action="store_true", help="skip the memory and latency measurements")
     p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--grid", help="write a PNG grid of the first images here")
-    p.add_argument("--grid-size", type=int, default=32, help="images in the grid (default 32)")
+    p.add_argument("--grid", help="write a PNG grid here: one row per pipeline, one column per prompt")
+    p.add_argument("--grid-size", type=int, default=16, help="prompts in the grid (default 16)")
     p.set_defaults(func=_cmd_evaluate)
 
     from .metrics import metric_names
@@ -322,6 +506,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="alpha for the Score panel (default: the family's)")
     p.add_argument("--out", required=True, help="folder for blocks.png, components.png, similarity.png, table.txt")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "quantize",
+        help="W4A16: NF4 weights (bitsandbytes) for a pipeline's transformer, saved in Diffusers' format",
+        description="Quantise the transformer of a pipeline folder (pruned or not) to NF4 with double quantisation "
+        "(block size 64) through Diffusers' bitsandbytes quantizer; everything else is copied. The result loads "
+        "with DiffusionPipeline.from_pretrained: stock Diffusers on a GPU, and after `import diffusers_hprune` on "
+        "a CPU too.",
+    )
+    p.add_argument("model", help="a pipeline folder (from save_pretrained or `hprune distill`)")
+    p.add_argument("--out", required=True, help="the new pipeline folder")
+    p.add_argument("--skip-modules", nargs="+", metavar="NAME",
+                   help="modules kept in 16-bit (default: the family's input embedders, norm_out, and for SD3 proj_out)")
+    p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype the 4-bit layers compute in (auto: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="storage dtype of the transformer's parameters that stay unquantised (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "push",
+        help="publish a pipeline folder with its model card to the Hugging Face Hub (one commit)",
+        description="Create the repository if needed and upload the folder (pipeline, README.md card, sample "
+        "images; not checkpoints, caches or logs) in one commit. With --base-model the card is written first.",
+    )
+    p.add_argument("folder", help="a pipeline folder")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="a Hugging Face token (default: the logged-in one or HF_TOKEN)")
+    p.add_argument("--base-model", help="write the model card first, naming this base model (Hub id)")
+    p.add_argument("--evaluation", help="with --base-model: a metrics.json from `hprune evaluate TEACHER STUDENT`")
+    p.add_argument("--grid", help="with --base-model: the sample grid from `hprune evaluate --grid`")
+    p.add_argument("--license", help="with --base-model: the base model's license id (default: other)")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser(
+        "compress",
+        help="the whole method in one command: analyse, plan, prune, distil, quantise, evaluate, card (, push)",
+        description="Compress a pipeline with HierarchicalPrune. One folder per stage inside --out; a stage whose "
+        "output exists and matches its inputs is skipped, so an interrupted run continues where it stopped.",
+    )
+    p.add_argument("model", help="a pipeline folder, a cached Hub id, or a toy name (sd3, flux)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
+    target.add_argument("--memory", type=parse_bytes, help="weight budget at --weight-dtype, e.g. 4GB")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--prompts", help="training prompts for data-free distillation, one a line (toys: built in)")
+    p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
+    p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
+    p.add_argument("--config", help="an HPruneConfig JSON file (flags override it)")
+    p.add_argument("--push", metavar="ORG/NAME", help="publish the result to the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--license", help="the base model's license id, for the card")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_compress)
 
     from .distillation.arguments import add_distill_arguments
 

@@ -83,9 +83,52 @@ def test_evaluate_cli_scores_a_toy(tmp_path, capsys):
     from diffusers_hprune.cli import main
 
     out, grid = tmp_path / "metrics.json", tmp_path / "grid.png"
-    assert main(["evaluate", "flux", "--n", "6", "--out", str(out), "--grid", str(grid)]) == 0
+    assert main(["evaluate", "flux", "--n", "6", "--out", str(out), "--grid", str(grid), "--latency-repeats", "2"]) == 0
     result = json.loads(out.read_text())
-    assert result["metric"] == "shapeeval" and result["n"] == 6
-    assert 0.0 <= result["overall"] <= 1.0 and "attribute_shape" in result
-    assert json.loads(capsys.readouterr().out) == result
+    model = result["models"]["model"]
+    assert len(result["prompts"]) == 6 and list(model["metrics"]) == ["shapeeval"]
+    assert 0.0 <= model["metrics"]["shapeeval"]["overall"] <= 1.0 and "attribute_shape" in model["metrics"]["shapeeval"]
+    assert "fidelity" not in model and model["params"] > 0
+    assert "shapeeval" in capsys.readouterr().out
     assert grid.is_file()
+
+
+def test_evaluate_cli_compares_a_student_with_its_teacher(tmp_path, capsys):
+    """Same prompts and seeds; metrics, fidelity, cost and a teacher | student grid."""
+    from PIL import Image
+
+    from diffusers_hprune import PrunePlan, prune_pipeline, toy
+    from diffusers_hprune.cli import main
+
+    student = tmp_path / "student"
+    plan = PrunePlan(removed_blocks=[9, 10], family="sd3", num_blocks=12)
+    prune_pipeline(toy.load_pipeline("sd3"), plan).save_pretrained(student)
+    out, grid = tmp_path / "metrics.json", tmp_path / "grid.png"
+    assert main(["evaluate", "sd3", str(student), "--n", "5", "--latency-repeats", "2", "--warmup", "1",
+                 "--out", str(out), "--grid", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "fidelity to teacher" in printed and "student / teacher" in printed
+    result = json.loads(out.read_text())
+    teacher, pruned = result["models"]["teacher"], result["models"]["student"]
+    assert len(result["prompts"]) == 5 and result["generation"]["num_inference_steps"] == 20
+    assert pruned["prune_plan"] == plan.describe() and teacher["prune_plan"] == ""
+    assert pruned["params"] < teacher["params"] and pruned["weight_bytes"] < teacher["weight_bytes"]
+    assert pruned["relative"]["params"] == pytest.approx(pruned["params"] / teacher["params"])
+    assert len(pruned["latency_s"]) and pruned["latency_s"]["repeats"] == 2
+    assert 0 <= pruned["metrics"]["shapeeval"]["overall"] <= 1 and "attribute_shape" in pruned["metrics"]["shapeeval"]
+    assert 5 < pruned["fidelity"]["psnr_db"] < 100 and 0 < pruned["fidelity"]["ssim"] < 1
+    image = Image.open(grid)
+    assert image.width == 5 * 32 * 3 and image.height == 2 * 32 * 3  # five prompts, teacher row over student row
+    # The teacher compared with itself is perfectly faithful.
+    assert main(["evaluate", "sd3", "sd3", "--n", "2", "--no-cost", "--out", str(out)]) == 0
+    same = json.loads(out.read_text())["models"]["student"]
+    assert same["fidelity"]["psnr_db"] == 100.0 and "params" not in same
+
+
+def test_evaluate_refuses_mismatched_or_unknown_inputs(capsys):
+    from diffusers_hprune.cli import main
+
+    assert main(["evaluate", "sd3", "flux", "--n", "2", "--no-cost"]) == 2
+    assert "compare a student with its own teacher" in capsys.readouterr().err
+    assert main(["evaluate", "sd3", "--n", "2", "--metric", "nonsense", "--no-cost"]) == 2
+    assert "nonsense" in capsys.readouterr().err

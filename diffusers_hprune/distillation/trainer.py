@@ -405,7 +405,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     eval_start = held_out_loss()
     losses: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(total=config.max_train_steps, initial=step, desc="distilling", unit="step",
+    # With a wall-clock budget the step total is only a cap: show elapsed time and rate, not a false ETA.
+    budget = config.max_train_minutes is not None
+    bar = tqdm(total=None if budget else config.max_train_steps, initial=step, unit="step",
+               desc=f"distilling ({config.max_train_minutes:g} min budget)" if budget else "distilling",
                disable=not (config.progress and accelerator.is_main_process))
     student.train()
     while step < config.max_train_steps:

@@ -61,11 +61,14 @@ class HierarchicalPrunedMixin:
         Raises :class:`CheckpointMismatchError` naming the missing, unexpected or
         wrongly shaped keys instead of leaving parts of the model uninitialised.
         """
+        from ..quantization import cpu_nf4_loading
+
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
+            with cpu_nf4_loading():  # NF4 checkpoints (hprune quantize) load on a CPU too
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                )
         except (RuntimeError, ValueError) as e:
             # Diffusers reports a shape mismatch as RuntimeError("size mismatch ...") or,
             # when loading onto the meta device, ValueError("... expected shape ...").

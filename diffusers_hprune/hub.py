@@ -1,0 +1,66 @@
+"""Publishing a compressed pipeline folder to the Hugging Face Hub (``hprune push``).
+
+One repository (``create_repo(exist_ok=True)``) and one commit (``upload_folder``) holding the
+pipeline, its model card (``README.md``) and sample images. Training leftovers (checkpoints,
+the data cache, logs, validation grids, hidden temporary files) stay home. The credentials are
+checked before anything is created or uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import HPruneError
+
+#: Patterns (``fnmatch``, as ``upload_folder`` takes them) left out of the upload.
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*", "data-cache/**", "logs/**", "validation/**",
+                   "*.tmp"]
+
+
+class PushError(HPruneError):
+    """A folder that is not ready to publish, or no credentials."""
+
+
+def upload_tree(folder: str | os.PathLike) -> list[str]:
+    """The files ``push_folder`` uploads, relative to ``folder`` (as ``upload_folder`` filters them)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str | None = None, api=None) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the commit URL.
+
+    Raises:
+        PushError: ``folder`` is not a pipeline folder or has no model card (``README.md``),
+            ``repo_id`` is not ``ORG/NAME``, or no token is available (nothing is uploaded then).
+    """
+    from huggingface_hub import HfApi, get_token
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise PushError(f"{folder} is not a pipeline folder (no model_index.json); push the folder that "
+                        "`hprune distill`, `hprune quantize`, `hprune compress` or `save_pretrained` wrote.")
+    if not (folder / "README.md").is_file():
+        raise PushError(f"{folder} has no model card (README.md); write one first (`hprune push ... --base-model "
+                        "ID` writes it, or diffusers_hprune.card.write_model_card).")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}.")
+    token = token or get_token()
+    if not token:
+        raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
+                        "then push again. Nothing was uploaded.")
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(folder), ignore_patterns=IGNORE_PATTERNS,
+        commit_message=commit_message or "Upload a HierarchicalPrune-compressed pipeline (diffusers-hprune)",
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["IGNORE_PATTERNS", "PushError", "push_folder", "upload_tree"]

@@ -1,0 +1,140 @@
+"""Model cards (huggingface_hub.ModelCard) and `hprune push` with HfApi replaced at its boundary."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from helpers import fill_hf_cache
+
+from diffusers_hprune import PrunePlan, prune_pipeline, toy
+from diffusers_hprune.card import CardError, write_model_card
+from diffusers_hprune.cli import main
+from diffusers_hprune.hub import upload_tree
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A pruned toy pipeline with an evaluation, a grid, training leftovers, and its card."""
+    base = tmp_path_factory.mktemp("push")
+    folder = base / "sd3-pruned"
+    plan = PrunePlan(removed_blocks=[10], removed_components={8: ["ff_context"]}, family="sd3", num_blocks=12)
+    prune_pipeline(toy.load_pipeline("sd3"), plan).save_pretrained(folder)
+    metrics, grid = base / "metrics.json", base / "grid.png"
+    assert main(["evaluate", "sd3", str(folder), "--n", "3", "--latency-repeats", "2", "--warmup", "0",
+                 "--out", str(metrics), "--grid", str(grid)]) == 0
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"x")
+    (folder / "data-cache").mkdir()
+    (folder / "data-cache" / "a.arrow").write_bytes(b"x")
+    write_model_card(folder, base_model="stabilityai/stable-diffusion-3.5-large-turbo", evaluation=metrics,
+                     grid=grid, repo_id="someone/sd3-pruned", license="other",
+                     commands=["hprune analyze ...", "hprune plan ..."])
+    return folder, plan, json.loads(metrics.read_text())
+
+
+def test_card_metadata_and_images(published):
+    from huggingface_hub import ModelCard
+
+    folder, plan, metrics = published
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-3.5-large-turbo"
+    assert data["base_model_relation"] == "finetune" and data["library_name"] == "diffusers"
+    assert data["pipeline_tag"] == "text-to-image" and data["license"] == "other"
+    assert {"hierarchicalprune", "pruned"} <= set(data["tags"]) and "4-bit" not in data["tags"]
+    text = card.text
+    assert plan.describe() in text and "| 10 | the whole block |" in text and "| 8 | ff_context |" in text
+    shapeeval = metrics["models"]["student"]["metrics"]["shapeeval"]["overall"]
+    assert f"{shapeeval:.4g}" in text and "import diffusers_hprune" in text and "someone/sd3-pruned" in text
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (folder / image).is_file(), image
+    with pytest.raises(CardError, match="teacher and a student"):
+        write_model_card(folder, base_model="x/y", evaluation={"models": {"model": {}}})
+
+
+def test_nf4_card_says_quantized(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from diffusers_hprune.quantization import quantize_pipeline
+
+    out = quantize_pipeline(toy.model_path("flux"), tmp_path / "flux-nf4")
+    card = ModelCard.load(write_model_card(out, base_model="black-forest-labs/FLUX.1-schnell", license="apache-2.0"))
+    assert card.data.base_model_relation == "quantized" and "4-bit" in card.data.tags
+    assert "Not measured" in card.text
+
+
+def test_local_base_model_is_named_not_linked(tmp_path):
+    """A base model that is a local folder or a toy is not a Hub id: no base_model metadata, no link."""
+    from huggingface_hub import ModelCard
+
+    from diffusers_hprune.quantization import quantize_pipeline
+
+    out = quantize_pipeline(toy.model_path("sd3"), tmp_path / "sd3-nf4")
+    card = ModelCard.load(write_model_card(out, base_model="the toy SD3 pipeline", model_name="toy-sd3-hprune"))
+    assert "base_model" not in card.data.to_dict() and "base_model_relation" not in card.data.to_dict()
+    assert card.text.lstrip().startswith("# toy-sd3-hprune")
+    assert "A compressed version of the toy SD3 pipeline, made with" in card.text
+
+
+class FakeApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("Commit", (), {"commit_url": "https://huggingface.co/someone/sd3-pruned/commit/abc"})()
+
+
+def test_push_uploads_the_folder_in_one_commit(published, monkeypatch, tmp_path, capsys):
+    from huggingface_hub.utils import filter_repo_objects
+
+    import diffusers_hprune.hub as hub
+
+    folder, plan, _ = published
+    api = FakeApi()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
+    assert main(["push", str(folder), "--repo-id", "someone/sd3-pruned", "--private", "--token", "hf_x"]) == 0
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1] == {"repo_id": "someone/sd3-pruned", "repo_type": "model", "private": True,
+                               "exist_ok": True}
+    upload = api.calls[1][1]
+    assert upload["repo_id"] == "someone/sd3-pruned" and Path(upload["folder_path"]) == folder
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    tree = sorted(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert tree == upload_tree(folder)
+    assert {"model_index.json", "README.md", "samples.png", "transformer/config.json"} <= set(tree)
+    assert not [f for f in tree if f.startswith(("checkpoint-", "data-cache"))]
+    assert "uploaded" in capsys.readouterr().out
+    # That same tree, laid out as a Hub download in an offline cache, loads by repo id.
+    staged = tmp_path / "staged"
+    for name in tree:
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        (staged / name).write_bytes((folder / name).read_bytes())
+    fill_hf_cache(staged, "someone/sd3-pruned", tmp_path / "cache")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained("someone/sd3-pruned", cache_dir=tmp_path / "cache")
+    assert pipe.transformer.prune_plan == plan
+    assert hub.IGNORE_PATTERNS == upload["ignore_patterns"]
+
+
+def test_push_refuses_without_credentials_or_a_pipeline(published, monkeypatch, tmp_path, capsys):
+    folder, _, _ = published
+    api = FakeApi()
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert main(["push", str(folder), "--repo-id", "someone/x"]) == 2
+    assert "No Hugging Face token" in capsys.readouterr().err
+    assert main(["push", str(tmp_path), "--repo-id", "someone/x", "--token", "hf_x"]) == 2
+    assert "not a pipeline folder" in capsys.readouterr().err
+    assert main(["push", str(folder), "--repo-id", "no-slash", "--token", "hf_x"]) == 2
+    assert "ORG/NAME" in capsys.readouterr().err
+    assert api.calls == []  # nothing was created or uploaded

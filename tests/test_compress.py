@@ -1,0 +1,88 @@
+"""`hprune compress` and HPruneConfig: every stage in one command, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffusers_hprune.cli import main
+from diffusers_hprune.config import ConfigError, HPruneConfig
+
+SMALL = ["--analysis-prompts", "2", "--eval-steps", "2", "--train-prompts", "16", "--train-batch-size", "4",
+         "--eval-prompts", "4", "--latency-repeats", "2", "--learning-rate", "0.001"]
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = HPruneConfig(memory=3_000_000, weight_dtype="nf4", max_train_steps=10, lora_rank=4)
+    assert config.ratio is None
+    config.save(tmp_path / "c.json")
+    assert HPruneConfig.load(tmp_path / "c.json") == config
+    assert HPruneConfig().ratio == 0.3
+    for kwargs, message in [({"ratio": 1.2}, "ratio must be in"), ({"ratio": 0.2, "memory": 10}, "not both"),
+                            ({"strategy": "magic"}, "strategy must be"), ({"weight_dtype": "int3"}, "weight_dtype"),
+                            ({"max_train_steps": 0}, "max_train_steps must be at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            HPruneConfig(**kwargs)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "diffusers-hprune/config", "version": 1, "colour": 3}))
+    with pytest.raises(ConfigError, match="Unknown HPruneConfig field"):
+        HPruneConfig.load(tmp_path / "bad.json")
+
+
+def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    args = ["compress", "sd3", "--out", str(out), "--ratio", "0.3", "--max-train-steps", "4",
+            "--checkpointing-steps", "2", *SMALL]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for number, stage in enumerate(["analysis", "plan", "pruned", "distilled", "quantized", "evaluation"], 1):
+        assert json.loads((out / f"{number}-{stage}" / "hprune_stage.json").read_text())["stage"] == stage
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"] == str(out / "5-quantized") and [r[1] for r in summary["stages"]] == ["ran"] * 6
+    student = summary["metrics"]["student"]
+    assert student["weight_bytes"] < 0.2 * summary["metrics"]["teacher"]["weight_bytes"]  # 30 % pruned, then NF4
+    assert "shapeeval" in student["metrics"] and "fidelity" in student
+    card = ModelCard.load(out / "5-quantized" / "README.md")
+    assert {"pruned", "4-bit", "distillation"} <= set(card.data.tags)
+    assert card.text.lstrip().startswith("# toy-sd3-hprune")  # a toy is no Hub model: named, not linked
+    assert "hprune compress sd3" in card.text and (out / "5-quantized" / "samples.png").is_file()
+    assert "compressed pipeline:" in printed and "parameters" in printed
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out / "5-quantized")
+    assert not pipe.transformer.prune_plan.is_empty
+    # Again: nothing to do. A changed setting redoes that stage and the ones after it only.
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 6
+    assert main([a if a != "4" or args[k - 1] != "--eval-prompts" else "3" for k, a in enumerate(args)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["stages"]
+    assert [r[1] for r in rows] == ["done before (skipped)"] * 5 + ["ran"]
+
+
+def test_compress_continues_after_being_killed_during_distillation(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["compress", "sd3", "--out", str(out), "--max-train-steps", "30", "--checkpointing-steps", "5",
+            "--quantize", "none", *SMALL]
+    proc = subprocess.Popen([sys.executable, "-m", "diffusers_hprune", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list((out / "4-distilled").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before a checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "4-distilled" / "hprune_stage.json").exists()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[1] analysis: done before, skipped" in printed and "[3] pruned: done before, skipped" in printed
+    assert "resumed from" in printed
+    summary = json.loads((out / "4-distilled" / "distill_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["losses"][0]["step"] > 1
+    assert json.loads((out / "summary.json").read_text())["final"] == str(out / "4-distilled")

@@ -1,0 +1,57 @@
+"""Measured weight bytes, step memory and step latency (diffusers_hprune.measure)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffusers_hprune import toy
+from diffusers_hprune.measure import (
+    MeasureError,
+    logical_params,
+    step_inputs,
+    step_latency,
+    step_memory,
+    stored_bytes,
+)
+from diffusers_hprune.memory import model_weight_bytes
+from diffusers_hprune.quantization import quantize
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_stored_bytes_match_the_analytic_estimate(family):
+    pipe = toy.load_pipeline(family)
+    t = pipe.transformer
+    # The estimate counts the persistent buffers (SD3's positional-embedding table) as the checkpoint does.
+    assert stored_bytes(t) == model_weight_bytes(t, "fp32")
+    q = quantize(copy.deepcopy(t).to(torch.bfloat16))
+    # bitsandbytes' codes, absmax, nested absmax and code tables, counted from the live quant state
+    assert stored_bytes(q) == model_weight_bytes(t, "nf4")
+    assert stored_bytes(q) < 0.35 * stored_bytes(t) / 2
+    assert logical_params(q) == logical_params(t) == sum(p.numel() for p in t.parameters())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_step_inputs_latency_and_memory(family):
+    pipe = toy.load_pipeline(family)
+    inputs = step_inputs(pipe, "a red circle", batch_size=2)
+    with torch.no_grad():
+        out = pipe.transformer(**inputs, return_dict=False)[0]
+    assert out.shape == inputs["hidden_states"].shape and out.shape[0] == 2
+    timing = step_latency(pipe.transformer, inputs, warmup=1, repeats=4)
+    assert len(timing["times"]) == 4 and all(t > 0 for t in timing["times"])
+    assert timing["min"] <= timing["median"] <= timing["max"] and timing["stdev"] >= 0
+    memory = step_memory(pipe.transformer, inputs)
+    assert memory["weights"] == stored_bytes(pipe.transformer) and memory["peak"] >= memory["weights"]
+    assert memory["step"] >= 0 and memory["method"]
+    with pytest.raises(MeasureError, match="at least 1"):
+        step_latency(pipe.transformer, inputs, repeats=0)
+
+
+def test_nf4_student_runs_on_the_same_inputs():
+    pipe = toy.load_pipeline("sd3")
+    pipe.transformer = quantize(copy.deepcopy(pipe.transformer))
+    inputs = step_inputs(pipe, "two blue squares")
+    assert step_latency(pipe.transformer, inputs, warmup=0, repeats=2)["repeats"] == 2
