@@ -94,6 +94,7 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .hub import remote_code_name
     from .plan import PrunePlan
 
     folder = Path(folder)
@@ -127,7 +128,7 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         plan_words=(plan.describe() if plan is not None and not plan.is_empty else "Nothing (an unpruned model)."),
         plan_table=_plan_table(plan) if plan is not None and not plan.is_empty else "", pruned=bool(plan and not plan.is_empty),
         cost_table=cost, quality_table=quality, grid=grid,
-        torch_dtype="torch.bfloat16", how_made=how,
+        torch_dtype="torch.bfloat16", how_made=how, remote_code=remote_code_name(folder),
     )
 
 

@@ -1,7 +1,9 @@
 """Publishing a compressed pipeline folder to the Hugging Face Hub (``hprune push``).
 
 One repository (``create_repo(exist_ok=True)``) and one commit (``upload_folder``) holding the
-pipeline, its model card (``README.md``) and sample images. Training leftovers (checkpoints,
+pipeline, its model card (``README.md``), sample images and the family's custom-code pipeline
+file from ``pipelines/`` (``hprune_<family>_pipeline.py``, written into the folder before the
+upload) for ``trust_remote_code=True`` loading. Training leftovers (checkpoints,
 the data cache, logs, validation grids, hidden temporary files) stay home. The credentials are
 checked before anything is created or uploaded.
 """
@@ -20,6 +22,33 @@ IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*", "data-cache
 
 class PushError(HPruneError):
     """A folder that is not ready to publish, or no credentials."""
+
+
+def remote_code_name(folder: str | os.PathLike) -> str:
+    """``hprune_<family>_pipeline``: the ``custom_pipeline`` name of the pipeline folder ``folder``."""
+    import json
+
+    from .architectures import get_family
+
+    config_path = Path(folder) / "transformer" / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PushError(f"Cannot read {config_path} ({e}); push a pipeline folder with a transformer.") from None
+    return f"hprune_{get_family(config).name}_pipeline"
+
+
+def add_remote_code(folder: str | os.PathLike) -> Path:
+    """Copy the family's custom-code pipeline file from ``pipelines/`` into ``folder`` (atomically)."""
+    from importlib.resources import files
+
+    name = remote_code_name(folder) + ".py"
+    source = files("diffusers_hprune.remote_code") / name
+    target = Path(folder) / name
+    tmp = target.with_name(f".{name}.tmp")
+    tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+    return target
 
 
 def upload_tree(folder: str | os.PathLike) -> list[str]:
@@ -54,6 +83,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     if not token:
         raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
                         "then push again. Nothing was uploaded.")
+    add_remote_code(folder)
     api = api or HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(
@@ -63,4 +93,4 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["IGNORE_PATTERNS", "PushError", "push_folder", "upload_tree"]
+__all__ = ["IGNORE_PATTERNS", "PushError", "add_remote_code", "push_folder", "remote_code_name", "upload_tree"]

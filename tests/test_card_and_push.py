@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,23 @@ def test_push_uploads_the_folder_in_one_commit(published, monkeypatch, tmp_path,
     pipe = DiffusionPipeline.from_pretrained("someone/sd3-pruned", cache_dir=tmp_path / "cache")
     assert pipe.transformer.prune_plan == plan
     assert hub.IGNORE_PATTERNS == upload["ignore_patterns"]
+    # The family's custom-code file went up too: a fresh process that never imports diffusers_hprune
+    # loads the repo with trust_remote_code; the card says how.
+    assert "hprune_sd3_pipeline.py" in tree
+    assert 'custom_pipeline="hprune_sd3_pipeline", trust_remote_code=True' in (folder / "README.md").read_text()
+    code = (
+        "import sys\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained('someone/sd3-pruned', cache_dir={str(tmp_path / 'cache')!r}, "
+        "custom_pipeline='hprune_sd3_pipeline', trust_remote_code=True)\n"
+        "print(type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.prune_plan.describe())\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[:2] == ["HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Transformer2DModel"]
+    assert plan.describe() in result.stdout
 
 
 def test_push_refuses_without_credentials_or_a_pipeline(published, monkeypatch, tmp_path, capsys):
