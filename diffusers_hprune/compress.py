@@ -69,6 +69,27 @@ class _Stages:
         return folder, key
 
 
+class _Teacher:
+    """The teacher pipeline, loaded when a stage needs it and released while distillation runs."""
+
+    def __init__(self, model: str):
+        self.model, self._pipe = model, None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            from .evaluation import load_for_evaluation
+
+            self._pipe = load_for_evaluation(self.model)
+        return self._pipe
+
+    def release(self) -> None:
+        import gc
+
+        self._pipe = None
+        gc.collect()
+
+
 def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = None, *,
              prompts: list[str] | None = None, push: str | None = None, private: bool = False,
              license: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
@@ -95,7 +116,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / RUN_CONFIG)
     stages = _Stages(out, say)
-    teacher = load_for_evaluation(model)
+    teacher = _Teacher(model)
     is_toy = str(model) in toy.FAMILIES
     if prompts is None:
         if not is_toy:
@@ -104,12 +125,12 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     train_prompts = [prompts[k % len(prompts)] for k in range(config.train_prompts)]
     eval_prompts = (toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed) if is_toy
                     else list(prompts[: config.eval_prompts]) or list(DEFAULT_PROMPTS))
-    base = {"model": str(model), "teacher": fingerprint(teacher.transformer)}
+    base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer)}
 
     analysis_path = out / "1-analysis" / "analysis.json"
     _, k1 = stages.run(1, "analysis", {**base, "metric": config.metric, "n": config.analysis_prompts,
                                        "eval_steps": config.eval_steps, "seed": config.seed},
-                       lambda d: analyze(teacher, analysis_path, metric=config.metric,
+                       lambda d: analyze(teacher.pipe, analysis_path, metric=config.metric,
                                          n_prompts=config.analysis_prompts, eval_steps=config.eval_steps,
                                          seed=config.seed, progress=progress),
                        keep_partial=True)  # analyze resumes from its finished entries
@@ -120,7 +141,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
         from .analysis import ContributionReport
 
         report = ContributionReport.load(analysis_path)
-        outcome = make_plan(report.contributions(), inspect_transformer(teacher.transformer), ratio=config.ratio,
+        outcome = make_plan(report.contributions(), inspect_transformer(teacher.pipe.transformer), ratio=config.ratio,
                             memory_bytes=config.memory, weight_dtype=config.weight_dtype, alpha=config.alpha,
                             r_thres=config.r_thres, strategy=config.strategy, similarity=report.similarity or None,
                             metadata={"source": "hprune compress", "analysis": str(analysis_path)})
@@ -132,7 +153,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     plan = PrunePlan.load(plan_path)
 
     def do_prune(folder: Path) -> None:
-        prune_pipeline(teacher, plan).save_pretrained(folder)
+        prune_pipeline(teacher.pipe, plan).save_pretrained(folder)
 
     final, key = stages.run(3, "pruned", {"plan": k2}, do_prune)
 
@@ -144,6 +165,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
         def do_distill(folder: Path) -> None:
             prompt_file = out / "train_prompts.txt"
             prompt_file.write_text("\n".join(train_prompts) + "\n", encoding="utf-8")
+            teacher.release()  # distill loads its own teacher: never two copies in memory
             distill(DistillConfig(
                 teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), output_dir=str(folder),
                 prompts=str(prompt_file), cache_dir=str(out / "data-cache"), max_train_steps=config.max_train_steps,
@@ -168,7 +190,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     def do_evaluate(folder: Path) -> None:
         student = load_for_evaluation(final)
         result = evaluate_pipelines(
-            {"teacher": teacher, "student": student}, eval_prompts, seed=config.seed,
+            {"teacher": teacher.pipe, "student": student}, eval_prompts, seed=config.seed,
             metrics=[FIDELITY] + (["shapeeval"] if is_toy else []), latency_repeats=config.latency_repeats,
             grid=folder / "grid.png",
         )

@@ -34,13 +34,26 @@ def test_config_round_trip_and_validation(tmp_path):
         HPruneConfig.load(tmp_path / "bad.json")
 
 
-def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys):
+def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch):
+    import gc
+
+    from diffusers import DiffusionPipeline
     from huggingface_hub import ModelCard
 
+    import diffusers_hprune.distillation.trainer as trainer
+
+    def live_pipelines() -> int:
+        gc.collect()
+        return sum(isinstance(o, DiffusionPipeline) for o in gc.get_objects())
+
+    real_distill, seen = trainer.distill, []
+    monkeypatch.setattr(trainer, "distill", lambda config: seen.append(live_pipelines()) or real_distill(config))
+    before = live_pipelines()
     out = tmp_path / "run"
     args = ["compress", "sd3", "--out", str(out), "--ratio", "0.3", "--max-train-steps", "4",
             "--checkpointing-steps", "2", *SMALL]
     assert main(args) == 0
+    assert seen == [before]  # compress let its teacher go before distill loaded its own
     printed = capsys.readouterr().out
     for number, stage in enumerate(["analysis", "plan", "pruned", "distilled", "quantized", "evaluation"], 1):
         assert json.loads((out / f"{number}-{stage}" / "hprune_stage.json").read_text())["stage"] == stage
@@ -54,7 +67,6 @@ def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert card.text.lstrip().startswith("# toy-sd3-hprune")  # a toy is no Hub model: named, not linked
     assert "hprune compress sd3" in card.text and (out / "5-quantized" / "samples.png").is_file()
     assert "compressed pipeline:" in printed and "parameters" in printed
-    from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(out / "5-quantized")
     assert not pipe.transformer.prune_plan.is_empty
