@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HPruneError
+from .evaluation import overall_score
+from .fileio import atomic_path, atomic_write_text
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 GRID_NAME = "samples.png"
@@ -68,9 +70,7 @@ def _tables(evaluation: dict | None) -> tuple[str, str]:
         cost_text = "Not measured."
     quality = ["| metric | base model | this model | ratio |", "| --- | --- | --- | --- |"]
     for metric, value in s.get("metrics", {}).items():
-        sv = value["overall"] if isinstance(value, dict) else value
-        tv = t["metrics"].get(metric)
-        tv = tv["overall"] if isinstance(tv, dict) else tv
+        sv, tv = overall_score(value), overall_score(t["metrics"].get(metric))
         quality.append(f"| {metric} | {tv:.4g} | {sv:.4g} | {sv / tv:.1%} |" if tv else f"| {metric} | - | {sv:.4g} | |")
     if "fidelity" in s:
         f = s["fidelity"]
@@ -147,12 +147,9 @@ def write_model_card(folder: str | os.PathLike, *, base_model: str, evaluation: 
         image = GRID_NAME
     card = render_model_card(folder, base_model=base_model, evaluation=evaluation, grid=image, **kwargs)
     if grid is not None and Path(grid).resolve() != (folder / GRID_NAME).resolve():
-        tmp_image = folder / f".{GRID_NAME}.tmp"
-        shutil.copyfile(grid, tmp_image)
-        os.replace(tmp_image, folder / GRID_NAME)
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, folder / "README.md")
+        with atomic_path(folder / GRID_NAME) as tmp_image:
+            shutil.copyfile(grid, tmp_image)
+    atomic_write_text(folder / "README.md", str(card))
     return folder / "README.md"
 
 

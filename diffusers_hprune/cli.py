@@ -92,6 +92,8 @@ def _evaluate_metric_args(pairs: list[str], metrics: list[str]) -> dict[str, dic
 
 def format_evaluation(result: dict) -> str:
     """The table ``hprune evaluate`` prints."""
+    from .evaluation import overall_score
+
     names = list(result["models"])
     entries = [result["models"][n] for n in names]
     rows = []
@@ -107,7 +109,7 @@ def format_evaluation(result: dict) -> str:
                              for e in entries])
     for metric in entries[0]["metrics"]:
         values = [e["metrics"][metric] for e in entries]
-        add(metric, [f"{v['overall'] if isinstance(v, dict) else v:.4g}" for v in values])
+        add(metric, [f"{overall_score(v):.4g}" for v in values])
     for e in entries[1:]:
         if "fidelity" in e:
             f = e["fidelity"]
@@ -237,13 +239,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .memory import format_bytes
     from .quantization import quantize_pipeline
 
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.compute_dtype]
-    out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules, compute_dtype=dtype,
-                            dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],
-                            overwrite=args.overwrite)
-    import json
-
     from .inventory import inspect_transformer
+
+    dtypes = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules,
+                            compute_dtype=dtypes[args.compute_dtype], dtype=dtypes[args.dtype],
+                            overwrite=args.overwrite)
 
     config = json.loads((out / "transformer" / "config.json").read_text())
     skip = config["quantization_config"]["llm_int8_skip_modules"]
@@ -258,14 +259,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub import get_token
-
     from .card import write_model_card
-    from .hub import PushError, push_folder, upload_tree
+    from .hub import push_folder, require_token, upload_tree
 
-    if not (args.token or get_token()):  # before writing a card or anything else
-        raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
-                        "then push again. Nothing was uploaded.")
+    require_token(args.token)  # before writing a card or anything else
     if args.base_model:
         card = write_model_card(args.folder, base_model=args.base_model, evaluation=args.evaluation, grid=args.grid,
                                 repo_id=args.repo_id, license=args.license)
@@ -295,11 +292,12 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .compress import compress
     from .config import HPruneConfig
 
-    values = HPruneConfig.load(args.config).to_dict() if args.config else {}
-    values.pop("format", None), values.pop("version", None)
+    values = asdict(HPruneConfig.load(args.config)) if args.config else {}
     values.update(_config_overrides(args))
     prompts = None
     if args.prompts:

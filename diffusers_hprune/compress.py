@@ -31,6 +31,11 @@ class CompressError(HPruneError):
     """A compression run that cannot go on as asked."""
 
 
+def holds_something_else(out: Path) -> bool:
+    """``out`` is a file, or a non-empty folder that is not a compression run (no ``hprune_config.json``)."""
+    return out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / RUN_CONFIG).is_file())
+
+
 def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -110,7 +115,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
 
     config = config or HPruneConfig()
     out = Path(out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / RUN_CONFIG).is_file()):
+    if holds_something_else(out):
         raise CompressError(f"{out} exists and is not an hprune compress run folder; choose another --out "
                             "(nothing was written).")
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +240,8 @@ def _flags(config: HPruneConfig) -> str:
 
 
 def format_summary(summary: dict) -> str:
+    from .evaluation import overall_score
+
     lines = ["stage        status                  seconds"]
     lines += [f"{name:<12} {status:<23} {seconds:7.1f}" for name, status, seconds in summary["stages"]]
     t, s = summary["metrics"]["teacher"], summary["metrics"]["student"]
@@ -246,8 +253,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{'step latency (ms)':<22}{t['latency_s']['median'] * 1e3:>16.1f}"
                      f"{s['latency_s']['median'] * 1e3:>16.1f}")
     for metric, value in s["metrics"].items():
-        tv, sv = t["metrics"][metric], value
-        tv, sv = (tv["overall"], sv["overall"]) if isinstance(sv, dict) else (tv, sv)
+        tv, sv = overall_score(t["metrics"][metric]), overall_score(value)
         lines.append(f"{metric:<22}{tv:>16.3f}{sv:>16.3f}")
     if "fidelity" in s:
         lines.append(f"{'fidelity (PSNR dB)':<22}{'':>16}{s['fidelity']['psnr_db']:>16.2f}")
@@ -258,4 +264,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RUN_CONFIG", "CompressError", "compress", "format_summary"]
+__all__ = ["RUN_CONFIG", "CompressError", "compress", "format_summary", "holds_something_else"]

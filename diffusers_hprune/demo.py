@@ -43,13 +43,12 @@ def run_demo(out_dir: str | os.PathLike = "hprune-demo", overrides: dict | None 
     A folder left by an earlier demo continues where it stopped (finished stages are skipped);
     a folder holding anything else is refused unless ``overwrite``.
     """
-    from .compress import RUN_CONFIG, compress
+    from .compress import compress, holds_something_else
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / RUN_CONFIG).is_file():
-        if not overwrite:
-            raise DemoFolderError(f"{out} already exists and is not an hprune run folder; choose another --out, "
-                                  "or pass --overwrite to replace it.")
+    if holds_something_else(out) and not overwrite:
+        raise DemoFolderError(f"{out} already exists and is not an hprune run folder; choose another --out, "
+                              "or pass --overwrite to replace it.")
     if overwrite and out.exists():
         shutil.rmtree(out)
     config = replace(DEMO_CONFIG, **(overrides or {}))

@@ -95,7 +95,7 @@ def evaluate_pipelines(
     from . import toy
     from .analysis import _generate, generation_settings
     from .architectures import get_family
-    from .measure import step_inputs
+    from .measure import _compute_dtype, step_inputs
     from .metrics import IMAGE, get_metric
 
     if not models:
@@ -126,9 +126,8 @@ def evaluate_pipelines(
     result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {}}
     inputs = None
     if cost:
-        sample = getattr(reference.transformer.config, "sample_size", 64) * reference.vae_scale_factor
-        inputs = step_inputs(reference, prompts[0], height=kwargs.get("height", sample),
-                             width=kwargs.get("width", sample), guidance_scale=guidance_scale, seed=seed)
+        inputs = step_inputs(reference, prompts[0], height=kwargs.get("height"), width=kwargs.get("width"),
+                             guidance_scale=guidance_scale, seed=seed)  # no size given: the model's own
     images = {}
     for name in names:
         pipe = models[name]
@@ -141,7 +140,7 @@ def evaluate_pipelines(
             else:
                 entry["metrics"][metric] = float(scorer(images[name], prompts))
         if cost:
-            dtype = next((p.dtype for p in pipe.transformer.parameters() if p.is_floating_point()), torch.float32)
+            dtype = _compute_dtype(pipe.transformer)
             device = next(pipe.transformer.parameters()).device
             own = {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                    for k, v in inputs.items()}
@@ -167,7 +166,8 @@ def _plan_text(transformer) -> str:
     return "" if plan is None or plan.is_empty else plan.describe()
 
 
-def _overall(value) -> float | None:
+def overall_score(value) -> float | None:
+    """A metric's single number: ``value`` itself, or its ``overall`` entry for a breakdown (ShapeEval)."""
     if isinstance(value, dict):
         return value.get("overall")
     return value
@@ -181,9 +181,9 @@ def _relative(entry: dict, base: dict) -> dict[str, float]:
     if "latency_s" in entry:
         out["latency"] = entry["latency_s"]["median"] / base["latency_s"]["median"]
     for metric, value in entry["metrics"].items():
-        b = _overall(base["metrics"].get(metric))
+        b = overall_score(base["metrics"].get(metric))
         if b:
-            out[metric] = _overall(value) / b
+            out[metric] = overall_score(value) / b
     return out
 
 
@@ -198,4 +198,4 @@ def load_for_evaluation(model: str | os.PathLike, device: str | None = None):
     return pipe
 
 
-__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "psnr", "ssim"]
+__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "overall_score", "psnr", "ssim"]

@@ -24,6 +24,17 @@ class PushError(HPruneError):
     """A folder that is not ready to publish, or no credentials."""
 
 
+def require_token(token: str | None = None) -> str:
+    """``token``, else the logged-in one or ``HF_TOKEN``; ``PushError`` when there is none."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
+                        "then push again. Nothing was uploaded.")
+    return token
+
+
 def remote_code_name(folder: str | os.PathLike) -> str:
     """``hprune_<family>_pipeline``: the ``custom_pipeline`` name of the pipeline folder ``folder``."""
     import json
@@ -42,12 +53,12 @@ def add_remote_code(folder: str | os.PathLike) -> Path:
     """Copy the family's custom-code pipeline file from ``pipelines/`` into ``folder`` (atomically)."""
     from importlib.resources import files
 
+    from .fileio import atomic_path
+
     name = remote_code_name(folder) + ".py"
-    source = files("diffusers_hprune.remote_code") / name
     target = Path(folder) / name
-    tmp = target.with_name(f".{name}.tmp")
-    tmp.write_bytes(source.read_bytes())
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes((files("diffusers_hprune.remote_code") / name).read_bytes())
     return target
 
 
@@ -68,7 +79,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         PushError: ``folder`` is not a pipeline folder or has no model card (``README.md``),
             ``repo_id`` is not ``ORG/NAME``, or no token is available (nothing is uploaded then).
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -79,10 +90,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
                         "ID` writes it, or diffusers_hprune.card.write_model_card).")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}.")
-    token = token or get_token()
-    if not token:
-        raise PushError("No Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
-                        "then push again. Nothing was uploaded.")
+    token = require_token(token)
     add_remote_code(folder)
     api = api or HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
@@ -93,4 +101,4 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["IGNORE_PATTERNS", "PushError", "add_remote_code", "push_folder", "remote_code_name", "upload_tree"]
+__all__ = ["IGNORE_PATTERNS", "PushError", "add_remote_code", "push_folder", "remote_code_name", "require_token", "upload_tree"]

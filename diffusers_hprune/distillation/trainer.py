@@ -135,7 +135,7 @@ def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
     if config.resume_from_checkpoint == "latest":
         return _latest_checkpoint(output_dir) if output_dir.is_dir() else None
     path = Path(config.resume_from_checkpoint)
-    if not (path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)):
+    if not (path.is_dir() and _checkpoint_step(path) is not None):
         raise DistillError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder; give one written by "
                            "this command, or 'latest'.")
     return path
@@ -161,8 +161,14 @@ def _holds_a_run(output_dir: Path) -> bool:
     return (output_dir / "model_index.json").exists() or _latest_checkpoint(output_dir) is not None
 
 
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder name, else ``None``."""
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [(step, p) for p in output_dir.glob("checkpoint-*") if (step := _checkpoint_step(p)) is not None]
     return max(found)[1] if found else None
 
 
@@ -392,7 +398,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     step = 0
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        step = int(resume_path.name.rsplit("-", 1)[1])
+        step = _checkpoint_step(resume_path)
         say(f"resumed from {resume_path} at step {step}")
     if config.report_to:
         accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
@@ -419,9 +425,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             x0 = batch["latents"].to(accelerator.device, weight_dtype)
             text = {k: batch[k].to(accelerator.device, weight_dtype) for k in ("prompt_embeds", "pooled_projections")}
             b = x0.shape[0]
-            gen = torch.Generator().manual_seed(sampler.seed(micro, accelerator.process_index))
+            seed = sampler.seed(micro, accelerator.process_index)
+            gen = torch.Generator().manual_seed(seed)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sampler.seed(micro, accelerator.process_index))
+                torch.manual_seed(seed)
                 u = compute_density_for_timestep_sampling("logit_normal", b, config.logit_mean, config.logit_std)
             sigmas = sigmas_table[(u * n_train).long().clamp(max=len(sigmas_table) - 1)].to(weight_dtype)
             noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, weight_dtype)
