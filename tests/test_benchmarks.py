@@ -1,0 +1,67 @@
+"""The benchmark scripts' own arithmetic: counts, configs and the refusal to print unmeasured rows."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
+def test_protocol_count_agrees_with_the_per_call_count(name):
+    from diffusers_hprune.inventory import load_transformer_config
+
+    cost = _script("analysis_cost")
+    config = load_transformer_config(name)
+    scratch, naive, cached = cost.analytic_counts(config)
+    one = cost.protocol_evaluations(config, block_images=1, component_images=1, steps=1)
+    n = one["blocks"]
+    assert one["cached"] == cached
+    assert one["naive"] == naive - n  # the per-call count also runs an unablated baseline pass
+    # Images and steps multiply the calls of the entries that use them, and nothing else.
+    more = cost.protocol_evaluations(config, block_images=3, component_images=3, steps=2)
+    assert more["cached"] == 6 * one["cached"] and more["naive"] == 6 * one["naive"]
+    blocks_only = cost.protocol_evaluations(config, block_images=1, component_images=0, steps=1)
+    assert 0 < blocks_only["cached"] < one["cached"]
+
+
+@pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
+def test_latency_scaled_config_keeps_every_block_at_width_256(name):
+    from diffusers_hprune.architectures import get_family
+    from diffusers_hprune.inventory import build_on_meta, load_transformer_config
+
+    latency = _script("latency")
+    full = load_transformer_config(name)
+    scaled = latency.scaled_config(name, full_size=False)
+    family = get_family(scaled)
+    assert family.num_blocks(scaled) == family.num_blocks(full)
+    model = build_on_meta(scaled)
+    assert model.config.num_attention_heads * model.config.attention_head_dim == 256
+    if family.name == "flux":
+        assert sum(scaled["axes_dims_rope"]) == scaled["attention_head_dim"]
+    assert latency.scaled_config(name, full_size=True) == dict(full)
+
+
+def test_ablation_table_refuses_a_row_that_was_not_measured():
+    ablation = _script("toy_ablation")
+    measured = {"score": {"overall": 0.5, **{c: 0.5 for c in ablation.toy.CATEGORIES}}, "psnr": None, "ssim": None,
+                "params": 10, "bytes": 40}
+    trained = dict(measured, psnr=20.0, ssim=0.8)
+    ok = {"results": {(None, "Original"): [measured], (0.3, "HPP + PWP"): [trained, trained]}, "plans": {}}
+    lines, _ = ablation.table("sd3", ok)
+    assert lines[1][2] == "HPP + PWP" and lines[1][6] == "0.500 ± 0.000"
+    missing = {"results": {(None, "Original"): [measured], (0.3, "HPP + PWP"): [trained, None]}, "plans": {}}
+    with pytest.raises(SystemExit, match="not measured"):
+        ablation.table("sd3", missing)
