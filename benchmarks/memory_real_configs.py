@@ -20,13 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune.analysis import synthetic_report  # noqa: E402
 from diffusers_hprune.architectures import get_family  # noqa: E402
 from diffusers_hprune.inventory import build_on_meta, inspect_transformer  # noqa: E402
-from diffusers_hprune.memory import is_skipped, model_weight_bytes  # noqa: E402
+from diffusers_hprune.memory import model_weight_bytes, unquantized_bytes  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
 # The paper's Table 1 / Table 3 (peak memory of the transformer during a step, measured on an A100).
@@ -40,20 +39,6 @@ PAPER = {
     ("flux.1-schnell", "bk-sdm 30%", "bf16"): "15.9 (BK-SDM, KOALA)",
     ("flux.1-schnell", "hierarchical 30%", "nf4"): "4.44 (Ours, All; ratio not stated)",
 }
-
-
-def sixteen_bit_bytes(model, skip_modules) -> int:
-    """Bytes that stay 16-bit under NF4: everything but the quantised linear weights."""
-    total = 0
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not (isinstance(module, torch.nn.Linear) and pname == "weight"
-                    and not is_skipped(module_name, skip_modules)):
-                total += 2 * p.numel()
-        for bname, b in module.named_buffers(recurse=False):
-            if b is not None and bname not in module._non_persistent_buffers_set:
-                total += 2 * b.numel() if b.is_floating_point() else b.numel() * b.element_size()
-    return total
 
 
 def main():
@@ -73,8 +58,7 @@ def main():
             model_config = dict(config) if plan is None else dict(config, prune_plan=plan.to_dict())
             model = build_on_meta(model_config, pruned=plan is not None)
             planned = inspect_transformer(model_config)
-            skip = get_family(model).default_nf4_skip_modules
-            skips[name] = ", ".join(skip)
+            skips[name] = ", ".join(get_family(model).default_nf4_skip_modules)
             for dtype in ("bf16", "nf4"):
                 nbytes = model_weight_bytes(model, dtype)
                 if nbytes != planned.nbytes(dtype):
@@ -85,7 +69,7 @@ def main():
                 rows.append([
                     name, label, f"{ratio:.1%}", f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B",
                     dtype, f"{nbytes / 1e9:.2f}", f"{nbytes / 2**30:.2f}", f"{nbytes / original:.1%}",
-                    f"{sixteen_bit_bytes(model, skip) / 1e9:.2f}" if dtype == "nf4" else "-",
+                    f"{unquantized_bytes(model) / 1e9:.2f}" if dtype == "nf4" else "-",
                     PAPER.get((name, label, dtype), ""),
                 ])
             del model

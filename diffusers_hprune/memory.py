@@ -64,6 +64,22 @@ def is_skipped(name: str, skip_modules=DEFAULT_SKIP_MODULES) -> bool:
     return own in skip_modules or any(name == s or f"{s}." in f"{name}." for s in skip_modules)
 
 
+def _stored_tensors(model, skip_modules):
+    """``(numel, quantizable, fixed element size)`` of every parameter and persistent buffer a checkpoint
+    stores; the size is None for floating tensors (their bytes depend on the dtype)."""
+    import torch
+
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            quantizable = isinstance(module, torch.nn.Linear) and pname == "weight" and not is_skipped(module_name,
+                                                                                                        skip_modules)
+            yield p.numel(), quantizable, None
+        for bname, b in module.named_buffers(recurse=False):
+            if b is None or bname in module._non_persistent_buffers_set:
+                continue
+            yield b.numel(), False, None if b.is_floating_point() else b.element_size()
+
+
 def model_weight_bytes(model, dtype: str, skip_modules=None) -> int:
     """Weight bytes of ``model`` (works on the meta device) at ``dtype``: parameters and the
     persistent buffers a checkpoint stores (e.g. SD3's positional-embedding table).
@@ -71,21 +87,19 @@ def model_weight_bytes(model, dtype: str, skip_modules=None) -> int:
     ``skip_modules``: kept 16-bit under ``nf4`` (default: the model family's list, else
     ``DEFAULT_SKIP_MODULES``).
     """
-    import torch
-
     if skip_modules is None:
         skip_modules = _family_skip_modules(model)
-    total = 0
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            quantizable = isinstance(module, torch.nn.Linear) and pname == "weight" and not is_skipped(module_name,
-                                                                                                        skip_modules)
-            total += param_bytes(p.numel(), dtype, quantizable)
-        for bname, b in module.named_buffers(recurse=False):
-            if b is None or bname in module._non_persistent_buffers_set:
-                continue
-            total += param_bytes(b.numel(), dtype) if b.is_floating_point() else b.numel() * b.element_size()
-    return total
+    return sum(numel * size if size else param_bytes(numel, dtype, quantizable)
+               for numel, quantizable, size in _stored_tensors(model, skip_modules))
+
+
+def unquantized_bytes(model, skip_modules=None) -> int:
+    """Bytes of what stays 16-bit when ``model`` is stored in NF4: biases, norms, embeddings, the
+    modules of the skip list and the persistent buffers (``skip_modules`` as in :func:`model_weight_bytes`)."""
+    if skip_modules is None:
+        skip_modules = _family_skip_modules(model)
+    return sum(numel * size if size else 2 * numel
+               for numel, quantizable, size in _stored_tensors(model, skip_modules) if not quantizable)
 
 
 def _family_skip_modules(model) -> tuple[str, ...]:

@@ -55,3 +55,21 @@ def test_nf4_student_runs_on_the_same_inputs():
     pipe.transformer = quantize(copy.deepcopy(pipe.transformer))
     inputs = step_inputs(pipe, "two blue squares")
     assert step_latency(pipe.transformer, inputs, warmup=0, repeats=2)["repeats"] == 2
+
+
+def test_unquantized_bytes_counts_what_nf4_leaves_in_16_bit():
+    import torch.nn as nn
+
+    from diffusers_hprune.memory import nf4_weight_bytes, unquantized_bytes
+
+    model = nn.Module()
+    model.block = nn.Linear(64, 64)  # weight quantised; bias 16-bit
+    model.proj_out = nn.Linear(8, 4)  # in the default skip list: all 16-bit
+    model.norm = nn.LayerNorm(8)
+    model.register_buffer("table", torch.zeros(10))  # persistent float buffer: 16-bit
+    model.register_buffer("steps", torch.zeros(3, dtype=torch.int64))  # stored at its own size
+    model.register_buffer("scratch", torch.zeros(100), persistent=False)  # not stored
+    expected = 2 * (64 + 32 + 4 + 16 + 10) + 3 * 8
+    assert unquantized_bytes(model) == expected
+    assert model_weight_bytes(model, "nf4") == expected + nf4_weight_bytes(64 * 64)
+    assert unquantized_bytes(model, skip_modules=()) == expected - 2 * 32  # proj_out's weight goes 4-bit
