@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_hprune.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery number here is written by a script in `benchmarks/`; none is typed in.\n"
@@ -33,9 +35,7 @@ def update_section(name: str, title: str, body: str) -> None:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(BENCHMARKS)
+    atomic_write_text(BENCHMARKS, text)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -37,18 +37,12 @@ MODES = {
 }
 
 
-def _peak_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise SystemExit("no VmHWM in /proc/self/status: peak memory cannot be measured on this system")
-
-
 def child(spec: dict) -> None:
     from diffusers_hprune.distillation.trainer import DistillConfig, distill
+    from diffusers_hprune.measure import _proc_status_kib
 
     summary = distill(DistillConfig(**spec))
-    print("RESULT " + json.dumps({"steps": summary["steps"], "seconds": summary["seconds"], "peak_kib": _peak_kib(),
+    print("RESULT " + json.dumps({"steps": summary["steps"], "seconds": summary["seconds"], "peak_kib": _proc_status_kib("VmHWM"),
                                   "trainable": summary["trainable_params"]}), flush=True)
 
 

@@ -42,6 +42,7 @@ from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import ContributionReport, analyze  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
+from diffusers_hprune.fileio import atomic_path, atomic_write_json  # noqa: E402
 from diffusers_hprune.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.measure import logical_params, stored_bytes  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
@@ -72,13 +73,12 @@ class Rows:
 
     def put(self, key: str, value: dict) -> None:
         self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.data)
 
 
-def measure_pipeline(pipe, prompts, teacher_images) -> dict:
-    images = toy.generate(pipe, prompts, seed=0)
+def measure_pipeline(pipe, prompts, teacher_images, images=None) -> dict:
+    """Scores of ``pipe`` on ``prompts`` (``images``: its drawings, if already made), against ``teacher_images``."""
+    images = toy.generate(pipe, prompts, seed=0) if images is None else images
     score = toy.shapeeval(images, prompts)
     return {
         "score": {k: score[k] for k in ("overall", *toy.CATEGORIES)},
@@ -90,7 +90,8 @@ def measure_pipeline(pipe, prompts, teacher_images) -> dict:
 
 
 def run_family(family: str, args, out: Path) -> dict:
-    """Measure every row of ``family``; returns ``{(ratio, label): [measurement per seed]}``."""
+    """Measure every row of ``family``; returns ``{"results": {(ratio, label): [measurement per seed]},
+    "plans": {(ratio, strategy): description}}``."""
     folder = out / family
     folder.mkdir(parents=True, exist_ok=True)
     rows = Rows(folder / "rows.json")
@@ -99,7 +100,7 @@ def run_family(family: str, args, out: Path) -> dict:
     base_key = json.dumps({"row": "original", "n_eval": args.n_eval})
     teacher_images = toy.generate(teacher, prompts, seed=0)
     if rows.get(base_key) is None:
-        rows.put(base_key, measure_pipeline(teacher, prompts, None))
+        rows.put(base_key, measure_pipeline(teacher, prompts, None, images=teacher_images))
     results = {(None, "Original"): [rows.get(base_key)]}
 
     analysis_path = folder / "analysis.json"
@@ -130,11 +131,12 @@ def run_family(family: str, args, out: Path) -> dict:
         results[(ratio, "HPP alone (no training)")] = [rows.get(key)]
         for label, strategy, options in TRAINED:
             plan, plan_path = plans[strategy]
+            removal = {k: v for k, v in plan.to_dict().items() if k != "metadata"}  # not the strategy's name
             results[(ratio, label)] = []
             if label == FULL:
                 results[(ratio, NF4)] = []
             for seed in args.seeds:
-                settings = {"plan": plan.to_dict(), "options": options, "seed": seed, "steps": args.steps,
+                settings = {"plan": removal, "options": options, "seed": seed, "steps": args.steps,
                             "samples": args.samples, "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval}
                 key = json.dumps(settings, sort_keys=True)
                 nf4_key = json.dumps(dict(settings, quantize="nf4"), sort_keys=True)
@@ -162,7 +164,7 @@ def run_family(family: str, args, out: Path) -> dict:
                 results[(ratio, label)].append(rows.get(key))
                 if label == FULL:
                     results[(ratio, NF4)].append(rows.get(nf4_key))
-    return {"results": results, "plans": plans_text, "analysis": report}
+    return {"results": results, "plans": plans_text}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -233,9 +235,8 @@ def save_plot(plots: dict, base: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("ShapeEval overall (mean ± std over seeds)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def main(argv=None):

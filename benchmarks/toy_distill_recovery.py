@@ -27,6 +27,7 @@ from _report import markdown_table, update_section  # noqa: E402
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
+from diffusers_hprune.fileio import atomic_write_json  # noqa: E402
 from diffusers_hprune.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
@@ -81,9 +82,7 @@ def main(argv=None):
         student = toy.load_pipeline(folder)
         results[name] = (score(student), summary)
         done[name] = {"settings": settings, "score": results[name][0], "summary": summary}
-        tmp = done_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=2, default=str))
-        tmp.replace(done_file)
+        atomic_write_json(done_file, done)
         print(name, results[name][0]["overall"], summary["steps"], flush=True)
     base = results["Original (teacher)"][0]["overall"]
     rows = []
