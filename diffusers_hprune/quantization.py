@@ -11,6 +11,10 @@ the quant-state tensors (``.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nes
 The quantised transformer is always a ``HierarchicalPruned*`` class (an unpruned model gets the
 empty plan), whose ``from_pretrained`` also loads it on a machine without a GPU, where
 Diffusers' own loader stops with "No GPU found" (bitsandbytes runs NF4 on CPU).
+
+Both paths install :mod:`diffusers_hprune.nf4_cpu`'s CPU dequantisation kernel first, so a 4-bit
+layer computes the same, correct weights on every processor (bitsandbytes' native CPU kernel
+is wrong on AVX-512 processors for weights whose last dimension is not a multiple of 64).
 """
 
 from __future__ import annotations
@@ -96,8 +100,10 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
 
     from .architectures import get_family
+    from .nf4_cpu import install_cpu_dequantize, keep_cpu_layout
     from .prune import prune_transformer
 
+    install_cpu_dequantize()
     family = get_family(transformer)
     if is_quantized(transformer):
         raise QuantizeError("This transformer is already quantised; quantise the 16- or 32-bit model it came from.")
@@ -126,6 +132,7 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
     transformer.hf_quantizer = quantizer
     transformer.register_to_config(quantization_config=config)
     transformer._pre_quantization_dtype = dtype
+    keep_cpu_layout(transformer)
     return transformer.requires_grad_(False).eval()
 
 
@@ -191,7 +198,12 @@ def cpu_nf4_loading():
     Diffusers' 4-bit quantizer refuses to run without a GPU; bitsandbytes runs NF4 on the CPU.
     On a machine with a GPU nothing changes. Quantising 16-bit weights while loading
     (``quantization_config=`` on an unquantised checkpoint) still needs a GPU, as in Diffusers.
+    On every machine it first installs the project's CPU 4-bit dequantisation kernel
+    (:func:`diffusers_hprune.nf4_cpu.install_cpu_dequantize`).
     """
+    from .nf4_cpu import install_cpu_dequantize
+
+    install_cpu_dequantize()
     if _accelerator_available():
         yield
         return

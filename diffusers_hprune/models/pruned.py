@@ -96,4 +96,8 @@ class HierarchicalPrunedMixin:
                 "from different models; save the pruned model again with `save_pretrained`, or restore the "
                 "config.json that came with these weights."
             )
+        if getattr(model.config, "quantization_config", None):
+            from ..nf4_cpu import keep_cpu_layout
+
+            keep_cpu_layout(model)
         return (model, info) if output_loading_info else model
