@@ -31,6 +31,41 @@ def test_shipped_pipeline_loads_with_stock_diffusers_and_matches_reference(famil
     assert np.abs(image - expected).max() <= 3 / 255
 
 
+PLAIN_CALL = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+path, family, out = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(path)  # no torch_dtype: what a user of stock Diffusers types
+pipe.set_progress_bar_config(disable=True)
+dtypes = sorted({str(m.dtype) for m in pipe.components.values() if isinstance(m, torch.nn.Module)})
+reference = json.load(open(REFERENCE))[family]
+image = pipe(reference["prompt"], generator=torch.Generator().manual_seed(reference["seed"]), output_type="np",
+             **GENERATION).images[0]
+np.save(out, image)
+print(json.dumps(dtypes))
+"""
+
+
+@pytest.mark.parametrize("family", toy.FAMILIES)
+def test_shipped_pipeline_works_with_the_plain_call_in_a_fresh_process(family, tmp_path):
+    """`DiffusionPipeline.from_pretrained(path)` with no dtype, without diffusers_hprune imported: one dtype, the
+    reference drawing."""
+    import subprocess
+    import sys
+
+    code = PLAIN_CALL.replace("REFERENCE", repr(str(REFERENCE))).replace(
+        "GENERATION", repr(toy.generation_kwargs(family)))
+    result = subprocess.run([sys.executable, "-c", code, str(toy.model_path(family)), family, str(tmp_path / "i.npy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["torch.float32"]
+    reference = json.loads(REFERENCE.read_text())[family]
+    expected = np.array(reference["pixels"], dtype=np.float32) / 255.0
+    image = np.load(tmp_path / "i.npy")
+    assert image.shape == expected.shape and np.abs(image - expected).max() <= 3 / 255
+
+
 def test_shipped_pipelines_fit_the_size_budget():
     total = sum(p.stat().st_size for f in toy.FAMILIES for p in toy.model_path(f).rglob("*") if p.is_file())
     assert total <= 20 * 2**20
@@ -58,6 +93,11 @@ def test_training_script_smoke(tmp_path, monkeypatch):
         pipe = toy.load_pipeline(out)
         images = toy.generate(pipe, ["a red circle"], num_inference_steps=2)
         assert images[0].size == (32, 32)
+        from diffusers import DiffusionPipeline
+
+        plain = DiffusionPipeline.from_pretrained(out)  # no torch_dtype: one dtype for every component
+        assert {m.dtype for m in plain.components.values() if isinstance(m, torch.nn.Module)} == {torch.float32}
+        assert toy.generate(plain, ["a red circle"], num_inference_steps=2)[0].size == (32, 32)
 
 
 def test_flow_matching_loss_trains(tmp_path):

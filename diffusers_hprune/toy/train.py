@@ -211,7 +211,10 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
                   "caption_dropout": CAPTION_DROPOUT, "minutes": round((time.time() - start) / 60, 1),
                   "final_loss": float(np.mean(losses[-250:])) if losses else None}
     _log(f"{family}: trained {step} steps in {(time.time() - t0) / 60:.1f} min")
-    pipe.to(torch.float16)
+    # Transformer and VAE are stored in fp16 (Diffusers loads them in fp32 unless asked otherwise); the text
+    # encoders stay fp32, which transformers 5 keeps too, so the plain `from_pretrained(out)` gives one dtype.
+    pipe.transformer.to(torch.float16)
+    pipe.vae.to(torch.float16)
     pipe.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(train_info, indent=2) + "\n")
     if eval_prompts:
