@@ -610,10 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
     except HPruneError as e:
         print(f"hprune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    from .distributed import end_processes
+
+    end_processes()  # under `accelerate launch`: every rank ends here, together
+    return code
 
 
 if __name__ == "__main__":

@@ -21,3 +21,17 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=launched_on_cpu())
+
+
+def end_processes() -> None:
+    """The last step of a multi-process run: every rank arrives, then the process group is torn down once.
+
+    Without the barrier a rank that is done (say, while the main process still saves) would tear
+    its side of the group down and exit, and a rank still inside a collective or the group's own
+    teardown could wait for it forever. No effect in a single process or once the group is gone.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

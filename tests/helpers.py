@@ -130,3 +130,44 @@ def tiny_unet():
 
     return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def run_process_group(cmd, *, timeout: float, env=None) -> "subprocess.CompletedProcess":
+    """Run ``cmd`` (an ``accelerate launch``) as the leader of a process group of its own.
+
+    On timeout every process of the group (the launcher and each rank) is killed and the test
+    fails; a rank still alive after the launcher returned also fails it (and is killed), so no
+    process outlives the test.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... did not end within {timeout} s; its whole process group was "
+                    f"killed. Last output:\n{err[-3000:]}")
+    deadline = time.monotonic() + 10  # ranks that exited may take a moment to be reaped
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive():
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"a process of {' '.join(map(str, cmd[:6]))} ... outlived its launcher; killed it. "
+                    f"Last output:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers import run_process_group
 
 from diffusers_hprune import BLOCK
 from diffusers_hprune.ablation import (
@@ -211,7 +212,7 @@ def test_two_processes_give_the_single_process_report(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
-    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
+    result = run_process_group(launch, env=env, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "36 computed here" in result.stdout  # rank 0 did its half of the 71 entries
     a, b = json.loads(one.read_text()), json.loads(two.read_text())

@@ -484,7 +484,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         plan.save(output_dir / "plan.json")
         atomic_write_json(output_dir / "distill_summary.json", summary)
         say(f"distilled {step} steps in {seconds / 60:.1f} min; saved the pruned pipeline to {output_dir}")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every rank reaches the teardown together, after the main one saved
+    accelerator.end_training()  # trackers finished, process group destroyed once
     return summary
 
 
