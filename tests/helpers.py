@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -132,20 +137,13 @@ def tiny_unet():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
-def run_process_group(cmd, *, timeout: float, env=None) -> "subprocess.CompletedProcess":
+def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` (an ``accelerate launch``) as the leader of a process group of its own.
 
     On timeout every process of the group (the launcher and each rank) is killed and the test
     fails; a rank still alive after the launcher returned also fails it (and is killed), so no
     process outlives the test.
     """
-    import os
-    import signal
-    import subprocess
-    import time
-
-    import pytest
-
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
