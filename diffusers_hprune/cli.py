@@ -180,7 +180,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         try:
             prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as e:
-            raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.")
+            raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.") from e
     report = analyze(
         args.model, args.out, metric=args.metric, metric_options=_metric_args(args.metric_arg), prompts=prompts,
         n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
@@ -236,10 +236,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
+    from .inventory import inspect_transformer
     from .memory import format_bytes
     from .quantization import quantize_pipeline
-
-    from .inventory import inspect_transformer
 
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules,

@@ -86,7 +86,7 @@ def test_inspect_cli_prints_table_and_totals(capsys):
     # 2 bytes a parameter plus the 192 x 192 x 2432 positional-embedding table the checkpoint stores
     assert "8,056,627,520 parameters" in out and "16.29 GB" in out
     assert "transformer_blocks.37" in out
-    lines = [l for l in out.splitlines() if l.startswith("37 ")]
+    lines = [line for line in out.splitlines() if line.startswith("37 ")]
     assert len(lines) == 1 and "joint" in lines[0]
 
 

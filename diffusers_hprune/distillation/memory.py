@@ -64,7 +64,7 @@ def training_memory(config, plan: PrunePlan, *, teacher_4bit: bool = False, lora
         trainable = sum(p.numel() for path in paths for p in student.get_submodule(path).parameters())
         weights = model_weight_bytes(student, "fp32")
     optimizer = (2 * trainable + 2 * 4 * -(-trainable // 2048)) if adam_8bit else 8 * trainable
-    mode = ", ".join(filter(None, ["LoRA r=%d" % lora_rank if lora_rank else "full weights",
+    mode = ", ".join(filter(None, [f"LoRA r={lora_rank}" if lora_rank else "full weights",
                                    "8-bit AdamW" if adam_8bit else "AdamW",
                                    "NF4 teacher" if teacher_4bit else "bf16 teacher"]))
     return TrainingMemory(mode, inventory.original_bytes["nf4" if teacher_4bit else "bf16"], weights, trainable,

@@ -23,8 +23,8 @@ the gradient (Adam would cancel a gradient scale).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from torch import nn
 

@@ -257,7 +257,7 @@ def sample(n: int, split: str = "train", seed: int = 0) -> list[tuple[Image.Imag
     rng = random.Random(f"sample-{split}-{seed}")
     pools = split_prompts(split)
     out = []
-    for i in range(n):
+    for _ in range(n):
         spec = rng.choice(pools[rng.choice(CATEGORIES)])
         image, _ = render(spec, seed=rng.getrandbits(32))
         out.append((image, spec.text))
