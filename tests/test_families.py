@@ -124,3 +124,52 @@ def test_block_counts_match_component_sums_on_meta():
             total = family.component_numel(block, spec, BLOCK, config)
             assert total == sum(p.numel() for p in block.parameters())
             assert sum(family.component_numel(block, spec, c, config) for c in spec.components) <= total
+
+
+REGISTER_FIRST = """
+from diffusers_hprune.architectures import ModelFamily, family_names, get_family, register_family
+
+class Other(ModelFamily):
+    name = "other"
+    display_name = "Another family"
+    base_class_name = "DiTTransformer2DModel"
+
+register_family(Other())  # before any lookup
+print(",".join(family_names()), get_family("sd3").name, get_family("flux").name, get_family("other").name)
+"""
+
+
+def test_registering_a_family_first_keeps_the_builtin_ones():
+    result = subprocess.run([sys.executable, "-c", REGISTER_FIRST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["sd3,flux,other", "sd3", "flux", "other"]
+
+
+def test_a_family_from_outside_the_package_is_found_and_duplicates_are_refused(monkeypatch):
+    """A third family, defined here: found by name, by config and by a transformer of its class; names are unique."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffusers_hprune import ModelFamily, UnsupportedModelError, architectures, family_names
+
+    class DiTFamily(ModelFamily):
+        name = "dit"
+        display_name = "DiT"
+        base_class_name = "DiTTransformer2DModel"
+        pruned_class_name = "PrunedDiT"
+        component_names = ("attn", "ff")
+
+    monkeypatch.setattr(architectures, "_FAMILIES", dict(architectures._FAMILIES))  # undone after the test
+    with pytest.raises(UnsupportedModelError, match="takes a ModelFamily instance"):
+        architectures.register_family(DiTFamily)  # the class, not an instance
+    family = architectures.register_family(DiTFamily())
+    assert family_names() == ("sd3", "flux", "dit")
+    assert get_family("dit") is family and get_family({"_class_name": "DiTTransformer2DModel"}) is family
+    model = DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=8, in_channels=4, num_layers=1,
+                                  sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+    assert get_family(model) is family
+    with pytest.raises(UnsupportedModelError, match="'sd3' is registered already"):
+        architectures.register_family(type(get_family("sd3"))())
+    with pytest.raises(UnsupportedModelError, match="'dit' is registered already"):
+        architectures.register_family(DiTFamily())
+    with pytest.raises(UnsupportedModelError, match="dit \\(DiT: DiTTransformer2DModel\\)"):
+        get_family("unknown")  # the error lists every family, the new one too

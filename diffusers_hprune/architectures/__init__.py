@@ -2,7 +2,8 @@
 
 ``get_family(x)`` accepts a family name, a transformer (instance or class) or a
 transformer config dict and returns the family object; unsupported inputs get an
-error that lists the supported families.
+error that lists the supported families. The built-in families (SD3, FLUX) are
+registered when this module is imported; ``register_family`` adds another one.
 """
 
 from __future__ import annotations
@@ -12,28 +13,39 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import BLOCK, BlockSpec, ModelFamily, RemovedBlock
+from .flux import FLUX
+from .sd3 import SD3
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Add a model family (a :class:`ModelFamily` instance) to the registry."""
+    """Add a model family (a :class:`ModelFamily` instance with a ``name``) to the registry; returns it.
+
+    Raises:
+        UnsupportedModelError: not a ``ModelFamily``, no name, or a family of that name is registered already.
+    """
+    if not isinstance(family, ModelFamily):
+        raise UnsupportedModelError(
+            f"register_family takes a ModelFamily instance, got {type(family).__name__}; subclass "
+            "diffusers_hprune.ModelFamily and register an instance of it.")
+    if not family.name:
+        raise UnsupportedModelError(f"{type(family).__name__} has no `name`; set the class attribute `name`.")
+    if family.name in _FAMILIES:
+        known = _FAMILIES[family.name]
+        raise UnsupportedModelError(
+            f"A model family named {family.name!r} is registered already ({known.display_name or type(known).__name__}"
+            "); give the new family another name.")
     _FAMILIES[family.name] = family
     return family
 
 
+register_family(SD3)
+register_family(FLUX)
+
+
 def family_names() -> tuple[str, ...]:
-    _ensure_builtin()
     return tuple(_FAMILIES)
-
-
-def _ensure_builtin() -> None:
-    if not _FAMILIES:
-        from .flux import FLUX
-        from .sd3 import SD3
-
-        register_family(SD3)
-        register_family(FLUX)
 
 
 def _supported() -> str:
@@ -42,7 +54,6 @@ def _supported() -> str:
 
 def get_family(obj: Any) -> ModelFamily:
     """The family of a name (``"sd3"``), a transformer instance or class, or a config dict."""
-    _ensure_builtin()
     if isinstance(obj, str):
         if obj in _FAMILIES:
             return _FAMILIES[obj]
