@@ -8,11 +8,13 @@ weight's last dimension is not a multiple of the 64-element block (bitsandbytes 
 kernel is right on other processors, so a model's outputs depended on the CPU it ran on.
 docs/nf4-cpu.md has the reproduction.
 
-:func:`install_cpu_dequantize` replaces that CPU kernel, for the whole process, with
-:func:`dequantize_4bit`: the block-wise dequantisation written in torch (a 256-entry table
-of the two codes in each byte, then one scale per block), exact for every shape and the same
-on every processor: bit for bit what bitsandbytes' own generic path and its native kernel
-give where the latter is right. GPU kernels are untouched.
+:func:`install_cpu_dequantize` replaces that CPU kernel, for the whole process, with one
+that is exact for every shape and the same on every processor: bitsandbytes' own generic
+(pure torch) dequantisation, the path its CPU kernel itself takes for odd widths, or, in a
+bitsandbytes without it, :func:`dequantize_4bit` (the same computation written here: a
+256-entry table of the two codes in each byte, then one scale per block; tested bit for bit
+against bitsandbytes' generic path). Both equal the native kernel's output where the latter
+is right. GPU kernels are untouched.
 
 :func:`keep_cpu_layout` keeps bitsandbytes' AVX512-BF16 inference path (which re-packs a
 layer's weight on its first CPU call, absmax reshaped to one scale per row and block) away
@@ -80,8 +82,35 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     return out.view(*shape).to(dtype)
 
 
+def _bitsandbytes_generic():
+    """bitsandbytes' processor-independent 4-bit dequantisation, or None where this bitsandbytes lacks it."""
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    except ImportError:
+        return None
+    return _dequantize_4bit_compute
+
+
+def _cpu_kernel(generic):
+    if generic is None:
+        return dequantize_4bit
+
+    from bitsandbytes.functional import get_4bit_type
+
+    codes = {}
+
+    def kernel(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+               shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        if quant_type not in codes:
+            codes[quant_type] = get_4bit_type(quant_type, device="cpu")
+        packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return generic(packed.reshape(-1), absmax, codes[quant_type], blocksize, shape, dtype)
+
+    return kernel
+
+
 def install_cpu_dequantize() -> bool:
-    """Make :func:`dequantize_4bit` bitsandbytes' CPU kernel for ``dequantize_4bit`` in this process.
+    """Replace bitsandbytes' CPU kernel of ``bitsandbytes::dequantize_4bit`` in this process (see the module).
 
     Idempotent and thread-safe; called by the project's quantisation and CPU loading paths.
     Returns True when our kernel is in place, False (with a warning saying what to do) when
@@ -99,7 +128,7 @@ def install_cpu_dequantize() -> bool:
         try:
             with warnings.catch_warnings():  # torch says it overrides bitsandbytes' kernel: that is the point
                 warnings.simplefilter("ignore")
-                library.impl("dequantize_4bit", dequantize_4bit, "CPU")
+                library.impl("dequantize_4bit", _cpu_kernel(_bitsandbytes_generic()), "CPU")
         except RuntimeError as e:
             warnings.warn(
                 f"diffusers-hprune could not replace bitsandbytes' CPU 4-bit dequantisation kernel ({e}). On a "
