@@ -260,26 +260,65 @@ def _save_pipeline(pipeline, output_dir: Path) -> None:
 
 
 def distill(config: DistillConfig) -> dict[str, Any]:
-    """Run the distillation; returns the run summary (also written to ``output_dir/distill_summary.json``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-    from tqdm.auto import tqdm
+    """Run the distillation; returns the run summary (also written to ``output_dir/distill_summary.json``).
 
-    from ..analysis import ContributionReport
-    from ..architectures import get_family
-    from ..distributed import launched_on_cpu
-    from ..fileio import atomic_write_json
-    from ..pipelines import with_pruned_transformer
+    Stage 2 of Algorithm 1, one named step a line: options and resume point, teacher and pruned
+    student, PWP, the SGDistill parameter groups (with LoRA), the optimizer, the training data,
+    the loop, the saved student.
+    """
+    from ..analysis import fingerprint
     from ..plan import PrunePlan
-    from ..prune import prune_transformer
-    from .data import DataSpec, build_training_cache
-    from .loss import BlockFeatures, distillation_loss, kept_blocks
     from .pwp import apply_pwp
-    from .sgdistill import sgdistill_param_groups
 
     output_dir = Path(config.output_dir)
+    accelerator = _accelerator(config, output_dir)  # also seeds every RNG with config.seed
+    say = accelerator.print
+    spec = _checked_data_spec(config)
+    plan = PrunePlan.load(config.plan)
+    resume_path = _resume_point(config, output_dir, say)
+
+    models = _teacher_and_student(config, plan)
+    pwp = apply_pwp(models.student, enabled=config.pwp)
+    say(pwp.summary())
+    use_sg, lora_config, groups = _trainable_groups(config, models, pwp, say)
+    identity = _run_identity(fingerprint(models.teacher), models.plan, models.student, groups, config)
+    _prepare_output_dir(config, output_dir, resume_path, identity, accelerator)
+    optimizer = _optimizer(config, groups, lora_config, say)
+    dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
+
+    run = _Run.prepare(config, accelerator, models, optimizer, groups, dataset, identity, output_dir)
+    step = _resume(run, resume_path, say)
+    if config.report_to:
+        accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    eval_start = run.held_out_loss()
+    step, losses, seconds = _train(run, step)
+    accelerator.wait_for_everyone()
+    eval_end = run.held_out_loss()
+    say(f"loss on a fixed batch (fixed noise and noise levels): {eval_start:.4g} -> {eval_end:.4g}")
+
+    summary = {
+        "teacher": models.teacher_name, "plan": models.plan.describe(), "ratio": round(models.ratio, 6),
+        "pwp": config.pwp, "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
+        "steps": step, "seconds": round(seconds, 2), "processes": accelerator.num_processes,
+        "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
+        "trainable_params": sum(g.numel for g in groups), "param_groups": [{"name": g.name, "lr": g.lr} for g in groups],
+        **_rank_checksums(run), "fixed_batch_loss": {"start": eval_start, "end": eval_end}, "losses": losses,
+    }
+    _save_student(run, models, lora_config, summary, say)
+    accelerator.wait_for_everyone()  # every rank reaches the teardown together, after the main one saved
+    accelerator.end_training()  # trackers finished, process group destroyed once
+    return summary
+
+
+# -- the steps of distill(), in order ---------------------------------------------------------------
+def _accelerator(config: DistillConfig, output_dir: Path):
+    """Accelerate's ``Accelerator`` for the run's precision, accumulation and trackers; every RNG seeded."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from ..distributed import launched_on_cpu
+
     _check_trackers(config.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -289,7 +328,13 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         cpu=launched_on_cpu(),
     )
     set_seed(config.seed)
-    say = accelerator.print
+    return accelerator
+
+
+def _checked_data_spec(config: DistillConfig):
+    """The training data the options describe, and the option combinations refused before any loading."""
+    from .data import DataSpec
+
     spec = DataSpec(
         prompts=config.prompts, train_data_dir=config.train_data_dir, dataset_name=config.dataset_name,
         dataset_config_name=config.dataset_config_name, data_files=config.data_files,
@@ -303,7 +348,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if config.teacher_4bit and not torch.cuda.is_available():
         raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
                            "CUDA only; drop the flag on this machine.")
-    plan = PrunePlan.load(config.plan)
+    return spec
+
+
+def _resume_point(config: DistillConfig, output_dir: Path, say) -> Path | None:
+    """The checkpoint to resume from, or None; refuses an output folder that holds another run."""
     resume_path = _resume_path(config, output_dir)
     if config.resume_from_checkpoint and resume_path is None:
         say(f"no checkpoint in {output_dir} to resume from; starting at step 0")
@@ -311,9 +360,29 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         raise DistillError(f"{output_dir} already holds a distillation run (checkpoints or a saved pipeline); continue "
                            "it with --resume_from_checkpoint latest, replace it with --overwrite, or choose another "
                            "--output_dir.")
+    return resume_path
 
-    # Teacher and student. The student copies the teacher's transformer, then the plan removes parts.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+@dataclass
+class _Models:
+    """The teacher pipeline and transformer, its analysis, and the pruned student."""
+
+    pipe: Any
+    teacher_name: str
+    teacher: Any
+    family: Any
+    report: Any
+    student: Any
+    plan: Any
+    ratio: float
+
+
+def _teacher_and_student(config: DistillConfig, plan) -> _Models:
+    """Load the teacher; the student copies its transformer, then the plan removes parts."""
+    from ..analysis import ContributionReport
+    from ..architectures import get_family
+    from ..prune import prune_transformer
+
     pipe, teacher_name = _load_teacher(config, torch.float32)
     teacher = pipe.transformer
     family = get_family(teacher)
@@ -331,12 +400,17 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         teacher = type(teacher).from_pretrained(config.teacher, subfolder="transformer", quantization_config=quant)
         teacher.requires_grad_(False).eval()
         pipe.transformer = teacher
+    return _Models(pipe, teacher_name, teacher, family, report, student, plan, ratio)
 
-    pwp = apply_pwp(student, enabled=config.pwp)
-    say(pwp.summary())
-    use_sg = config.sgdistill and ratio >= config.r_thres
+
+def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
+    """SGDistill's parameter groups of what PWP left trainable (LoRA adapters on it with --lora_rank)."""
+    from .sgdistill import sgdistill_param_groups
+
+    student, report = models.student, models.report
+    use_sg = config.sgdistill and models.ratio >= config.r_thres
     if config.sgdistill and not use_sg:
-        say(f"plan ratio {ratio:.1%} < r_thres {config.r_thres:.0%}: plain distillation (one learning rate)")
+        say(f"plan ratio {models.ratio:.1%} < r_thres {config.r_thres:.0%}: plain distillation (one learning rate)")
     if use_sg and report is None:
         raise DistillError("SGDistill needs the contribution analysis: pass --analysis analysis.json "
                            "(or --no-sgdistill).")
@@ -351,16 +425,22 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         student, report.contributions() if report is not None else None, config.learning_rate, enabled=use_sg,
         floor=config.sensitivity_floor, eps=config.sensitivity_eps, binary=config.binary_freeze,
     )
-    trainable = sum(g.numel for g in groups)
-    from ..analysis import fingerprint
+    return use_sg, lora_config, groups
 
-    identity = _run_identity(fingerprint(teacher), plan, student, groups, config)
+
+def _prepare_output_dir(config: DistillConfig, output_dir: Path, resume_path, identity: dict, accelerator) -> None:
+    """Check the checkpoint belongs to this run; a new run with --overwrite drops the old run's checkpoints."""
     if resume_path is not None:
         _check_resume(resume_path, identity)
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.overwrite and resume_path is None and accelerator.is_main_process:
         for old in output_dir.glob("checkpoint-*"):  # a new run: the old run's checkpoints must not be resumed
             shutil.rmtree(old)
+
+
+def _optimizer(config: DistillConfig, groups, lora_config, say):
+    """AdamW (8-bit with --use_8bit_adam) over the SGDistill groups, each with its own learning rate."""
+    trainable = sum(g.numel for g in groups)
     say(f"optimizer: {len(groups)} parameter group(s), {trainable:,} trainable parameters"
         + (f" (LoRA rank {config.lora_rank} on {len(lora_config.target_modules)} layers)" if lora_config else ""))
     for g in groups:
@@ -371,10 +451,13 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls([g.as_dict() for g in groups], lr=config.learning_rate,
-                              weight_decay=config.adam_weight_decay)
+    return optimizer_cls([g.as_dict() for g in groups], lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
-    # Data: encoded once (main process), loaded by all.
+
+def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: Path, say):
+    """The training samples, encoded once by the main process into the cache, then loaded by every process."""
+    from .data import build_training_cache
+
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
     pipe.to(accelerator.device)
     if accelerator.is_main_process:
@@ -382,33 +465,75 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
     say(f"training data: {len(dataset)} samples cached in {cache_path}")
-    # Batches, noise and noise levels are functions of (seed, micro-step, rank): a resumed run draws
-    # exactly what the uninterrupted run would have drawn.
-    sampler = _StepSampler(len(dataset), config.train_batch_size, accelerator.num_processes, config.seed)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    teacher.to(accelerator.device)
-    if weight_dtype != torch.float32 and not config.teacher_4bit:
-        teacher.to(dtype=weight_dtype)
-    inner = accelerator.unwrap_model(student)
-    kept = kept_blocks(inner)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sigmas_table = scheduler.sigmas.to(accelerator.device)
-    n_train = scheduler.config.num_train_timesteps
+    return dataset
 
-    step = 0
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        step = _checkpoint_step(resume_path)
-        say(f"resumed from {resume_path} at step {step}")
-    if config.report_to:
-        accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
-                                                     if isinstance(v, (int, float, str, bool))})
 
-    def held_out_loss() -> float:
-        return _fixed_batch_loss(accelerator.unwrap_model(student), teacher, family, dataset, kept,
-                                 accelerator.device, weight_dtype, config)
+@dataclass
+class _Run:
+    """What the training loop and the save need: the prepared student and optimizer, the teacher, the data."""
 
-    eval_start = held_out_loss()
+    config: DistillConfig
+    accelerator: Any
+    pipe: Any
+    teacher: Any
+    family: Any
+    student: Any  # as Accelerate prepared it (DDP / FSDP wrapper)
+    optimizer: Any
+    groups: list
+    dataset: Any
+    identity: dict
+    output_dir: Path
+    weight_dtype: torch.dtype
+    kept: list
+    sampler: _StepSampler
+    sigmas: torch.Tensor
+    num_train_timesteps: int
+
+    @classmethod
+    def prepare(cls, config, accelerator, models: _Models, optimizer, groups, dataset, identity, output_dir):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from .loss import kept_blocks
+
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        # Batches, noise and noise levels are functions of (seed, micro-step, rank): a resumed run draws
+        # exactly what the uninterrupted run would have drawn.
+        sampler = _StepSampler(len(dataset), config.train_batch_size, accelerator.num_processes, config.seed)
+        student, optimizer = accelerator.prepare(models.student, optimizer)
+        teacher = models.teacher
+        teacher.to(accelerator.device)
+        if weight_dtype != torch.float32 and not config.teacher_4bit:
+            teacher.to(dtype=weight_dtype)
+        kept = kept_blocks(accelerator.unwrap_model(student))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.pipe.scheduler.config)
+        return cls(config, accelerator, models.pipe, teacher, models.family, student, optimizer, groups, dataset,
+                   identity, output_dir, weight_dtype, kept, sampler, scheduler.sigmas.to(accelerator.device),
+                   scheduler.config.num_train_timesteps)
+
+    @property
+    def inner(self):
+        return self.accelerator.unwrap_model(self.student)
+
+    def held_out_loss(self) -> float:
+        return _fixed_batch_loss(self.inner, self.teacher, self.family, self.dataset, self.kept,
+                                 self.accelerator.device, self.weight_dtype, self.config)
+
+
+def _resume(run: _Run, resume_path: Path | None, say) -> int:
+    """The step to start at: 0, or the checkpoint's step with model, optimizer and RNG states restored."""
+    if resume_path is None:
+        return 0
+    run.accelerator.load_state(str(resume_path))
+    step = _checkpoint_step(resume_path)
+    say(f"resumed from {resume_path} at step {step}")
+    return step
+
+
+def _train(run: _Run, step: int) -> tuple[int, list[dict], float]:
+    """Optimizer steps until --max_train_steps (or the --max_train_minutes budget); returns (step, losses, seconds)."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = run.config, run.accelerator
     losses: list[dict] = []
     start = time.perf_counter()
     # With a wall-clock budget the step total is only a cap: show elapsed time and rate, not a false ETA.
@@ -416,77 +541,82 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     bar = tqdm(total=None if budget else config.max_train_steps, initial=step, unit="step",
                desc=f"distilling ({config.max_train_minutes:g} min budget)" if budget else "distilling",
                disable=not (config.progress and accelerator.is_main_process))
-    student.train()
+    run.student.train()
     while step < config.max_train_steps:
-        if config.max_train_minutes is not None and (time.perf_counter() - start) / 60 >= config.max_train_minutes:
+        if budget and (time.perf_counter() - start) / 60 >= config.max_train_minutes:
             break
-        for micro in range(step * config.gradient_accumulation_steps, (step + 1) * config.gradient_accumulation_steps):
-            batch = dataset[sampler.indices(micro, accelerator.process_index)]
-            x0 = batch["latents"].to(accelerator.device, weight_dtype)
-            text = {k: batch[k].to(accelerator.device, weight_dtype) for k in ("prompt_embeds", "pooled_projections")}
-            b = x0.shape[0]
-            seed = sampler.seed(micro, accelerator.process_index)
-            gen = torch.Generator().manual_seed(seed)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                u = compute_density_for_timestep_sampling("logit_normal", b, config.logit_mean, config.logit_std)
-            sigmas = sigmas_table[(u * n_train).long().clamp(max=len(sigmas_table) - 1)].to(weight_dtype)
-            noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, weight_dtype)
-            s = sigmas.view(-1, 1, 1, 1)
-            x_t = (1 - s) * x0 + s * noise
-            inputs = family.denoiser_inputs(inner, x_t, sigmas, text, config.guidance_scale)
-            with torch.no_grad(), BlockFeatures(teacher, kept) as ft:
-                v_t = family.denoiser_output(teacher(**inputs, return_dict=False)[0], x0)
-            with accelerator.accumulate(student), accelerator.autocast(), BlockFeatures(inner, kept) as fs:
-                v_s = family.denoiser_output(student(**inputs, return_dict=False)[0], x0)
-                task = torch.nn.functional.mse_loss(v_s.float(), (noise - x0).float()) if config.lambda_task else None
-                loss, parts = distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat, task,
-                                                config.lambda_task)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g.params], config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+        accumulation = config.gradient_accumulation_steps
+        for micro in range(step * accumulation, (step + 1) * accumulation):
+            parts = _micro_step(run, micro)
         step += 1
         losses.append({"step": step, **parts})
         bar.update(1)
         bar.set_postfix(loss=f"{parts['total']:.4g}", kd=f"{parts['kd']:.3g}", feat=f"{parts['feat']:.3g}")
         accelerator.log(parts, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            _checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit, identity)
+            _checkpoint(accelerator, run.output_dir, step, config.checkpoints_total_limit, run.identity)
         if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
-            _validate(pipe, accelerator.unwrap_model(student), config, output_dir, step)
+            _validate(run.pipe, run.inner, config, run.output_dir, step)
     bar.close()
-    seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    eval_end = held_out_loss()
-    say(f"loss on a fixed batch (fixed noise and noise levels): {eval_start:.4g} -> {eval_end:.4g}")
+    return step, losses, time.perf_counter() - start
 
-    # Every rank must hold the same weights (DDP keeps them in step); check it, then save.
-    inner = accelerator.unwrap_model(student)
-    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in inner.parameters())],
-                            device=accelerator.device, dtype=torch.float64)
-    checksums = [float(c) for c in accelerator.gather(checksum).cpu()]
-    summary = {
-        "teacher": teacher_name, "plan": plan.describe(), "ratio": round(ratio, 6), "pwp": config.pwp,
-        "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
-        "steps": step, "seconds": round(seconds, 2), "processes": accelerator.num_processes,
-        "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
-        "trainable_params": trainable, "param_groups": [{"name": g.name, "lr": g.lr} for g in groups],
-        "rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1,
-        "fixed_batch_loss": {"start": eval_start, "end": eval_end}, "losses": losses,
-    }
-    final = _final_student(accelerator, student, family, lora_config)
-    if accelerator.is_main_process:
-        student_pipe = with_pruned_transformer(pipe, final)
+
+def _micro_step(run: _Run, micro: int) -> dict:
+    """One micro-batch: noisy latents at logit-normal noise levels, teacher and student, L_KD + L_feat (+ L_task)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from .loss import BlockFeatures, distillation_loss
+
+    config, accelerator, family, dtype = run.config, run.accelerator, run.family, run.weight_dtype
+    batch = run.dataset[run.sampler.indices(micro, accelerator.process_index)]
+    x0 = batch["latents"].to(accelerator.device, dtype)
+    text = {k: batch[k].to(accelerator.device, dtype) for k in ("prompt_embeds", "pooled_projections")}
+    seed = run.sampler.seed(micro, accelerator.process_index)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u = compute_density_for_timestep_sampling("logit_normal", x0.shape[0], config.logit_mean, config.logit_std)
+    sigmas = run.sigmas[(u * run.num_train_timesteps).long().clamp(max=len(run.sigmas) - 1)].to(dtype)
+    noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, dtype)
+    s = sigmas.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    inputs = family.denoiser_inputs(run.inner, x_t, sigmas, text, config.guidance_scale)
+    with torch.no_grad(), BlockFeatures(run.teacher, run.kept) as ft:
+        v_t = family.denoiser_output(run.teacher(**inputs, return_dict=False)[0], x0)
+    with accelerator.accumulate(run.student), accelerator.autocast(), BlockFeatures(run.inner, run.kept) as fs:
+        v_s = family.denoiser_output(run.student(**inputs, return_dict=False)[0], x0)
+        task = torch.nn.functional.mse_loss(v_s.float(), (noise - x0).float()) if config.lambda_task else None
+        loss, parts = distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat, task, config.lambda_task)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm:
+            accelerator.clip_grad_norm_([p for g in run.groups for p in g.params], config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    return parts
+
+
+def _rank_checksums(run: _Run) -> dict:
+    """Every rank must hold the same weights (DDP keeps them in step): each rank's weight sum, gathered."""
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in run.inner.parameters())],
+                            device=run.accelerator.device, dtype=torch.float64)
+    checksums = [float(c) for c in run.accelerator.gather(checksum).cpu()]
+    return {"rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1}
+
+
+def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -> None:
+    """The trained student (LoRA merged) as a pruned pipeline in output_dir, with plan.json and the summary."""
+    from ..fileio import atomic_write_json
+    from ..pipelines import with_pruned_transformer
+
+    final = _final_student(run.accelerator, run.student, run.family, lora_config)
+    if run.accelerator.is_main_process:
+        student_pipe = with_pruned_transformer(run.pipe, final)
         student_pipe.to("cpu")
-        _save_pipeline(student_pipe, output_dir)
-        plan.save(output_dir / "plan.json")
-        atomic_write_json(output_dir / "distill_summary.json", summary)
-        say(f"distilled {step} steps in {seconds / 60:.1f} min; saved the pruned pipeline to {output_dir}")
-    accelerator.wait_for_everyone()  # every rank reaches the teardown together, after the main one saved
-    accelerator.end_training()  # trackers finished, process group destroyed once
-    return summary
+        _save_pipeline(student_pipe, run.output_dir)
+        models.plan.save(run.output_dir / "plan.json")
+        atomic_write_json(run.output_dir / "distill_summary.json", summary)
+        say(f"distilled {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; saved the pruned pipeline to "
+            f"{run.output_dir}")
 
 
 @torch.no_grad()
