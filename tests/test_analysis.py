@@ -168,6 +168,7 @@ def _cli(*args, env_extra=None, **kwargs):
     return [sys.executable, "-m", "diffusers_hprune", *args], env
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_killed_run_resumes_without_recomputing(tmp_path):
     """SIGKILL in the middle of a run; the same command then computes only what is missing."""
     out = tmp_path / "analysis.json"
@@ -203,6 +204,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     assert ContributionReport.load(fresh).entries == final.entries
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_two_processes_give_the_single_process_report(tmp_path):
     """`accelerate launch --num_processes 2` on CPU (gloo): entries split, merged, identical to one process."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"

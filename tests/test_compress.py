@@ -34,6 +34,7 @@ def test_config_round_trip_and_validation(tmp_path):
         HPruneConfig.load(tmp_path / "bad.json")
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch):
     import gc
 
@@ -78,6 +79,7 @@ def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
     assert [r[1] for r in rows] == ["done before (skipped)"] * 5 + ["ran"]
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_compress_continues_after_being_killed_during_distillation(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["compress", "sd3", "--out", str(out), "--max-train-steps", "30", "--checkpointing-steps", "5",

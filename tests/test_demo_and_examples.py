@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from diffusers_hprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +21,7 @@ QUICK = ["--train-prompts", "16", "--max-train-minutes", "0.05", "--eval-prompts
          "--analysis-prompts", "2", "--eval-steps", "1"]
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_demo_compresses_the_sd3_toy_and_says_where_everything_is(tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
@@ -62,6 +65,7 @@ def test_demo_refuses_a_folder_that_is_not_a_run_and_keeps_it(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_quickstart_example_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

@@ -183,6 +183,7 @@ def test_analysis_of_another_model_is_refused(setup, capsys):
     assert "made for a flux model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_two_processes_end_with_identical_weights(setup, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) runs examples/distill.py."""
     base, plans = setup

@@ -106,6 +106,7 @@ def test_inspect_cli_errors(tmp_path, capsys):
     assert "Supported families" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "diffusers_hprune", "inspect", "flux.1-schnell"], capture_output=True, text=True
@@ -139,6 +140,7 @@ print(",".join(family_names()), get_family("sd3").name, get_family("flux").name,
 """
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_registering_a_family_first_keeps_the_builtin_ones():
     result = subprocess.run([sys.executable, "-c", REGISTER_FIRST], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -95,6 +95,7 @@ def test_saved_folder_describes_itself(saved):
     assert list((folder / "transformer").glob("*.safetensors")) and not list(folder.rglob("*.bin"))
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 @pytest.mark.parametrize("how", ["auto", "class"])
 def test_fresh_process_loads_folder_and_draws_the_same_image(saved, tmp_path, how):
     family, folder, expected, unpruned = saved
@@ -106,6 +107,7 @@ def test_fresh_process_loads_folder_and_draws_the_same_image(saved, tmp_path, ho
     assert np.abs(expected - unpruned).max() > 1e-3  # the pruning is visible in the image
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_fresh_process_loads_by_repo_id_from_offline_cache(saved, tmp_path):
     family, folder, expected, _ = saved
     cache = tmp_path / "hub"

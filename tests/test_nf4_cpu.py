@@ -117,6 +117,7 @@ lib.impl("dequantize_4bit", faulty, "CPU")
 """
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_the_loading_path_supersedes_a_faulty_cpu_kernel(tmp_path):
     """A fresh process whose bitsandbytes CPU kernel is wrong for 96-wide weights still loads correct NF4 layers."""
     q = quantize(copy.deepcopy(toy.load_pipeline("sd3").transformer))

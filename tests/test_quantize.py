@@ -29,6 +29,7 @@ def _relative_error(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_round_trip_in_a_fresh_process(toy_transformer, tmp_path):
     """Quantise, save, load in a new process: the same outputs as before saving, close to the 32-bit model."""
     import bitsandbytes as bnb

@@ -47,6 +47,7 @@ print(json.dumps(dtypes))
 """
 
 
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 @pytest.mark.parametrize("family", toy.FAMILIES)
 def test_shipped_pipeline_works_with_the_plain_call_in_a_fresh_process(family, tmp_path):
     """`DiffusionPipeline.from_pretrained(path)` with no dtype, without diffusers_hprune imported: one dtype, the
