@@ -26,6 +26,7 @@ Importing this module imports nothing but torch; bitsandbytes is imported when i
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -35,25 +36,26 @@ import torch
 
 _lock = threading.Lock()
 _library = None  # the torch.library.Library holding our CPU kernel, once installed
-_tables: dict[str, torch.Tensor] = {}
 
 # bitsandbytes' AVX512-BF16 re-packing groups output rows in blocks of this many.
 _PACK_ROWS = 32
 
 
+@functools.cache
+def _code(quant_type: str) -> torch.Tensor:
+    """The 16 values of a 4-bit code (bitsandbytes' table), float32 on the CPU."""
+    from bitsandbytes.functional import get_4bit_type
+
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"Unknown 4-bit quantisation type {quant_type!r}; bitsandbytes knows 'nf4' and 'fp4'.")
+    return get_4bit_type(quant_type, device="cpu").float()
+
+
+@functools.cache
 def _pair_table(quant_type: str) -> torch.Tensor:
     """(256, 2) float32: the codes of the high and the low nibble of every byte value."""
-    table = _tables.get(quant_type)
-    if table is None:
-        from bitsandbytes.functional import get_4bit_type
-
-        if quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"Unknown 4-bit quantisation type {quant_type!r}; bitsandbytes knows 'nf4' and 'fp4'.")
-        code = get_4bit_type(quant_type, device="cpu").float()
-        byte = torch.arange(256)
-        table = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
-        _tables[quant_type] = table
-    return table
+    code, byte = _code(quant_type), torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
 
 
 def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
@@ -95,16 +97,10 @@ def _cpu_kernel(generic):
     if generic is None:
         return dequantize_4bit
 
-    from bitsandbytes.functional import get_4bit_type
-
-    codes = {}
-
     def kernel(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        if quant_type not in codes:
-            codes[quant_type] = get_4bit_type(quant_type, device="cpu")
         packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
-        return generic(packed.reshape(-1), absmax, codes[quant_type], blocksize, shape, dtype)
+        return generic(packed.reshape(-1), absmax, _code(quant_type), blocksize, shape, dtype)
 
     return kernel
 
@@ -133,7 +129,7 @@ def install_cpu_dequantize() -> bool:
             warnings.warn(
                 f"diffusers-hprune could not replace bitsandbytes' CPU 4-bit dequantisation kernel ({e}). On a "
                 "processor with AVX-512, NF4 layers whose input width is not a multiple of 64 may compute wrong "
-                "outputs on the CPU; install a newer torch (2.6 or later) to get the correct kernel.",
+                "outputs on the CPU; install a torch whose torch.library allows the override (2.13 does).",
                 RuntimeWarning, stacklevel=2)
             return False
         _library = library

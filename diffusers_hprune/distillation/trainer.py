@@ -478,6 +478,7 @@ class _Run:
     teacher: Any
     family: Any
     student: Any  # as Accelerate prepared it (DDP / FSDP wrapper)
+    inner: Any  # the student module itself (unwrapped)
     optimizer: Any
     groups: list
     dataset: Any
@@ -504,15 +505,11 @@ class _Run:
         teacher.to(accelerator.device)
         if weight_dtype != torch.float32 and not config.teacher_4bit:
             teacher.to(dtype=weight_dtype)
-        kept = kept_blocks(accelerator.unwrap_model(student))
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.pipe.scheduler.config)
-        return cls(config, accelerator, models.pipe, teacher, models.family, student, optimizer, groups, dataset,
-                   identity, output_dir, weight_dtype, kept, sampler, scheduler.sigmas.to(accelerator.device),
-                   scheduler.config.num_train_timesteps)
-
-    @property
-    def inner(self):
-        return self.accelerator.unwrap_model(self.student)
+        inner = accelerator.unwrap_model(student)
+        return cls(config, accelerator, models.pipe, teacher, models.family, student, inner, optimizer, groups,
+                   dataset, identity, output_dir, weight_dtype, kept_blocks(inner), sampler,
+                   scheduler.sigmas.to(accelerator.device), scheduler.config.num_train_timesteps)
 
     def held_out_loss(self) -> float:
         return _fixed_batch_loss(self.inner, self.teacher, self.family, self.dataset, self.kept,
