@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_hprune.fileio import atomic_write_text
+from diffusers_hprune.utils.fileio import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"

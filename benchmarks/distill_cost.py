@@ -7,7 +7,7 @@ cached training data for every mode. Each mode runs in a fresh process twice: on
 optimizer steps and once for 0 steps (the same set-up: teacher, student, LoRA wrapping, data). The
 peak resident memory (VmHWM) of the first minus that of the second is what training itself added:
 gradients, optimizer state and activations. Beside it, the computed gradients + optimizer state of
-the mode (diffusers_hprune.distillation.memory). Computed figures for SD3.5 Large Turbo and
+the mode (diffusers_hprune.distillation.budget). Computed figures for SD3.5 Large Turbo and
 FLUX.1-schnell: ``benchmarks/distill_memory.py``.
 
 ``--teacher_4bit`` needs CUDA (Diffusers' bitsandbytes loader) and is not measured on a CPU.
@@ -39,7 +39,7 @@ MODES = {
 
 def child(spec: dict) -> None:
     from diffusers_hprune.distillation.trainer import DistillConfig, distill
-    from diffusers_hprune.measure import _proc_status_kib
+    from diffusers_hprune.evaluation.measure import _proc_status_kib
 
     summary = distill(DistillConfig(**spec))
     print("RESULT " + json.dumps({"steps": summary["steps"], "seconds": summary["seconds"], "peak_kib": _proc_status_kib("VmHWM"),
@@ -66,8 +66,8 @@ def main(argv=None):
 
     from diffusers_hprune import toy
     from diffusers_hprune.analysis import analyze
-    from diffusers_hprune.distillation.memory import training_memory
-    from diffusers_hprune.inventory import inspect_transformer
+    from diffusers_hprune.distillation.budget import training_memory
+    from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 
     out = Path(args.out)

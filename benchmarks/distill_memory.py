@@ -3,7 +3,7 @@
     python benchmarks/distill_memory.py
 
 Weights, gradients and optimizer state per process, from the public configs on the meta device
-(diffusers_hprune.distillation.memory); the plans come from a synthetic analysis (as in
+(diffusers_hprune.distillation.budget); the plans come from a synthetic analysis (as in
 plan_real_configs.py). Activations are not included: measure them on a GPU.
 """
 
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune.analysis import synthetic_report  # noqa: E402
-from diffusers_hprune.distillation.memory import training_memory  # noqa: E402
-from diffusers_hprune.inventory import inspect_transformer  # noqa: E402
+from diffusers_hprune.distillation.budget import training_memory  # noqa: E402
+from diffusers_hprune.families.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
 MODES = [

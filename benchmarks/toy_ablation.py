@@ -39,14 +39,15 @@ import torch  # noqa: E402
 from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
-from diffusers_hprune.analysis import ContributionReport, analyze  # noqa: E402
+from diffusers_hprune.analysis import analyze  # noqa: E402
+from diffusers_hprune.contributions import ContributionReport
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
-from diffusers_hprune.fileio import atomic_path, atomic_write_json  # noqa: E402
-from diffusers_hprune.inventory import inspect_transformer  # noqa: E402
-from diffusers_hprune.measure import logical_params, stored_bytes  # noqa: E402
+from diffusers_hprune.evaluation.measure import logical_params, stored_bytes  # noqa: E402
+from diffusers_hprune.families.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 from diffusers_hprune.quantization import quantize  # noqa: E402
+from diffusers_hprune.utils.fileio import atomic_path, atomic_write_json  # noqa: E402
 
 KD = {"pwp": False, "sgdistill": False}
 TRAINED = [  # label, strategy, distillation options

@@ -1,48 +1,77 @@
 """diffusers-hprune: HierarchicalPrune (arXiv 2508.04663) for Diffusers SD3/SD3.5 and FLUX.1 transformers.
 
-``import diffusers_hprune`` registers the pruned transformer and pipeline classes
-with Diffusers, so ``DiffusionPipeline.from_pretrained`` loads pruned checkpoints.
+``import diffusers_hprune`` makes Diffusers find the pruned transformer and pipeline classes,
+so ``DiffusionPipeline.from_pretrained`` loads pruned checkpoints. The public names below are
+loaded on first use (PEP 562), so importing one sub-package (``diffusers_hprune.plan``,
+``diffusers_hprune.quantization``, ...) loads only what that sub-package needs. The package
+map is in docs/layout.md.
 """
 
-from ._quiet import quiet_third_party_notices as _quiet
-from ._quiet import running_as_cli as _running_as_cli
+from __future__ import annotations
+
+import importlib
+
+from diffusers_hprune.utils.quiet import quiet_third_party_notices as _quiet
+from diffusers_hprune.utils.quiet import running_as_cli as _running_as_cli
 
 if _running_as_cli():
     _quiet()
 
 from diffusers import DiffusionPipeline, ModelMixin  # noqa: E402, F401  (Diffusers' loader looks these up here)
 
-from .architectures import BLOCK, BlockSpec, ModelFamily, family_names, get_family
-from .config import HPruneConfig
-from .errors import (
+from diffusers_hprune.families import (  # noqa: E402  (the registry, which plans check names against)
+    BLOCK,
+    BlockSpec,
+    ModelFamily,
+    family_names,
+    get_family,
+    register_family,
+)
+from diffusers_hprune.plan import PrunePlan  # noqa: E402
+from diffusers_hprune.utils.errors import (  # noqa: E402
     CheckpointMismatchError,
     HPruneError,
     PlanError,
     UnsupportedModelError,
 )
-from .inventory import inspect_transformer, load_transformer_config
-from .models import (
-    HierarchicalPrunedFluxTransformer2DModel,
-    HierarchicalPrunedSD3Transformer2DModel,
-)
-from .pipelines import (
-    HierarchicalPrunedFluxPipeline,
-    HierarchicalPrunedSD3Pipeline,
-    prune_pipeline,
-)
-from .plan import PrunePlan
-from .prune import prune_transformer
-from .quantization import quantize, quantize_pipeline
-from .registration import register as _register
+from diffusers_hprune.utils.registration import register_lazily as _register_lazily  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
-_register(
-    HierarchicalPrunedSD3Transformer2DModel,
-    HierarchicalPrunedFluxTransformer2DModel,
-    HierarchicalPrunedSD3Pipeline,
-    HierarchicalPrunedFluxPipeline,
-)
+# public name -> the module that defines it, imported on first use
+_LAZY = {
+    "HPruneConfig": "diffusers_hprune.compress.config",
+    "HierarchicalPrunedFluxPipeline": "diffusers_hprune.pipelines",
+    "HierarchicalPrunedFluxTransformer2DModel": "diffusers_hprune.models",
+    "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.pipelines",
+    "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.models",
+    "inspect_transformer": "diffusers_hprune.families.inventory",
+    "load_transformer_config": "diffusers_hprune.families.inventory",
+    "prune_pipeline": "diffusers_hprune.pipelines",
+    "prune_transformer": "diffusers_hprune.pruning",
+    "quantize": "diffusers_hprune.quantization",
+    "quantize_pipeline": "diffusers_hprune.quantization",
+}
+_SUBPACKAGES = ("analysis", "commands", "compress", "contributions", "demo", "distillation", "evaluation", "families",
+                "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "pruning", "quantization",
+                "toy", "utils")
+
+_register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
+
 
 __all__ = [
     "BLOCK",
@@ -66,4 +95,5 @@ __all__ = [
     "prune_transformer",
     "quantize",
     "quantize_pipeline",
+    "register_family",
 ]

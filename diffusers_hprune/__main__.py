@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from diffusers_hprune.cli import main
 
 sys.exit(main())

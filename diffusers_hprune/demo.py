@@ -14,7 +14,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .config import HPruneConfig
+from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.compress.run import compress, holds_something_else
 
 DEMO_MODEL = "sd3"
 DEMO_CONFIG = HPruneConfig(
@@ -43,7 +44,6 @@ def run_demo(out_dir: str | os.PathLike = "hprune-demo", overrides: dict | None 
     A folder left by an earlier demo continues where it stopped (finished stages are skipped);
     a folder holding anything else is refused unless ``overwrite``.
     """
-    from .compress import compress, holds_something_else
 
     out = Path(out_dir)
     if holds_something_else(out) and not overwrite:

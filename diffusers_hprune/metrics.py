@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HPruneError
+from diffusers_hprune.toy import shapeeval
+from diffusers_hprune.utils.errors import HPruneError
 
 OUTPUT, IMAGE = "output", "image"
 
@@ -98,8 +99,6 @@ _REGISTRY["fidelity"] = Metric(
 
 @register_metric("shapeeval", description="ShapeEval prompt adherence of the toy shapes models (overall score)")
 def _shapeeval(images, prompts) -> float:
-    from .toy import shapeeval
-
     return float(shapeeval(images, prompts)["overall"])
 
 

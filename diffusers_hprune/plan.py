@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanError
-from .fileio import atomic_write_json
+from diffusers_hprune.utils.errors import PlanError
+from diffusers_hprune.utils.fileio import atomic_write_json
 
 PLAN_FORMAT = "diffusers-hprune/prune-plan"
 PLAN_FORMAT_VERSION = 1
+
+# family name -> its component vocabulary, as the family registry (diffusers_hprune.families, a layer
+# above this module) reports it. A plan checks its names against it; the structure itself stays the family's.
+_family_vocabularies: Callable[[], Mapping[str, Sequence[str]]] = dict
+
+
+def use_family_registry(vocabularies: Callable[[], Mapping[str, Sequence[str]]]) -> None:
+    """Called once by :mod:`diffusers_hprune.families`: where plans look up family names and components."""
+    global _family_vocabularies
+    _family_vocabularies = vocabularies
 
 
 @dataclass
@@ -37,7 +48,7 @@ class PrunePlan:
     block must be kept; indices are sorted and de-duplicated, and components of a
     block that is removed whole are dropped (the block removal covers them).
     Checks that need the model itself (e.g. the last SD3 block has no
-    ``ff_context``) happen when the plan is applied.
+    ``ff_context``) are the family's (``ModelFamily.check_plan``) and happen when the plan is applied.
     """
 
     removed_blocks: list[int] = field(default_factory=list)
@@ -48,18 +59,17 @@ class PrunePlan:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .architectures import family_names, get_family
-
-        if self.family not in family_names():
+        families = _family_vocabularies()
+        if self.family not in families:
             raise PlanError(
                 f"Unknown model family {self.family!r} in prune plan; supported families are "
-                f"{', '.join(family_names())}. Make the plan with `family=` set to one of them."
+                f"{', '.join(families)}. Make the plan with `family=` set to one of them."
             )
         if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
             raise PlanError(f"`num_blocks` must be a positive integer, got {self.num_blocks!r}.")
 
         blocks = sorted({self._check_index(i, "removed_blocks") for i in self.removed_blocks})
-        vocabulary = get_family(self.family).component_names
+        vocabulary = tuple(families[self.family])
         components: dict[int, list[str]] = {}
         if not isinstance(self.removed_components, dict):
             raise PlanError(

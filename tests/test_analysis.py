@@ -14,18 +14,9 @@ import torch
 from helpers import run_process_group
 
 from diffusers_hprune import BLOCK
-from diffusers_hprune.ablation import (
-    entry_plan,
-    naive_outputs,
-    normalised_error,
-    record_transformer_calls,
-)
-from diffusers_hprune.analysis import (
-    AnalysisError,
-    ContributionReport,
-    analyze,
-    component_keys,
-)
+from diffusers_hprune.analysis import analyze
+from diffusers_hprune.analysis.ablation import entry_plan, naive_outputs, normalised_error, record_transformer_calls
+from diffusers_hprune.contributions import AnalysisError, ContributionReport, component_keys
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
 SMALL = dict(n_prompts=2, eval_steps=2, num_inference_steps=3, height=32, width=32, progress=False)
@@ -237,7 +228,7 @@ def test_analysis_file_errors(tmp_path, sd3_pipeline):
     bad.write_text(json.dumps(data))
     with pytest.raises(AnalysisError, match="corrupt"):
         ContributionReport.load(bad)
-    from diffusers_hprune.inventory import load_transformer_config
+    from diffusers_hprune.families.inventory import load_transformer_config
 
     with pytest.raises(AnalysisError, match="made for a sd3 model.*FLUX"):
         report.check_model(load_transformer_config("flux.1-schnell"))

@@ -13,9 +13,8 @@ import pytest
 from helpers import fill_hf_cache
 
 from diffusers_hprune import PrunePlan, prune_pipeline, toy
-from diffusers_hprune.card import CardError, write_model_card
 from diffusers_hprune.cli import main
-from diffusers_hprune.hub import upload_tree
+from diffusers_hprune.hub import CardError, upload_tree, write_model_card
 
 
 @pytest.fixture(scope="module")

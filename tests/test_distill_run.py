@@ -14,7 +14,7 @@ from helpers import run_process_group
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.cli import main
-from diffusers_hprune.inventory import inspect_transformer
+from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.planning import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]

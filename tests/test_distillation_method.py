@@ -175,7 +175,7 @@ def test_training_steps_change_only_trainable_parameters(sd3_pipeline):
 
 
 def test_training_memory_matches_the_real_student(sd3_pipeline):
-    from diffusers_hprune.distillation.memory import training_memory
+    from diffusers_hprune.distillation.budget import training_memory
 
     plan = PrunePlan(removed_blocks=[2], removed_components={3: ["ff"]}, family="sd3", num_blocks=4)
     config = dict(sd3_pipeline.transformer.config, _class_name="SD3Transformer2DModel")
@@ -198,7 +198,7 @@ def test_training_memory_matches_the_real_student(sd3_pipeline):
 @pytest.mark.parametrize("kind", ["sd3", "flux-schnell", "flux-dev"])
 def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
     """The family's denoiser_inputs (packing, ids, timestep scale, dev guidance) match a pipeline step."""
-    from diffusers_hprune.architectures import get_family
+    from diffusers_hprune.families import get_family
     from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(seed=0) if kind == "sd3" else tiny_flux_pipeline(seed=0, guidance_embeds=kind == "flux-dev")

@@ -1,4 +1,4 @@
-"""Measured weight bytes, step memory and step latency (diffusers_hprune.measure)."""
+"""Measured weight bytes, step memory and step latency (diffusers_hprune.evaluation.measure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.measure import (
+from diffusers_hprune.evaluation.measure import (
     MeasureError,
     logical_params,
     step_inputs,
@@ -16,7 +16,7 @@ from diffusers_hprune.measure import (
     step_memory,
     stored_bytes,
 )
-from diffusers_hprune.memory import model_weight_bytes
+from diffusers_hprune.families.sizes import model_weight_bytes
 from diffusers_hprune.quantization import quantize
 
 
@@ -60,7 +60,7 @@ def test_nf4_student_runs_on_the_same_inputs():
 def test_unquantized_bytes_counts_what_nf4_leaves_in_16_bit():
     import torch.nn as nn
 
-    from diffusers_hprune.memory import nf4_weight_bytes, unquantized_bytes
+    from diffusers_hprune.families.sizes import nf4_weight_bytes, unquantized_bytes
 
     model = nn.Module()
     model.block = nn.Linear(64, 64)  # weight quantised; bias 16-bit

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.nf4_cpu import dequantize_4bit, install_cpu_dequantize, keep_cpu_layout
 from diffusers_hprune.quantization import quantize
+from diffusers_hprune.utils.nf4_cpu import dequantize_4bit, install_cpu_dequantize, keep_cpu_layout
 
 SHAPES = [(864, 96), (96, 864), (10, 100), (256, 256), (7,)]
 

@@ -21,4 +21,5 @@ def test_pipelines_folder_is_the_installed_remote_code():
     assert shipped == {"hprune_sd3_pipeline.py", "hprune_flux_pipeline.py"}
     for name in shipped:  # the installed package reads the same bytes as the repository holds
         assert (files("diffusers_hprune.remote_code") / name).read_bytes() == (ROOT / "pipelines" / name).read_bytes()
-    assert (files("diffusers_hprune") / "templates" / "model_card.md").is_file()
+    assert (files("diffusers_hprune.hub") / "templates" / "model_card.md").is_file()
+    assert (files("diffusers_hprune.families") / "configs" / "sd3.5-large.json").is_file()

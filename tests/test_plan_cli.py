@@ -8,9 +8,11 @@ import re
 import pytest
 
 from diffusers_hprune import PrunePlan
-from diffusers_hprune.analysis import ContributionReport, synthetic_report
-from diffusers_hprune.cli import main, parse_bytes
-from diffusers_hprune.inventory import inspect_transformer
+from diffusers_hprune.analysis import synthetic_report
+from diffusers_hprune.cli import main
+from diffusers_hprune.commands.options import parse_bytes
+from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.families.inventory import inspect_transformer
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_report_figures_and_table(synthetic, tmp_path, capsys):
 
 
 def test_report_of_pairs(tmp_path):
-    from diffusers_hprune.report import write_report
+    from diffusers_hprune.planning.report import write_report
 
     report = synthetic_report("flux.1-schnell", pairs=True)
     paths = write_report(report, tmp_path)

@@ -206,3 +206,23 @@ def test_koala_ranks_by_similarity(tiny):
     assert outcome.plan.removed_blocks == [1, 3]  # 45264 + 24224 = 41.2 %
     with pytest.raises(PlanError, match="koala strategy needs"):
         make_plan({}, tiny, ratio=0.2, strategy="koala", similarity={0: 1.0})
+
+
+def test_strategies_are_registered_objects_and_names_are_unique(monkeypatch, sd35):
+    """Each strategy is one entry of a table; a new one is usable by name, a duplicate name is refused."""
+    from diffusers_hprune.planning import strategies
+    from diffusers_hprune.planning.strategies import Strategy, get_strategy, register_strategy, strategy_names
+
+    assert strategy_names() == ("hierarchical", "bk-sdm", "koala", "last")
+    assert get_strategy("hierarchical").position_weight and get_strategy("hierarchical").components
+    assert not any(get_strategy(n).components or get_strategy(n).position_weight for n in ("bk-sdm", "koala", "last"))
+    with pytest.raises(PlanError, match="'koala' is registered already"):
+        register_strategy(Strategy("koala", "again", lambda inputs: []))
+    with pytest.raises(PlanError, match="Unknown strategy 'first'.*hierarchical, bk-sdm, koala, last"):
+        get_strategy("first")
+    monkeypatch.setattr(strategies, "_STRATEGIES", dict(strategies._STRATEGIES))  # undone after the test
+    register_strategy(Strategy("first", "the first blocks first", lambda inputs: list(range(len(inputs.inventory.blocks)))))
+    assert "first" in strategy_names()
+    outcome = make_plan({}, sd35, ratio=0.2, strategy="first")
+    assert outcome.plan.removed_blocks == list(range(len(outcome.plan.removed_blocks)))
+    assert outcome.plan.metadata["strategy"] == "first" and outcome.ratio >= 0.2

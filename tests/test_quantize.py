@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from diffusers_hprune import PrunePlan, prune_transformer, toy
 from diffusers_hprune.cli import main
-from diffusers_hprune.memory import model_weight_bytes
+from diffusers_hprune.families.sizes import model_weight_bytes
 from diffusers_hprune.quantization import QuantizeError, is_quantized, quantize, quantize_pipeline
 
 QUANT_STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")

@@ -7,9 +7,9 @@
   their original index.
 """
 
-from .loss import BlockFeatures, distillation_loss
-from .pwp import PWPResult, apply_pwp, first_pruned_block
-from .sgdistill import ParamGroup, sensitivity_multipliers, sgdistill_param_groups
+from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss
+from diffusers_hprune.distillation.pwp import PWPResult, apply_pwp, first_pruned_block
+from diffusers_hprune.distillation.sgdistill import ParamGroup, sensitivity_multipliers, sgdistill_param_groups
 
 __all__ = [
     "BlockFeatures",

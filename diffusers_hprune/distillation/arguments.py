@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .trainer import DistillConfig
+from diffusers_hprune.distillation.trainer import DistillConfig
 
 
 def _add(parser, name, **kwargs):

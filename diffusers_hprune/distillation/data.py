@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..architectures import get_family
-from ..errors import HPruneError
+from diffusers_hprune.contributions import fingerprint
+from diffusers_hprune.families import get_family
+from diffusers_hprune.loading import generation_settings
+from diffusers_hprune.utils.errors import HPruneError
 
 
 class DataError(HPruneError):
@@ -63,7 +65,7 @@ class DataSpec:
             )
 
 
-def _read_prompts(path: str) -> list[str]:
+def read_prompts(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -135,8 +137,6 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     import datasets
     from tqdm.auto import tqdm
 
-    from ..analysis import fingerprint, generation_settings
-
     spec.check()
     family = get_family(pipe.transformer)
     generation = generation_settings(pipe, spec.teacher_steps, spec.resolution, spec.resolution, spec.guidance_scale)
@@ -148,7 +148,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
 
     records = {"latents": [], "prompt_embeds": [], "pooled_projections": [], "prompt": []}
     if spec.prompts:
-        prompts = _read_prompts(spec.prompts)
+        prompts = read_prompts(spec.prompts)
         if spec.max_samples:
             prompts = prompts[: spec.max_samples]
         chunks = range(0, len(prompts), spec.batch_size)

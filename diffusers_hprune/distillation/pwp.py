@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..architectures import get_family
-from ..errors import PlanError
-from ..plan import PrunePlan
+from diffusers_hprune.families import get_family
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.errors import PlanError
 
 
 def first_pruned_block(plan: PrunePlan) -> int:

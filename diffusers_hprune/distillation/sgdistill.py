@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..architectures import BLOCK, get_family
-from ..errors import PlanError
+from diffusers_hprune.families import BLOCK, get_family
+from diffusers_hprune.utils.errors import PlanError
 
 
 @dataclass

@@ -25,7 +25,21 @@ from typing import Any
 
 import torch
 
-from ..errors import HPruneError
+from diffusers_hprune import toy
+from diffusers_hprune.contributions import ContributionReport, fingerprint
+from diffusers_hprune.distillation.data import DataSpec, build_training_cache
+from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
+from diffusers_hprune.distillation.pwp import apply_pwp
+from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
+from diffusers_hprune.families import get_family
+from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.loading import generation_settings, load_pipeline
+from diffusers_hprune.pipelines.pruned import with_pruned_transformer
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.distributed import launched_on_cpu
+from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.fileio import atomic_write_json
 
 
 class DistillError(HPruneError):
@@ -173,8 +187,6 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _plan_ratio(plan, config) -> float:
-    from ..inventory import inspect_transformer
-
     inventory = inspect_transformer(dict(config, prune_plan=plan.to_dict()))
     return inventory.removed_fraction
 
@@ -197,9 +209,7 @@ def _check_trackers(report_to: str | None) -> None:
 
 
 def _load_teacher(config: DistillConfig, dtype: torch.dtype):
-    from ..analysis import _load_pipeline
-
-    pipe, name = _load_pipeline(config.teacher, "cpu", dtype)
+    pipe, name = load_pipeline(config.teacher, "cpu", dtype)
     return pipe, name
 
 
@@ -233,7 +243,7 @@ def _final_student(accelerator, student, family, lora_config):
     inner = accelerator.unwrap_model(student)
     config = {k: v for k, v in inner.config.items() if not k.startswith("_")}
     with init_empty_weights():
-        final = family.pruned_class.from_config(config)
+        final = type(inner).from_config(config)
         if lora_config is not None:
             final.add_adapter(copy.deepcopy(lora_config))
     final.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True,
@@ -266,9 +276,6 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     student, PWP, the SGDistill parameter groups (with LoRA), the optimizer, the training data,
     the loop, the saved student.
     """
-    from ..analysis import fingerprint
-    from ..plan import PrunePlan
-    from .pwp import apply_pwp
 
     output_dir = Path(config.output_dir)
     accelerator = _accelerator(config, output_dir)  # also seeds every RNG with config.seed
@@ -317,8 +324,6 @@ def _accelerator(config: DistillConfig, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from ..distributed import launched_on_cpu
-
     _check_trackers(config.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -333,7 +338,6 @@ def _accelerator(config: DistillConfig, output_dir: Path):
 
 def _checked_data_spec(config: DistillConfig):
     """The training data the options describe, and the option combinations refused before any loading."""
-    from .data import DataSpec
 
     spec = DataSpec(
         prompts=config.prompts, train_data_dir=config.train_data_dir, dataset_name=config.dataset_name,
@@ -379,9 +383,6 @@ class _Models:
 
 def _teacher_and_student(config: DistillConfig, plan) -> _Models:
     """Load the teacher; the student copies its transformer, then the plan removes parts."""
-    from ..analysis import ContributionReport
-    from ..architectures import get_family
-    from ..prune import prune_transformer
 
     pipe, teacher_name = _load_teacher(config, torch.float32)
     teacher = pipe.transformer
@@ -405,7 +406,6 @@ def _teacher_and_student(config: DistillConfig, plan) -> _Models:
 
 def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
     """SGDistill's parameter groups of what PWP left trainable (LoRA adapters on it with --lora_rank)."""
-    from .sgdistill import sgdistill_param_groups
 
     student, report = models.student, models.report
     use_sg = config.sgdistill and models.ratio >= config.r_thres
@@ -456,7 +456,6 @@ def _optimizer(config: DistillConfig, groups, lora_config, say):
 
 def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: Path, say):
     """The training samples, encoded once by the main process into the cache, then loaded by every process."""
-    from .data import build_training_cache
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
     pipe.to(accelerator.device)
@@ -493,8 +492,6 @@ class _Run:
     @classmethod
     def prepare(cls, config, accelerator, models: _Models, optimizer, groups, dataset, identity, output_dir):
         from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from .loss import kept_blocks
 
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         # Batches, noise and noise levels are functions of (seed, micro-step, rank): a resumed run draws
@@ -562,8 +559,6 @@ def _micro_step(run: _Run, micro: int) -> dict:
     """One micro-batch: noisy latents at logit-normal noise levels, teacher and student, L_KD + L_feat (+ L_task)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from .loss import BlockFeatures, distillation_loss
-
     config, accelerator, family, dtype = run.config, run.accelerator, run.family, run.weight_dtype
     batch = run.dataset[run.sampler.indices(micro, accelerator.process_index)]
     x0 = batch["latents"].to(accelerator.device, dtype)
@@ -602,8 +597,6 @@ def _rank_checksums(run: _Run) -> dict:
 
 def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -> None:
     """The trained student (LoRA merged) as a pruned pipeline in output_dir, with plan.json and the summary."""
-    from ..fileio import atomic_write_json
-    from ..pipelines import with_pruned_transformer
 
     final = _final_student(run.accelerator, run.student, run.family, lora_config)
     if run.accelerator.is_main_process:
@@ -619,7 +612,6 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
 @torch.no_grad()
 def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, config: DistillConfig) -> float:
     """The distillation loss on the first (up to) 8 samples at fixed noise levels and noise: comparable over time."""
-    from .loss import BlockFeatures, distillation_loss
 
     n = min(8, len(dataset))
     batch = dataset[:n]
@@ -648,8 +640,6 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from ..fileio import atomic_write_json
-
         atomic_write_json(tmp / RUN_FILE, identity)
         if target.exists():
             shutil.rmtree(target)
@@ -663,10 +653,6 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
 
 @torch.no_grad()
 def _validate(pipe, student, config: DistillConfig, output_dir: Path, step: int) -> None:
-    from .. import toy
-    from ..analysis import generation_settings
-    from ..pipelines import with_pruned_transformer
-
     prompts = config.validation_prompts or toy.prompts(split="heldout", n=8, seed=config.seed)
     was_training = student.training
     student.eval()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..architectures import get_family
-from ..errors import CheckpointMismatchError
-from ..plan import PrunePlan
+from diffusers_hprune.families import get_family
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
+from diffusers_hprune.utils.nf4_cpu import cpu_nf4_loading, keep_cpu_layout
 
 _SHOWN = 8
 
@@ -31,10 +32,35 @@ def _shape_problems(message: str) -> str:
     return "; ".join(found) or message
 
 
+_PRUNED_CLASSES: dict[str, type] = {}
+
+
+def pruned_class_for(family) -> type:
+    """The pruned transformer class of a family (a :class:`ModelFamily` or its name).
+
+    Every subclass of :class:`HierarchicalPrunedMixin` that names a ``family_name`` is
+    registered when it is defined, so a family added from outside the package brings its
+    own pruned class by subclassing the mixin.
+    """
+    name = family if isinstance(family, str) else family.name
+    try:
+        return _PRUNED_CLASSES[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"No pruned transformer class for the {name!r} family; define one by subclassing "
+            "diffusers_hprune.models.HierarchicalPrunedMixin with `family_name = " + repr(name) + "`."
+        ) from None
+
+
 class HierarchicalPrunedMixin:
     """Mixed into a Diffusers transformer subclass whose config has a ``prune_plan`` entry."""
 
     family_name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.family_name and cls.family_name not in _PRUNED_CLASSES:
+            _PRUNED_CLASSES[cls.family_name] = cls
 
     def _build_pruned_structure(self, prune_plan: dict[str, Any] | PrunePlan | None) -> None:
         family = get_family(self.family_name)
@@ -61,8 +87,6 @@ class HierarchicalPrunedMixin:
         Raises :class:`CheckpointMismatchError` naming the missing, unexpected or
         wrongly shaped keys instead of leaving parts of the model uninitialised.
         """
-        from ..quantization import cpu_nf4_loading
-
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             with cpu_nf4_loading():  # NF4 checkpoints (hprune quantize) load on a CPU too
@@ -97,7 +121,5 @@ class HierarchicalPrunedMixin:
                 "config.json that came with these weights."
             )
         if getattr(model.config, "quantization_config", None):
-            from ..nf4_cpu import keep_cpu_layout
-
             keep_cpu_layout(model)
         return (model, info) if output_loading_info else model

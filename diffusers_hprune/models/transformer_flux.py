@@ -7,7 +7,8 @@ from typing import Any
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 
-from .pruned import HierarchicalPrunedMixin
+from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
+from diffusers_hprune.utils.registration import register
 
 
 class HierarchicalPrunedFluxTransformer2DModel(HierarchicalPrunedMixin, FluxTransformer2DModel):
@@ -62,3 +63,6 @@ class HierarchicalPrunedFluxTransformer2DModel(HierarchicalPrunedMixin, FluxTran
             axes_dims_rope=axes_dims_rope,
         )
         self._build_pruned_structure(prune_plan)
+
+
+register(HierarchicalPrunedFluxTransformer2DModel)

@@ -7,7 +7,8 @@ from typing import Any
 from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
 
-from .pruned import HierarchicalPrunedMixin
+from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
+from diffusers_hprune.utils.registration import register
 
 
 class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transformer2DModel):
@@ -60,3 +61,6 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
             qk_norm=qk_norm,
         )
         self._build_pruned_structure(prune_plan)
+
+
+register(HierarchicalPrunedSD3Transformer2DModel)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .dataset import CATEGORIES, parse_prompt, prompts, render, sample
-from .shapeeval import detect_objects, score_image, shapeeval
+from diffusers_hprune.toy.dataset import CATEGORIES, parse_prompt, prompts, render, sample, to_array
+from diffusers_hprune.toy.shapeeval import detect_objects, score_image, shapeeval
 
 FAMILIES = ("sd3", "flux")
 
@@ -80,8 +80,6 @@ def save_grid(images, path, columns: int = 8, scale: int = 3):
     """Save images (PIL or arrays) as one PNG grid, enlarged ``scale`` times."""
     import numpy as np
     from PIL import Image
-
-    from .dataset import to_array
 
     arrays = [to_array(im) for im in images]
     rows = [arrays[i : i + columns] for i in range(0, len(arrays), columns)]

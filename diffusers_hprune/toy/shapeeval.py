@@ -18,14 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import (
-    BACKGROUND,
-    CATEGORIES,
-    COLORS,
-    parse_prompt,
-    relation_holds,
-    to_array,
-)
+from diffusers_hprune.toy.dataset import BACKGROUND, CATEGORIES, COLORS, parse_prompt, relation_holds, to_array
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32) / 255.0

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dataset as D
+from diffusers_hprune.families import get_family
+from diffusers_hprune.toy import dataset as D
+from diffusers_hprune.toy import evaluate_pipeline, load_pipeline
+from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae
 
 TEXT_LENGTH = 10  # CLIP and T5 tokens per prompt (the longest prompt needs 9)
 TOY_CONFIGS = {
@@ -58,7 +61,6 @@ def _images_to_tensor(images) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- VAE
 def train_vae(out: Path, seed: int = 0, steps: int = 1500, batch: int = 32, n_images: int = 20000) -> Path:
     """Train the shared toy VAE and save it to ``out`` (a diffusers model folder)."""
-    from .components import build_vae
 
     torch.manual_seed(seed)
     vae = build_vae(latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8)
@@ -103,8 +105,6 @@ def build_toy_pipeline(family: str, vae, seed: int = 0):
         SD3Transformer2DModel,
     )
 
-    from .components import build_flux_pipeline, build_sd3_pipeline
-
     torch.manual_seed(seed)
     words = D.vocabulary()
     if family == "sd3":
@@ -121,7 +121,6 @@ def build_toy_pipeline(family: str, vae, seed: int = 0):
 @torch.no_grad()
 def encode_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings and pooled embeddings of ``texts`` with the pipeline's frozen encoders."""
-    from ..architectures import get_family
 
     text = get_family(pipe.transformer).encode_text(pipe, texts, TEXT_LENGTH)
     return text["prompt_embeds"], text["pooled_projections"]
@@ -144,7 +143,6 @@ def _sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
 
 def _predict(family: str, transformer, x_t, sigmas, embeds, pooled):
     """The transformer's velocity for ``x_t`` (``B, C, H, W``); the family module knows the conventions."""
-    from ..architectures import get_family
 
     fam = get_family(transformer)
     text = {"prompt_embeds": embeds, "pooled_projections": pooled}
@@ -218,8 +216,6 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
     pipe.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(train_info, indent=2) + "\n")
     if eval_prompts:
-        from . import evaluate_pipeline, load_pipeline
-
         result = evaluate_pipeline(load_pipeline(out), n=eval_prompts)
         _log(f"{family}: ShapeEval on {eval_prompts} held-out prompts: " + json.dumps({k: round(v, 3) for k, v in result.items()}))
     return out

@@ -1,0 +1,310 @@
+"""Contribution analysis (DESIGN.md section 6, step 1): dP(i, c) for every block i and component c.
+
+``dP(i, c) = P(original) - P(model without component c of block i)`` on a calibration set of
+prompts with fixed seeds, for ``c`` in ``{"block"} + the family's components`` (and, with
+``pairs=True``, every pair of components of a block, written ``"a+b"``).
+
+* Exact and cheap: with the default ``fidelity`` metric the full model runs once per
+  recorded transformer call and every block's output is cached; an ablation of block ``i``
+  replays the cache for the blocks before ``i`` (:mod:`diffusers_hprune.analysis.ablation`).
+* Resumable: each finished entry is written atomically to ``<out>.parts/rank-<r>.json`` as
+  it completes; a run started again with the same settings skips what is there.
+* Sharded: under ``accelerate launch --num_processes N`` the missing entries are split
+  across the processes and merged into ``<out>`` by the main process.
+
+The result is a :class:`ContributionReport`, saved as ``analysis.json`` (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusers_hprune import toy
+from diffusers_hprune.analysis.ablation import (
+    BlockCache,
+    BlockCounter,
+    entry_plan,
+    naive_outputs,
+    normalised_error,
+    record_transformer_calls,
+)
+from diffusers_hprune.contributions import AnalysisError, ContributionReport, fingerprint
+from diffusers_hprune.families import get_family
+from diffusers_hprune.loading import generate, generation_settings, is_toy, load_pipeline, swapped_transformer
+from diffusers_hprune.metrics import OUTPUT, get_metric
+from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.distributed import process_state
+
+ANALYSIS_FORMAT = "diffusers-hprune/analysis"
+ANALYSIS_FORMAT_VERSION = 1
+METHODS = ("cached", "naive", "scratch")
+
+# Generic calibration prompts for models other than the toys (varied objects, colours, counts, layouts).
+DEFAULT_PROMPTS = (
+    "a photo of a red bicycle leaning against a blue wall",
+    "two cats sitting on a wooden bench in the sun",
+    "a bowl of green apples on a kitchen table, soft morning light",
+    "a lighthouse on a rocky coast under a stormy sky",
+    "a yellow taxi to the left of a black umbrella on a city street",
+    "an astronaut reading a book in a library, digital art",
+    "three orange balloons floating above a snowy field",
+    "a close-up portrait of an old fisherman with a white beard",
+    "a watercolor painting of a mountain village at dusk",
+    "a glass of water next to a purple flower in a vase",
+    "a dog wearing sunglasses on a skateboard",
+    "a plate of sushi on a black slate board, top view",
+    "a small wooden cabin in a pine forest covered in snow",
+    "a sign that says 'OPEN' in neon letters above a cafe door",
+    "a steam locomotive crossing a stone bridge in autumn",
+    "four blue cubes stacked on top of a white table",
+)
+
+
+def eval_step_indices(num_steps: int, eval_steps: int) -> list[int]:
+    """``eval_steps`` denoising steps spread evenly over ``num_steps`` (first and last included)."""
+    if eval_steps < 1:
+        raise AnalysisError(f"--eval-steps must be at least 1, got {eval_steps}.")
+    if eval_steps >= num_steps:
+        return list(range(num_steps))
+    return sorted({round(k * (num_steps - 1) / (eval_steps - 1)) for k in range(eval_steps)}) if eval_steps > 1 else [0]
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, is_main: bool) -> None:
+    """Merge entries from ``out`` and its parts folder into ``report`` (resume); refuse mismatched files."""
+    if out is None:
+        return
+    sources = ([out] if out.exists() else []) + sorted(_parts_dir(out).glob("rank-*.json"))
+    for path in sources:
+        if overwrite:
+            continue
+        try:
+            other = ContributionReport.load(path)
+        except AnalysisError as e:
+            raise AnalysisError(f"{e} (Found while resuming; pass --overwrite to start again, replacing it.)") from None
+        if other.settings() != report.settings():
+            differs = [k for k, v in report.settings().items() if other.settings().get(k) != v]
+            raise AnalysisError(
+                f"{path} holds an analysis with other settings ({', '.join(differs)} differ: another model, metric or "
+                "calibration); pass --overwrite to replace it, or choose another --out."
+            )
+        report.entries.update(other.entries)
+        report.similarity.update(other.similarity)
+        report.timesteps = report.timesteps or other.timesteps
+        if other.baseline_score is not None:
+            report.baseline_score = other.baseline_score
+
+
+def analyze(
+    model,
+    out: str | os.PathLike | None = None,
+    *,
+    metric: str = "fidelity",
+    metric_options: Mapping[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
+    n_prompts: int = 8,
+    seed: int = 0,
+    num_inference_steps: int | None = None,
+    eval_steps: int = 4,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    pairs: bool = False,
+    method: str = "cached",
+    overwrite: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    cache_device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ContributionReport:
+    """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
+
+    Args:
+        model: a pipeline, a pipeline folder or Hub repo id, or a toy name (``sd3``, ``flux``).
+        out: the ``analysis.json`` to write; also where a stopped run resumes from.
+        metric: a name from :mod:`diffusers_hprune.metrics` (``fidelity``, ``shapeeval``, ``clip_score``, ``hpsv2``).
+        metric_options: options of the metric (e.g. ``{"model": "path/to/clip"}`` for clip_score).
+        prompts: calibration prompts; default: ``n_prompts`` of the toy's training prompts for the
+            toys, else of a built-in varied list.
+        seed: image ``k`` is drawn with seed ``seed + k``.
+        num_inference_steps, height, width, guidance_scale: calibration generation (default:
+            the toy's settings, or the pipeline's defaults with 28 steps).
+        eval_steps: denoising steps at which the fidelity metric compares predictions.
+        pairs: also measure every pair of components of a block removed together.
+        method: ``cached`` (default); ``naive`` rebuilds and runs the whole ablated model per
+            entry (full model's outputs computed once); ``scratch`` also recomputes the full
+            model's outputs for every entry. The latter two are for verification and benchmarks
+            and give the same numbers.
+        overwrite: start again, replacing an existing ``out`` of other settings.
+        torch_dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
+        cache_device: where the cached block outputs live (default: with the model; ``"cpu"``
+            keeps them in host memory, for large models at high resolution).
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise AnalysisError(f"Unknown analysis method {method!r}; choose one of {', '.join(METHODS)}.")
+    state = process_state()
+    if out is None and state.num_processes > 1:
+        raise AnalysisError("A sharded analysis (several processes) needs an output file (--out) to merge into.")
+    metric_def = get_metric(metric)
+    scorer = metric_def.build(**dict(metric_options or {}))
+    if torch_dtype is None:
+        torch_dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
+    pipe, model_name = load_pipeline(model, state.device, torch_dtype)
+    transformer = pipe.transformer
+    family = get_family(transformer)
+    plan = getattr(transformer, "prune_plan", None)
+    if plan is not None and not plan.is_empty:
+        raise AnalysisError(
+            f"{model_name} is already pruned ({plan.describe()}); analyse the original model, whose contributions the "
+            "planner needs."
+        )
+    fam = is_toy(pipe)
+    if prompts is None:
+        if n_prompts < 1:
+            raise AnalysisError(f"--n-prompts must be at least 1, got {n_prompts}.")
+        prompts = toy.prompts(split="train", n=n_prompts, seed=seed) if fam else list(
+            itertools.islice(itertools.cycle(DEFAULT_PROMPTS), n_prompts))
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise AnalysisError("The calibration prompt list is empty; give at least one prompt.")
+    seeds = [seed + k for k in range(len(prompts))]
+    gen_kwargs = generation_settings(pipe, num_inference_steps, height, width, guidance_scale)
+    steps = eval_step_indices(gen_kwargs["num_inference_steps"], eval_steps)
+    config = {k: v for k, v in dict(transformer.config).items() if k != "prune_plan"}
+    config["_class_name"] = family.base_class_name  # absent from models built in code
+    report = ContributionReport(
+        family=family.name,
+        num_blocks=family.num_blocks(config),
+        model=model_name,
+        fingerprint=fingerprint(transformer),
+        transformer_config=json.loads(json.dumps(config, default=str)),
+        metric={"name": metric, "options": dict(metric_options or {})},
+        calibration={"prompts": prompts, "seeds": seeds, "generation": gen_kwargs, "eval_steps": steps,
+                     "batch_size": batch_size, "dtype": str(torch_dtype).removeprefix("torch.")},
+        pairs=pairs,
+    )
+    out = Path(out) if out is not None else None
+    _read_known(report, out, overwrite, state.is_main_process)
+    state.wait_for_everyone()
+    if out is not None and overwrite and state.is_main_process:
+        shutil.rmtree(_parts_dir(out), ignore_errors=True)
+    state.wait_for_everyone()
+    reused = len(report.entries)
+    todo = [k for k in report.expected_keys() if k not in report.entries]
+    mine = todo[state.process_index :: state.num_processes]
+    part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
+    counter = BlockCounter()
+    started = time.perf_counter()
+    need_similarity = len(report.similarity) < report.num_blocks
+    cache_bytes = 0
+
+    if mine or report.baseline_score is None or need_similarity:
+        # The full model draws the calibration images; its transformer inputs are recorded.
+        step = [0]
+        with torch.no_grad(), record_transformer_calls(transformer) as calls:
+            call_steps = []
+
+            def on_step(i):
+                step[0] = i
+
+            def tag(module, args, kwargs):
+                call_steps.append(step[0])
+
+            handle = transformer.register_forward_pre_hook(tag, with_kwargs=True)
+            try:
+                images = generate(pipe, prompts, seeds, gen_kwargs, batch_size, on_step)
+            finally:
+                handle.remove()
+        selected = [c for c, s in zip(calls, call_steps) if s in steps]
+        report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
+        cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter)
+        cache_bytes = cache.nbytes
+        report.similarity.update(cache.similarity)
+        if metric_def.kind == OUTPUT:
+            references = [c.output for c in selected]
+            if report.baseline_score is None:
+                # Removing nothing: through the cache (no block runs) or through the whole model.
+                base = (cache.ablated_outputs(family.empty_plan(config), counter) if method == "cached"
+                        else naive_outputs(transformer, family.empty_plan(config), selected, counter))
+                report.baseline_score = 0.0 - normalised_error(base, references)
+        else:
+            del cache
+            if report.baseline_score is None:
+                report.baseline_score = float(scorer(images, prompts))
+
+        def measure(key) -> float:
+            i, c = key
+            entry = entry_plan(family, config, i, tuple(c.split("+")))
+            if metric_def.kind == OUTPUT:
+                if method == "cached":
+                    return 0.0 - normalised_error(cache.ablated_outputs(entry, counter), references)
+                outputs = naive_outputs(transformer, entry, selected, counter)
+                if method == "scratch":  # P(original) and P(ablated) each computed from scratch
+                    refs = naive_outputs(transformer, family.empty_plan(config), selected, counter)
+                    return 0.0 - normalised_error(outputs, refs)
+                return 0.0 - normalised_error(outputs, references)
+
+            with swapped_transformer(pipe, prune_transformer(transformer, entry)):
+                return float(scorer(generate(pipe, prompts, seeds, gen_kwargs, batch_size), prompts))
+
+        bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))
+        for key in bar:
+            score = measure(key)
+            report.entries[key] = {"score": score, "delta": report.baseline_score - score}
+            bar.set_postfix_str(f"block {key[0]} {key[1]}")
+            if part is not None:
+                report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+                report.save(part)
+
+    seconds = time.perf_counter() - started
+    report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
+                  "cache_bytes": cache_bytes,
+                  "computed_entries": len(mine), "block_evaluations": counter.count, "seconds": round(seconds, 3)}
+    if out is None:
+        return report
+    report.save(part)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = _merge(report, out)
+        merged.save(out)
+        if merged.complete:
+            shutil.rmtree(_parts_dir(out), ignore_errors=True)
+    state.wait_for_everyone()
+    final = ContributionReport.load(out)
+    final.run["this_process"] = report.run
+    return final
+
+
+def _merge(report: ContributionReport, out: Path) -> ContributionReport:
+    """The main process's report plus every rank's part file; the run costs of this run's ranks are summed."""
+    merged = ContributionReport(**{k: getattr(report, k) for k in (
+        "family", "num_blocks", "model", "fingerprint", "transformer_config", "metric", "calibration", "pairs")})
+    merged.baseline_score = report.baseline_score
+    merged.entries = dict(report.entries)
+    merged.similarity = dict(report.similarity)
+    merged.timesteps = report.timesteps
+    totals = {"block_evaluations": 0, "seconds": 0.0}
+    processes = int(report.run.get("processes", 1))
+    for path in sorted(_parts_dir(out).glob("rank-*.json")):
+        other = ContributionReport.load(path)
+        merged.entries.update(other.entries)
+        merged.similarity.update(other.similarity)
+        if int(path.stem.split("-")[1]) < processes:
+            for k in totals:
+                totals[k] += other.run.get(k, 0)
+    merged.run = {"method": report.run.get("method"), "processes": processes, **totals}
+    return merged

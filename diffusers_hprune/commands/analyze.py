@@ -1,0 +1,92 @@
+"""``hprune analyze``: contribution analysis (step 1), resumable and shardable."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import diffusers
+import torch
+
+from diffusers_hprune.analysis.runner import analyze
+from diffusers_hprune.analysis.synthetic import synthetic_report
+from diffusers_hprune.commands.options import metric_args
+from diffusers_hprune.metrics import metric_names
+from diffusers_hprune.utils.distributed import process_state
+from diffusers_hprune.utils.errors import HPruneError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="measure dP for every block and component (contribution analysis; resumable, shardable)",
+        description="Contribution analysis (DESIGN.md section 6, step 1): dP(i, c) = P(original) - P(without "
+        "component c of block i) for every block and component, on calibration prompts with fixed seeds. "
+        "Each finished entry is saved as it completes (OUT.parts/); run the same command again to resume. "
+        "Under `accelerate launch --num_processes N` the entries are split across processes.",
+    )
+    p.add_argument("model", help="a pipeline folder or Hub repo id (SD3/SD3.5/FLUX.1), or a toy name (sd3, flux); "
+                   "with --synthetic: a config (built-in name, config.json, folder)")
+    p.add_argument("--out", required=True, help="the analysis.json to write (and resume from)")
+    p.add_argument("--metric", default="fidelity", help=f"quality metric P, one of {', '.join(metric_names())} "
+                   "(default fidelity: agreement of the predicted velocity with the full model's)")
+    p.add_argument("--metric-arg", action="append", metavar="KEY=VALUE",
+                   help="an option of the metric, e.g. model=PATH for clip_score (repeatable)")
+    p.add_argument("--prompts", help="calibration prompts, one a line (default: toy training prompts for the toys, "
+                   "a built-in varied list otherwise)")
+    p.add_argument("--n-prompts", type=int, default=8, help="how many default prompts (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
+    p.add_argument("--steps", type=int, help="denoising steps of the calibration images (default: the toy's, else 28)")
+    p.add_argument("--eval-steps", type=int, default=4,
+                   help="denoising steps at which predictions are compared (default 4, spread evenly)")
+    p.add_argument("--height", type=int, help="image height (default: the toy's or the pipeline's)")
+    p.add_argument("--width", type=int, help="image width (default: the toy's or the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the toy's or the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
+    p.add_argument("--method", choices=["cached", "naive", "scratch"], default="cached",
+                   help="cached (default): ablations run from cached block outputs; naive: the whole ablated model "
+                   "runs per entry; scratch: the full model's outputs are recomputed per entry too (same numbers, "
+                   "slower; for verification and benchmarks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--cache-device", help="where cached block outputs live (default: with the model; 'cpu' for "
+                   "large models at high resolution)")
+    p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
+    p.add_argument("--synthetic", action="store_true",
+                   help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "
+                   "planning and memory estimates")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        report = synthetic_report(args.model, seed=args.seed, pairs=args.pairs)
+        report.save(args.out)
+        print(f"wrote a SYNTHETIC analysis of {args.model} (no weights, no measurement) to {args.out}")
+        return 0
+
+    diffusers.utils.logging.disable_progress_bar()
+    prompts = None
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.") from e
+    report = analyze(
+        args.model, args.out, metric=args.metric, metric_options=metric_args(args.metric_arg), prompts=prompts,
+        n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
+        height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+        pairs=args.pairs, method=args.method, overwrite=args.overwrite,
+        torch_dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
+    )
+
+    if process_state().is_main_process:
+        run = report.run.get("this_process", report.run)
+        print(f"analysed {report.model}: {len(report.entries)} entries ({run.get('reused_entries', 0)} reused from an "
+              f"earlier run, {run.get('computed_entries', 0)} computed here), metric {report.metric['name']}, "
+              f"P(original) = {report.baseline_score:.6g}")
+        print(f"block evaluations: {report.run.get('block_evaluations')}, seconds: {report.run.get('seconds'):.1f}, "
+              f"block-output cache: {run.get('cache_bytes', 0) / 1e6:.1f} MB")
+        print(f"wrote {args.out}")
+    return 0

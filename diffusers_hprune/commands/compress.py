@@ -1,0 +1,45 @@
+"""``hprune compress``: the whole method in one command."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes
+from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.compress.run import compress
+from diffusers_hprune.distillation.data import read_prompts
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="the whole method in one command: analyse, plan, prune, distil, quantise, evaluate, card (, push)",
+        description="Compress a pipeline with HierarchicalPrune. One folder per stage inside --out; a stage whose "
+        "output exists and matches its inputs is skipped, so an interrupted run continues where it stopped.",
+    )
+    p.add_argument("model", help="a pipeline folder, a cached Hub id, or a toy name (sd3, flux)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
+    target.add_argument("--memory", type=parse_bytes, help="weight budget at --weight-dtype, e.g. 4GB")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--prompts", help="training prompts for data-free distillation, one a line (toys: built in)")
+    p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
+    p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
+    p.add_argument("--config", help="an HPruneConfig JSON file (flags override it)")
+    p.add_argument("--push", metavar="ORG/NAME", help="publish the result to the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--license", help="the base model's license id, for the card")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    values = asdict(HPruneConfig.load(args.config)) if args.config else {}
+    values.update(config_overrides(args))
+    prompts = None
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    compress(args.model, args.out, HPruneConfig(**values), prompts=prompts, push=args.push, private=args.private,
+             license=args.license)
+    return 0

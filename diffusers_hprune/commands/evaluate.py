@@ -1,0 +1,127 @@
+"""``hprune evaluate``: quality, memory and latency of a pipeline, or of a student next to its teacher."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusers_hprune import toy
+from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS
+from diffusers_hprune.commands.options import metric_args
+from diffusers_hprune.distillation.data import read_prompts
+from diffusers_hprune.evaluation.compare import FIDELITY, evaluate_pipelines, load_for_evaluation, overall_score
+from diffusers_hprune.loading import is_toy
+from diffusers_hprune.utils.fileio import atomic_write_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="quality, memory and latency of a pipeline, or of a student next to its teacher",
+        description="Draw the same prompts with the same seeds with every pipeline; score them with the metrics "
+        "asked for (default: ShapeEval on the toys; fidelity = PSNR/SSIM of the student's images against the "
+        "teacher's), and measure the transformer's parameters, weight bytes, the peak memory and the latency of one "
+        "denoising step (warm-up, then the median of --latency-repeats steps).",
+    )
+    p.add_argument("model", help="the pipeline (the teacher when STUDENT is given): a folder, a cached Hub id, or a "
+                   "toy name (sd3, flux)")
+    p.add_argument("student", nargs="?", help="a student pipeline to compare with MODEL")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="a metric of the registry (fidelity, shapeeval, clip_score, hpsv2, ...); repeat for several")
+    p.add_argument("--metric-arg", action="append", metavar="[METRIC:]KEY=VALUE", help="an option of a metric")
+    p.add_argument("--prompts", help="a text file, one prompt a line (default: the toy's held-out prompts)")
+    p.add_argument("--n", type=int, help="number of prompts (default 200 on the toys, 8 otherwise)")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout", help="toy prompt split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed denoising steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--no-cost", action="store_true", help="skip the memory and latency measurements")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--grid", help="write a PNG grid here: one row per pipeline, one column per prompt")
+    p.add_argument("--grid-size", type=int, default=16, help="prompts in the grid (default 16)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    models = {"teacher" if args.student else "model": load_for_evaluation(args.model)}
+    if args.student:
+        models["student"] = load_for_evaluation(args.student)
+    reference = next(iter(models.values()))
+    toy_model = is_toy(reference) is not None or args.model in toy.FAMILIES
+    if args.prompts:
+        prompt_list = read_prompts(args.prompts)[: args.n] if args.n else read_prompts(args.prompts)
+    elif toy_model:
+        prompt_list = toy.prompts(split=args.split, n=args.n or 200, seed=args.seed)
+    else:
+        prompt_list = [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)] for k in range(args.n or 8)]
+    metrics = args.metric or ([FIDELITY] if args.student else []) + (["shapeeval"] if toy_model else [])
+    result = evaluate_pipelines(
+        models, prompt_list, seed=args.seed, metrics=metrics, metric_options=_evaluate_metric_args(args.metric_arg,
+                                                                                                    metrics),
+        num_inference_steps=args.steps, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size, cost=not args.no_cost, latency_repeats=args.latency_repeats, warmup=args.warmup,
+        grid=args.grid, grid_size=args.grid_size,
+    )
+    print(format_evaluation(result))
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _evaluate_metric_args(pairs: list[str], metrics: list[str]) -> dict[str, dict]:
+    """``METRIC:KEY=VALUE`` for one metric, ``KEY=VALUE`` for every metric that is not fidelity."""
+    options: dict[str, dict] = {}
+    for item in pairs or []:
+        target, colon, rest = item.partition(":")
+        if not colon or "=" in target:
+            target, rest = None, item
+        for key, value in metric_args([rest]).items():
+            for metric in [target] if target else [m for m in metrics if m != "fidelity"]:
+                options.setdefault(metric, {})[key] = value
+    return options
+
+
+def format_evaluation(result: dict) -> str:
+    """The table ``hprune evaluate`` prints."""
+
+    names = list(result["models"])
+    entries = [result["models"][n] for n in names]
+    rows = []
+
+    def add(label, values):
+        rows.append([label, *values])
+
+    if "params" in entries[0]:
+        add("parameters", [f"{e['params']:,}" for e in entries])
+        add("weight bytes", [f"{e['weight_bytes']:,}" for e in entries])
+        add("step peak bytes", [f"{e['step_peak_bytes']:,}" for e in entries])
+        add("step latency", [f"{e['latency_s']['median'] * 1e3:.1f} ms (IQR {e['latency_s']['iqr'] * 1e3:.1f})"
+                             for e in entries])
+    for metric in entries[0]["metrics"]:
+        values = [e["metrics"][metric] for e in entries]
+        add(metric, [f"{overall_score(v):.4g}" for v in values])
+    for e in entries[1:]:
+        if "fidelity" in e:
+            f = e["fidelity"]
+            rows.append(["fidelity to " + names[0], "-"] + [f"PSNR {f['psnr_db']:.2f} dB"
+                                                          + (f", SSIM {f['ssim']:.3f}" if f["ssim"] is not None else "")])
+    header = ["", *names]
+    if len(names) == 2:
+        header.append(f"{names[1]} / {names[0]}")
+        rel = entries[1].get("relative", {})
+        keys = {"parameters": "params", "weight bytes": "weight_bytes", "step peak bytes": "step_peak_bytes",
+                "step latency": "latency"}
+        for row in rows:
+            key = keys.get(row[0], row[0])
+            row.append(f"{rel[key]:.1%}" if key in rel else "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.append(f"{len(result['prompts'])} prompts, seeds {result['seed']}.., generation {result['generation']}")
+    if "grid" in result:
+        lines.append(f"grid ({' | '.join(names)}, one row each): {result['grid']}")
+    return "\n".join(lines)

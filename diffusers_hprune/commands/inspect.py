@@ -1,0 +1,37 @@
+"""``hprune inspect``: the blocks and components of a transformer with their sizes, from its config alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from diffusers_hprune.families.inventory import BUILTIN_CONFIGS, format_inventory, inspect_transformer
+from diffusers_hprune.families.sizes import DTYPES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="table of blocks and components with parameter counts and bytes (no weights needed)",
+        description="Print every block and component of a transformer with its parameter count and size, "
+        "built on the meta device from the config alone.",
+    )
+    p.add_argument(
+        "source",
+        metavar="CONFIG_OR_FOLDER",
+        help="a transformer config.json, a transformer or pipeline folder, a Hub repo id, or a built-in config: "
+        + ", ".join(BUILTIN_CONFIGS),
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="bf16",
+                   help="weight dtype for sizes (default bf16; nf4 = 4-bit weights with double quantisation)")
+    p.add_argument("--json", action="store_true", help="print the inventory as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    inventory = inspect_transformer(args.source)
+    if args.json:
+        print(json.dumps(inventory.to_dict(), indent=2))
+    else:
+        print(format_inventory(inventory, dtype=args.dtype))
+    return 0

@@ -1,0 +1,51 @@
+"""``hprune quantize``: W4A16, NF4 weights for a pipeline folder's transformer (step 8)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.families.sizes import format_bytes
+from diffusers_hprune.quantization.folder import quantize_pipeline
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="W4A16: NF4 weights (bitsandbytes) for a pipeline's transformer, saved in Diffusers' format",
+        description="Quantise the transformer of a pipeline folder (pruned or not) to NF4 with double quantisation "
+        "(block size 64) through Diffusers' bitsandbytes quantizer; everything else is copied. The result loads "
+        "with DiffusionPipeline.from_pretrained: stock Diffusers on a GPU, and after `import diffusers_hprune` on "
+        "a CPU too.",
+    )
+    p.add_argument("model", help="a pipeline folder (from save_pretrained or `hprune distill`)")
+    p.add_argument("--out", required=True, help="the new pipeline folder")
+    p.add_argument("--skip-modules", nargs="+", metavar="NAME",
+                   help="modules kept in 16-bit (default: the family's input embedders, norm_out, and for SD3 proj_out)")
+    p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype the 4-bit layers compute in (auto: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="storage dtype of the transformer's parameters that stay unquantised (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dtypes = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules,
+                            compute_dtype=dtypes[args.compute_dtype], dtype=dtypes[args.dtype],
+                            overwrite=args.overwrite)
+
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    inventory = inspect_transformer(config)
+    on_disk = sum(f.stat().st_size for f in (out / "transformer").glob("*.safetensors"))
+    print(f"quantised the transformer to NF4 (double quantisation, block size 64); kept in 16-bit: {', '.join(skip)}")
+    nf4, bf16 = inventory.nbytes("nf4"), inventory.nbytes("bf16")
+    print(f"transformer file: {on_disk:,} bytes = {format_bytes(on_disk)}; computed NF4 weights {nf4:,} bytes, "
+          f"bf16 {bf16:,} bytes ({nf4 / bf16:.1%})")
+    print(f"wrote {out}; load it with `import diffusers_hprune` then `DiffusionPipeline.from_pretrained('{out}')`")
+    return 0

@@ -1,0 +1,260 @@
+"""``hprune compress``: the whole method in one command, one folder per stage, resumable.
+
+    analysis -> plan -> pruned -> distilled -> quantized -> evaluation -> card (-> push)
+
+Each stage writes ``OUT/<n>-<stage>/`` and, last, ``hprune_stage.json`` holding a key that hashes
+the stage's inputs (its settings and the keys of the stages it reads). A second run skips every
+stage whose key matches and redoes the others; an interrupted distillation continues from its
+latest checkpoint, an interrupted analysis from its finished entries. The card is written into
+the final model folder (``quantized``, else ``distilled``, else ``pruned``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffusers_hprune import toy
+from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS, analyze
+from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.contributions import ContributionReport, fingerprint
+from diffusers_hprune.distillation import trainer
+from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.evaluation.compare import FIDELITY, evaluate_pipelines, load_for_evaluation, overall_score
+from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.hub.card import write_model_card
+from diffusers_hprune.hub.push import push_folder
+from diffusers_hprune.pipelines.pruned import prune_pipeline
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.planning.hpp import make_plan
+from diffusers_hprune.quantization.folder import quantize_pipeline
+from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.fileio import atomic_write_json
+
+STAMP = "hprune_stage.json"
+RUN_CONFIG = "hprune_config.json"  # marks a compression run folder
+
+
+class CompressError(HPruneError):
+    """A compression run that cannot go on as asked."""
+
+
+def holds_something_else(out: Path) -> bool:
+    """``out`` is a file, or a non-empty folder that is not a compression run (no ``hprune_config.json``)."""
+    return out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / RUN_CONFIG).is_file())
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class _Stages:
+    def __init__(self, out: Path, say: Callable[[str], None]):
+        self.out, self.say = out, say
+        self.rows: list[tuple[str, str, float]] = []
+
+    def run(self, number: int, name: str, inputs: Any, work: Callable[[Path], None], keep_partial: bool = False):
+        """Run ``work(folder)`` unless the stamp in ``folder`` matches ``inputs``; returns (folder, key)."""
+        folder = self.out / f"{number}-{name}"
+        key = _key(inputs)
+        stamp = folder / STAMP
+        if stamp.is_file():
+            try:
+                done = json.loads(stamp.read_text()).get("key") == key
+            except ValueError:
+                done = False
+            if done:
+                self.rows.append((name, "done before (skipped)", 0.0))
+                self.say(f"[{number}] {name}: done before, skipped")
+                return folder, key
+            stamp.unlink()
+        if folder.exists() and not keep_partial:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.say(f"[{number}] {name} ...")
+        start = time.perf_counter()
+        work(folder)
+        seconds = time.perf_counter() - start
+
+        atomic_write_json(stamp, {"stage": name, "key": key, "seconds": round(seconds, 2)})
+        self.rows.append((name, "ran", seconds))
+        return folder, key
+
+
+class _Teacher:
+    """The teacher pipeline, loaded when a stage needs it and released while distillation runs."""
+
+    def __init__(self, model: str):
+        self.model, self._pipe = model, None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = load_for_evaluation(self.model)
+        return self._pipe
+
+    def release(self) -> None:
+        import gc
+
+        self._pipe = None
+        gc.collect()
+
+
+def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = None, *,
+             prompts: list[str] | None = None, push: str | None = None, private: bool = False,
+             license: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """Compress ``model`` (a pipeline folder, cached Hub id, or toy name) into ``out``; returns the summary.
+
+    ``prompts``: the data-free training prompts (default on the toys: their training prompts;
+    required otherwise). Evaluation uses the toys' held-out prompts, else the first prompts.
+    """
+
+    config = config or HPruneConfig()
+    out = Path(out)
+    if holds_something_else(out):
+        raise CompressError(f"{out} exists and is not an hprune compress run folder; choose another --out "
+                            "(nothing was written).")
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / RUN_CONFIG)
+    stages = _Stages(out, say)
+    teacher = _Teacher(model)
+    is_toy = str(model) in toy.FAMILIES
+    if prompts is None:
+        if not is_toy:
+            raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
+        prompts = toy.prompts(split="train")
+    train_prompts = [prompts[k % len(prompts)] for k in range(config.train_prompts)]
+    eval_prompts = (toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed) if is_toy
+                    else list(prompts[: config.eval_prompts]) or list(DEFAULT_PROMPTS))
+    base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer)}
+
+    analysis_path = out / "1-analysis" / "analysis.json"
+    _, k1 = stages.run(1, "analysis", {**base, "metric": config.metric, "n": config.analysis_prompts,
+                                       "eval_steps": config.eval_steps, "seed": config.seed},
+                       lambda d: analyze(teacher.pipe, analysis_path, metric=config.metric,
+                                         n_prompts=config.analysis_prompts, eval_steps=config.eval_steps,
+                                         seed=config.seed, progress=progress),
+                       keep_partial=True)  # analyze resumes from its finished entries
+
+    plan_path = out / "2-plan" / "plan.json"
+
+    def do_plan(folder: Path) -> None:
+        report = ContributionReport.load(analysis_path)
+        outcome = make_plan(report.contributions(), inspect_transformer(teacher.pipe.transformer), ratio=config.ratio,
+                            memory_bytes=config.memory, weight_dtype=config.weight_dtype, alpha=config.alpha,
+                            r_thres=config.r_thres, strategy=config.strategy, similarity=report.similarity or None,
+                            metadata={"source": "hprune compress", "analysis": str(analysis_path)})
+        outcome.plan.save(plan_path)
+        say(outcome.summary())
+
+    plan_settings = {k: getattr(config, k) for k in ("ratio", "memory", "weight_dtype", "alpha", "r_thres", "strategy")}
+    _, k2 = stages.run(2, "plan", {"analysis": k1, **plan_settings}, do_plan)
+    plan = PrunePlan.load(plan_path)
+
+    def do_prune(folder: Path) -> None:
+        prune_pipeline(teacher.pipe, plan).save_pretrained(folder)
+
+    final, key = stages.run(3, "pruned", {"plan": k2}, do_prune)
+
+    if config.distill:
+        distill_settings = {k: getattr(config, k) for k in (
+            "train_prompts", "max_train_steps", "max_train_minutes", "learning_rate", "train_batch_size", "pwp",
+            "sgdistill", "lora_rank", "gradient_checkpointing", "mixed_precision", "seed", "r_thres")}
+
+        def do_distill(folder: Path) -> None:
+            prompt_file = out / "train_prompts.txt"
+            prompt_file.write_text("\n".join(train_prompts) + "\n", encoding="utf-8")
+            teacher.release()  # distill loads its own teacher: never two copies in memory
+            trainer.distill(DistillConfig(  # looked up at call time (tests wrap it)
+                teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), output_dir=str(folder),
+                prompts=str(prompt_file), cache_dir=str(out / "data-cache"), max_train_steps=config.max_train_steps,
+                max_train_minutes=config.max_train_minutes, learning_rate=config.learning_rate,
+                train_batch_size=config.train_batch_size, checkpointing_steps=config.checkpointing_steps,
+                checkpoints_total_limit=2, pwp=config.pwp, sgdistill=config.sgdistill, lora_rank=config.lora_rank,
+                gradient_checkpointing=config.gradient_checkpointing, mixed_precision=config.mixed_precision,
+                seed=config.seed, r_thres=config.r_thres, resume_from_checkpoint="latest", progress=progress,
+            ))
+
+        final, key = stages.run(4, "distilled", {"plan": k2, **distill_settings}, do_distill, keep_partial=True)
+
+    if config.quantize:
+        source = final
+        final, key = stages.run(5, "quantized", {"from": key},
+                                lambda d: quantize_pipeline(source, d, overwrite=True))
+
+    evaluation = out / "6-evaluation"
+
+    def do_evaluate(folder: Path) -> None:
+        student = load_for_evaluation(final)
+        result = evaluate_pipelines(
+            {"teacher": teacher.pipe, "student": student}, eval_prompts, seed=config.seed,
+            metrics=[FIDELITY] + (["shapeeval"] if is_toy else []), latency_repeats=config.latency_repeats,
+            grid=folder / "grid.png",
+        )
+        atomic_write_json(folder / "metrics.json", result)
+
+    stages.run(6, "evaluation", {"model": key, "n": config.eval_prompts, "seed": config.seed}, do_evaluate)
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+
+    commands = [f"hprune compress {model} --out {out} {_flags(config)}".strip()]
+    name = f"toy-{model}" if is_toy else str(model).rstrip("/").split("/")[-1]
+    write_model_card(final, base_model=f"the diffusers-hprune toy {str(model).upper()} pipeline" if is_toy else str(model),
+                     evaluation=metrics, grid=evaluation / "grid.png", repo_id=push, license=license,
+                     commands=commands, model_name=push.split("/")[-1] if push else f"{name}-hprune")
+    summary = {"model": str(model), "out": str(out), "final": str(final), "stages": stages.rows,
+               "metrics": metrics["models"]}
+    if push:
+        summary["pushed"] = push_folder(final, push, private=private)
+    atomic_write_json(out / "summary.json", summary)
+    say(format_summary(summary))
+    return summary
+
+
+def _flags(config: HPruneConfig) -> str:
+    """The ``hprune compress`` flags that reproduce ``config`` (defaults left out)."""
+    default = HPruneConfig()
+    parts = []
+    for name, value in config.to_dict().items():
+        if name in ("format", "version") or value is None or getattr(default, name, value) == value:
+            continue
+        if name == "quantize":
+            parts.append("--quantize " + ("nf4" if value else "none"))
+        elif name == "distill":
+            parts.append("--no-distill")
+        elif isinstance(value, bool):
+            parts.append(f"--{name.replace('_', '-')} {str(value).lower()}")
+        else:
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["stage        status                  seconds"]
+    lines += [f"{name:<12} {status:<23} {seconds:7.1f}" for name, status, seconds in summary["stages"]]
+    t, s = summary["metrics"]["teacher"], summary["metrics"]["student"]
+    lines.append("")
+    lines.append(f"{'':<22}{'original':>16}{'compressed':>16}")
+    if "params" in s:
+        lines.append(f"{'parameters':<22}{t['params']:>16,}{s['params']:>16,}")
+        lines.append(f"{'transformer bytes':<22}{t['weight_bytes']:>16,}{s['weight_bytes']:>16,}")
+        lines.append(f"{'step latency (ms)':<22}{t['latency_s']['median'] * 1e3:>16.1f}"
+                     f"{s['latency_s']['median'] * 1e3:>16.1f}")
+    for metric, value in s["metrics"].items():
+        tv, sv = overall_score(t["metrics"][metric]), overall_score(value)
+        lines.append(f"{metric:<22}{tv:>16.3f}{sv:>16.3f}")
+    if "fidelity" in s:
+        lines.append(f"{'fidelity (PSNR dB)':<22}{'':>16}{s['fidelity']['psnr_db']:>16.2f}")
+    lines.append("")
+    lines.append(f"compressed pipeline: {summary['final']} (model card: {Path(summary['final']) / 'README.md'})")
+    if summary.get("pushed"):
+        lines.append(f"pushed: {summary['pushed']}")
+    return "\n".join(lines)
+
+
+__all__ = ["RUN_CONFIG", "CompressError", "compress", "format_summary", "holds_something_else"]

@@ -1,0 +1,209 @@
+"""The contribution report (``analysis.json``): what the analysis measured, read by planning and distillation.
+
+A :class:`ContributionReport` holds dP(i, c) for every block i and component c of one
+transformer, the settings it was measured with and the fingerprint of the weights it was
+measured on (docs/formats.md). It is the object that travels from ``hprune analyze`` to
+``hprune plan`` and to SGDistill, so it lives below all three stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusers_hprune.families import BLOCK, ModelFamily, get_family
+from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.fileio import atomic_write_json
+
+ANALYSIS_FORMAT = "diffusers-hprune/analysis"
+ANALYSIS_FORMAT_VERSION = 1
+
+
+class AnalysisError(HPruneError):
+    """A missing, corrupt or mismatched analysis file, or analysis settings that cannot work."""
+
+
+def component_keys(family: ModelFamily, config: Mapping[str, Any], pairs: bool = False) -> list[tuple[int, str]]:
+    """Every ``(block, component)`` the analysis measures, in canonical order."""
+    keys = []
+    for spec in family.block_specs(config):
+        keys.append((spec.index, BLOCK))
+        keys += [(spec.index, c) for c in spec.components]
+        if pairs:
+            keys += [(spec.index, f"{a}+{b}") for a, b in itertools.combinations(spec.components, 2)]
+    return keys
+
+
+def _key(entry: Mapping[str, Any]) -> tuple[int, str]:
+    return int(entry["block"]), str(entry["component"])
+
+
+@dataclass
+class ContributionReport:
+    """The result of a contribution analysis (the ``analysis.json`` file).
+
+    ``entries`` maps ``(block index, component)`` to ``{"score": P(ablated), "delta": dP}``;
+    ``similarity`` maps a block index to the cosine similarity of its input and output in
+    the full model (what the ``koala`` strategy ranks by).
+    """
+
+    family: str
+    num_blocks: int
+    model: str
+    fingerprint: str
+    transformer_config: dict[str, Any]
+    metric: dict[str, Any]
+    calibration: dict[str, Any]
+    pairs: bool = False
+    baseline_score: float | None = None
+    entries: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)
+    similarity: dict[int, float] = field(default_factory=dict)
+    timesteps: list[float] = field(default_factory=list)
+    run: dict[str, Any] = field(default_factory=dict)
+
+    # -- queries -------------------------------------------------------------------
+    @property
+    def model_family(self) -> ModelFamily:
+        return get_family(self.transformer_config)
+
+    def expected_keys(self) -> list[tuple[int, str]]:
+        return component_keys(self.model_family, self.transformer_config, self.pairs)
+
+    @property
+    def complete(self) -> bool:
+        return self.baseline_score is not None and all(k in self.entries for k in self.expected_keys())
+
+    def contributions(self, pairs: bool = False) -> dict[tuple[int, str], float]:
+        """``(block, component) -> dP``; pair entries (``"a+b"``) only with ``pairs=True``."""
+        return {k: v["delta"] for k, v in self.entries.items() if pairs or "+" not in k[1]}
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for two runs to share entries (model, metric, calibration, pairs)."""
+        return {
+            "family": self.family,
+            "num_blocks": self.num_blocks,
+            "fingerprint": self.fingerprint,
+            "metric": self.metric,
+            "calibration": self.calibration,
+            "pairs": self.pairs,
+        }
+
+    # -- files -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        order = {k: n for n, k in enumerate(self.expected_keys())}
+        entries = sorted(self.entries.items(), key=lambda kv: order.get(kv[0], len(order)))
+        return {
+            "format": ANALYSIS_FORMAT,
+            "format_version": ANALYSIS_FORMAT_VERSION,
+            "family": self.family,
+            "num_blocks": self.num_blocks,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "metric": self.metric,
+            "calibration": self.calibration,
+            "pairs": self.pairs,
+            "complete": self.complete,
+            "baseline_score": self.baseline_score,
+            "entries": [{"block": i, "component": c, **v} for (i, c), v in entries],
+            "similarity": [{"block": i, "cosine": s} for i, s in sorted(self.similarity.items())],
+            "timesteps": self.timesteps,
+            "transformer_config": self.transformer_config,
+            "run": self.run,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the analysis") -> ContributionReport:
+        if not isinstance(data, Mapping) or data.get("format") != ANALYSIS_FORMAT:
+            raise AnalysisError(
+                f"{source} is not a diffusers-hprune analysis file (no \"format\": {ANALYSIS_FORMAT!r}); "
+                "make one with `hprune analyze MODEL --out analysis.json`."
+            )
+        if data.get("format_version") != ANALYSIS_FORMAT_VERSION:
+            raise AnalysisError(
+                f"{source} has format version {data.get('format_version')!r}; this diffusers-hprune reads version "
+                f"{ANALYSIS_FORMAT_VERSION}. Upgrade diffusers-hprune or analyse the model again."
+            )
+        try:
+            report = cls(
+                family=str(data["family"]),
+                num_blocks=int(data["num_blocks"]),
+                model=str(data["model"]),
+                fingerprint=str(data["fingerprint"]),
+                transformer_config=dict(data["transformer_config"]),
+                metric=dict(data["metric"]),
+                calibration=dict(data["calibration"]),
+                pairs=bool(data.get("pairs", False)),
+                baseline_score=None if data.get("baseline_score") is None else float(data["baseline_score"]),
+                entries={_key(e): {"score": float(e["score"]), "delta": float(e["delta"])} for e in data["entries"]},
+                similarity={int(s["block"]): float(s["cosine"]) for s in data.get("similarity", [])},
+                timesteps=[float(t) for t in data.get("timesteps", [])],
+                run=dict(data.get("run", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise AnalysisError(f"{source} is corrupt ({type(e).__name__}: {e}); analyse the model again.") from None
+        family = report.model_family
+        if family.name != report.family or family.num_blocks(report.transformer_config) != report.num_blocks:
+            raise AnalysisError(f"{source} is inconsistent: its family or block count does not match its config.")
+        for (i, c), v in report.entries.items():
+            if not all(math.isfinite(x) for x in v.values()):
+                raise AnalysisError(f"{source} has a non-finite value for block {i}, {c}; analyse the model again.")
+        return report
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report atomically as JSON."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ContributionReport:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise AnalysisError(f"No analysis at {path}; run `hprune analyze MODEL --out {path}` first.") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AnalysisError(f"{path} is not valid JSON ({e}); the file is corrupt, analyse the model again.") from None
+        return cls.from_dict(data, source=str(path))
+
+    def check_model(self, config_or_transformer: Any) -> None:
+        """Raise :class:`AnalysisError` unless this analysis was made for a model with this architecture."""
+        family = get_family(config_or_transformer)
+        config = dict(getattr(config_or_transformer, "config", config_or_transformer))
+        if family.name != self.family:
+            raise AnalysisError(
+                f"This analysis was made for a {self.family} model ({self.model}) but the model is a "
+                f"{family.display_name} ({family.name}); analyse this model with `hprune analyze`."
+            )
+        if architecture_hash(config) != architecture_hash(self.transformer_config):
+            raise AnalysisError(
+                f"This analysis was made for another {family.display_name} architecture ({self.model}: "
+                f"{self.num_blocks} blocks); analyse this model with `hprune analyze`."
+            )
+
+
+def architecture_hash(config: Mapping[str, Any]) -> str:
+    """Hash of the config entries that define the architecture (not names, versions or plans)."""
+    keep = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "prune_plan"}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(transformer: torch.nn.Module) -> str:
+    """Architecture plus a weight digest (per-parameter sums in float64): two models share entries only if equal."""
+    h = hashlib.sha256(architecture_hash(transformer.config).encode())
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            d = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{float(d.sum()):.6e}:{float(d.abs().sum()):.6e}".encode())
+    return h.hexdigest()[:24]
+
+

@@ -1,0 +1,205 @@
+"""Teacher / student evaluation: quality metrics, weight bytes, step memory and latency (``hprune evaluate``).
+
+Every pipeline draws the same prompts with the same seeds and generation settings. Per model:
+the image metrics asked for (from the metric registry: ``shapeeval`` on the toys, ``clip_score``,
+``hpsv2``, or a user's), the parameter count, the bytes its transformer holds, the peak memory of
+one denoising step and its latency (``measure``: warm-up, then median and spread of ``repeats``
+steps, all models on the same step inputs). With a student: ``fidelity`` to the teacher (PSNR of
+the student's images against the teacher's, and SSIM when torchmetrics is installed), the
+student's figures relative to the teacher's, and a PNG grid, teacher row over student row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusers_hprune import toy
+from diffusers_hprune.evaluation.measure import (
+    compute_dtype,
+    logical_params,
+    step_inputs,
+    step_latency,
+    step_memory,
+    stored_bytes,
+)
+from diffusers_hprune.families import get_family
+from diffusers_hprune.loading import generate, generation_settings, load_pipeline
+from diffusers_hprune.metrics import IMAGE, get_metric
+from diffusers_hprune.utils.errors import HPruneError
+
+FIDELITY = "fidelity"
+
+
+class EvaluationError(HPruneError):
+    """Pipelines that cannot be compared, or options that do not fit."""
+
+
+def psnr(images: list, references: list) -> float:
+    """Mean PSNR (dB, 8-bit pixels) of ``images`` against ``references``; identical images count as 100 dB."""
+    values = []
+    for a, b in zip(images, references):
+        a = np.asarray(a.convert("RGB"), dtype=np.float64)
+        b = np.asarray(b.convert("RGB"), dtype=np.float64)
+        mse = float(np.mean((a - b) ** 2))
+        values.append(100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    return float(np.mean(values))
+
+
+def ssim(images: list, references: list) -> float | None:
+    """Mean SSIM (torchmetrics) or ``None`` when torchmetrics is not installed."""
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+    except ImportError:
+        return None
+
+    def batch(ims):
+        return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                            for i in ims])
+
+    a, b = batch(images), batch(references)
+    kernel = min(11, a.shape[-1] - (1 - a.shape[-1] % 2), a.shape[-2] - (1 - a.shape[-2] % 2))
+    return float(structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=kernel))
+
+
+def _cost(pipe, inputs: dict, repeats: int, warmup: int) -> dict[str, Any]:
+    transformer = pipe.transformer
+    memory = step_memory(transformer, inputs)
+    latency = step_latency(transformer, inputs, warmup=warmup, repeats=repeats)
+    return {
+        "params": logical_params(transformer),
+        "weight_bytes": stored_bytes(transformer),
+        "step_peak_bytes": memory["peak"],
+        "memory_method": memory["method"],
+        "latency_s": {k: latency[k] for k in ("median", "stdev", "iqr", "min", "max", "warmup", "repeats")},
+    }
+
+
+def evaluate_pipelines(
+    models: dict[str, Any],
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    metrics: tuple[str, ...] | list[str] = (),
+    metric_options: dict[str, dict] | None = None,
+    num_inference_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    cost: bool = True,
+    latency_repeats: int = 10,
+    warmup: int = 2,
+    grid: str | os.PathLike | None = None,
+    grid_size: int = 16,
+) -> dict[str, Any]:
+    """Evaluate pipelines (``{"teacher": pipe, "student": pipe}`` or one of them) on ``prompts``.
+
+    The first entry is the reference: ``fidelity`` and the ``relative`` figures compare every
+    other one with it. ``grid``: a PNG with one row per pipeline, the first ``grid_size``
+    prompts. Returns the result dictionary that ``hprune evaluate`` writes.
+    """
+
+    if not models:
+        raise EvaluationError("Nothing to evaluate: give at least one pipeline.")
+    if not prompts:
+        raise EvaluationError("The prompt list is empty; give at least one prompt.")
+    if latency_repeats < 1 or warmup < 0:
+        raise EvaluationError(f"--latency-repeats must be >= 1 and --warmup >= 0 (got {latency_repeats}, {warmup}).")
+    names = list(models)
+    reference = models[names[0]]
+    family = get_family(reference.transformer)
+    for name in names[1:]:
+        other = get_family(models[name].transformer)
+        if other is not family:
+            raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
+                                  "compare a student with its own teacher.")
+    scorers = {}
+    for metric in metrics:
+        if metric == FIDELITY:
+            continue
+        spec = get_metric(metric)
+        if spec.kind != IMAGE:
+            raise EvaluationError(f"The {metric} metric scores an ablation inside the analysis, not images; use "
+                                  f"{FIDELITY!r} (student vs teacher images) or an image metric here.")
+        scorers[metric] = spec.build(**(metric_options or {}).get(metric, {}))
+    kwargs = generation_settings(reference, num_inference_steps, height, width, guidance_scale)
+    seeds = [seed + k for k in range(len(prompts))]
+    result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {}}
+    inputs = None
+    if cost:
+        inputs = step_inputs(reference, prompts[0], height=kwargs.get("height"), width=kwargs.get("width"),
+                             guidance_scale=guidance_scale, seed=seed)  # no size given: the model's own
+    images = {}
+    for name in names:
+        pipe = models[name]
+        images[name] = generate(pipe, prompts, seeds, kwargs, batch_size)
+        entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
+                                 "prune_plan": _plan_text(pipe.transformer), "metrics": {}}
+        for metric, scorer in scorers.items():
+            if metric == "shapeeval":  # the whole breakdown: overall, per category, per attribute
+                entry["metrics"][metric] = toy.shapeeval(images[name], prompts)
+            else:
+                entry["metrics"][metric] = float(scorer(images[name], prompts))
+        if cost:
+            dtype = compute_dtype(pipe.transformer)
+            device = next(pipe.transformer.parameters()).device
+            own = {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in inputs.items()}
+            entry.update(_cost(pipe, own, latency_repeats, warmup))
+        result["models"][name] = entry
+    if len(names) > 1:
+        base = result["models"][names[0]]
+        for name in names[1:]:
+            entry = result["models"][name]
+            if FIDELITY in metrics or not metrics:
+                entry["fidelity"] = {"psnr_db": psnr(images[name], images[names[0]]),
+                                     "ssim": ssim(images[name], images[names[0]])}
+            entry["relative"] = _relative(entry, base)
+    if grid is not None:
+        k = max(1, min(grid_size, len(prompts)))
+        toy.save_grid([im for name in names for im in images[name][:k]], grid, columns=k)
+        result["grid"] = str(grid)
+    return result
+
+
+def _plan_text(transformer) -> str:
+    plan = getattr(transformer, "prune_plan", None)
+    return "" if plan is None or plan.is_empty else plan.describe()
+
+
+def overall_score(value) -> float | None:
+    """A metric's single number: ``value`` itself, or its ``overall`` entry for a breakdown (ShapeEval)."""
+    if isinstance(value, dict):
+        return value.get("overall")
+    return value
+
+
+def _relative(entry: dict, base: dict) -> dict[str, float]:
+    out = {}
+    for key in ("params", "weight_bytes", "step_peak_bytes"):
+        if key in entry and base.get(key):
+            out[key] = entry[key] / base[key]
+    if "latency_s" in entry:
+        out["latency"] = entry["latency_s"]["median"] / base["latency_s"]["median"]
+    for metric, value in entry["metrics"].items():
+        b = overall_score(base["metrics"].get(metric))
+        if b:
+            out[metric] = overall_score(value) / b
+    return out
+
+
+def load_for_evaluation(model: str | os.PathLike, device: str | None = None):
+    """A pipeline by folder, cached Hub id or toy name, in fp32 on the CPU (bf16 on a GPU)."""
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    pipe, _ = load_pipeline(model, device, dtype)
+    return pipe
+
+
+__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "overall_score", "psnr", "ssim"]

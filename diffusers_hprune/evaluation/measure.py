@@ -1,0 +1,162 @@
+"""Measured cost of a transformer: weight bytes, peak memory and latency of one denoising step.
+
+* ``step_inputs(pipe, ...)``: the transformer's inputs for one denoising step of ``pipe`` at a
+  given resolution (text encoded once; random latents), so teacher and student are timed on
+  the same inputs.
+* ``stored_bytes(transformer)``: bytes of every tensor the model holds (parameters, buffers and
+  bitsandbytes' quantisation state), i.e. what its weights occupy in memory.
+* ``step_memory(transformer, inputs)``: peak memory of one step. CUDA: ``max_memory_allocated``
+  during the step, after ``reset_peak_memory_stats`` (weights included, since they are
+  allocated). CPU: the process's peak resident set size (Linux ``VmHWM``), reset before the
+  step through ``/proc/self/clear_refs``; reported as the weights (``stored_bytes``) plus the
+  growth of the peak over the resident size before the step. That growth is what the step
+  allocates beyond what the process already holds; allocator caching can make it smaller than
+  the activations of a first run, so a warm-up step runs first.
+* ``step_latency(transformer, inputs, warmup=2, repeats=10)``: wall time of each step after
+  ``warmup`` untimed steps (CUDA synchronised), summarised as median and spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffusers_hprune.families import get_family
+from diffusers_hprune.loading import generation_settings
+from diffusers_hprune.utils.errors import HPruneError
+
+
+class MeasureError(HPruneError):
+    """A measurement that cannot be taken here."""
+
+
+@torch.no_grad()
+def step_inputs(pipe, prompt: str = "a photo of a cat", *, height: int | None = None, width: int | None = None,
+                batch_size: int = 1, guidance_scale: float | None = None, seed: int = 0) -> dict:
+    """Keyword arguments of ``pipe.transformer`` for one denoising step (noise level 0.5)."""
+
+    transformer = pipe.transformer
+    family = get_family(transformer)
+    settings = generation_settings(pipe, None, height, width, guidance_scale)
+    sample = int(getattr(transformer.config, "sample_size", 128) or 128)
+    height = settings.get("height") or sample * pipe.vae_scale_factor
+    width = settings.get("width") or sample * pipe.vae_scale_factor
+    text = family.encode_text(pipe, [prompt] * batch_size, int(settings.get("max_sequence_length", 256)))
+    device = next(transformer.parameters()).device
+    dtype = compute_dtype(transformer)
+    channels = pipe.vae.config.latent_channels
+    latents = torch.randn(batch_size, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor,
+                          generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    sigmas = torch.full((batch_size,), 0.5, device=device, dtype=dtype)
+    text = {k: v.to(device, dtype) for k, v in text.items()}
+    return family.denoiser_inputs(transformer, latents, sigmas, text, guidance_scale)
+
+
+def compute_dtype(transformer) -> torch.dtype:
+    """The dtype activations enter in: that of the model's floating parameters (4-bit weights are uint8)."""
+    return next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
+
+
+def stored_bytes(transformer: torch.nn.Module) -> int:
+    """Bytes of the tensors the model holds: parameters, buffers and bitsandbytes' quantisation state."""
+    total = 0
+    seen = set()
+    for t in list(transformer.parameters()) + list(transformer.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state)
+    return total
+
+
+def logical_params(transformer: torch.nn.Module) -> int:
+    """Parameter count as the unquantised model would have it (a 4-bit weight stores two values a byte)."""
+    import math
+
+    total = 0
+    for p in transformer.parameters():
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
+    return total
+
+
+def _quant_state_bytes(state) -> int:
+    total = 0
+    for name in ("absmax", "code"):
+        value = getattr(state, name, None)
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += _quant_state_bytes(nested)
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def step_latency(transformer: torch.nn.Module, inputs: dict, warmup: int = 2, repeats: int = 10) -> dict:
+    """Seconds per denoising step: ``median``, ``min``, ``max``, ``stdev``, ``iqr`` and every timing (``times``)."""
+    if repeats < 1:
+        raise MeasureError(f"repeats must be at least 1, got {repeats}.")
+    device = next(transformer.parameters()).device
+    for _ in range(warmup):
+        transformer(**inputs, return_dict=False)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        transformer(**inputs, return_dict=False)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median": statistics.median(times), "min": min(times), "max": max(times),
+            "stdev": statistics.stdev(times) if len(times) >= 2 else 0.0, "iqr": q[2] - q[0], "warmup": warmup,
+            "repeats": repeats, "times": times}
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise MeasureError(f"/proc/self/status has no {field}.")
+
+
+@torch.no_grad()
+def step_memory(transformer: torch.nn.Module, inputs: dict) -> dict:
+    """Peak memory of one denoising step (bytes) and how it was measured; see the module docstring."""
+    device = next(transformer.parameters()).device
+    weights = stored_bytes(transformer)
+    transformer(**inputs, return_dict=False)  # warm-up: kernels, allocator pools
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        transformer(**inputs, return_dict=False)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak": peak, "weights": weights, "step": peak - before, "method": "cuda max_memory_allocated"}
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        raise MeasureError("Peak CPU memory is measured with Linux's /proc/self/clear_refs and VmHWM, which this "
+                           "system lacks; measure on Linux or on a CUDA device.")
+    try:
+        clear_refs.write_text("5")  # reset the peak resident set size
+    except OSError as e:
+        raise MeasureError(f"Cannot reset the peak resident size through {clear_refs} ({e}).") from None
+    before = _proc_status_kib("VmRSS") * 1024
+    transformer(**inputs, return_dict=False)
+    growth = max(0, _proc_status_kib("VmHWM") * 1024 - before)
+    return {"peak": weights + growth, "weights": weights, "step": growth,
+            "method": "cpu: weights (stored_bytes) + growth of the peak resident size (VmHWM) during the step"}
+
+
+__all__ = ["MeasureError", "logical_params", "step_inputs", "step_latency", "step_memory", "stored_bytes"]

@@ -1,0 +1,310 @@
+"""What every model family module provides, and the mechanics they share.
+
+A family module (``sd3.py``, ``flux.py``) is the ONE place that knows a model
+family's structure: which blocks exist in which order, which components each
+block has, which parameters each component owns, and how each is removed. Every
+other stage (planning, analysis, distillation, quantisation, reports) asks the
+family object instead of naming modules itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.errors import PlanError
+
+BLOCK = "block"
+"""Pseudo-component name for a whole block (used by analysis reports and plans)."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One transformer block, as the method sees it.
+
+    Attributes:
+        index: global execution-order index (FLUX: double blocks first, then single blocks).
+        path: module path inside the transformer, e.g. ``"single_transformer_blocks.3"``.
+        kind: ``"joint"`` (SD3 JointTransformerBlock), ``"double"`` or ``"single"`` (FLUX).
+        components: canonical names of the removable components of this block.
+        branches: the subset of ``components`` that are residual branches; a block
+            with every branch removed is the identity and counts as a removed block.
+        dual_attention: SD3.5 dual-attention block (``attn`` then covers ``attn`` and ``attn2``).
+        context_pre_only: SD3 last block (no text-stream output, no ``ff_context``).
+    """
+
+    index: int
+    path: str
+    kind: str
+    components: tuple[str, ...]
+    branches: tuple[str, ...]
+    dual_attention: bool = False
+    context_pre_only: bool = False
+
+    @property
+    def local_index(self) -> int:
+        return int(self.path.rsplit(".", 1)[1])
+
+
+class ModelFamily:
+    """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
+
+    name: str = ""
+    display_name: str = ""
+    base_class_name: str = ""
+    pruned_class_name: str = ""
+    component_names: tuple[str, ...] = ()
+    default_alpha: float = 0.0
+    """Position-weight alpha the paper used for this family (DESIGN.md section 6, step 2)."""
+    input_modules: tuple[str, ...] = ()
+    """Top-level modules that run before the first block (embedders)."""
+    output_modules: tuple[str, ...] = ("norm_out", "proj_out")
+    """Top-level modules that run after the last block."""
+    nf4_skip_modules: tuple[str, ...] | None = None
+    """Modules kept in 16-bit when quantising to NF4 (default: the input and output modules).
+
+    Diffusers' bitsandbytes loader matches these names at any depth (a linear layer whose
+    own name is listed is skipped wherever it sits), so a family lists only names that do
+    not also occur inside its blocks.
+    """
+
+    @property
+    def default_nf4_skip_modules(self) -> tuple[str, ...]:
+        return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
+
+    # -- identification -------------------------------------------------------
+    @property
+    def base_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.base_class_name)
+
+    def matches(self, obj: Any) -> bool:
+        """True for a transformer instance/class of this family or a config naming one."""
+        if isinstance(obj, Mapping):
+            return obj.get("_class_name") in (self.base_class_name, self.pruned_class_name)
+        cls = obj if isinstance(obj, type) else type(obj)
+        return issubclass(cls, self.base_class)
+
+    # -- structure --------------------------------------------------------------
+    def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
+        """Every block in execution order, derived from the transformer config alone."""
+        raise NotImplementedError
+
+    def component_submodules(self, spec: BlockSpec, component: str) -> tuple[str, ...]:
+        """Submodule names (relative to the block) whose parameters belong wholly to ``component``."""
+        raise NotImplementedError
+
+    def shared_parameter_slices(self, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> dict[str, tuple[int, slice]]:
+        """Parameters that a component owns only a slice of: name (relative to the block) -> (dim, slice)."""
+        return {}
+
+    def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
+        """A module replacing ``block`` with the ``removed`` components gone (adopts the kept submodules)."""
+        raise NotImplementedError
+
+    def num_blocks(self, config: Mapping[str, Any]) -> int:
+        return len(self.block_specs(config))
+
+    # -- denoising: how the family's pipelines feed the transformer --------------------
+    def encode_text(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Text conditioning of ``prompts`` with the pipeline's encoders: ``prompt_embeds``, ``pooled_projections``."""
+        raise NotImplementedError
+
+    def denoiser_inputs(self, transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                        text: Mapping[str, torch.Tensor], guidance_scale: float | None = None) -> dict[str, Any]:
+        """Transformer keyword arguments for noisy ``latents`` (``B, C, H, W``, the VAE's scaled latent space)
+        at noise levels ``sigmas`` (``B``, in [0, 1]), in the family's own conventions."""
+        raise NotImplementedError
+
+    def denoiser_output(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's prediction in the shape of ``latents`` (``B, C, H, W``)."""
+        return output
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents a pipeline returned with ``output_type="latent"``, as ``B, C, H, W``."""
+        return latents
+
+    # -- parameter accounting -----------------------------------------------------
+    def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
+        """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""
+        return sum(n for _, n, _ in self.component_parameters(block, spec, component, config))
+
+    def component_parameters(
+        self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]
+    ) -> list[tuple[str, int, bool]]:
+        """``(name, numel, is_linear_weight)`` of every parameter (or slice of one) that ``component`` owns.
+
+        Names are relative to the block; a slice keeps the name of its parameter. The
+        flag tells the memory estimates which parameters 4-bit quantisation would pack.
+        """
+        if component == BLOCK:
+            return _parameters_of(block, "")
+        out = []
+        for sub in self.component_submodules(spec, component):
+            module = getattr(block, sub, None)
+            if module is not None:
+                out += _parameters_of(module, sub + ".")
+        params = dict(block.named_parameters())
+        for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
+            owner = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+            linear = isinstance(owner, nn.Linear) and name.endswith(".weight")
+            out.append((name, params[name].narrow(dim, sl.start, sl.stop - sl.start).numel(), linear))
+        return out
+
+    # -- plans ------------------------------------------------------------------------
+    def empty_plan(self, config: Mapping[str, Any]) -> PrunePlan:
+        return PrunePlan(family=self.name, num_blocks=self.num_blocks(config))
+
+    def check_plan(self, plan: PrunePlan, config: Mapping[str, Any]) -> PrunePlan:
+        """Validate ``plan`` against a concrete config and return its normalised form.
+
+        Raises :class:`PlanError` when the plan was made for another family or block
+        count, or names a component a block does not have. A block whose residual
+        branches are all removed is the identity, so it is moved to ``removed_blocks``.
+        """
+        if plan.family != self.name:
+            raise PlanError(
+                f"This prune plan was made for the {plan.family!r} family but the model is a {self.display_name} "
+                f"({self.name!r}) transformer; make a plan for this model (e.g. `hprune plan` on its analysis)."
+            )
+        specs = self.block_specs(config)
+        if plan.num_blocks != len(specs):
+            raise PlanError(
+                f"This prune plan was made for a {plan.family} transformer with {plan.num_blocks} blocks, but the "
+                f"model has {len(specs)} blocks; make a plan for this model."
+            )
+        removed_blocks = set(plan.removed_blocks)
+        components: dict[int, list[str]] = {}
+        for index, names in plan.removed_components.items():
+            spec = specs[index]
+            invalid = [n for n in names if n not in spec.components]
+            if invalid:
+                raise PlanError(
+                    f"Block {index} ({spec.path}, a {spec.kind} block) has no component(s) {invalid}; "
+                    f"its components are {', '.join(spec.components)}."
+                )
+            if set(spec.branches) <= set(names):
+                removed_blocks.add(index)
+            else:
+                components[index] = names
+        normalised = PrunePlan(
+            removed_blocks=sorted(removed_blocks),
+            removed_components=components,
+            family=plan.family,
+            num_blocks=plan.num_blocks,
+            metadata=plan.metadata,
+        )
+        return normalised
+
+    # -- surgery ------------------------------------------------------------------------
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The block modules of ``model`` in execution order."""
+        return [model.get_submodule(spec.path) for spec in self.block_specs(model.config)]
+
+    def apply_plan(self, model: nn.Module, plan: PrunePlan) -> None:
+        """Replace, in place, the removed blocks and components of ``model`` (plan already checked)."""
+        for spec in self.block_specs(model.config):
+            if spec.index in plan.removed_blocks:
+                block = model.get_submodule(spec.path)
+                model.set_submodule(spec.path, RemovedBlock(context_pre_only=getattr(block, "context_pre_only", False)))
+            elif spec.index in plan.removed_components:
+                block = model.get_submodule(spec.path)
+                removed = frozenset(plan.removed_components[spec.index])
+                model.set_submodule(spec.path, self.pruned_block(block, spec, removed))
+
+    def prune_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The state dict of the pruned model, from the state dict of the unpruned one (plan already checked).
+
+        Keys of removed parts are dropped; parameters shared between components are
+        sliced to the kept parts. Kept keys keep their original block indices.
+        """
+        drop: list[str] = []
+        slices: dict[str, list[tuple[int, slice]]] = {}
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                drop.append(spec.path + ".")
+                continue
+            for component in plan.removed_components.get(spec.index, []):
+                drop.extend(f"{spec.path}.{sub}." for sub in self.component_submodules(spec, component))
+                for name, part in self.shared_parameter_slices(spec, component, config).items():
+                    slices.setdefault(f"{spec.path}.{name}", []).append(part)
+        out = {}
+        for key, tensor in state_dict.items():
+            if any(key.startswith(prefix) for prefix in drop):
+                continue
+            if key in slices:
+                tensor = _remove_slices(tensor, slices[key])
+            out[key] = tensor
+        return out
+
+
+def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:
+    out = []
+    for module_name, sub in module.named_modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            name = f"{prefix}{module_name}.{pname}" if module_name else f"{prefix}{pname}"
+            out.append((name, p.numel(), isinstance(sub, nn.Linear) and pname == "weight"))
+    return out
+
+
+def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:
+    """``tensor`` without the given (dim, slice) parts, all along one dimension."""
+    dim = parts[0][0]
+    removed = set()
+    for d, sl in parts:
+        assert d == dim, "slices of one parameter must share a dimension"
+        removed.update(range(sl.start, sl.stop))
+    keep = [i for i in range(tensor.shape[dim]) if i not in removed]
+    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
+    return tensor.index_select(dim, index).contiguous()
+
+
+class RemovedBlock(nn.Module):
+    """A removed block: the identity on both streams, with no parameters."""
+
+    def __init__(self, context_pre_only: bool = False):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return encoder_hidden_states, hidden_states
+
+    def extra_repr(self) -> str:
+        return "identity"
+
+
+def match_batch(context: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """Broadcast a batch-1 text stream to the image batch.
+
+    FluxPipeline's true-CFG call passes one negative prompt embedding for a whole batch of
+    latents; the stock blocks broadcast it through the text modulation. A block without
+    that modulation must broadcast explicitly to compute the same thing.
+    """
+    if context is not None and context.shape[0] == 1 and hidden_states.shape[0] > 1:
+        return context.expand(hidden_states.shape[0], *context.shape[1:])
+    return context
+
+
+def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """What a removed modulation leaves: LayerNorm without affine, eps 1e-6."""
+    return nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+    """AdaLN modulation ``x * (1 + scale) + shift``; shift and scale are 0 when the modulation was removed."""
+    if shift is None:
+        return x
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``gate * x``; the gate is 1 when the modulation was removed."""
+    return x if gate is None else gate.unsqueeze(1) * x

@@ -1,0 +1,83 @@
+"""Stable Diffusion 3 family: SD3 Medium, SD3.5 Large / Large Turbo, SD3.5 Medium.
+
+Diffusers class ``SD3Transformer2DModel``: ``num_layers`` ``JointTransformerBlock``s
+in ``transformer_blocks``. The last block is ``context_pre_only`` (no text output,
+no ``ff_context``); blocks listed in ``dual_attention_layers`` (SD3.5 Medium) carry
+a second, image-only attention ``attn2`` that belongs to the ``attn`` component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from diffusers_hprune.families.base import BlockSpec, ModelFamily
+from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
+
+_SUBMODULES = {
+    "attn": ("attn", "attn2"),
+    "ff": ("ff",),
+    "ff_context": ("ff_context",),
+    "norm1": ("norm1",),
+    "norm1_context": ("norm1_context",),
+}
+
+
+class PrunedJointTransformerBlock(PrunedDualStreamBlock):
+    """A partly pruned SD3 ``JointTransformerBlock`` (same call signature as the stock block)."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        return self._forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs or {})
+
+
+class SD3Family(ModelFamily):
+    name = "sd3"
+    display_name = "Stable Diffusion 3 / 3.5"
+    base_class_name = "SD3Transformer2DModel"
+    pruned_class_name = "HierarchicalPrunedSD3Transformer2DModel"
+    component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context")
+    default_alpha = 0.55
+    input_modules = ("pos_embed", "time_text_embed", "context_embedder")
+
+    def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
+        num_layers = int(config.get("num_layers", 18))
+        dual = set(config.get("dual_attention_layers") or ())
+        specs = []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            components = ("attn", "ff", "norm1", "norm1_context") if last else self.component_names
+            specs.append(
+                BlockSpec(
+                    index=i,
+                    path=f"transformer_blocks.{i}",
+                    kind="joint",
+                    components=components,
+                    branches=("attn", "ff") if last else ("attn", "ff", "ff_context"),
+                    dual_attention=i in dual,
+                    context_pre_only=last,
+                )
+            )
+        return specs
+
+    def component_submodules(self, spec: BlockSpec, component: str) -> tuple[str, ...]:
+        return _SUBMODULES[component]
+
+    def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
+        return PrunedJointTransformerBlock(block, removed)
+
+    def encode_text(self, pipe, prompts, max_sequence_length):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def denoiser_inputs(self, transformer, latents, sigmas, text, guidance_scale=None):
+        # SD3 takes the timestep on the scheduler's 0..1000 scale.
+        return {"hidden_states": latents, "timestep": sigmas * 1000.0,
+                "encoder_hidden_states": text["prompt_embeds"], "pooled_projections": text["pooled_projections"]}
+
+
+SD3 = SD3Family()

@@ -1,0 +1,155 @@
+"""Model cards for compressed pipelines, rendered with ``huggingface_hub.ModelCard`` from our template.
+
+``write_model_card(folder, base_model=...)`` reads what the folder holds (the prune plan and
+any ``quantization_config`` in ``transformer/config.json``, ``distill_summary.json`` when the
+folder came from ``hprune distill``) and, when given, a ``hprune evaluate`` result and its
+sample grid, and writes ``README.md`` (YAML metadata + text) into the folder, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffusers_hprune.evaluation.compare import overall_score
+from diffusers_hprune.hub.push import remote_code_name
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.fileio import atomic_path, atomic_write_text
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+GRID_NAME = "samples.png"
+
+
+class CardError(HPruneError):
+    """A folder or an evaluation result the card cannot describe."""
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CardError(f"{path} is not valid JSON ({e}); write it again with the command that made it.") from None
+
+
+def _plan_table(plan) -> str:
+    rows = ["| block | removed |", "| --- | --- |"]
+    for index in plan.removed_blocks:
+        rows.append(f"| {index} | the whole block |")
+    for index, components in sorted(plan.removed_components.items()):
+        rows.append(f"| {index} | {', '.join(components)} |")
+    return "\n".join(rows) if len(rows) > 2 else "Nothing was removed."
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _tables(evaluation: dict | None) -> tuple[str, str]:
+    if not evaluation:
+        return ("Not measured (run `hprune evaluate BASE THIS --out metrics.json` and pass it to the card).",) * 2
+    models = evaluation.get("models", {})
+    if "teacher" not in models or "student" not in models:
+        raise CardError("The evaluation result must compare a teacher and a student (`hprune evaluate TEACHER "
+                        "STUDENT --out metrics.json`).")
+    t, s = models["teacher"], models["student"]
+    cost = ["| | base model | this model | ratio |", "| --- | --- | --- | --- |"]
+    if "params" in s:
+        cost.append(f"| transformer parameters | {t['params']:,} | {s['params']:,} | {s['params'] / t['params']:.1%} |")
+        cost.append(f"| transformer weights | {_fmt_bytes(t['weight_bytes'])} | {_fmt_bytes(s['weight_bytes'])} | "
+                    f"{s['weight_bytes'] / t['weight_bytes']:.1%} |")
+        cost.append(f"| peak memory of one step | {_fmt_bytes(t['step_peak_bytes'])} | "
+                    f"{_fmt_bytes(s['step_peak_bytes'])} | {s['step_peak_bytes'] / t['step_peak_bytes']:.1%} |")
+        cost.append(f"| latency of one step (median) | {t['latency_s']['median'] * 1e3:.1f} ms | "
+                    f"{s['latency_s']['median'] * 1e3:.1f} ms | {s['latency_s']['median'] / t['latency_s']['median']:.1%} |")
+        cost_text = "\n".join(cost) + f"\n\nMemory: {s.get('memory_method', '')}."
+    else:
+        cost_text = "Not measured."
+    quality = ["| metric | base model | this model | ratio |", "| --- | --- | --- | --- |"]
+    for metric, value in s.get("metrics", {}).items():
+        sv, tv = overall_score(value), overall_score(t["metrics"].get(metric))
+        quality.append(f"| {metric} | {tv:.4g} | {sv:.4g} | {sv / tv:.1%} |" if tv else f"| {metric} | - | {sv:.4g} | |")
+    if "fidelity" in s:
+        f = s["fidelity"]
+        ssim = f" / SSIM {f['ssim']:.3f}" if f.get("ssim") is not None else ""
+        quality.append(f"| fidelity to the base model (PSNR{' / SSIM' if ssim else ''}) | - | "
+                       f"{f['psnr_db']:.2f} dB{ssim} | |")
+    gen = evaluation.get("generation", {})
+    quality_text = "\n".join(quality) + (f"\n\n{len(evaluation.get('prompts', []))} prompts, seeds from "
+                                         f"{evaluation.get('seed', 0)}, generation settings `{json.dumps(gen)}`.")
+    return cost_text, quality_text
+
+
+def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: str | None = None,
+                      evaluation: dict | None = None, grid: str | None = None, commands: list[str] | tuple = (),
+                      license: str | None = None, tags: list[str] | tuple = (), model_name: str | None = None):
+    """The ``huggingface_hub.ModelCard`` of the pipeline folder ``folder`` (not written).
+
+    ``base_model`` goes into the metadata (with ``base_model_relation``) and becomes a link
+    when it is a Hub repo id; a local folder or a toy name is named in the text only.
+    ``model_name``: the title (default: the last part of ``repo_id``, else the folder name).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = _read_json(folder / "transformer" / "config.json")
+    if config is None or not (folder / "model_index.json").is_file():
+        raise CardError(f"{folder} is not a pipeline folder with a transformer (no model_index.json or "
+                        "transformer/config.json); give the folder `hprune distill`, `hprune quantize` or "
+                        "`save_pretrained` wrote.")
+    plan = PrunePlan.from_dict(config["prune_plan"]) if config.get("prune_plan") else None
+    quantized = bool(config.get("quantization_config"))
+    distilled = (folder / "distill_summary.json").is_file()
+    card_tags = ["diffusers", "text-to-image", "hierarchicalprune", "diffusers-hprune"]
+    if plan is not None and not plan.is_empty:
+        card_tags.append("pruned")
+    if distilled:
+        card_tags.append("distillation")
+    if quantized:
+        card_tags += ["4-bit", "nf4", "bitsandbytes"]
+    card_tags += [t for t in tags if t not in card_tags]
+    on_hub = "/" in base_model and not Path(base_model).exists()
+    relation = {"base_model": base_model, "base_model_relation": "quantized" if quantized else "finetune"}
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=card_tags,
+                         license=license or "other", **(relation if on_hub else {}))
+    cost, quality = _tables(evaluation)
+    how = "\n".join(f"{k + 1}. `{c}`" for k, c in enumerate(commands)) or "See the diffusers-hprune documentation."
+    repo = repo_id or folder.name
+    base_url = f"https://huggingface.co/{base_model}" if on_hub else ""
+    return ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name=model_name or repo.split("/")[-1], base_model=base_model,
+        base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized,
+        plan_words=(plan.describe() if plan is not None and not plan.is_empty else "Nothing (an unpruned model)."),
+        plan_table=_plan_table(plan) if plan is not None and not plan.is_empty else "", pruned=bool(plan and not plan.is_empty),
+        cost_table=cost, quality_table=quality, grid=grid,
+        torch_dtype="torch.bfloat16", how_made=how, remote_code=remote_code_name(folder),
+    )
+
+
+def write_model_card(folder: str | os.PathLike, *, base_model: str, evaluation: dict | str | os.PathLike | None = None,
+                     grid: str | os.PathLike | None = None, **kwargs: Any) -> Path:
+    """Render the card and write ``folder/README.md`` (and copy ``grid`` to ``folder/samples.png``)."""
+    folder = Path(folder)
+    if evaluation is not None and not isinstance(evaluation, dict):
+        evaluation = _read_json(Path(evaluation))
+        if evaluation is None:
+            raise CardError("The evaluation file does not exist; run `hprune evaluate TEACHER STUDENT --out FILE`.")
+    image = None
+    if grid is not None:
+        if not Path(grid).is_file():
+            raise CardError(f"The sample grid {grid} does not exist; write it with `hprune evaluate ... --grid FILE`.")
+        image = GRID_NAME
+    card = render_model_card(folder, base_model=base_model, evaluation=evaluation, grid=image, **kwargs)
+    if grid is not None and Path(grid).resolve() != (folder / GRID_NAME).resolve():
+        with atomic_path(folder / GRID_NAME) as tmp_image:
+            shutil.copyfile(grid, tmp_image)
+    atomic_write_text(folder / "README.md", str(card))
+    return folder / "README.md"
+
+
+__all__ = ["CardError", "render_model_card", "write_model_card"]

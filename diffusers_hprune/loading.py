@@ -1,0 +1,95 @@
+"""Loading pipelines and drawing with them: the one place every stage gets a pipeline and its call settings.
+
+``load_pipeline`` takes a pipeline object, a folder, a Hub repo id in the local cache or a
+toy name; ``generation_settings`` gives the call arguments the stages draw with (the toy's
+own for the toys); ``generate`` draws a list of prompts with fixed seeds in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffusers_hprune import toy
+from diffusers_hprune.utils.errors import HPruneError
+
+
+class PipelineLoadError(HPruneError):
+    """A model argument that names no loadable pipeline."""
+
+
+# -- calibration ------------------------------------------------------------------------------
+def is_toy(pipe) -> str | None:
+    source = str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""))
+    for fam in toy.FAMILIES:
+        try:
+            if source and Path(source).resolve() == toy.model_path(fam).resolve():
+                return fam
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def generation_settings(pipe, num_inference_steps=None, height=None, width=None, guidance_scale=None) -> dict:
+    """Pipeline call arguments for the calibration images: the toy's own for the toys, else the pipeline's defaults."""
+    fam = is_toy(pipe)
+    kwargs = toy.generation_kwargs(fam) if fam else {}
+    for name, value in (("num_inference_steps", num_inference_steps), ("height", height), ("width", width)):
+        if value is not None:
+            kwargs[name] = int(value)
+    if guidance_scale is not None:
+        kwargs["true_cfg_scale" if "true_cfg_scale" in kwargs else "guidance_scale"] = float(guidance_scale)
+    kwargs.setdefault("num_inference_steps", 28)
+    return kwargs
+
+
+@contextlib.contextmanager
+def swapped_transformer(pipe, transformer):
+    original = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        yield pipe
+    finally:
+        pipe.transformer = original
+
+
+def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None):
+    images = []
+    device = pipe._execution_device
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds[start : start + batch_size]]
+        extra = {}
+        if on_step is not None:
+            on_step(0)
+
+            def callback(p, i, t, cb_kwargs):
+                on_step(i + 1)
+                return {}
+
+            extra["callback_on_step_end"] = callback
+        images += pipe(chunk, generator=generators, **kwargs, **extra).images
+    return images
+
+
+# -- the runner --------------------------------------------------------------------------------
+def load_pipeline(model, device, torch_dtype):
+    if not isinstance(model, (str, os.PathLike)):
+        return model, str(getattr(model, "name_or_path", type(model).__name__))
+    name = str(model)
+    path = toy.model_path(name.removeprefix("toy-")) if name.removeprefix("toy-") in toy.FAMILIES else name
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise PipelineLoadError(
+            f"Could not load the pipeline {name!r} ({type(e).__name__}: {e}). Pass a pipeline folder, a Hub repo id "
+            "available in the local cache, or a toy name (sd3, flux)."
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), name
+
+

@@ -1,0 +1,74 @@
+"""Pipelines that hold a pruned transformer, and the helper that prunes a whole pipeline."""
+
+from __future__ import annotations
+
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.errors import UnsupportedModelError
+from diffusers_hprune.utils.registration import register
+
+
+class HierarchicalPrunedSD3Pipeline(StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` whose transformer is a ``HierarchicalPrunedSD3Transformer2DModel``.
+
+    Everything else (text encoders, VAE, scheduler, ``__call__``) is the stock pipeline.
+    After ``import diffusers_hprune``, ``DiffusionPipeline.from_pretrained`` returns this class
+    for folders and Hub repos saved from it.
+    """
+
+    @property
+    def prune_plan(self) -> PrunePlan:
+        return self.transformer.prune_plan
+
+
+class HierarchicalPrunedFluxPipeline(FluxPipeline):
+    """``FluxPipeline`` whose transformer is a ``HierarchicalPrunedFluxTransformer2DModel``."""
+
+    @property
+    def prune_plan(self) -> PrunePlan:
+        return self.transformer.prune_plan
+
+
+register(HierarchicalPrunedSD3Pipeline, HierarchicalPrunedFluxPipeline)
+
+_PRUNED_PIPELINES = {
+    StableDiffusion3Pipeline: HierarchicalPrunedSD3Pipeline,
+    FluxPipeline: HierarchicalPrunedFluxPipeline,
+}
+
+
+def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPipeline:
+    """Return a ``HierarchicalPruned*Pipeline`` with the same components and ``prune_transformer(transformer, plan)``.
+
+    The other components (text encoders, tokenizers, VAE, scheduler) are shared with
+    ``pipeline``, not copied; the pruned transformer shares its kept weights with the
+    original one (see :func:`prune_transformer`).
+    """
+    target = next((pruned for base, pruned in _PRUNED_PIPELINES.items() if isinstance(pipeline, base)), None)
+    if target is None:
+        supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+        raise UnsupportedModelError(
+            f"prune_pipeline cannot prune a {type(pipeline).__name__}; supported pipelines: {supported} "
+            "(and their subclasses). For other pipelines prune the transformer with `prune_transformer`."
+        )
+    return with_pruned_transformer(pipeline, prune_transformer(pipeline.transformer, plan))
+
+
+def with_pruned_transformer(pipeline: DiffusionPipeline, transformer) -> DiffusionPipeline:
+    """A ``HierarchicalPruned*Pipeline`` with ``pipeline``'s other components and an already pruned ``transformer``.
+
+    Used to wrap a distilled student: the text encoders, tokenizers, VAE and scheduler are shared.
+    """
+    target = next((pruned for base, pruned in _PRUNED_PIPELINES.items() if isinstance(pipeline, base)), None)
+    if target is None or getattr(transformer, "prune_plan", None) is None:
+        raise UnsupportedModelError(
+            f"Cannot wrap a {type(transformer).__name__} in a pruned {type(pipeline).__name__}; pass a pruned "
+            "transformer (prune_transformer) and an SD3 or FLUX pipeline."
+        )
+    components = dict(pipeline.components)
+    components["transformer"] = transformer
+    pruned = target(**components)
+    pruned.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return pruned

@@ -1,0 +1,197 @@
+"""Hierarchical Position Pruning (HPP): from measured contributions to a :class:`PrunePlan`.
+
+DESIGN.md section 6, steps 2-4, exactly:
+
+* position weight ``W_pos(i) = exp(alpha * (i - |B|) / |B|)``; early blocks get small weights;
+* prunability ``Score(i, c) = -|dP(i, c)| / W_pos(i)``; higher is removed first;
+* with a target ratio ``r`` of the parameters of the whole transformer:
+  ``r <= r_thres``: remove whole blocks in Score order until the removed fraction is >= r;
+  ``r > r_thres``: remove whole blocks in Score order while the removed fraction stays
+  <= r_thres, then components of the remaining blocks in Score order until >= r. A
+  block whose residual branches are all gone becomes a removed block (its remaining
+  parameters count as removed too);
+* with a memory budget instead: the same procedure, stopping when the estimated
+  weight bytes fit.
+
+Baselines for comparison (same inputs, same stopping rule, whole blocks only):
+``bk-sdm`` (blocks by measured drop, no position weight), ``koala`` (blocks whose output
+is most similar to their input, by the cosine similarity the analysis measured) and
+``last`` (the last blocks). Each is a registered :class:`~.strategies.Strategy`
+(:mod:`diffusers_hprune.planning.strategies`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from diffusers_hprune.families import BLOCK
+from diffusers_hprune.families.inventory import TransformerInventory
+from diffusers_hprune.families.sizes import DTYPES, format_bytes
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.planning.strategies import RankingInputs, get_strategy, prunability
+from diffusers_hprune.utils.errors import PlanError
+
+DEFAULT_R_THRES = 0.25
+
+
+@dataclass
+class PlanOutcome:
+    """A plan and what it achieves."""
+
+    plan: PrunePlan
+    removed_params: int
+    total_params: int
+    estimated_bytes: int
+    weight_dtype: str
+    order: list[tuple[int, str]] = field(default_factory=list)  # removals in the order they were chosen
+
+    @property
+    def ratio(self) -> float:
+        return self.removed_params / self.total_params
+
+    def summary(self) -> str:
+        return (
+            f"{self.plan.describe()}\nremoved {self.removed_params:,} of {self.total_params:,} parameters "
+            f"({self.ratio:.2%}); estimated weights {format_bytes(self.estimated_bytes)} at {self.weight_dtype}"
+        )
+
+
+def make_plan(
+    contributions: Mapping[tuple[int, str], float],
+    inventory: TransformerInventory,
+    *,
+    ratio: float | None = None,
+    memory_bytes: int | None = None,
+    weight_dtype: str = "bf16",
+    alpha: float | None = None,
+    r_thres: float = DEFAULT_R_THRES,
+    strategy: str = "hierarchical",
+    similarity: Mapping[int, float] | None = None,
+    metadata: Mapping | None = None,
+) -> PlanOutcome:
+    """Choose what to remove (see the module docstring).
+
+    Args:
+        contributions: ``(block index, component) -> dP`` (``"block"`` for whole blocks).
+        inventory: parameter counts of the unpruned transformer (:func:`inspect_transformer`).
+        ratio: target fraction of the transformer's parameters to remove, in (0, 1).
+        memory_bytes: alternative target: estimated weight bytes at ``weight_dtype`` must fit.
+        alpha: position-weight exponent; default: the family's (0.55 SD3, 0.01 FLUX).
+        r_thres: above this ratio, components are removed after whole blocks (paper: 0.25).
+        strategy: ``hierarchical`` (the paper), ``bk-sdm``, ``koala`` or ``last``.
+        similarity: block index -> cosine similarity of its input and output (``koala`` only).
+    """
+    if (ratio is None) == (memory_bytes is None):
+        raise PlanError("Give exactly one target: a ratio (--ratio) or a memory budget (--memory).")
+    if ratio is not None and not 0 < ratio < 1:
+        raise PlanError(f"The target ratio must lie in (0, 1), got {ratio}; e.g. 0.2 removes 20 % of the parameters.")
+    if weight_dtype not in DTYPES:
+        raise PlanError(f"Unknown weight dtype {weight_dtype!r}; choose one of {', '.join(DTYPES)}.")
+    chosen = get_strategy(strategy)
+    family = inventory.family
+    alpha = family.default_alpha if alpha is None else alpha
+    if not chosen.position_weight:
+        alpha = 0.0
+    n = len(inventory.blocks)
+    total = inventory.original_params
+    total_bytes = inventory.original_bytes[weight_dtype]
+    sizes = {b.spec.index: b.nbytes[weight_dtype] for b in inventory.blocks}
+    # What is removed so far: parameters and bytes (at weight_dtype) travel together.
+    removed_b = 0
+
+    if ratio is not None:
+        def done(removed: int) -> bool:
+            return removed / total >= ratio
+
+        target = ratio
+    else:
+        if memory_bytes <= 0:
+            raise PlanError(f"The memory budget must be positive, got {memory_bytes} bytes.")
+
+        def done(removed: int) -> bool:
+            return total_bytes - removed_b <= memory_bytes
+
+        target = 1 - memory_bytes / total_bytes
+        floor = total_bytes - sum(s[BLOCK] for s in sizes.values())
+        if memory_bytes < floor:
+            raise PlanError(
+                f"No plan fits {format_bytes(memory_bytes)} at {weight_dtype}: the embeddings and output layers "
+                f"alone take {format_bytes(floor)} and at least one block must stay; raise the budget or choose "
+                "a smaller weight dtype (--weight-dtype nf4)."
+            )
+    if done(0):
+        raise PlanError(
+            f"The model already fits ({format_bytes(total_bytes)} at {weight_dtype} <= budget); nothing to prune."
+        )
+
+    stage_two = chosen.components and target > r_thres
+    block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two))
+
+    removed_blocks: set[int] = set()
+    removed_components: dict[int, set[str]] = {}
+    order: list[tuple[int, str]] = []
+    removed = 0
+    stage_one_limit = r_thres if stage_two else None
+
+    def block_left(i: int) -> int:
+        b = inventory.blocks[i]
+        return b.params - sum(b.components[c] for c in removed_components.get(i, ()))
+
+    for i in block_order:
+        if done(removed) or len(removed_blocks) == n - 1:
+            break
+        size = inventory.blocks[i].params
+        if stage_one_limit is not None and (removed + size) / total > stage_one_limit:
+            break
+        removed_blocks.add(i)
+        order.append((i, BLOCK))
+        removed += size
+        removed_b += sizes[i][BLOCK]
+
+    if not done(removed) and stage_one_limit is not None:
+        candidates = [
+            (i, c)
+            for i in range(n)
+            if i not in removed_blocks
+            for c in inventory.blocks[i].spec.components
+        ]
+        candidates.sort(key=lambda k: (-prunability(contributions[k], k[0], n, alpha), -k[0]))
+        for i, c in candidates:
+            if done(removed):
+                break
+            if i in removed_blocks:
+                continue
+            spec = inventory.blocks[i].spec
+            gone = removed_components.setdefault(i, set())
+            if c in spec.branches and set(spec.branches) <= gone | {c}:
+                if len(removed_blocks) == n - 1:
+                    continue  # never remove the last block
+                removed += block_left(i)
+                removed_b += sizes[i][BLOCK] - sum(sizes[i][g] for g in gone)
+                removed_blocks.add(i)
+                del removed_components[i]
+                order.append((i, BLOCK))
+                continue
+            gone.add(c)
+            removed += inventory.blocks[i].components[c]
+            removed_b += sizes[i][c]
+            order.append((i, c))
+
+    if not done(removed):
+        what = f"{ratio:.0%} of the parameters" if ratio is not None else format_bytes(memory_bytes)
+        raise PlanError(
+            f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
+            f"{removed / total:.1%}); lower the target or choose the hierarchical strategy."
+        )
+    plan = PrunePlan(
+        removed_blocks=sorted(removed_blocks),
+        removed_components={i: sorted(c) for i, c in removed_components.items() if c},
+        family=family.name,
+        num_blocks=n,
+        metadata=dict(metadata or {}, strategy=strategy, alpha=alpha, r_thres=r_thres,
+                      target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
+                      achieved_ratio=round(removed / total, 6)),
+    )
+    return PlanOutcome(plan, removed, total, total_bytes - removed_b, weight_dtype, order)
+

@@ -1,0 +1,175 @@
+"""Figures and a text table of a contribution analysis (``hprune report``), with a plan marked.
+
+* ``blocks.png``: dP of removing each whole block, bars in execution order (paper Fig. 4);
+  with a plan, removed blocks are red and blocks losing components orange. A second panel
+  shows the prunability score ``-|dP| / W_pos`` the planner ranks by.
+* ``components.png``: one heatmap row per component kind, one column per block (paper
+  Fig. 8); removed entries are crossed.
+* ``pairs.png`` (analyses made with ``--pairs``): joint removal of two components (Figs. 9, 11).
+* ``similarity.png``: input/output cosine similarity per block (what ``koala`` ranks by).
+* ``table.txt``: the numbers, one row per block.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.families import BLOCK
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.planning.strategies import prunability
+from diffusers_hprune.utils.fileio import atomic_path, atomic_write_text
+
+
+def _status(plan: PrunePlan | None, index: int, component: str = BLOCK) -> str:
+    if plan is None:
+        return ""
+    if index in plan.removed_blocks:
+        return "removed"
+    gone = plan.removed_components.get(index, [])
+    if component == BLOCK:
+        return "pruned" if gone else ""
+    parts = component.split("+")
+    return "removed" if all(p in gone for p in parts) else ""
+
+
+def format_table(report: ContributionReport, plan: PrunePlan | None = None, alpha: float | None = None) -> str:
+    """One row per block: dP of the whole block and of each component (``*`` marks what the plan removes)."""
+    family = report.model_family
+    specs = family.block_specs(report.transformer_config)
+    alpha = family.default_alpha if alpha is None else alpha
+    names = [BLOCK] + list(family.component_names)
+    deltas = report.contributions()
+    header = ["block", "path", f"score(a={alpha:g})"] + names + ["cosine"]
+    rows = []
+    for spec in specs:
+        score = prunability(deltas[(spec.index, BLOCK)], spec.index, len(specs), alpha) if (spec.index, BLOCK) in deltas else None
+        cells = [str(spec.index), spec.path, "" if score is None else f"{score:.4g}"]
+        for c in names:
+            if (spec.index, c) not in deltas:
+                cells.append("")
+                continue
+            mark = "*" if _status(plan, spec.index, c) == "removed" else ""
+            cells.append(f"{deltas[(spec.index, c)]:.4g}{mark}")
+        cos = report.similarity.get(spec.index)
+        cells.append("" if cos is None else f"{cos:.4f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    metric = report.metric["name"]
+    out = [
+        f"contribution analysis of {report.model} ({family.display_name}, {report.num_blocks} blocks), metric {metric}",
+        f"P(original) = {report.baseline_score}; dP = P(original) - P(without the component); "
+        f"{len(report.entries)} of {len(report.expected_keys())} entries"
+        + ("" if report.complete else " (INCOMPLETE: resume with `hprune analyze`)"),
+    ]
+    if plan is not None:
+        out.append(f"plan: {plan.describe()}  ('*' marks what it removes)")
+    out += ["", line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _colours(plan, specs):
+    colours = []
+    for spec in specs:
+        s = _status(plan, spec.index)
+        colours.append({"removed": "tab:red", "pruned": "tab:orange"}.get(s, "tab:blue"))
+    return colours
+
+
+def write_report(report: ContributionReport, out_dir: str | os.PathLike, plan: PrunePlan | None = None,
+                 alpha: float | None = None) -> list[Path]:
+    """Write the figures and the table into ``out_dir``; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    family = report.model_family
+    specs = family.block_specs(report.transformer_config)
+    if plan is not None:
+        plan = family.check_plan(plan, report.transformer_config)
+    alpha = family.default_alpha if alpha is None else alpha
+    deltas = report.contributions(pairs=True)
+    out_dir = Path(out_dir)
+    written = []
+    n = len(specs)
+    x = np.arange(n)
+    model = Path(report.model).name if Path(report.model).exists() else report.model  # a local path: its folder
+    title = f"{model} ({family.display_name}), metric {report.metric['name']}"
+
+    def save(fig, name):
+        path = out_dir / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    # whole blocks
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, n * 0.35), 6), sharex=True)
+    block_d = [deltas.get((s.index, BLOCK), np.nan) for s in specs]
+    colours = _colours(plan, specs)
+    axes[0].bar(x, block_d, color=colours)
+    axes[0].set_ylabel("dP (remove block)")
+    axes[0].set_title(title)
+    scores = [prunability(d, i, n, alpha) if np.isfinite(d) else np.nan for i, d in enumerate(block_d)]
+    axes[1].bar(x, scores, color=colours)
+    axes[1].set_ylabel(f"Score = -|dP|/W_pos (alpha={alpha:g})")
+    axes[1].set_xlabel("block (execution order)")
+    axes[1].set_xticks(x, [str(i) for i in x], fontsize=7)
+    if plan is not None:
+        from matplotlib.patches import Patch
+
+        axes[0].legend(handles=[Patch(color="tab:red", label="removed block"), Patch(color="tab:orange",
+                       label="components removed"), Patch(color="tab:blue", label="kept")], fontsize=7)
+    save(fig, "blocks.png")
+
+    def heatmap(rows: list[str], name: str, what: str, cmap: str, marks: bool) -> None:
+        grid = np.full((len(rows), n), np.nan)
+        for r, c in enumerate(rows):
+            for s in specs:
+                if (s.index, c) in deltas:
+                    grid[r, s.index] = deltas[(s.index, c)]
+        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.45 * len(rows)))
+        finite = grid[np.isfinite(grid)]
+        log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+        from matplotlib.colors import LogNorm
+
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=LogNorm() if log else None)
+        fig.colorbar(im, ax=ax, label="dP (log scale)" if log else "dP")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 8 else None)
+        ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+        ax.set_xlabel("block (execution order)")
+        ax.set_title(f"{what} - {title}", fontsize=9)
+        if marks and plan is not None:
+            for r, c in enumerate(rows):
+                for s in specs:
+                    if (s.index, c) in deltas and (_status(plan, s.index, c) == "removed"
+                                                   or s.index in plan.removed_blocks):
+                        ax.plot(s.index, r, marker="x", color="red", markersize=8, mew=2)
+        save(fig, name)
+
+    heatmap(list(family.component_names), "components.png", "dP per component", "viridis", marks=True)
+    pair_names = sorted({c for (_, c) in deltas if "+" in c})
+    if pair_names:
+        heatmap(pair_names, "pairs.png", "dP of removing two components together", "magma", marks=False)
+
+    # similarity
+    if report.similarity:
+        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 3))
+        ax.bar(x, [report.similarity.get(s.index, np.nan) for s in specs], color=colours)
+        ax.set_ylabel("cos(input, output)")
+        ax.set_xlabel("block (execution order)")
+        ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+        lo = np.nanmin(list(report.similarity.values()))
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+        ax.set_title(f"block input/output similarity (koala ranks by it) - {title}", fontsize=9)
+        save(fig, "similarity.png")
+
+    written.append(atomic_write_text(out_dir / "table.txt", format_table(report, plan, alpha)))
+    return written

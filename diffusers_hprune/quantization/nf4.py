@@ -1,0 +1,128 @@
+"""W4A16 post-training quantisation (DESIGN.md section 6, step 8): NF4 weights through bitsandbytes.
+
+``quantize(transformer)`` replaces every ``nn.Linear`` outside the family's skip list with a
+bitsandbytes ``Linear4bit`` holding NF4 codes with double quantisation (block size 64), and
+computes in 16 bits on a GPU (32 on a CPU). It goes through Diffusers' own bitsandbytes
+quantizer, the one ``from_pretrained(..., quantization_config=...)`` uses, so the result saves
+in exactly the format Diffusers' loader reads: ``quantization_config`` in ``config.json`` and
+the quant-state tensors (``.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map``,
+``.quant_state.bitsandbytes__nf4``) next to each weight.
+
+The quantised transformer is always a ``HierarchicalPruned*`` class (an unpruned model gets the
+empty plan), whose ``from_pretrained`` also loads it on a machine without a GPU, where
+Diffusers' own loader stops with "No GPU found" (bitsandbytes runs NF4 on CPU).
+
+Both paths install :mod:`diffusers_hprune.utils.nf4_cpu`'s CPU dequantisation kernel first, so a 4-bit
+layer computes the same, correct weights on every processor (bitsandbytes' native CPU kernel
+is wrong on AVX-512 processors for weights whose last dimension is not a multiple of 64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusers_hprune.families import get_family
+from diffusers_hprune.models import pruned_class_for
+from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.nf4_cpu import accelerator_available, install_cpu_dequantize, keep_cpu_layout
+
+
+class QuantizeError(HPruneError):
+    """A model that cannot be quantised as asked (already quantised, unknown skip module, ...)."""
+
+
+def default_compute_dtype() -> torch.dtype:
+    """bf16 where a GPU computes, fp32 on a CPU."""
+    return torch.bfloat16 if accelerator_available() else torch.float32
+
+
+def nf4_config(skip_modules: tuple[str, ...] | list[str], compute_dtype: torch.dtype | None = None):
+    """The ``BitsAndBytesConfig`` of our W4A16: NF4, double quantisation, ``skip_modules`` in 16-bit."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype(),
+        llm_int8_skip_modules=list(skip_modules),
+    )
+
+
+def is_quantized(transformer: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    if getattr(transformer.config, "quantization_config", None):
+        return True
+    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in transformer.modules())
+
+
+def _check_skip_modules(transformer: torch.nn.Module, skip_modules) -> None:
+    names = {n for n, _ in transformer.named_modules() if n}
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    unknown = [s for s in skip_modules if s not in names and s not in leaves]
+    if unknown:
+        top = sorted({n.split(".")[0] for n in names})
+        raise QuantizeError(
+            f"Unknown module(s) in the skip list: {', '.join(unknown)}. Name modules of this transformer, e.g. its "
+            f"top-level ones: {', '.join(top)}."
+        )
+
+
+def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: torch.dtype | None = None):
+    """Quantise ``transformer`` (SD3 or FLUX family, pruned or not) to NF4 W4A16; returns the quantised model.
+
+    Args:
+        transformer: a transformer of a supported family, on the CPU or a GPU, in any float dtype.
+        skip_modules: module names kept in 16-bit (default: the family's
+            ``default_nf4_skip_modules``: the input embedders and ``norm_out``, and for SD3 ``proj_out``).
+            Matched as Diffusers' loader matches them: a listed name at any depth, or a path prefix.
+        compute_dtype: the dtype the 4-bit layers compute in (default: bf16 on a GPU, fp32 on a CPU).
+
+    The weights are quantised on the transformer's device; the result is a
+    ``HierarchicalPruned*Transformer2DModel`` (the given plan, or the empty one) ready for
+    ``save_pretrained``. The input module is consumed: its weights move into the result.
+
+    Raises:
+        QuantizeError: the model is already quantised, or a skip-list name is not a module of it.
+        UnsupportedModelError: not an SD3 or FLUX transformer.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+
+    install_cpu_dequantize()
+    family = get_family(transformer)
+    if is_quantized(transformer):
+        raise QuantizeError("This transformer is already quantised; quantise the 16- or 32-bit model it came from.")
+    skip = tuple(family.default_nf4_skip_modules if skip_modules is None else skip_modules)
+    _check_skip_modules(transformer, skip)
+    if not isinstance(transformer, pruned_class_for(family)):
+        transformer = prune_transformer(transformer, family.empty_plan(transformer.config))
+    device = next(transformer.parameters()).device
+    dtype = next(transformer.parameters()).dtype
+    config = nf4_config(skip, compute_dtype)
+    quantizer = BnB4BitDiffusersQuantizer(config, pre_quantized=False)
+    state = transformer.state_dict()
+    buffers = dict(transformer.named_buffers())
+    quantizer._process_model_before_weight_loading(transformer, device_map=None, keep_in_fp32_modules=[])
+    for name, value in state.items():
+        if quantizer.check_if_quantized_param(transformer, value, name, state):
+            quantizer.create_quantized_param(transformer, value, name, device, state)
+        else:
+            set_module_tensor_to_device(transformer, name, device, value=value)
+    for name, value in buffers.items():  # non-persistent buffers are not in the state dict
+        module_path, _, buffer_name = name.rpartition(".")
+        module = transformer.get_submodule(module_path) if module_path else transformer
+        if module._buffers.get(buffer_name) is not None and module._buffers[buffer_name].device.type == "meta":
+            module._buffers[buffer_name] = value
+    quantizer._process_model_after_weight_loading(transformer)
+    transformer.hf_quantizer = quantizer
+    transformer.register_to_config(quantization_config=config)
+    transformer._pre_quantization_dtype = dtype
+    keep_cpu_layout(transformer)
+    return transformer.requires_grad_(False).eval()
+
+
+__all__ = ["QuantizeError", "default_compute_dtype", "is_quantized", "nf4_config", "quantize"]

@@ -1,0 +1,214 @@
+"""Correct 4-bit (NF4 / FP4) dequantisation on the CPU, whatever the processor.
+
+bitsandbytes computes a 4-bit layer on the CPU by dequantising its weight with the
+``bitsandbytes::dequantize_4bit`` operator. The CPU kernel it registers for that operator
+calls a native routine that, on processors with AVX-512, returns wrong weights when the
+weight's last dimension is not a multiple of the 64-element block (bitsandbytes 0.49 and
+0.50; the toys are 96 wide: 25 % relative weight error instead of NF4's 9 %). The same
+kernel is right on other processors, so a model's outputs depended on the CPU it ran on.
+docs/nf4-cpu.md has the reproduction.
+
+:func:`install_cpu_dequantize` replaces that CPU kernel, for the whole process, with one
+that is exact for every shape and the same on every processor: bitsandbytes' own generic
+(pure torch) dequantisation, the path its CPU kernel itself takes for odd widths, or, in a
+bitsandbytes without it, :func:`dequantize_4bit` (the same computation written here: a
+256-entry table of the two codes in each byte, then one scale per block; tested bit for bit
+against bitsandbytes' generic path). Both equal the native kernel's output where the latter
+is right. GPU kernels are untouched.
+
+:func:`keep_cpu_layout` keeps bitsandbytes' AVX512-BF16 inference path (which re-packs a
+layer's weight on its first CPU call, absmax reshaped to one scale per row and block) away
+from layers it cannot re-pack: an ``in_features`` not a multiple of the block size or an
+``out_features`` not a multiple of 32 (the path asserts or fails on such layers).
+
+:func:`cpu_nf4_loading` lets Diffusers' loader read pre-quantised NF4 weights on a machine without
+a GPU (Diffusers' 4-bit quantizer refuses to start there; bitsandbytes runs NF4 on the CPU).
+
+Importing this module imports nothing but torch; bitsandbytes and Diffusers' quantizer are
+imported when used. It knows nothing of the project's models, so the pruned model classes
+(below every stage) and the quantisation stage both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+_lock = threading.Lock()
+_library = None  # the torch.library.Library holding our CPU kernel, once installed
+
+# bitsandbytes' AVX512-BF16 re-packing groups output rows in blocks of this many.
+_PACK_ROWS = 32
+
+
+@functools.cache
+def _code(quant_type: str) -> torch.Tensor:
+    """The 16 values of a 4-bit code (bitsandbytes' table), float32 on the CPU."""
+    from bitsandbytes.functional import get_4bit_type
+
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"Unknown 4-bit quantisation type {quant_type!r}; bitsandbytes knows 'nf4' and 'fp4'.")
+    return get_4bit_type(quant_type, device="cpu").float()
+
+
+@functools.cache
+def _pair_table(quant_type: str) -> torch.Tensor:
+    """(256, 2) float32: the codes of the high and the low nibble of every byte value."""
+    code, byte = _code(quant_type), torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
+
+
+def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The weight of ``shape`` held in the packed 4-bit codes ``A`` (two a byte, high nibble first).
+
+    The codes are read in storage order, ``blocksize`` of them share one scale ``absmax[i]``,
+    and a last, shorter block takes the last scale: the layout ``bitsandbytes.functional.quantize_4bit``
+    writes. Computed in float32, returned in ``dtype``. The signature is the operator's.
+    """
+    n = math.prod(shape)
+    codes = A.reshape(-1)
+    if codes.dtype != torch.uint8:  # another quant_storage: the same bytes
+        codes = codes.view(torch.uint8)
+    if codes.numel() * 2 < n:
+        raise ValueError(f"{codes.numel()} bytes of 4-bit codes cannot hold a weight of shape {tuple(shape)}.")
+    values = torch.nn.functional.embedding(codes.long(), _pair_table(quant_type)).reshape(-1)[:n]
+    scales = absmax.reshape(-1).float()
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
+    if full:
+        torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None],
+                  out=out[:full].view(-1, blocksize))
+    if full < n:
+        torch.mul(values[full:], scales[full // blocksize], out=out[full:])
+    return out.view(*shape).to(dtype)
+
+
+def _bitsandbytes_generic():
+    """bitsandbytes' processor-independent 4-bit dequantisation, or None where this bitsandbytes lacks it."""
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    except ImportError:
+        return None
+    return _dequantize_4bit_compute
+
+
+def _cpu_kernel(generic):
+    if generic is None:
+        return dequantize_4bit
+
+    def kernel(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+               shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return generic(packed.reshape(-1), absmax, _code(quant_type), blocksize, shape, dtype)
+
+    return kernel
+
+
+def install_cpu_dequantize() -> bool:
+    """Replace bitsandbytes' CPU kernel of ``bitsandbytes::dequantize_4bit`` in this process (see the module).
+
+    Idempotent and thread-safe; called by the project's quantisation and CPU loading paths.
+    Returns True when our kernel is in place, False (with a warning saying what to do) when
+    this torch refuses to override a kernel registered from Python.
+    """
+    global _library
+    if _library is not None:
+        return True
+    with _lock:
+        if _library is not None:
+            return True
+        import bitsandbytes  # noqa: F401  (registers its own kernels first, so ours comes after them)
+
+        library = torch.library.Library("bitsandbytes", "IMPL")
+        try:
+            with warnings.catch_warnings():  # torch says it overrides bitsandbytes' kernel: that is the point
+                warnings.simplefilter("ignore")
+                library.impl("dequantize_4bit", _cpu_kernel(_bitsandbytes_generic()), "CPU")
+        except RuntimeError as e:
+            warnings.warn(
+                f"diffusers-hprune could not replace bitsandbytes' CPU 4-bit dequantisation kernel ({e}). On a "
+                "processor with AVX-512, NF4 layers whose input width is not a multiple of 64 may compute wrong "
+                "outputs on the CPU; install a torch whose torch.library allows the override (2.13 does).",
+                RuntimeWarning, stacklevel=2)
+            return False
+        _library = library
+    return True
+
+
+def keep_cpu_layout(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' AVX512-BF16 re-packing off the 4-bit layers of ``model`` it cannot re-pack.
+
+    Returns how many layers were excluded.
+    """
+    import bitsandbytes as bnb
+
+    excluded = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", 64)
+        if module.in_features % blocksize or module.out_features % _PACK_ROWS:
+            module.support_avx512bf16_for_cpu = False
+            excluded += 1
+    return excluded
+
+
+# -- loading on a machine without a GPU
+def accelerator_available() -> bool:
+    """True where a CUDA or XPU device computes."""
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _cpu_quantizer_class():
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    class CPUBnB4BitQuantizer(BnB4BitDiffusersQuantizer):
+        """Diffusers' 4-bit quantizer, allowed on the CPU for pre-quantised NF4 weights."""
+
+        def validate_environment(self, *args, **kwargs):
+            if not self.pre_quantized:
+                return super().validate_environment(*args, **kwargs)
+
+        def update_device_map(self, device_map):
+            return device_map if device_map is not None else {"": "cpu"}
+
+        def update_torch_dtype(self, torch_dtype):
+            return torch.float32 if torch_dtype is None else torch_dtype
+
+    return CPUBnB4BitQuantizer
+
+
+@contextlib.contextmanager
+def cpu_nf4_loading():
+    """Within the block, Diffusers loads pre-quantised bitsandbytes 4-bit weights on a machine without a GPU.
+
+    Diffusers' 4-bit quantizer refuses to run without a GPU; bitsandbytes runs NF4 on the CPU.
+    On a machine with a GPU nothing changes. Quantising 16-bit weights while loading
+    (``quantization_config=`` on an unquantised checkpoint) still needs a GPU, as in Diffusers.
+    On every machine it first installs the project's CPU 4-bit dequantisation kernel
+    (:func:`install_cpu_dequantize`).
+    """
+    install_cpu_dequantize()
+    if accelerator_available():
+        yield
+        return
+    from diffusers.quantizers import auto
+
+    key = "bitsandbytes_4bit"
+    previous = auto.AUTO_QUANTIZER_MAPPING[key]
+    auto.AUTO_QUANTIZER_MAPPING[key] = _cpu_quantizer_class()
+    try:
+        yield
+    finally:
+        auto.AUTO_QUANTIZER_MAPPING[key] = previous
+
+
+__all__ = ["accelerator_available", "cpu_nf4_loading", "dequantize_4bit", "install_cpu_dequantize", "keep_cpu_layout"]

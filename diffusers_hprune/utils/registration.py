@@ -1,0 +1,55 @@
+"""Make Diffusers' loaders find the diffusers-hprune classes.
+
+``DiffusionPipeline.from_pretrained`` resolves a pipeline's ``_class_name`` on the
+``diffusers`` module, and resolves components through the module named in
+``model_index.json`` (only modules the caller has imported), checking their
+loadable base classes through that module's namespace. So:
+
+* each public class is attached to the ``diffusers`` namespace when the module that defines
+  it is imported (:func:`register`); before that, :func:`register_lazily` lets a lookup of
+  its name on ``diffusers`` import that module (PEP 562 module ``__getattr__``, chained to
+  any one already there), so ``import diffusers_hprune`` is enough for Diffusers to find
+  every class without importing the models and pipelines up front;
+* their ``__module__`` is the stable top-level ``diffusers_hprune``, so saved
+  ``model_index.json`` files say ``["diffusers_hprune", "HierarchicalPruned..."]``
+  whatever the internal module layout is;
+* ``diffusers_hprune`` exposes ``ModelMixin`` / ``DiffusionPipeline`` for the base-class check.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+import diffusers
+
+_LAZY: dict[str, str] = {}
+
+
+def register(*classes: type) -> None:
+    """Attach ``classes`` to the ``diffusers`` namespace under their own names, as members of ``diffusers_hprune``."""
+    for cls in classes:
+        cls.__module__ = "diffusers_hprune"
+        setattr(diffusers, cls.__name__, cls)
+
+
+def _lookup(name: str, fallback):
+    module = _LAZY.get(name)
+    if module is not None:
+        importlib.import_module(module)  # its import calls register(), which sets the attribute
+        return diffusers.__dict__[name]
+    if fallback is not None:
+        return fallback(name)
+    raise AttributeError(f"module 'diffusers' has no attribute {name!r}")
+
+
+def register_lazily(classes: Mapping[str, str]) -> None:
+    """Let ``diffusers.<name>`` import ``classes[name]`` (a module path) the first time it is looked up."""
+    first = not _LAZY
+    _LAZY.update(classes)
+    if first:
+        fallback = diffusers.__dict__.get("__getattr__")
+        diffusers.__dict__["__getattr__"] = lambda name: _lookup(name, fallback)
+
+
+__all__ = ["register", "register_lazily"]

@@ -1,0 +1,56 @@
+"""The package layout holds: lower layers load without the upper ones, and no import hides inside a function."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_hprune"
+
+PROBE = """
+import json, sys
+import {module}
+loaded = sorted(m for m in sys.modules if m.startswith("diffusers_hprune."))
+import diffusers
+pipeline = diffusers.HierarchicalPrunedSD3Pipeline  # found through diffusers, loaded on this first lookup
+print(json.dumps({{"loaded": loaded, "pipeline_module": pipeline.__module__,
+                  "after": "diffusers_hprune.pipelines" in sys.modules}}))
+"""
+
+
+def _probe(module: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_quantization_and_plan_load_without_the_pipelines():
+    for module in ("diffusers_hprune.quantization", "diffusers_hprune.plan"):
+        found = _probe(module)
+        assert not [m for m in found["loaded"] if m.startswith("diffusers_hprune.pipelines")], (module, found["loaded"])
+        # Diffusers still finds the pruned pipeline by name (model_index.json's _class_name), importing it then.
+        assert found["pipeline_module"] == "diffusers_hprune" and found["after"]
+    assert "diffusers_hprune.quantization.nf4" in _probe("diffusers_hprune.quantization")["loaded"]
+
+
+def _function_level_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("diffusers_hprune")):
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno} in {node.name}()")
+                elif isinstance(inner, ast.Import) and any(a.name.startswith("diffusers_hprune") for a in inner.names):
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno} in {node.name}()")
+    return found
+
+
+def test_no_module_of_the_package_imports_the_package_inside_a_function():
+    """Imports of the project's own modules sit at module level (import-linter sees them and the layers order them);
+    the only lazy loads are the PEP 562 ``__getattr__`` of the root package and of quantization, which use importlib."""
+    assert [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _function_level_imports(path)] == []
