@@ -90,7 +90,7 @@ def test_saved_format_is_what_the_diffusers_loader_reads(toy_transformer, tmp_pa
         checker.check_quantized_param_shape(f"{name}.weight", params[f"{name}.weight"], tensors[f"{name}.weight"])
     extra = {k for k in keys if any(k.endswith(f".weight.{s}") for s in QUANT_STATE)}
     assert keys - extra == set(unquantized_model.state_dict())  # the unquantised model's keys, no more
-    # The analytic NF4 bytes (memory.py) are what the file holds, apart from bitsandbytes' JSON quant-state blobs.
+    # The analytic NF4 bytes (families/sizes.py) are what the file holds, apart from bitsandbytes' JSON quant-state blobs.
     stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if "bitsandbytes__" not in k)
     assert stored == model_weight_bytes(unquantized_model, "nf4")
 

@@ -171,7 +171,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
             prompt_file = out / "train_prompts.txt"
             prompt_file.write_text("\n".join(train_prompts) + "\n", encoding="utf-8")
             teacher.release()  # distill loads its own teacher: never two copies in memory
-            trainer.distill(DistillConfig(  # looked up at call time (tests wrap it)
+            trainer.distill(DistillConfig(  # through the module: whatever trainer.distill is when the stage runs
                 teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), output_dir=str(folder),
                 prompts=str(prompt_file), cache_dir=str(out / "data-cache"), max_train_steps=config.max_train_steps,
                 max_train_minutes=config.max_train_minutes, learning_rate=config.learning_rate,

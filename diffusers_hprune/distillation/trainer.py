@@ -34,6 +34,7 @@ from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.loading import generation_settings, load_pipeline
+from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
@@ -243,7 +244,7 @@ def _final_student(accelerator, student, family, lora_config):
     inner = accelerator.unwrap_model(student)
     config = {k: v for k, v in inner.config.items() if not k.startswith("_")}
     with init_empty_weights():
-        final = type(inner).from_config(config)
+        final = pruned_class_for(family).from_config(config)
         if lora_config is not None:
             final.add_adapter(copy.deepcopy(lora_config))
     final.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True,
