@@ -53,8 +53,8 @@ _LAZY = {
     "quantize_pipeline": "diffusers_hprune.quantization",
 }
 _SUBPACKAGES = ("analysis", "commands", "compress", "contributions", "demo", "distillation", "evaluation", "families",
-                "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "pruning", "quantization",
-                "toy", "utils")
+                "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "profiles", "pruning",
+                "quantization", "toy", "utils")
 
 _register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_hprune import toy
+from diffusers_hprune.profiles import generation_kwargs
 from diffusers_hprune.utils.errors import HPruneError
 
 
@@ -35,16 +36,9 @@ def is_toy(pipe) -> str | None:
 
 
 def generation_settings(pipe, num_inference_steps=None, height=None, width=None, guidance_scale=None) -> dict:
-    """Pipeline call arguments for the calibration images: the toy's own for the toys, else the pipeline's defaults."""
-    fam = is_toy(pipe)
-    kwargs = toy.generation_kwargs(fam) if fam else {}
-    for name, value in (("num_inference_steps", num_inference_steps), ("height", height), ("width", width)):
-        if value is not None:
-            kwargs[name] = int(value)
-    if guidance_scale is not None:
-        kwargs["true_cfg_scale" if "true_cfg_scale" in kwargs else "guidance_scale"] = float(guidance_scale)
-    kwargs.setdefault("num_inference_steps", 28)
-    return kwargs
+    """Pipeline call arguments for drawing with ``pipe``: its model's profile (:mod:`diffusers_hprune.profiles`),
+    then the given overrides."""
+    return generation_kwargs(pipe, num_inference_steps, height, width, guidance_scale)
 
 
 @contextlib.contextmanager

@@ -100,3 +100,38 @@ def test_compress_continues_after_being_killed_during_distillation(tmp_path, cap
     summary = json.loads((out / "4-distilled" / "distill_summary.json").read_text())
     assert summary["steps"] == 30 and summary["losses"][0]["step"] > 1
     assert json.loads((out / "summary.json").read_text())["final"] == str(out / "4-distilled")
+
+
+def test_evaluation_prompts_are_never_training_prompts():
+    from diffusers_hprune.compress import CompressError, split_prompts
+
+    prompts = [f"prompt {k}" for k in range(12)] + ["prompt 3"]  # a repeated line is one prompt
+    train, held, source = split_prompts(prompts, None, 50)
+    assert held == ["prompt 10", "prompt 11"] and "last 2 distinct lines" in source  # at most a fifth
+    assert not set(train) & set(held) and set(train) | set(held) == set(prompts)
+    train, held, source = split_prompts(prompts, ["prompt 0", "elsewhere"], 50)
+    assert held == ["prompt 0", "elsewhere"] and "prompt 0" not in train and source == "--eval-prompts-file"
+    toy_train, toy_held = ["a", "b"], ["c"]
+    assert split_prompts(None, None, 4, toy_train=toy_train, toy_held_out=toy_held) == (
+        ["a", "b"], ["c"], "the toy's held-out prompts")
+    with pytest.raises(CompressError, match="at least 2 distinct prompts"):
+        split_prompts(["one", "one"], None, 4)
+    with pytest.raises(CompressError, match="Every training prompt is also an evaluation prompt"):
+        split_prompts(["one", "two"], ["two", "one"], 4)
+
+
+@pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
+def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path):
+    from diffusers_hprune import toy
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(toy.prompts(split="train", n=20, seed=3)) + "\n")
+    out = tmp_path / "run"
+    assert main(["compress", "sd3", "--out", str(out), "--prompts", str(prompt_file), "--max-train-steps", "2",
+                 "--quantize", "none", *SMALL]) == 0
+    trained = set((out / "train_prompts.txt").read_text().splitlines())
+    evaluated = json.loads((out / "6-evaluation" / "metrics.json").read_text())["prompts"]
+    assert evaluated and not trained & set(evaluated)
+    assert set(evaluated) <= set(prompt_file.read_text().splitlines())
+    summary = json.loads((out / "summary.json").read_text())["prompts"]
+    assert summary["evaluation"] == len(evaluated) and "held out of --prompts" in summary["evaluation_source"]

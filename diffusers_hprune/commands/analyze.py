@@ -36,12 +36,12 @@ def register(subparsers) -> None:
                    "a built-in varied list otherwise)")
     p.add_argument("--n-prompts", type=int, default=8, help="how many default prompts (default 8)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
-    p.add_argument("--steps", type=int, help="denoising steps of the calibration images (default: the toy's, else 28)")
+    p.add_argument("--steps", type=int, help="denoising steps of the calibration images (default: the model's generation profile, docs/api.md)")
     p.add_argument("--eval-steps", type=int, default=4,
                    help="denoising steps at which predictions are compared (default 4, spread evenly)")
-    p.add_argument("--height", type=int, help="image height (default: the toy's or the pipeline's)")
-    p.add_argument("--width", type=int, help="image width (default: the toy's or the pipeline's)")
-    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the toy's or the pipeline's)")
+    p.add_argument("--height", type=int, help="image height (default: the model's profile)")
+    p.add_argument("--width", type=int, help="image width (default: the model's profile)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the model's profile; 0 = none)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
     p.add_argument("--method", choices=["cached", "naive", "scratch"], default="cached",

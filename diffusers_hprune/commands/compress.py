@@ -23,7 +23,11 @@ def register(subparsers) -> None:
     target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
     target.add_argument("--memory", type=parse_bytes, help="weight budget at --weight-dtype, e.g. 4GB")
     p.add_argument("--out", required=True, help="the run folder")
-    p.add_argument("--prompts", help="training prompts for data-free distillation, one a line (toys: built in)")
+    p.add_argument("--prompts", help="training prompts for data-free distillation, one a line (toys: built in); "
+                   "without --eval-prompts-file its last distinct lines are held out for the evaluation")
+    p.add_argument("--eval-prompts-file", metavar="FILE", help="evaluation prompts, one a line, never trained on "
+                   "(default: the toy's held-out prompts, or lines held out of --prompts); --eval-prompts N caps "
+                   "how many are used")
     p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
     p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
     p.add_argument("--config", help="an HPruneConfig JSON file (flags override it)")
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompts:
         prompts = read_prompts(args.prompts)
-    compress(args.model, args.out, HPruneConfig(**values), prompts=prompts, push=args.push, private=args.private,
-             license=args.license)
+    eval_prompts = read_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
+    compress(args.model, args.out, HPruneConfig(**values), prompts=prompts, eval_prompts=eval_prompts, push=args.push,
+             private=args.private, license=args.license)
     return 0

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, help="number of prompts (default 200 on the toys, 8 otherwise)")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout", help="toy prompt split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's generation profile)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--guidance-scale", type=float)

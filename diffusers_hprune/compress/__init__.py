@@ -5,7 +5,14 @@
 """
 
 from diffusers_hprune.compress.config import ConfigError, HPruneConfig
-from diffusers_hprune.compress.run import RUN_CONFIG, CompressError, compress, format_summary, holds_something_else
+from diffusers_hprune.compress.run import (
+    RUN_CONFIG,
+    CompressError,
+    compress,
+    format_summary,
+    holds_something_else,
+    split_prompts,
+)
 
 __all__ = ["RUN_CONFIG", "CompressError", "ConfigError", "HPruneConfig", "compress", "format_summary",
-           "holds_something_else"]
+           "holds_something_else", "split_prompts"]

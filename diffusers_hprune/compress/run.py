@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers_hprune import toy
-from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS, analyze
+from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, fingerprint
 from diffusers_hprune.distillation import trainer
@@ -107,12 +107,15 @@ class _Teacher:
 
 
 def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = None, *,
-             prompts: list[str] | None = None, push: str | None = None, private: bool = False,
+             prompts: list[str] | None = None, eval_prompts: list[str] | None = None, push: str | None = None,
+             private: bool = False,
              license: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Compress ``model`` (a pipeline folder, cached Hub id, or toy name) into ``out``; returns the summary.
 
     ``prompts``: the data-free training prompts (default on the toys: their training prompts;
-    required otherwise). Evaluation uses the toys' held-out prompts, else the first prompts.
+    required otherwise). ``eval_prompts``: the evaluation prompts; by default the toys' held-out
+    prompts, or the last distinct lines of ``prompts``, held out of training (:func:`split_prompts`).
+    Evaluation never sees a training prompt; ``summary.json`` says where its prompts came from.
     """
 
     config = config or HPruneConfig()
@@ -125,13 +128,15 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     stages = _Stages(out, say)
     teacher = _Teacher(model)
     is_toy = str(model) in toy.FAMILIES
-    if prompts is None:
-        if not is_toy:
-            raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
-        prompts = toy.prompts(split="train")
-    train_prompts = [prompts[k % len(prompts)] for k in range(config.train_prompts)]
-    eval_prompts = (toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed) if is_toy
-                    else list(prompts[: config.eval_prompts]) or list(DEFAULT_PROMPTS))
+    if prompts is None and not is_toy:
+        raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
+    toy_split = {}
+    if prompts is None:  # the toys' own training and held-out prompts
+        toy_split = {"toy_train": toy.prompts(split="train"),
+                     "toy_held_out": toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed)}
+    train_pool, eval_pool, eval_source = split_prompts(prompts, eval_prompts, config.eval_prompts, **toy_split)
+    train_prompts = [train_pool[k % len(train_pool)] for k in range(config.train_prompts)]
+    eval_prompts = eval_pool[: config.eval_prompts]
     base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer)}
 
     analysis_path = out / "1-analysis" / "analysis.json"
@@ -181,7 +186,8 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
                 seed=config.seed, r_thres=config.r_thres, resume_from_checkpoint="latest", progress=progress,
             ))
 
-        final, key = stages.run(4, "distilled", {"plan": k2, **distill_settings}, do_distill, keep_partial=True)
+        final, key = stages.run(4, "distilled", {"plan": k2, "prompts": _digest(train_prompts), **distill_settings},
+                                do_distill, keep_partial=True)
 
     if config.quantize:
         source = final
@@ -199,7 +205,8 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
         )
         atomic_write_json(folder / "metrics.json", result)
 
-    stages.run(6, "evaluation", {"model": key, "n": config.eval_prompts, "seed": config.seed}, do_evaluate)
+    stages.run(6, "evaluation", {"model": key, "n": config.eval_prompts, "seed": config.seed,
+                                 "prompts": _digest(eval_prompts)}, do_evaluate)
     metrics = json.loads((evaluation / "metrics.json").read_text())
 
     commands = [f"hprune compress {model} --out {out} {_flags(config)}".strip()]
@@ -208,12 +215,48 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
                      evaluation=metrics, grid=evaluation / "grid.png", repo_id=push, license=license,
                      commands=commands, model_name=push.split("/")[-1] if push else f"{name}-hprune")
     summary = {"model": str(model), "out": str(out), "final": str(final), "stages": stages.rows,
-               "metrics": metrics["models"]}
+               "metrics": metrics["models"],
+               "prompts": {"training_distinct": len(set(train_pool)), "evaluation": len(eval_prompts),
+                           "evaluation_source": eval_source}}
     if push:
         summary["pushed"] = push_folder(final, push, private=private)
     atomic_write_json(out / "summary.json", summary)
     say(format_summary(summary))
     return summary
+
+
+def split_prompts(prompts: list[str] | None, eval_prompts: list[str] | None, n_eval: int, *,
+                  toy_held_out: list[str] | None = None, toy_train: list[str] | None = None
+                  ) -> tuple[list[str], list[str], str]:
+    """Training and evaluation prompts that share no prompt, and where the evaluation prompts came from.
+
+    ``eval_prompts`` given: they are used, and training keeps the other prompts (an evaluation
+    prompt is never trained on). Otherwise, with the user's ``prompts``, the last ``n_eval``
+    distinct ones are held out of training (at most a fifth of them, at least one). Without
+    user prompts the toys' own split is used (``toy_train`` / ``toy_held_out``).
+    """
+    if prompts is None:
+        train, held = list(toy_train or []), list(eval_prompts or toy_held_out or [])
+        source = "--eval-prompts-file" if eval_prompts else "the toy's held-out prompts"
+    elif eval_prompts:
+        train, held, source = list(prompts), list(eval_prompts), "--eval-prompts-file"
+    else:
+        distinct = list(dict.fromkeys(prompts))
+        if len(distinct) < 2:
+            raise CompressError("compress needs at least 2 distinct prompts in --prompts: some train the student, "
+                                "the last ones are held out to evaluate it (or pass --eval-prompts-file FILE).")
+        k = max(1, min(n_eval, len(distinct) // 5))
+        held = distinct[-k:]
+        train, source = list(prompts), f"held out of --prompts: its last {k} distinct lines, not trained on"
+    kept = [p for p in train if p not in set(held)]
+    if not kept:
+        raise CompressError("Every training prompt is also an evaluation prompt; give --eval-prompts-file prompts that "
+                            "are not in --prompts.")
+    return kept, held, source
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
 def _flags(config: HPruneConfig) -> str:
@@ -257,4 +300,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RUN_CONFIG", "CompressError", "compress", "format_summary", "holds_something_else"]
+__all__ = ["RUN_CONFIG", "CompressError", "compress", "format_summary", "holds_something_else", "split_prompts"]
