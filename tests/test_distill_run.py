@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -357,3 +358,37 @@ def test_8bit_adam_and_tensorboard_logging(setup):
     summary = json.loads((out / "distill_summary.json").read_text())
     logged = [e.value for e in acc.Scalars("total")]
     assert logged == pytest.approx([s["total"] for s in summary["losses"]], rel=1e-5)
+
+
+def test_validation_prompts_are_given_or_held_out_of_training(setup, tmp_path, capsys):
+    from diffusers_hprune.distillation.arguments import add_distill_arguments, config_from_args
+    from diffusers_hprune.distillation.data import DataSpec, build_training_cache
+    from diffusers_hprune.distillation.trainer import DistillConfig, DistillError, _held_out_for_validation
+
+    base, plans = setup
+    lines = (base / "prompts.txt").read_text().splitlines()  # 8 distinct prompts
+    args = add_distill_arguments(argparse.ArgumentParser()).parse_args(
+        ["--teacher", "sd3", "--plan", "p", "--output_dir", "o", "--validation_prompt", "a red circle",
+         "--validation_prompt", "a blue square"])
+    assert config_from_args(args).validation_prompts == ["a red circle", "a blue square"]
+    common = dict(teacher="sd3", plan="p", output_dir="o", prompts=str(base / "prompts.txt"))
+    assert _held_out_for_validation(DistillConfig(**common)) == ()  # no validation: nothing held out
+    assert _held_out_for_validation(DistillConfig(**common, validation_steps=2, validation_prompts=["x"])) == ()
+    assert _held_out_for_validation(DistillConfig(**common, validation_steps=2)) == (lines[-1],)  # a fifth, >= 1
+    with pytest.raises(DistillError, match="needs the prompts to draw: pass --validation_prompt"):
+        _held_out_for_validation(DistillConfig(teacher="sd3", plan="p", output_dir="o", train_data_dir="d",
+                                               validation_steps=2))
+    # The held-out prompt is not in the training data; the cache of the full file is another one.
+    pipe = toy.load_pipeline("sd3")
+    spec = DataSpec(prompts=str(base / "prompts.txt"), teacher_steps=2, held_out=(lines[-1],))
+    ds, path = build_training_cache(pipe, spec, tmp_path / "cache", progress=False)
+    assert ds["prompt"] == lines[:-1]
+    full, full_path = build_training_cache(pipe, DataSpec(prompts=str(base / "prompts.txt"), teacher_steps=2),
+                                           tmp_path / "cache", progress=False)
+    assert full["prompt"] == lines and full_path != path
+    # A distillation with validation on draws the held-out prompt.
+    analysis, plan_path, _ = plans["sd3"]
+    out = tmp_path / "validated"
+    assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "2", "--validation_steps", "2",
+                      "--cache-dir", str(tmp_path / "cache2"))) == 0
+    assert (out / "validation" / "step-2.png").is_file()

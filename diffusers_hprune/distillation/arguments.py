@@ -75,7 +75,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "checkpoints_total_limit", type=int)
     _add(g, "resume_from_checkpoint", help="a checkpoint folder or 'latest'")
     _add(g, "validation_steps", type=int, default=0, help="draw validation images every N steps (0: never)")
-    _add(g, "validation_prompts", nargs="*", default=[])
+    _add(g, "validation_prompt", action="append", default=[],
+         help="a prompt drawn every --validation_steps (repeatable; default: the last lines of --prompts, held out of "
+         "training)")
+    _add(g, "validation_prompts", nargs="*", default=[], help="several validation prompts at once")
     _add(g, "report_to", help="Accelerate trackers, comma-separated, e.g. tensorboard (logs in OUTPUT_DIR/logs)")
     _add(g, "overwrite", action="store_true",
          help="start a new run in an OUTPUT_DIR that holds one (its checkpoints are deleted)")
@@ -90,4 +93,5 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     kwargs["pwp"] = not values.get("no_pwp", False)
     kwargs["sgdistill"] = not values.get("no_sgdistill", False)
     kwargs["progress"] = not values.get("no_progress", False)
+    kwargs["validation_prompts"] = list(values.get("validation_prompts") or []) + list(values.get("validation_prompt") or [])
     return DistillConfig(**kwargs)

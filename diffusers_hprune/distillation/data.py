@@ -55,6 +55,8 @@ class DataSpec:
     max_samples: int | None = None
     seed: int = 0
     batch_size: int = 8
+    held_out: tuple[str, ...] = ()
+    """Prompts left out of training (drawn for validation instead)."""
 
     def check(self) -> None:
         given = [n for n in ("prompts", "train_data_dir", "dataset_name") if getattr(self, n)]
@@ -124,8 +126,10 @@ def _encode_images(pipe, images: list, resolution: int) -> torch.Tensor:
 
 
 def cache_key(spec: DataSpec, teacher_fingerprint: str, generation: dict) -> str:
-    payload = json.dumps({"spec": asdict(spec), "teacher": teacher_fingerprint, "generation": generation},
-                         sort_keys=True, default=str)
+    """The cache's identity: the options, the prompt file's lines (not only its name), the teacher, the drawing."""
+    prompts = hashlib.sha256("\n".join(read_prompts(spec.prompts)).encode()).hexdigest() if spec.prompts else None
+    payload = json.dumps({"spec": asdict(spec), "prompt_lines": prompts, "teacher": teacher_fingerprint,
+                          "generation": generation}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -148,7 +152,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
 
     records = {"latents": [], "prompt_embeds": [], "pooled_projections": [], "prompt": []}
     if spec.prompts:
-        prompts = read_prompts(spec.prompts)
+        prompts = [p for p in read_prompts(spec.prompts) if p not in set(spec.held_out)]
         if spec.max_samples:
             prompts = prompts[: spec.max_samples]
         chunks = range(0, len(prompts), spec.batch_size)

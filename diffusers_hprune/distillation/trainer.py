@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.contributions import ContributionReport, fingerprint
-from diffusers_hprune.distillation.data import DataSpec, build_training_cache
+from diffusers_hprune.distillation.data import DataSpec, build_training_cache, read_prompts
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.pwp import apply_pwp
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
@@ -282,6 +282,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     accelerator = _accelerator(config, output_dir)  # also seeds every RNG with config.seed
     say = accelerator.print
     spec = _checked_data_spec(config)
+    config = replace(config, validation_prompts=list(config.validation_prompts) or list(spec.held_out))
     plan = PrunePlan.load(config.plan)
     resume_path = _resume_point(config, output_dir, say)
 
@@ -348,12 +349,31 @@ def _checked_data_spec(config: DistillConfig):
         seed=config.seed,
     )
     spec.check()
+    spec.held_out = _held_out_for_validation(config)
     if config.lora_rank < 0:
         raise DistillError(f"--lora_rank must be >= 0 (0 trains full weights), got {config.lora_rank}.")
     if config.teacher_4bit and not torch.cuda.is_available():
         raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
                            "CUDA only; drop the flag on this machine.")
     return spec
+
+
+def _held_out_for_validation(config: DistillConfig) -> tuple[str, ...]:
+    """Prompts kept out of training to draw the validation images, when validation is on and none were given.
+
+    The last distinct lines of ``--prompts`` (at most 4, at most a fifth of them), as Diffusers'
+    training scripts draw held-out prompts; with image-caption data ``--validation_prompt`` is needed.
+    """
+    if config.validation_prompts or not config.validation_steps:
+        return ()
+    if not config.prompts:
+        raise DistillError("--validation_steps with image-caption data needs the prompts to draw: pass "
+                           "--validation_prompt PROMPT (repeatable).")
+    distinct = list(dict.fromkeys(read_prompts(config.prompts)))
+    if len(distinct) < 2:
+        raise DistillError(f"--validation_steps needs --validation_prompt PROMPT, or at least 2 distinct prompts in "
+                           f"{config.prompts} (the last ones are held out of training and drawn).")
+    return tuple(distinct[-max(1, min(4, len(distinct) // 5)):])
 
 
 def _resume_point(config: DistillConfig, output_dir: Path, say) -> Path | None:
@@ -654,7 +674,7 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
 
 @torch.no_grad()
 def _validate(pipe, student, config: DistillConfig, output_dir: Path, step: int) -> None:
-    prompts = config.validation_prompts or toy.prompts(split="heldout", n=8, seed=config.seed)
+    prompts = config.validation_prompts  # given, or held out of --prompts (_held_out_for_validation)
     was_training = student.training
     student.eval()
     student_pipe = with_pruned_transformer(pipe, student)
