@@ -139,3 +139,19 @@ def test_bad_input(tmp_path, capsys):
     assert "already quantised" in capsys.readouterr().err
     assert sorted(p.name for p in first.rglob("*")) == before and not (tmp_path / "twice").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folder left
+
+
+def test_a_checkpoint_quantised_on_a_cpu_records_bf16_and_still_computes_fp32_here(toy_transformer, tmp_path):
+    """The recorded compute dtype is what GPUs use after publishing; an fp32 run here computes exactly as fp32."""
+    family, original = toy_transformer
+    default = quantize(copy.deepcopy(original))
+    asked = quantize(copy.deepcopy(original), compute_dtype=torch.float32)
+    assert default.config.quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
+    default.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"][
+        "bnb_4bit_compute_dtype"] == "bfloat16"
+    loaded = type(default).from_pretrained(tmp_path)  # the CPU loading path computes in fp32 too
+    inputs = transformer_inputs(original, seed=5)
+    with torch.no_grad():
+        a, b, c = default(**inputs).sample, asked(**inputs).sample, loaded(**inputs).sample
+    assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(c, b)

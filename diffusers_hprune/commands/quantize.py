@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--skip-modules", nargs="+", metavar="NAME",
                    help="modules kept in 16-bit (default: the family's input embedders, norm_out, and for SD3 proj_out)")
     p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="dtype the 4-bit layers compute in (auto: bf16 on a GPU, fp32 on a CPU)")
+                   help="compute dtype recorded for the 4-bit layers, used on GPUs (auto: bf16, also when "
+                   "quantised on a CPU; on a CPU they compute in fp32)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="storage dtype of the transformer's parameters that stay unquantised (default bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -9,7 +9,12 @@ from typing import Any
 from diffusers_hprune.families import get_family
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
-from diffusers_hprune.utils.nf4_cpu import cpu_nf4_loading, keep_cpu_layout
+from diffusers_hprune.utils.nf4_cpu import (
+    accelerator_available,
+    compute_in_fp32_on_cpu,
+    cpu_nf4_loading,
+    keep_cpu_layout,
+)
 
 _SHOWN = 8
 
@@ -122,4 +127,6 @@ class HierarchicalPrunedMixin:
             )
         if getattr(model.config, "quantization_config", None):
             keep_cpu_layout(model)
+            if not accelerator_available():
+                compute_in_fp32_on_cpu(model)  # the recorded dtype (bf16) is for GPUs
         return (model, info) if output_loading_info else model

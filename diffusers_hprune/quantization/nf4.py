@@ -25,7 +25,7 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.nf4_cpu import accelerator_available, install_cpu_dequantize, keep_cpu_layout
+from diffusers_hprune.utils.nf4_cpu import compute_in_fp32_on_cpu, install_cpu_dequantize, keep_cpu_layout
 
 
 class QuantizeError(HPruneError):
@@ -33,8 +33,12 @@ class QuantizeError(HPruneError):
 
 
 def default_compute_dtype() -> torch.dtype:
-    """bf16 where a GPU computes, fp32 on a CPU."""
-    return torch.bfloat16 if accelerator_available() else torch.float32
+    """bf16, on every machine: the dtype a checkpoint records for the GPUs it is published to.
+
+    On a CPU the layers compute in fp32 all the same (:func:`~diffusers_hprune.utils.nf4_cpu.compute_in_fp32_on_cpu`,
+    applied by ``quantize`` and by the pruned classes' CPU loading).
+    """
+    return torch.bfloat16
 
 
 def nf4_config(skip_modules: tuple[str, ...] | list[str], compute_dtype: torch.dtype | None = None):
@@ -78,7 +82,8 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
         skip_modules: module names kept in 16-bit (default: the family's
             ``default_nf4_skip_modules``: the input embedders and ``norm_out``, and for SD3 ``proj_out``).
             Matched as Diffusers' loader matches them: a listed name at any depth, or a path prefix.
-        compute_dtype: the dtype the 4-bit layers compute in (default: bf16 on a GPU, fp32 on a CPU).
+        compute_dtype: the compute dtype recorded in the config (default bf16, wherever it is quantised).
+            Given, the layers compute in it here too; by default, layers on a CPU compute in fp32.
 
     The weights are quantised on the transformer's device; the result is a
     ``HierarchicalPruned*Transformer2DModel`` (the given plan, or the empty one) ready for
@@ -122,6 +127,8 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
     transformer.register_to_config(quantization_config=config)
     transformer._pre_quantization_dtype = dtype
     keep_cpu_layout(transformer)
+    if compute_dtype is None:
+        compute_in_fp32_on_cpu(transformer)  # bf16 is recorded for the GPUs; here it computes as before
     return transformer.requires_grad_(False).eval()
 
 

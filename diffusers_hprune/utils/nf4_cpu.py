@@ -161,6 +161,24 @@ def keep_cpu_layout(model: torch.nn.Module) -> int:
     return excluded
 
 
+def compute_in_fp32_on_cpu(model: torch.nn.Module) -> int:
+    """Make the CPU-resident 4-bit layers of ``model`` compute in float32; returns how many.
+
+    A checkpoint records the compute dtype of the GPUs it is published to (bf16). On a CPU the
+    layers compute in float32, as before that dtype was recorded: CPU bf16 matmuls are slow on
+    most processors and change the numbers a CPU run gives.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
+            module.compute_dtype = torch.float32
+            module.compute_type_is_set = True
+            changed += 1
+    return changed
+
+
 # -- loading on a machine without a GPU
 def accelerator_available() -> bool:
     """True where a CUDA or XPU device computes."""
@@ -211,4 +229,4 @@ def cpu_nf4_loading():
         auto.AUTO_QUANTIZER_MAPPING[key] = previous
 
 
-__all__ = ["accelerator_available", "cpu_nf4_loading", "dequantize_4bit", "install_cpu_dequantize", "keep_cpu_layout"]
+__all__ = ["accelerator_available", "compute_in_fp32_on_cpu", "cpu_nf4_loading", "dequantize_4bit", "install_cpu_dequantize", "keep_cpu_layout"]
