@@ -392,3 +392,71 @@ def test_validation_prompts_are_given_or_held_out_of_training(setup, tmp_path, c
     assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "2", "--validation_steps", "2",
                       "--cache-dir", str(tmp_path / "cache2"))) == 0
     assert (out / "validation" / "step-2.png").is_file()
+
+
+@pytest.mark.parametrize("precision,dtype,lora", [("no", torch.float32, 0), ("bf16", torch.bfloat16, 0),
+                                                  ("bf16", torch.bfloat16, 2)])
+def test_distillation_holds_one_teacher_and_copies_only_what_trains(setup, precision, dtype, lora):
+    """The teacher is loaded in the weight dtype; the student shares its frozen weights; only trainables are copied."""
+    from diffusers_hprune import PrunePlan
+    from diffusers_hprune.distillation import apply_pwp
+    from diffusers_hprune.distillation.trainer import (
+        DistillConfig,
+        _own_trainable_copies,
+        _teacher_and_student,
+        _trainable_groups,
+    )
+
+    base, plans = setup
+    analysis, plan_path, _ = plans["sd3"]
+    config = DistillConfig(teacher="sd3", plan=str(plan_path), output_dir=str(base / "unused"), analysis=str(analysis),
+                           prompts=str(base / "prompts.txt"), mixed_precision=precision, lora_rank=lora)
+    models = _teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"))
+    assert {p.dtype for p in models.teacher.parameters()} == {dtype}
+    pwp = apply_pwp(models.student, enabled=True)
+    _, _, groups = _trainable_groups(config, models, pwp, lambda *a: None)
+    copied = _own_trainable_copies(models.student)
+
+    def storage(p):
+        return p.untyped_storage().data_ptr()
+
+    teacher = {storage(p): p.untyped_storage().nbytes() for p in models.teacher.parameters()}
+    trainable = [p for p in models.student.parameters() if p.requires_grad]
+    frozen = [p for p in models.student.parameters() if not p.requires_grad]
+    assert trainable and frozen and {p.dtype for p in trainable} == {torch.float32}
+    assert all(storage(p) in teacher for p in frozen)  # shared with the teacher, not copied
+    assert not any(storage(p) in teacher for p in trainable)
+    held = {storage(p): p.untyped_storage().nbytes() for p in [*models.teacher.parameters(), *trainable]}
+    held.update({storage(p): p.untyped_storage().nbytes() for p in frozen})
+    assert sum(held.values()) == sum(teacher.values()) + copied  # teacher + the trainable copy, nothing else
+    assert copied == 4 * sum(p.numel() for p in trainable)
+    assert {id(p) for g in groups for p in g.params} == {id(p) for p in trainable}  # the optimizer trains the copies
+    if not lora:  # the copies start from the teacher's weights
+        named = dict(models.teacher.named_parameters())
+        for name, p in models.student.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p.to(dtype), named[name]), name
+
+
+def test_text_encoders_and_vae_are_on_the_device_only_within_encoders_on():
+    from diffusers_hprune.distillation.trainer import encoders_on
+
+    moves = []
+
+    class Module(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def to(self, device):
+            moves.append((self.name, str(device)))
+            return self
+
+    class Pipe:
+        text_encoder, text_encoder_2, vae, transformer = Module("t1"), Module("t2"), Module("vae"), Module("dit")
+
+    with pytest.raises(RuntimeError):
+        with encoders_on(Pipe(), "cuda:0"):
+            assert moves == [("t1", "cuda:0"), ("t2", "cuda:0"), ("vae", "cuda:0")]
+            raise RuntimeError("a failed drawing")
+    assert moves[3:] == [("t1", "cpu"), ("t2", "cpu"), ("vae", "cpu")]  # back on the CPU, whatever happened

@@ -13,6 +13,7 @@ configs). Checkpoints (``accelerator.save_state``) go to ``output_dir/checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -209,6 +210,11 @@ def _check_trackers(report_to: str | None) -> None:
                                f"`pip install {name}`) or drop the option.")
 
 
+def weight_dtype(config: DistillConfig) -> torch.dtype:
+    """The dtype the teacher and the frozen parts of the student hold: ``--mixed_precision``'s, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+
 def _load_teacher(config: DistillConfig, dtype: torch.dtype):
     pipe, name = load_pipeline(config.teacher, "cpu", dtype)
     return pipe, name
@@ -286,10 +292,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     plan = PrunePlan.load(config.plan)
     resume_path = _resume_point(config, output_dir, say)
 
-    models = _teacher_and_student(config, plan)
+    models = _teacher_and_student(config, plan, accelerator.device)
     pwp = apply_pwp(models.student, enabled=config.pwp)
     say(pwp.summary())
     use_sg, lora_config, groups = _trainable_groups(config, models, pwp, say)
+    _own_trainable_copies(models.student)
     identity = _run_identity(fingerprint(models.teacher), models.plan, models.student, groups, config)
     _prepare_output_dir(config, output_dir, resume_path, identity, accelerator)
     optimizer = _optimizer(config, groups, lora_config, say)
@@ -402,16 +409,21 @@ class _Models:
     ratio: float
 
 
-def _teacher_and_student(config: DistillConfig, plan) -> _Models:
-    """Load the teacher; the student copies its transformer, then the plan removes parts."""
+def _teacher_and_student(config: DistillConfig, plan, device) -> _Models:
+    """Load the teacher once, in the weight dtype, on the training device; the student is its pruned twin.
 
-    pipe, teacher_name = _load_teacher(config, torch.float32)
-    teacher = pipe.transformer
+    The student shares every kept weight with the teacher (``prune_transformer`` copies nothing);
+    what will train gets its own float32 copy later (:func:`_own_trainable_copies`), so the
+    teacher is never copied whole.
+    """
+
+    pipe, teacher_name = _load_teacher(config, weight_dtype(config))
+    teacher = pipe.transformer.to(device)
     family = get_family(teacher)
     report = ContributionReport.load(config.analysis) if config.analysis else None
     if report is not None:
         report.check_model(teacher)
-    student = prune_transformer(copy.deepcopy(teacher), plan)
+    student = prune_transformer(teacher, plan)
     plan = student.prune_plan
     ratio = _plan_ratio(plan, dict(teacher.config))
     teacher.requires_grad_(False).eval()
@@ -423,6 +435,21 @@ def _teacher_and_student(config: DistillConfig, plan) -> _Models:
         teacher.requires_grad_(False).eval()
         pipe.transformer = teacher
     return _Models(pipe, teacher_name, teacher, family, report, student, plan, ratio)
+
+
+def _own_trainable_copies(student) -> int:
+    """Give every trainable parameter of the student its own float32 storage; returns how many bytes that took.
+
+    Until now the student shares the teacher's tensors (frozen parts stay shared: PWP's early
+    blocks, and with LoRA every base weight). Replacing ``.data`` keeps the Parameter objects the
+    optimizer groups hold.
+    """
+    nbytes = 0
+    for p in student.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32, copy=True)
+            nbytes += p.numel() * 4
+    return nbytes
 
 
 def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
@@ -479,9 +506,9 @@ def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: P
     """The training samples, encoded once by the main process into the cache, then loaded by every process."""
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
-    pipe.to(accelerator.device)
     if accelerator.is_main_process:
-        build_training_cache(pipe, spec, cache_dir, progress=config.progress)
+        with encoders_on(pipe, accelerator.device):  # then back on the CPU: steps need only the cached embeddings
+            build_training_cache(pipe, spec, cache_dir, progress=config.progress)
     accelerator.wait_for_everyone()
     dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
     say(f"training data: {len(dataset)} samples cached in {cache_path}")
@@ -514,19 +541,16 @@ class _Run:
     def prepare(cls, config, accelerator, models: _Models, optimizer, groups, dataset, identity, output_dir):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        dtype = weight_dtype(config)
         # Batches, noise and noise levels are functions of (seed, micro-step, rank): a resumed run draws
         # exactly what the uninterrupted run would have drawn.
         sampler = _StepSampler(len(dataset), config.train_batch_size, accelerator.num_processes, config.seed)
         student, optimizer = accelerator.prepare(models.student, optimizer)
-        teacher = models.teacher
-        teacher.to(accelerator.device)
-        if weight_dtype != torch.float32 and not config.teacher_4bit:
-            teacher.to(dtype=weight_dtype)
+        teacher = models.teacher  # on the device, in the weight dtype, since it was loaded
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.pipe.scheduler.config)
         inner = accelerator.unwrap_model(student)
         return cls(config, accelerator, models.pipe, teacher, models.family, student, inner, optimizer, groups,
-                   dataset, identity, output_dir, weight_dtype, kept_blocks(inner), sampler,
+                   dataset, identity, output_dir, dtype, kept_blocks(inner), sampler,
                    scheduler.sigmas.to(accelerator.device), scheduler.config.num_train_timesteps)
 
     def held_out_loss(self) -> float:
@@ -630,6 +654,23 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
             f"{run.output_dir}")
 
 
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+
+@contextlib.contextmanager
+def encoders_on(pipe, device):
+    """The pipeline's text encoders and VAE on ``device`` within the block, on the CPU after it."""
+    modules = [getattr(pipe, name, None) for name in ENCODERS]
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    for m in modules:
+        m.to(device)
+    try:
+        yield pipe
+    finally:
+        for m in modules:
+            m.to("cpu")
+
+
 @torch.no_grad()
 def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, config: DistillConfig) -> float:
     """The distillation loss on the first (up to) 8 samples at fixed noise levels and noise: comparable over time."""
@@ -679,8 +720,10 @@ def _validate(pipe, student, config: DistillConfig, output_dir: Path, step: int)
     student.eval()
     student_pipe = with_pruned_transformer(pipe, student)
     kwargs = generation_settings(pipe, None, config.resolution, config.resolution, config.guidance_scale)
-    gens = [torch.Generator(pipe._execution_device).manual_seed(config.seed + k) for k in range(len(prompts))]
-    images = student_pipe(prompts, generator=gens, **kwargs).images
+    device = next(student.parameters()).device
+    with encoders_on(student_pipe, device):
+        gens = [torch.Generator(device).manual_seed(config.seed + k) for k in range(len(prompts))]
+        images = student_pipe(prompts, generator=gens, **kwargs).images
     toy.save_grid(images, output_dir / "validation" / f"step-{step}.png", columns=min(8, len(images)))
     student.train(was_training)
 
