@@ -29,12 +29,12 @@ def _probe(module: str) -> dict:
 
 
 def test_quantization_and_plan_load_without_the_pipelines():
-    for module in ("diffusers_hprune.quantization", "diffusers_hprune.plan"):
-        found = _probe(module)
-        assert not [m for m in found["loaded"] if m.startswith("diffusers_hprune.pipelines")], (module, found["loaded"])
+    found = {module: _probe(module) for module in ("diffusers_hprune.quantization", "diffusers_hprune.plan")}
+    for module, seen in found.items():
+        assert not [m for m in seen["loaded"] if m.startswith("diffusers_hprune.pipelines")], (module, seen["loaded"])
         # Diffusers still finds the pruned pipeline by name (model_index.json's _class_name), importing it then.
-        assert found["pipeline_module"] == "diffusers_hprune" and found["after"]
-    assert "diffusers_hprune.quantization.nf4" in _probe("diffusers_hprune.quantization")["loaded"]
+        assert seen["pipeline_module"] == "diffusers_hprune" and seen["after"]
+    assert "diffusers_hprune.quantization.nf4" in found["diffusers_hprune.quantization"]["loaded"]
 
 
 def _function_level_imports(path: Path) -> list[str]:

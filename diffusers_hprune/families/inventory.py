@@ -106,7 +106,7 @@ def build_on_meta(config: Mapping[str, Any], pruned: bool | None = None) -> torc
     plan = config.pop("prune_plan", None)
     if pruned is None:
         pruned = bool(plan)
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # buffers too: the SD3 position table alone is 360 MB
         model = family.base_class.from_config(config)
         if pruned and plan:
             family.apply_plan(model, family.check_plan(PrunePlan.from_dict(plan), config))
