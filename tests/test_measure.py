@@ -46,6 +46,8 @@ def test_step_inputs_latency_and_memory(family):
     memory = step_memory(pipe.transformer, inputs)
     assert memory["weights"] == stored_bytes(pipe.transformer) and memory["peak"] >= memory["weights"]
     assert memory["step"] >= 0 and memory["method"]
+    # The activations are in the figure: at least the output and one block's hidden states are held at once.
+    assert memory["step"] >= 2 * out.numel() * out.element_size()
     with pytest.raises(MeasureError, match="at least 1"):
         step_latency(pipe.transformer, inputs, repeats=0)
 
@@ -73,3 +75,24 @@ def test_unquantized_bytes_counts_what_nf4_leaves_in_16_bit():
     assert unquantized_bytes(model) == expected
     assert model_weight_bytes(model, "nf4") == expected + nf4_weight_bytes(64 * 64)
     assert unquantized_bytes(model, skip_modules=()) == expected - 2 * 32  # proj_out's weight goes 4-bit
+
+
+def test_live_tensor_peak_counts_what_a_step_holds_at_once():
+    from diffusers_hprune.evaluation.measure import live_tensor_peak
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(256, 256))
+
+        def forward(self, x, return_dict=False):
+            a = x * self.scale  # 256 KiB
+            b = a + 1  # 256 KiB, a still alive: 512 KiB
+            del a
+            c = b.t()  # a view: no new storage
+            d = c.contiguous()  # 256 KiB: b (through c) and d alive: 512 KiB
+            del b, c
+            return d * 2  # d and the output: 512 KiB
+
+    size = 256 * 256 * 4
+    assert live_tensor_peak(Step(), {"x": torch.randn(256, 256)}) == 2 * size

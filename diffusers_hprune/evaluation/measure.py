@@ -7,11 +7,10 @@
   bitsandbytes' quantisation state), i.e. what its weights occupy in memory.
 * ``step_memory(transformer, inputs)``: peak memory of one step. CUDA: ``max_memory_allocated``
   during the step, after ``reset_peak_memory_stats`` (weights included, since they are
-  allocated). CPU: the process's peak resident set size (Linux ``VmHWM``), reset before the
-  step through ``/proc/self/clear_refs``; reported as the weights (``stored_bytes``) plus the
-  growth of the peak over the resident size before the step. That growth is what the step
-  allocates beyond what the process already holds; allocator caching can make it smaller than
-  the activations of a first run, so a warm-up step runs first.
+  allocated). CPU: the weights (``stored_bytes``) plus :func:`live_tensor_peak`, the most bytes
+  of tensors the step holds at once, counted per storage from every operation's outputs. (The
+  process's peak resident size, used before, did not grow during a warm step: the allocator
+  reuses what the warm-up freed, so activations went missing from the figure.)
 * ``step_latency(transformer, inputs, warmup=2, repeats=10)``: wall time of each step after
   ``warmup`` untimed steps (CUDA synchronised), summarised as median and spread.
 """
@@ -20,9 +19,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
@@ -144,19 +146,66 @@ def step_memory(transformer: torch.nn.Module, inputs: dict) -> dict:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak": peak, "weights": weights, "step": peak - before, "method": "cuda max_memory_allocated"}
-    clear_refs = Path("/proc/self/clear_refs")
-    if not clear_refs.exists():
-        raise MeasureError("Peak CPU memory is measured with Linux's /proc/self/clear_refs and VmHWM, which this "
-                           "system lacks; measure on Linux or on a CUDA device.")
-    try:
-        clear_refs.write_text("5")  # reset the peak resident set size
-    except OSError as e:
-        raise MeasureError(f"Cannot reset the peak resident size through {clear_refs} ({e}).") from None
-    before = _proc_status_kib("VmRSS") * 1024
-    transformer(**inputs, return_dict=False)
-    growth = max(0, _proc_status_kib("VmHWM") * 1024 - before)
-    return {"peak": weights + growth, "weights": weights, "step": growth,
-            "method": "cpu: weights (stored_bytes) + growth of the peak resident size (VmHWM) during the step"}
+    step = live_tensor_peak(transformer, inputs)
+    return {"peak": weights + step, "weights": weights, "step": step,
+            "method": "cpu: weights (stored_bytes) + the peak of the tensors the step holds at once"}
 
 
-__all__ = ["MeasureError", "logical_params", "step_inputs", "step_latency", "step_memory", "stored_bytes"]
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created while active, and their peak while alive at once."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known = known  # storages that existed before (weights, inputs): not the step's
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive on it]
+        self.current = self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self.known or not storage.nbytes():
+                continue
+            entry = self.live.get(ptr)
+            if entry is None:
+                self.live[ptr] = entry = [storage.nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(tensor, self._release, ptr)
+        return out
+
+
+@torch.no_grad()
+def live_tensor_peak(module: torch.nn.Module, inputs: dict) -> int:
+    """The most bytes of tensors one call of ``module(**inputs)`` holds at once, beyond its weights and inputs.
+
+    Every tensor an operation returns is counted once per storage, from its creation until the
+    last tensor on that storage is gone. This counts what a step allocates (its activations,
+    the output included), independent of the allocator's caching, so it is the same on every
+    CPU; allocator slack comes on top on a real device.
+    """
+    known = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    known |= {v.untyped_storage().data_ptr() for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor)}
+    counter = _LiveTensorBytes(known)
+    # Compiled kernels (bitsandbytes compiles its dequantisation) run eagerly here, so every op is seen once.
+    with torch.compiler.set_stance("force_eager"), counter:
+        out = module(**inputs, return_dict=False)
+    del out
+    return counter.peak
+
+
+__all__ = ["MeasureError", "live_tensor_peak", "logical_params", "step_inputs", "step_latency", "step_memory",
+           "stored_bytes"]
