@@ -155,3 +155,26 @@ def test_a_checkpoint_quantised_on_a_cpu_records_bf16_and_still_computes_fp32_he
     with torch.no_grad():
         a, b, c = default(**inputs).sample, asked(**inputs).sample, loaded(**inputs).sample
     assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(c, b)
+
+
+def test_quantize_pipeline_loads_only_the_transformer_and_copies_the_rest(tmp_path, monkeypatch):
+    """One 16-bit transformer in memory: the text encoders and the VAE are copied as files, never loaded."""
+    import diffusers
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantize_pipeline loaded a component it only has to copy")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", classmethod(refuse))
+    source = toy.model_path("sd3")
+    out = quantize_pipeline(source, tmp_path / "nf4")
+    monkeypatch.undo()
+    for name in ("text_encoder", "text_encoder_3", "tokenizer", "vae", "scheduler"):
+        for path in (source / name).rglob("*"):
+            if path.is_file():
+                assert (out / name / path.relative_to(source / name)).read_bytes() == path.read_bytes(), path
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "HierarchicalPrunedSD3Pipeline"
+    assert index["transformer"] == ["diffusers_hprune", "HierarchicalPrunedSD3Transformer2DModel"]
+    assert is_quantized(diffusers.DiffusionPipeline.from_pretrained(out).transformer)

@@ -4,7 +4,9 @@ from diffusers_hprune.pipelines.pruned import (
     HierarchicalPrunedFluxPipeline,
     HierarchicalPrunedSD3Pipeline,
     prune_pipeline,
+    pruned_pipeline_name,
     with_pruned_transformer,
 )
 
-__all__ = ["HierarchicalPrunedFluxPipeline", "HierarchicalPrunedSD3Pipeline", "prune_pipeline", "with_pruned_transformer"]
+__all__ = ["HierarchicalPrunedFluxPipeline", "HierarchicalPrunedSD3Pipeline", "prune_pipeline", "pruned_pipeline_name",
+           "with_pruned_transformer"]

@@ -39,6 +39,16 @@ _PRUNED_PIPELINES = {
 }
 
 
+def pruned_pipeline_name(class_name: str) -> str:
+    """The pruned pipeline class that holds a pruned transformer in place of a ``class_name`` pipeline's."""
+    for base, pruned in _PRUNED_PIPELINES.items():
+        if class_name in (base.__name__, pruned.__name__):
+            return pruned.__name__
+    supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+    raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} cannot hold a pruned transformer; "
+                                f"supported pipelines: {supported}.")
+
+
 def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPipeline:
     """Return a ``HierarchicalPruned*Pipeline`` with the same components and ``prune_transformer(transformer, plan)``.
 

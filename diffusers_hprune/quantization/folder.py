@@ -1,21 +1,38 @@
-"""``quantize_pipeline``: a pipeline folder in, the same pipeline with an NF4 transformer out (``hprune quantize``)."""
+"""``quantize_pipeline``: a pipeline folder in, the same pipeline with an NF4 transformer out (``hprune quantize``).
+
+Only the transformer is loaded (in the storage dtype asked for), quantised and saved; the
+other components are copied file for file, so a pipeline's text encoders keep their bytes and
+dtype and are never loaded. The memory this takes is one 16-bit transformer beside its
+quantised version.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline
 
-from diffusers_hprune.pipelines.pruned import with_pruned_transformer
-from diffusers_hprune.quantization.nf4 import QuantizeError, is_quantized, quantize
+from diffusers_hprune.families import get_family
+from diffusers_hprune.models import pruned_class_for
+from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
+from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
 from diffusers_hprune.utils.fileio import atomic_directory
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    """Copy the files below ``source`` (links resolved, as in a Hub cache), created with the user's umask."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.relative_to(source))
 
 
 def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, *, skip_modules=None,
@@ -25,8 +42,9 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
 
     The transformer's linear weights become NF4; its other parameters (norms, biases, the skip
     list) are stored in ``dtype`` (16-bit by default: W4A16). Loading casts them to the
-    ``torch_dtype`` asked for. The other components are saved as they were. The folder is
-    written next to its final place and renamed into it when complete. Returns ``output_dir``.
+    ``torch_dtype`` asked for. The other components are copied as they are (their files, not
+    reloaded). The folder is written next to its final place and renamed into it when complete.
+    Returns ``output_dir``.
     """
     source, output_dir = Path(source), Path(output_dir)
     if not (source / "model_index.json").is_file():
@@ -34,15 +52,27 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
                             "`save_pretrained` or `hprune distill` wrote.")
     if output_dir.exists() and not overwrite:
         raise QuantizeError(f"{output_dir} exists; choose another --out or pass --overwrite.")
-    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
-    if is_quantized(pipe.transformer):
+    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    config = json.loads((source / "transformer" / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
         raise QuantizeError(f"The transformer in {source} is already quantised; quantise the 16- or 32-bit model.")
-    pipe.transformer.to("cuda" if accelerator_available() else "cpu", dtype)
-    quantized = quantize(pipe.transformer, skip_modules=skip_modules, compute_dtype=compute_dtype)
-    pruned_pipe = with_pruned_transformer(pipe, quantized)
+    family = get_family(config)
+    pipeline_name = pruned_pipeline_name(index.get("_class_name", ""))
+    transformer = pruned_class_for(family).from_pretrained(source / "transformer", torch_dtype=dtype)
+    transformer.to("cuda" if accelerator_available() else "cpu")
+    quantized = quantize(transformer, skip_modules=skip_modules, compute_dtype=compute_dtype)
     with atomic_directory(output_dir, overwrite=True) as tmp:
-        pruned_pipe.save_pretrained(tmp)
+        tmp = Path(tmp)
+        for name, entry in index.items():
+            if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or None in entry:
+                continue
+            if (source / name).is_dir():
+                _copy_files(source / name, tmp / name)
+        quantized.save_pretrained(tmp / "transformer")
+        index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,
+                      "transformer": ["diffusers_hprune", type(quantized).__name__]})
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for record in PROVENANCE_FILES:  # how the source was made travels with it (the model card reads it)
             if (source / record).is_file():
-                shutil.copyfile(source / record, Path(tmp) / record)
+                shutil.copyfile(source / record, tmp / record)
     return output_dir
