@@ -121,8 +121,20 @@ def test_evaluation_prompts_are_never_training_prompts():
 
 
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
-def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path):
+def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path, monkeypatch):
     from diffusers_hprune import toy
+    from diffusers_hprune.compress import run
+
+    shared = []
+    real_evaluate = run.evaluate_pipelines
+
+    def evaluate(models, *args, **kwargs):  # the student holds its own transformer and the teacher's other parts
+        teacher, student = models["teacher"], models["student"]
+        shared.append(student.transformer is not teacher.transformer and all(
+            getattr(student, name) is getattr(teacher, name) for name in ("text_encoder", "text_encoder_3", "vae")))
+        return real_evaluate(models, *args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_pipelines", evaluate)
 
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(toy.prompts(split="train", n=20, seed=3)) + "\n")
@@ -135,3 +147,4 @@ def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path):
     assert set(evaluated) <= set(prompt_file.read_text().splitlines())
     summary = json.loads((out / "summary.json").read_text())["prompts"]
     assert summary["evaluation"] == len(evaluated) and "held out of --prompts" in summary["evaluation_source"]
+    assert shared == [True]

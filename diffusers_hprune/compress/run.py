@@ -26,7 +26,13 @@ from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, fingerprint
 from diffusers_hprune.distillation import trainer
 from diffusers_hprune.distillation.trainer import DistillConfig
-from diffusers_hprune.evaluation.compare import FIDELITY, evaluate_pipelines, load_for_evaluation, overall_score
+from diffusers_hprune.evaluation.compare import (
+    FIDELITY,
+    evaluate_pipelines,
+    load_for_evaluation,
+    load_student_beside,
+    overall_score,
+)
 from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.push import push_folder
@@ -197,7 +203,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     evaluation = out / "6-evaluation"
 
     def do_evaluate(folder: Path) -> None:
-        student = load_for_evaluation(final)
+        student = load_student_beside(teacher.pipe, final)  # its text encoders and VAE are the teacher's
         result = evaluate_pipelines(
             {"teacher": teacher.pipe, "student": student}, eval_prompts, seed=config.seed,
             metrics=[FIDELITY] + (["shapeeval"] if is_toy else []), latency_repeats=config.latency_repeats,

@@ -11,7 +11,9 @@ student's figures relative to the teacher's, and a PNG grid, teacher row over st
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ from diffusers_hprune.evaluation.measure import (
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generate, generation_settings, load_pipeline
 from diffusers_hprune.metrics import IMAGE, get_metric
+from diffusers_hprune.models import pruned_class_for
+from diffusers_hprune.pipelines import with_pruned_transformer
 from diffusers_hprune.utils.errors import HPruneError
 
 FIDELITY = "fidelity"
@@ -202,4 +206,24 @@ def load_for_evaluation(model: str | os.PathLike, device: str | None = None):
     return pipe
 
 
-__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "overall_score", "psnr", "ssim"]
+def load_student_beside(teacher, folder: str | os.PathLike):
+    """The pruned pipeline of ``folder`` built around its transformer alone, sharing ``teacher``'s other components.
+
+    For a student whose text encoders, VAE and scheduler are its teacher's (as ``hprune distill``
+    and ``hprune quantize`` write them): one copy of those in memory, and only the student's
+    transformer is loaded (in the teacher's dtype, on its device; an NF4 one where bitsandbytes
+    puts it).
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    dtype = compute_dtype(teacher.transformer)
+    transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", torch_dtype=dtype)
+    if not config.get("quantization_config"):
+        transformer.to(next(teacher.transformer.parameters()).device)
+    student = with_pruned_transformer(teacher, transformer)
+    student.register_to_config(_name_or_path=str(folder))
+    return student
+
+
+__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "load_student_beside", "overall_score",
+           "psnr", "ssim"]
