@@ -71,6 +71,23 @@ def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None):
 
 
 # -- the runner --------------------------------------------------------------------------------
+def pipeline_folder(model) -> Path | None:
+    """The local folder a pipeline was loaded from (a folder, a toy name, a Hub id in the local cache), or None."""
+    name = str(model if isinstance(model, (str, os.PathLike)) else
+               getattr(model, "name_or_path", "") or model.config.get("_name_or_path", ""))
+    if name.removeprefix("toy-") in toy.FAMILIES:
+        return toy.model_path(name.removeprefix("toy-"))
+    if name and (Path(name) / "model_index.json").is_file():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not a repo id, or not in the cache: the caller saves what it loaded instead
+        return None
+    return path if (path / "model_index.json").is_file() else None
+
+
 def load_pipeline(model, device, torch_dtype):
     if not isinstance(model, (str, os.PathLike)):
         return model, str(getattr(model, "name_or_path", type(model).__name__))

@@ -392,6 +392,11 @@ def test_validation_prompts_are_given_or_held_out_of_training(setup, tmp_path, c
     assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "2", "--validation_steps", "2",
                       "--cache-dir", str(tmp_path / "cache2"))) == 0
     assert (out / "validation" / "step-2.png").is_file()
+    # The teacher's other components are its files, copied, not re-saved from memory.
+    for name in ("text_encoder", "text_encoder_3", "vae", "tokenizer"):
+        for path in (toy.model_path("sd3") / name).rglob("*"):
+            if path.is_file():
+                assert (out / name / path.relative_to(toy.model_path("sd3") / name)).read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("precision,dtype,lora", [("no", torch.float32, 0), ("bf16", torch.bfloat16, 0),

@@ -34,14 +34,14 @@ from diffusers_hprune.distillation.pwp import apply_pwp
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import inspect_transformer
-from diffusers_hprune.loading import generation_settings, load_pipeline
+from diffusers_hprune.loading import generation_settings, load_pipeline, pipeline_folder
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.distributed import launched_on_cpu
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.fileio import atomic_write_json
+from diffusers_hprune.utils.fileio import atomic_write_json, copy_files
 
 
 class DistillError(HPruneError):
@@ -262,11 +262,20 @@ def _final_student(accelerator, student, family, lora_config):
     return final.requires_grad_(False).eval()
 
 
-def _save_pipeline(pipeline, output_dir: Path) -> None:
-    """Write the pipeline's files into ``output_dir`` (which also holds checkpoints); ``model_index.json`` last."""
+def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = None) -> None:
+    """Write the pipeline's files into ``output_dir`` (which also holds checkpoints); ``model_index.json`` last.
+
+    The components other than the transformer are the teacher's: with the teacher's folder at
+    hand they are its files, copied (their bytes and dtypes as published), not re-saved from
+    memory in the dtype they were loaded in.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=output_dir))
     try:
         pipeline.save_pretrained(tmp)
+        for component in sorted(p for p in tmp.iterdir() if p.is_dir() and p.name != "transformer"):
+            if teacher_folder is not None and (teacher_folder / component.name).is_dir():
+                shutil.rmtree(component)
+                copy_files(teacher_folder / component.name, component)
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
             target = output_dir / entry.name
             if target.is_dir():
@@ -647,7 +656,7 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
     if run.accelerator.is_main_process:
         student_pipe = with_pruned_transformer(run.pipe, final)
         student_pipe.to("cpu")
-        _save_pipeline(student_pipe, run.output_dir)
+        _save_pipeline(student_pipe, run.output_dir, pipeline_folder(models.teacher_name))
         models.plan.save(run.output_dir / "plan.json")
         atomic_write_json(run.output_dir / "distill_summary.json", summary)
         say(f"distilled {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; saved the pruned pipeline to "

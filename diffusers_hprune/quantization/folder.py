@@ -20,19 +20,11 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
-from diffusers_hprune.utils.fileio import atomic_directory
+from diffusers_hprune.utils.fileio import atomic_directory, copy_files
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
-
-
-def _copy_files(source: Path, target: Path) -> None:
-    """Copy the files below ``source`` (links resolved, as in a Hub cache), created with the user's umask."""
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target / path.relative_to(source))
 
 
 def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, *, skip_modules=None,
@@ -67,7 +59,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
             if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or None in entry:
                 continue
             if (source / name).is_dir():
-                _copy_files(source / name, tmp / name)
+                copy_files(source / name, tmp / name)
         quantized.save_pretrained(tmp / "transformer")
         index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,
                       "transformer": ["diffusers_hprune", type(quantized).__name__]})

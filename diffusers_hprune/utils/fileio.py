@@ -75,3 +75,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def copy_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the files below ``source`` into ``target`` (links resolved, as in a Hub cache), made with the user's umask.
+
+    Not ``shutil.copytree``: that copies the source's permission bits, so a read-only source
+    (an installed package, a cache) would give read-only output.
+    """
+    source, target = Path(source), Path(target)
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.relative_to(source))
