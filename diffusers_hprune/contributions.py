@@ -192,8 +192,9 @@ class ContributionReport:
 
 
 def architecture_hash(config: Mapping[str, Any]) -> str:
-    """Hash of the config entries that define the architecture (not names, versions or plans)."""
-    keep = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "prune_plan"}
+    """Hash of the config entries that define the architecture (not names, versions, plans or quantisation)."""
+    skip = ("prune_plan", "quantization_config")  # what a plan or a quantisation adds leaves the architecture
+    keep = {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

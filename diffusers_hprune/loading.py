@@ -88,19 +88,24 @@ def pipeline_folder(model) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
-def load_pipeline(model, device, torch_dtype):
+def load_pipeline(model, device, torch_dtype, **components):
+    """``(pipeline, name)``: ``model`` (a pipeline, folder, cached Hub id or toy name) in ``torch_dtype`` on ``device``.
+
+    ``components`` replace the pipeline's own (e.g. an already loaded transformer); with
+    ``device=None`` nothing is moved.
+    """
     if not isinstance(model, (str, os.PathLike)):
         return model, str(getattr(model, "name_or_path", type(model).__name__))
     name = str(model)
     path = toy.model_path(name.removeprefix("toy-")) if name.removeprefix("toy-") in toy.FAMILIES else name
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components)
     except (OSError, ValueError) as e:
         raise PipelineLoadError(
             f"Could not load the pipeline {name!r} ({type(e).__name__}: {e}). Pass a pipeline folder, a Hub repo id "
             "available in the local cache, or a toy name (sd3, flux)."
         ) from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), name
+    return (pipe if device is None else pipe.to(device)), name
 
 

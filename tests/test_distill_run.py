@@ -465,3 +465,34 @@ def test_text_encoders_and_vae_are_on_the_device_only_within_encoders_on():
             assert moves == [("t1", "cuda:0"), ("t2", "cuda:0"), ("vae", "cuda:0")]
             raise RuntimeError("a failed drawing")
     assert moves[3:] == [("t1", "cpu"), ("t2", "cpu"), ("vae", "cpu")]  # back on the CPU, whatever happened
+
+
+def test_teacher_4bit_never_materialises_a_16_bit_teacher(setup, monkeypatch):
+    """The NF4 teacher is loaded directly (mocked here: bitsandbytes quantises while loading on CUDA only); the
+    student is read from the checkpoint's kept tensors; no 16-bit transformer is loaded."""
+    import diffusers
+
+    from diffusers_hprune import PrunePlan
+    from diffusers_hprune.distillation import trainer
+
+    base, plans = setup
+    analysis, plan_path, plan = plans["sd3"]
+    stand_in = toy.load_pipeline("sd3").transformer.to(torch.bfloat16)  # stands for the NF4 model, loaded first
+    reference = dict(stand_in.named_parameters())
+    loaded = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a 16-bit teacher transformer was loaded")
+
+    monkeypatch.setattr(diffusers.SD3Transformer2DModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(trainer, "_load_nf4_transformer", lambda folder, dtype: loaded.append(folder) or stand_in)
+    config = trainer.DistillConfig(teacher="sd3", plan=str(plan_path), output_dir=str(base / "unused"),
+                                   analysis=str(analysis), prompts=str(base / "prompts.txt"), teacher_4bit=True,
+                                   mixed_precision="bf16")
+    models = trainer._teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"))
+    assert loaded == [toy.model_path("sd3")] and models.teacher is stand_in and models.pipe.transformer is stand_in
+    assert models.student.prune_plan.removed_blocks == plan.removed_blocks
+    student = dict(models.student.named_parameters())
+    assert student and all(p.dtype == torch.bfloat16 for p in student.values())
+    for name, p in student.items():  # the checkpoint's values, in the weight dtype, not the teacher's tensors
+        assert torch.equal(p, reference[name]) and p.untyped_storage().data_ptr() != reference[name].data_ptr()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import shutil
@@ -426,24 +427,74 @@ def _teacher_and_student(config: DistillConfig, plan, device) -> _Models:
     teacher is never copied whole.
     """
 
-    pipe, teacher_name = _load_teacher(config, weight_dtype(config))
-    teacher = pipe.transformer.to(device)
+    if config.teacher_4bit:
+        pipe, teacher_name, student = _nf4_teacher_and_student(config, plan, device)
+        teacher = pipe.transformer
+    else:
+        pipe, teacher_name = _load_teacher(config, weight_dtype(config))
+        teacher = pipe.transformer.to(device)
+        student = prune_transformer(teacher, plan)
     family = get_family(teacher)
     report = ContributionReport.load(config.analysis) if config.analysis else None
     if report is not None:
         report.check_model(teacher)
-    student = prune_transformer(teacher, plan)
     plan = student.prune_plan
     ratio = _plan_ratio(plan, dict(teacher.config))
     teacher.requires_grad_(False).eval()
-    if config.teacher_4bit:
-        from diffusers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        teacher = type(teacher).from_pretrained(config.teacher, subfolder="transformer", quantization_config=quant)
-        teacher.requires_grad_(False).eval()
-        pipe.transformer = teacher
     return _Models(pipe, teacher_name, teacher, family, report, student, plan, ratio)
+
+
+def _load_nf4_transformer(folder: Path, dtype: torch.dtype):
+    """The teacher's transformer, quantised to NF4 while it loads (bitsandbytes; CUDA)."""
+    from diffusers import BitsAndBytesConfig
+
+    config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return get_family(config).base_class.from_pretrained(folder, subfolder="transformer", quantization_config=quant,
+                                                         torch_dtype=dtype)
+
+
+def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
+    """The pruned student read from the transformer's files: only the kept tensors, in ``dtype``, on ``device``.
+
+    With an NF4 teacher no 16-bit teacher exists to share weights with; reading the kept
+    tensors from the checkpoint, one at a time, never holds the whole 16-bit transformer.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    family = get_family(config)
+    plan = family.check_plan(PrunePlan.from_dict(plan), config)
+    settings = {k: v for k, v in config.items() if not k.startswith("_") and k != "prune_plan"}
+    with init_empty_weights():
+        student = pruned_class_for(family).from_config(settings, prune_plan=plan.to_dict())
+    wanted = set(student.state_dict())
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt", device="cpu") as f:
+            for key in f.keys():
+                if key in wanted:
+                    state[key] = f.get_tensor(key).to(device, dtype)
+    missing = wanted - set(state)
+    if missing:
+        raise DistillError(f"The teacher's files in {folder} lack {len(missing)} weight(s) the student keeps (e.g. "
+                           f"{sorted(missing)[0]}); give the folder of a complete transformer.")
+    student.load_state_dict(state, strict=True, assign=True)
+    return student
+
+
+def _nf4_teacher_and_student(config: DistillConfig, plan, device):
+    """``--teacher_4bit``: the NF4 teacher loaded directly, the student from the kept tensors of the files."""
+    folder = pipeline_folder(config.teacher)
+    if folder is None:
+        raise DistillError(f"--teacher_4bit reads the teacher's files; {config.teacher!r} is no pipeline folder, toy "
+                           "or Hub id in the local cache. Download it first (huggingface-cli download ...).")
+    dtype = weight_dtype(config)
+    teacher = _load_nf4_transformer(folder, dtype)
+    pipe, _ = load_pipeline(folder, None, dtype, transformer=teacher)  # the text encoders stay on the CPU
+    student = _student_from_files(folder / "transformer", plan, dtype, device)
+    return pipe, str(config.teacher), student
 
 
 def _own_trainable_copies(student) -> int:
