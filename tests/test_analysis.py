@@ -243,3 +243,13 @@ def test_pruned_models_are_refused(sd3_pipeline):
     pruned = prune_pipeline(sd3_pipeline, PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4))
     with pytest.raises(AnalysisError, match="already pruned"):
         analyze(pruned, **SMALL)
+
+
+def test_a_block_output_cache_above_its_bound_is_refused_before_it_is_built(sd3_pipeline, tmp_path):
+    report = analyze(sd3_pipeline, **SMALL)
+    size = report.run["cache_bytes"]
+    assert size > 0
+    bounded = analyze(sd3_pipeline, max_cache_bytes=size, **SMALL)  # exactly at the bound: allowed
+    assert bounded.run["cache_bytes"] == size and bounded.contributions() == report.contributions()
+    with pytest.raises(AnalysisError, match=r"block-output cache would hold .* above --max-cache-bytes.*--cache-device"):
+        analyze(sd3_pipeline, max_cache_bytes=size - 1, **SMALL)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusers_hprune.contributions import AnalysisError
 from diffusers_hprune.families import BLOCK, RemovedBlock, get_family
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
@@ -164,7 +165,12 @@ class BlockCache:
 
     @classmethod
     def build(cls, transformer: nn.Module, calls: list[RecordedCall], cache_device=None,
-              counter: BlockCounter | None = None) -> BlockCache:
+              counter: BlockCounter | None = None, max_bytes: int | None = None) -> BlockCache:
+        """Run every recorded call once, keeping each block's output (on ``cache_device``).
+
+        With ``max_bytes``, the first call's outputs times the number of calls is the cache's
+        size; above the bound, :class:`AnalysisError` is raised before the other calls run.
+        """
         family = get_family(transformer)
         blocks = family.block_modules(transformer)
         current: list[Any] = []
@@ -201,6 +207,8 @@ class BlockCache:
                 current = []
                 call.output = transformer_output(transformer, call)
                 outputs.append(current)
+                if max_bytes is not None and len(outputs) == 1:
+                    _check_cache_size(_tensor_bytes(current) * len(calls), len(calls), max_bytes)
         finally:
             for h in handles:
                 h.remove()
@@ -239,13 +247,7 @@ class BlockCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cached block outputs."""
-        total = 0
-        for outputs in self.block_outputs:
-            for out in outputs:
-                for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
-        return total
+        return sum(_tensor_bytes(outputs) for outputs in self.block_outputs)
 
     def ablated_outputs(self, plan: PrunePlan, counter: BlockCounter | None = None) -> list[torch.Tensor]:
         """Outputs of the transformer with ``plan`` (one block touched) applied, for every recorded call.
@@ -278,6 +280,25 @@ class BlockCache:
                     if counter is not None:
                         counter.detach()
         return outputs
+
+
+def _tensor_bytes(outputs: list) -> int:
+    total = 0
+    for out in outputs:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _check_cache_size(predicted: int, calls: int, max_bytes: int) -> None:
+    if predicted > max_bytes:
+        raise AnalysisError(
+            f"The block-output cache would hold {predicted / 1e9:.2f} GB ({calls} recorded transformer calls), above "
+            f"--max-cache-bytes {max_bytes / 1e9:.2f} GB. Keep it off the GPU with --cache-device cpu, or record "
+            "fewer calls (--n-prompts, --eval-steps), draw smaller images (--height/--width), or use "
+            "--method naive (no cache, slower)."
+        )
 
 
 def normalised_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:

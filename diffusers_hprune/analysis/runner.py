@@ -127,6 +127,7 @@ def analyze(
     overwrite: bool = False,
     torch_dtype: torch.dtype | None = None,
     cache_device: str | torch.device | None = None,
+    max_cache_bytes: int | None = None,
     progress: bool = True,
 ) -> ContributionReport:
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
@@ -151,6 +152,8 @@ def analyze(
         torch_dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
         cache_device: where the cached block outputs live (default: with the model; ``"cpu"``
             keeps them in host memory, for large models at high resolution).
+        max_cache_bytes: refuse (``AnalysisError``, before the cache is built past its first call)
+            a block-output cache larger than this; ``None``: no bound. The size is reported either way.
     """
     from tqdm.auto import tqdm
 
@@ -231,7 +234,8 @@ def analyze(
                 handle.remove()
         selected = [c for c, s in zip(calls, call_steps) if s in steps]
         report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
-        cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter)
+        cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter,
+                                 max_bytes=max_cache_bytes)
         cache_bytes = cache.nbytes
         report.similarity.update(cache.similarity)
         if metric_def.kind == OUTPUT:

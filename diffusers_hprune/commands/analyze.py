@@ -10,7 +10,7 @@ import torch
 
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
-from diffusers_hprune.commands.options import metric_args
+from diffusers_hprune.commands.options import metric_args, parse_bytes
 from diffusers_hprune.metrics import metric_names
 from diffusers_hprune.utils.distributed import process_state
 from diffusers_hprune.utils.errors import HPruneError
@@ -52,6 +52,8 @@ def register(subparsers) -> None:
                    help="weights and activations (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--cache-device", help="where cached block outputs live (default: with the model; 'cpu' for "
                    "large models at high resolution)")
+    p.add_argument("--max-cache-bytes", type=parse_bytes, metavar="SIZE",
+                   help="refuse a block-output cache above SIZE (e.g. 20GB), before it is built (default: no bound)")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
     p.add_argument("--synthetic", action="store_true",
                    help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,
         torch_dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
+        max_cache_bytes=args.max_cache_bytes,
     )
 
     if process_state().is_main_process:
