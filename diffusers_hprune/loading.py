@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import snapshot_download
 
 from diffusers_hprune import toy
 from diffusers_hprune.profiles import generation_kwargs
@@ -25,14 +26,8 @@ class PipelineLoadError(HPruneError):
 
 # -- calibration ------------------------------------------------------------------------------
 def is_toy(pipe) -> str | None:
-    source = str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""))
-    for fam in toy.FAMILIES:
-        try:
-            if source and Path(source).resolve() == toy.model_path(fam).resolve():
-                return fam
-        except FileNotFoundError:
-            continue
-    return None
+    """The toy family of a pipeline loaded from a shipped toy's folder, else None."""
+    return toy.family_of(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""), names=False)
 
 
 def generation_settings(pipe, num_inference_steps=None, height=None, width=None, guidance_scale=None) -> dict:
@@ -75,13 +70,12 @@ def pipeline_folder(model) -> Path | None:
     """The local folder a pipeline was loaded from (a folder, a toy name, a Hub id in the local cache), or None."""
     name = str(model if isinstance(model, (str, os.PathLike)) else
                getattr(model, "name_or_path", "") or model.config.get("_name_or_path", ""))
-    if name.removeprefix("toy-") in toy.FAMILIES:
-        return toy.model_path(name.removeprefix("toy-"))
+    family = toy.family_of(name)
+    if family:
+        return toy.model_path(family)
     if name and (Path(name) / "model_index.json").is_file():
         return Path(name)
     try:
-        from huggingface_hub import snapshot_download
-
         path = Path(snapshot_download(name, local_files_only=True))
     except (OSError, ValueError):  # not a repo id, or not in the cache: the caller saves what it loaded instead
         return None
@@ -97,7 +91,8 @@ def load_pipeline(model, device, torch_dtype, **components):
     if not isinstance(model, (str, os.PathLike)):
         return model, str(getattr(model, "name_or_path", type(model).__name__))
     name = str(model)
-    path = toy.model_path(name.removeprefix("toy-")) if name.removeprefix("toy-") in toy.FAMILIES else name
+    family = toy.family_of(name)
+    path = toy.model_path(family) if family else name
     try:
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components)
     except (OSError, ValueError) as e:

@@ -15,11 +15,12 @@ that matches nothing gets its pipeline's own defaults, and a logged line says so
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 from diffusers_hprune import toy
@@ -116,15 +117,10 @@ def _names(model: Any) -> list[str]:
 
 
 def _by_name(name: str) -> GenerationProfile | None:
+    family = toy.family_of(name.strip().rstrip("/"))
+    if family:
+        return PROFILES["toy-" + family]
     text = name.strip().rstrip("/").lower()
-    if text in ("sd3", "flux", "toy-sd3", "toy-flux"):
-        return PROFILES["toy-" + text.removeprefix("toy-")]
-    for family in toy.FAMILIES:
-        try:
-            if Path(name).resolve() == toy.model_path(family).resolve():
-                return PROFILES["toy-" + family]
-        except (FileNotFoundError, OSError):
-            pass
     base = text.split("/")[-1]
     for profile in PROFILES.values():
         ids = {r.lower() for r in profile.repo_ids}
@@ -144,6 +140,13 @@ def _signature(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: norm(config.get(k, _ABSENT.get(k))) for k in _SIGNATURE if k != "_class_name"}
 
 
+@functools.cache
+def _shipped_signatures() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Built-in config name -> (family, signature), read from the shipped files once."""
+    configs = {name: load_transformer_config(name) for name in BUILTIN_CONFIGS}
+    return {name: (get_family(config).name, _signature(config)) for name, config in configs.items()}
+
+
 def _by_config(model: Any) -> tuple[GenerationProfile, str] | None:
     transformer = getattr(model, "transformer", model)
     config = getattr(transformer, "config", transformer)
@@ -154,9 +157,8 @@ def _by_config(model: Any) -> tuple[GenerationProfile, str] | None:
     except UnsupportedModelError:
         return None
     signature = _signature(config)
-    for name in BUILTIN_CONFIGS:
-        shipped = load_transformer_config(name)
-        if get_family(shipped).name == family and signature == _signature(shipped):
+    for name, (shipped_family, shipped) in _shipped_signatures().items():
+        if shipped_family == family and signature == shipped:
             names = _SAME_ARCHITECTURE.get(name, (name,))
             return PROFILES[names[0]], " and ".join(names) if len(names) > 1 else ""
     return None

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.families.sizes import format_bytes
 from diffusers_hprune.quantization.folder import quantize_pipeline
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                             compute_dtype=dtypes[args.compute_dtype], dtype=dtypes[args.dtype],
                             overwrite=args.overwrite)
 
-    config = json.loads((out / "transformer" / "config.json").read_text())
+    config = load_transformer_config(out)
     skip = config["quantization_config"]["llm_int8_skip_modules"]
     inventory = inspect_transformer(config)
     on_disk = sum(f.stat().st_size for f in (out / "transformer").glob("*.safetensors"))

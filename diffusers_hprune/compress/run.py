@@ -25,6 +25,7 @@ from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, fingerprint
 from diffusers_hprune.distillation import trainer
+from diffusers_hprune.distillation.data import held_out_prompts
 from diffusers_hprune.distillation.trainer import DistillConfig
 from diffusers_hprune.evaluation.compare import (
     FIDELITY,
@@ -247,13 +248,11 @@ def split_prompts(prompts: list[str] | None, eval_prompts: list[str] | None, n_e
     elif eval_prompts:
         train, held, source = list(prompts), list(eval_prompts), "--eval-prompts-file"
     else:
-        distinct = list(dict.fromkeys(prompts))
-        if len(distinct) < 2:
+        held = held_out_prompts(prompts, n_eval)
+        if not held:
             raise CompressError("compress needs at least 2 distinct prompts in --prompts: some train the student, "
                                 "the last ones are held out to evaluate it (or pass --eval-prompts-file FILE).")
-        k = max(1, min(n_eval, len(distinct) // 5))
-        held = distinct[-k:]
-        train, source = list(prompts), f"held out of --prompts: its last {k} distinct lines, not trained on"
+        train, source = list(prompts), f"held out of --prompts: its last {len(held)} distinct lines, not trained on"
     kept = [p for p in train if p not in set(held)]
     if not kept:
         raise CompressError("Every training prompt is also an evaluation prompt; give --eval-prompts-file prompts that "

@@ -78,6 +78,17 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def held_out_prompts(prompts: list[str], at_most: int) -> list[str]:
+    """The last distinct ``prompts`` kept out of training: at most ``at_most``, at most a fifth, at least one.
+
+    Empty when there are fewer than 2 distinct prompts (nothing would be left to train on).
+    """
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < 2:
+        return []
+    return distinct[-max(1, min(at_most, len(distinct) // 5)):]
+
+
 def _load_image_dataset(spec: DataSpec):
     import datasets
 

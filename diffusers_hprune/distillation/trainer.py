@@ -29,12 +29,12 @@ import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.contributions import ContributionReport, fingerprint
-from diffusers_hprune.distillation.data import DataSpec, build_training_cache, read_prompts
+from diffusers_hprune.distillation.data import DataSpec, build_training_cache, held_out_prompts, read_prompts
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.pwp import apply_pwp
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
 from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.loading import generation_settings, load_pipeline, pipeline_folder
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
@@ -159,7 +159,6 @@ def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
 
 
 def _check_resume(path: Path, identity: dict) -> None:
-    import json
 
     try:
         saved = json.loads((path / RUN_FILE).read_text())
@@ -386,11 +385,11 @@ def _held_out_for_validation(config: DistillConfig) -> tuple[str, ...]:
     if not config.prompts:
         raise DistillError("--validation_steps with image-caption data needs the prompts to draw: pass "
                            "--validation_prompt PROMPT (repeatable).")
-    distinct = list(dict.fromkeys(read_prompts(config.prompts)))
-    if len(distinct) < 2:
+    held = held_out_prompts(read_prompts(config.prompts), 4)
+    if not held:
         raise DistillError(f"--validation_steps needs --validation_prompt PROMPT, or at least 2 distinct prompts in "
                            f"{config.prompts} (the last ones are held out of training and drawn).")
-    return tuple(distinct[-max(1, min(4, len(distinct) // 5)):])
+    return tuple(held)
 
 
 def _resume_point(config: DistillConfig, output_dir: Path, say) -> Path | None:
@@ -448,7 +447,7 @@ def _load_nf4_transformer(folder: Path, dtype: torch.dtype):
     """The teacher's transformer, quantised to NF4 while it loads (bitsandbytes; CUDA)."""
     from diffusers import BitsAndBytesConfig
 
-    config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    config = load_transformer_config(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return get_family(config).base_class.from_pretrained(folder, subfolder="transformer", quantization_config=quant,
                                                          torch_dtype=dtype)
@@ -463,7 +462,7 @@ def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = load_transformer_config(folder)
     family = get_family(config)
     plan = family.check_plan(PrunePlan.from_dict(plan), config)
     settings = {k: v for k, v in config.items() if not k.startswith("_") and k != "prune_plan"}

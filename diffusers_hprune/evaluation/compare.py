@@ -11,7 +11,6 @@ student's figures relative to the teacher's, and a PNG grid, teacher row over st
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from diffusers_hprune.evaluation.measure import (
     stored_bytes,
 )
 from diffusers_hprune.families import get_family
+from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import generate, generation_settings, load_pipeline
 from diffusers_hprune.metrics import IMAGE, get_metric
 from diffusers_hprune.models import pruned_class_for
@@ -215,7 +215,7 @@ def load_student_beside(teacher, folder: str | os.PathLike):
     puts it).
     """
     folder = Path(folder)
-    config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    config = load_transformer_config(folder)
     dtype = compute_dtype(teacher.transformer)
     transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", torch_dtype=dtype)
     if not config.get("quantization_config"):

@@ -17,6 +17,7 @@ import diffusers
 import torch
 
 from diffusers_hprune.families import get_family
+from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
@@ -45,7 +46,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     if output_dir.exists() and not overwrite:
         raise QuantizeError(f"{output_dir} exists; choose another --out or pass --overwrite.")
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
-    config = json.loads((source / "transformer" / "config.json").read_text(encoding="utf-8"))
+    config = load_transformer_config(source)
     if config.get("quantization_config"):
         raise QuantizeError(f"The transformer in {source} is already quantised; quantise the 16- or 32-bit model.")
     family = get_family(config)

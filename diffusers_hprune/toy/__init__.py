@@ -41,6 +41,24 @@ def model_path(family: str = "sd3") -> Path:
     return path
 
 
+def family_of(name, *, names: bool = True) -> str | None:
+    """The toy family ``name`` stands for, or None.
+
+    A toy name (``"sd3"``, ``"toy-flux"``; with ``names=False`` these do not count) or the folder
+    of a shipped toy pipeline.
+    """
+    text = str(name or "")
+    if names and text.removeprefix("toy-") in FAMILIES:
+        return text.removeprefix("toy-")
+    for family in FAMILIES:
+        try:
+            if text and Path(text).resolve() == model_path(family).resolve():
+                return family
+        except (FileNotFoundError, OSError):
+            continue
+    return None
+
+
 def generation_kwargs(family: str = "sd3") -> dict:
     """The call arguments the toy pipelines were trained for (size, steps, guidance, text length)."""
     return dict(_GENERATION[family])
@@ -103,6 +121,7 @@ __all__ = [
     "FAMILIES",
     "detect_objects",
     "evaluate_pipeline",
+    "family_of",
     "generate",
     "generation_kwargs",
     "load_pipeline",
