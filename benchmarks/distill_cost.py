@@ -39,10 +39,10 @@ MODES = {
 
 def child(spec: dict) -> None:
     from diffusers_hprune.distillation.trainer import DistillConfig, distill
-    from diffusers_hprune.evaluation.measure import _proc_status_kib
+    from diffusers_hprune.utils.live_memory import process_memory
 
     summary = distill(DistillConfig(**spec))
-    print("RESULT " + json.dumps({"steps": summary["steps"], "seconds": summary["seconds"], "peak_kib": _proc_status_kib("VmHWM"),
+    print("RESULT " + json.dumps({"steps": summary["steps"], "seconds": summary["seconds"], "peak_kib": process_memory("VmHWM") // 1024,
                                   "trainable": summary["trainable_params"]}), flush=True)
 
 

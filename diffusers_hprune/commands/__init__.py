@@ -7,6 +7,7 @@ and dispatches; :mod:`.options` holds the options several commands share.
 
 from diffusers_hprune.commands import (
     analyze,
+    budget,
     compress,
     demo,
     distill,
@@ -20,6 +21,6 @@ from diffusers_hprune.commands import (
 )
 
 # In the order `hprune --help` lists them.
-COMMANDS = (inspect, demo, evaluate, analyze, plan, report, quantize, push, compress, distill, toy_train)
+COMMANDS = (inspect, budget, demo, evaluate, analyze, plan, report, quantize, push, compress, distill, toy_train)
 
 __all__ = ["COMMANDS"]

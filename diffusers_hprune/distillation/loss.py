@@ -57,6 +57,32 @@ def kept_blocks(student: nn.Module) -> list[int]:
     return [s.index for s in family.block_specs(student.config) if s.index not in removed]
 
 
+def loss_terms(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    student_features: dict[int, tuple],
+    teacher_features: dict[int, tuple],
+    lambda_feat: float = 1.0,
+    task_loss: torch.Tensor | None = None,
+    lambda_task: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The loss and its parts as tensors (``total``, ``kd``, ``feat``, and ``task`` when weighted); no host sync."""
+    kd = nn.functional.mse_loss(student_out.float(), teacher_out.float())
+    feat = kd.new_zeros(())
+    for index, (s_text, s_image) in student_features.items():
+        if index not in teacher_features:
+            raise KeyError(f"The teacher has no recorded output for block {index}; record the same block indices.")
+        t_text, t_image = teacher_features[index]
+        feat = feat + nn.functional.mse_loss(s_image.float(), t_image.float())
+        if s_text is not None and t_text is not None:
+            feat = feat + nn.functional.mse_loss(s_text.float(), t_text.float())
+    terms = {"kd": kd, "feat": feat, "total": kd + lambda_feat * feat}
+    if task_loss is not None and lambda_task:
+        terms["task"] = task_loss
+        terms["total"] = terms["total"] + lambda_task * task_loss
+    return terms
+
+
 def distillation_loss(
     student_out: torch.Tensor,
     teacher_out: torch.Tensor,
@@ -67,19 +93,8 @@ def distillation_loss(
     lambda_task: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``(L, {"kd": ..., "feat": ..., "task": ..., "total": ...})``; features paired by original block index."""
-    kd = nn.functional.mse_loss(student_out.float(), teacher_out.float())
-    feat = kd.new_zeros(())
-    for index, (s_text, s_image) in student_features.items():
-        if index not in teacher_features:
-            raise KeyError(f"The teacher has no recorded output for block {index}; record the same block indices.")
-        t_text, t_image = teacher_features[index]
-        feat = feat + nn.functional.mse_loss(s_image.float(), t_image.float())
-        if s_text is not None and t_text is not None:
-            feat = feat + nn.functional.mse_loss(s_text.float(), t_text.float())
-    total = kd + lambda_feat * feat
-    parts = {"kd": float(kd.detach()), "feat": float(feat.detach())}
-    if task_loss is not None and lambda_task:
-        total = total + lambda_task * task_loss
-        parts["task"] = float(task_loss.detach())
-    parts["total"] = float(total.detach())
-    return total, parts
+    terms = loss_terms(student_out, teacher_out, student_features, teacher_features, lambda_feat, task_loss,
+                       lambda_task)
+    parts = {k: float(terms[k].detach()) for k in ("kd", "feat", "task") if k in terms}
+    parts["total"] = float(terms["total"].detach())
+    return terms["total"], parts

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
-from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.live_memory import LiveTensorBytes
 
 
 class MeasureError(HPruneError):
@@ -125,13 +122,6 @@ def step_latency(transformer: torch.nn.Module, inputs: dict, warmup: int = 2, re
             "repeats": repeats, "times": times}
 
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise MeasureError(f"/proc/self/status has no {field}.")
-
-
 @torch.no_grad()
 def step_memory(transformer: torch.nn.Module, inputs: dict) -> dict:
     """Peak memory of one denoising step (bytes) and how it was measured; see the module docstring."""
@@ -151,43 +141,6 @@ def step_memory(transformer: torch.nn.Module, inputs: dict) -> dict:
             "method": "cpu: weights (stored_bytes) + the peak of the tensors the step holds at once"}
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created while active, and their peak while alive at once."""
-
-    def __init__(self, known: set[int]):
-        super().__init__()
-        self.known = known  # storages that existed before (weights, inputs): not the step's
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive on it]
-        self.current = self.peak = 0
-
-    def _release(self, ptr: int) -> None:
-        entry = self.live.get(ptr)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in pytree.tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr in self.known or not storage.nbytes():
-                continue
-            entry = self.live.get(ptr)
-            if entry is None:
-                self.live[ptr] = entry = [storage.nbytes(), 0]
-                self.current += entry[0]
-                self.peak = max(self.peak, self.current)
-            entry[1] += 1
-            weakref.finalize(tensor, self._release, ptr)
-        return out
-
-
 @torch.no_grad()
 def live_tensor_peak(module: torch.nn.Module, inputs: dict) -> int:
     """The most bytes of tensors one call of ``module(**inputs)`` holds at once, beyond its weights and inputs.
@@ -197,9 +150,7 @@ def live_tensor_peak(module: torch.nn.Module, inputs: dict) -> int:
     the output included), independent of the allocator's caching, so it is the same on every
     CPU; allocator slack comes on top on a real device.
     """
-    known = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    known |= {v.untyped_storage().data_ptr() for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor)}
-    counter = _LiveTensorBytes(known)
+    counter = LiveTensorBytes([*module.parameters(), *module.buffers(), inputs])
     # Compiled kernels (bitsandbytes compiles its dequantisation) run eagerly here, so every op is seen once.
     with torch.compiler.set_stance("force_eager"), counter:
         out = module(**inputs, return_dict=False)

@@ -77,6 +77,17 @@ class ModelFamily:
     def default_nf4_skip_modules(self) -> tuple[str, ...]:
         return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
 
+    text_has_clip_tokens: bool = False
+    """True when the transformer's text stream holds the CLIP tokens before the T5 tokens (SD3)."""
+
+    def text_tokens(self, max_sequence_length: int, clip_length: int = 77) -> int:
+        """Tokens of the transformer's text stream for a T5 length (SD3: CLIP's ``clip_length`` + T5's)."""
+        return max_sequence_length + (clip_length if self.text_has_clip_tokens else 0)
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """Channels of the VAE latents the transformer denoises (before any patch packing)."""
+        return int(config["in_channels"])
+
     # -- identification -------------------------------------------------------
     @property
     def base_class(self) -> type:

@@ -157,6 +157,9 @@ class FluxFamily(ModelFamily):
             return PrunedFluxSingleTransformerBlock(block, removed)
         return PrunedFluxTransformerBlock(block, removed)
 
+    def latent_channels(self, config):
+        return int(config["in_channels"]) // 4  # FLUX packs 2x2 latent patches into its input channels
+
     def encode_text(self, pipe, prompts, max_sequence_length):
         embeds, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, max_sequence_length=max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_projections": pooled}

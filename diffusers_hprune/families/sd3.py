@@ -37,6 +37,7 @@ class SD3Family(ModelFamily):
     display_name = "Stable Diffusion 3 / 3.5"
     base_class_name = "SD3Transformer2DModel"
     pruned_class_name = "HierarchicalPrunedSD3Transformer2DModel"
+    text_has_clip_tokens = True
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context")
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")

@@ -1,0 +1,369 @@
+"""Predicted peak accelerator memory and host RAM of every stage, from the model's config and the plan.
+
+Each stage is modelled as the code runs it (``docs/budget.md`` lists every term): the weights
+it holds, in the dtypes it holds them, plus what its calls hold at once, traced on the meta
+device through the real modules (:mod:`.traces`). A stage runs in phases (loading, drawing,
+training, saving); its peak is the largest phase, on the device and on the host separately.
+On a CPU the device is the host: every term is counted once, in the device column.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from diffusers_hprune import toy
+from diffusers_hprune.analysis import eval_step_indices, synthetic_report
+from diffusers_hprune.budget.components import PipelineParts, pipeline_parts
+from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_transformer, step_trace, vae_decode_trace
+from diffusers_hprune.families import get_family
+from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
+from diffusers_hprune.families.sizes import is_skipped
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.planning import make_plan
+from diffusers_hprune.profiles import identify
+from diffusers_hprune.utils.errors import HPruneError
+
+GIB = 2**30
+CARDS_GIB = (24, 48, 80)
+CUDA_RESERVE = GIB  # CUDA context and allocator slack, on top of the predicted peak
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+_MIXED = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class BudgetError(HPruneError):
+    """Budget options that describe no run."""
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """The run the budget is for: the flags of ``hprune analyze`` / ``distill`` / ``quantize`` that change memory."""
+
+    device: str = "cuda"  # what the stages run on: "cuda" or "cpu"
+    resolution: int | None = None  # analysis, training data and training (default: the model's profile)
+    # distillation
+    mixed_precision: str = "bf16"
+    train_batch_size: int = 4
+    lora_rank: int = 0
+    teacher_4bit: bool = False
+    use_8bit_adam: bool = False
+    gradient_checkpointing: bool = False
+    pwp: bool = True
+    sgdistill: bool = True
+    r_thres: float = 0.25
+    train_samples: int = 1000
+    cache_batch_size: int = 8
+    num_processes: int = 1
+    # analysis
+    analysis_prompts: int = 8
+    analysis_batch_size: int = 8
+    eval_steps: int = 4
+    cache_device: str | None = None  # None: beside the model; "cpu": host memory
+    steps: int | None = None  # denoising steps of analysis and the training data (default: the profile's)
+    # inference of the result (the paper's protocol)
+    inference_resolution: int | None = None  # default: the model's profile (1024 for SD3.5 and FLUX.1)
+    inference_max_sequence_length: int | None = None  # default: 256 for SD3 (77 + 256 tokens), 512 for FLUX
+
+    def check(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise BudgetError(f"device must be 'cuda' or 'cpu', got {self.device!r}.")
+        if self.mixed_precision not in _MIXED:
+            raise BudgetError(f"--mixed-precision must be one of {', '.join(_MIXED)}, got {self.mixed_precision!r}.")
+        if self.teacher_4bit and self.device != "cuda":
+            raise BudgetError("--teacher-4bit needs CUDA (Diffusers quantises with bitsandbytes on GPUs only).")
+        for name in ("train_batch_size", "train_samples", "cache_batch_size", "num_processes", "analysis_prompts",
+                     "analysis_batch_size", "eval_steps", "inference_resolution", "resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BudgetError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.lora_rank < 0:
+            raise BudgetError(f"--lora-rank must be >= 0 (0 trains full weights), got {self.lora_rank}.")
+
+
+@dataclass
+class StageBudget:
+    """One stage's predicted peak: the terms alive at the device's peak and at the host's peak (bytes)."""
+
+    stage: str
+    device: dict[str, int]
+    host: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+    def fits(self) -> dict[int, bool]:
+        """Card size (GiB) -> whether the device peak, plus 1 GiB of CUDA context and slack, fits it."""
+        return {gib: self.device_peak + CUDA_RESERVE <= gib * GIB for gib in CARDS_GIB}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "device_peak": self.device_peak, "host_peak": self.host_peak,
+                "device": dict(self.device), "host": dict(self.host),
+                "fits": {f"{k} GB": v for k, v in self.fits().items()}, "notes": list(self.notes)}
+
+
+@dataclass
+class Budget:
+    """Every stage's budget for one model, plan and set of options."""
+
+    model: str
+    profile: str
+    plan: str
+    removed_fraction: float
+    options: BudgetOptions
+    stages: list[StageBudget]
+    notes: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> StageBudget:
+        for s in self.stages:
+            if s.stage == name:
+                return s
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(s.stage for s in self.stages)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"model": self.model, "profile": self.profile, "plan": self.plan,
+                "removed_fraction": self.removed_fraction, "options": asdict(self.options),
+                "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes)}
+
+
+def _merge_on_cpu(options: BudgetOptions, device: dict[str, int], host: dict[str, int]) -> tuple[dict, dict]:
+    """On a CPU the device is the host: one column."""
+    if options.device == "cpu":
+        return {**device, **{k: v for k, v in host.items() if k not in device}}, {}
+    return device, host
+
+
+def _peak_phase(options: BudgetOptions, phases: list[tuple[str, dict[str, int], dict[str, int]]]):
+    """The phase with the largest device peak, and the one with the largest host peak."""
+    merged = [(name, *_merge_on_cpu(options, d, h)) for name, d, h in phases]
+    dev = max(merged, key=lambda p: sum(p[1].values()))
+    host = max(merged, key=lambda p: sum(p[2].values()))
+    return dev, host
+
+
+def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tuple[PrunePlan, str]:
+    family = get_family(config)
+    if plan is not None:
+        return family.check_plan(plan, config), plan.describe()
+    if ratio is None:
+        ratio = 0.3
+    report = synthetic_report(config)
+    outcome = make_plan(report.contributions(), inspect_transformer(config), ratio=ratio)
+    return outcome.plan, (f"a {ratio:.0%} HPP plan from a synthetic analysis (later blocks matter less; which blocks "
+                          "go changes little in the bytes): " + outcome.plan.describe())
+
+
+def _nf4_working_bytes(config: dict, plan: PrunePlan, compute_bytes: int) -> int:
+    """One quantised linear weight dequantised for its matmul: the largest, at the compute dtype."""
+    model = meta_transformer(config, plan, torch.bfloat16)
+    skip = get_family(model).default_nf4_skip_modules
+    sizes = [m.weight.numel() for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)]
+    return max(sizes, default=0) * compute_bytes
+
+
+def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
+            options: BudgetOptions | None = None) -> Budget:
+    """The budget of analysis, distillation, quantisation and inference of ``model`` under ``plan`` (or ``ratio``).
+
+    ``model``: a built-in config name (``sd3.5-large-turbo``, ``flux.1-schnell``, ...), a toy
+    name, a pipeline or transformer folder, a cached Hub id, or a config dict.
+    """
+    options = options or BudgetOptions()
+    options.check()
+    config = load_transformer_config(model if not _is_toy_name(model) else _toy_folder(model))
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if config.get("prune_plan"):
+        raise BudgetError(f"{model} is already pruned; give the original model the stages start from.")
+    family = get_family(config)
+    profile, assumed = identify(model if isinstance(model, str) else config)
+    plan, plan_text = _plan_for(config, plan, ratio)
+    inventory = inspect_transformer(dict(config, prune_plan=plan.to_dict()))
+    original = inspect_transformer(config)
+    parts = pipeline_parts(model, family.name) if isinstance(model, str) else pipeline_parts(None, family.name)
+    notes = [n for n in [assumed] if n] + parts.notes
+    resolution = options.resolution or (profile.resolution if profile else 1024)
+    max_len = profile.max_sequence_length if profile else 256
+    steps = options.steps or (profile.num_inference_steps if profile else 28)
+    cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument in ("guidance_scale",)
+               and not config.get("guidance_embeds") and family.name == "sd3")
+    ctx = _Context(config, plan, inventory, original, parts, options, resolution, max_len, steps, cfg)
+    stages = [_analysis(ctx), _distillation(ctx), _quantisation(ctx)] + _inference(ctx, profile)
+    return Budget(str(model) if not isinstance(model, dict) else config.get("_name_or_path", "config"),
+                  profile.display_name if profile else "unknown (pipeline defaults)", plan_text,
+                  inventory.removed_fraction, options, stages, notes)
+
+
+def _is_toy_name(model) -> bool:
+    return isinstance(model, str) and toy.family_of(model) is not None
+
+
+def _toy_folder(model):
+    return toy.model_path(toy.family_of(model))
+
+
+@dataclass
+class _Context:
+    config: dict
+    plan: PrunePlan
+    inventory: Any
+    original: Any
+    parts: PipelineParts
+    options: BudgetOptions
+    resolution: int
+    max_len: int
+    steps: int
+    cfg: bool  # classifier-free guidance doubles the batch of a transformer call
+
+    def shapes(self, batch: int, resolution: int | None = None, max_len: int | None = None) -> Shapes:
+        r = resolution or self.resolution
+        return Shapes(batch, r, r, max_len or self.max_len, self.parts.clip_length, self.parts.vae_scale_factor)
+
+    def component_bytes(self, nbytes: int) -> dict[str, int]:
+        return {f"{name} (weights)": n * nbytes for name, n in self.parts.params.items()}
+
+
+def _analysis(ctx: _Context) -> StageBudget:
+    o = ctx.options
+    dtype = torch.bfloat16 if o.device == "cuda" else torch.float32
+    nb = DTYPE_BYTES[dtype]
+    batch = min(o.analysis_batch_size, o.analysis_prompts)
+    call_batch = batch * (2 if ctx.cfg else 1)
+    chunks = math.ceil(o.analysis_prompts / batch)
+    fwd = forward_trace(ctx.config, None, ctx.shapes(call_batch), dtype)
+    decode = vae_decode_trace(ctx.parts.vae_config, batch, ctx.resolution, ctx.resolution, dtype)
+    selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
+    pipeline = {"transformer (weights)": ctx.original.nbytes("fp32" if nb == 4 else "bf16"),
+                **ctx.component_bytes(nb)}
+    recorded = {"recorded transformer inputs": fwd.inputs * ctx.steps * chunks}
+    cache = {"block-output cache": fwd.block_outputs * selected}
+    outputs = {"reference and ablated outputs": 2 * fwd.output * selected}
+    on_device_cache = cache if o.cache_device != "cpu" else {}
+    host_cache = cache if o.cache_device == "cpu" else {}
+    phases = [
+        ("loading", {}, dict(pipeline)),
+        ("drawing the calibration images", {**pipeline, **recorded,
+                                            "activations (transformer call or VAE decode)": max(fwd.peak, decode)}, {}),
+        ("cache and ablations", {**pipeline, **recorded, **on_device_cache, **outputs,
+                                 "activations (transformer call)": fwd.peak}, dict(host_cache)),
+    ]
+    (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
+    notes = [f"device peak while {dev_phase}", f"{o.analysis_prompts} prompts, batch {batch}, {ctx.steps} steps, "
+             f"{selected} recorded calls cached, {ctx.resolution}px, {str(dtype).removeprefix('torch.')}"]
+    if o.device == "cuda":
+        notes.append(f"host peak while {host_phase}")
+    return StageBudget("analysis", device, host, notes)
+
+
+def _distillation(ctx: _Context) -> StageBudget:
+    o = ctx.options
+    w = _MIXED[o.mixed_precision] if o.device == "cuda" else torch.float32
+    nb = DTYPE_BYTES[w]
+    wname = "fp32" if nb == 4 else "bf16"
+    use_sg = o.sgdistill and ctx.inventory.removed_fraction >= o.r_thres
+    step = step_trace(ctx.config, ctx.plan, ctx.shapes(o.train_batch_size), w, lora_rank=o.lora_rank, pwp=o.pwp,
+                      gradient_checkpointing=o.gradient_checkpointing, per_block_groups=use_sg)
+    trainable = step.trainable
+    teacher = {"teacher (NF4 weights)" if o.teacher_4bit else f"teacher ({wname} weights)":
+               ctx.original.nbytes("nf4" if o.teacher_4bit else wname)}
+    if o.teacher_4bit:  # no 16-bit teacher to share with: the student holds every kept weight
+        base = ctx.inventory.nbytes(wname) - (0 if o.lora_rank else trainable * nb)
+        student = {f"student ({wname} kept weights)": base, "student (fp32 trainable copies)": 4 * trainable}
+    else:
+        student = {"student (fp32 trainable copies; the rest shares the teacher's)": 4 * trainable}
+    if o.use_8bit_adam:
+        optimizer = {"optimizer state (8-bit AdamW)": 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)}
+        temporaries = 0
+    else:
+        optimizer = {"optimizer state (AdamW, 2 x fp32)": 8 * trainable}
+        # foreach AdamW on CUDA: one fp32 temporary per parameter group; the CPU loop: two of the largest tensor
+        temporaries = 4 * step.largest_group if o.device == "cuda" else 8 * step.largest_param
+    step_peak = step.peak
+    if nb == 2:  # fp32 gradients of the fp32 trainable copies, and autocast's 16-bit copies of them
+        step_peak += (4 - nb) * trainable + nb * trainable
+    step_bytes = max(step_peak, 4 * trainable + temporaries)
+    gen_batch = o.cache_batch_size * (2 if ctx.cfg else 1)
+    draw = forward_trace(ctx.config, None, ctx.shapes(gen_batch), w)
+    sample = (draw.inputs // max(gen_batch, 1)) * 4 // nb  # one sample's latents and text, stored in fp32
+    encoders = ctx.component_bytes(nb)
+    records = {f"cached samples ({o.train_samples}, fp32, in host memory until written)": sample * o.train_samples}
+    phases = [
+        # The 16-bit teacher loads on the host and then moves; the NF4 one is quantised onto the GPU as it loads.
+        ("loading", dict(teacher) if o.teacher_4bit else {}, encoders if o.teacher_4bit else {**teacher, **encoders}),
+        ("drawing the training data", {**teacher, **student, **encoders,
+                                       f"activations (teacher call, batch {gen_batch})": draw.peak}, records),
+        ("training", {**teacher, **student, **optimizer,
+                      f"step: activations, block features, gradients (batch {o.train_batch_size})": step_bytes},
+         dict(encoders)),
+        ("saving", {**teacher, **student, **optimizer}, {**encoders,
+                                                          "trained student (fp32, gathered)": ctx.inventory.nbytes("fp32")}),
+    ]
+    (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
+    mode = ", ".join(filter(None, [f"LoRA r={o.lora_rank}" if o.lora_rank else "full weights",
+                                   "8-bit AdamW" if o.use_8bit_adam else "AdamW",
+                                   "NF4 teacher" if o.teacher_4bit else f"{wname} teacher",
+                                   "gradient checkpointing" if o.gradient_checkpointing else "",
+                                   "PWP" if o.pwp else "no PWP", "SGDistill" if use_sg else ""]))
+    notes = [mode, f"{trainable:,} trainable parameters", f"device peak while {dev_phase}"]
+    if o.device == "cuda":
+        notes.append(f"host peak while {host_phase}, per process")
+        if o.num_processes > 1:
+            notes.append(f"{o.num_processes} processes (DDP): every GPU holds the device figure, and the host holds "
+                         f"{o.num_processes} x the loading phase ({o.num_processes * sum(phases[0][2].values()) / 1e9:.1f}"
+                         " GB) while they load")
+    return StageBudget("distillation", device, host, notes)
+
+
+def _quantisation(ctx: _Context) -> StageBudget:
+    o = ctx.options
+    sixteen = ctx.inventory.nbytes("bf16")
+    nf4 = ctx.inventory.nbytes("nf4")
+    stored = ctx.inventory.nbytes("fp32")  # `hprune distill` saves the student in fp32
+    shard = min(stored, 10 * 10**9)  # Diffusers' default max_shard_size: one shard read at a time
+    phases = [
+        ("loading", {}, {"transformer (bf16 weights)": sixteen, "one checkpoint shard (fp32, as saved)": shard}),
+        ("quantising", {"transformer (bf16 weights)": sixteen, "transformer (NF4 weights)": nf4}, {}),
+    ]
+    (dev_phase, device, _), (_, _, host) = _peak_phase(o, phases)
+    return StageBudget("quantisation", device, host, [f"device peak while {dev_phase}"])
+
+
+def _inference(ctx: _Context, profile) -> list[StageBudget]:
+    o = ctx.options
+    family = get_family(ctx.config)
+    paper = 512 if family.name == "flux" else 256  # the paper's protocol: 77 + 256 tokens for SD3.5, 512 for FLUX
+    max_len = o.inference_max_sequence_length or (paper if profile is None or not profile.name.startswith("toy")
+                                                  else profile.max_sequence_length)
+    dtype = torch.bfloat16 if o.device == "cuda" else torch.float32
+    nb = DTYPE_BYTES[dtype]
+    resolution = o.inference_resolution or (profile.resolution if profile else 1024)
+    shapes = ctx.shapes(1, resolution, max_len)
+    tokens = family.text_tokens(max_len, ctx.parts.clip_length)
+    out = []
+    for label, plan, weights in (("inference (original, 16-bit)", None, ctx.original.nbytes("bf16")),
+                                 ("inference (pruned, 16-bit)", ctx.plan, ctx.inventory.nbytes("bf16")),
+                                 ("inference (pruned, NF4)", ctx.plan, ctx.inventory.nbytes("nf4"))):
+        act = forward_trace(ctx.config, plan, shapes, dtype).peak
+        device = {"transformer (weights)": weights, "activations (one call)": act}
+        if "NF4" in label:
+            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.config, ctx.plan, nb)
+        host = {"transformer (weights, loading)": weights} if o.device == "cuda" else {}
+        out.append(StageBudget(label, device, host, [
+            f"transformer only, batch 1, {resolution}x{resolution}, {tokens} text tokens"]))
+    return out
+
+
+def with_options(options: BudgetOptions, **changes) -> BudgetOptions:
+    return replace(options, **changes)
+
+
+__all__ = ["CARDS_GIB", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict", "with_options"]

@@ -1,0 +1,135 @@
+"""hprune budget: meta-device traces equal the same code on real tensors, and the stage terms follow the options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffusers_hprune import toy
+from diffusers_hprune.budget import BudgetError, BudgetOptions, predict
+from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_inputs, meta_transformer, step_peak, step_trace
+from diffusers_hprune.cli import main
+from diffusers_hprune.commands.budget import format_budget
+from diffusers_hprune.families import get_family
+from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.live_memory import LiveTensorBytes
+
+
+def _real_like(inputs: dict) -> dict:
+    return {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _toy_transformer(family: str):
+    folder = toy.model_path(family)
+    config = load_transformer_config(folder)
+    model = get_family(config).base_class.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    return config, model.eval()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_forward_trace_on_meta_equals_the_real_call(family):
+    config, model = _toy_transformer(family)
+    shapes = Shapes(batch=2, height=64, width=64, max_sequence_length=16, clip_length=10, vae_scale_factor=2)
+    predicted = forward_trace(config, None, shapes, torch.float32)
+    inputs = _real_like(meta_inputs(meta_transformer(config, None, torch.float32), shapes, torch.float32))
+    counter = LiveTensorBytes([*model.parameters(), *model.buffers(), inputs])
+    sizes = []
+    hooks = [model.get_submodule(s.path).register_forward_hook(
+        lambda m, a, out: sizes.append(sum(t.numel() * t.element_size() for t in out if t is not None)))
+        for s in get_family(model).block_specs(model.config)]
+    with torch.no_grad(), counter:
+        out = model(**inputs, return_dict=False)[0]
+    for h in hooks:
+        h.remove()
+    assert predicted.peak == counter.peak > 0
+    assert predicted.block_outputs == sum(sizes)
+    assert predicted.output == out.numel() * out.element_size()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_step_trace_on_meta_equals_the_real_step(family):
+    config, teacher = _toy_transformer(family)
+    teacher.requires_grad_(False)
+    plan = PrunePlan(family=get_family(config).name, num_blocks=get_family(config).num_blocks(config), removed_blocks=[2])
+    shapes = Shapes(batch=2, height=32, width=32, max_sequence_length=8, clip_length=10, vae_scale_factor=2)
+    predicted = step_trace(config, plan, shapes, torch.float32, pwp=False)
+    student = prune_transformer(teacher, plan)  # shares the teacher's weights, as the trainer's does
+    for p in student.parameters():
+        p.data = p.data.clone()
+    student.requires_grad_(True).train()
+    inputs = _real_like(meta_inputs(meta_transformer(config, plan, torch.float32), shapes, torch.float32))
+    channels = get_family(config).latent_channels(config)
+    latents = torch.randn(2, channels, 16, 16)
+    peak, gradients = step_peak(teacher, student, inputs, latents)
+    assert predicted.peak == peak > 0
+    assert predicted.gradients == gradients == 4 * sum(p.numel() for p in student.parameters())
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_and_lora_lower_the_traced_step():
+    config = load_transformer_config("sd3.5-medium")
+    plan = PrunePlan(family=get_family(config).name, num_blocks=get_family(config).num_blocks(config), removed_blocks=[2, 3])
+    shapes = Shapes(batch=2, height=1024, width=1024, max_sequence_length=256)
+    full = step_trace(config, plan, shapes, torch.bfloat16)
+    checkpointed = step_trace(config, plan, shapes, torch.bfloat16, gradient_checkpointing=True)
+    lora = step_trace(config, plan, shapes, torch.bfloat16, lora_rank=8)
+    assert checkpointed.peak < full.peak
+    assert lora.trainable < full.trainable / 10 and lora.gradients < full.gradients / 10
+
+
+@pytest.mark.slow
+def test_full_size_inference_matches_the_papers_peaks():
+    """Transformer-only inference at the paper's protocol: original SD3.5 Large 15.8 GiB, FLUX.1-schnell 22.6 GiB."""
+    sd3 = predict("sd3.5-large-turbo", ratio=0.3)
+    original = sd3.stage("inference (original, 16-bit)")
+    assert abs(original.device_peak / 2**30 - 15.8) < 0.5
+    nf4 = sd3.stage("inference (pruned, NF4)")
+    assert abs(nf4.device_peak / 2**30 - 3.24) < 0.3
+    assert nf4.device_peak < sd3.stage("inference (pruned, 16-bit)").device_peak < original.device_peak
+    assert "333 text tokens" in original.notes[0]
+
+
+def test_options_change_the_terms_they_should():
+    base = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1))
+    nf4 = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, teacher_4bit=True, lora_rank=4))
+    config = load_transformer_config(toy.model_path("sd3"))
+    original = inspect_transformer(config)
+    d_base, d_nf4 = base.stage("distillation"), nf4.stage("distillation")
+    assert d_base.device["teacher (bf16 weights)"] == original.nbytes("bf16")
+    assert d_nf4.device["teacher (NF4 weights)"] == original.nbytes("nf4")
+    assert not any("bf16 weights" in k for k in d_nf4.device if k.startswith("teacher"))
+    assert d_nf4.device_peak < d_base.device_peak
+    cpu_cache = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, cache_device="cpu"))
+    assert "block-output cache" in base.stage("analysis").device
+    assert "block-output cache" not in cpu_cache.stage("analysis").device
+    cache = base.stage("analysis").device["block-output cache"]
+    assert cpu_cache.stage("analysis").host_peak >= cache > 0
+    assert cpu_cache.stage("analysis").device_peak < base.stage("analysis").device_peak
+    table = format_budget(base)
+    for stage in ("analysis", "distillation", "quantisation", "inference (pruned, NF4)"):
+        assert f"\n{stage} " in table
+    assert "fits:" in table and "24 GB" in table and "teacher (bf16 weights)" in table
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(BudgetError, match="teacher-4bit needs CUDA"):
+        predict("sd3", options=BudgetOptions(device="cpu", teacher_4bit=True))
+    with pytest.raises(BudgetError, match="train-batch-size must be at least 1"):
+        predict("sd3", options=BudgetOptions(train_batch_size=0))
+
+
+def test_budget_command_prints_a_table_and_json(capsys, tmp_path):
+    config = load_transformer_config(toy.model_path("sd3"))
+    plan = PrunePlan(family=get_family(config).name, num_blocks=get_family(config).num_blocks(config), removed_blocks=[9, 10])
+    plan.save(tmp_path / "plan.json")
+    assert main(["budget", "sd3", "--plan", str(tmp_path / "plan.json"), "--json", "--lora-rank", "4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert data["plan"].startswith("sd3") and data["options"]["lora_rank"] == 4
+    distill = stages["distillation"]
+    assert distill["device_peak"] == sum(distill["device"].values()) and isinstance(distill["device_peak"], int)
+    assert set(distill["fits"]) == {"24 GB", "48 GB", "80 GB"}
