@@ -95,7 +95,8 @@ def test_full_size_inference_matches_the_papers_peaks():
 
 def test_options_change_the_terms_they_should():
     base = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1))
-    nf4 = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, teacher_4bit=True, lora_rank=4))
+    nf4 = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, teacher_4bit=True, lora_rank=4),
+                  stages=("distillation",))
     config = load_transformer_config(toy.model_path("sd3"))
     original = inspect_transformer(config)
     d_base, d_nf4 = base.stage("distillation"), nf4.stage("distillation")
@@ -103,7 +104,8 @@ def test_options_change_the_terms_they_should():
     assert d_nf4.device["teacher (NF4 weights)"] == original.nbytes("nf4")
     assert not any("bf16 weights" in k for k in d_nf4.device if k.startswith("teacher"))
     assert d_nf4.device_peak < d_base.device_peak
-    cpu_cache = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, cache_device="cpu"))
+    cpu_cache = predict("sd3", ratio=0.3, options=BudgetOptions(train_batch_size=1, cache_device="cpu"),
+                        stages=("analysis",))
     assert "block-output cache" in base.stage("analysis").device
     assert "block-output cache" not in cpu_cache.stage("analysis").device
     cache = base.stage("analysis").device["block-output cache"]
@@ -133,3 +135,35 @@ def test_budget_command_prints_a_table_and_json(capsys, tmp_path):
     distill = stages["distillation"]
     assert distill["device_peak"] == sum(distill["device"].values()) and isinstance(distill["device_peak"], int)
     assert set(distill["fits"]) == {"24 GB", "48 GB", "80 GB"}
+
+
+def test_a_stage_that_would_not_fit_is_refused_with_the_flags_that_fit():
+    from diffusers_hprune.budget import fit
+    from diffusers_hprune.budget.stages import CUDA_RESERVE
+
+    config = load_transformer_config(toy.model_path("sd3"))
+    plan = PrunePlan(family="sd3", num_blocks=get_family(config).num_blocks(config), removed_blocks=[9, 10])
+    options = BudgetOptions(train_batch_size=4)
+    need = predict("sd3", plan, options=options, stages=("distillation",)).stage("distillation").device_peak
+    fit.check_fits("distillation", "sd3", plan, options, capacity=CUDA_RESERVE + need)  # fits exactly: no error
+    with pytest.raises(BudgetError) as err:
+        fit.check_fits("distillation", "sd3", plan, options, capacity=CUDA_RESERVE + need - 1)
+    message = str(err.value)
+    assert "distillation stage would need" in message and "--gradient_checkpointing" in message
+    assert "--no-budget-check" in message
+
+
+@pytest.mark.slow
+def test_distill_command_refuses_a_run_that_would_not_fit_before_writing(tmp_path, capsys, monkeypatch):
+    from diffusers_hprune.budget import fit
+    from diffusers_hprune.budget.stages import CUDA_RESERVE
+
+    config = load_transformer_config(toy.model_path("sd3"))
+    plan = PrunePlan(family="sd3", num_blocks=get_family(config).num_blocks(config), removed_blocks=[9, 10])
+    plan.save(tmp_path / "plan.json")
+    monkeypatch.setattr(fit, "gpu_memory", lambda: CUDA_RESERVE + 1024)  # a GPU too small for anything
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", "sd3", "--plan", str(tmp_path / "plan.json"), "--prompts",
+                 str(tmp_path / "plan.json"), "--output_dir", str(out), "--max_train_steps", "1"])
+    assert code == 2 and "distillation stage would need" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was loaded or written

@@ -44,6 +44,8 @@ class PipelineParts:
 
     params: dict[str, int]
     vae_config: dict[str, Any]
+    stored: dict[str, int] = field(default_factory=dict)
+    """Bytes of each component's checkpoint files (the transformer's too, for a folder); default: 2 per parameter."""
     clip_length: int = 77
     source: str = "published"  # or the folder read
     notes: list[str] = field(default_factory=list)
@@ -58,7 +60,12 @@ class PipelineParts:
 
 def safetensors_params(folder: Path) -> int:
     """Elements of every tensor in the ``*.safetensors`` files of ``folder``, from their headers alone."""
-    total = 0
+    return safetensors_sizes(folder)[0]
+
+
+def safetensors_sizes(folder: Path) -> tuple[int, int]:
+    """``(elements, bytes)`` of every tensor in the ``*.safetensors`` files of ``folder``, from their headers alone."""
+    total = nbytes = 0
     for file in sorted(folder.glob("*.safetensors")):
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -69,7 +76,9 @@ def safetensors_params(folder: Path) -> int:
                 for d in entry["shape"]:
                     n *= d
                 total += n
-    return total
+                start, end = entry["data_offsets"]
+                nbytes += end - start
+    return total, nbytes
 
 
 def pipeline_parts(model, family: str) -> PipelineParts:
@@ -77,17 +86,22 @@ def pipeline_parts(model, family: str) -> PipelineParts:
     folder = pipeline_folder(model) if isinstance(model, (str, Path)) else None
     if folder is None or not (folder / "model_index.json").is_file():
         return PipelineParts(dict(PUBLISHED_PARAMS[family]), dict(PUBLISHED_VAE[family]),
+                             {k: 2 * v for k, v in PUBLISHED_PARAMS[family].items()},
                              notes=["text encoders and VAE: the published sizes of the family's components"])
-    params = {}
-    for name in (*ENCODERS, "vae"):
+    params, stored = {}, {}
+    for name in (*ENCODERS, "vae", "transformer"):
         if (folder / name).is_dir():
-            params[name] = safetensors_params(folder / name)
+            numel, nbytes = safetensors_sizes(folder / name)
+            stored[name] = nbytes
+            if name != "transformer":
+                params[name] = numel
     vae_config = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
     clip_length = 77
     tokenizer = folder / "tokenizer" / "tokenizer_config.json"
     if tokenizer.is_file():
         clip_length = int(json.loads(tokenizer.read_text(encoding="utf-8")).get("model_max_length", 77))
-    return PipelineParts(params, vae_config, clip_length, str(folder))
+    return PipelineParts(params, vae_config, stored, clip_length, str(folder))
 
 
-__all__ = ["PUBLISHED_PARAMS", "PUBLISHED_VAE", "PipelineParts", "pipeline_parts", "safetensors_params"]
+__all__ = ["PUBLISHED_PARAMS", "PUBLISHED_VAE", "PipelineParts", "pipeline_parts", "safetensors_params",
+           "safetensors_sizes"]

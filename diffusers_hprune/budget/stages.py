@@ -21,7 +21,7 @@ from diffusers_hprune.budget.components import PipelineParts, pipeline_parts
 from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_transformer, step_trace, vae_decode_trace
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.families.sizes import is_skipped
+from diffusers_hprune.families.sizes import is_skipped, unquantized_bytes
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 from diffusers_hprune.profiles import identify
@@ -171,12 +171,16 @@ def _nf4_working_bytes(config: dict, plan: PrunePlan, compute_bytes: int) -> int
     return max(sizes, default=0) * compute_bytes
 
 
+STAGES = ("analysis", "distillation", "quantisation", "inference")
+
+
 def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
-            options: BudgetOptions | None = None) -> Budget:
+            options: BudgetOptions | None = None, stages=STAGES) -> Budget:
     """The budget of analysis, distillation, quantisation and inference of ``model`` under ``plan`` (or ``ratio``).
 
     ``model``: a built-in config name (``sd3.5-large-turbo``, ``flux.1-schnell``, ...), a toy
-    name, a pipeline or transformer folder, a cached Hub id, or a config dict.
+    name, a pipeline or transformer folder, a cached Hub id, or a config dict. ``stages``: the
+    stages to predict (default all; ``inference`` gives the three inference rows).
     """
     options = options or BudgetOptions()
     options.check()
@@ -197,7 +201,12 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument in ("guidance_scale",)
                and not config.get("guidance_embeds") and family.name == "sd3")
     ctx = _Context(config, plan, inventory, original, parts, options, resolution, max_len, steps, cfg)
-    stages = [_analysis(ctx), _distillation(ctx), _quantisation(ctx)] + _inference(ctx, profile)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise BudgetError(f"Unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
+    built = {"analysis": lambda: [_analysis(ctx)], "distillation": lambda: [_distillation(ctx)],
+             "quantisation": lambda: [_quantisation(ctx)], "inference": lambda: _inference(ctx, profile)}
+    stages = [s for name in STAGES if name in stages for s in built[name]()]
     return Budget(str(model) if not isinstance(model, dict) else config.get("_name_or_path", "config"),
                   profile.display_name if profile else "unknown (pipeline defaults)", plan_text,
                   inventory.removed_fraction, options, stages, notes)
@@ -231,6 +240,35 @@ class _Context:
     def component_bytes(self, nbytes: int) -> dict[str, int]:
         return {f"{name} (weights)": n * nbytes for name, n in self.parts.params.items()}
 
+    def loading(self, nbytes: int, components: bool = True, transformer: tuple[int, int] | None = None) -> dict:
+        """Host terms while ``from_pretrained`` runs: every checkpoint file, memory-mapped and read, and the weights
+        it is converted into when the dtype differs (in the stored dtype the weights are the mapped pages).
+
+        ``transformer``: ``(weight bytes at the load dtype, bytes of its files)``.
+        """
+        items = [(name, n * nbytes, self.parts.stored.get(name, 2 * n))
+                 for name, n in (self.parts.params.items() if components else ())]
+        if transformer is not None:
+            items.append(("transformer", *transformer))
+        terms = {}
+        for name, weights, stored in items:
+            terms[f"{name} (checkpoint files, mapped while loading)"] = stored
+            if stored != weights:
+                terms[f"{name} (weights)"] = weights
+        if transformer is not None:
+            terms.update(self.constructor_buffers())
+        return terms
+
+    def constructor_buffers(self, plan: PrunePlan | None = None) -> dict[str, int]:
+        """The float buffers the transformer's constructor computes in fp32 (SD3: its positional table), alive
+        until the loaded values replace them."""
+        model = meta_transformer(self.config, plan, torch.float32)
+        n = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+        return {"transformer (buffers built by its constructor, fp32)": 4 * n} if n else {}
+
+    def transformer_files(self) -> int:
+        return self.parts.stored.get("transformer", self.original.nbytes("bf16"))
+
 
 def _analysis(ctx: _Context) -> StageBudget:
     o = ctx.options
@@ -250,7 +288,7 @@ def _analysis(ctx: _Context) -> StageBudget:
     on_device_cache = cache if o.cache_device != "cpu" else {}
     host_cache = cache if o.cache_device == "cpu" else {}
     phases = [
-        ("loading", {}, dict(pipeline)),
+        ("loading", {}, ctx.loading(nb, transformer=(pipeline["transformer (weights)"], ctx.transformer_files()))),
         ("drawing the calibration images", {**pipeline, **recorded,
                                             "activations (transformer call or VAE decode)": max(fwd.peak, decode)}, {}),
         ("cache and ablations", {**pipeline, **recorded, **on_device_cache, **outputs,
@@ -291,14 +329,15 @@ def _distillation(ctx: _Context) -> StageBudget:
     if nb == 2:  # fp32 gradients of the fp32 trainable copies, and autocast's 16-bit copies of them
         step_peak += (4 - nb) * trainable + nb * trainable
     step_bytes = max(step_peak, 4 * trainable + temporaries)
-    gen_batch = o.cache_batch_size * (2 if ctx.cfg else 1)
+    gen_batch = min(o.cache_batch_size, o.train_samples) * (2 if ctx.cfg else 1)
     draw = forward_trace(ctx.config, None, ctx.shapes(gen_batch), w)
     sample = (draw.inputs // max(gen_batch, 1)) * 4 // nb  # one sample's latents and text, stored in fp32
     encoders = ctx.component_bytes(nb)
     records = {f"cached samples ({o.train_samples}, fp32, in host memory until written)": sample * o.train_samples}
     phases = [
         # The 16-bit teacher loads on the host and then moves; the NF4 one is quantised onto the GPU as it loads.
-        ("loading", dict(teacher) if o.teacher_4bit else {}, encoders if o.teacher_4bit else {**teacher, **encoders}),
+        ("loading", dict(teacher) if o.teacher_4bit else {},
+         ctx.loading(nb, transformer=None if o.teacher_4bit else (ctx.original.nbytes(wname), ctx.transformer_files()))),
         ("drawing the training data", {**teacher, **student, **encoders,
                                        f"activations (teacher call, batch {gen_batch})": draw.peak}, records),
         ("training", {**teacher, **student, **optimizer,
@@ -328,9 +367,11 @@ def _quantisation(ctx: _Context) -> StageBudget:
     sixteen = ctx.inventory.nbytes("bf16")
     nf4 = ctx.inventory.nbytes("nf4")
     stored = ctx.inventory.nbytes("fp32")  # `hprune distill` saves the student in fp32
-    shard = min(stored, 10 * 10**9)  # Diffusers' default max_shard_size: one shard read at a time
+    shard = min(stored, 10 * 10**9)  # Diffusers' default max_shard_size: one shard mapped at a time
     phases = [
-        ("loading", {}, {"transformer (bf16 weights)": sixteen, "one checkpoint shard (fp32, as saved)": shard}),
+        ("loading", {}, {"transformer (bf16 weights)": sixteen,
+                         "transformer (one fp32 checkpoint shard, mapped while loading)": shard,
+                         **ctx.constructor_buffers(ctx.plan)}),
         ("quantising", {"transformer (bf16 weights)": sixteen, "transformer (NF4 weights)": nf4}, {}),
     ]
     (dev_phase, device, _), (_, _, host) = _peak_phase(o, phases)
@@ -348,15 +389,24 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     resolution = o.inference_resolution or (profile.resolution if profile else 1024)
     shapes = ctx.shapes(1, resolution, max_len)
     tokens = family.text_tokens(max_len, ctx.parts.clip_length)
+    sixteen_part = unquantized_bytes(meta_transformer(ctx.config, ctx.plan, torch.bfloat16))
     out = []
-    for label, plan, weights in (("inference (original, 16-bit)", None, ctx.original.nbytes("bf16")),
-                                 ("inference (pruned, 16-bit)", ctx.plan, ctx.inventory.nbytes("bf16")),
-                                 ("inference (pruned, NF4)", ctx.plan, ctx.inventory.nbytes("nf4"))):
+    for label, plan, files in (("inference (original, 16-bit)", None, ctx.original.nbytes("bf16")),
+                               ("inference (pruned, 16-bit)", ctx.plan, ctx.inventory.nbytes("bf16")),
+                               ("inference (pruned, NF4)", ctx.plan, ctx.inventory.nbytes("nf4"))):
+        nf4 = "NF4" in label
+        # On a GPU the weights compute in bf16 as stored. On a CPU they compute in fp32: the 16-bit tensors are
+        # converted (copies beside the mapped files), the 4-bit codes are used where they were read (no copy).
+        converted = 0 if o.device == "cuda" else (2 * sixteen_part if nf4 else 2 * files)
+        weights = files + (converted // 2 if nf4 else converted - files if converted else 0)
         act = forward_trace(ctx.config, plan, shapes, dtype).peak
         device = {"transformer (weights)": weights, "activations (one call)": act}
-        if "NF4" in label:
+        if nf4:
             device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.config, ctx.plan, nb)
-        host = {"transformer (weights, loading)": weights} if o.device == "cuda" else {}
+        loading = {"transformer (checkpoint files, mapped while loading)": files, **ctx.constructor_buffers(plan)}
+        if converted:
+            loading["transformer (converted weights)"] = converted
+        (_, device, _), (_, _, host) = _peak_phase(o, [("loading", {}, loading), ("one call", device, {})])
         out.append(StageBudget(label, device, host, [
             f"transformer only, batch 1, {resolution}x{resolution}, {tokens} text tokens"]))
     return out
@@ -366,4 +416,4 @@ def with_options(options: BudgetOptions, **changes) -> BudgetOptions:
     return replace(options, **changes)
 
 
-__all__ = ["CARDS_GIB", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict", "with_options"]
+__all__ = ["CARDS_GIB", "STAGES", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict", "with_options"]

@@ -10,6 +10,8 @@ import torch
 
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
+from diffusers_hprune.budget import BudgetOptions
+from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import metric_args, parse_bytes
 from diffusers_hprune.metrics import metric_names
 from diffusers_hprune.utils.distributed import process_state
@@ -55,6 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-cache-bytes", type=parse_bytes, metavar="SIZE",
                    help="refuse a block-output cache above SIZE (e.g. 20GB), before it is built (default: no bound)")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
+    p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
+                   help="on a GPU, start even when `hprune budget` predicts the analysis will not fit its memory")
     p.add_argument("--synthetic", action="store_true",
                    help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "
                    "planning and memory estimates")
@@ -75,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
             prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as e:
             raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.") from e
+    if args.budget_check and args.dtype in (None, "bfloat16"):  # before any weight is loaded (no-op without CUDA)
+        check_fits("analysis", args.model, options=BudgetOptions(
+            analysis_prompts=len(prompts) if prompts else args.n_prompts, analysis_batch_size=args.batch_size,
+            eval_steps=args.eval_steps, cache_device="cpu" if args.cache_device == "cpu" else None, steps=args.steps,
+            resolution=args.height))
     report = analyze(
         args.model, args.out, metric=args.metric, metric_options=metric_args(args.metric_arg), prompts=prompts,
         n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from diffusers_hprune.budget import BudgetOptions
+from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes
 from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.compress.run import compress
@@ -34,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--push", metavar="ORG/NAME", help="publish the result to the Hub")
     p.add_argument("--private", action="store_true")
     p.add_argument("--license", help="the base model's license id, for the card")
+    p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
+                   help="on a GPU, start even when `hprune budget` predicts a stage will not fit its memory")
     add_config_flags(p)
     p.set_defaults(func=run)
 
@@ -45,6 +49,16 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
-    compress(args.model, args.out, HPruneConfig(**values), prompts=prompts, eval_prompts=eval_prompts, push=args.push,
+    config = HPruneConfig(**values)
+    if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
+        check_fits("analysis", args.model, options=BudgetOptions(analysis_prompts=config.analysis_prompts,
+                                                                 eval_steps=config.eval_steps))
+        if config.distill:
+            check_fits("distillation", args.model, options=BudgetOptions(
+                mixed_precision=config.mixed_precision, train_batch_size=config.train_batch_size,
+                lora_rank=config.lora_rank, gradient_checkpointing=config.gradient_checkpointing, pwp=config.pwp,
+                sgdistill=config.sgdistill, r_thres=config.r_thres,
+                train_samples=len(prompts) if prompts else config.train_prompts), ratio=config.ratio)
+    compress(args.model, args.out, config, prompts=prompts, eval_prompts=eval_prompts, push=args.push,
              private=args.private, license=args.license)
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from diffusers_hprune.budget.fit import check_fits, distill_options
 from diffusers_hprune.distillation.arguments import add_distill_arguments, config_from_args
 from diffusers_hprune.distillation.trainer import distill
+from diffusers_hprune.plan import PrunePlan
 
 
 def register(subparsers) -> None:
@@ -17,9 +19,14 @@ def register(subparsers) -> None:
         "`accelerate launch -m diffusers_hprune distill ...` for several processes.",
     )
     add_distill_arguments(p)
+    p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
+                   help="on a GPU, start even when `hprune budget` predicts the run will not fit its memory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    distill(config_from_args(args))
+    config = config_from_args(args)
+    if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
+        check_fits("distillation", config.teacher, PrunePlan.load(config.plan), distill_options(config))
+    distill(config)
     return 0

@@ -1,0 +1,307 @@
+"""Issue 15, item 4: the real stages at full depth and reduced width, measured beside `hprune budget`.
+
+    python benchmarks/rehearsal.py [--models sd3.5-large-turbo flux.1-schnell] [--resolution 256] [--device cpu]
+
+For SD3.5 Large Turbo and FLUX.1-schnell it builds a pipeline whose transformer has every block
+of the published config (38; 19 double + 38 single) and the real head size, with the number of
+heads cut (6 x 64 for SD3.5, 3 x 128 for FLUX) and the text width cut to the tiny text encoders',
+real text lengths (CLIP 77 tokens, T5 256), and a 16-channel VAE that downsamples by 8 as the real
+one does (tiny channel counts), stored in bf16 as the published checkpoints are. The folder is named after the model, so every stage takes its
+generation profile (4 steps, no guidance). Then it runs the stages through the package's own API,
+each in a fresh process:
+
+    analyze -> plan (30 %) -> distill (2 steps, batch 2) -> quantize (NF4) -> inference of the result
+
+and records each stage's peak: the growth of the process's peak resident size (``VmHWM`` after
+``clear_refs``) over its size before the stage, on a CPU; ``torch.cuda.max_memory_allocated``
+with ``--device cuda``. Allocations of 128 KiB and more are mapped and unmapped directly
+(``MALLOC_MMAP_THRESHOLD_``), so freed memory leaves the resident size as it does a GPU's
+allocated bytes. Beside each it prints ``hprune budget``'s prediction for the same reduced
+folder, the same plan and options, and the difference; the stages must agree within 15 %.
+Last, the budget of the full-size models. Results go to BENCHMARKS.md.
+
+The analysis computes only the block entries of three blocks (first, middle, last): its peak is
+the block-output cache plus one ablation, which every entry repeats; all entries would take an
+hour on two CPU cores. The 30 % plan therefore comes from a synthetic analysis of the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import markdown_table, update_section  # noqa: E402
+
+MODELS = {
+    "sd3.5-large-turbo": {"folder": "stable-diffusion-3.5-large-turbo", "heads": 6},
+    "flux.1-schnell": {"folder": "FLUX.1-schnell", "heads": 3},
+}
+TOLERANCE = 0.15
+STEPS = 2
+BATCH = 2
+PROMPTS = ["a red circle above a blue square", "two green triangles to the left of a yellow circle"]
+
+
+# -- the reduced pipelines ---------------------------------------------------------------------
+def build(name: str, root: Path) -> Path:
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae
+
+    spec = MODELS[name]
+    folder = root / spec["folder"]
+    if (folder / "model_index.json").is_file():
+        return folder
+    config = {k: v for k, v in load_transformer_config(name).items() if not k.startswith("_")}
+    heads = spec["heads"]
+    torch.manual_seed(0)
+    vae = build_vae(latent_channels=16, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+    if name.startswith("sd3"):
+        config.update(num_attention_heads=heads, caption_projection_dim=heads * config["attention_head_dim"],
+                      joint_attention_dim=64, pooled_projection_dim=64)
+        pipe = build_sd3_pipeline(SD3Transformer2DModel(**config), t5_d_model=64, vae=vae)
+    else:
+        config.update(num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=32)
+        pipe = build_flux_pipeline(FluxTransformer2DModel(**config), t5_d_model=64, vae=vae)
+    pipe.to(torch.bfloat16).save_pretrained(folder)  # stored in bf16, as the published checkpoints are
+    return folder
+
+
+# -- one stage in a fresh process ----------------------------------------------------------------
+def _warm_imports() -> None:
+    import bitsandbytes  # noqa: F401
+    import datasets  # noqa: F401
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from accelerate import Accelerator  # noqa: F401
+
+    import diffusers_hprune  # noqa: F401
+    from diffusers_hprune import analysis, distillation, quantization  # noqa: F401
+
+
+def _warm_up(spec: dict) -> None:
+    """Initialise what every process pays once (kernels, thread pools, the loaders) on the toy of the same family."""
+    import torch
+
+    from diffusers_hprune import toy
+    from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
+    from diffusers_hprune.families import get_family
+    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.quantization import quantize
+
+    config = load_transformer_config(spec["family_config"])
+    name = get_family(config).name
+    pipe = toy.load_pipeline(name, torch.float32)
+    inputs = meta_inputs(meta_transformer(dict(pipe.transformer.config), None, torch.float32),
+                         Shapes(2, 32, 32, 8, 10, pipe.vae_scale_factor), torch.float32)
+    inputs = {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    pipe.transformer(**inputs, return_dict=False)[0].sum().backward()
+    with torch.no_grad():
+        quantize(pipe.transformer)(**inputs, return_dict=False)
+    del pipe
+
+
+def _stage(stage: str, spec: dict) -> None:
+    import torch
+
+    from diffusers_hprune.families import get_family
+
+    if stage == "analyze":
+        from diffusers_hprune.analysis import analyze
+        from diffusers_hprune.contributions import ContributionReport
+
+        family = get_family(json.loads((Path(spec["model"]) / "transformer" / "config.json").read_text()))
+        blocks = family.num_blocks(json.loads((Path(spec["model"]) / "transformer" / "config.json").read_text()))
+        keep = {(0, "block"), (blocks // 2, "block"), (blocks - 1, "block")}
+        original = ContributionReport.expected_keys
+        ContributionReport.expected_keys = lambda self: [k for k in original(self) if k in keep]
+        analyze(spec["model"], spec["out"], n_prompts=spec["prompts"], batch_size=spec["batch"],
+                eval_steps=spec["eval_steps"], height=spec["resolution"], width=spec["resolution"],
+                torch_dtype=torch.float32, progress=False)
+    elif stage == "distill":
+        from diffusers_hprune.distillation.trainer import DistillConfig, distill
+
+        distill(DistillConfig(**{k: v for k, v in spec.items() if k != "family_config"}))
+    elif stage == "quantize":
+        from diffusers_hprune.quantization import quantize_pipeline
+
+        quantize_pipeline(spec["source"], spec["out"], overwrite=True)
+    elif stage == "inference":
+        from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
+        from diffusers_hprune.families.inventory import load_transformer_config
+        from diffusers_hprune.models import pruned_class_for
+
+        config = load_transformer_config(spec["model"])
+        family = get_family(config)
+        model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer").eval()
+        r = spec["resolution"]
+        shapes = Shapes(1, r, r, spec["max_sequence_length"], 77, 8)
+        inputs = meta_inputs(meta_transformer(config, None, torch.float32), shapes, torch.float32)
+        inputs = {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+                  for k, v in inputs.items()}
+        with torch.no_grad():
+            model(**inputs, return_dict=False)
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+
+
+def child(stage: str, spec: dict, device: str) -> None:
+    import torch
+
+    from diffusers_hprune.utils.live_memory import process_memory, reset_peak_rss
+
+    _warm_imports()
+    _warm_up(spec)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        _stage(stage, spec)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        before = process_memory("VmRSS")
+        reset_peak_rss()
+        _stage(stage, spec)
+        peak = process_memory("VmHWM") - before
+    print("RESULT " + json.dumps({"peak": peak}), flush=True)
+
+
+def run_child(stage: str, spec: dict, device: str) -> int:
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="131072",
+               DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, __file__, "--child", stage, json.dumps(spec), "--device", device],
+                          capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{stage} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])["peak"]
+
+
+# -- the rehearsal -------------------------------------------------------------------------------
+def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[str]]:
+    from diffusers_hprune.analysis import synthetic_report
+    from diffusers_hprune.budget import BudgetOptions, predict
+    from diffusers_hprune.contributions import ContributionReport
+    from diffusers_hprune.families.inventory import inspect_transformer
+    from diffusers_hprune.planning import make_plan
+
+    folder = build(name, root)
+    work = root / f"{name}-run"
+    work.mkdir(exist_ok=True)
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    analysis = work / "analysis.json"
+    analysis.unlink(missing_ok=True)  # this script's own file from an earlier rehearsal: measure a fresh analysis
+    measured = {}
+
+    def run_stage(stage: str, spec: dict) -> int:
+        return run_child(stage, dict(spec, family_config=str(folder)), device)
+
+    print(f"{name}: analyze", flush=True)
+    measured["analysis"] = run_stage("analyze", {"model": str(folder), "out": str(analysis), "prompts": BATCH,
+                                                 "batch": BATCH, "eval_steps": STEPS, "resolution": resolution})
+    ContributionReport.load(analysis)  # written and readable
+    # The plan needs every entry; three were measured, so plan from a synthetic analysis of the same config.
+    plan = make_plan(synthetic_report(folder).contributions(), inspect_transformer(folder), ratio=0.3).plan
+    plan.save(work / "plan.json")
+    print(f"{name}: distill ({plan.describe()})", flush=True)
+    distilled = work / "distilled"
+    measured["distillation"] = run_stage("distill", {
+        "teacher": str(folder), "plan": str(work / "plan.json"), "output_dir": str(distilled),
+        "analysis": str(analysis), "prompts": str(prompts), "max_train_steps": STEPS, "train_batch_size": BATCH,
+        "resolution": resolution, "checkpointing_steps": 0, "progress": False, "overwrite": True,
+        "sgdistill": False})
+    print(f"{name}: quantize", flush=True)
+    quantized = work / "quantized"
+    measured["quantisation"] = run_stage("quantize", {"source": str(distilled), "out": str(quantized)})
+    print(f"{name}: inference", flush=True)
+    measured["inference (pruned, NF4)"] = run_stage("inference", {"model": str(quantized), "resolution": resolution,
+                                                                  "max_sequence_length": 256})
+    options = BudgetOptions(device=device, resolution=resolution, mixed_precision="no", train_batch_size=BATCH,
+                            train_samples=len(PROMPTS), analysis_prompts=BATCH,
+                            analysis_batch_size=BATCH, eval_steps=STEPS, sgdistill=False,
+                            inference_resolution=resolution, inference_max_sequence_length=256)
+    budget = predict(str(folder), plan, options=options)
+    rows = []
+    for stage, value in measured.items():
+        predicted = budget.stage(stage).device_peak
+        diff = (value - predicted) / predicted
+        rows.append([name, stage, f"{value / 2**20:.0f}", f"{predicted / 2**20:.0f}", f"{diff:+.1%}",
+                     "yes" if abs(diff) <= TOLERANCE else "**no**"])
+        print(f"  {stage:26} measured {value / 2**20:8.0f} MiB  predicted {predicted / 2**20:8.0f} MiB  {diff:+.1%}",
+              flush=True)
+    return rows
+
+
+def full_size_rows() -> list[list[str]]:
+    from diffusers_hprune.budget import BudgetOptions, predict
+
+    rows = []
+    modes = [("full weights, AdamW", {}), ("full weights, AdamW, gradient checkpointing, batch 1",
+                                           {"gradient_checkpointing": True, "train_batch_size": 1}),
+             ("LoRA r=64, NF4 teacher, gradient checkpointing, batch 1",
+              {"lora_rank": 64, "teacher_4bit": True, "gradient_checkpointing": True, "train_batch_size": 1})]
+    for name in MODELS:
+        for label, changes in modes:
+            budget = predict(name, ratio=0.3, options=BudgetOptions(**changes))
+            for stage in budget.stages:
+                if stage.stage != "distillation" and label != modes[0][0]:
+                    continue
+                fits = ", ".join(f"{g} GB" for g, ok in stage.fits().items() if ok) or "none"
+                rows.append([name, stage.stage, label if stage.stage == "distillation" else "-",
+                             f"{stage.device_peak / 2**30:.2f}", f"{stage.host_peak / 2**30:.2f}", fits])
+        print(f"{name}: full-size budget done", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--work", default=None, help="folder for the pipelines and runs (default: a temporary one)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    args = parser.parse_args(argv)
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hprune-rehearsal-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [row for name in args.models for row in rehearse(name, root, args.resolution, args.device)]
+    full = full_size_rows()
+    failed = [r for r in rows if r[-1] != "yes"]
+    body = markdown_table(["model (reduced width)", "stage", "measured (MiB)", "predicted (MiB)", "difference",
+                           "within 15 %"], rows)
+    body += (
+        f"\n\nFull depth (every block of the published configs), heads cut (SD3.5: 6 x 64, FLUX: 3 x 128), text "
+        f"width cut to the tiny encoders' (64), real text lengths (CLIP 77 + T5 256), {args.resolution} x "
+        f"{args.resolution} images with an 8x-downsampling 16-channel VAE; fp32 on the {args.device.upper()}. "
+        f"Stages: analysis (2 prompts, batch 2, {STEPS} cached steps; the block entries of three blocks), "
+        f"a 30 % plan, distillation ({STEPS} steps, batch {BATCH}, full weights, AdamW, PWP), NF4 quantisation, "
+        "one call of the NF4 transformer. Measured: growth of the process's peak resident size during the stage, in "
+        "a fresh process (allocations of 128 KiB and more mapped directly); predicted: `hprune budget` for the same "
+        "folder, plan and options (`--device cpu`).\n\n"
+        "The full-size budget (`hprune budget MODEL --ratio 0.3`, bf16 on a GPU, 1024 x 1024):\n\n"
+        + markdown_table(["model", "stage", "distillation mode", "GPU peak (GiB)", "host RAM (GiB)", "fits"], full)
+        + "\n"
+    )
+    print(body)
+    if not args.no_write:
+        update_section("rehearsal", "Rehearsal: full depth, reduced width (issue 15)", body)
+    if failed:
+        raise SystemExit(f"{len(failed)} stage(s) outside 15 %: " + "; ".join(f"{r[0]} {r[1]} {r[4]}" for r in failed))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
+        child(sys.argv[2], json.loads(sys.argv[3]), device)
+    else:
+        main()
