@@ -1,7 +1,8 @@
 """The Accelerate configs shipped in examples/ parse as Accelerate configs and say what their names say.
 
-FSDP and DeepSpeed need GPUs, so they are not run here; DDP is run with 2 CPU processes in
-test_distill_run.py.
+Accelerate sets up FSDP and DeepSpeed on GPUs only, so the trainer does not run under them here
+(docs/budget.md says why); DDP is run with 2 CPU processes in test_distill_run.py, and PyTorch's
+FSDP2 on the pruned student with 2 CPU processes in test_fsdp_cpu.py.
 """
 
 from __future__ import annotations
