@@ -496,3 +496,20 @@ def test_teacher_4bit_never_materialises_a_16_bit_teacher(setup, monkeypatch):
     assert student and all(p.dtype == torch.bfloat16 for p in student.values())
     for name, p in student.items():  # the checkpoint's values, in the weight dtype, not the teacher's tensors
         assert torch.equal(p, reference[name]) and p.untyped_storage().data_ptr() != reference[name].data_ptr()
+
+
+def test_only_the_main_process_loads_the_text_encoders(setup):
+    """Under several processes the others read the cache: they never hold T5 and the CLIPs in host memory."""
+    from diffusers_hprune import PrunePlan
+    from diffusers_hprune.distillation.trainer import DistillConfig, _teacher_and_student
+
+    base, plans = setup
+    _, plan_path, _ = plans["sd3"]
+    config = DistillConfig(teacher="sd3", plan=str(plan_path), output_dir=str(base / "unused"),
+                           prompts=str(base / "prompts.txt"), sgdistill=False)
+    main = _teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"), main=True)
+    other = _teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"), main=False)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert isinstance(getattr(main.pipe, name), torch.nn.Module)
+        assert getattr(other.pipe, name) is None
+    assert other.pipe.vae is not None and other.pipe.vae_scale_factor == main.pipe.vae_scale_factor

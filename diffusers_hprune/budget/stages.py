@@ -356,9 +356,10 @@ def _distillation(ctx: _Context) -> StageBudget:
     if o.device == "cuda":
         notes.append(f"host peak while {host_phase}, per process")
         if o.num_processes > 1:
-            notes.append(f"{o.num_processes} processes (DDP): every GPU holds the device figure, and the host holds "
-                         f"{o.num_processes} x the loading phase ({o.num_processes * sum(phases[0][2].values()) / 1e9:.1f}"
-                         " GB) while they load")
+            others = {k: v for k, v in phases[0][2].items() if not k.startswith("text_encoder")}
+            notes.append(f"{o.num_processes} processes (DDP): every GPU holds the device figure; the host figure is the "
+                         "main process's; each other process loads no text encoder (it reads the cache): "
+                         f"{sum(others.values()) / GIB:.1f} GiB while loading")
     return StageBudget("distillation", device, host, notes)
 
 

@@ -215,8 +215,16 @@ def weight_dtype(config: DistillConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
 
-def _load_teacher(config: DistillConfig, dtype: torch.dtype):
-    pipe, name = load_pipeline(config.teacher, "cpu", dtype)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _without_text_encoders(main: bool) -> dict:
+    """Components to leave unloaded: a process other than the main one never encodes text (it reads the cache)."""
+    return {} if main else dict.fromkeys(TEXT_ENCODERS)
+
+
+def _load_teacher(config: DistillConfig, dtype: torch.dtype, main: bool = True):
+    pipe, name = load_pipeline(config.teacher, "cpu", dtype, **_without_text_encoders(main))
     return pipe, name
 
 
@@ -301,7 +309,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     plan = PrunePlan.load(config.plan)
     resume_path = _resume_point(config, output_dir, say)
 
-    models = _teacher_and_student(config, plan, accelerator.device)
+    models = _teacher_and_student(config, plan, accelerator.device, main=accelerator.is_main_process)
     pwp = apply_pwp(models.student, enabled=config.pwp)
     say(pwp.summary())
     use_sg, lora_config, groups = _trainable_groups(config, models, pwp, say)
@@ -418,19 +426,20 @@ class _Models:
     ratio: float
 
 
-def _teacher_and_student(config: DistillConfig, plan, device) -> _Models:
+def _teacher_and_student(config: DistillConfig, plan, device, main: bool = True) -> _Models:
     """Load the teacher once, in the weight dtype, on the training device; the student is its pruned twin.
 
     The student shares every kept weight with the teacher (``prune_transformer`` copies nothing);
     what will train gets its own float32 copy later (:func:`_own_trainable_copies`), so the
-    teacher is never copied whole.
+    teacher is never copied whole. Only the main process loads the text encoders: it alone encodes
+    the training data into the cache, which the others read.
     """
 
     if config.teacher_4bit:
-        pipe, teacher_name, student = _nf4_teacher_and_student(config, plan, device)
+        pipe, teacher_name, student = _nf4_teacher_and_student(config, plan, device, main)
         teacher = pipe.transformer
     else:
-        pipe, teacher_name = _load_teacher(config, weight_dtype(config))
+        pipe, teacher_name = _load_teacher(config, weight_dtype(config), main)
         teacher = pipe.transformer.to(device)
         student = prune_transformer(teacher, plan)
     family = get_family(teacher)
@@ -483,7 +492,7 @@ def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
     return student
 
 
-def _nf4_teacher_and_student(config: DistillConfig, plan, device):
+def _nf4_teacher_and_student(config: DistillConfig, plan, device, main: bool = True):
     """``--teacher_4bit``: the NF4 teacher loaded directly, the student from the kept tensors of the files."""
     folder = pipeline_folder(config.teacher)
     if folder is None:
@@ -491,7 +500,8 @@ def _nf4_teacher_and_student(config: DistillConfig, plan, device):
                            "or Hub id in the local cache. Download it first (huggingface-cli download ...).")
     dtype = weight_dtype(config)
     teacher = _load_nf4_transformer(folder, dtype)
-    pipe, _ = load_pipeline(folder, None, dtype, transformer=teacher)  # the text encoders stay on the CPU
+    pipe, _ = load_pipeline(folder, None, dtype, transformer=teacher,  # the text encoders stay on the CPU
+                            **_without_text_encoders(main))
     student = _student_from_files(folder / "transformer", plan, dtype, device)
     return pipe, str(config.teacher), student
 
