@@ -165,3 +165,23 @@ def test_avx512_bf16_repacking_is_kept_off_layers_it_cannot_repack(monkeypatch):
     for m in layers:
         m.support_avx512bf16_for_cpu = True
     assert keep_cpu_layout(q) == len(unpackable)
+
+
+def test_cpu_dequantize_bytes_traced_on_meta_equal_a_real_cpu_dequantisation():
+    """The budget's CPU 4-bit working set: the installed computation's peak, meta trace == real run."""
+    import math
+
+    import bitsandbytes.functional as F
+
+    from diffusers_hprune.utils.live_memory import LiveTensorBytes
+    from diffusers_hprune.utils.nf4_cpu import cpu_dequantize, cpu_dequantize_bytes, install_cpu_dequantize
+
+    install_cpu_dequantize()
+    shape = (96, 160)
+    packed, state = F.quantize_4bit(torch.randn(shape), blocksize=64, quant_type="nf4")
+    counter = LiveTensorBytes([packed, state.absmax])
+    with torch.compiler.set_stance("force_eager"), counter:  # the computation itself: its temporaries are seen
+        out = cpu_dequantize(packed, state.absmax, 64, "nf4", shape, torch.float32)
+    assert torch.equal(out, torch.ops.bitsandbytes.dequantize_4bit(packed, state.absmax, 64, "nf4", list(shape),
+                                                                    torch.float32))  # what the operator computes
+    assert cpu_dequantize_bytes(shape) == counter.peak > 4 * math.prod(shape)  # more than its output

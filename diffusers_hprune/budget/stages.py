@@ -26,6 +26,7 @@ from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.nf4_cpu import cpu_dequantize_bytes
 
 GIB = 2**30
 CARDS_GIB = (24, 48, 80)
@@ -162,13 +163,17 @@ def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tupl
                           "go changes little in the bytes): " + outcome.plan.describe())
 
 
-def _nf4_working_bytes(config: dict, plan: PrunePlan, compute_bytes: int) -> int:
-    """One quantised linear weight dequantised for its matmul: the largest, at the compute dtype."""
+def _nf4_working_bytes(config: dict, plan: PrunePlan, device: str) -> int:
+    """One quantised linear weight dequantised for its matmul, the largest: its 16-bit copy on a GPU; on a CPU what
+    the CPU dequantisation holds at once (traced: int32 codes beside their fp32 values, then the fp32 weight)."""
     model = meta_transformer(config, plan, torch.bfloat16)
     skip = get_family(model).default_nf4_skip_modules
-    sizes = [m.weight.numel() for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)]
-    return max(sizes, default=0) * compute_bytes
+    shapes = [tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)]
+    if not shapes:
+        return 0
+    largest = max(shapes, key=math.prod)
+    return cpu_dequantize_bytes(largest) if device == "cpu" else 2 * math.prod(largest)
 
 
 STAGES = ("analysis", "distillation", "quantisation", "inference")
@@ -386,7 +391,6 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     max_len = o.inference_max_sequence_length or (paper if profile is None or not profile.name.startswith("toy")
                                                   else profile.max_sequence_length)
     dtype = torch.bfloat16 if o.device == "cuda" else torch.float32
-    nb = DTYPE_BYTES[dtype]
     resolution = o.inference_resolution or (profile.resolution if profile else 1024)
     shapes = ctx.shapes(1, resolution, max_len)
     tokens = family.text_tokens(max_len, ctx.parts.clip_length)
@@ -403,7 +407,7 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
         act = forward_trace(ctx.config, plan, shapes, dtype).peak
         device = {"transformer (weights)": weights, "activations (one call)": act}
         if nf4:
-            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.config, ctx.plan, nb)
+            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.config, ctx.plan, o.device)
         loading = {"transformer (checkpoint files, mapped while loading)": files, **ctx.constructor_buffers(plan)}
         if converted:
             loading["transformer (converted weights)"] = converted

@@ -78,7 +78,7 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
         codes = codes.view(torch.uint8)
     if codes.numel() * 2 < n:
         raise ValueError(f"{codes.numel()} bytes of 4-bit codes cannot hold a weight of shape {tuple(shape)}.")
-    values = torch.nn.functional.embedding(codes.long(), _pair_table(quant_type)).reshape(-1)[:n]
+    values = torch.nn.functional.embedding(codes.long(), _pair_table(quant_type).to(codes.device)).reshape(-1)[:n]
     scales = absmax.reshape(-1).float()
     full = n - n % blocksize
     out = torch.empty(n, dtype=torch.float32, device=values.device)
@@ -99,6 +99,11 @@ def _bitsandbytes_generic():
     return _dequantize_4bit_compute
 
 
+@functools.cache
+def _code_on(quant_type: str, device: str) -> torch.Tensor:
+    return _code(quant_type).to(device)
+
+
 def _cpu_kernel(generic):
     if generic is None:
         return dequantize_4bit
@@ -106,9 +111,34 @@ def _cpu_kernel(generic):
     def kernel(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
-        return generic(packed.reshape(-1), absmax, _code(quant_type), blocksize, shape, dtype)
+        return generic(packed.reshape(-1), absmax, _code_on(quant_type, str(packed.device)), blocksize, shape, dtype)
 
     return kernel
+
+
+def cpu_dequantize(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The computation :func:`install_cpu_dequantize` installs as the CPU kernel, callable directly (meta tensors too)."""
+    return _cpu_kernel(_bitsandbytes_generic())(A, absmax, blocksize, quant_type, shape, dtype)
+
+
+def cpu_dequantize_bytes(shape: Sequence[int], quant_type: str = "nf4", blocksize: int = 64) -> int:
+    """Most bytes the CPU dequantisation of one 4-bit weight of ``shape`` holds at once, its fp32 output included.
+
+    Traced on the meta device through the computation :func:`install_cpu_dequantize` installs
+    (bitsandbytes' generic path holds int32 codes and their fp32 values together: twice the fp32
+    weight), so a budget counts what a CPU call of a 4-bit layer really holds.
+    """
+    from diffusers_hprune.utils.live_memory import LiveTensorBytes
+
+    n = math.prod(shape)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device="meta")
+    absmax = torch.empty(math.ceil(n / blocksize), device="meta")
+    _code_on(quant_type, "meta"), _pair_table(quant_type)  # the code tables exist before: not the weight's
+    counter = LiveTensorBytes([packed, absmax])
+    with torch.compiler.set_stance("force_eager"), counter:
+        cpu_dequantize(packed, absmax, blocksize, quant_type, tuple(shape), torch.float32)
+    return counter.peak
 
 
 def install_cpu_dequantize() -> bool:
