@@ -24,7 +24,7 @@ from layers it cannot re-pack: an ``in_features`` not a multiple of the block si
 :func:`cpu_nf4_loading` lets Diffusers' loader read pre-quantised NF4 weights on a machine without
 a GPU (Diffusers' 4-bit quantizer refuses to start there; bitsandbytes runs NF4 on the CPU).
 
-Importing this module imports nothing but torch; bitsandbytes and Diffusers' quantizer are
+Importing this module imports nothing but torch (and the tensor counter of :mod:`.live_memory`); bitsandbytes and Diffusers' quantizer are
 imported when used. It knows nothing of the project's models, so the pruned model classes
 (below every stage) and the quantisation stage both use it.
 """
@@ -39,6 +39,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+
+from diffusers_hprune.utils.live_memory import LiveTensorBytes
 
 _lock = threading.Lock()
 _library = None  # the torch.library.Library holding our CPU kernel, once installed
@@ -129,8 +131,6 @@ def cpu_dequantize_bytes(shape: Sequence[int], quant_type: str = "nf4", blocksiz
     (bitsandbytes' generic path holds int32 codes and their fp32 values together: twice the fp32
     weight), so a budget counts what a CPU call of a 4-bit layer really holds.
     """
-    from diffusers_hprune.utils.live_memory import LiveTensorBytes
-
     n = math.prod(shape)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device="meta")
     absmax = torch.empty(math.ceil(n / blocksize), device="meta")
