@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.distillation.trainer import TEXT_ENCODERS
 from diffusers_hprune.loading import pipeline_folder
 
 # Parameter counts of the published components (the safetensors headers of the Hub checkpoints).
@@ -35,7 +36,6 @@ _VAE_LAYOUT = {
 }
 PUBLISHED_VAE = {"sd3": dict(_VAE_LAYOUT, scaling_factor=1.5305, shift_factor=0.0609),
                  "flux": dict(_VAE_LAYOUT, scaling_factor=0.3611, shift_factor=0.1159)}
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass
@@ -50,17 +50,9 @@ class PipelineParts:
     source: str = "published"  # or the folder read
     notes: list[str] = field(default_factory=list)
 
-    def encoder_params(self) -> int:
-        return sum(v for k, v in self.params.items() if k in ENCODERS)
-
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-
-def safetensors_params(folder: Path) -> int:
-    """Elements of every tensor in the ``*.safetensors`` files of ``folder``, from their headers alone."""
-    return safetensors_sizes(folder)[0]
 
 
 def safetensors_sizes(folder: Path) -> tuple[int, int]:
@@ -89,7 +81,7 @@ def pipeline_parts(model, family: str) -> PipelineParts:
                              {k: 2 * v for k, v in PUBLISHED_PARAMS[family].items()},
                              notes=["text encoders and VAE: the published sizes of the family's components"])
     params, stored = {}, {}
-    for name in (*ENCODERS, "vae", "transformer"):
+    for name in (*TEXT_ENCODERS, "vae", "transformer"):
         if (folder / name).is_dir():
             numel, nbytes = safetensors_sizes(folder / name)
             stored[name] = nbytes
@@ -103,5 +95,4 @@ def pipeline_parts(model, family: str) -> PipelineParts:
     return PipelineParts(params, vae_config, stored, clip_length, str(folder))
 
 
-__all__ = ["PUBLISHED_PARAMS", "PUBLISHED_VAE", "PipelineParts", "pipeline_parts", "safetensors_params",
-           "safetensors_sizes"]
+__all__ = ["PUBLISHED_PARAMS", "PUBLISHED_VAE", "PipelineParts", "pipeline_parts", "safetensors_sizes"]

@@ -16,6 +16,7 @@ import torch
 from diffusers_hprune.budget.stages import CUDA_RESERVE, GIB, BudgetError, BudgetOptions, predict
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.utils.errors import HPruneError
 
 # Each stage's memory-saving flags, tried one after another (each on top of the ones before).
 REMEDIES = {
@@ -44,7 +45,7 @@ def distill_options(config: DistillConfig) -> BudgetOptions:
     if config.prompts:
         try:
             samples = min(samples, len(read_prompts(config.prompts)))
-        except Exception:  # unreadable prompt files are refused, with their own message, by the run itself
+        except (HPruneError, UnicodeDecodeError):  # the run itself refuses an unreadable prompt file, with its message
             pass
     return BudgetOptions(
         resolution=config.resolution, mixed_precision=config.mixed_precision, train_batch_size=config.train_batch_size,

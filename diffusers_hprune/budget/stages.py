@@ -10,7 +10,7 @@ On a CPU the device is the host: every term is counted once, in the device colum
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -129,8 +129,6 @@ class Budget:
         raise KeyError(f"no stage {name!r}; stages: {', '.join(s.stage for s in self.stages)}")
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {"model": self.model, "profile": self.profile, "plan": self.plan,
                 "removed_fraction": self.removed_fraction, "options": asdict(self.options),
                 "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes)}
@@ -163,10 +161,9 @@ def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tupl
                           "go changes little in the bytes): " + outcome.plan.describe())
 
 
-def _nf4_working_bytes(config: dict, plan: PrunePlan, device: str) -> int:
-    """One quantised linear weight dequantised for its matmul, the largest: its 16-bit copy on a GPU; on a CPU what
-    the CPU dequantisation holds at once (traced: int32 codes beside their fp32 values, then the fp32 weight)."""
-    model = meta_transformer(config, plan, torch.bfloat16)
+def _nf4_working_bytes(model: torch.nn.Module, device: str) -> int:
+    """One quantised linear weight of ``model`` (on meta) dequantised for its matmul, the largest: its 16-bit copy on a
+    GPU; on a CPU what the CPU dequantisation holds at once (traced: int32 codes beside their fp32 values)."""
     skip = get_family(model).default_nf4_skip_modules
     shapes = [tuple(m.weight.shape) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)]
@@ -203,7 +200,7 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     resolution = options.resolution or (profile.resolution if profile else 1024)
     max_len = profile.max_sequence_length if profile else 256
     steps = options.steps or (profile.num_inference_steps if profile else 28)
-    cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument in ("guidance_scale",)
+    cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument == "guidance_scale"
                and not config.get("guidance_embeds") and family.name == "sd3")
     ctx = _Context(config, plan, inventory, original, parts, options, resolution, max_len, steps, cfg)
     unknown = [s for s in stages if s not in STAGES]
@@ -237,6 +234,14 @@ class _Context:
     max_len: int
     steps: int
     cfg: bool  # classifier-free guidance doubles the batch of a transformer call
+    _meta: dict = field(default_factory=dict)
+
+    def meta(self, plan: PrunePlan | None) -> torch.nn.Module:
+        """The original (``plan=None``) or the pruned transformer on the meta device, in bf16; built once each."""
+        key = plan is not None
+        if key not in self._meta:
+            self._meta[key] = meta_transformer(self.config, plan, torch.bfloat16)
+        return self._meta[key]
 
     def shapes(self, batch: int, resolution: int | None = None, max_len: int | None = None) -> Shapes:
         r = resolution or self.resolution
@@ -245,14 +250,13 @@ class _Context:
     def component_bytes(self, nbytes: int) -> dict[str, int]:
         return {f"{name} (weights)": n * nbytes for name, n in self.parts.params.items()}
 
-    def loading(self, nbytes: int, components: bool = True, transformer: tuple[int, int] | None = None) -> dict:
+    def loading(self, nbytes: int, transformer: tuple[int, int] | None = None) -> dict:
         """Host terms while ``from_pretrained`` runs: every checkpoint file, memory-mapped and read, and the weights
         it is converted into when the dtype differs (in the stored dtype the weights are the mapped pages).
 
         ``transformer``: ``(weight bytes at the load dtype, bytes of its files)``.
         """
-        items = [(name, n * nbytes, self.parts.stored.get(name, 2 * n))
-                 for name, n in (self.parts.params.items() if components else ())]
+        items = [(name, n * nbytes, self.parts.stored.get(name, 2 * n)) for name, n in self.parts.params.items()]
         if transformer is not None:
             items.append(("transformer", *transformer))
         terms = {}
@@ -267,8 +271,7 @@ class _Context:
     def constructor_buffers(self, plan: PrunePlan | None = None) -> dict[str, int]:
         """The float buffers the transformer's constructor computes in fp32 (SD3: its positional table), alive
         until the loaded values replace them."""
-        model = meta_transformer(self.config, plan, torch.float32)
-        n = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+        n = sum(b.numel() for b in self.meta(plan).buffers() if b.is_floating_point())
         return {"transformer (buffers built by its constructor, fp32)": 4 * n} if n else {}
 
     def transformer_files(self) -> int:
@@ -394,7 +397,8 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     resolution = o.inference_resolution or (profile.resolution if profile else 1024)
     shapes = ctx.shapes(1, resolution, max_len)
     tokens = family.text_tokens(max_len, ctx.parts.clip_length)
-    sixteen_part = unquantized_bytes(meta_transformer(ctx.config, ctx.plan, torch.bfloat16))
+    sixteen_part = unquantized_bytes(ctx.meta(ctx.plan))
+    activations = {}  # per plan: the pruned model's 16-bit and NF4 rows share one trace
     out = []
     for label, plan, files in (("inference (original, 16-bit)", None, ctx.original.nbytes("bf16")),
                                ("inference (pruned, 16-bit)", ctx.plan, ctx.inventory.nbytes("bf16")),
@@ -402,12 +406,19 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
         nf4 = "NF4" in label
         # On a GPU the weights compute in bf16 as stored. On a CPU they compute in fp32: the 16-bit tensors are
         # converted (copies beside the mapped files), the 4-bit codes are used where they were read (no copy).
-        converted = 0 if o.device == "cuda" else (2 * sixteen_part if nf4 else 2 * files)
-        weights = files + (converted // 2 if nf4 else converted - files if converted else 0)
-        act = forward_trace(ctx.config, plan, shapes, dtype).peak
+        if o.device == "cuda":
+            weights, converted = files, 0
+        elif nf4:
+            weights, converted = files + sixteen_part, 2 * sixteen_part
+        else:
+            weights = converted = 2 * files
+        pruned = plan is not None
+        if pruned not in activations:
+            activations[pruned] = forward_trace(ctx.config, plan, shapes, dtype).peak
+        act = activations[pruned]
         device = {"transformer (weights)": weights, "activations (one call)": act}
         if nf4:
-            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.config, ctx.plan, o.device)
+            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.meta(ctx.plan), o.device)
         loading = {"transformer (checkpoint files, mapped while loading)": files, **ctx.constructor_buffers(plan)}
         if converted:
             loading["transformer (converted weights)"] = converted
@@ -417,8 +428,4 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     return out
 
 
-def with_options(options: BudgetOptions, **changes) -> BudgetOptions:
-    return replace(options, **changes)
-
-
-__all__ = ["CARDS_GIB", "STAGES", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict", "with_options"]
+__all__ = ["CARDS_GIB", "STAGES", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from torch.utils import _pytree as pytree
 
 from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks, loss_terms
 from diffusers_hprune.distillation.pwp import apply_pwp
@@ -53,13 +54,19 @@ def meta_transformer(config: Mapping[str, Any], plan: PrunePlan | None, dtype: t
     return model.to(dtype).requires_grad_(False).eval()
 
 
+def meta_latents(model: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> torch.Tensor:
+    """The VAE latents (before any patch packing) of one call at ``shapes``, on the meta device."""
+    factor = shapes.vae_scale_factor
+    return torch.empty(shapes.batch, get_family(model).latent_channels(model.config), shapes.height // factor,
+                       shapes.width // factor, device="meta", dtype=dtype)
+
+
 def meta_inputs(model: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> dict[str, Any]:
     """The transformer's keyword arguments for one call at ``shapes`` (the family's own input builder)."""
     family = get_family(model)
     config = model.config
-    b, factor = shapes.batch, shapes.vae_scale_factor
-    latents = torch.empty(b, family.latent_channels(config), shapes.height // factor, shapes.width // factor,
-                          device="meta", dtype=dtype)
+    b = shapes.batch
+    latents = meta_latents(model, shapes, dtype)
     tokens = family.text_tokens(shapes.max_sequence_length, shapes.clip_length)
     text = {"prompt_embeds": torch.empty(b, tokens, config["joint_attention_dim"], device="meta", dtype=dtype),
             "pooled_projections": torch.empty(b, config["pooled_projection_dim"], device="meta", dtype=dtype)}
@@ -68,8 +75,6 @@ def meta_inputs(model: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> d
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    from torch.utils import _pytree as pytree
-
     return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
@@ -151,8 +156,7 @@ def step_trace(config: Mapping[str, Any], plan: PrunePlan, shapes: Shapes, dtype
               for s in family.block_specs(student.config) if s.index not in plan.removed_blocks]
     largest_group = max(groups, default=0) if per_block_groups else sum(p.numel() for p in trainable)
     inputs = meta_inputs(student, shapes, dtype)
-    latents = torch.empty(shapes.batch, family.latent_channels(student.config), shapes.height // shapes.vae_scale_factor,
-                          shapes.width // shapes.vae_scale_factor, device="meta", dtype=dtype)
+    latents = meta_latents(student, shapes, dtype)
     peak, gradients = step_peak(teacher, student, inputs, latents)
     return StepTrace(peak, sum(p.numel() for p in trainable), gradients, largest_group,
                      max((p.numel() for p in trainable), default=0))
@@ -199,5 +203,5 @@ def vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, wid
     return counter.peak
 
 
-__all__ = ["ForwardTrace", "Shapes", "StepTrace", "forward_trace", "meta_inputs", "meta_transformer", "step_peak",
+__all__ = ["ForwardTrace", "Shapes", "StepTrace", "forward_trace", "meta_inputs", "meta_latents", "meta_transformer", "step_peak",
            "step_trace", "vae_decode_trace"]

@@ -723,7 +723,7 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
             f"{run.output_dir}")
 
 
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+ENCODERS = (*TEXT_ENCODERS, "vae")
 
 
 @contextlib.contextmanager
