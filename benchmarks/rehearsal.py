@@ -77,6 +77,13 @@ def build(name: str, root: Path) -> Path:
 
 
 # -- one stage in a fresh process ----------------------------------------------------------------
+def _real(inputs: dict) -> dict:
+    """Random CPU tensors of the shapes and dtypes of ``inputs`` (meta tensors from ``budget.traces.meta_inputs``)."""
+    import torch
+
+    return {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def _warm_imports() -> None:
     import bitsandbytes  # noqa: F401
     import datasets  # noqa: F401
@@ -102,9 +109,8 @@ def _warm_up(spec: dict) -> None:
     config = load_transformer_config(spec["family_config"])
     name = get_family(config).name
     pipe = toy.load_pipeline(name, torch.float32)
-    inputs = meta_inputs(meta_transformer(dict(pipe.transformer.config), None, torch.float32),
-                         Shapes(2, 32, 32, 8, 10, pipe.vae_scale_factor), torch.float32)
-    inputs = {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = _real(meta_inputs(meta_transformer(dict(pipe.transformer.config), None, torch.float32),
+                               Shapes(2, 32, 32, 8, 10, pipe.vae_scale_factor), torch.float32))
     pipe.transformer(**inputs, return_dict=False)[0].sum().backward()
     with torch.no_grad():
         quantize(pipe.transformer)(**inputs, return_dict=False)
@@ -120,8 +126,8 @@ def _stage(stage: str, spec: dict) -> None:
         from diffusers_hprune.analysis import analyze
         from diffusers_hprune.contributions import ContributionReport
 
-        family = get_family(json.loads((Path(spec["model"]) / "transformer" / "config.json").read_text()))
-        blocks = family.num_blocks(json.loads((Path(spec["model"]) / "transformer" / "config.json").read_text()))
+        config = json.loads((Path(spec["model"]) / "transformer" / "config.json").read_text())
+        blocks = get_family(config).num_blocks(config)
         keep = {(0, "block"), (blocks // 2, "block"), (blocks - 1, "block")}
         original = ContributionReport.expected_keys
         ContributionReport.expected_keys = lambda self: [k for k in original(self) if k in keep]
@@ -146,9 +152,7 @@ def _stage(stage: str, spec: dict) -> None:
         model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer").eval()
         r = spec["resolution"]
         shapes = Shapes(1, r, r, spec["max_sequence_length"], 77, 8)
-        inputs = meta_inputs(meta_transformer(config, None, torch.float32), shapes, torch.float32)
-        inputs = {k: torch.randn(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v
-                  for k, v in inputs.items()}
+        inputs = _real(meta_inputs(meta_transformer(config, None, torch.float32), shapes, torch.float32))
         with torch.no_grad():
             model(**inputs, return_dict=False)
     else:

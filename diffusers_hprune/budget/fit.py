@@ -31,7 +31,6 @@ REMEDIES = {
 }
 
 
-
 def gpu_memory() -> int | None:
     """Bytes of the current CUDA device, or ``None`` without one."""
     if not torch.cuda.is_available():

@@ -6,10 +6,9 @@ import argparse
 import json
 
 from diffusers_hprune.budget import CARDS_GIB, Budget, BudgetOptions, predict
+from diffusers_hprune.budget.stages import GIB
 from diffusers_hprune.families.inventory import BUILTIN_CONFIGS
 from diffusers_hprune.plan import PrunePlan
-
-GIB = 2**30
 
 
 def register(subparsers) -> None:
