@@ -159,7 +159,6 @@ def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
 
 
 def _check_resume(path: Path, identity: dict) -> None:
-
     try:
         saved = json.loads((path / RUN_FILE).read_text())
     except (OSError, ValueError):
