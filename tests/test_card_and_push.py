@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import fill_hf_cache
+from helpers import fill_hf_cache, folder_state
 
 from diffusers_hprune import PrunePlan, prune_pipeline, toy
 from diffusers_hprune.cli import main
-from diffusers_hprune.hub import CardError, upload_tree, write_model_card
+from diffusers_hprune.hub import CardError, write_model_card
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,11 @@ def test_card_metadata_and_images(published):
     text = card.text
     assert plan.describe() in text and "| 10 | the whole block |" in text and "| 8 | ff_context |" in text
     shapeeval = metrics["models"]["student"]["metrics"]["shapeeval"]["overall"]
-    assert f"{shapeeval:.4g}" in text and "import diffusers_hprune" in text and "someone/sd3-pruned" in text
+    assert f"{shapeeval:.4g}" in text and "someone/sd3-pruned" in text
+    # Components were removed inside a block: the card shows the remote-code loading that `push` uploads for,
+    # which works with Diffusers alone, and an install line that is true (the package is not on PyPI).
+    assert 'DiffusionPipeline.from_pretrained("someone/sd3-pruned", trust_remote_code=True' in text
+    assert "pip install diffusers-hprune" not in text and "not on PyPI" in text and "pypi.org" not in text
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (folder / image).is_file(), image
     with pytest.raises(CardError, match="teacher and a student"):
@@ -82,70 +86,82 @@ def test_local_base_model_is_named_not_linked(tmp_path):
 
 
 class FakeApi:
-    def __init__(self):
+    """HfApi at its boundary: records the calls and keeps a copy of what was uploaded."""
+
+    def __init__(self, staged):
         self.calls = []
+        self.staged = staged
 
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
 
     def upload_folder(self, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
         self.calls.append(("upload_folder", kwargs))
+        root = Path(kwargs["folder_path"])
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        for name in filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]):
+            (self.staged / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.staged / name).write_bytes((root / name).read_bytes())
         return type("Commit", (), {"commit_url": "https://huggingface.co/someone/sd3-pruned/commit/abc"})()
 
 
-def test_push_uploads_the_folder_in_one_commit(published, monkeypatch, tmp_path, capsys):
-    from huggingface_hub.utils import filter_repo_objects
-
+def test_push_uploads_the_export_in_one_commit(published, monkeypatch, tmp_path, capsys):
     import diffusers_hprune.hub as hub
 
     folder, plan, _ = published
-    api = FakeApi()
+    before = folder_state(folder)
+    api = FakeApi(tmp_path / "staged")
     monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
     assert main(["push", str(folder), "--repo-id", "someone/sd3-pruned", "--private", "--token", "hf_x"]) == 0
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[0][1] == {"repo_id": "someone/sd3-pruned", "repo_type": "model", "private": True,
                                "exist_ok": True}
     upload = api.calls[1][1]
-    assert upload["repo_id"] == "someone/sd3-pruned" and Path(upload["folder_path"]) == folder
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    tree = sorted(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
-    assert tree == upload_tree(folder)
-    assert {"model_index.json", "README.md", "samples.png", "transformer/config.json"} <= set(tree)
+    assert upload["repo_id"] == "someone/sd3-pruned" and hub.IGNORE_PATTERNS == upload["ignore_patterns"]
+    assert Path(upload["folder_path"]).parent.parent == folder.parent  # exported beside the folder ...
+    assert not Path(upload["folder_path"]).exists()  # ... and removed after the upload
+    assert folder_state(folder) == before  # the folder itself is not touched
+    tree = sorted(p.relative_to(api.staged).as_posix() for p in api.staged.rglob("*") if p.is_file())
+    assert {"model_index.json", "README.md", "samples.png", "transformer/config.json",
+            "transformer/hprune_transformer.py"} <= set(tree)
     assert not [f for f in tree if f.startswith(("checkpoint-", "data-cache"))]
-    assert "uploaded" in capsys.readouterr().out
-    # That same tree, laid out as a Hub download in an offline cache, loads by repo id.
-    staged = tmp_path / "staged"
-    for name in tree:
-        (staged / name).parent.mkdir(parents=True, exist_ok=True)
-        (staged / name).write_bytes((folder / name).read_bytes())
-    fill_hf_cache(staged, "someone/sd3-pruned", tmp_path / "cache")
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained("someone/sd3-pruned", cache_dir=tmp_path / "cache")
-    assert pipe.transformer.prune_plan == plan
-    assert hub.IGNORE_PATTERNS == upload["ignore_patterns"]
-    # The family's custom-code file went up too: a fresh process that never imports diffusers_hprune
-    # loads the repo with trust_remote_code; the card says how.
-    assert "hprune_sd3_pipeline.py" in tree
-    assert 'custom_pipeline="hprune_sd3_pipeline", trust_remote_code=True' in (folder / "README.md").read_text()
+    assert f"uploaded {len(tree)} files" in capsys.readouterr().out
+    # What went up, laid out as a Hub download in an offline cache, loads by repo id in a process that
+    # cannot import diffusers_hprune, with trust_remote_code as the card says.
+    fill_hf_cache(api.staged, "someone/sd3-pruned", tmp_path / "cache")
     code = (
         "import sys\n"
+        "sys.modules['diffusers_hprune'] = None\n"
         "from diffusers import DiffusionPipeline\n"
         f"pipe = DiffusionPipeline.from_pretrained('someone/sd3-pruned', cache_dir={str(tmp_path / 'cache')!r}, "
-        "custom_pipeline='hprune_sd3_pipeline', trust_remote_code=True)\n"
+        "trust_remote_code=True)\n"
         "print(type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.prune_plan.describe())\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[:2] == ["HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Transformer2DModel"]
+    assert result.stdout.split()[:2] == ["StableDiffusion3Pipeline", "HierarchicalPrunedSD3Transformer2DModel"]
     assert plan.describe() in result.stdout
+
+
+def test_push_with_base_model_writes_the_card_into_the_export_only(published, monkeypatch, tmp_path):
+    folder, _, _ = published
+    before = folder_state(folder)
+    api = FakeApi(tmp_path / "staged")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
+    assert main(["push", str(folder), "--repo-id", "someone/other", "--token", "hf_x",
+                 "--base-model", "stabilityai/stable-diffusion-3.5-medium"]) == 0
+    assert folder_state(folder) == before
+    card = (api.staged / "README.md").read_text()
+    assert "stabilityai/stable-diffusion-3.5-medium" in card and 'from_pretrained("someone/other"' in card
 
 
 def test_push_refuses_without_credentials_or_a_pipeline(published, monkeypatch, tmp_path, capsys):
     folder, _, _ = published
-    api = FakeApi()
+    api = FakeApi(tmp_path / "staged")
     monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
     monkeypatch.setenv("HF_TOKEN", "")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
@@ -154,6 +170,8 @@ def test_push_refuses_without_credentials_or_a_pipeline(published, monkeypatch, 
     assert "No Hugging Face token" in capsys.readouterr().err
     assert main(["push", str(tmp_path), "--repo-id", "someone/x", "--token", "hf_x"]) == 2
     assert "not a pipeline folder" in capsys.readouterr().err
-    assert main(["push", str(folder), "--repo-id", "no-slash", "--token", "hf_x"]) == 2
-    assert "ORG/NAME" in capsys.readouterr().err
-    assert api.calls == []  # nothing was created or uploaded
+    before = folder_state(folder)
+    for bad in ("no-slash", "me/bad name!", "a/b/c"):
+        assert main(["push", str(folder), "--repo-id", bad, "--token", "hf_x", "--base-model", "x/y"]) == 2
+        assert "ORG/NAME" in capsys.readouterr().err
+    assert api.calls == [] and folder_state(folder) == before  # nothing was written, created or uploaded

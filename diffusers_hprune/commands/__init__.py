@@ -12,6 +12,7 @@ from diffusers_hprune.commands import (
     demo,
     distill,
     evaluate,
+    export,
     inspect,
     plan,
     push,
@@ -21,6 +22,6 @@ from diffusers_hprune.commands import (
 )
 
 # In the order `hprune --help` lists them.
-COMMANDS = (inspect, budget, demo, evaluate, analyze, plan, report, quantize, push, compress, distill, toy_train)
+COMMANDS = (inspect, budget, demo, evaluate, analyze, plan, report, quantize, export, push, compress, distill, toy_train)
 
 __all__ = ["COMMANDS"]

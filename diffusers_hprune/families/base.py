@@ -257,6 +257,65 @@ class ModelFamily:
         return out
 
 
+    # -- export to the stock class --------------------------------------------------------
+    block_count_keys: Mapping[str, str] = {}
+    """Block list (module path) -> the config key that counts its blocks, e.g. ``{"transformer_blocks": "num_layers"}``."""
+
+    def check_stock_exportable(self, plan: PrunePlan) -> None:
+        """Raise :class:`PlanError` unless ``plan`` removes whole blocks only (what a stock class can hold)."""
+        if plan.removed_components:
+            parts = "; ".join(f"block {i}: {', '.join(c)}" for i, c in sorted(plan.removed_components.items()))
+            raise PlanError(
+                f"This plan removes components inside blocks ({parts}); the stock {self.base_class_name} cannot "
+                "hold such blocks. Export without --stock (the folder then carries its modeling code for "
+                "`trust_remote_code=True`), or make a plan that removes whole blocks only."
+            )
+
+    def stock_block_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, str]:
+        """Kept block path -> its path in the stock model, where the removed blocks are gone and the rest renumbered."""
+        kept: dict[str, int] = {}
+        out = {}
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                continue
+            prefix = spec.path.rsplit(".", 1)[0]
+            out[spec.path] = f"{prefix}.{kept.get(prefix, 0)}"
+            kept[prefix] = kept.get(prefix, 0) + 1
+        return out
+
+    def stock_config(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, Any]:
+        """The stock class's ``config.json`` for the pruned model: the block counts reduced, no prune plan."""
+        self.check_stock_exportable(plan)
+        paths = self.stock_block_paths(config, plan)
+        out = {k: v for k, v in config.items() if k not in ("prune_plan", "_name_or_path")}
+        out["_class_name"] = self.base_class_name
+        for prefix, key in self.block_count_keys.items():
+            out[key] = sum(1 for p in paths if p.rsplit(".", 1)[0] == prefix)
+        return out
+
+    def stock_state_dict(self, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                         plan: PrunePlan) -> dict[str, torch.Tensor]:
+        """The pruned model's weights (``state_dict``, or any part of it) under the stock model's names.
+
+        Block keys are renumbered; keys of removed blocks must not occur (a pruned model has none).
+        Works on 4-bit state dicts too (bitsandbytes' extra keys follow their weight's name).
+        """
+        self.check_stock_exportable(plan)
+        paths = self.stock_block_paths(config, plan)
+        prefixes = tuple(prefix + "." for prefix in self.block_count_keys)
+        out = {}
+        for key, tensor in state_dict.items():
+            if key.startswith(prefixes):
+                head, index, rest = key.split(".", 2)
+                new = paths.get(f"{head}.{index}")
+                if new is None:
+                    raise PlanError(f"The weights hold {key}, a key of a block the plan removes; the weights and "
+                                    "the plan come from different models.")
+                key = f"{new}.{rest}"
+            out[key] = tensor
+        return out
+
+
 def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:
     out = []
     for module_name, sub in module.named_modules():

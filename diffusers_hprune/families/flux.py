@@ -111,6 +111,7 @@ class FluxFamily(ModelFamily):
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context", "mlp", "norm")
     default_alpha = 0.01
     input_modules = ("pos_embed", "time_text_embed", "context_embedder", "x_embedder")
+    block_count_keys = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from diffusers_hprune.families.base import BlockSpec, ModelFamily
 from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.errors import PlanError
+
+# What a context_pre_only block lacks: it has no text-stream output.
+_TEXT_OUTPUT = ("ff_context.", "norm2_context.", "attn.to_add_out.")
 
 _SUBMODULES = {
     "attn": ("attn", "attn2"),
@@ -41,6 +47,7 @@ class SD3Family(ModelFamily):
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context")
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
+    block_count_keys = {"transformer_blocks": "num_layers"}
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_layers = int(config.get("num_layers", 18))
@@ -67,6 +74,48 @@ class SD3Family(ModelFamily):
 
     def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
         return PrunedJointTransformerBlock(block, removed)
+
+    def stock_config(self, config, plan):
+        out = super().stock_config(config, plan)
+        paths = self.stock_block_paths(config, plan)
+        dual = config.get("dual_attention_layers") or ()
+        out["dual_attention_layers"] = [int(paths[f"transformer_blocks.{i}"].rsplit(".", 1)[1]) for i in dual
+                                        if f"transformer_blocks.{i}" in paths]
+        return out
+
+    def stock_state_dict(self, state_dict, config, plan: PrunePlan):
+        """Renumbered weights; when the plan removes the last block, the new last block becomes
+        ``context_pre_only`` as the stock class builds it.
+
+        Its text-stream output (``ff_context``, ``norm2_context``, ``attn.to_add_out``) goes, and
+        its text modulation keeps the two chunks the stock ``AdaLayerNormContinuous`` computes,
+        in that class's order (scale, shift) instead of ``AdaLayerNormZero``'s (shift, scale,
+        gate, ...). The block computed that output before, but nothing read it: the image
+        stream, and so the image, is the same.
+        """
+        out = super().stock_state_dict(state_dict, config, plan)
+        num_layers = int(config.get("num_layers", 18))
+        if num_layers - 1 not in plan.removed_blocks:
+            return out
+        paths = self.stock_block_paths(config, plan)
+        original, last = max(paths.items(), key=lambda item: int(item[1].rsplit(".", 1)[1]))
+        prefix = last + "."
+        modulation = prefix + "norm1_context.linear."
+        quantised = [k for k in out if k.startswith(modulation) and k not in (modulation + "weight", modulation + "bias")]
+        if quantised:
+            raise PlanError(
+                f"The plan removes the last block, so {original} becomes the last block of the stock model and its "
+                "text modulation must be cut to the two chunks the stock last block has, but these weights are "
+                "4-bit. Export the 16-bit folder this one was quantised from with --stock (`hprune compress` keeps "
+                "it as 4-distilled/), or export this one with --format remote."
+            )
+        for key in list(out):
+            if key.startswith(tuple(prefix + name for name in _TEXT_OUTPUT)):
+                del out[key]
+            elif key.startswith(modulation):
+                chunks = out[key].chunk(6, dim=0)  # shift, scale, gate (attention), shift, scale, gate (MLP)
+                out[key] = torch.cat([chunks[1], chunks[0]], dim=0).contiguous()  # scale, shift
+        return out
 
     def encode_text(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from diffusers_hprune.evaluation.compare import overall_score
-from diffusers_hprune.hub.push import remote_code_name
-from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.families import get_family
+from diffusers_hprune.hub.folders import PLAN_FILE, FolderError, default_format, folder_format, folder_plan
+from diffusers_hprune.hub.remote_code import MODULE_NAME
+from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_path, atomic_write_text
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+USAGE = Path(__file__).parent / "templates" / "usage.md"
+USAGE_HEADING = "## How to use"
 GRID_NAME = "samples.png"
 
 
@@ -97,12 +102,14 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    config = _read_json(folder / "transformer" / "config.json")
-    if config is None or not (folder / "model_index.json").is_file():
+    if not (folder / "model_index.json").is_file() or not (folder / "transformer" / "config.json").is_file():
         raise CardError(f"{folder} is not a pipeline folder with a transformer (no model_index.json or "
                         "transformer/config.json); give the folder `hprune distill`, `hprune quantize` or "
                         "`save_pretrained` wrote.")
-    plan = PrunePlan.from_dict(config["prune_plan"]) if config.get("prune_plan") else None
+    try:
+        config, plan = folder_plan(folder)
+    except FolderError as e:
+        raise CardError(str(e)) from None
     quantized = bool(config.get("quantization_config"))
     distilled = (folder / "distill_summary.json").is_file()
     card_tags = ["diffusers", "text-to-image", "hierarchicalprune", "diffusers-hprune"]
@@ -114,7 +121,9 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         card_tags += ["4-bit", "nf4", "bitsandbytes"]
     card_tags += [t for t in tags if t not in card_tags]
     on_hub = "/" in base_model and not Path(base_model).exists()
-    relation = {"base_model": base_model, "base_model_relation": "quantized" if quantized else "finetune"}
+    # Hub convention: "quantized" is the base model's weights, only quantised; pruning (and distilling) changes them.
+    only_quantized = quantized and plan.is_empty and not distilled
+    relation = {"base_model": base_model, "base_model_relation": "quantized" if only_quantized else "finetune"}
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=card_tags,
                          license=license or "other", **(relation if on_hub else {}))
     cost, quality = _tables(evaluation)
@@ -126,9 +135,45 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized,
         plan_words=(plan.describe() if plan is not None and not plan.is_empty else "Nothing (an unpruned model)."),
         plan_table=_plan_table(plan) if plan is not None and not plan.is_empty else "", pruned=bool(plan and not plan.is_empty),
-        cost_table=cost, quality_table=quality, grid=grid,
-        torch_dtype="torch.bfloat16", how_made=how, remote_code=remote_code_name(folder),
+        cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo),
     )
+
+
+def usage_section(folder: str | os.PathLike, repo_id: str) -> str:
+    """The card's "How to use" text for the pipeline folder ``folder`` as it is published under ``repo_id``.
+
+    It shows the loading code for the folder's export format (``hprune export``; a folder not
+    exported yet is described as ``hprune push`` would export it by default).
+    """
+    import jinja2
+
+    folder = Path(folder)
+    config, plan = folder_plan(folder)
+    family = get_family(config)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    specs = family.block_specs(config)
+    return jinja2.Template(USAGE.read_text(encoding="utf-8"), keep_trailing_newline=False).render(
+        load_format=folder_format(folder) or default_format(plan), repo_id=repo_id, torch_dtype="torch.bfloat16",
+        quantized=bool(config.get("quantization_config")), base_class=family.base_class_name,
+        pipeline_class=stock_pipeline_name(index.get("_class_name", "")), family=family.display_name,
+        kept_blocks=len(specs) - len(plan.removed_blocks), total_blocks=len(specs), plan_file=PLAN_FILE,
+        module_name=MODULE_NAME,
+    ).strip()
+
+
+def rewrite_usage(card: str, folder: str | os.PathLike) -> str:
+    """``card`` (a README.md) with its "How to use" section rendered again for ``folder`` (an export of it).
+
+    The repository id is the one the section names; a card without the section gets it at the end.
+    """
+    named = re.search(r'from_pretrained\(\s*"([^"]+)"', card)
+    repo_id = named.group(1) if named else Path(folder).name
+    section = f"{USAGE_HEADING}\n\n{usage_section(folder, repo_id)}\n\n"
+    start = card.find(USAGE_HEADING + "\n")
+    if start < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    following = card.find("\n## ", start + len(USAGE_HEADING))
+    return card[:start] + section + (card[following + 1:] if following >= 0 else "")
 
 
 def write_model_card(folder: str | os.PathLike, *, base_model: str, evaluation: dict | str | os.PathLike | None = None,
@@ -152,4 +197,4 @@ def write_model_card(folder: str | os.PathLike, *, base_model: str, evaluation: 
     return folder / "README.md"
 
 
-__all__ = ["CardError", "render_model_card", "write_model_card"]
+__all__ = ["CardError", "render_model_card", "rewrite_usage", "usage_section", "write_model_card"]

@@ -1,21 +1,27 @@
 """Publishing a compressed pipeline folder to the Hugging Face Hub (``hprune push``).
 
-One repository (``create_repo(exist_ok=True)``) and one commit (``upload_folder``) holding the
-pipeline, its model card (``README.md``), sample images and the family's custom-code pipeline
-file from ``pipelines/`` (``hprune_<family>_pipeline.py``, written into the folder before the
-upload) for ``trust_remote_code=True`` loading. Training leftovers (checkpoints,
-the data cache, logs, validation grids, hidden temporary files) stay home. The credentials are
-checked before anything is created or uploaded.
+The folder is exported first (:func:`diffusers_hprune.hub.export.export_folder`, into a
+temporary folder beside it; the folder itself is not changed), so what goes up loads with
+stock Diffusers: the stock classes for a plan that removes whole blocks, the pruned classes'
+code with ``auto_map`` otherwise. Then one repository (``create_repo(exist_ok=True)``) and one
+commit (``upload_folder``) with the pipeline, its model card (``README.md``) and sample
+images. Training leftovers (checkpoints, the data cache, logs, validation grids, hidden
+temporary files) stay home. The repository id and the credentials are checked before
+anything is written, created or uploaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.hub.export import export_folder
+from diffusers_hprune.hub.folders import folder_format
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.fileio import atomic_path
 
 #: Patterns (``fnmatch``, as ``upload_folder`` takes them) left out of the upload.
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*", "data-cache/**", "logs/**", "validation/**",
@@ -37,29 +43,6 @@ def require_token(token: str | None = None) -> str:
     return token
 
 
-def remote_code_name(folder: str | os.PathLike) -> str:
-    """``hprune_<family>_pipeline``: the ``custom_pipeline`` name of the pipeline folder ``folder``."""
-    import json
-
-    config_path = Path(folder) / "transformer" / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise PushError(f"Cannot read {config_path} ({e}); push a pipeline folder with a transformer.") from None
-    return f"hprune_{get_family(config).name}_pipeline"
-
-
-def add_remote_code(folder: str | os.PathLike) -> Path:
-    """Copy the family's custom-code pipeline file from ``pipelines/`` into ``folder`` (atomically)."""
-    from importlib.resources import files
-
-    name = remote_code_name(folder) + ".py"
-    target = Path(folder) / name
-    with atomic_path(target) as tmp:
-        tmp.write_bytes((files("diffusers_hprune.remote_code") / name).read_bytes())
-    return target
-
-
 def upload_tree(folder: str | os.PathLike) -> list[str]:
     """The files ``push_folder`` uploads, relative to ``folder`` (as ``upload_folder`` filters them)."""
     from huggingface_hub.utils import filter_repo_objects
@@ -69,34 +52,76 @@ def upload_tree(folder: str | os.PathLike) -> list[str]:
     return sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-                commit_message: str | None = None, api=None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the commit URL.
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a valid ``ORG/NAME`` (``huggingface_hub``'s rules); ``PushError`` otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    Raises:
-        PushError: ``folder`` is not a pipeline folder or has no model card (``README.md``),
-            ``repo_id`` is not ``ORG/NAME``, or no token is available (nothing is uploaded then).
-    """
-    from huggingface_hub import HfApi
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}: {e} Nothing was written or "
+                        "uploaded.") from None
+    return repo_id
 
+
+def check_pipeline_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise PushError(f"{folder} is not a pipeline folder (no model_index.json); push the folder that "
                         "`hprune distill`, `hprune quantize`, `hprune compress` or `save_pretrained` wrote.")
-    if not (folder / "README.md").is_file():
-        raise PushError(f"{folder} has no model card (README.md); write one first (`hprune push ... --base-model "
-                        "ID` writes it, or diffusers_hprune.hub.write_model_card).")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}.")
+    return folder
+
+
+@contextlib.contextmanager
+def exported(folder: str | os.PathLike, format: str | None = None) -> Iterator[Path]:
+    """``folder`` exported for the Hub (:func:`export_folder`) in a temporary folder beside it, removed afterwards.
+
+    A folder that is an export already is used as it is.
+    """
+    folder = check_pipeline_folder(folder)
+    if folder_format(folder) is not None and format in (None, folder_format(folder)):
+        yield folder
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
+    try:
+        yield export_folder(folder, scratch / folder.name, format=format)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # only what exported() wrote
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str | None = None, api=None, format: str | None = None, card=None) -> str:
+    """Export ``folder`` (``format``: ``stock``, ``remote`` or the plan's default), create ``repo_id`` if
+    needed and upload the export in one commit; returns the commit URL.
+
+    ``card``: called with the exported folder before the upload (``hprune push --base-model``
+    writes the model card there). ``folder`` itself is left as it is.
+
+    Raises:
+        PushError: ``folder`` is not a pipeline folder, the export has no model card
+            (``README.md``), ``repo_id`` is not ``ORG/NAME``, or no token is available (nothing is
+            written or uploaded then).
+    """
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    check_pipeline_folder(folder)
     token = require_token(token)
-    add_remote_code(folder)
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, repo_type="model", folder_path=str(folder), ignore_patterns=IGNORE_PATTERNS,
-        commit_message=commit_message or "Upload a HierarchicalPrune-compressed pipeline (diffusers-hprune)",
-    )
+    with exported(folder, format) as export:
+        if card is not None:
+            card(export)
+        if not (export / "README.md").is_file():
+            raise PushError(f"{folder} has no model card (README.md); write one first (`hprune push ... --base-model "
+                            "ID` writes it, or diffusers_hprune.hub.write_model_card).")
+        api = api or HfApi(token=token)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, repo_type="model", folder_path=str(export), ignore_patterns=IGNORE_PATTERNS,
+            commit_message=commit_message or "Upload a HierarchicalPrune-compressed pipeline (diffusers-hprune)",
+        )
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["IGNORE_PATTERNS", "PushError", "add_remote_code", "push_folder", "remote_code_name", "require_token", "upload_tree"]
+__all__ = ["IGNORE_PATTERNS", "PushError", "check_repo_id", "exported", "push_folder", "require_token", "upload_tree"]

@@ -5,8 +5,9 @@ from diffusers_hprune.pipelines.pruned import (
     HierarchicalPrunedSD3Pipeline,
     prune_pipeline,
     pruned_pipeline_name,
+    stock_pipeline_name,
     with_pruned_transformer,
 )
 
 __all__ = ["HierarchicalPrunedFluxPipeline", "HierarchicalPrunedSD3Pipeline", "prune_pipeline", "pruned_pipeline_name",
-           "with_pruned_transformer"]
+           "stock_pipeline_name", "with_pruned_transformer"]

@@ -49,6 +49,16 @@ def pruned_pipeline_name(class_name: str) -> str:
                                 f"supported pipelines: {supported}.")
 
 
+def stock_pipeline_name(class_name: str) -> str:
+    """The stock pipeline class that a ``class_name`` pipeline (stock or pruned) is, or is built on."""
+    for base, pruned in _PRUNED_PIPELINES.items():
+        if class_name in (base.__name__, pruned.__name__):
+            return base.__name__
+    supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+    raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline; "
+                                f"supported pipelines: {supported} and their pruned versions.")
+
+
 def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPipeline:
     """Return a ``HierarchicalPruned*Pipeline`` with the same components and ``prune_transformer(transformer, plan)``.
 

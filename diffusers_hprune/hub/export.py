@@ -1,0 +1,162 @@
+"""``hprune export``: a pruned pipeline folder as it goes to the Hub, loadable with stock Diffusers alone.
+
+Two formats (:data:`FORMATS`):
+
+- ``stock`` (plans that remove whole blocks only): the transformer becomes the stock
+  ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` with fewer blocks, renumbered
+  (the family's ``stock_config`` / ``stock_state_dict``), in the stock pipeline. The plan,
+  with the original block indices, stays beside it in ``transformer/hprune_plan.json``.
+- ``remote`` (any plan): the pruned transformer as it is, with its modeling code
+  (``transformer/hprune_transformer.py``, :mod:`.remote_code`) named in ``auto_map`` and
+  ``model_index.json``, for ``trust_remote_code=True``.
+
+Either way ``model_index.json`` names the stock pipeline class (``StableDiffusion3Pipeline``,
+``FluxPipeline``), so Diffusers' pipelines, ``from_pipe`` and ``AutoPipelineFor*`` treat it as
+theirs. ``hprune push`` uploads exactly what :func:`export_folder` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffusers_hprune.families import get_family
+from diffusers_hprune.hub.card import rewrite_usage
+from diffusers_hprune.hub.folders import (
+    FORMATS,
+    PLAN_FILE,
+    SIDE_FORMAT,
+    FolderError,
+    default_format,
+    folder_format,
+    folder_plan,
+    read_json,
+)
+from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
+from diffusers_hprune.pipelines.pruned import stock_pipeline_name
+from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.fileio import atomic_directory
+
+#: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
+LEFT_OUT = ("checkpoint-*", ".*", "data-cache", "logs", "validation", "*.tmp", "hprune_*_pipeline.py")
+
+
+class ExportError(FolderError):
+    """A folder that cannot be exported in the format asked for."""
+
+
+def _left_out(relative: Path) -> bool:
+    return any(part.match(pattern) for part in map(Path, relative.parts) for pattern in LEFT_OUT)
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)  # with the user's umask, not the source's mode
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan: PrunePlan) -> None:
+    """Write the stock transformer folder: renumbered weights, file by file (one shard in memory at a time)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    family = get_family(config)
+    target.mkdir(parents=True, exist_ok=True)
+    key_file: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    for path in sorted(source.iterdir()):
+        if path.name.endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {"format": "pt"}
+                tensors = family.stock_state_dict({k: f.get_tensor(k) for k in f.keys()}, config, plan)
+            save_file(tensors, str(target / path.name), metadata=metadata)
+            for key, tensor in tensors.items():
+                key_file[key] = path.name
+                sizes[path.name] = sizes.get(path.name, 0) + tensor.numel() * tensor.element_size()
+            del tensors
+        elif path.name.endswith(".safetensors.index.json"):
+            continue  # rewritten below from the shards
+        elif path.name == "config.json":
+            _write_json(target / "config.json", family.stock_config(config, plan))
+        elif path.is_file() and path.name != PLAN_FILE:
+            _copy(path, target / path.name)
+    for path in sorted(source.glob("*.safetensors.index.json")):
+        index = read_json(path)
+        shards = set(index.get("weight_map", {}).values())
+        index["weight_map"] = {key: name for key, name in sorted(key_file.items()) if name in shards}
+        index.setdefault("metadata", {})["total_size"] = sum(sizes[name] for name in shards if name in sizes)
+        _write_json(target / path.name, index)
+    paths = family.stock_block_paths(config, plan)
+    _write_json(target / PLAN_FILE, {
+        "format": SIDE_FORMAT, "version": 1, "plan": plan.to_dict(), "blocks": paths, "original_config": config,
+    })
+
+
+def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write the pipeline folder ``folder`` to ``out`` in ``format`` (default: :func:`default_format`).
+
+    Every file of ``folder`` is copied except training leftovers (:data:`LEFT_OUT`); the
+    transformer, ``model_index.json`` and the model card's "How to use" section are
+    rewritten for the format. ``out`` is written beside its place and renamed into it when
+    complete; an existing ``out`` is an error unless ``overwrite``. Returns ``out``.
+
+    Raises:
+        ExportError: ``folder`` is not a pipeline folder, or ``format`` is unknown or cannot
+            hold the plan (``stock`` with components removed inside blocks).
+    """
+    folder, out = Path(folder), Path(out)
+    index = read_json(folder / "model_index.json")
+    if folder_format(folder) is not None:
+        raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
+                          "made from.")
+    config, plan = folder_plan(folder)
+    family = get_family(config)
+    format = format or default_format(plan)
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    if format == "stock":
+        family.check_stock_exportable(plan)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside the folder it exports; choose a folder outside {folder}.")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; choose another --out or pass --overwrite.")
+    pipeline = stock_pipeline_name(index.get("_class_name", ""))
+    with atomic_directory(out, overwrite=True) as tmp:
+        tmp = Path(tmp)
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if not path.is_file() or _left_out(relative) or relative.parts[0] == "transformer":
+                continue
+            if relative.as_posix() in ("model_index.json", "README.md"):
+                continue
+            _copy(path, tmp / relative)
+        index = {**index, "_class_name": pipeline}
+        index.pop("auto_map", None)
+        if format == "stock":
+            _stock_transformer(folder / "transformer", tmp / "transformer", config, plan)
+            index["transformer"] = ["diffusers", family.base_class_name]
+        else:
+            for path in sorted((folder / "transformer").iterdir()):
+                if path.is_file() and path.name != "config.json":
+                    _copy(path, tmp / "transformer" / path.name)
+            class_name = config["_class_name"]
+            _write_json(tmp / "transformer" / "config.json",
+                        {**config, "auto_map": {"AutoModel": f"{MODULE_NAME}.{class_name}"}})
+            (tmp / "transformer" / f"{MODULE_NAME}.py").write_text(modeling_source(), encoding="utf-8")
+            index["transformer"] = [MODULE_NAME, class_name]
+            index["auto_map"] = {"AutoModel": f"{MODULE_NAME}.{class_name}"}  # AutoModel(subfolder=) reads it here
+        _write_json(tmp / "model_index.json", index)
+        if (folder / "README.md").is_file():
+            card = (folder / "README.md").read_text(encoding="utf-8")
+            (tmp / "README.md").write_text(rewrite_usage(card, tmp), encoding="utf-8")
+    return out
+
+
+__all__ = ["ExportError", "export_folder"]

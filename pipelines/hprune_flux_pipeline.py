@@ -1,9 +1,0 @@
-"""A HierarchicalPrune-compressed FLUX.1 pipeline, for Diffusers' custom-code loading.
-
-    pipe = DiffusionPipeline.from_pretrained(REPO, custom_pipeline="hprune_flux_pipeline", trust_remote_code=True)
-
-Needs ``pip install diffusers-hprune``: importing it registers the pruned (and NF4) model
-classes with Diffusers, which then builds the pruned transformer from its config.
-"""
-
-from diffusers_hprune import HierarchicalPrunedFluxPipeline  # noqa: F401  (the one pipeline class of this file)
