@@ -43,6 +43,7 @@ from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.distributed import launched_on_cpu
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json, copy_files
+from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 
 class DistillError(HPruneError):
@@ -283,6 +284,7 @@ def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = Non
             if teacher_folder is not None and (teacher_folder / component.name).is_dir():
                 shutil.rmtree(component)
                 copy_files(teacher_folder / component.name, component)
+        record_fp32_default(tmp)  # the copied encoders' configs too: a plain from_pretrained loads one dtype
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
             target = output_dir / entry.name
             if target.is_dir():

@@ -39,6 +39,7 @@ from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.fileio import atomic_directory
+from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
 LEFT_OUT = ("checkpoint-*", ".*", "data-cache", "logs", "validation", "*.tmp", "hprune_*_pipeline.py")
@@ -153,6 +154,7 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
             index["transformer"] = [MODULE_NAME, class_name]
             index["auto_map"] = {"AutoModel": f"{MODULE_NAME}.{class_name}"}  # AutoModel(subfolder=) reads it here
         _write_json(tmp / "model_index.json", index)
+        record_fp32_default(tmp)  # a plain from_pretrained(repo) loads one dtype
         if (folder / "README.md").is_file():
             card = (folder / "README.md").read_text(encoding="utf-8")
             (tmp / "README.md").write_text(rewrite_usage(card, tmp), encoding="utf-8")

@@ -7,10 +7,19 @@ from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import UnsupportedModelError
+from diffusers_hprune.utils.plain_loading import record_fp32_default
 from diffusers_hprune.utils.registration import register
 
 
-class HierarchicalPrunedSD3Pipeline(StableDiffusion3Pipeline):
+class _PlainLoadingMixin:
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained``; the folder then also loads without ``torch_dtype``
+        (its Transformers components record fp32 as their default dtype, like Diffusers' own models)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        record_fp32_default(save_directory)
+
+
+class HierarchicalPrunedSD3Pipeline(_PlainLoadingMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` whose transformer is a ``HierarchicalPrunedSD3Transformer2DModel``.
 
     Everything else (text encoders, VAE, scheduler, ``__call__``) is the stock pipeline.
@@ -23,7 +32,7 @@ class HierarchicalPrunedSD3Pipeline(StableDiffusion3Pipeline):
         return self.transformer.prune_plan
 
 
-class HierarchicalPrunedFluxPipeline(FluxPipeline):
+class HierarchicalPrunedFluxPipeline(_PlainLoadingMixin, FluxPipeline):
     """``FluxPipeline`` whose transformer is a ``HierarchicalPrunedFluxTransformer2DModel``."""
 
     @property

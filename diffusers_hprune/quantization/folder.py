@@ -23,6 +23,7 @@ from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
 from diffusers_hprune.utils.fileio import atomic_directory, copy_files
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
+from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
@@ -65,6 +66,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
         index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,
                       "transformer": ["diffusers_hprune", type(quantized).__name__]})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        record_fp32_default(tmp)  # the folder also loads without torch_dtype
         for record in PROVENANCE_FILES:  # how the source was made travels with it (the model card reads it)
             if (source / record).is_file():
                 shutil.copyfile(source / record, tmp / record)
