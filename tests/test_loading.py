@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,3 +131,41 @@ def test_transformer_alone_round_trips(saved, tmp_path):
     again = model_cls.from_pretrained(tmp_path / "t")
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_a_stock_class_handed_a_pruned_folder_stops_loudly(saved, low_cpu_mem_usage):
+    """Not the full model with random weights in the removed parts: a shape error naming a removed part."""
+    from safetensors import safe_open
+
+    from diffusers_hprune import get_family
+
+    family, folder, _, _ = saved
+    fam = get_family(family)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    markers = fam.removal_markers(config, PLANS[family])
+    assert len(markers) == len(PLANS[family].removed_blocks) + sum(map(len, PLANS[family].removed_components.values()))
+    with safe_open(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_shape() == [0] for k in markers)  # one zero-size tensor per removed part
+    named = "(" + "|".join(map(re.escape, markers)) + ").*torch.Size\\(\\[0\\]\\)"
+    with pytest.raises((ValueError, RuntimeError), match=named):
+        fam.base_class.from_pretrained(folder, subfolder="transformer", low_cpu_mem_usage=low_cpu_mem_usage)
+    # The pruned class skips the markers: not in its weights, not reported as unexpected.
+    model, info = CLASSES[family][1].from_pretrained(folder, subfolder="transformer", output_loading_info=True)
+    assert info["unexpected_keys"] == [] and not set(markers) & set(model.state_dict())
+
+
+def test_pruned_class_still_refuses_keys_that_are_no_markers(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_hprune import CheckpointMismatchError
+
+    family, folder, _, _ = saved
+    copy = tmp_path / "transformer"
+    copy.mkdir()
+    (copy / "config.json").write_text((folder / "transformer" / "config.json").read_text())
+    weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    weights["proj_out.extra"] = torch.zeros(3)
+    save_file(weights, str(copy / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys .*proj_out\.extra"):
+        CLASSES[family][1].from_pretrained(copy)

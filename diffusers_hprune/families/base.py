@@ -257,6 +257,26 @@ class ModelFamily:
         return out
 
 
+    # -- markers: what a stock class handed a pruned checkpoint trips over --------------------
+    marker_parameters: Mapping[str, str] = {}
+    """Component -> the name (relative to the block) of one parameter it owns in the stock block."""
+
+    def removal_markers(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
+        """One stock parameter name per removed block and per removed component.
+
+        A pruned checkpoint stores a zero-size tensor under each of them. The pruned classes
+        ignore these; a stock class built from the same config expects a full-size tensor
+        there and stops with a shape error, instead of filling the removed parts with random
+        weights.
+        """
+        out = []
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                out.append(f"{spec.path}.{self.marker_parameters[spec.components[0]]}")
+            for component in plan.removed_components.get(spec.index, []):
+                out.append(f"{spec.path}.{self.marker_parameters[component]}")
+        return out
+
     # -- export to the stock class --------------------------------------------------------
     block_count_keys: Mapping[str, str] = {}
     """Block list (module path) -> the config key that counts its blocks, e.g. ``{"transformer_blocks": "num_layers"}``."""
@@ -303,8 +323,11 @@ class ModelFamily:
         self.check_stock_exportable(plan)
         paths = self.stock_block_paths(config, plan)
         prefixes = tuple(prefix + "." for prefix in self.block_count_keys)
+        markers = set(self.removal_markers(config, plan))
         out = {}
         for key, tensor in state_dict.items():
+            if key in markers and tensor.numel() == 0:
+                continue  # the removed block is gone from the stock model: no marker needed
             if key.startswith(prefixes):
                 head, index, rest = key.split(".", 2)
                 new = paths.get(f"{head}.{index}")

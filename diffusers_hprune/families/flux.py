@@ -112,6 +112,10 @@ class FluxFamily(ModelFamily):
     default_alpha = 0.01
     input_modules = ("pos_embed", "time_text_embed", "context_embedder", "x_embedder")
     block_count_keys = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+    marker_parameters = {"attn": "attn.to_q.weight", "ff": "ff.net.0.proj.weight",
+                         "ff_context": "ff_context.net.0.proj.weight", "norm1": "norm1.linear.weight",
+                         "norm1_context": "norm1_context.linear.weight", "mlp": "proj_mlp.weight",
+                         "norm": "norm.linear.weight"}
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")

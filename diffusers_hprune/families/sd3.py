@@ -48,6 +48,9 @@ class SD3Family(ModelFamily):
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
     block_count_keys = {"transformer_blocks": "num_layers"}
+    marker_parameters = {"attn": "attn.to_q.weight", "ff": "ff.net.0.proj.weight",
+                         "ff_context": "ff_context.net.0.proj.weight", "norm1": "norm1.linear.weight",
+                         "norm1_context": "norm1_context.linear.weight"}
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_layers = int(config.get("num_layers", 18))

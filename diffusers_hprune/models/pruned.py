@@ -3,8 +3,12 @@ structure built before weights load, and strict loading with clear errors."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from typing import Any
+
+import torch
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.plan import PrunePlan
@@ -38,6 +42,36 @@ def _shape_problems(message: str) -> str:
 
 
 _PRUNED_CLASSES: dict[str, type] = {}
+
+
+class _DropUnusedWeightsNotice(logging.Filter):
+    """Diffusers' "weights ... were not used" notice, which the removal markers would raise on every load.
+
+    The pruned classes check unexpected keys themselves (and raise for any that is no marker).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "were not used when initializing HierarchicalPruned" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _markers_not_reported():
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    notice = _DropUnusedWeightsNotice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
+
+
+def _add_removal_markers(module, state_dict, prefix, local_metadata):
+    """State-dict hook: while ``save_pretrained`` runs, a zero-size tensor under each removed part's name."""
+    if getattr(module, "_saving_markers", False) and prefix == "":
+        dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+        for key in module.family.removal_markers(module.config, module.prune_plan):
+            state_dict[key] = torch.empty(0, dtype=dtype)
+    return state_dict
 
 
 def pruned_class_for(family) -> type:
@@ -74,6 +108,21 @@ class HierarchicalPrunedMixin:
         family.apply_plan(self, plan)
         # Store the normalised plan, so the saved config.json says exactly what the weights hold.
         self.register_to_config(prune_plan=plan.to_dict())
+        self._register_state_dict_hook(_add_removal_markers)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``ModelMixin.save_pretrained``, with a zero-size marker under each removed block's and component's name.
+
+        The markers (:meth:`ModelFamily.removal_markers`) make a stock class that is handed this
+        checkpoint (``SD3Transformer2DModel.from_pretrained(pruned_folder)``) stop with a shape
+        error naming a removed part, instead of building the full model with random weights
+        in the removed parts. The pruned classes skip them when loading.
+        """
+        self._saving_markers = True
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._saving_markers = False
 
     @property
     def prune_plan(self) -> PrunePlan:
@@ -94,7 +143,7 @@ class HierarchicalPrunedMixin:
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            with cpu_nf4_loading():  # NF4 checkpoints (hprune quantize) load on a CPU too
+            with cpu_nf4_loading(), _markers_not_reported():  # NF4 checkpoints (hprune quantize) load on a CPU too
                 model, info = super().from_pretrained(
                     pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
                 )
@@ -109,6 +158,8 @@ class HierarchicalPrunedMixin:
                 "models; save the pruned model again with `save_pretrained`, or restore the config.json that came "
                 "with these weights."
             ) from None
+        markers = set(model.family.removal_markers(model.config, model.prune_plan))
+        info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k not in markers]
         problems = []
         if info["missing_keys"]:
             problems.append(f"missing keys (the plan keeps them, the file lacks them): {_listing(info['missing_keys'])}")
