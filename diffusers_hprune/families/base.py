@@ -257,6 +257,68 @@ class ModelFamily:
         return out
 
 
+    # -- LoRAs made for the unpruned model ---------------------------------------------------
+    def sliced_layers(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, tuple[int, list[slice], int]]:
+        """Linear layers the plan slices: module path -> (weight dim, removed slices, full size along it).
+
+        FLUX single-stream blocks without ``attn`` or ``mlp`` keep only some input columns of
+        their ``proj_out``.
+        """
+        out = {}
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                continue
+            for component in plan.removed_components.get(spec.index, []):
+                for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
+                    if not name.endswith(".weight"):
+                        continue
+                    full = max(part.stop for other in spec.components
+                               for n, (_, part) in self.shared_parameter_slices(spec, other, config).items() if n == name)
+                    path = f"{spec.path}.{name[: -len('.weight')]}"
+                    entry = out.setdefault(path, (dim, [], full))
+                    entry[1].append(sl)
+        return out
+
+    def removed_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
+        """Module paths the plan removes: whole blocks, and the submodules of removed components."""
+        out = []
+        for spec in self.block_specs(config):
+            if spec.index in plan.removed_blocks:
+                out.append(spec.path)
+                continue
+            for component in plan.removed_components.get(spec.index, []):
+                out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, component)]
+        return out
+
+    def prune_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
+                              prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A LoRA (Diffusers' format) for the unpruned model, made to fit the model pruned by ``plan``.
+
+        Adapters of removed blocks and components are dropped; the ``lora_A`` of a sliced layer
+        loses the input columns its weight lost (the LoRA's update ``B @ A`` is then the base
+        model's update with those columns cut, so adding it to the pruned model equals adding
+        it to the base model and pruning afterwards). Keys may carry ``prefix`` (e.g.
+        ``"transformer."``). Returns the state dict and the dropped module paths. A ``lora_A``
+        already cut to the pruned width is left as it is.
+        """
+        removed = self.removed_module_paths(config, plan)
+        sliced = self.sliced_layers(config, plan)
+        out, dropped = {}, []
+        for key, tensor in lora.items():
+            name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+            module, sep, rest = name.partition(".lora_")
+            if sep and any(module == path or module.startswith(path + ".") for path in removed):
+                if module not in dropped:
+                    dropped.append(module)
+                continue
+            if sep and module in sliced:
+                dim, parts, full = sliced[module]
+                side = {1: "A", 0: "B"}[dim]  # input columns live in lora_A, output rows in lora_B
+                if rest.startswith(side + ".") and tensor.shape[dim] == full:
+                    tensor = _remove_slices(tensor, [(dim, sl) for sl in parts])
+            out[key] = tensor
+        return out, dropped
+
     # -- markers: what a stock class handed a pruned checkpoint trips over --------------------
     marker_parameters: Mapping[str, str] = {}
     """Component -> the name (relative to the block) of one parameter it owns in the stock block."""
@@ -337,6 +399,27 @@ class ModelFamily:
                 key = f"{new}.{rest}"
             out[key] = tensor
         return out
+
+
+def adapter_layers(model: nn.Module) -> list[str]:
+    """Module paths of ``model`` that hold (unfused or fused but not unloaded) PEFT adapter layers."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def refuse_adapters(model: nn.Module, doing: str) -> None:
+    """Raise :class:`PlanError` when ``model`` holds LoRA (PEFT) layers: ``doing`` them would lose or garble them."""
+    layers = adapter_layers(model)
+    if layers:
+        shown = ", ".join(layers[:3]) + (f", ... ({len(layers) - 3} more)" if len(layers) > 3 else "")
+        raise PlanError(
+            f"Cannot {doing}: the transformer holds LoRA adapter layers ({shown}). Fuse or unload the LoRA first: "
+            "`pipe.fuse_lora()` then `pipe.unload_lora_weights()` keeps its effect in the weights; "
+            "`pipe.unload_lora_weights()` alone drops it."
+        )
 
 
 def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:

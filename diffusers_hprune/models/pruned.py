@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from diffusers_hprune.families import get_family
+from diffusers_hprune.families.base import refuse_adapters
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
 from diffusers_hprune.utils.nf4_cpu import (
@@ -21,6 +23,7 @@ from diffusers_hprune.utils.nf4_cpu import (
 )
 
 _SHOWN = 8
+logger = logging.getLogger(__name__)
 
 
 def _listing(keys: list[str]) -> str:
@@ -118,6 +121,7 @@ class HierarchicalPrunedMixin:
         error naming a removed part, instead of building the full model with random weights
         in the removed parts. The pruned classes skip them when loading.
         """
+        refuse_adapters(self, "save this transformer")  # its keys would be PEFT's base_layer / lora_A names
         self._saving_markers = True
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -133,6 +137,55 @@ class HierarchicalPrunedMixin:
     def family(self):
         """The model family object (structure knowledge) of this transformer."""
         return get_family(self.family_name)
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        """``PeftAdapterMixin.load_lora_adapter`` for a LoRA made for the unpruned model (Diffusers' format).
+
+        Adapters of removed blocks and components are dropped (one info line names them);
+        the ``lora_A`` of a sliced layer (a FLUX single block's ``proj_out`` without ``attn``
+        or ``mlp``) is cut the way the weight was. ``pipe.load_lora_weights`` comes through
+        here, from any SD3 or FLUX pipeline. A FLUX pipeline first widens a layer whose LoRA
+        is wider than it (for Control LoRAs, with zero columns); such widened sliced layers
+        are restored first.
+        """
+        if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+            self._restore_sliced_layers()
+            lora, dropped = self.family.prune_lora_state_dict(
+                pretrained_model_name_or_path_or_dict, self.config, self.prune_plan, prefix=f"{prefix}." if prefix else "")
+            if dropped:
+                logger.info("LoRA: dropped the adapters of %d module(s) the prune plan removed: %s", len(dropped),
+                            ", ".join(dropped))
+                metadata = kwargs.get("metadata")
+                if isinstance(metadata, Mapping) and isinstance(metadata.get("target_modules"), (list, tuple, set)):
+                    kwargs["metadata"] = {**metadata, "target_modules": sorted(
+                        t for t in metadata["target_modules"] if t not in dropped)}
+            pretrained_model_name_or_path_or_dict = lora
+        return super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap,
+                                         **kwargs)
+
+    def _restore_sliced_layers(self) -> None:
+        """Undo FluxLoraLoaderMixin's widening of sliced layers (it keeps the old weight in the first columns)."""
+        from torch import nn
+
+        restored = False
+        for path, (dim, parts, full) in self.family.sliced_layers(self.config, self.prune_plan).items():
+            layer = self.get_submodule(path)
+            kept = full - sum(sl.stop - sl.start for sl in parts)
+            if isinstance(layer, nn.Linear) and dim == 1 and layer.in_features == full != kept:
+                narrow = nn.Linear(kept, layer.out_features, bias=layer.bias is not None, device="meta")
+                narrow.weight = nn.Parameter(layer.weight.data[:, :kept].contiguous(),
+                                             requires_grad=layer.weight.requires_grad)
+                narrow.bias = layer.bias
+                parent, _, name = path.rpartition(".")
+                setattr(self.get_submodule(parent), name, narrow)
+                restored = True
+        if restored and hasattr(self, "_overwritten_params"):
+            # Diffusers recorded the widened layers' old weights under their local names ("proj_out.weight"),
+            # which unload_lora_weights would write back into the top-level proj_out.
+            for key in ("proj_out.weight", "proj_out.bias"):
+                self._overwritten_params.pop(key, None)
+            if not self._overwritten_params:
+                del self._overwritten_params
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -6,6 +6,7 @@ import torch
 from accelerate import init_empty_weights
 
 from diffusers_hprune.families import get_family
+from diffusers_hprune.families.base import refuse_adapters
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import PlanError
@@ -23,9 +24,11 @@ def prune_transformer(transformer: torch.nn.Module, plan: PrunePlan | dict) -> t
     Raises:
         UnsupportedModelError: ``transformer`` is not an SD3 or FLUX transformer.
         PlanError: the plan was made for another family or block count, or names a
-            component a block does not have.
+            component a block does not have; or the transformer holds LoRA adapter layers
+            (fuse and unload them first).
     """
     family = get_family(transformer)
+    refuse_adapters(transformer, "prune this transformer")
     if getattr(transformer.config, "prune_plan", None) is not None and not transformer.prune_plan.is_empty:
         raise PlanError(
             "This transformer is already pruned "

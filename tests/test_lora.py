@@ -1,0 +1,132 @@
+"""LoRAs made for the base model load into pruned SD3 and FLUX models through `load_lora_weights`.
+
+The reference is the base model with the LoRA fused and unloaded, pruned afterwards: adapters of
+removed parts vanish with them, and a sliced layer's update loses the columns its weight lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_hprune import PrunePlan, get_family, prune_pipeline, prune_transformer
+from diffusers_hprune.utils.errors import PlanError
+
+CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")
+PROMPT = "a red circle left of a blue square"
+PLANS = {
+    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3",
+                     num_blocks=4),
+    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux",
+                      num_blocks=5),
+}
+TARGETS = {  # kept and removed parts alike; FLUX's single-block proj_out is sliced in blocks 3 and 4
+    "sd3": ["to_q", "to_k", "add_q_proj", "to_out.0", "ff.net.0.proj", "ff_context.net.2", "norm1.linear"],
+    "flux": ["to_q", "to_v", "proj_out", "proj_mlp", "ff.net.0.proj", "norm.linear", "norm1.linear"],
+}
+
+
+_BUILT = {}
+
+
+def _pipe(family):
+    """A fresh copy of one tiny pipeline per family (two builds differ: the toy CLIP tokenizer's BPE training
+    breaks ties differently each time, so the same prompt gets other token ids)."""
+    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    if family not in _BUILT:
+        _BUILT[family] = (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0)
+        _BUILT[family].set_progress_bar_config(disable=True)
+    return copy.deepcopy(_BUILT[family])
+
+
+def _image(pipe):
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **CALL).images
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def lora(request, tmp_path_factory):
+    """A LoRA for the base model in Diffusers' format (save_lora_weights), with non-zero updates everywhere."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    family = request.param
+    pipe = _pipe(family)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False)
+    torch.manual_seed(1)
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20)  # large enough that a lost or misplaced adapter shows in the image
+    folder = tmp_path_factory.mktemp(f"lora-{family}")
+    type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    return family, folder
+
+
+def _reference(family, folder, scale=1.0):
+    """The base model with the LoRA fused (at ``scale``) and unloaded, then pruned."""
+    pipe = _pipe(family)
+    pipe.load_lora_weights(folder)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    return _image(prune_pipeline(pipe, PLANS[family]))
+
+
+def test_base_lora_on_the_pruned_model_equals_lora_then_pruning(lora, caplog):
+    family, folder = lora
+    expected = _reference(family, folder)
+    pruned = prune_pipeline(_pipe(family), PLANS[family])
+    before = _image(pruned)
+    with caplog.at_level(logging.INFO, logger="diffusers_hprune.models.pruned"):
+        pruned.load_lora_weights(folder)
+    dropped = [r.getMessage() for r in caplog.records if "dropped the adapters" in r.getMessage()]
+    assert len(dropped) == 1  # one line, naming every removed module that had an adapter
+    fam = get_family(family)
+    removed = fam.removed_module_paths(pruned.transformer.config, PLANS[family])
+    assert any(path in dropped[0] for path in removed)
+    # Sliced layers keep their pruned width (Diffusers' FLUX loader would widen them with zero columns).
+    for path, (_, parts, full) in fam.sliced_layers(pruned.transformer.config, PLANS[family]).items():
+        layer = pruned.transformer.get_submodule(path)
+        assert layer.in_features == full - sum(s.stop - s.start for s in parts)
+    unfused = _image(pruned)
+    assert np.abs(unfused - before).max() > 1e-2  # the LoRA changes the image
+    np.testing.assert_allclose(unfused, expected, atol=1e-4)
+
+    with pytest.raises(PlanError, match="Fuse or unload the LoRA first"):
+        pruned.transformer.save_pretrained(folder.parent / "refused")
+    assert not (folder.parent / "refused").exists()
+
+    pruned.fuse_lora()
+    np.testing.assert_allclose(_image(pruned), expected, atol=1e-4)
+    pruned.unload_lora_weights()
+    np.testing.assert_allclose(_image(pruned), expected, atol=1e-4)
+    pruned.save_pretrained(folder.parent / "fused")  # no adapter layers left: it saves, and loads again
+    from diffusers import DiffusionPipeline
+
+    again = DiffusionPipeline.from_pretrained(folder.parent / "fused")
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_image(again), expected, atol=1e-4)
+
+
+def test_set_adapters_scales_the_pruned_lora_as_the_base_one(lora):
+    family, folder = lora
+    pruned = prune_pipeline(_pipe(family), PLANS[family])
+    pruned.load_lora_weights(folder, adapter_name="style")
+    pruned.set_adapters(["style"], [0.5])
+    np.testing.assert_allclose(_image(pruned), _reference(family, folder, scale=0.5), atol=1e-4)
+    pruned.set_adapters(["style"], [0.0])
+    np.testing.assert_allclose(_image(pruned), _image(prune_pipeline(_pipe(family), PLANS[family])), atol=1e-5)
+
+
+def test_pruning_a_model_that_holds_an_unfused_lora_says_what_to_do(lora):
+    family, folder = lora
+    pipe = _pipe(family)
+    pipe.load_lora_weights(folder)
+    with pytest.raises(PlanError, match=r"holds LoRA adapter layers .*Fuse or unload the LoRA first"):
+        prune_transformer(pipe.transformer, PLANS[family])
