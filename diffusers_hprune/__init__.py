@@ -34,6 +34,7 @@ from diffusers_hprune.utils.errors import (  # noqa: E402
     PlanError,
     UnsupportedModelError,
 )
+from diffusers_hprune.utils.registration import after_import as _after_import  # noqa: E402
 from diffusers_hprune.utils.registration import register_lazily as _register_lazily  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -41,8 +42,12 @@ __version__ = "0.1.0.dev0"
 # public name -> the module that defines it, imported on first use
 _LAZY = {
     "HPruneConfig": "diffusers_hprune.compress.config",
+    "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.pipelines",
+    "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedFluxPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedFluxTransformer2DModel": "diffusers_hprune.models",
+    "HierarchicalPrunedSD3Img2ImgPipeline": "diffusers_hprune.pipelines",
+    "HierarchicalPrunedSD3InpaintPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.models",
     "inspect_transformer": "diffusers_hprune.families.inventory",
@@ -57,6 +62,8 @@ _SUBPACKAGES = ("analysis", "commands", "compress", "contributions", "demo", "di
                 "quantization", "toy", "utils")
 
 _register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
+# AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.
+_after_import("diffusers.pipelines.auto_pipeline", "diffusers_hprune.pipelines")
 
 
 def __getattr__(name: str):
@@ -79,8 +86,12 @@ __all__ = [
     "CheckpointMismatchError",
     "HPruneConfig",
     "HPruneError",
+    "HierarchicalPrunedFluxImg2ImgPipeline",
+    "HierarchicalPrunedFluxInpaintPipeline",
     "HierarchicalPrunedFluxPipeline",
     "HierarchicalPrunedFluxTransformer2DModel",
+    "HierarchicalPrunedSD3Img2ImgPipeline",
+    "HierarchicalPrunedSD3InpaintPipeline",
     "HierarchicalPrunedSD3Pipeline",
     "HierarchicalPrunedSD3Transformer2DModel",
     "ModelFamily",

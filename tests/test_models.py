@@ -62,5 +62,7 @@ def test_prune_pipeline_rejects_other_pipelines():
     from diffusers import DDPMPipeline, DDPMScheduler
 
     unet = tiny_unet()
-    with pytest.raises(diffusers_hprune.UnsupportedModelError, match="StableDiffusion3Pipeline, FluxPipeline"):
+    with pytest.raises(diffusers_hprune.UnsupportedModelError,
+                       match="StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, "
+                             "FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline"):
         prune_pipeline(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), PrunePlan(family="sd3", num_blocks=4))

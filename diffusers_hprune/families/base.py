@@ -257,6 +257,27 @@ class ModelFamily:
         return out
 
 
+    # -- Diffusers' hooks and regional compilation ---------------------------------------------
+    def pruned_block_classes(self) -> tuple[type, ...]:
+        """The block classes a pruned model of this family may hold besides the stock ones."""
+        return (RemovedBlock,)
+
+    def register_with_diffusers_hooks(self) -> None:
+        """Tell Diffusers' cache hooks (First Block Cache, TaylorSeer, ...) how the pruned blocks return their streams.
+
+        Like the stock SD3 and FLUX blocks, every pruned block returns ``(text, image)``. Diffusers
+        keeps this in a private registry (``diffusers.hooks._helpers``); without it, a hook stops
+        with "Model class ... not registered". Called when a pruned model is built.
+        """
+        try:
+            from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+        except ImportError:  # a Diffusers without the hooks: nothing to register with
+            return
+        for cls in self.pruned_block_classes():
+            if cls not in TransformerBlockRegistry._registry:
+                TransformerBlockRegistry.register(cls, TransformerBlockMetadata(return_hidden_states_index=1,
+                                                                                return_encoder_hidden_states_index=0))
+
     # -- LoRAs made for the unpruned model ---------------------------------------------------
     def sliced_layers(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, tuple[int, list[slice], int]]:
         """Linear layers the plan slices: module path -> (weight dim, removed slices, full size along it).

@@ -162,6 +162,9 @@ class FluxFamily(ModelFamily):
             return PrunedFluxSingleTransformerBlock(block, removed)
         return PrunedFluxTransformerBlock(block, removed)
 
+    def pruned_block_classes(self):
+        return (*super().pruned_block_classes(), PrunedFluxTransformerBlock, PrunedFluxSingleTransformerBlock)
+
     def latent_channels(self, config):
         return int(config["in_channels"]) // 4  # FLUX packs 2x2 latent patches into its input channels
 

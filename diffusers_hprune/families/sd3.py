@@ -78,6 +78,9 @@ class SD3Family(ModelFamily):
     def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
         return PrunedJointTransformerBlock(block, removed)
 
+    def pruned_block_classes(self):
+        return (*super().pruned_block_classes(), PrunedJointTransformerBlock)
+
     def stock_config(self, config, plan):
         out = super().stock_config(config, plan)
         paths = self.stock_block_paths(config, plan)

@@ -41,6 +41,8 @@ def _shape_problems(message: str) -> str:
         for k, got, want in re.findall(r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^]]*\]\)) from "
                                        r"checkpoint, the shape in current model is (torch\.Size\(\[[^]]*\]\))", message)
     ]
+    found = [f"{k.split(' (file')[0]} (the file marks it removed: a zero-size marker; the plan keeps it)"
+             if "(file torch.Size([0])," in k else k for k in found]
     return "; ".join(found) or message
 
 
@@ -106,6 +108,7 @@ class HierarchicalPrunedMixin:
 
     def _build_pruned_structure(self, prune_plan: dict[str, Any] | PrunePlan | None) -> None:
         family = get_family(self.family_name)
+        family.register_with_diffusers_hooks()
         plan = family.empty_plan(self.config) if prune_plan is None else PrunePlan.from_dict(prune_plan)
         plan = family.check_plan(plan, self.config)
         family.apply_plan(self, plan)

@@ -32,6 +32,9 @@ class HierarchicalPrunedFluxTransformer2DModel(HierarchicalPrunedMixin, FluxTran
         "PrunedFluxSingleTransformerBlock",
         "RemovedBlock",
     ]
+    # compile_repeated_blocks(): every block class a pruned model holds (a removed block computes nothing)
+    _repeated_blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock", "PrunedFluxTransformerBlock",
+                        "PrunedFluxSingleTransformerBlock"]
 
     @register_to_config
     def __init__(

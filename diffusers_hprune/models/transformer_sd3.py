@@ -6,13 +6,18 @@ from typing import Any
 
 from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.cache_utils import CacheMixin
 
 from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
 from diffusers_hprune.utils.registration import register
 
 
-class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transformer2DModel):
+class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transformer2DModel, CacheMixin):
     """``SD3Transformer2DModel`` with blocks and components removed as ``prune_plan`` says.
+
+    Unlike the stock class it also has ``enable_cache`` (Diffusers' ``CacheMixin``: First Block
+    Cache, Pyramid Attention Broadcast, TaylorSeer, ...) and ``_repeated_blocks`` for
+    ``compile_repeated_blocks()``.
 
     The pruned structure is built in ``__init__``, before any weights load, so
     ``from_pretrained`` / ``save_pretrained`` round-trip with strict loading. Kept
@@ -26,6 +31,8 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
 
     family_name = "sd3"
     _no_split_modules = ["JointTransformerBlock", "PrunedJointTransformerBlock", "RemovedBlock"]
+    # compile_repeated_blocks(): every block class a pruned model holds (a removed block computes nothing)
+    _repeated_blocks = ["JointTransformerBlock", "PrunedJointTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -61,6 +68,30 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
             qk_norm=qk_norm,
         )
         self._build_pruned_structure(prune_plan)
+
+    def forward(self, *args, **kwargs):
+        """``SD3Transformer2DModel.forward``; with a cache enabled and no cache context set, inside one.
+
+        Diffusers' cache hooks keep their state per named context, which FluxPipeline opens
+        around each transformer call and StableDiffusion3Pipeline does not (SD3 runs both
+        classifier-free-guidance branches in one batch, so one context serves every call).
+        """
+        if self.is_cache_enabled and not _cache_context_set(self):
+            with self.cache_context("cond"):
+                return super().forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+def _cache_context_set(model) -> bool:
+    """Whether a cache context is set on any of ``model``'s stateful hooks (mirrors Diffusers' own setter)."""
+    from diffusers.hooks.hooks import HookRegistry, StateManager
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    for child in (registry, *registry._get_child_registries()):
+        for hook in child.hooks.values():
+            if any(isinstance(a, StateManager) and a._context is not None for a in vars(hook).values()):
+                return True
+    return False
 
 
 register(HierarchicalPrunedSD3Transformer2DModel)

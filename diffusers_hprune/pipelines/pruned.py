@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+import functools
+from typing import Union, get_type_hints
 
+from diffusers import (
+    DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
+
+from diffusers_hprune.models import HierarchicalPrunedFluxTransformer2DModel, HierarchicalPrunedSD3Transformer2DModel
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import UnsupportedModelError
@@ -11,7 +23,35 @@ from diffusers_hprune.utils.plain_loading import record_fp32_default
 from diffusers_hprune.utils.registration import register
 
 
-class _PlainLoadingMixin:
+class _PrunedPipelineMixin:
+    """What every pruned pipeline adds to its stock pipeline.
+
+    ``__init__`` is the stock one, with its ``transformer`` type hint widened to the pruned
+    class too: ``from_pipe`` hands a component over only when its type is in the hint.
+    """
+
+    pruned_transformer_class: type = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock_init = next(base.__init__ for base in cls.__mro__[1:]
+                          if issubclass(base, DiffusionPipeline) and "__init__" in vars(base))
+
+        @functools.wraps(stock_init)
+        def __init__(self, *args, **kwargs):
+            stock_init(self, *args, **kwargs)
+
+        hints = dict(get_type_hints(stock_init))
+        stock_hint = hints["transformer"]
+        hints["transformer"] = Union[stock_hint, cls.pruned_transformer_class]  # noqa: UP007  (a type object)
+        __init__.__annotations__ = hints
+        cls.__init__ = __init__
+
+    @property
+    def prune_plan(self) -> PrunePlan:
+        """The :class:`PrunePlan` of the pipeline's transformer."""
+        return self.transformer.prune_plan
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``DiffusionPipeline.save_pretrained``; the folder then also loads without ``torch_dtype``
         (its Transformers components record fp32 as their default dtype, like Diffusers' own models)."""
@@ -19,7 +59,7 @@ class _PlainLoadingMixin:
         record_fp32_default(save_directory)
 
 
-class HierarchicalPrunedSD3Pipeline(_PlainLoadingMixin, StableDiffusion3Pipeline):
+class HierarchicalPrunedSD3Pipeline(_PrunedPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` whose transformer is a ``HierarchicalPrunedSD3Transformer2DModel``.
 
     Everything else (text encoders, VAE, scheduler, ``__call__``) is the stock pipeline.
@@ -27,43 +67,87 @@ class HierarchicalPrunedSD3Pipeline(_PlainLoadingMixin, StableDiffusion3Pipeline
     for folders and Hub repos saved from it.
     """
 
-    @property
-    def prune_plan(self) -> PrunePlan:
-        return self.transformer.prune_plan
+    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
 
 
-class HierarchicalPrunedFluxPipeline(_PlainLoadingMixin, FluxPipeline):
+class HierarchicalPrunedSD3Img2ImgPipeline(_PrunedPipelineMixin, StableDiffusion3Img2ImgPipeline):
+    """``StableDiffusion3Img2ImgPipeline`` with a pruned transformer (``from_pipe(pruned)``, ``AutoPipelineForImage2Image``)."""
+
+    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
+
+
+class HierarchicalPrunedSD3InpaintPipeline(_PrunedPipelineMixin, StableDiffusion3InpaintPipeline):
+    """``StableDiffusion3InpaintPipeline`` with a pruned transformer (``from_pipe(pruned)``, ``AutoPipelineForInpainting``)."""
+
+    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
+
+
+class HierarchicalPrunedFluxPipeline(_PrunedPipelineMixin, FluxPipeline):
     """``FluxPipeline`` whose transformer is a ``HierarchicalPrunedFluxTransformer2DModel``."""
 
-    @property
-    def prune_plan(self) -> PrunePlan:
-        return self.transformer.prune_plan
+    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
 
 
-register(HierarchicalPrunedSD3Pipeline, HierarchicalPrunedFluxPipeline)
+class HierarchicalPrunedFluxImg2ImgPipeline(_PrunedPipelineMixin, FluxImg2ImgPipeline):
+    """``FluxImg2ImgPipeline`` with a pruned transformer."""
 
-_PRUNED_PIPELINES = {
+    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
+
+
+class HierarchicalPrunedFluxInpaintPipeline(_PrunedPipelineMixin, FluxInpaintPipeline):
+    """``FluxInpaintPipeline`` with a pruned transformer."""
+
+    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
+
+
+PIPELINES = {  # stock pipeline -> its pruned version
     StableDiffusion3Pipeline: HierarchicalPrunedSD3Pipeline,
+    StableDiffusion3Img2ImgPipeline: HierarchicalPrunedSD3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline: HierarchicalPrunedSD3InpaintPipeline,
     FluxPipeline: HierarchicalPrunedFluxPipeline,
+    FluxImg2ImgPipeline: HierarchicalPrunedFluxImg2ImgPipeline,
+    FluxInpaintPipeline: HierarchicalPrunedFluxInpaintPipeline,
 }
+register(*PIPELINES.values())
+
+
+def register_auto_pipelines() -> None:
+    """Add the pruned pipelines to Diffusers' ``AutoPipelineFor*`` tables, as a model type of their own.
+
+    ``AutoPipelineForImage2Image.from_pipe(pruned)`` then gives the pruned img2img pipeline, and
+    ``AutoPipelineForText2Image.from_pretrained(pruned_folder)`` the pruned text-to-image one.
+    """
+    from diffusers.pipelines import auto_pipeline as auto
+
+    tables = {"text2image": auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, "image2image": auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+              "inpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING}
+    for key, classes in (("hprune-stable-diffusion-3", (HierarchicalPrunedSD3Pipeline, HierarchicalPrunedSD3Img2ImgPipeline,
+                                                         HierarchicalPrunedSD3InpaintPipeline)),
+                         ("hprune-flux", (HierarchicalPrunedFluxPipeline, HierarchicalPrunedFluxImg2ImgPipeline,
+                                          HierarchicalPrunedFluxInpaintPipeline))):
+        for table, cls in zip(tables.values(), classes):
+            table[key] = cls
+
+
+register_auto_pipelines()
 
 
 def pruned_pipeline_name(class_name: str) -> str:
     """The pruned pipeline class that holds a pruned transformer in place of a ``class_name`` pipeline's."""
-    for base, pruned in _PRUNED_PIPELINES.items():
+    for base, pruned in PIPELINES.items():
         if class_name in (base.__name__, pruned.__name__):
             return pruned.__name__
-    supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+    supported = ", ".join(b.__name__ for b in PIPELINES)
     raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} cannot hold a pruned transformer; "
                                 f"supported pipelines: {supported}.")
 
 
 def stock_pipeline_name(class_name: str) -> str:
     """The stock pipeline class that a ``class_name`` pipeline (stock or pruned) is, or is built on."""
-    for base, pruned in _PRUNED_PIPELINES.items():
+    for base, pruned in PIPELINES.items():
         if class_name in (base.__name__, pruned.__name__):
             return base.__name__
-    supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+    supported = ", ".join(b.__name__ for b in PIPELINES)
     raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline; "
                                 f"supported pipelines: {supported} and their pruned versions.")
 
@@ -75,9 +159,9 @@ def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPip
     ``pipeline``, not copied; the pruned transformer shares its kept weights with the
     original one (see :func:`prune_transformer`).
     """
-    target = next((pruned for base, pruned in _PRUNED_PIPELINES.items() if isinstance(pipeline, base)), None)
+    target = next((pruned for base, pruned in PIPELINES.items() if isinstance(pipeline, base)), None)
     if target is None:
-        supported = ", ".join(b.__name__ for b in _PRUNED_PIPELINES)
+        supported = ", ".join(b.__name__ for b in PIPELINES)
         raise UnsupportedModelError(
             f"prune_pipeline cannot prune a {type(pipeline).__name__}; supported pipelines: {supported} "
             "(and their subclasses). For other pipelines prune the transformer with `prune_transformer`."
@@ -90,7 +174,7 @@ def with_pruned_transformer(pipeline: DiffusionPipeline, transformer) -> Diffusi
 
     Used to wrap a distilled student: the text encoders, tokenizers, VAE and scheduler are shared.
     """
-    target = next((pruned for base, pruned in _PRUNED_PIPELINES.items() if isinstance(pipeline, base)), None)
+    target = next((pruned for base, pruned in PIPELINES.items() if isinstance(pipeline, base)), None)
     if target is None or getattr(transformer, "prune_plan", None) is None:
         raise UnsupportedModelError(
             f"Cannot wrap a {type(transformer).__name__} in a pruned {type(pipeline).__name__}; pass a pruned "

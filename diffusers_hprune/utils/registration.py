@@ -19,6 +19,8 @@ loadable base classes through that module's namespace. So:
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Mapping
 
 import diffusers
@@ -52,4 +54,39 @@ def register_lazily(classes: Mapping[str, str]) -> None:
         diffusers.__dict__["__getattr__"] = lambda name: _lookup(name, fallback)
 
 
-__all__ = ["register", "register_lazily"]
+class _AfterImport:
+    """A meta-path finder that imports ``then`` right after the module ``name`` has been executed."""
+
+    def __init__(self, name: str, then: str):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; and so the search below finds the real spec
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def exec_then_import(module):
+            exec_module(module)
+            importlib.import_module(then)
+
+        spec.loader.exec_module = exec_then_import
+        return spec
+
+
+def after_import(name: str, then: str) -> None:
+    """Import the module ``then`` as soon as the module ``name`` is imported (now, if it is already).
+
+    ``import diffusers_hprune`` uses it to fill Diffusers' ``AutoPipelineFor*`` tables with the
+    pruned pipelines when Diffusers loads them, without importing the pipelines before.
+    """
+    if name in sys.modules:
+        importlib.import_module(then)
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+__all__ = ["after_import", "register", "register_lazily"]

@@ -1,0 +1,198 @@
+"""Diffusers' own speed and memory features on pruned models (the table in docs/sharing.md).
+
+Where the plan removes whole blocks only, the stock model with those blocks gone (the stock
+export) is the reference: a feature must do on the pruned model exactly what it does there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_hprune import PrunePlan, get_family, prune_pipeline
+from diffusers_hprune.families import RemovedBlock
+
+CALL = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=16, output_type="np")
+PROMPT = "a red circle left of a blue square"
+BLOCKS_ONLY = {
+    "sd3": PrunePlan(removed_blocks=[1, 3], family="sd3", num_blocks=4),
+    "flux": PrunePlan(removed_blocks=[1, 3], family="flux", num_blocks=5),  # double 1, single 1
+}
+WITH_COMPONENTS = {
+    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3",
+                     num_blocks=4),
+    "flux": PrunePlan(removed_components={0: ["ff"], 1: ["norm1_context"], 3: ["mlp"], 4: ["attn"]}, family="flux",
+                      num_blocks=5),
+}
+_BUILT = {}
+
+
+def _pipe(family):
+    """A copy of one tiny pipeline per family (two builds of the toy tokenizer can differ)."""
+    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    if family not in _BUILT:  # SD3's inpaint pipeline wants 16 latent channels
+        _BUILT[family] = (tiny_sd3_pipeline(seed=0, in_channels=16, out_channels=16) if family == "sd3"
+                          else tiny_flux_pipeline(seed=0))
+        _BUILT[family].set_progress_bar_config(disable=True)
+    return copy.deepcopy(_BUILT[family])
+
+
+def _image(pipe, **extra):
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **{**CALL, **extra}).images
+
+
+def _pruned(family, plan):
+    pipe = prune_pipeline(_pipe(family), plan)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _stock_pipeline(family, plan):
+    """The stock pipeline whose transformer is the pruned one with its removed blocks gone (the stock export)."""
+    pruned = _pruned(family, plan)
+    fam = get_family(family)
+    config = dict(pruned.transformer.config)
+    stock = fam.base_class.from_config(fam.stock_config(config, plan))
+    stock.load_state_dict(fam.stock_state_dict(pruned.transformer.state_dict(), config, plan), strict=True)
+    pipe = _pipe(family)
+    pipe.transformer = stock.eval()
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_compile_repeated_blocks_compiles_every_block(family):
+    pipe = _pruned(family, WITH_COMPONENTS[family])
+    expected = _image(pipe)
+    pipe.transformer.compile_repeated_blocks(backend="eager")  # eager: no C compiler needed; the same regions
+    blocks = get_family(family).block_modules(pipe.transformer)
+    kinds = {type(b).__name__ for b in blocks if not isinstance(b, RemovedBlock)}
+    assert any(name.startswith("Pruned") for name in kinds) and len(kinds) >= 2
+    assert all(b._compiled_call_impl is not None for b in blocks if not isinstance(b, RemovedBlock))
+    np.testing.assert_allclose(_image(pipe), expected, atol=1e-6)
+
+
+def test_first_block_cache_on_pruned_flux_matches_the_stock_model():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    plan = BLOCKS_ONLY["flux"]
+    pruned, stock = _pruned("flux", plan), _stock_pipeline("flux", plan)
+    uncached = _image(pruned)
+    np.testing.assert_allclose(_image(stock), uncached, atol=1e-5)
+    for pipe in (pruned, stock):
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # reuse the cache after step 1
+    cached = _image(pruned)
+    assert np.abs(cached - uncached).max() > 1e-3  # the cache was used
+    np.testing.assert_allclose(cached, _image(stock), atol=1e-5)  # and exactly as on the stock model
+    pruned.transformer.disable_cache()
+    np.testing.assert_allclose(_image(pruned), uncached, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cache_hooks_run_on_blocks_with_components_removed(family):
+    from diffusers import PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = _pruned(family, WITH_COMPONENTS[family])
+    uncached = _image(pipe)
+    configs = {
+        "taylorseer": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "pab": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                               spatial_attention_timestep_skip_range=(-1, 1001),
+                                               current_timestep_callback=lambda: 500),
+    }
+    if family == "flux":  # SD3's last block returns no text stream, which First Block Cache needs (stock SD3 too)
+        configs["first-block"] = FirstBlockCacheConfig(threshold=10.0)
+    for name, config in configs.items():
+        pipe.transformer.enable_cache(config)
+        cached = _image(pipe)
+        assert np.isfinite(cached).all() and np.abs(cached - uncached).max() > 1e-4, name  # active, and it ran
+        pipe.transformer.disable_cache()
+        np.testing.assert_allclose(_image(pipe), uncached, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_offloading_and_layerwise_casting_match_the_stock_model(family):
+    plan = BLOCKS_ONLY[family]
+    expected = _image(_pruned(family, plan))
+    cpu = torch.device("cpu")
+    for offload in ("block_level", "leaf_level"):
+        pipe = _pruned(family, WITH_COMPONENTS[family])
+        reference = _image(pipe)
+        pipe.transformer.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload,
+                                              **({"num_blocks_per_group": 1} if offload == "block_level" else {}))
+        np.testing.assert_allclose(_image(pipe), reference, atol=1e-6, err_msg=offload)
+    pipe = _pruned(family, plan)
+    pipe.enable_model_cpu_offload(device="cpu")
+    np.testing.assert_allclose(_image(pipe), expected, atol=1e-6)
+    # Weights stored in fp8, computed in fp32: the same on the pruned and on the stock model.
+    pruned, stock = _pruned(family, plan), _stock_pipeline(family, plan)
+    for pipe in (pruned, stock):
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert pruned.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    cast = _image(pruned)
+    assert np.abs(cast - expected).max() > 1e-4
+    np.testing.assert_allclose(cast, _image(stock), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_from_pipe_into_img2img_and_inpaint(family):
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+    import diffusers_hprune as hp
+
+    pipe = _pruned(family, WITH_COMPONENTS[family])
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    mask = Image.new("L", (16, 16), 255)
+    name = "SD3" if family == "sd3" else "Flux"
+    stock_i2i, stock_inpaint = (("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline") if family == "sd3"
+                                else ("FluxImg2ImgPipeline", "FluxInpaintPipeline"))
+    for auto, cls, stock, extra in (
+        (AutoPipelineForImage2Image, getattr(hp, f"HierarchicalPruned{name}Img2ImgPipeline"), stock_i2i,
+         {"image": image, "strength": 0.8}),
+        (AutoPipelineForInpainting, getattr(hp, f"HierarchicalPruned{name}InpaintPipeline"), stock_inpaint,
+         {"image": image, "mask_image": mask, "strength": 0.8}),
+    ):
+        ours = cls.from_pipe(pipe)
+        assert type(ours) is cls and ours.transformer is pipe.transformer  # shared, not copied
+        assert type(auto.from_pipe(pipe)) is cls
+        assert ours.prune_plan == WITH_COMPONENTS[family]
+        # The stock class takes it when the transformer is passed, as Diffusers' message says.
+        import diffusers
+
+        theirs = getattr(diffusers, stock).from_pipe(pipe, transformer=pipe.transformer)
+        np.testing.assert_allclose(_image(ours, **extra), _image(theirs, **extra), atol=1e-6)
+    assert type(AutoPipelineForText2Image.from_pipe(cls.from_pipe(pipe))).__name__ == f"HierarchicalPruned{name}Pipeline"
+
+
+AUTO = textwrap.dedent(
+    """
+    import json, sys
+    import diffusers_hprune  # noqa: F401  (Diffusers' AutoPipeline tables are not loaded yet at this point)
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+    print(json.dumps([type(auto.from_pretrained(sys.argv[1])).__name__ for auto in
+                      (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)]))
+    """
+)
+
+
+@pytest.mark.slow  # a fresh process: CI's second step
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_auto_pipelines_load_a_pruned_folder_in_a_fresh_process(family, tmp_path):
+    _pruned(family, WITH_COMPONENTS[family]).save_pretrained(tmp_path / "pruned")
+    result = subprocess.run([sys.executable, "-c", AUTO, str(tmp_path / "pruned")], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = "SD3" if family == "sd3" else "Flux"
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [
+        f"HierarchicalPruned{name}Pipeline", f"HierarchicalPruned{name}Img2ImgPipeline",
+        f"HierarchicalPruned{name}InpaintPipeline"]
