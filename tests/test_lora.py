@@ -130,3 +130,64 @@ def test_pruning_a_model_that_holds_an_unfused_lora_says_what_to_do(lora):
     pipe.load_lora_weights(folder)
     with pytest.raises(PlanError, match=r"holds LoRA adapter layers .*Fuse or unload the LoRA first"):
         prune_transformer(pipe.transformer, PLANS[family])
+
+
+STOCK_PLANS = {  # whole blocks only; SD3's last block goes, so block 2 becomes the stock last block
+    "sd3": PrunePlan(removed_blocks=[1, 3], family="sd3", num_blocks=4),
+    "flux": PrunePlan(removed_blocks=[0, 3], family="flux", num_blocks=5),
+}
+STOCK_TARGETS = {
+    "sd3": ["to_q", "add_k_proj", "to_add_out", "ff_context.net.0.proj", "norm1_context.linear", "norm1.linear"],
+    "flux": ["to_q", "proj_out", "proj_mlp", "norm.linear", "ff_context.net.0.proj"],
+}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_convert_lora_for_a_stock_export(family, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers_hprune.cli import main
+    from diffusers_hprune.hub import export_folder
+
+    pipe = _pipe(family)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=STOCK_TARGETS[family], init_lora_weights=False)
+    torch.manual_seed(2)
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20)
+    type(pipe).save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    prune_pipeline(_pipe(family), STOCK_PLANS[family]).save_pretrained(tmp_path / "pruned")
+    export = export_folder(tmp_path / "pruned", tmp_path / "export", format="stock")
+    reference = _pipe(family)
+    reference.load_lora_weights(tmp_path / "lora")
+    reference.fuse_lora()
+    reference.unload_lora_weights()
+    expected = _image(prune_pipeline(reference, STOCK_PLANS[family]))
+
+    def stock():
+        loaded = DiffusionPipeline.from_pretrained(export)
+        loaded.set_progress_bar_config(disable=True)
+        return loaded
+
+    # The base model's LoRA as it is: its adapters go to other blocks, wrongly shaped (an error) or not (wrong image).
+    unconverted = stock()
+    try:
+        unconverted.load_lora_weights(tmp_path / "lora")
+        assert np.abs(_image(unconverted) - expected).max() > 1e-2
+    except (RuntimeError, ValueError) as e:
+        assert "size mismatch" in str(e)
+
+    out = tmp_path / "lora-for-export.safetensors"
+    assert main(["convert-lora", str(tmp_path / "lora"), "--to", str(export), "--out", str(out)]) == 0
+    assert "dropped the adapters of" in capsys.readouterr().out
+    converted = stock()
+    converted.load_lora_weights(out)
+    np.testing.assert_allclose(_image(converted), expected, atol=1e-4)
+    assert main(["convert-lora", str(tmp_path / "lora"), "--to", str(tmp_path / "pruned"), "--out",
+                 str(tmp_path / "x.safetensors")]) == 2  # an unexported folder takes the LoRA as it is
+    assert "not a stock export" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

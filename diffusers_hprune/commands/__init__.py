@@ -9,6 +9,7 @@ from diffusers_hprune.commands import (
     analyze,
     budget,
     compress,
+    convert_lora,
     demo,
     distill,
     evaluate,
@@ -22,6 +23,6 @@ from diffusers_hprune.commands import (
 )
 
 # In the order `hprune --help` lists them.
-COMMANDS = (inspect, budget, demo, evaluate, analyze, plan, report, quantize, export, push, compress, distill, toy_train)
+COMMANDS = (inspect, budget, demo, evaluate, analyze, plan, report, quantize, export, convert_lora, push, compress, distill, toy_train)
 
 __all__ = ["COMMANDS"]

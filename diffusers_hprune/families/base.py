@@ -421,6 +421,33 @@ class ModelFamily:
             out[key] = tensor
         return out
 
+    def stock_module_name(self, name: str, config: Mapping[str, Any], plan: PrunePlan) -> str | None:
+        """A module path (or parameter name) of the pruned model under the stock export's numbering;
+        ``None`` for one in a removed block. Names outside the block lists are returned as they are."""
+        paths = self.stock_block_paths(config, plan)
+        for prefix in self.block_count_keys:
+            if name.startswith(prefix + "."):
+                head, index, *rest = name.split(".", 2)
+                new = paths.get(f"{head}.{index}")
+                return None if new is None else ".".join([new, *rest])
+        return name
+
+    def stock_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
+                              prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A LoRA for the unpruned model, for the stock export of ``plan`` (whole blocks removed, the rest renumbered).
+
+        Stock Diffusers applies a LoRA by module names, so a base-model LoRA on a stock export would
+        land in the wrong blocks; this one lands where the base model's did. Returns the state dict
+        and the dropped module paths (original names).
+        """
+        self.check_stock_exportable(plan)
+        kept, dropped = self.prune_lora_state_dict(lora, config, plan, prefix=prefix)
+        out = {}
+        for key, tensor in kept.items():
+            name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+            out[(prefix if prefix and key.startswith(prefix) else "") + self.stock_module_name(name, config, plan)] = tensor
+        return out, dropped
+
 
 def adapter_layers(model: nn.Module) -> list[str]:
     """Module paths of ``model`` that hold (unfused or fused but not unloaded) PEFT adapter layers."""

@@ -123,6 +123,28 @@ class SD3Family(ModelFamily):
                 out[key] = torch.cat([chunks[1], chunks[0]], dim=0).contiguous()  # scale, shift
         return out
 
+    def stock_lora_state_dict(self, lora, config, plan: PrunePlan, prefix: str = ""):
+        """Renumbered adapters; when the plan removes the last block, the new last block's adapters
+        follow its weights: those of its text-stream output go, its text modulation's ``lora_B``
+        keeps the stock last block's two chunks (scale, shift)."""
+        out, dropped = super().stock_lora_state_dict(lora, config, plan, prefix=prefix)
+        num_layers = int(config.get("num_layers", 18))
+        if num_layers - 1 not in plan.removed_blocks:
+            return out, dropped
+        paths = self.stock_block_paths(config, plan)
+        original, last = max(paths.items(), key=lambda item: int(item[1].rsplit(".", 1)[1]))
+        block = f"{prefix}{last}."
+        for key in list(out):
+            if key.startswith(tuple(block + name for name in _TEXT_OUTPUT)):
+                module = original + "." + key[len(block):].split(".lora_")[0]
+                if module not in dropped:
+                    dropped.append(module)
+                del out[key]
+            elif key.startswith(block + "norm1_context.linear.lora_B."):
+                chunks = out[key].chunk(6, dim=0)  # rows: shift, scale, gate, ... -> scale, shift
+                out[key] = torch.cat([chunks[1], chunks[0]], dim=0).contiguous()
+        return out, dropped
+
     def encode_text(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(
             list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,

@@ -2,7 +2,7 @@
 (:mod:`.export`, with the generated modeling code of :mod:`.remote_code`) and ``hprune push`` (:mod:`.push`)."""
 
 from diffusers_hprune.hub.card import CardError, render_model_card, rewrite_usage, usage_section, write_model_card
-from diffusers_hprune.hub.export import ExportError, export_folder
+from diffusers_hprune.hub.export import ExportError, convert_lora_for_export, export_folder
 from diffusers_hprune.hub.folders import FORMATS, PLAN_FILE, default_format, folder_format, folder_plan, original_blocks
 from diffusers_hprune.hub.push import (
     IGNORE_PATTERNS,
@@ -16,6 +16,6 @@ from diffusers_hprune.hub.push import (
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 
 __all__ = ["FORMATS", "IGNORE_PATTERNS", "MODULE_NAME", "PLAN_FILE", "CardError", "ExportError", "PushError",
-           "check_repo_id", "default_format", "export_folder", "exported", "folder_format", "folder_plan",
+           "check_repo_id", "convert_lora_for_export", "default_format", "export_folder", "exported", "folder_format", "folder_plan",
            "modeling_source", "original_blocks", "push_folder", "render_model_card", "require_token", "rewrite_usage",
            "upload_tree", "usage_section", "write_model_card"]

@@ -38,7 +38,7 @@ from diffusers_hprune.hub.folders import (
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.fileio import atomic_directory
+from diffusers_hprune.utils.fileio import atomic_directory, atomic_path
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
@@ -161,4 +161,87 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
     return out
 
 
-__all__ = ["ExportError", "export_folder"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _side_file(export: str | os.PathLike) -> Path:
+    """The stock export's ``transformer/hprune_plan.json``, from a folder or a Hub repository."""
+    local = Path(export)
+    if local.is_dir():
+        if folder_format(local) != "stock":
+            raise ExportError(f"{local} is not a stock export (no transformer/{PLAN_FILE}); a LoRA for the base model "
+                              "loads into pruned folders and remote-code exports as it is, with load_lora_weights.")
+        return local / "transformer" / PLAN_FILE
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(export), f"transformer/{PLAN_FILE}"))
+    except EntryNotFoundError:
+        raise ExportError(f"{export} has no transformer/{PLAN_FILE}: it is not a stock export of diffusers-hprune, and "
+                          "a LoRA for its base model loads into it as it is.") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
+        raise ExportError(f"Cannot read transformer/{PLAN_FILE} of {export!r} ({e}); give a stock export's folder, "
+                          "or a Hub id you can reach.") from None
+
+
+def _rename_metadata(metadata: dict[str, str], family, config, plan) -> dict[str, str]:
+    """The LoRA's adapter config (``lora_adapter_metadata``) with full module names renumbered and removed ones dropped."""
+    if "lora_adapter_metadata" not in metadata:
+        return metadata
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    for key, value in list(adapter.items()):
+        field = key.rsplit(".", 1)[-1]
+        if field == "target_modules" and isinstance(value, list):
+            adapter[key] = [n for n in (family.stock_module_name(v, config, plan) for v in value) if n is not None]
+        elif field in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
+            adapter[key] = {new: v for k, v in value.items()
+                            if (new := family.stock_module_name(k, config, plan)) is not None}
+    return {**metadata, "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
+
+
+def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, out: str | os.PathLike, *,
+                            overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write a LoRA made for the base model (Diffusers' format, a ``.safetensors`` file or the folder holding
+    ``pytorch_lora_weights.safetensors``) as it fits the stock export ``export`` (a folder or a Hub id).
+
+    A stock export renumbers the kept blocks, and stock Diffusers applies a LoRA by module names,
+    so the base model's LoRA would land in the wrong blocks. The converted one drops the adapters
+    of removed blocks and renames the rest (``ModelFamily.stock_lora_state_dict``); its adapter
+    metadata is renamed the same way. Text-encoder adapters are kept as they are. Returns ``out``
+    and the dropped module paths (the base model's names).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = Path(lora)
+    if source.is_dir():
+        source = source / LORA_WEIGHTS
+    if not source.is_file() or source.suffix != ".safetensors":
+        raise ExportError(f"{lora} is not a LoRA .safetensors file (or a folder with {LORA_WEIGHTS}); give the file "
+                          "that save_lora_weights or a trainer wrote.")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; choose another --out or pass --overwrite.")
+    side = read_json(_side_file(export))
+    config, plan = side["original_config"], PrunePlan.from_dict(side["plan"])
+    family = get_family(config)
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ExportError(f"Cannot read the LoRA {source} ({e}); give a complete safetensors file.") from None
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+    ours = {k: v for k, v in tensors.items() if not prefix or k.startswith(prefix)}
+    others = {k: v for k, v in tensors.items() if k not in ours}  # text encoders: not touched
+    converted, dropped = family.stock_lora_state_dict(ours, config, plan, prefix=prefix)
+    if not converted:
+        raise ExportError(f"None of the LoRA's {len(ours)} transformer adapters is in a block the export keeps; "
+                          "nothing to write.")
+    with atomic_path(out) as tmp:
+        save_file({**others, **converted}, str(tmp), metadata=_rename_metadata(metadata, family, config, plan))
+    return out, dropped
+
+
+__all__ = ["LORA_WEIGHTS", "ExportError", "convert_lora_for_export", "export_folder"]
