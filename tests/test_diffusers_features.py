@@ -177,10 +177,14 @@ def test_from_pipe_into_img2img_and_inpaint(family):
 AUTO = textwrap.dedent(
     """
     import json, sys
+    import numpy as np, torch
     import diffusers_hprune  # noqa: F401  (Diffusers' AutoPipeline tables are not loaded yet at this point)
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
-    print(json.dumps([type(auto.from_pretrained(sys.argv[1])).__name__ for auto in
-                      (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)]))
+    pipes = [auto.from_pretrained(sys.argv[1]) for auto in
+             (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)]
+    pipes[0].set_progress_bar_config(disable=True)
+    np.save(sys.argv[2], pipes[0](sys.argv[3], generator=torch.Generator().manual_seed(0), **json.loads(sys.argv[4])).images)
+    print(json.dumps([type(p).__name__ for p in pipes]))
     """
 )
 
@@ -188,11 +192,14 @@ AUTO = textwrap.dedent(
 @pytest.mark.slow  # a fresh process: CI's second step
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_auto_pipelines_load_a_pruned_folder_in_a_fresh_process(family, tmp_path):
-    _pruned(family, WITH_COMPONENTS[family]).save_pretrained(tmp_path / "pruned")
-    result = subprocess.run([sys.executable, "-c", AUTO, str(tmp_path / "pruned")], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    pipe = _pruned(family, WITH_COMPONENTS[family])
+    pipe.save_pretrained(tmp_path / "pruned")
+    out = tmp_path / "image.npy"
+    result = subprocess.run([sys.executable, "-c", AUTO, str(tmp_path / "pruned"), str(out), PROMPT, json.dumps(CALL)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     name = "SD3" if family == "sd3" else "Flux"
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [
         f"HierarchicalPruned{name}Pipeline", f"HierarchicalPruned{name}Img2ImgPipeline",
         f"HierarchicalPruned{name}InpaintPipeline"]
+    np.testing.assert_allclose(np.load(out), _image(pipe), atol=1e-5)  # the in-memory model's image
