@@ -191,3 +191,35 @@ def test_convert_lora_for_a_stock_export(family, tmp_path, capsys):
     assert main(["convert-lora", str(tmp_path / "lora"), "--to", str(tmp_path / "pruned"), "--out",
                  str(tmp_path / "x.safetensors")]) == 2  # an unexported folder takes the LoRA as it is
     assert "not a stock export" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+REMOTE_LORA = """
+import json, sys
+sys.modules["diffusers_hprune"] = None  # only stock Diffusers and the export's own modeling code
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(sys.argv[2])
+np.save(sys.argv[3], pipe(sys.argv[4], generator=torch.Generator().manual_seed(0), **json.loads(sys.argv[5])).images)
+"""
+
+
+@pytest.mark.slow  # a fresh process: CI's second step
+def test_base_lora_on_a_remote_export_without_the_package(lora, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from diffusers_hprune.hub import export_folder
+
+    family, folder = lora
+    prune_pipeline(_pipe(family), PLANS[family]).save_pretrained(tmp_path / "pruned")
+    export = export_folder(tmp_path / "pruned", tmp_path / "export", format="remote")
+    out = tmp_path / "image.npy"
+    result = subprocess.run([sys.executable, "-c", REMOTE_LORA, str(export), str(folder), str(out), PROMPT,
+                             json.dumps(CALL)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(out), _reference(family, folder), atol=1e-4)
