@@ -51,22 +51,26 @@ def _image(pipe):
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def lora(request, tmp_path_factory):
     """A LoRA for the base model in Diffusers' format (save_lora_weights), with non-zero updates everywhere."""
+    family = request.param
+    return family, _base_lora(family, TARGETS[family], tmp_path_factory.mktemp(f"lora-{family}"), alpha=8, seed=1)
+
+
+def _base_lora(family, targets, folder, *, alpha, seed):
+    """Write a LoRA for the base model of ``family`` on ``targets`` into ``folder``; returns ``folder``."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    family = request.param
     pipe = _pipe(family)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False)
-    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(seed)
     pipe.transformer.add_adapter(config)
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             if "lora_B" in name:
                 p.mul_(20)  # large enough that a lost or misplaced adapter shows in the image
-    folder = tmp_path_factory.mktemp(f"lora-{family}")
     type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
                                  transformer_lora_adapter_metadata=config.to_dict())
-    return family, folder
+    return folder
 
 
 def _reference(family, folder, scale=1.0):
@@ -145,22 +149,11 @@ STOCK_TARGETS = {
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_convert_lora_for_a_stock_export(family, tmp_path, capsys):
     from diffusers import DiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from diffusers_hprune.cli import main
     from diffusers_hprune.hub import export_folder
 
-    pipe = _pipe(family)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=STOCK_TARGETS[family], init_lora_weights=False)
-    torch.manual_seed(2)
-    pipe.transformer.add_adapter(config)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.mul_(20)
-    type(pipe).save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                                 transformer_lora_adapter_metadata=config.to_dict())
+    _base_lora(family, STOCK_TARGETS[family], tmp_path / "lora", alpha=4, seed=2)
     prune_pipeline(_pipe(family), STOCK_PLANS[family]).save_pretrained(tmp_path / "pruned")
     export = export_folder(tmp_path / "pruned", tmp_path / "export", format="stock")
     reference = _pipe(family)

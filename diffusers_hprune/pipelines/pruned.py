@@ -132,24 +132,24 @@ def register_auto_pipelines() -> None:
 register_auto_pipelines()
 
 
-def pruned_pipeline_name(class_name: str) -> str:
-    """The pruned pipeline class that holds a pruned transformer in place of a ``class_name`` pipeline's."""
+def _pipeline_pair(class_name: str) -> tuple[type, type]:
     for base, pruned in PIPELINES.items():
         if class_name in (base.__name__, pruned.__name__):
-            return pruned.__name__
+            return base, pruned
     supported = ", ".join(b.__name__ for b in PIPELINES)
-    raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} cannot hold a pruned transformer; "
-                                f"supported pipelines: {supported}.")
+    raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline, so "
+                                f"it cannot hold a pruned transformer; supported pipelines: {supported} and their "
+                                "pruned versions.")
+
+
+def pruned_pipeline_name(class_name: str) -> str:
+    """The pruned pipeline class that holds a pruned transformer in place of a ``class_name`` pipeline's."""
+    return _pipeline_pair(class_name)[1].__name__
 
 
 def stock_pipeline_name(class_name: str) -> str:
     """The stock pipeline class that a ``class_name`` pipeline (stock or pruned) is, or is built on."""
-    for base, pruned in PIPELINES.items():
-        if class_name in (base.__name__, pruned.__name__):
-            return base.__name__
-    supported = ", ".join(b.__name__ for b in PIPELINES)
-    raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline; "
-                                f"supported pipelines: {supported} and their pruned versions.")
+    return _pipeline_pair(class_name)[0].__name__
 
 
 def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPipeline:
