@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -289,3 +290,21 @@ def test_remote_export_without_trust_names_the_way_out(exports, tmp_path):
     # The file Diffusers points to names the other way: the package, installed from source.
     header = (export / "transformer" / "hprune_transformer.py").read_text().split('"""')[1]
     assert "trust_remote_code=True" in header and "install diffusers-hprune" in header and "not on PyPI" in header
+
+
+def test_sharded_transformer_exports_to_stock(tmp_path):
+    """Shards are rewritten one by one and the index names the renumbered keys (a 16 GB model is sharded)."""
+    from diffusers import DiffusionPipeline
+
+    pruned = prune_pipeline(_pipe("sd3"), BLOCKS_ONLY["sd3"])
+    pruned.save_pretrained(tmp_path / "pruned")
+    shutil.rmtree(tmp_path / "pruned" / "transformer")
+    pruned.transformer.save_pretrained(tmp_path / "pruned" / "transformer", max_shard_size="20KB")
+    export = export_folder(tmp_path / "pruned", tmp_path / "export")
+    index = json.loads((export / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (export / "transformer").glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    stock = DiffusionPipeline.from_pretrained(export)
+    stock.set_progress_bar_config(disable=True)
+    assert set(index["weight_map"]) == set(stock.transformer.state_dict())
+    np.testing.assert_allclose(_image(stock), _image(pruned), atol=1e-5)

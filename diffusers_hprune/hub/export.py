@@ -76,6 +76,8 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {"format": "pt"}
                 tensors = family.stock_state_dict({k: f.get_tensor(k) for k in f.keys()}, config, plan)
+            if not tensors:  # a shard that held only removal markers of removed blocks: nothing left to write
+                continue
             save_file(tensors, str(target / path.name), metadata=metadata)
             for key, tensor in tensors.items():
                 key_file[key] = path.name
