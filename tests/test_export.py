@@ -192,6 +192,7 @@ def test_export_folders_describe_their_format(exports, family):
     assert f'DiffusionPipeline.from_pretrained("someone/{family}-stock", torch_dtype=torch.bfloat16)' in card
     assert "trust_remote_code" not in card and "import diffusers_hprune" not in card
     assert "pip install diffusers-hprune" not in card and "not on PyPI" in card
+    assert f"hprune convert-lora LORA.safetensors --to\nsomeone/{family}-stock" in card  # blocks renumbered
 
     _, remote, plan, _ = exports[family, "remote"]
     index = json.loads((remote / "model_index.json").read_text())
