@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,12 +37,13 @@ PLAIN = textwrap.dedent(
     import diffusers_hprune  # noqa: F401  (the unexported folders hold its classes; exports load without it)
     from diffusers import DiffusionPipeline
     call = json.loads(sys.argv[1])
-    for folder, remote in json.loads(sys.argv[2]):
+    for k, (folder, remote) in enumerate(json.loads(sys.argv[2])):
         pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=remote)
         pipe.set_progress_bar_config(disable=True)
         dtypes = sorted({str(c.dtype) for c in pipe.components.values() if hasattr(c, "dtype")})
         image = pipe("a red circle", generator=torch.Generator().manual_seed(0), **call).images
         assert np.isfinite(image).all(), folder
+        np.save(f"{sys.argv[3]}/{k}.npy", image)
         print(json.dumps({"folder": folder, "dtypes": dtypes}))
     """
 )
@@ -101,9 +103,18 @@ def test_every_written_folder_loads_plain_in_a_fresh_process(tmp_path):
                  "1", "--train_batch_size", "2", "--resolution", "16", "--no-progress", "--no-budget-check"]) == 0
     folders.append((str(distilled), False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(CALL), json.dumps(folders)], capture_output=True,
-                            text=True, env=env, timeout=900)
+    (tmp_path / "images").mkdir()
+    result = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(CALL), json.dumps(folders), str(tmp_path / "images")],
+                            capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [entry["folder"] for entry in loaded] == [f for f, _ in folders]
     assert all(entry["dtypes"] == ["torch.float32"] for entry in loaded), loaded
+    # The same image as the folder loaded here with torch_dtype=torch.float32 asked for explicitly.
+    from diffusers import DiffusionPipeline
+
+    for k, (folder, remote) in enumerate(folders):
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, trust_remote_code=remote)
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe("a red circle", generator=torch.Generator().manual_seed(0), **CALL).images
+        np.testing.assert_allclose(np.load(tmp_path / "images" / f"{k}.npy"), image, atol=1e-5, err_msg=folder)
