@@ -12,7 +12,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_hprune import get_family
+from diffusers_hprune import PrunePlan, get_family
+
+#: Plans for the tiny models of toy.components (SD3: 4 blocks, 0 and 1 dual-attention; FLUX: 2 double + 3 single)
+#: that remove whole blocks and components, and slice FLUX single-block proj_out (blocks 3 and 4).
+MIXED_PLANS = {
+    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3",
+                     num_blocks=4),
+    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux",
+                      num_blocks=5),
+}
+_BUILT = {}
+
+
+def tiny_pipeline(family: str, **transformer_overrides):
+    """A fresh copy of one tiny pipeline per family and overrides.
+
+    Copies, not new builds: two builds differ (the toy CLIP tokenizer's BPE training breaks ties
+    differently each time, so the same prompt gets other token ids), and a test comparing images
+    of two pipelines needs them to share their text encoders and tokenizers.
+    """
+    import copy
+
+    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    key = (family, tuple(sorted(transformer_overrides.items())))
+    if key not in _BUILT:
+        build = tiny_sd3_pipeline if family.startswith("sd3") else tiny_flux_pipeline
+        _BUILT[key] = build(seed=0, **transformer_overrides)
+        _BUILT[key].set_progress_bar_config(disable=True)
+    return copy.deepcopy(_BUILT[key])
 
 
 def transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:

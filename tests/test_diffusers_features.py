@@ -6,7 +6,6 @@ export) is the reference: a feature must do on the pruned model exactly what it 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_pipeline
 from PIL import Image
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline
@@ -33,18 +33,9 @@ WITH_COMPONENTS = {
     "flux": PrunePlan(removed_components={0: ["ff"], 1: ["norm1_context"], 3: ["mlp"], 4: ["attn"]}, family="flux",
                       num_blocks=5),
 }
-_BUILT = {}
-
-
 def _pipe(family):
-    """A copy of one tiny pipeline per family (two builds of the toy tokenizer can differ)."""
-    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    if family not in _BUILT:  # SD3's inpaint pipeline wants 16 latent channels
-        _BUILT[family] = (tiny_sd3_pipeline(seed=0, in_channels=16, out_channels=16) if family == "sd3"
-                          else tiny_flux_pipeline(seed=0))
-        _BUILT[family].set_progress_bar_config(disable=True)
-    return copy.deepcopy(_BUILT[family])
+    """SD3's inpaint pipeline wants 16 latent channels."""
+    return tiny_pipeline(family, **({"in_channels": 16, "out_channels": 16} if family == "sd3" else {}))
 
 
 def _image(pipe, **extra):

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import fill_hf_cache, transformer_inputs
+from helpers import MIXED_PLANS, fill_hf_cache, tiny_pipeline, transformer_inputs
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline
 from diffusers_hprune.cli import main
@@ -44,12 +44,7 @@ BLOCKS_ONLY = {  # the tiny SD3 has 4 blocks, 0 and 1 with dual attention; the t
     "sd3-dual-last": PrunePlan(removed_blocks=[2, 3], family="sd3", num_blocks=4),  # a dual block becomes last
     "flux": PrunePlan(removed_blocks=[0, 3], family="flux", num_blocks=5),
 }
-WITH_COMPONENTS = {
-    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3",
-                     num_blocks=4),
-    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux",
-                      num_blocks=5),
-}
+WITH_COMPONENTS = MIXED_PLANS
 
 # Runs in a fresh process that cannot import diffusers_hprune: only stock Diffusers is there.
 LOADER = textwrap.dedent(
@@ -79,11 +74,7 @@ LOADER = textwrap.dedent(
 
 
 def _pipe(family: str):
-    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    pipe = (tiny_sd3_pipeline if family.startswith("sd3") else tiny_flux_pipeline)(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(family)
 
 
 def _image(pipe):

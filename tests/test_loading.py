@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import fill_hf_cache
+from helpers import MIXED_PLANS, fill_hf_cache
 
 from diffusers_hprune import (
     HierarchicalPrunedFluxPipeline,
@@ -49,10 +49,7 @@ LOADER = textwrap.dedent(
     """
 )
 
-PLANS = {
-    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3", num_blocks=4),
-    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux", num_blocks=5),
-}
+PLANS = MIXED_PLANS
 CLASSES = {
     "sd3": (HierarchicalPrunedSD3Pipeline, HierarchicalPrunedSD3Transformer2DModel),
     "flux": (HierarchicalPrunedFluxPipeline, HierarchicalPrunedFluxTransformer2DModel),

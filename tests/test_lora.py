@@ -6,42 +6,27 @@ removed parts vanish with them, and a sliced layer's update loses the columns it
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
 import pytest
 import torch
+from helpers import MIXED_PLANS, tiny_pipeline
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, prune_transformer
 from diffusers_hprune.utils.errors import PlanError
 
 CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")
 PROMPT = "a red circle left of a blue square"
-PLANS = {
-    "sd3": PrunePlan(removed_blocks=[1], removed_components={0: ["attn"], 2: ["ff_context", "norm1"]}, family="sd3",
-                     num_blocks=4),
-    "flux": PrunePlan(removed_blocks=[0], removed_components={1: ["ff"], 3: ["mlp"], 4: ["attn"]}, family="flux",
-                      num_blocks=5),
-}
+PLANS = MIXED_PLANS
 TARGETS = {  # kept and removed parts alike; FLUX's single-block proj_out is sliced in blocks 3 and 4
     "sd3": ["to_q", "to_k", "add_q_proj", "to_out.0", "ff.net.0.proj", "ff_context.net.2", "norm1.linear"],
     "flux": ["to_q", "to_v", "proj_out", "proj_mlp", "ff.net.0.proj", "norm.linear", "norm1.linear"],
 }
 
 
-_BUILT = {}
-
-
 def _pipe(family):
-    """A fresh copy of one tiny pipeline per family (two builds differ: the toy CLIP tokenizer's BPE training
-    breaks ties differently each time, so the same prompt gets other token ids)."""
-    from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    if family not in _BUILT:
-        _BUILT[family] = (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0)
-        _BUILT[family].set_progress_bar_config(disable=True)
-    return copy.deepcopy(_BUILT[family])
+    return tiny_pipeline(family)
 
 
 def _image(pipe):
