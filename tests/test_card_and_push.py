@@ -175,3 +175,21 @@ def test_push_refuses_without_credentials_or_a_pipeline(published, monkeypatch, 
         assert main(["push", str(folder), "--repo-id", bad, "--token", "hf_x", "--base-model", "x/y"]) == 2
         assert "ORG/NAME" in capsys.readouterr().err
     assert api.calls == [] and folder_state(folder) == before  # nothing was written, created or uploaded
+
+
+@pytest.mark.parametrize("failure", [ConnectionError("[Errno 101] Network is unreachable"),
+                                     OSError("Cannot reach https://huggingface.co: offline mode is enabled")])
+def test_push_that_cannot_reach_the_hub_says_so(published, monkeypatch, tmp_path, capsys, failure):
+    folder, _, _ = published
+    before = folder_state(folder)
+
+    class Unreachable(FakeApi):
+        def create_repo(self, **kwargs):
+            raise failure
+
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: Unreachable(tmp_path / "staged"))
+    assert main(["push", str(folder), "--repo-id", "someone/sd3-pruned", "--token", "hf_x"]) == 2
+    err = capsys.readouterr().err
+    assert "Publishing to https://huggingface.co/someone/sd3-pruned failed" in err and "network connection" in err
+    assert "Traceback" not in err and folder_state(folder) == before
+    assert not [p for p in folder.parent.iterdir() if ".push-" in p.name]  # the temporary export is gone

@@ -32,6 +32,7 @@ from diffusers_hprune.contributions import fingerprint
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.fileio import with_user_mode
 
 
 class DataError(HPruneError):
@@ -184,7 +185,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
             _add(records, family, pipe, [str(c) for c in rows[spec.caption_column]], latents, max_len)
     dataset = datasets.Dataset.from_dict(records)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
+    tmp = with_user_mode(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
     try:
         dataset.save_to_disk(str(tmp))
         os.replace(tmp, path)

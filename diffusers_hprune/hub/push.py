@@ -116,11 +116,18 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
             raise PushError(f"{folder} has no model card (README.md); write one first (`hprune push ... --base-model "
                             "ID` writes it, or diffusers_hprune.hub.write_model_card).")
         api = api or HfApi(token=token)
-        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id, repo_type="model", folder_path=str(export), ignore_patterns=IGNORE_PATTERNS,
-            commit_message=commit_message or "Upload a HierarchicalPrune-compressed pipeline (diffusers-hprune)",
-        )
+        try:
+            api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id, repo_type="model", folder_path=str(export), ignore_patterns=IGNORE_PATTERNS,
+                commit_message=commit_message or "Upload a HierarchicalPrune-compressed pipeline (diffusers-hprune)",
+            )
+        except Exception as e:  # the Hub client's errors: HTTP status, offline mode, network, authentication
+            raise PushError(
+                f"Publishing to https://huggingface.co/{repo_id} failed ({type(e).__name__}: {str(e).strip()[:300]}). "
+                "Check the network connection (and that HF_HUB_OFFLINE is not set), the token's write access and the "
+                f"repository name, then push again; {folder} itself was not changed."
+            ) from None
     return str(getattr(info, "commit_url", info))
 
 

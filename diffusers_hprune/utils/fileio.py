@@ -12,12 +12,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def with_user_mode(path: str | os.PathLike) -> Path:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would have: 0666 / 0777 less the umask.
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` make 0600 files and 0700 folders whatever the umask, so
+    what is renamed into place from them would be readable by its owner only.
+    """
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (mode as ``open`` gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        with_user_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -37,7 +55,7 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it is renamed to ``path``.
+    """Yield a temporary folder beside ``path`` (mode as ``mkdir`` gives); on success it is renamed to ``path``.
 
     On error the temporary folder is deleted and ``path`` is left as it was. With
     ``overwrite=False`` an existing ``path`` is an error (raised before any work).
@@ -46,7 +64,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output folder or pass overwrite=True (--overwrite).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = with_user_mode(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -57,8 +75,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
     os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # what --overwrite replaced: a folder, or a file where the folder now is
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -68,6 +89,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    with_user_mode(tmp)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
