@@ -6,7 +6,7 @@ import argparse
 
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.folders import FORMATS
-from diffusers_hprune.hub.push import check_pipeline_folder, check_repo_id, push_folder, require_token, upload_tree
+from diffusers_hprune.hub.push import push_folder, upload_tree
 
 
 def register(subparsers) -> None:
@@ -32,10 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_repo_id(args.repo_id)  # before writing or exporting anything
-    check_pipeline_folder(args.folder)
-    require_token(args.token)
-    uploaded: list[str] = []
+    uploaded: list[str] = []  # push_folder checks the repo id, the folder and the token before it writes anything
 
     def card(export) -> None:
         if args.base_model:

@@ -237,25 +237,22 @@ class ModelFamily:
         Keys of removed parts are dropped; parameters shared between components are
         sliced to the kept parts. Kept keys keep their original block indices.
         """
-        drop: list[str] = []
+        drop = tuple(path + "." for path in self.removed_module_paths(config, plan))
         slices: dict[str, list[tuple[int, slice]]] = {}
         for spec in self.block_specs(config):
             if spec.index in plan.removed_blocks:
-                drop.append(spec.path + ".")
                 continue
             for component in plan.removed_components.get(spec.index, []):
-                drop.extend(f"{spec.path}.{sub}." for sub in self.component_submodules(spec, component))
                 for name, part in self.shared_parameter_slices(spec, component, config).items():
                     slices.setdefault(f"{spec.path}.{name}", []).append(part)
         out = {}
         for key, tensor in state_dict.items():
-            if any(key.startswith(prefix) for prefix in drop):
+            if key.startswith(drop):
                 continue
             if key in slices:
                 tensor = _remove_slices(tensor, slices[key])
             out[key] = tensor
         return out
-
 
     # -- Diffusers' hooks and regional compilation ---------------------------------------------
     def pruned_block_classes(self) -> tuple[type, ...]:
@@ -326,8 +323,7 @@ class ModelFamily:
         sliced = self.sliced_layers(config, plan)
         out, dropped = {}, []
         for key, tensor in lora.items():
-            name = key[len(prefix):] if prefix and key.startswith(prefix) else key
-            module, sep, rest = name.partition(".lora_")
+            module, sep, rest = _without_prefix(key, prefix)[1].partition(".lora_")
             if sep and any(module == path or module.startswith(path + ".") for path in removed):
                 if module not in dropped:
                     dropped.append(module)
@@ -396,6 +392,21 @@ class ModelFamily:
             out[key] = sum(1 for p in paths if p.rsplit(".", 1)[0] == prefix)
         return out
 
+    def stock_renamer(self, config: Mapping[str, Any], plan: PrunePlan):
+        """A function taking a module path or parameter name of the pruned model to its name in the stock
+        export (``None`` for one in a removed block; names outside the block lists unchanged)."""
+        paths = self.stock_block_paths(config, plan)
+        prefixes = tuple(prefix + "." for prefix in self.block_count_keys)
+
+        def rename(name: str) -> str | None:
+            if not name.startswith(prefixes):
+                return name
+            head, index, *rest = name.split(".", 2)
+            new = paths.get(f"{head}.{index}")
+            return None if new is None else ".".join([new, *rest])
+
+        return rename
+
     def stock_state_dict(self, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                          plan: PrunePlan) -> dict[str, torch.Tensor]:
         """The pruned model's weights (``state_dict``, or any part of it) under the stock model's names.
@@ -404,33 +415,18 @@ class ModelFamily:
         Works on 4-bit state dicts too (bitsandbytes' extra keys follow their weight's name).
         """
         self.check_stock_exportable(plan)
-        paths = self.stock_block_paths(config, plan)
-        prefixes = tuple(prefix + "." for prefix in self.block_count_keys)
+        rename = self.stock_renamer(config, plan)
         markers = set(self.removal_markers(config, plan))
         out = {}
         for key, tensor in state_dict.items():
             if key in markers and tensor.numel() == 0:
                 continue  # the removed block is gone from the stock model: no marker needed
-            if key.startswith(prefixes):
-                head, index, rest = key.split(".", 2)
-                new = paths.get(f"{head}.{index}")
-                if new is None:
-                    raise PlanError(f"The weights hold {key}, a key of a block the plan removes; the weights and "
-                                    "the plan come from different models.")
-                key = f"{new}.{rest}"
-            out[key] = tensor
+            new = rename(key)
+            if new is None:
+                raise PlanError(f"The weights hold {key}, a key of a block the plan removes; the weights and "
+                                "the plan come from different models.")
+            out[new] = tensor
         return out
-
-    def stock_module_name(self, name: str, config: Mapping[str, Any], plan: PrunePlan) -> str | None:
-        """A module path (or parameter name) of the pruned model under the stock export's numbering;
-        ``None`` for one in a removed block. Names outside the block lists are returned as they are."""
-        paths = self.stock_block_paths(config, plan)
-        for prefix in self.block_count_keys:
-            if name.startswith(prefix + "."):
-                head, index, *rest = name.split(".", 2)
-                new = paths.get(f"{head}.{index}")
-                return None if new is None else ".".join([new, *rest])
-        return name
 
     def stock_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
                               prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -442,12 +438,12 @@ class ModelFamily:
         """
         self.check_stock_exportable(plan)
         kept, dropped = self.prune_lora_state_dict(lora, config, plan, prefix=prefix)
+        rename = self.stock_renamer(config, plan)
         out = {}
         for key, tensor in kept.items():
-            name = key[len(prefix):] if prefix and key.startswith(prefix) else key
-            out[(prefix if prefix and key.startswith(prefix) else "") + self.stock_module_name(name, config, plan)] = tensor
+            head, name = _without_prefix(key, prefix)
+            out[head + rename(name)] = tensor
         return out, dropped
-
 
 def adapter_layers(model: nn.Module) -> list[str]:
     """Module paths of ``model`` that hold (unfused or fused but not unloaded) PEFT adapter layers."""
@@ -468,6 +464,11 @@ def refuse_adapters(model: nn.Module, doing: str) -> None:
             "`pipe.fuse_lora()` then `pipe.unload_lora_weights()` keeps its effect in the weights; "
             "`pipe.unload_lora_weights()` alone drops it."
         )
+
+
+def _without_prefix(key: str, prefix: str) -> tuple[str, str]:
+    """``(prefix, rest)`` when ``key`` starts with ``prefix`` (e.g. ``"transformer."``), else ``("", key)``."""
+    return (prefix, key[len(prefix):]) if prefix and key.startswith(prefix) else ("", key)
 
 
 def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:

@@ -31,6 +31,13 @@ _SUBMODULES = {
 }
 
 
+def _stock_last_modulation(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of an ``AdaLayerNormZero`` output layer (shift, scale, gate of attention, then of the MLP)
+    as the stock last block's ``AdaLayerNormContinuous`` orders its two: scale, shift."""
+    chunks = rows.chunk(6, dim=0)
+    return torch.cat([chunks[1], chunks[0]], dim=0).contiguous()
+
+
 class PrunedJointTransformerBlock(PrunedDualStreamBlock):
     """A partly pruned SD3 ``JointTransformerBlock`` (same call signature as the stock block)."""
 
@@ -100,13 +107,11 @@ class SD3Family(ModelFamily):
         stream, and so the image, is the same.
         """
         out = super().stock_state_dict(state_dict, config, plan)
-        num_layers = int(config.get("num_layers", 18))
-        if num_layers - 1 not in plan.removed_blocks:
+        last = self._new_last_block(config, plan)
+        if last is None:
             return out
-        paths = self.stock_block_paths(config, plan)
-        original, last = max(paths.items(), key=lambda item: int(item[1].rsplit(".", 1)[1]))
-        prefix = last + "."
-        modulation = prefix + "norm1_context.linear."
+        original, block = last
+        modulation = f"{block}.norm1_context.linear."
         quantised = [k for k in out if k.startswith(modulation) and k not in (modulation + "weight", modulation + "bias")]
         if quantised:
             raise PlanError(
@@ -116,24 +121,30 @@ class SD3Family(ModelFamily):
                 "it as 4-distilled/), or export this one with --format remote."
             )
         for key in list(out):
-            if key.startswith(tuple(prefix + name for name in _TEXT_OUTPUT)):
+            if key.startswith(tuple(f"{block}.{name}" for name in _TEXT_OUTPUT)):
                 del out[key]
             elif key.startswith(modulation):
-                chunks = out[key].chunk(6, dim=0)  # shift, scale, gate (attention), shift, scale, gate (MLP)
-                out[key] = torch.cat([chunks[1], chunks[0]], dim=0).contiguous()  # scale, shift
+                out[key] = _stock_last_modulation(out[key])
         return out
+
+    def _new_last_block(self, config, plan: PrunePlan) -> tuple[str, str] | None:
+        """``(original path, stock path)`` of the block that becomes the stock model's last block in
+        place of a removed original last block; ``None`` when the plan keeps the last block."""
+        if int(config.get("num_layers", 18)) - 1 not in plan.removed_blocks:
+            return None
+        paths = self.stock_block_paths(config, plan)
+        return max(paths.items(), key=lambda item: int(item[1].rsplit(".", 1)[1]))
 
     def stock_lora_state_dict(self, lora, config, plan: PrunePlan, prefix: str = ""):
         """Renumbered adapters; when the plan removes the last block, the new last block's adapters
         follow its weights: those of its text-stream output go, its text modulation's ``lora_B``
         keeps the stock last block's two chunks (scale, shift)."""
         out, dropped = super().stock_lora_state_dict(lora, config, plan, prefix=prefix)
-        num_layers = int(config.get("num_layers", 18))
-        if num_layers - 1 not in plan.removed_blocks:
+        last = self._new_last_block(config, plan)
+        if last is None:
             return out, dropped
-        paths = self.stock_block_paths(config, plan)
-        original, last = max(paths.items(), key=lambda item: int(item[1].rsplit(".", 1)[1]))
-        block = f"{prefix}{last}."
+        original, block = last
+        block = f"{prefix}{block}."
         for key in list(out):
             if key.startswith(tuple(block + name for name in _TEXT_OUTPUT)):
                 module = original + "." + key[len(block):].split(".lora_")[0]
@@ -141,8 +152,7 @@ class SD3Family(ModelFamily):
                     dropped.append(module)
                 del out[key]
             elif key.startswith(block + "norm1_context.linear.lora_B."):
-                chunks = out[key].chunk(6, dim=0)  # rows: shift, scale, gate, ... -> scale, shift
-                out[key] = torch.cat([chunks[1], chunks[0]], dim=0).contiguous()
+                out[key] = _stock_last_modulation(out[key])
         return out, dropped
 
     def encode_text(self, pipe, prompts, max_sequence_length):

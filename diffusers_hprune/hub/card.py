@@ -113,7 +113,7 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
     quantized = bool(config.get("quantization_config"))
     distilled = (folder / "distill_summary.json").is_file()
     card_tags = ["diffusers", "text-to-image", "hierarchicalprune", "diffusers-hprune"]
-    if plan is not None and not plan.is_empty:
+    if not plan.is_empty:
         card_tags.append("pruned")
     if distilled:
         card_tags.append("distillation")
@@ -133,8 +133,8 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
     return ModelCard.from_template(
         data, template_path=str(TEMPLATE), model_name=model_name or repo.split("/")[-1], base_model=base_model,
         base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized,
-        plan_words=(plan.describe() if plan is not None and not plan.is_empty else "Nothing (an unpruned model)."),
-        plan_table=_plan_table(plan) if plan is not None and not plan.is_empty else "", pruned=bool(plan and not plan.is_empty),
+        plan_words=plan.describe() if not plan.is_empty else "Nothing (an unpruned model).",
+        plan_table=_plan_table(plan) if not plan.is_empty else "", pruned=not plan.is_empty,
         cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo),
     )
 

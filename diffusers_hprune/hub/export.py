@@ -150,11 +150,11 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
                 if path.is_file() and path.name != "config.json":
                     _copy(path, tmp / "transformer" / path.name)
             class_name = config["_class_name"]
-            _write_json(tmp / "transformer" / "config.json",
-                        {**config, "auto_map": {"AutoModel": f"{MODULE_NAME}.{class_name}"}})
+            auto_map = {"AutoModel": f"{MODULE_NAME}.{class_name}"}
+            _write_json(tmp / "transformer" / "config.json", {**config, "auto_map": auto_map})
             (tmp / "transformer" / f"{MODULE_NAME}.py").write_text(modeling_source(), encoding="utf-8")
             index["transformer"] = [MODULE_NAME, class_name]
-            index["auto_map"] = {"AutoModel": f"{MODULE_NAME}.{class_name}"}  # AutoModel(subfolder=) reads it here
+            index["auto_map"] = auto_map  # AutoModel(subfolder="transformer") reads it here, not in config.json
         _write_json(tmp / "model_index.json", index)
         record_fp32_default(tmp)  # a plain from_pretrained(repo) loads one dtype
         if (folder / "README.md").is_file():
@@ -192,13 +192,13 @@ def _rename_metadata(metadata: dict[str, str], family, config, plan) -> dict[str
     if "lora_adapter_metadata" not in metadata:
         return metadata
     adapter = json.loads(metadata["lora_adapter_metadata"])
+    rename = family.stock_renamer(config, plan)
     for key, value in list(adapter.items()):
         field = key.rsplit(".", 1)[-1]
         if field == "target_modules" and isinstance(value, list):
-            adapter[key] = [n for n in (family.stock_module_name(v, config, plan) for v in value) if n is not None]
+            adapter[key] = [n for n in map(rename, value) if n is not None]
         elif field in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
-            adapter[key] = {new: v for k, v in value.items()
-                            if (new := family.stock_module_name(k, config, plan)) is not None}
+            adapter[key] = {new: v for k, v in value.items() if (new := rename(k)) is not None}
     return {**metadata, "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
 
 

@@ -81,7 +81,8 @@ def exported(folder: str | os.PathLike, format: str | None = None) -> Iterator[P
     A folder that is an export already is used as it is.
     """
     folder = check_pipeline_folder(folder)
-    if folder_format(folder) is not None and format in (None, folder_format(folder)):
+    already = folder_format(folder)
+    if already is not None and format in (None, already):
         yield folder
         return
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))

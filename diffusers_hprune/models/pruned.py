@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.base import refuse_adapters
@@ -168,8 +169,6 @@ class HierarchicalPrunedMixin:
 
     def _restore_sliced_layers(self) -> None:
         """Undo FluxLoraLoaderMixin's widening of sliced layers (it keeps the old weight in the first columns)."""
-        from torch import nn
-
         restored = False
         for path, (dim, parts, full) in self.family.sliced_layers(self.config, self.prune_plan).items():
             layer = self.get_submodule(path)
