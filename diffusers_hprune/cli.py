@@ -42,6 +42,20 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def describe_os_error(e: BaseException) -> str:
+    """A file-system or encoding error as one line that names the path and what to do."""
+    if isinstance(e, UnicodeError):
+        return f"a file is not UTF-8 text ({e}); save it as UTF-8 and try again."
+    name = getattr(e, "filename", None)
+    what = getattr(e, "strerror", None) or str(e)
+    where = f" {name}" if name else ""
+    if isinstance(e, PermissionError):
+        return f"cannot access{where}: {what}; choose a path this user can read or write, or change its permissions."
+    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+        return f"no space left on the device writing{where}; free some space or write elsewhere."
+    return f"cannot use{where}: {what}; check the path (a file where a folder is needed, or the reverse?)."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except HPruneError as e:
         print(f"hprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeError) as e:  # the net under the checks made where inputs enter
+        print(f"hprune {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     end_processes()  # under `accelerate launch`: every rank ends here, together
     return code

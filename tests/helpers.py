@@ -152,10 +152,14 @@ def fill_hf_cache(folder, repo_id: str, cache_dir, commit: str = "0123456789abcd
 
 
 def folder_state(folder):
-    """Names, sizes and modification times of every file under ``folder`` (to show nothing was written)."""
+    """Names, sizes, modification times and content digests of everything under ``folder`` (nothing written or lost)."""
+    import hashlib
     from pathlib import Path
 
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*"))}
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, digest(p)) for p in sorted(Path(folder).rglob("*"))}
 
 
 def tiny_unet():

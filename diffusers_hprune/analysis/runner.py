@@ -82,19 +82,28 @@ def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, is_main: bool) -> None:
-    """Merge entries from ``out`` and its parts folder into ``report`` (resume); refuse mismatched files."""
+def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, is_main: bool) -> list[Path]:
+    """Merge entries of the same settings from ``out`` and its parts folder into ``report`` (resume).
+
+    Files of other settings (or unreadable ones) are refused, or with ``overwrite`` returned, to be
+    replaced: ``--overwrite`` never discards finished entries of the same settings.
+    """
     if out is None:
-        return
+        return []
+    stale = []
     sources = ([out] if out.exists() else []) + sorted(_parts_dir(out).glob("rank-*.json"))
     for path in sources:
-        if overwrite:
-            continue
         try:
             other = ContributionReport.load(path)
         except AnalysisError as e:
+            if overwrite:
+                stale.append(path)
+                continue
             raise AnalysisError(f"{e} (Found while resuming; pass --overwrite to start again, replacing it.)") from None
         if other.settings() != report.settings():
+            if overwrite:
+                stale.append(path)
+                continue
             differs = [k for k, v in report.settings().items() if other.settings().get(k) != v]
             raise AnalysisError(
                 f"{path} holds an analysis with other settings ({', '.join(differs)} differ: another model, metric or "
@@ -105,6 +114,7 @@ def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, i
         report.timesteps = report.timesteps or other.timesteps
         if other.baseline_score is not None:
             report.baseline_score = other.baseline_score
+    return stale
 
 
 def analyze(
@@ -201,10 +211,12 @@ def analyze(
         pairs=pairs,
     )
     out = Path(out) if out is not None else None
-    _read_known(report, out, overwrite, state.is_main_process)
+    stale = _read_known(report, out, overwrite, state.is_main_process)
     state.wait_for_everyone()
-    if out is not None and overwrite and state.is_main_process:
-        shutil.rmtree(_parts_dir(out), ignore_errors=True)
+    if state.is_main_process:  # --overwrite: the part files of other settings go; `out` is replaced at the end
+        for path in stale:
+            if path != out:
+                path.unlink(missing_ok=True)
     state.wait_for_everyone()
     reused = len(report.entries)
     todo = [k for k in report.expected_keys() if k not in report.entries]

@@ -45,6 +45,7 @@ from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
 STAMP = "hprune_stage.json"
+STARTED = "hprune_stage_started.json"  # written when a stage starts: what its partial work belongs to
 RUN_CONFIG = "hprune_config.json"  # marks a compression run folder
 
 
@@ -67,31 +68,43 @@ class _Stages:
         self.rows: list[tuple[str, str, float]] = []
 
     def run(self, number: int, name: str, inputs: Any, work: Callable[[Path], None], keep_partial: bool = False):
-        """Run ``work(folder)`` unless the stamp in ``folder`` matches ``inputs``; returns (folder, key)."""
+        """Run ``work(folder)`` unless the stamp in ``folder`` matches ``inputs``; returns (folder, key).
+
+        A stage started with other inputs (another key in ``hprune_stage_started.json``) starts again from
+        an empty folder; with ``keep_partial`` an interrupted stage of the same key keeps what it wrote
+        (its checkpoints or finished entries) and the stage's own code resumes from it.
+        """
         folder = self.out / f"{number}-{name}"
         key = _key(inputs)
-        stamp = folder / STAMP
-        if stamp.is_file():
-            try:
-                done = json.loads(stamp.read_text()).get("key") == key
-            except ValueError:
-                done = False
-            if done:
-                self.rows.append((name, "done before (skipped)", 0.0))
-                self.say(f"[{number}] {name}: done before, skipped")
-                return folder, key
-            stamp.unlink()
-        if folder.exists() and not keep_partial:
+        stamp, started = folder / STAMP, folder / STARTED
+        if _stage_key(stamp) == key:
+            self.rows.append((name, "done before (skipped)", 0.0))
+            self.say(f"[{number}] {name}: done before, skipped")
+            return folder, key
+        resumed = keep_partial and _stage_key(started) == key
+        if folder.exists() and not resumed:
+            if _stage_key(started) is not None or _stage_key(stamp) is not None:
+                self.say(f"[{number}] {name}: its settings changed; starting the stage again")
             shutil.rmtree(folder)
+        stamp.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
-        self.say(f"[{number}] {name} ...")
+        atomic_write_json(started, {"stage": name, "key": key})
+        self.say(f"[{number}] {name} ..." + (" (resuming)" if resumed else ""))
         start = time.perf_counter()
         work(folder)
         seconds = time.perf_counter() - start
 
         atomic_write_json(stamp, {"stage": name, "key": key, "seconds": round(seconds, 2)})
-        self.rows.append((name, "ran", seconds))
+        self.rows.append((name, "resumed" if resumed else "ran", seconds))
         return folder, key
+
+
+def _stage_key(path: Path) -> str | None:
+    """The key in a stage's stamp file, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class _Teacher:

@@ -1,0 +1,191 @@
+"""Checks of what a user gives, where it enters: argparse types, text files, output paths, weight files.
+
+Every failure is an :class:`InputError` (an ``HPruneError``, so the CLI prints it and exits 2)
+or an ``argparse.ArgumentTypeError`` (argparse prints it with the flag and exits 2), naming
+what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from diffusers_hprune.utils.errors import HPruneError
+
+
+class InputError(HPruneError):
+    """A file, folder or value given by the user that cannot be used as it is."""
+
+
+# -- argparse types -------------------------------------------------------------------------------
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, batch sizes, counts)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (0 meaning "off", e.g. ``--checkpointing_steps 0``)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (no nan, no inf)."""
+    return _number(text, float)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, budgets in minutes)."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (loss weights, weight decay, guidance scales)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1]."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def boolean(text: str) -> bool:
+    """``true`` / ``false`` (also yes/no, on/off, 1/0); any other spelling is an error, never ``False``."""
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; write true or false")
+
+
+# -- values checked in code (configs built in Python, JSON files) ---------------------------------
+def check_number(name: str, value, *, kind: type = float, minimum=None, maximum=None, exclusive_minimum: bool = False,
+                 error: type[HPruneError] = InputError) -> None:
+    """``value`` is a finite ``kind`` (``bool`` is never a number) within the bounds, else ``error`` naming ``name``."""
+    ok_type = int if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        raise error(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    if not math.isfinite(value):
+        raise error(f"{name} must be a finite number, got {value!r}.")
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        raise error(f"{name} must be {'above' if exclusive_minimum else 'at least'} {minimum:g}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise error(f"{name} must be at most {maximum:g}, got {value!r}.")
+
+
+def check_bool(name: str, value, *, error: type[HPruneError] = InputError) -> None:
+    if not isinstance(value, bool):
+        raise error(f"{name} must be true or false, got {value!r}.")
+
+
+# -- files the user gives -------------------------------------------------------------------------
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file, or an InputError saying why it cannot be read (missing, a folder, not UTF-8)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"The {what} {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise InputError(f"The {what} {path} is a folder; give the file itself.") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"The {what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                         "(e.g. `iconv -t UTF-8`) and try again.") from None
+    except OSError as e:
+        raise InputError(f"Cannot read the {what} {path} ({e.strerror or e}); check the path and its permissions.") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_dir(folder: Path, target: Path, flag: str) -> None:
+    if not folder.is_dir():
+        raise InputError(f"{flag} {target}: {folder} is a file, not a folder; choose a path inside a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {target}: the folder {folder} is not writable by this user; choose a folder you can "
+                         "write to, or change its permissions.")
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` can be written as a file: not a folder, and its nearest existing folder is writable (checked before work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name (e.g. {path / 'out.json'}).")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path} exists and is not writable by this user; choose another path.")
+    _check_writable_dir(_nearest_existing(path.parent), path, flag)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` can be a folder that is written into: not a file, and writable (or creatable), checked before work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file; give a folder (a new one, or one this command wrote).")
+    _check_writable_dir(_nearest_existing(path), path, flag)
+    return path
+
+
+def check_not_inside(output: str | os.PathLike, source: str | os.PathLike, output_flag: str, source_flag: str) -> None:
+    """Refuse an output folder that is ``source`` or lies inside it (writing there would change the input)."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    if out == src or src in out.parents:
+        raise InputError(f"{output_flag} {output} is {'the' if out == src else 'inside the'} {source_flag} folder "
+                         f"{source}: writing there would change the input. Choose an {output_flag} outside it.")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled(folder: str | os.PathLike, what: str = "weights") -> None:
+    """A folder whose weights are pickles only (``.bin`` ...) is refused: only safetensors are read."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise InputError(f"{folder} holds {what} as {', '.join(pickled)}: refused, not safetensors (pickle files can "
+                         "run code when loaded). Convert them to safetensors (e.g. `save_pretrained(..., "
+                         "safe_serialization=True)` where you trust the file) and try again.")
+
+
+__all__ = [
+    "InputError", "boolean", "check_bool", "check_not_inside", "check_number", "check_output_file",
+    "check_output_folder", "finite_float", "fraction", "nonnegative_float", "nonnegative_int", "positive_float",
+    "positive_int", "read_text_file", "refuse_pickled",
+]
