@@ -65,3 +65,41 @@ def test_ablation_table_refuses_a_row_that_was_not_measured():
     missing = {"results": {(None, "Original"): [measured], (0.3, "HPP + PWP"): [trained, None]}, "plans": {}}
     with pytest.raises(SystemExit, match="not measured"):
         ablation.table("sd3", missing)
+
+
+def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
+    """bad_inputs.py's verdicts: a message is a clear error; a traceback, an accepted bad input, a lost file are not."""
+    import diffusers_hprune.cli as cli
+
+    bad = _script("bad_inputs")
+    ws, folder = tmp_path / "ws", tmp_path / "case"
+    ws.mkdir()
+    folder.mkdir()
+    (ws / "keep.txt").write_text("the user's\n")
+
+    def outcome(behaviour, expect="error", phrase=None, check=None):
+        monkeypatch.setattr(cli, "main", behaviour)
+        case = bad.Case("x", "y", lambda f: [], expect=expect, phrase=phrase, check=check)
+        return bad.run_case(case, ws, folder)[0]
+
+    def refuse(argv):
+        print("hprune x: error: bad value; give a good one", file=sys.stderr)
+        return 2
+
+    def crash(argv):
+        raise KeyError("boom")
+
+    def delete(argv):
+        (ws / "keep.txt").unlink()
+        return 2
+
+    assert outcome(refuse) == "clear error"
+    assert outcome(refuse, phrase="not in the message") == "wrong"
+    assert outcome(crash) == "traceback"
+    assert outcome(lambda argv: 0) == "wrong"
+    assert outcome(lambda argv: 0, expect="ok", check=lambda f: True) == "handled"
+    assert outcome(lambda argv: 0, expect="ok", check=lambda f: False) == "wrong"
+    assert outcome(refuse, expect="ok") == "wrong"
+    assert outcome(delete) == "files lost"
+    names = [(c.command, c.what) for c in bad.cases()]
+    assert len(names) == len(set(names)) >= 100  # every case is told apart in the table

@@ -1,0 +1,463 @@
+"""Bad inputs and faults, tried on every command as a hostile user would: how each one ends.
+
+Each case runs ``hprune ...`` (in this process, or in a fresh one where the environment matters)
+in a workspace of real files: the toy pipelines, an analysis, plans, a finished distillation
+run, pruned and quantised folders. A case ends as
+
+- **clear error**: exit code 2 with one ``hprune CMD: error: ...`` (or argparse) message, no traceback;
+- **handled**: a valid input that the command accepted and got right (checked per case);
+- **traceback**: an exception escaped;
+- **wrong**: a bad input accepted (exit 0), or a valid one that gave a wrong result or was refused;
+- **files lost**: a file that existed before the case changed or disappeared (for error cases any
+  change; for accepted ones any change outside the outputs the case names).
+
+    python benchmarks/bad_inputs.py            # ~10 min on 2 CPU cores; rewrites its BENCHMARKS.md section
+    python benchmarks/bad_inputs.py --list     # the cases, without running them
+    python benchmarks/bad_inputs.py -k distill # only cases whose command or text contains "distill"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import markdown_table, update_section  # noqa: E402
+
+OUTCOMES = ("clear error", "handled", "traceback", "wrong", "files lost")
+
+
+@dataclass
+class Case:
+    command: str
+    what: str
+    argv: Callable[[Path], list[str]]  # given the case's folder (a copy of the workspace's fixtures lives in ws)
+    expect: str = "error"  # "error" or "ok"
+    phrase: str | None = None  # a phrase the error message must hold (else: counted as a clear error anyway)
+    check: Callable[[Path], bool] | None = None  # for "ok": the result is right
+    setup: Callable[[Path], None] | None = None  # prepares the case folder (copies, damage)
+    writes: tuple[str, ...] = ()  # paths (relative to the case folder) an accepted case may change
+    env: dict = field(default_factory=dict)  # run in a fresh process with these variables
+
+
+# -- the workspace: real inputs, built once ----------------------------------------------------------
+def build_workspace(ws: Path) -> None:
+    """Analysis, plans, prompts, a finished distillation run and pruned / NF4 folders of the SD3 toy."""
+    from diffusers_hprune import toy
+    from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.cli import main
+    from diffusers_hprune.families.inventory import inspect_transformer
+    from diffusers_hprune.pipelines.pruned import prune_pipeline
+    from diffusers_hprune.planning import make_plan
+    from diffusers_hprune.quantization.folder import quantize_pipeline
+
+    ws.mkdir(parents=True, exist_ok=True)
+    pipe = toy.load_pipeline("sd3")
+    report = analyze(pipe, ws / "analysis.json", n_prompts=2, eval_steps=1, progress=False)
+    plan = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.3).plan
+    plan.save(ws / "plan.json")
+    blocks = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.2,
+                       strategy="bk-sdm").plan
+    blocks.save(ws / "blocks-plan.json")
+    (ws / "train.txt").write_text("\n".join(toy.prompts(split="train", n=8, seed=1)) + "\n", encoding="utf-8")
+    (ws / "latin1.txt").write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
+    prune_pipeline(pipe, plan).save_pretrained(ws / "pruned")
+    quantize_pipeline(ws / "pruned", ws / "nf4", overwrite=True)
+    toy_folder = Path(toy.model_path("sd3"))
+    shutil.copytree(toy_folder, ws / "teacher")
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        code = main(distill_args(ws, ws / "run", "--max_train_steps", "10", "--checkpointing_steps", "5"))
+    if code != 0:
+        raise SystemExit(f"building the workspace: the reference distillation failed:\n{quiet.getvalue()}")
+
+
+def distill_args(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["distill", "--teacher", "sd3", "--plan", str(ws / "plan.json"), "--analysis", str(ws / "analysis.json"),
+            "--prompts", str(ws / "train.txt"), "--output_dir", str(out), "--train_batch_size", "2",
+            "--cache_dir", str(ws / "cache"), "--no_progress", *extra]
+
+
+# -- running a case ----------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, str]:
+    state = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            state[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return state
+
+
+def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
+    """``(outcome, detail)`` of one case, run in ``folder`` (which holds a link to the workspace)."""
+    from diffusers_hprune.cli import main
+
+    if case.setup:
+        case.setup(folder)
+    before = snapshot(ws), snapshot(folder)
+    argv = case.argv(folder)
+    err = io.StringIO()
+    code, crashed = None, None
+    if case.env:
+        proc = subprocess.run([sys.executable, "-m", "diffusers_hprune", *argv], capture_output=True, text=True,
+                              env={**os.environ, **case.env}, timeout=600)
+        code, text = proc.returncode, proc.stderr
+        if "Traceback (most recent call last)" in text:
+            crashed = text.strip().splitlines()[-1]
+    else:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code
+            except BaseException as e:  # noqa: BLE001 - what a user would see as a traceback
+                crashed = f"{type(e).__name__}: {e}"
+                traceback.print_exc(file=err)
+        text = err.getvalue()
+    message = next((line for line in reversed(text.strip().splitlines()) if "error" in line.lower()), "")
+    lost = _lost(before[0], snapshot(ws), ()) + _lost(before[1], snapshot(folder),
+                                                      case.writes if case.expect == "ok" else ())
+    if crashed:
+        return "traceback", crashed[:160]
+    if lost:
+        return "files lost", ", ".join(lost[:3])
+    if case.expect == "error":
+        if code == 0:
+            return "wrong", "accepted (exit 0)"
+        if code == 2 and message and (case.phrase is None or case.phrase.lower() in text.lower()):
+            return "clear error", message[:200]
+        return "wrong", f"exit {code}, message {message[:160]!r} (wanted {case.phrase!r})"
+    if code != 0:
+        return "wrong", f"valid input refused: exit {code}: {message[:160]}"
+    if case.check and not case.check(folder):
+        return "wrong", "accepted, but the result is wrong"
+    return "handled", "ok"
+
+
+def _lost(before: dict, after: dict, allowed: tuple[str, ...]) -> list[str]:
+    def is_allowed(name):
+        return any(name == a or name.startswith(a.rstrip("/") + "/") for a in allowed)
+
+    return [name for name, digest in before.items() if after.get(name) != digest and not is_allowed(name)]
+
+
+# -- the cases ---------------------------------------------------------------------------------------
+def W(folder: Path) -> Path:  # noqa: N802 - the workspace, seen from a case folder
+    return folder / "ws"
+
+
+def _copy(name: str, target: str | None = None):
+    def setup(folder: Path):
+        src = W(folder) / name
+        dst = folder / (target or name)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copyfile(src, dst)
+    return setup
+
+
+def _plan_with(**fields):
+    def setup(folder: Path):
+        data = json.loads((W(folder) / "plan.json").read_text())
+        data.update(fields)
+        (folder / "plan.json").write_text(json.dumps(data))
+    return setup
+
+
+def _analysis_with(edit):
+    def setup(folder: Path):
+        data = json.loads((W(folder) / "analysis.json").read_text())
+        edit(data)
+        (folder / "analysis.json").write_text(json.dumps(data))
+    return setup
+
+
+def _truncate(path: str):
+    def setup(folder: Path):
+        target = folder / path
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    return setup
+
+
+def _chain(*steps):
+    def setup(folder: Path):
+        for step in steps:
+            step(folder)
+    return setup
+
+
+def _readonly(folder: Path) -> None:
+    (folder / "ro").mkdir()
+    os.chmod(folder / "ro", 0o555)
+
+
+def _user_files(folder: Path) -> None:
+    for name in ("U/vae/NOTES.txt", "U/scheduler/keep.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("the user's own notes\n")
+
+
+def _fixed(name: str):
+    return lambda folder: [s.replace("{ws}", str(W(folder))).replace("{case}", str(folder)) for s in name.split()]
+
+
+def cases() -> list[Case]:
+    out: list[Case] = []
+
+    def add(command, what, argv, **kw):
+        out.append(Case(command, what, argv if callable(argv) else _fixed(argv), **kw))
+
+    # Numbers and spellings refused where they enter (argparse or the config), per command.
+    numeric = {
+        "analyze": ("analyze sd3 --out {case}/a.json", [
+            ("--steps", "0"), ("--eval-steps", "0"), ("--batch-size", "0"), ("--n-prompts", "0"), ("--height", "7"),
+            ("--width", "20"), ("--height", "-16"), ("--guidance-scale", "nan"), ("--seed", "x"),
+            ("--max-cache-bytes", "4XB"), ("--metric", "nosuch")]),
+        "evaluate": ("evaluate sd3 --out {case}/e.json", [
+            ("--steps", "0"), ("--n", "0"), ("--batch-size", "0"), ("--latency-repeats", "0"), ("--warmup", "-1"),
+            ("--grid-size", "0"), ("--height", "7"), ("--guidance-scale", "inf")]),
+        "plan": ("plan {ws}/analysis.json --out {case}/p.json", [
+            ("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "nan"), ("--memory", "0"), ("--memory", "4XB"),
+            ("--alpha", "nan"), ("--r-thres", "2")]),
+        "distill": (None, [
+            ("--gradient_accumulation_steps", "0"), ("--train_batch_size", "0"), ("--learning_rate", "-1"),
+            ("--learning_rate", "nan"), ("--lambda_feat", "nan"), ("--lambda_task", "-1"), ("--checkpointing_steps", "-1"),
+            ("--max_train_steps", "0"), ("--max_train_minutes", "0"), ("--resolution", "7"), ("--lora_rank", "-1"),
+            ("--checkpoints_total_limit", "0"), ("--max_grad_norm", "nan"), ("--r_thres", "1.5"),
+            ("--sensitivity_floor", "-1")]),
+        "compress": ("compress sd3 --out {case}/c", [
+            ("--pwp", "flase"), ("--sgdistill", "maybe"), ("--learning-rate", "nan"), ("--learning-rate", "-1"),
+            ("--ratio", "2"), ("--max-train-steps", "0"), ("--train-batch-size", "0"), ("--eval-prompts", "0"),
+            ("--max-train-minutes", "-5"), ("--lora-rank", "-1"), ("--checkpointing-steps", "-1")]),
+        "demo": ("demo --out {case}/d", [("--ratio", "0"), ("--pwp", "flase"), ("--max-train-minutes", "nan")]),
+        "budget": ("budget sd3.5-large", [("--ratio", "nan"), ("--resolution", "0"), ("--train-batch-size", "0"),
+                                           ("--num-processes", "0"), ("--lora-rank", "-1"), ("--n-prompts", "0")]),
+        "toy-train": ("toy-train --out {case}/t", [("--minutes", "0"), ("--minutes", "nan")]),
+    }
+    for command, (base, flags) in numeric.items():
+        for flag, value in flags:
+            if command == "distill":
+                argv = (lambda f, v: lambda folder: distill_args(W(folder), folder / "D", f, v))(flag, value)
+            else:
+                argv = (lambda b, f, v: lambda folder: _fixed(b)(folder) + [f, v])(base, flag, value)
+            add(command, f"`{flag} {value}`", argv)
+
+    # Text files that are not UTF-8, missing, or folders.
+    add("analyze", "non-UTF-8 `--prompts`", "analyze sd3 --out {case}/a.json --prompts {ws}/latin1.txt", phrase="UTF-8")
+    add("analyze", "`--prompts` is a folder", "analyze sd3 --out {case}/a.json --prompts {ws}/run")
+    add("evaluate", "non-UTF-8 `--prompts`", "evaluate sd3 --prompts {ws}/latin1.txt --n 2", phrase="UTF-8")
+    add("distill", "non-UTF-8 `--prompts`",
+        lambda f: distill_args(W(f), f / "D")[:6] + ["--prompts", str(W(f) / "latin1.txt")] + distill_args(W(f), f / "D")[8:],
+        phrase="UTF-8")
+    add("plan", "non-UTF-8 analysis", "plan {ws}/latin1.txt --out {case}/p.json", phrase="UTF-8")
+    add("report", "non-UTF-8 analysis", "report {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
+    add("report", "non-UTF-8 `--plan`", "report {ws}/analysis.json --plan {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
+    add("distill", "non-UTF-8 `--plan`",
+        lambda f: [a if a != str(W(f) / "plan.json") else str(W(f) / "latin1.txt") for a in distill_args(W(f), f / "D")],
+        phrase="UTF-8")
+
+    # Plan files of the wrong JSON types.
+    for what, fields_ in [('`"removed_blocks": "12"`', {"removed_blocks": "12"}),
+                          ("`\"removed_blocks\": [true]`", {"removed_blocks": [True]}),
+                          ('`"removed_blocks": null`', {"removed_blocks": None}),
+                          ('`"removed_components": {"2": 5}`', {"removed_components": {"2": 5}}),
+                          ('`"num_blocks": 1e9`', {"num_blocks": 1e9}),
+                          ('`"family": 3`', {"family": 3})]:
+        add("distill", f"plan with {what}",
+            lambda f: [a if a != str(W(f) / "plan.json") else str(f / "plan.json") for a in distill_args(W(f), f / "D")],
+            setup=_plan_with(**fields_))
+        add("report", f"plan with {what}", "report {ws}/analysis.json --plan {case}/plan.json --out {case}/r",
+            setup=_plan_with(**fields_))
+
+    # Analysis files that lie.
+    add("plan", "analysis claiming `num_layers: 1e9`", "plan {case}/analysis.json --out {case}/p.json",
+        setup=_analysis_with(lambda d: d["transformer_config"].update(num_layers=10**9) or d.update(num_blocks=10**9)))
+    add("plan", "analysis with an out-of-range entry", "plan {case}/analysis.json --out {case}/p.json",
+        setup=_analysis_with(lambda d: d["entries"].append({**d["entries"][0], "block": 99})), phrase="99")
+    add("plan", "analysis that is not JSON", "plan {ws}/train.txt --out {case}/p.json")
+    add("plan", "missing analysis", "plan {case}/nothing.json --out {case}/p.json")
+
+    # Output paths: a folder where a file goes, a file where a folder goes, unwritable.
+    def _file(folder):
+        (folder / "afile").write_text("x\n")
+    outputs = [
+        ("analyze", "analyze sd3 --n-prompts 2 --eval-steps 1 --out {OUT}.json"),
+        ("plan", "plan {ws}/analysis.json --out {OUT}.json"),
+        ("report", "report {ws}/analysis.json --out {OUT}"),
+        ("evaluate", "evaluate sd3 --n 2 --no-cost --out {OUT}.json"),
+        ("quantize", "quantize {ws}/pruned --out {OUT}"),
+        ("export", "export {ws}/pruned --out {OUT}"),
+        ("compress", "compress sd3 --out {OUT}"),
+        ("demo", "demo --out {OUT}"),
+    ]
+    for command, template in outputs:
+        if command in ("analyze", "plan", "evaluate"):
+            add(command, "`--out` is a folder", template.replace("{OUT}.json", "{case}"))
+        else:
+            add(command, "`--out` is an existing file", template.replace("{OUT}", "{case}/afile"), setup=_file)
+        add(command, "`--out` inside a file", template.replace("{OUT}", "{case}/afile/x"), setup=_file)
+        if os.geteuid() != 0:  # root writes anywhere
+            add(command, "`--out` in a read-only folder", template.replace("{OUT}", "{case}/ro/x"), setup=_readonly)
+    add("evaluate", "`--grid` in a read-only folder", "evaluate sd3 --n 2 --no-cost --grid {case}/ro/g.png",
+        setup=_readonly)
+    add("distill", "`--output_dir` is a file", lambda f: distill_args(W(f), f / "afile"), setup=_file)
+
+    # The user's files and finished work.
+    add("distill", "`--output_dir` holding the user's files (vae/NOTES.txt)", lambda f: distill_args(W(f), f / "U"),
+        setup=_user_files)
+    add("distill", "`--output_dir` equal to the teacher folder, `--overwrite`",
+        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher", "--overwrite")],
+        setup=_copy("teacher"), phrase="teacher")
+    add("distill", "`--output_dir` equal to the teacher folder",
+        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher")],
+        setup=_copy("teacher"), phrase="teacher")
+    add("distill", "`--output_dir` inside the teacher folder",
+        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher" / "out")],
+        setup=_copy("teacher"), phrase="teacher")
+    add("push", "`--repo-id noslash --base-model foo` (the card must stay)",
+        "push {case}/nf4 --repo-id noslash --base-model foo", setup=_copy("nf4"))
+    add("push", "`--repo-id 'me/bad name!'`", lambda f: ["push", str(f / "nf4"), "--repo-id", "me/bad name!"],
+        setup=_copy("nf4"))
+    add("push", "offline", "push {case}/nf4 --repo-id me/model", setup=_copy("nf4"),
+        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"})
+
+    # Resume: another run's settings, damaged checkpoints and caches.
+    for flag, value in [("--learning_rate", "1e-2"), ("--seed", "7"), ("--train_batch_size", "4"),
+                        ("--lambda_feat", "0.5"), ("--no_pwp", None), ("--mixed_precision", "bf16")]:
+        extra = [flag] + ([value] if value else [])
+        add("distill", f"resume with `{' '.join(extra)}`",
+            (lambda e: lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest",
+                                              "--max_train_steps", "15", *e))(extra),
+            setup=_copy("run"), phrase=flag.lstrip("-").replace("no_", ""))
+    resume = lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest",  # noqa: E731
+                                    "--max_train_steps", "12")
+    add("distill", "resume from a truncated checkpoint `model.safetensors`", resume,
+        setup=_chain(_copy("run"), _truncate("run/checkpoint-10/model.safetensors")), phrase="model.safetensors")
+    add("distill", "resume from a checkpoint without `optimizer.bin`", resume,
+        setup=_chain(_copy("run"), lambda f: (f / "run/checkpoint-10/optimizer.bin").unlink()), phrase="optimizer")
+
+    def _damaged_cache(folder):
+        shutil.copytree(W(folder) / "cache", folder / "cache")
+        arrow = sorted((folder / "cache").rglob("*.arrow"))[0]
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    add("distill", "truncated data-cache Arrow file",
+        lambda f: [a if a != str(W(f) / "cache") else str(f / "cache") for a in distill_args(W(f), f / "D",
+                                                                                            "--max_train_steps", "2")],
+        setup=_damaged_cache, phrase="cache")
+
+    # Valid inputs that must do the right thing.
+    add("distill", "`checkpoint-best` beside `--checkpoints_total_limit 1` (kept)",
+        lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15",
+                               "--checkpoints_total_limit", "1"),
+        setup=_chain(_copy("run"), lambda f: (f / "run" / "checkpoint-best").mkdir()), expect="ok",
+        writes=("run",), check=lambda f: (f / "run/checkpoint-best").is_dir() and (f / "run/checkpoint-15").is_dir()
+        and not (f / "run/checkpoint-10").exists())
+
+    def _leftover(folder):
+        shutil.copytree(W(folder) / "run", folder / "run")
+        (folder / "run" / ".pipeline.abc123").mkdir()
+        (folder / "run" / ".pipeline.abc123" / "big.safetensors").write_bytes(b"0" * 1000)
+    add("distill", "an interrupted save's `.pipeline.XXXX` left in OUT (removed at the next start)",
+        lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "11"),
+        setup=_leftover, expect="ok", writes=("run",), check=lambda f: not (f / "run/.pipeline.abc123").exists())
+    add("distill", "resume with the run's own settings, longer (summary covers the whole run)",
+        lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "12"),
+        setup=_copy("run"), expect="ok", writes=("run",),
+        check=lambda f: [r["step"] for r in json.loads((f / "run/distill_summary.json").read_text())["losses"]]
+        == list(range(1, 13)))
+
+    # Weights that cannot be read.
+    add("quantize", "truncated transformer weights", "quantize {case}/pruned --out {case}/q",
+        setup=_chain(_copy("pruned"), _truncate("pruned/transformer/diffusion_pytorch_model.safetensors")),
+        phrase="diffusion_pytorch_model.safetensors")
+
+    def _pickled(folder):
+        shutil.copytree(W(folder) / "pruned", folder / "pruned")
+        t = folder / "pruned" / "transformer"
+        (t / "diffusion_pytorch_model.safetensors").rename(t / "diffusion_pytorch_model.bin")
+    for command, argv in [("quantize", "quantize {case}/pruned --out {case}/q"), ("inspect", "inspect {case}/pruned"),
+                          ("evaluate", "evaluate {case}/pruned --n 2 --no-cost")]:
+        add(command, "pickled `.bin` weights", argv, setup=_pickled, phrase="safetensors")
+    add("inspect", "a folder that does not exist", "inspect {case}/nothing")
+    add("export", "`--stock` on a plan with component removal", "export {ws}/pruned --stock --out {case}/x")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the cases without running them")
+    parser.add_argument("-k", help="only cases whose command or description contains this")
+    parser.add_argument("--workspace", help="keep the workspace here (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = parser.parse_args()
+
+    selected = [c for c in cases() if not args.k or args.k in c.command or args.k in c.what]
+    if args.list:
+        for c in selected:
+            print(f"{c.command:<10} {c.expect:<6} {c.what}")
+        print(f"{len(selected)} cases")
+        return 0
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    from diffusers_hprune.cli import _quiet_libraries
+
+    _quiet_libraries()
+    root = Path(args.workspace or tempfile.mkdtemp(prefix="hprune-bad-inputs-"))
+    ws = root / "workspace"
+    started = time.perf_counter()
+    if not (ws / "run" / "model_index.json").is_file():
+        print(f"building the workspace in {ws} ...", flush=True)
+        build_workspace(ws)
+    results = []
+    for n, case in enumerate(selected):
+        folder = root / f"case-{n:03d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        (folder / "ws").symlink_to(ws)
+        t0 = time.perf_counter()
+        outcome, detail = run_case(case, ws, folder)
+        results.append((case, outcome, detail))
+        print(f"[{n + 1}/{len(selected)}] {case.command:<9} {outcome:<12} {time.perf_counter() - t0:5.1f}s  "
+              f"{case.what}: {detail}", flush=True)
+        for p in folder.rglob("*"):  # read-only folders made by a case
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    by_command: dict[str, Counter] = {}
+    for case, outcome, _ in results:
+        by_command.setdefault(case.command, Counter())[outcome] += 1
+    rows = [[command, sum(c.values()), *(c[o] for o in OUTCOMES)] for command, c in sorted(by_command.items())]
+    totals = Counter()
+    for c in by_command.values():
+        totals.update(c)
+    rows.append(["**all**", sum(totals.values()), *(totals[o] for o in OUTCOMES)])
+    table = markdown_table(["command", "inputs tried", *OUTCOMES], rows)
+    bad = [(c, o, d) for c, o, d in results if o not in ("clear error", "handled")]
+    body = (f"Each bad input or fault run as `hprune ...` on real files (the SD3 toy, its analysis and plans, a "
+            f"finished distillation, pruned and NF4 folders), {time.perf_counter() - started:.0f} s in all. "
+            "Goal: no traceback, no wrong result, no file lost.\n\n" + table + "\n")
+    if bad:
+        body += "\nNot yet right:\n\n" + "\n".join(f"- {c.command} {c.what}: {o} ({d})" for c, o, d in bad) + "\n"
+    print()
+    print(body)
+    if not args.no_write and not args.k:
+        update_section("bad-inputs", "Bad inputs: clear errors, no tracebacks, nothing lost", body)
+    if not args.workspace:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
