@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 
 from diffusers_hprune.families import BLOCK, ModelFamily, get_family
+from diffusers_hprune.plan import MAX_BLOCKS
+from diffusers_hprune.utils.checks import InputError, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
@@ -133,6 +134,10 @@ class ContributionReport:
                 f"{ANALYSIS_FORMAT_VERSION}. Upgrade diffusers-hprune or analyse the model again."
             )
         try:
+            _check_shape(data, source)
+        except AnalysisError as e:
+            raise AnalysisError(f"{e} The file was edited or is corrupt; analyse the model again.") from None
+        try:
             report = cls(
                 family=str(data["family"]),
                 num_blocks=int(data["num_blocks"]),
@@ -148,14 +153,23 @@ class ContributionReport:
                 timesteps=[float(t) for t in data.get("timesteps", [])],
                 run=dict(data.get("run", {})),
             )
+            family = report.model_family
+            num_blocks = family.num_blocks(report.transformer_config)
+            expected = report.expected_keys()
         except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, HPruneError):
+                raise AnalysisError(f"{source}: {e}") from None
             raise AnalysisError(f"{source} is corrupt ({type(e).__name__}: {e}); analyse the model again.") from None
-        family = report.model_family
-        if family.name != report.family or family.num_blocks(report.transformer_config) != report.num_blocks:
-            raise AnalysisError(f"{source} is inconsistent: its family or block count does not match its config.")
-        for (i, c), v in report.entries.items():
-            if not all(math.isfinite(x) for x in v.values()):
-                raise AnalysisError(f"{source} has a non-finite value for block {i}, {c}; analyse the model again.")
+        if family.name != report.family or num_blocks != report.num_blocks:
+            raise AnalysisError(f"{source} is inconsistent: its family or block count does not match its config; "
+                                "analyse the model again.")
+        unknown = sorted(set(report.entries) - set(expected))
+        if unknown:
+            raise AnalysisError(
+                f"{source} has {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} for parts the {family.name} "
+                f"model it describes ({report.num_blocks} blocks, indices 0..{report.num_blocks - 1}) does not have: "
+                f"{describe_keys(unknown)}. The file was edited or is corrupt; analyse the model again."
+            )
         return report
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -165,15 +179,21 @@ class ContributionReport:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ContributionReport:
         path = Path(path)
+        if not path.exists():
+            raise AnalysisError(f"No analysis at {path}; run `hprune analyze MODEL --out {path}` first.")
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise AnalysisError(f"No analysis at {path}; run `hprune analyze MODEL --out {path}` first.") from None
+            text = read_text_file(path, "analysis")
+        except InputError as e:
+            raise AnalysisError(str(e)) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise AnalysisError(f"{path} is not valid JSON ({e}); the file is corrupt, analyse the model again.") from None
         return cls.from_dict(data, source=str(path))
+
+    def missing_keys(self) -> list[tuple[int, str]]:
+        """The expected entries the analysis does not have yet."""
+        return [k for k in self.expected_keys() if k not in self.entries]
 
     def check_model(self, config_or_transformer: Any) -> None:
         """Raise :class:`AnalysisError` unless this analysis was made for a model with this architecture."""
@@ -189,6 +209,57 @@ class ContributionReport:
                 f"This analysis was made for another {family.display_name} architecture ({self.model}: "
                 f"{self.num_blocks} blocks); analyse this model with `hprune analyze`."
             )
+
+
+def describe_keys(keys: list[tuple[int, str]], limit: int = 5) -> str:
+    """``block 3 ff, block 4 block, ... (12 in all)``: entries named for a message."""
+    shown = ", ".join(f"block {i} {c}" for i, c in keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_shape(data: Mapping[str, Any], source: str) -> None:
+    """The JSON types of an analysis file, and its block counts bounded, before anything is built from it.
+
+    A count of blocks drives loops and lists per block (the expected entries, the planner's
+    inventory): ``num_layers: 1e9`` must be refused here, not discovered as memory exhausted.
+    """
+    def check(name, value, **bounds):
+        check_number(f"{source}: {name}", value, error=AnalysisError, **bounds)
+
+    for name, kind in (("transformer_config", Mapping), ("metric", Mapping), ("calibration", Mapping),
+                       ("entries", list), ("similarity", list), ("timesteps", list), ("run", Mapping)):
+        if name in data and not isinstance(data[name], kind):
+            raise AnalysisError(f"{source}: `{name}` must be {'an object' if kind is Mapping else 'a list'}, got "
+                                f"{type(data[name]).__name__}.")
+    if "num_blocks" in data:
+        check("num_blocks", data["num_blocks"], kind=int, minimum=1, maximum=MAX_BLOCKS)
+    config = data.get("transformer_config", {})
+    counts = {k: v for k, v in config.items() if str(k).startswith("num_") and str(k).endswith("layers")}
+    for name, value in counts.items():
+        check(f"transformer_config.{name}", value, kind=int, minimum=0, maximum=MAX_BLOCKS)
+    if sum(counts.values()) > MAX_BLOCKS:
+        raise AnalysisError(f"{source}: its transformer_config claims {sum(counts.values()):,} blocks, more than the "
+                            f"{MAX_BLOCKS:,} diffusers-hprune accepts.")
+    if not isinstance(data.get("pairs", False), bool):
+        raise AnalysisError(f"{source}: `pairs` must be true or false, got {data['pairs']!r}.")
+    if data.get("baseline_score") is not None:
+        check("baseline_score", data["baseline_score"])
+    for n, entry in enumerate(data.get("entries", [])):
+        if not isinstance(entry, Mapping):
+            raise AnalysisError(f"{source}: entry {n} must be an object, got {type(entry).__name__}.")
+        if "block" in entry:
+            check(f"entry {n} block", entry["block"], kind=int, minimum=0)
+        if not isinstance(entry.get("component"), str):
+            raise AnalysisError(f"{source}: entry {n} needs a component name (a string), got "
+                                f"{entry.get('component')!r}.")
+        for name in ("score", "delta"):
+            if name in entry:
+                check(f"entry {n} (block {entry.get('block')}, {entry['component']}) {name}", entry[name])
+    for n, item in enumerate(data.get("similarity", [])):
+        if not isinstance(item, Mapping):
+            raise AnalysisError(f"{source}: similarity entry {n} must be an object, got {type(item).__name__}.")
+        if "block" in item:
+            check(f"similarity entry {n} block", item["block"], kind=int, minimum=0)
 
 
 def architecture_hash(config: Mapping[str, Any]) -> str:

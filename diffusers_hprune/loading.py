@@ -1,27 +1,106 @@
 """Loading pipelines and drawing with them: the one place every stage gets a pipeline and its call settings.
 
 ``load_pipeline`` takes a pipeline object, a folder, a Hub repo id in the local cache or a
-toy name; ``generation_settings`` gives the call arguments the stages draw with (the toy's
-own for the toys); ``generate`` draws a list of prompts with fixed seeds in batches.
+toy name; its weight files are checked first (safetensors only, not damaged:
+``check_weight_files``). ``generation_settings`` gives the call arguments the stages draw with
+(the toy's own for the toys), checked against what the pipeline can draw (``check_image_size``);
+``generate`` draws a list of prompts with fixed seeds in batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 
 from diffusers_hprune import toy
 from diffusers_hprune.profiles import generation_kwargs
+from diffusers_hprune.utils.checks import InputError, check_number, refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
 
 
 class PipelineLoadError(HPruneError):
     """A model argument that names no loadable pipeline."""
+
+
+class WeightFileError(InputError):
+    """A weight file that is damaged (truncated, not safetensors) or pickled."""
+
+
+# -- weight files ------------------------------------------------------------------------------
+def check_weight_files(folder: str | os.PathLike, what: str = "weights") -> None:
+    """Refuse a folder whose weights are pickles only, or a ``*.safetensors`` file in it that does not open.
+
+    Opening reads the header and checks that the file covers every tensor it lists (a
+    truncated download fails here), without reading the tensors.
+    """
+    folder = Path(folder)
+    refuse_pickled(folder, what)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise WeightFileError(
+                f"The {what} file {path} is damaged ({e}): it is truncated or not a safetensors file. Download it "
+                "again (or save the model again with `save_pretrained`) and try again."
+            ) from None
+
+
+def check_pipeline_weights(folder: str | os.PathLike) -> None:
+    """``check_weight_files`` for every component folder of the pipeline folder ``folder``."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a pipeline folder: Diffusers says so when it loads
+    for name, entry in index.items() if isinstance(index, dict) else ():
+        if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():
+            check_weight_files(folder / name, f"{name} weights")
+
+
+# -- image sizes -------------------------------------------------------------------------------
+def pixel_multiple(model) -> int | None:
+    """What image heights and widths must be a multiple of for ``model`` (a pipeline, a folder, a cached Hub id or
+    a toy name): the VAE's downsampling times the transformer's 2x2 patches (16 for SD3 and FLUX.1, 4 for the toys).
+
+    ``None`` when it cannot be told without loading the model.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        vae_scale = getattr(model, "vae_scale_factor", None)
+        transformer = getattr(model, "transformer", None)
+        patch = getattr(getattr(transformer, "config", None), "patch_size", 2)
+        return int(vae_scale) * max(2, int(patch or 2)) if vae_scale else None
+    folder = pipeline_folder(model)
+    if folder is None:
+        return None
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        transformer = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+        return 2 ** (len(vae["block_out_channels"]) - 1) * max(2, int(transformer.get("patch_size") or 2))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def check_image_size(height, width, multiple: int | None, model: str = "this model") -> None:
+    """Refuse a height or width that is not a positive multiple of ``multiple`` (``None``: only positive)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        check_number(f"The image {name}", value, kind=int, minimum=1)
+        if multiple and value % multiple:
+            lower = max(multiple, value - value % multiple)
+            raise InputError(
+                f"The image {name} {value} is not a multiple of {multiple}, which {model} needs (its VAE and "
+                f"transformer patches divide images into {multiple}x{multiple} pixel tiles); use e.g. {lower} or "
+                f"{lower + multiple}."
+            )
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -32,8 +111,20 @@ def is_toy(pipe) -> str | None:
 
 def generation_settings(pipe, num_inference_steps=None, height=None, width=None, guidance_scale=None) -> dict:
     """Pipeline call arguments for drawing with ``pipe``: its model's profile (:mod:`diffusers_hprune.profiles`),
-    then the given overrides."""
-    return generation_kwargs(pipe, num_inference_steps, height, width, guidance_scale)
+    then the given overrides.
+
+    Raises :class:`~diffusers_hprune.utils.checks.InputError` for settings the pipeline cannot
+    draw with: steps below 1, a size that is not a positive multiple of :func:`pixel_multiple`,
+    a guidance scale that is negative or not finite.
+    """
+    if num_inference_steps is not None:
+        check_number("The number of denoising steps", num_inference_steps, kind=int, minimum=1)
+    if guidance_scale is not None:
+        check_number("The guidance scale", guidance_scale, minimum=0)
+    kwargs = generation_kwargs(pipe, num_inference_steps, height, width, guidance_scale)
+    check_image_size(kwargs.get("height"), kwargs.get("width"), pixel_multiple(pipe),
+                     str(getattr(pipe, "name_or_path", "") or "this pipeline"))
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -93,6 +184,9 @@ def load_pipeline(model, device, torch_dtype, **components):
     name = str(model)
     family = toy.family_of(name)
     path = toy.model_path(family) if family else name
+    local = pipeline_folder(name)
+    if local is not None:  # pickles and damaged files are refused before Diffusers reads any of them
+        check_pipeline_weights(local)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components)
     except (OSError, ValueError) as e:

@@ -8,7 +8,9 @@ single-stream blocks (FLUX.1: 0..18 double, 19..56 single).
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
@@ -19,6 +21,10 @@ from diffusers_hprune.utils.fileio import atomic_write_json
 
 PLAN_FORMAT = "diffusers-hprune/prune-plan"
 PLAN_FORMAT_VERSION = 1
+
+#: The most blocks a plan (or an analysis) may claim: far above any real model (FLUX.1 has 57), low enough
+#: that a corrupt or hostile file cannot make anything that loops or allocates per block run away.
+MAX_BLOCKS = 10_000
 
 # family name -> its component vocabulary, as the family registry (diffusers_hprune.families, a layer
 # above this module) reports it. A plan checks its names against it; the structure itself stays the family's.
@@ -60,32 +66,29 @@ class PrunePlan:
 
     def __post_init__(self) -> None:
         families = _family_vocabularies()
-        if self.family not in families:
+        if not isinstance(self.family, str) or self.family not in families:
             raise PlanError(
                 f"Unknown model family {self.family!r} in prune plan; supported families are "
                 f"{', '.join(families)}. Make the plan with `family=` set to one of them."
             )
-        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-            raise PlanError(f"`num_blocks` must be a positive integer, got {self.num_blocks!r}.")
-
+        if not _is_int(self.num_blocks) or not 1 <= self.num_blocks <= MAX_BLOCKS:
+            raise PlanError(f"`num_blocks` must be a positive integer (at most {MAX_BLOCKS:,}), got "
+                            f"{self.num_blocks!r}; it is the block count of the model the plan is for (FLUX.1: 57).")
+        self.num_blocks = int(self.num_blocks)
+        if not _is_list(self.removed_blocks):
+            raise PlanError(f"`removed_blocks` must be a list of block indices (e.g. [3, 7]), got "
+                            f"{_described(self.removed_blocks)}.")
         blocks = sorted({self._check_index(i, "removed_blocks") for i in self.removed_blocks})
         vocabulary = tuple(families[self.family])
         components: dict[int, list[str]] = {}
-        if not isinstance(self.removed_components, dict):
+        if not isinstance(self.removed_components, Mapping):
             raise PlanError(
-                "`removed_components` must map block indices to lists of component names, "
-                f"got {type(self.removed_components).__name__}."
+                "`removed_components` must map block indices to lists of component names (e.g. "
+                f"{{\"12\": [\"ff_context\"]}}), got {_described(self.removed_components)}."
             )
         for key, names in self.removed_components.items():
-            index = self._check_index(key, "removed_components")
-            if isinstance(names, str):
-                names = [names]
-            unknown = [n for n in names if n not in vocabulary]
-            if unknown:
-                raise PlanError(
-                    f"Unknown component name(s) {unknown} for block {index} in a {self.family!r} plan; "
-                    f"valid names are {', '.join(vocabulary)} (use `removed_blocks` to remove a whole block)."
-                )
+            index = self._check_index(_key_index(key), "removed_components")
+            names = self._check_names(index, names, vocabulary)
             if index in blocks or not names:
                 continue
             components[index] = sorted(set(names), key=vocabulary.index)
@@ -97,21 +100,36 @@ class PrunePlan:
         self.removed_blocks = blocks
         self.removed_components = dict(sorted(components.items()))
         if not isinstance(self.metadata, dict):
-            raise PlanError(f"`metadata` must be a dict, got {type(self.metadata).__name__}.")
+            raise PlanError(f"`metadata` must be a dict (a JSON object), got {_json_type(self.metadata)}.")
 
     def _check_index(self, value: Any, where: str) -> int:
-        try:
-            index = int(value)
-        except (TypeError, ValueError):
-            raise PlanError(f"Block index {value!r} in `{where}` is not an integer.") from None
-        if isinstance(value, float) and value != index:
-            raise PlanError(f"Block index {value!r} in `{where}` is not an integer.")
+        if not _is_int(value):
+            hint = "; write the number without quotes" if isinstance(value, str) and _key_index(value) != value else ""
+            raise PlanError(f"Block index {value!r} in `{where}` is not an integer ({_json_type(value)}){hint}.")
+        index = int(value)
         if not 0 <= index < self.num_blocks:
             raise PlanError(
                 f"Block index {index} in `{where}` is out of range: the {self.family!r} model this plan is for "
                 f"has {self.num_blocks} blocks (valid indices 0..{self.num_blocks - 1})."
             )
         return index
+
+    def _check_names(self, index: int, names: Any, vocabulary: tuple[str, ...]) -> list[str]:
+        """The component names given for block ``index``: a list of strings (or one string), all in ``vocabulary``."""
+        if isinstance(names, str):
+            names = [names]
+        if not _is_list(names) or not all(isinstance(n, str) for n in names):
+            raise PlanError(
+                f"`removed_components` of block {index} must be a list of component names (e.g. [\"ff\"]), got "
+                f"{names!r}; valid names are {', '.join(vocabulary)}."
+            )
+        unknown = [n for n in names if n not in vocabulary]
+        if unknown:
+            raise PlanError(
+                f"Unknown component name(s) {unknown} for block {index} in a {self.family!r} plan; "
+                f"valid names are {', '.join(vocabulary)} (use `removed_blocks` to remove a whole block)."
+            )
+        return list(names)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -165,7 +183,10 @@ class PrunePlan:
         if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise PlanError(f"Not a prune plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}.")
         version = data.get("version", PLAN_FORMAT_VERSION)
-        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
+        if not _is_int(version) or version < 1:
+            raise PlanError(f"Prune plan `version` must be a positive integer, got {_described(version)}; the file "
+                            "is not a plan that `hprune plan` wrote, make the plan again.")
+        if version > PLAN_FORMAT_VERSION:
             raise PlanError(
                 f"Prune plan format version {version!r} is newer than this diffusers-hprune understands "
                 f"({PLAN_FORMAT_VERSION}); upgrade with `pip install -U diffusers-hprune`."
@@ -174,11 +195,11 @@ class PrunePlan:
         if missing:
             raise PlanError(f"Prune plan is missing the field(s) {missing}; it cannot be applied without them.")
         return cls(
-            removed_blocks=list(data.get("removed_blocks", [])),
-            removed_components=dict(data.get("removed_components", {})),
+            removed_blocks=data.get("removed_blocks", []),
+            removed_components=data.get("removed_components", {}),
             family=data["family"],
             num_blocks=data["num_blocks"],
-            metadata=dict(data.get("metadata", {})),
+            metadata=_copied(data.get("metadata", {})),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -195,8 +216,48 @@ class PrunePlan:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise PlanError(f"No prune plan at {path}; make one with `hprune plan` or `PrunePlan(...).save()`.") from None
+        except UnicodeDecodeError as e:  # (utils.checks.read_text_file is not in the exported modeling file)
+            raise PlanError(f"The prune plan {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                            "(e.g. `iconv -t UTF-8`) and try again.") from None
+        except OSError as e:
+            raise PlanError(f"Cannot read the prune plan {path} ({e.strerror or e}); check the path and its "
+                            "permissions.") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON ({e}); the file is corrupt, make the plan again.") from None
         return cls.from_dict(data)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), never a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _copied(value: Any) -> Any:
+    """A dict copied (the plan must not share the caller's), anything else as it is (``__post_init__`` refuses it)."""
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _is_list(value: Any) -> bool:
+    """A list of values (a JSON list; a tuple or set from Python), not a string or a mapping."""
+    return isinstance(value, (list, tuple, set, frozenset, range))
+
+
+def _key_index(key: Any) -> Any:
+    """A ``removed_components`` key as a block index: JSON keys are strings, so ``"12"`` is block 12."""
+    if isinstance(key, str) and re.fullmatch(r"-?\d+", key.strip()):
+        return int(key)
+    return key
+
+
+def _described(value: Any) -> str:
+    """``value`` with its JSON type, for a message: ``a string '12'``, ``null``."""
+    return "null" if value is None else f"{_json_type(value)} {value!r}"
+
+
+def _json_type(value: Any) -> str:
+    """What ``value`` is, in JSON's words (a user wrote the file)."""
+    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", type(None): "null",
+             dict: "an object", list: "a list"}
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)

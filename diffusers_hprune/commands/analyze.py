@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import diffusers
 import torch
@@ -12,10 +11,11 @@ from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
-from diffusers_hprune.commands.options import metric_args, parse_bytes
+from diffusers_hprune.commands.options import add_generation_flags, metric_args, parse_bytes
+from diffusers_hprune.loading import check_image_size, pixel_multiple
 from diffusers_hprune.metrics import metric_names
+from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int, read_text_file
 from diffusers_hprune.utils.distributed import process_state
-from diffusers_hprune.utils.errors import HPruneError
 
 
 def register(subparsers) -> None:
@@ -36,15 +36,13 @@ def register(subparsers) -> None:
                    help="an option of the metric, e.g. model=PATH for clip_score (repeatable)")
     p.add_argument("--prompts", help="calibration prompts, one a line (default: toy training prompts for the toys, "
                    "a built-in varied list otherwise)")
-    p.add_argument("--n-prompts", type=int, default=8, help="how many default prompts (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
-    p.add_argument("--steps", type=int, help="denoising steps of the calibration images (default: the model's generation profile, docs/api.md)")
-    p.add_argument("--eval-steps", type=int, default=4,
+    p.add_argument("--n-prompts", type=positive_int, default=8, help="how many default prompts (default 8)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="image k uses seed SEED+k (default 0)")
+    add_generation_flags(p, steps_help="denoising steps of the calibration images (default: the model's generation "
+                         "profile, docs/api.md)")
+    p.add_argument("--eval-steps", type=positive_int, default=4,
                    help="denoising steps at which predictions are compared (default 4, spread evenly)")
-    p.add_argument("--height", type=int, help="image height (default: the model's profile)")
-    p.add_argument("--width", type=int, help="image width (default: the model's profile)")
-    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the model's profile; 0 = none)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
     p.add_argument("--method", choices=["cached", "naive", "scratch"], default="cached",
                    help="cached (default): ablations run from cached block outputs; naive: the whole ablated model "
@@ -56,7 +54,8 @@ def register(subparsers) -> None:
                    "large models at high resolution)")
     p.add_argument("--max-cache-bytes", type=parse_bytes, metavar="SIZE",
                    help="refuse a block-output cache above SIZE (e.g. 20GB), before it is built (default: no bound)")
-    p.add_argument("--overwrite", action="store_true", help="start again, replacing an OUT of other settings")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT (and its OUT.parts/) of other settings or a damaged one; finished "
+                   "entries of the same settings are still reused")
     p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
                    help="on a GPU, start even when `hprune budget` predicts the analysis will not fit its memory")
     p.add_argument("--synthetic", action="store_true",
@@ -66,6 +65,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out, "--out")  # the analysis.json, and OUT.parts/ beside it
     if args.synthetic:
         report = synthetic_report(args.model, seed=args.seed, pairs=args.pairs)
         report.save(args.out)
@@ -75,10 +75,9 @@ def run(args: argparse.Namespace) -> int:
     diffusers.utils.logging.disable_progress_bar()
     prompts = None
     if args.prompts:
-        try:
-            prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as e:
-            raise HPruneError(f"Cannot read the prompt file {args.prompts} ({e}); give a text file, one prompt a line.") from e
+        text = read_text_file(args.prompts, "prompt file (one prompt a line)")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
     if args.budget_check and args.dtype in (None, "bfloat16"):  # before any weight is loaded (no-op without CUDA)
         check_fits("analysis", args.model, options=BudgetOptions(
             analysis_prompts=len(prompts) if prompts else args.n_prompts, analysis_batch_size=args.batch_size,

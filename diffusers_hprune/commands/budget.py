@@ -7,8 +7,10 @@ import json
 
 from diffusers_hprune.budget import CARDS_GIB, Budget, BudgetOptions, predict
 from diffusers_hprune.budget.stages import GIB
+from diffusers_hprune.commands.options import ratio
 from diffusers_hprune.families.inventory import BUILTIN_CONFIGS
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.checks import nonnegative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -23,29 +25,32 @@ def register(subparsers) -> None:
                    help="a built-in config (" + ", ".join(BUILTIN_CONFIGS) + "), a toy (sd3, flux), a pipeline or "
                    "transformer folder, a config.json, or a Hub repo id in the local cache")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, default=None,
+    target.add_argument("--ratio", type=ratio, default=None,
                         help="plan this fraction of the transformer's parameters away (from a synthetic analysis; "
                         "default 0.3)")
     target.add_argument("--plan", default=None, help="a plan.json from `hprune plan`")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the stages run on (default cuda)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=positive_int, default=None,
                    help="analysis and training resolution (default: the model's, 1024 for SD3.5 and FLUX.1)")
-    p.add_argument("--num-processes", type=int, default=1, help="processes of `accelerate launch` (DDP; default 1)")
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="processes of `accelerate launch` (DDP; default 1)")
     d = p.add_argument_group("distillation (the flags of `hprune distill`)")
     d.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
                    help="weight dtype of teacher and frozen student parts (default bf16; `distill` defaults to no)")
-    d.add_argument("--train-batch-size", type=int, default=4, help="samples per micro-step and process (default 4)")
-    d.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (default 0: full weights)")
+    d.add_argument("--train-batch-size", type=positive_int, default=4,
+                   help="samples per micro-step and process (default 4)")
+    d.add_argument("--lora-rank", type=nonnegative_int, default=0,
+                   help="train LoRA adapters of this rank (default 0: full weights)")
     d.add_argument("--teacher-4bit", action="store_true", help="the teacher in NF4 (CUDA)")
     d.add_argument("--use-8bit-adam", action="store_true", help="8-bit AdamW (bitsandbytes)")
     d.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     d.add_argument("--no-pwp", dest="pwp", action="store_false", help="train the blocks before the first pruned one")
-    d.add_argument("--train-samples", type=int, default=1000,
+    d.add_argument("--train-samples", type=positive_int, default=1000,
                    help="training samples drawn by the teacher into the data cache (default 1000)")
     a = p.add_argument_group("analysis (the flags of `hprune analyze`)")
-    a.add_argument("--n-prompts", type=int, default=8, help="calibration prompts (default 8)")
-    a.add_argument("--batch-size", type=int, default=8, help="calibration batch (default 8)")
-    a.add_argument("--eval-steps", type=int, default=4, help="denoising steps cached and compared (default 4)")
+    a.add_argument("--n-prompts", type=positive_int, default=8, help="calibration prompts (default 8)")
+    a.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch (default 8)")
+    a.add_argument("--eval-steps", type=positive_int, default=4, help="denoising steps cached and compared (default 4)")
     a.add_argument("--cache-device", choices=("cpu",), default=None,
                    help="keep the block-output cache in host memory (default: beside the model)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON (bytes per stage and term)")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
-from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes
+from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes, ratio
 from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.compress.run import compress
 from diffusers_hprune.distillation.data import read_prompts
+from diffusers_hprune.hub.push import check_repo_id
+from diffusers_hprune.utils.checks import check_not_inside, check_output_folder
 
 
 def register(subparsers) -> None:
@@ -22,7 +25,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", help="a pipeline folder, a cached Hub id, or a toy name (sd3, flux)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
+    target.add_argument("--ratio", type=ratio, help="fraction of the transformer's parameters to remove (default 0.3)")
     target.add_argument("--memory", type=parse_bytes, help="weight budget at --weight-dtype, e.g. 4GB")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--prompts", help="training prompts for data-free distillation, one a line (toys: built in); "
@@ -43,6 +46,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out")
+    if Path(args.model).is_dir():
+        check_not_inside(args.out, args.model, "--out", "MODEL")
+    if args.push:
+        check_repo_id(args.push)  # before hours of work, not after them
     values = asdict(HPruneConfig.load(args.config)) if args.config else {}
     values.update(config_overrides(args))
     prompts = None

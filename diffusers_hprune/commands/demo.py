@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusers_hprune.commands.options import add_config_flags, config_overrides
+from diffusers_hprune.commands.options import add_config_flags, config_overrides, ratio
 from diffusers_hprune.demo import DEMO_CONFIG, DemoFolderError, format_demo_summary, run_demo
+from diffusers_hprune.utils.checks import check_output_folder
 
 
 def register(subparsers) -> None:
@@ -19,7 +20,7 @@ def register(subparsers) -> None:
         "flag; a second run in the same folder continues where the first stopped.",
     )
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
-    p.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove (default 0.3)")
+    p.add_argument("--ratio", type=ratio, help="fraction of the transformer's parameters to remove (default 0.3)")
     p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
     p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
     p.add_argument("--overwrite", action="store_true", help="delete the output folder first and start over")
@@ -29,6 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out")
     overrides = config_overrides(args)
     try:
         summary = run_demo(args.out, overrides=overrides, overwrite=args.overwrite)

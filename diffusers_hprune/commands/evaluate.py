@@ -6,10 +6,11 @@ import argparse
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS
-from diffusers_hprune.commands.options import metric_args
+from diffusers_hprune.commands.options import add_generation_flags, metric_args
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.evaluation.compare import FIDELITY, evaluate_pipelines, load_for_evaluation, overall_score
-from diffusers_hprune.loading import is_toy
+from diffusers_hprune.loading import check_image_size, is_toy, pixel_multiple
+from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int
 from diffusers_hprune.utils.fileio import atomic_write_json
 
 
@@ -29,24 +30,25 @@ def register(subparsers) -> None:
                    help="a metric of the registry (fidelity, shapeeval, clip_score, hpsv2, ...); repeat for several")
     p.add_argument("--metric-arg", action="append", metavar="[METRIC:]KEY=VALUE", help="an option of a metric")
     p.add_argument("--prompts", help="a text file, one prompt a line (default: the toy's held-out prompts)")
-    p.add_argument("--n", type=int, help="number of prompts (default 200 on the toys, 8 otherwise)")
+    p.add_argument("--n", type=positive_int, help="number of prompts (default 200 on the toys, 8 otherwise)")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout", help="toy prompt split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's generation profile)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--latency-repeats", type=int, default=10, help="timed denoising steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="prompt k uses seed SEED+k (default 0)")
+    add_generation_flags(p, steps_help="denoising steps (default: the model's generation profile)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--latency-repeats", type=positive_int, default=10, help="timed denoising steps (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-cost", action="store_true", help="skip the memory and latency measurements")
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--grid", help="write a PNG grid here: one row per pipeline, one column per prompt")
-    p.add_argument("--grid-size", type=int, default=16, help="prompts in the grid (default 16)")
+    p.add_argument("--grid-size", type=positive_int, default=16, help="prompts in the grid (default 16)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    for path, flag in ((args.out, "--out"), (args.grid, "--grid")):  # before the work, not after it
+        if path:
+            check_output_file(path, flag)
+    check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)
     models = {"teacher" if args.student else "model": load_for_evaluation(args.model)}
     if args.student:
         models["student"] = load_for_evaluation(args.student)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.export import export_folder
 from diffusers_hprune.hub.folders import FORMATS, folder_format, folder_plan
+from diffusers_hprune.utils.checks import check_not_inside, check_output_folder, refuse_pickled
 
 
 def register(subparsers) -> None:
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out")
+    check_not_inside(args.out, args.folder, "--out", "FOLDER")
+    refuse_pickled(Path(args.folder) / "transformer", "transformer weights")  # the export rewrites them
     out = export_folder(args.folder, args.out, format=args.format, overwrite=args.overwrite)
     if args.base_model:
         write_model_card(out, base_model=args.base_model, repo_id=args.repo_id)

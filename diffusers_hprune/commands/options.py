@@ -1,4 +1,9 @@
-"""Options more than one command shares: sizes, metric options, and the HPruneConfig flags."""
+"""Options more than one command shares: sizes, ratios, image sizes, metric options, and the HPruneConfig flags.
+
+Every numeric flag has an argparse type (:mod:`diffusers_hprune.utils.checks`), so a value that
+cannot work (``--steps 0``, ``--ratio 1.5``, ``--pwp flase``) is an argparse error naming the flag,
+before anything is loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,15 @@ import re
 from dataclasses import MISSING, fields
 
 from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.utils.checks import (
+    boolean,
+    finite_float,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from diffusers_hprune.utils.errors import HPruneError
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -24,7 +38,32 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"cannot read {text!r} as a size; write e.g. 4GB, 3.5GiB, 800MB or a number of bytes"
         )
-    return int(float(m.group(1)) * _UNITS[unit or "b"])
+    value = int(float(m.group(1)) * _UNITS[unit or "b"])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is no bytes; give a positive size, e.g. 4GB")
+    return value
+
+
+def ratio(text: str) -> float:
+    """A fraction of the parameters to remove: a number strictly between 0 and 1."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must lie strictly between 0 and 1 (e.g. 0.3 removes 30% of the parameters), got {value:g}")
+    return value
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, *, steps_help: str) -> None:
+    """``--steps``, ``--height``, ``--width``, ``--guidance-scale``: the generation settings (default: the model's
+    profile). Sizes must also be a multiple of what the model needs (16 for SD3 and FLUX.1, 4 for the toys),
+    checked against the model before it runs."""
+    parser.add_argument("--steps", type=positive_int, help=steps_help)
+    parser.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of 16 for SD3 and "
+                        "FLUX.1 (4 for the toys) (default: the model's profile)")
+    parser.add_argument("--width", type=positive_int, help="image width in pixels, like --height (default: the "
+                        "model's profile)")
+    parser.add_argument("--guidance-scale", type=nonnegative_float,
+                        help="guidance scale, 0 or more (default: the model's profile; 0 = none)")
 
 
 def metric_args(pairs: list[str]) -> dict:
@@ -53,9 +92,30 @@ def config_overrides(args: argparse.Namespace) -> dict:
     return values
 
 
+#: argparse types of the HPruneConfig fields whose values are not "an integer >= 1" or "any finite number"
+#: (HPruneConfig checks them again, for configs built in Python or read from JSON).
+_CONFIG_FLAG_TYPES = {
+    "checkpointing_steps": nonnegative_int, "lora_rank": nonnegative_int, "seed": nonnegative_int,
+    "learning_rate": positive_float, "max_train_minutes": positive_float, "r_thres": fraction,
+}
+
+
+def _config_flag_type(name: str, default):
+    if name in _CONFIG_FLAG_TYPES:
+        return _CONFIG_FLAG_TYPES[name]
+    if isinstance(default, bool):
+        return boolean
+    if isinstance(default, int):
+        return positive_int
+    return str if isinstance(default, str) else finite_float
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults=None) -> None:
     """One flag per HPruneConfig field (``--max-train-steps`` ...); the help shows ``defaults``
-    (an HPruneConfig; default: the dataclass's defaults). Flags not given stay None."""
+    (an HPruneConfig; default: the dataclass's defaults). Flags not given stay None.
+
+    Booleans take true/false (yes/no, on/off, 1/0; any other word is an error, never false);
+    numbers are checked by their argparse types."""
 
 
     special = {"ratio", "memory", "quantize", "distill"}
@@ -67,10 +127,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults=None) -> None:
         default = f.default if f.default is not MISSING else None
         if defaults is not None:
             default = getattr(defaults, f.name)
-        kind = {"bool": None, "int": int, "float": float, "str": str}.get(type(default).__name__, float)
+        kind = _config_flag_type(f.name, f.default if f.default is not MISSING else default)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            g.add_argument(flag, dest=f.name, type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-                           metavar="true|false", help=f"default {default}")
-        else:
-            g.add_argument(flag, dest=f.name, type=kind or float, help=f"default {default}")
+        metavar = "true|false" if kind is boolean else None
+        g.add_argument(flag, dest=f.name, type=kind, metavar=metavar, help=f"default {default}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from diffusers_hprune.commands.options import parse_bytes
-from diffusers_hprune.contributions import AnalysisError, ContributionReport
+from diffusers_hprune.contributions import AnalysisError, ContributionReport, describe_keys
 from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.planning.hpp import DEFAULT_R_THRES, make_plan
 from diffusers_hprune.planning.strategies import strategy_names
+from diffusers_hprune.utils.checks import check_output_file, finite_float, fraction
 
 
 def register(subparsers) -> None:
@@ -22,12 +23,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("analysis", help="an analysis.json from `hprune analyze`")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--ratio", type=float, help="fraction of the transformer's parameters to remove, in (0, 1)")
+    target.add_argument("--ratio", type=finite_float,
+                        help="fraction of the transformer's parameters to remove, in (0, 1)")
     target.add_argument("--memory", type=parse_bytes, help="weight budget, e.g. 4GB or 3.5GiB (at --weight-dtype)")
     p.add_argument("--weight-dtype", choices=DTYPES, default="bf16",
                    help="dtype the memory budget and estimate are for (default bf16; nf4 = 4-bit weights)")
-    p.add_argument("--alpha", type=float, help="position-weight exponent (default: 0.55 SD3 family, 0.01 FLUX)")
-    p.add_argument("--r-thres", type=float, default=DEFAULT_R_THRES,
+    p.add_argument("--alpha", type=finite_float, help="position-weight exponent (default: 0.55 SD3 family, 0.01 FLUX)")
+    p.add_argument("--r-thres", type=fraction, default=DEFAULT_R_THRES,
                    help=f"above this ratio components are removed after whole blocks (default {DEFAULT_R_THRES})")
     p.add_argument("--strategy", choices=strategy_names(), default="hierarchical",
                    help="hierarchical (the paper, default); baselines: bk-sdm (blocks by dP), koala (blocks by "
@@ -37,11 +39,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out, "--out")
     report = ContributionReport.load(args.analysis)
     if not report.complete and args.strategy != "last":
+        missing = report.missing_keys()
+        what = f"it lacks {describe_keys(missing)}" if missing else "it has no baseline score"
         raise AnalysisError(
-            f"{args.analysis} is incomplete ({len(report.entries)} of {len(report.expected_keys())} entries); "
-            "finish it with the same `hprune analyze` command (it resumes), or use --strategy last."
+            f"{args.analysis} is incomplete ({len(report.expected_keys()) - len(missing)} of "
+            f"{len(report.expected_keys())} entries; {what}); finish it with the same `hprune analyze` command (it "
+            "resumes), or use --strategy last."
         )
     inventory = inspect_transformer(report.transformer_config)
     outcome = make_plan(

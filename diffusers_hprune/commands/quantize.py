@@ -9,6 +9,7 @@ import torch
 from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.families.sizes import format_bytes
 from diffusers_hprune.quantization.folder import quantize_pipeline
+from diffusers_hprune.utils.checks import check_output_folder
 
 
 def register(subparsers) -> None:
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out")  # before the transformer is loaded and quantised
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules,
                             compute_dtype=dtypes[args.compute_dtype], dtype=dtypes[args.dtype],

@@ -7,6 +7,7 @@ import argparse
 from diffusers_hprune.contributions import ContributionReport
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning.report import format_table, write_report
+from diffusers_hprune.utils.checks import check_output_folder, finite_float
 
 
 def register(subparsers) -> None:
@@ -18,12 +19,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("analysis", help="an analysis.json from `hprune analyze`")
     p.add_argument("--plan", help="a plan.json to mark")
-    p.add_argument("--alpha", type=float, help="alpha for the Score panel (default: the family's)")
+    p.add_argument("--alpha", type=finite_float, help="alpha for the Score panel (default: the family's)")
     p.add_argument("--out", required=True, help="folder for blocks.png, components.png, similarity.png, table.txt")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out")
     report = ContributionReport.load(args.analysis)
     plan = PrunePlan.load(args.plan) if args.plan else None
     if plan is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.planning.strategies import strategy_names
+from diffusers_hprune.utils.checks import InputError, check_bool, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
@@ -19,6 +19,22 @@ VERSION = 1
 
 class ConfigError(HPruneError):
     """Hyper-parameters that do not make sense together, or a config file that cannot be read."""
+
+
+#: Fields that must be true or false (a JSON ``"false"`` is a string, and refused).
+_BOOLS = ("distill", "pwp", "sgdistill", "gradient_checkpointing", "quantize")
+#: Integer fields and their least value (0: off).
+_INTS = {"analysis_prompts": 1, "eval_steps": 1, "train_prompts": 1, "max_train_steps": 1, "train_batch_size": 1,
+         "eval_prompts": 1, "latency_repeats": 1, "checkpointing_steps": 0, "lora_rank": 0, "seed": 0}
+
+
+def _number(name: str, value, *, kind: type = float, what: str | None = None, **bounds) -> None:
+    """``check_number`` for an HPruneConfig field: a ConfigError that says where to set it."""
+    try:
+        check_number(name, value, kind=kind, error=ConfigError, **bounds)
+    except ConfigError as e:
+        detail = f"{name} must be {what}, got {value!r}." if what else str(e)
+        raise ConfigError(f"{detail} Set it in the --config file or with --{name.replace('_', '-')}.") from None
 
 
 @dataclass
@@ -64,30 +80,41 @@ class HPruneConfig:
             self.ratio = 0.3
         if self.ratio is not None and self.memory is not None:
             raise ConfigError("Give one target: a ratio (e.g. 0.3) or a memory budget in bytes, not both.")
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}.")
-        if self.memory is not None and self.memory <= 0:
-            raise ConfigError(f"memory must be a positive number of bytes, got {self.memory}.")
-        if self.weight_dtype not in DTYPES:
-            raise ConfigError(f"weight_dtype must be one of {', '.join(DTYPES)}, got {self.weight_dtype!r}.")
-        if self.strategy not in strategy_names():
-            raise ConfigError(f"strategy must be one of {', '.join(strategy_names())}, got {self.strategy!r}.")
-        if not 0 <= self.r_thres <= 1:
-            raise ConfigError(f"r_thres must be in [0, 1], got {self.r_thres}.")
-        for name in ("analysis_prompts", "eval_steps", "train_prompts", "max_train_steps", "train_batch_size",
-                     "eval_prompts", "latency_repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.ratio is not None:
+            _number("ratio", self.ratio, minimum=0, exclusive_minimum=True)
+            if not self.ratio < 1:
+                raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}; e.g. 0.3 removes 30% of the parameters.")
+        if self.memory is not None:
+            _number("memory", self.memory, kind=int, minimum=1,
+                    what="a positive whole number of bytes (an integer, e.g. 4000000000)")
+        for name in _BOOLS:
+            try:
+                check_bool(name, getattr(self, name), error=ConfigError)
+            except ConfigError as e:
+                raise ConfigError(f"{e} In a --config file write true or false without quotes.") from None
+        for name, minimum in _INTS.items():
+            _number(name, getattr(self, name), kind=int, minimum=minimum)
+        for name, choices in (("weight_dtype", DTYPES), ("strategy", strategy_names()),
+                              ("mixed_precision", ("no", "fp16", "bf16"))):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"metric must be a metric's name (e.g. fidelity), got {self.metric!r}.")
+        if self.alpha is not None:
+            _number("alpha", self.alpha)
+        _number("r_thres", self.r_thres, minimum=0, maximum=1)
+        _number("learning_rate", self.learning_rate, minimum=0, exclusive_minimum=True)
+        if self.max_train_minutes is not None:
+            _number("max_train_minutes", self.max_train_minutes, minimum=0, exclusive_minimum=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HPruneConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"An HPruneConfig must be a JSON object of settings, got {type(data).__name__}; write "
+                              "one with HPruneConfig.save.")
         data = dict(data)
         if data.pop("format", FORMAT) != FORMAT or data.pop("version", VERSION) != VERSION:
             raise ConfigError(f"Not a {FORMAT} v{VERSION} file; write one with HPruneConfig.save.")
@@ -103,9 +130,12 @@ class HPruneConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> HPruneConfig:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"Cannot read the config {path} ({e}).") from None
+            data = json.loads(read_text_file(path, "config"))
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        except ValueError as e:
+            raise ConfigError(f"The config {path} is not valid JSON ({e}); fix it, or write one with "
+                              "HPruneConfig.save.") from None
         return cls.from_dict(data)
 
 

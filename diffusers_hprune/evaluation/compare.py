@@ -29,10 +29,11 @@ from diffusers_hprune.evaluation.measure import (
 )
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import load_transformer_config
-from diffusers_hprune.loading import generate, generation_settings, load_pipeline
+from diffusers_hprune.loading import check_weight_files, generate, generation_settings, load_pipeline
 from diffusers_hprune.metrics import IMAGE, get_metric
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines import with_pruned_transformer
+from diffusers_hprune.utils.checks import check_number
 from diffusers_hprune.utils.errors import HPruneError
 
 FIDELITY = "fidelity"
@@ -111,8 +112,9 @@ def evaluate_pipelines(
         raise EvaluationError("Nothing to evaluate: give at least one pipeline.")
     if not prompts:
         raise EvaluationError("The prompt list is empty; give at least one prompt.")
-    if latency_repeats < 1 or warmup < 0:
-        raise EvaluationError(f"--latency-repeats must be >= 1 and --warmup >= 0 (got {latency_repeats}, {warmup}).")
+    for name, value, minimum in (("--batch-size", batch_size, 1), ("--latency-repeats", latency_repeats, 1),
+                                 ("--warmup", warmup, 0), ("--grid-size", grid_size, 1), ("--seed", seed, 0)):
+        check_number(name, value, kind=int, minimum=minimum, error=EvaluationError)
     names = list(models)
     reference = models[names[0]]
     family = get_family(reference.transformer)
@@ -216,6 +218,7 @@ def load_student_beside(teacher, folder: str | os.PathLike):
     """
     folder = Path(folder)
     config = load_transformer_config(folder)
+    check_weight_files(folder / "transformer", "transformer weights")
     dtype = compute_dtype(teacher.transformer)
     transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", torch_dtype=dtype)
     if not config.get("quantization_config"):

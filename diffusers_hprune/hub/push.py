@@ -21,6 +21,7 @@ from pathlib import Path
 
 from diffusers_hprune.hub.export import export_folder
 from diffusers_hprune.hub.folders import folder_format
+from diffusers_hprune.utils.checks import refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
 
 #: Patterns (``fnmatch``, as ``upload_folder`` takes them) left out of the upload.
@@ -57,12 +58,12 @@ def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        if repo_id.count("/") != 1:
-            raise HFValidationError("it needs exactly one '/'")
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'.")
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), got {repo_id!r}: {e} Nothing was written or "
-                        "uploaded.") from None
+        raise PushError(f"--repo-id must be ORG/NAME (or USER/NAME), e.g. my-org/sd3.5-large-hprune, got {repo_id!r}: "
+                        f"{str(e).strip()} Nothing was written or uploaded.") from None
     return repo_id
 
 
@@ -71,6 +72,7 @@ def check_pipeline_folder(folder: str | os.PathLike) -> Path:
     if not (folder / "model_index.json").is_file():
         raise PushError(f"{folder} is not a pipeline folder (no model_index.json); push the folder that "
                         "`hprune distill`, `hprune quantize`, `hprune compress` or `save_pretrained` wrote.")
+    refuse_pickled(folder / "transformer", "transformer weights")  # the export rewrites them: safetensors only
     return folder
 
 

@@ -27,6 +27,7 @@ MODULE_NAME = "hprune_transformer"
 MODULES = (
     "diffusers_hprune.utils.errors",
     "diffusers_hprune.utils.fileio",
+    "diffusers_hprune.utils.checks",
     "diffusers_hprune.plan",
     "diffusers_hprune.families.base",
     "diffusers_hprune.families.mmdit",

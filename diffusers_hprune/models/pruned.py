@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.base import refuse_adapters
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.checks import refuse_pickled
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
 from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
@@ -194,9 +197,12 @@ class HierarchicalPrunedMixin:
         """``ModelMixin.from_pretrained`` with strict loading: the weights must match the prune plan exactly.
 
         Raises :class:`CheckpointMismatchError` naming the missing, unexpected or
-        wrongly shaped keys instead of leaving parts of the model uninitialised.
+        wrongly shaped keys instead of leaving parts of the model uninitialised, and an
+        ``InputError`` for a local folder whose weights are pickles only (``.bin``: not read).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):  # pickles only: refused, never unpickled
+            refuse_pickled(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""), "transformer weights")
         try:
             with cpu_nf4_loading(), _markers_not_reported():  # NF4 checkpoints (hprune quantize) load on a CPU too
                 model, info = super().from_pretrained(

@@ -18,15 +18,31 @@ import torch
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import load_transformer_config
+from diffusers_hprune.loading import check_weight_files
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
+from diffusers_hprune.utils.checks import InputError, check_not_inside, read_text_file
 from diffusers_hprune.utils.fileio import atomic_directory, copy_files
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
+
+
+def _model_index(source: Path) -> dict:
+    """The pipeline's ``model_index.json``, or a QuantizeError saying why it cannot be read."""
+    try:
+        index = json.loads(read_text_file(source / "model_index.json", "pipeline index"))
+    except InputError as e:
+        raise QuantizeError(str(e)) from None
+    except ValueError as e:
+        raise QuantizeError(f"{source / 'model_index.json'} is not valid JSON ({e}); save the pipeline again.") from None
+    if not isinstance(index, dict):
+        raise QuantizeError(f"{source / 'model_index.json'} is not a pipeline index (a JSON object); save the pipeline "
+                            "again.")
+    return index
 
 
 def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, *, skip_modules=None,
@@ -44,14 +60,16 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     if not (source / "model_index.json").is_file():
         raise QuantizeError(f"{source} is not a pipeline folder (no model_index.json); give the folder that "
                             "`save_pretrained` or `hprune distill` wrote.")
+    check_not_inside(output_dir, source, "--out", "MODEL")
     if output_dir.exists() and not overwrite:
         raise QuantizeError(f"{output_dir} exists; choose another --out or pass --overwrite.")
-    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    index = _model_index(source)
     config = load_transformer_config(source)
     if config.get("quantization_config"):
         raise QuantizeError(f"The transformer in {source} is already quantised; quantise the 16- or 32-bit model.")
     family = get_family(config)
     pipeline_name = pruned_pipeline_name(index.get("_class_name", ""))
+    check_weight_files(source / "transformer", "transformer weights")  # pickles refused, damaged files named
     transformer = pruned_class_for(family).from_pretrained(source / "transformer", torch_dtype=dtype)
     transformer.to("cuda" if accelerator_available() else "cpu")
     quantized = quantize(transformer, skip_modules=skip_modules, compute_dtype=compute_dtype)
