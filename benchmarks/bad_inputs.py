@@ -258,7 +258,7 @@ def cases() -> list[Case]:
     add("analyze", "`--prompts` is a folder", "analyze sd3 --out {case}/a.json --prompts {ws}/run")
     add("evaluate", "non-UTF-8 `--prompts`", "evaluate sd3 --prompts {ws}/latin1.txt --n 2", phrase="UTF-8")
     add("distill", "non-UTF-8 `--prompts`",
-        lambda f: distill_args(W(f), f / "D")[:6] + ["--prompts", str(W(f) / "latin1.txt")] + distill_args(W(f), f / "D")[8:],
+        lambda f: [a if a != str(W(f) / "train.txt") else str(W(f) / "latin1.txt") for a in distill_args(W(f), f / "D")],
         phrase="UTF-8")
     add("plan", "non-UTF-8 analysis", "plan {ws}/latin1.txt --out {case}/p.json", phrase="UTF-8")
     add("report", "non-UTF-8 analysis", "report {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
@@ -359,7 +359,7 @@ def cases() -> list[Case]:
     # Valid inputs that must do the right thing.
     add("distill", "`checkpoint-best` beside `--checkpoints_total_limit 1` (kept)",
         lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15",
-                               "--checkpoints_total_limit", "1"),
+                               "--checkpointing_steps", "5", "--checkpoints_total_limit", "1"),
         setup=_chain(_copy("run"), lambda f: (f / "run" / "checkpoint-best").mkdir()), expect="ok",
         writes=("run",), check=lambda f: (f / "run/checkpoint-best").is_dir() and (f / "run/checkpoint-15").is_dir()
         and not (f / "run/checkpoint-10").exists())

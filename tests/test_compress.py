@@ -77,6 +77,15 @@ def test_compress_runs_every_stage_then_skips_them(tmp_path, capsys, monkeypatch
     assert main([a if a != "4" or args[k - 1] != "--eval-prompts" else "3" for k, a in enumerate(args)]) == 0
     rows = json.loads((out / "summary.json").read_text())["stages"]
     assert [r[1] for r in rows] == ["done before (skipped)"] * 5 + ["ran"]
+    # Another learning rate: the distillation starts again (no "resume" from the old run's last checkpoint).
+    assert main([a if args[k - 1] != "--learning-rate" else "0.002" for k, a in enumerate(args)]) == 0
+    printed = capsys.readouterr().out
+    assert "[4] distilled: its settings changed; starting the stage again" in printed and "resumed from" not in printed
+    rows = json.loads((out / "summary.json").read_text())["stages"]
+    assert [r[1] for r in rows] == ["done before (skipped)"] * 3 + ["ran"] * 3
+    distilled = json.loads((out / "4-distilled" / "distill_summary.json").read_text())
+    assert [g["lr"] for g in distilled["param_groups"]][0] != 0 and distilled["losses"][0]["step"] == 1
+    assert json.loads((out / "4-distilled" / "hprune_run.json").read_text())["learning_rate"] == 0.002
 
 
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
@@ -98,7 +107,7 @@ def test_compress_continues_after_being_killed_during_distillation(tmp_path, cap
     assert "[1] analysis: done before, skipped" in printed and "[3] pruned: done before, skipped" in printed
     assert "resumed from" in printed
     summary = json.loads((out / "4-distilled" / "distill_summary.json").read_text())
-    assert summary["steps"] == 30 and summary["losses"][0]["step"] > 1
+    assert summary["steps"] == 30 and [r["step"] for r in summary["losses"]] == list(range(1, 31))  # the whole run
     assert json.loads((out / "summary.json").read_text())["final"] == str(out / "4-distilled")
 
 

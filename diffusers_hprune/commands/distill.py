@@ -26,6 +26,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    config.check()  # values a run cannot use: refused before the budget check reads the plan and the teacher
     if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
         check_fits("distillation", config.teacher, PrunePlan.load(config.plan), distill_options(config))
     distill(config)

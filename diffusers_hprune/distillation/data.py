@@ -31,6 +31,7 @@ import torch
 from diffusers_hprune.contributions import fingerprint
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
+from diffusers_hprune.utils.checks import InputError, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import with_user_mode
 
@@ -69,10 +70,11 @@ class DataSpec:
 
 
 def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompt file, stripped; a DataError when it cannot be read or has none."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"Cannot read the prompt file {path} ({e}); give a text file with one prompt a line.") from None
+        lines = read_text_file(path, "prompt file").splitlines()
+    except InputError as e:  # missing, a folder, not UTF-8: said with the path and what to do
+        raise DataError(str(e)) from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise DataError(f"The prompt file {path} has no prompts; write one prompt a line.")
@@ -137,12 +139,62 @@ def _encode_images(pipe, images: list, resolution: int) -> torch.Tensor:
     return ((z - shift) * vae.config.scaling_factor).float()
 
 
+def prompt_lines_digest(spec: DataSpec) -> str | None:
+    """A digest of the prompt file's lines (what the teacher draws), or None for image-caption data."""
+    return hashlib.sha256("\n".join(read_prompts(spec.prompts)).encode()).hexdigest() if spec.prompts else None
+
+
 def cache_key(spec: DataSpec, teacher_fingerprint: str, generation: dict) -> str:
-    """The cache's identity: the options, the prompt file's lines (not only its name), the teacher, the drawing."""
-    prompts = hashlib.sha256("\n".join(read_prompts(spec.prompts)).encode()).hexdigest() if spec.prompts else None
-    payload = json.dumps({"spec": asdict(spec), "prompt_lines": prompts, "teacher": teacher_fingerprint,
-                          "generation": generation}, sort_keys=True, default=str)
+    """The cache's identity: the options, the prompt file's lines (not its name: a moved file is the same data), the
+    teacher, the drawing."""
+    options = {k: v for k, v in asdict(spec).items() if k != "prompts"}
+    payload = json.dumps({"spec": options, "prompt_lines": prompt_lines_digest(spec),
+                          "teacher": teacher_fingerprint, "generation": generation}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _generation(pipe, spec: DataSpec) -> dict:
+    """The teacher's drawing settings for ``spec`` (its generation profile, overridden by the options)."""
+    generation = generation_settings(pipe, spec.teacher_steps, spec.resolution, spec.resolution, spec.guidance_scale)
+    generation["max_sequence_length"] = int(generation.get("max_sequence_length", 256))
+    return generation
+
+
+def data_identity(pipe, spec: DataSpec) -> dict:
+    """What the training data depends on, by content: the options (not the prompt file's name), its lines, the drawing.
+
+    Part of a distillation run's identity: a run resumed on other data is another run.
+    """
+    options = {k: v for k, v in asdict(spec).items() if k not in ("prompts", "held_out")}
+    return {**options, "prompt_lines": prompt_lines_digest(spec), "held_out": sorted(spec.held_out),
+            "generation": _generation(pipe, spec)}
+
+
+def _damaged_cache_file(path: Path) -> tuple[str, str] | None:
+    """The first file of a saved dataset that does not read back whole, with the reason; None if all do."""
+    import pyarrow as pa
+
+    for file in sorted(path.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError, pa.ArrowException) as e:
+            return file.name, str(e)
+    return None
+
+
+def _load_cache(path: Path):
+    """The cached dataset at ``path``; a DataError naming the damaged file (and how to rebuild it) if it is damaged."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.load_from_disk(str(path)).with_format("torch")
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        damaged = _damaged_cache_file(path)
+        what = f"{path / damaged[0]} ({damaged[1]})" if damaged else f"{path} ({type(e).__name__}: {e})"
+        raise DataError(f"The cached training data is damaged: {what}. Delete the folder {path} (the next run "
+                        "encodes the data again) and try again.") from None
 
 
 def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, progress: bool = True):
@@ -155,12 +207,12 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
 
     spec.check()
     family = get_family(pipe.transformer)
-    generation = generation_settings(pipe, spec.teacher_steps, spec.resolution, spec.resolution, spec.guidance_scale)
-    max_len = int(generation.pop("max_sequence_length", 256))
-    key = cache_key(spec, fingerprint(pipe.transformer), {**generation, "max_sequence_length": max_len})
+    generation = _generation(pipe, spec)
+    key = cache_key(spec, fingerprint(pipe.transformer), generation)
+    max_len = generation.pop("max_sequence_length")
     path = Path(cache_dir) / key
     if (path / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(path)).with_format("torch"), path
+        return _load_cache(path), path
 
     records = {"latents": [], "prompt_embeds": [], "pooled_projections": [], "prompt": []}
     if spec.prompts:
@@ -191,7 +243,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(path)).with_format("torch"), path
+    return _load_cache(path), path
 
 
 @torch.no_grad()

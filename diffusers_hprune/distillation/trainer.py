@@ -8,38 +8,50 @@ logit-normal noise levels -> a pruned pipeline in ``output_dir`` that loads with
 
 Runs on one process or under ``accelerate launch`` (DDP; FSDP / DeepSpeed through Accelerate
 configs). Checkpoints (``accelerator.save_state``) go to ``output_dir/checkpoint-<step>``;
-``resume_from_checkpoint="latest"`` continues from the newest.
+``resume_from_checkpoint="latest"`` continues from the newest, refused when the checkpoint was
+made with settings that change the result (:func:`_run_identity`, also in
+``output_dir/hprune_run.json``, the marker of a run folder).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.contributions import ContributionReport, fingerprint
-from diffusers_hprune.distillation.data import DataSpec, build_training_cache, held_out_prompts, read_prompts
+from diffusers_hprune.distillation.data import (
+    DataSpec,
+    build_training_cache,
+    data_identity,
+    held_out_prompts,
+    read_prompts,
+)
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.pwp import apply_pwp
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.loading import generation_settings, load_pipeline, pipeline_folder
+from diffusers_hprune.loading import generation_settings, load_pipeline, pipeline_folder, pixel_multiple
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
 from diffusers_hprune.utils.distributed import launched_on_cpu
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json, copy_files
@@ -108,8 +120,87 @@ class DistillConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def check(self) -> None:
+        """Refuse values no run can use, before anything is loaded: a DistillError naming the option and its bounds.
 
-RUN_FILE = "hprune_run.json"
+        The command line refuses them at the flag already; this covers a config built in Python.
+        """
+        for name in ("teacher", "plan", "output_dir"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)) or not str(getattr(self, name)):
+                raise DistillError(f"--{name} is required: give a path (got {getattr(self, name)!r}).")
+        if isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank < 0:
+            raise DistillError(f"--lora_rank must be >= 0 (0 trains full weights), got {self.lora_rank}.")
+        for name, rule in NUMBER_RULES.items():
+            value = getattr(self, name)
+            if value is None and rule.optional:
+                continue
+            check_number(f"--{name}", value, kind=rule.kind, minimum=rule.minimum, maximum=rule.maximum,
+                         exclusive_minimum=rule.above, error=DistillError)
+        for name in ("use_8bit_adam", "pwp", "sgdistill", "binary_freeze", "gradient_checkpointing", "teacher_4bit",
+                     "overwrite", "progress"):
+            check_bool(name, getattr(self, name), error=DistillError)
+        if self.mixed_precision not in PRECISIONS:
+            raise DistillError(f"--mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}.")
+        if not all(isinstance(p, str) and p.strip() for p in self.validation_prompts):
+            raise DistillError("validation_prompts must be a list of non-empty prompts (strings); drop the empty ones.")
+
+
+class _Rule(NamedTuple):
+    """The bounds of one numeric option of :class:`DistillConfig`."""
+
+    kind: type
+    minimum: float | None = None
+    maximum: float | None = None
+    above: bool = False  # the minimum itself is refused
+    optional: bool = False  # None is allowed (a default taken from elsewhere)
+
+
+NUMBER_RULES = {
+    "resolution": _Rule(int, 1, optional=True),
+    "teacher_steps": _Rule(int, 1, optional=True),
+    "guidance_scale": _Rule(float, 0, optional=True),
+    "max_samples": _Rule(int, 1, optional=True),
+    "max_train_steps": _Rule(int, 1),
+    "max_train_minutes": _Rule(float, 0, above=True, optional=True),
+    "learning_rate": _Rule(float, 0, above=True),
+    "train_batch_size": _Rule(int, 1),
+    "gradient_accumulation_steps": _Rule(int, 1),
+    "max_grad_norm": _Rule(float, 0),
+    "adam_weight_decay": _Rule(float, 0),
+    "seed": _Rule(int, 0, 2**32 - 1),
+    "logit_mean": _Rule(float),
+    "logit_std": _Rule(float, 0, above=True),
+    "lambda_feat": _Rule(float, 0),
+    "lambda_task": _Rule(float, 0),
+    "sensitivity_floor": _Rule(float, 0, 1),
+    "sensitivity_eps": _Rule(float, 0, above=True, optional=True),
+    "r_thres": _Rule(float, 0, 1),
+    "lora_rank": _Rule(int, 0),
+    "lora_alpha": _Rule(float, 0, above=True, optional=True),
+    "checkpointing_steps": _Rule(int, 0),
+    "checkpoints_total_limit": _Rule(int, 1, optional=True),
+    "validation_steps": _Rule(int, 0),
+}
+PRECISIONS = ("no", "fp16", "bf16")
+
+RUN_FILE = "hprune_run.json"  # the run's identity: in OUTPUT_DIR (the marker of a run folder) and in each checkpoint
+PROGRESS_FILE = "hprune_progress.json"  # in each checkpoint: the losses, seconds and start loss so far
+SUMMARY_FILE = "distill_summary.json"
+#: Options that change the result: a checkpoint resumes only under the same values (the step budget, checkpointing,
+#: validation drawings, progress and trackers may change: extending a run is legitimate).
+IDENTITY_OPTIONS = (
+    "learning_rate", "max_grad_norm", "adam_weight_decay", "use_8bit_adam", "logit_mean", "logit_std", "seed",
+    "train_batch_size", "gradient_accumulation_steps", "lambda_feat", "lambda_task", "pwp", "sgdistill",
+    "sensitivity_floor", "sensitivity_eps", "binary_freeze", "r_thres", "lora_rank", "lora_alpha", "mixed_precision",
+    "teacher_4bit",
+)
+#: What ``hprune compress`` keeps in the stage folder it gives as OUTPUT_DIR (its stage bookkeeping): a folder holding
+#: only these is an empty one.
+STAGE_FILES = ("hprune_stage.json", "hprune_stage_started.json")
+#: What an interrupted run leaves in OUTPUT_DIR, removed at the next start (nothing else is): folders of a pipeline
+#: being saved or a checkpoint being written, and files of a JSON file being replaced (``atomic_write_json``).
+LEFTOVER_FOLDER = re.compile(r"\.pipeline\.[a-z0-9_]+|\.checkpoint-\d+\.tmp")
+LEFTOVER_FILE = re.compile(r"\.(hprune_run|distill_summary|plan)\.json\.[a-z0-9_]+\.tmp")
 
 
 class _StepSampler:
@@ -138,13 +229,33 @@ class _StepSampler:
         return (self.base * 1_000_003 + micro * 1_009 + rank) % (2**63)
 
 
-def _run_identity(teacher_fingerprint: str, plan, student, groups, config: DistillConfig) -> dict:
-    """What a checkpoint must share with the run resuming from it."""
-    return {
-        "teacher": teacher_fingerprint, "plan": plan.to_dict(), "lora_rank": config.lora_rank,
+def _run_identity(models, groups, config: DistillConfig, *, data: dict, use_sg: bool, processes: int) -> dict:
+    """What a checkpoint must share with the run resuming from it: everything that changes the result.
+
+    The teacher's weights, the plan, the analysis (a digest of its file), the training data (by
+    content: :func:`data.data_identity`), every option of :data:`IDENTITY_OPTIONS`, whether
+    SGDistill is in use, the number of processes, and the parameter groups and counts they give.
+    As it reads back from JSON (lists, not tuples), so that a saved identity compares equal.
+    """
+    identity = {
+        "teacher": fingerprint(models.teacher), "plan": models.plan.to_dict(),
+        "analysis": _file_digest(config.analysis, "--analysis"), "data": data,
+        **{name: getattr(config, name) for name in IDENTITY_OPTIONS},
+        "sgdistill_in_use": use_sg, "processes": processes,
         "param_groups": [g.name for g in groups], "trainable": sum(g.numel for g in groups),
-        "parameters": sum(p.numel() for p in student.parameters()),
+        "parameters": sum(p.numel() for p in models.student.parameters()),
     }
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _file_digest(path: str | None, flag: str) -> str | None:
+    """The sha256 of a file's bytes (None for no file)."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise DistillError(f"Cannot read {flag} {path} ({e.strerror or e}); check the path and its permissions.") from None
 
 
 def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
@@ -160,21 +271,57 @@ def _resume_path(config: DistillConfig, output_dir: Path) -> Path | None:
 
 
 def _check_resume(path: Path, identity: dict) -> None:
+    """Refuse a checkpoint whose run identity differs from this run's, naming each differing value."""
     try:
-        saved = json.loads((path / RUN_FILE).read_text())
+        saved = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise DistillError(f"{path} has no readable {RUN_FILE}: it is not a checkpoint of `hprune distill`; resume "
                            "from one of this run's checkpoints, or start without --resume_from_checkpoint.") from None
-    differ = [k for k in identity if saved.get(k) != identity[k]]
-    if differ:
-        raise DistillError(f"{path} is a checkpoint of another run (different {', '.join(differ)}): resume with the "
-                           "teacher, plan and options it was made with, or start a new run in another --output_dir.")
+    differences = _differences(saved if isinstance(saved, dict) else {}, identity)
+    if differences:
+        names = list(dict.fromkeys(name.split(".")[0] for name, _ in differences))
+        shown = "; ".join(text for _, text in differences[:12])
+        more = f"; and {len(differences) - 12} more" if len(differences) > 12 else ""
+        raise DistillError(f"{path} is a checkpoint of another run (different {', '.join(names)}): {shown}{more}. "
+                           "Resume with the settings it was made with, or start a new run with --overwrite (which "
+                           "deletes this run's checkpoints) or in another --output_dir.")
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """``(name, "name: checkpoint A, now B")`` for each value that differs; nested dicts compared key by key.
+
+    A value the checkpoint does not record (made by an older version) differs.
+    """
+    out = []
+    for key in list(now) + [k for k in saved if k not in now]:
+        name = f"{prefix}{key}"
+        if key not in saved:
+            out.append((name, f"{name}: checkpoint (not recorded), now {_shown(now[key])}"))
+        elif key not in now:
+            out.append((name, f"{name}: checkpoint {_shown(saved[key])}, now (none)"))
+        elif isinstance(saved[key], dict) and isinstance(now[key], dict):
+            out += _differences(saved[key], now[key], f"{name}.")
+        elif saved[key] != now[key]:
+            out.append((name, f"{name}: checkpoint {_shown(saved[key])}, now {_shown(now[key])}"))
+    return out
+
+
+def _shown(value, width: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _holds_a_run(output_dir: Path) -> bool:
+    """A run of this command with progress in ``output_dir``: checkpoints or a saved pipeline."""
     if not output_dir.is_dir():
         return False
     return (output_dir / "model_index.json").exists() or _latest_checkpoint(output_dir) is not None
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A folder this command writes into: its marker, a checkpoint of it, or (before the marker) a saved run."""
+    return ((folder / RUN_FILE).is_file() or bool(_own_checkpoints(folder))
+            or ((folder / SUMMARY_FILE).is_file() and (folder / "model_index.json").is_file()))
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -186,6 +333,13 @@ def _checkpoint_step(path: Path) -> int | None:
 def _latest_checkpoint(output_dir: Path) -> Path | None:
     found = [(step, p) for p in output_dir.glob("checkpoint-*") if (step := _checkpoint_step(p)) is not None]
     return max(found)[1] if found else None
+
+
+def _own_checkpoints(output_dir: Path) -> list[Path]:
+    """This command's ``checkpoint-<step>`` folders (with their ``hprune_run.json``), oldest first; nothing else."""
+    found = [(step, p) for p in output_dir.glob("checkpoint-*")
+             if (step := _checkpoint_step(p)) is not None and (p / RUN_FILE).is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def _plan_ratio(plan, config) -> float:
@@ -297,12 +451,14 @@ def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = Non
 def distill(config: DistillConfig) -> dict[str, Any]:
     """Run the distillation; returns the run summary (also written to ``output_dir/distill_summary.json``).
 
-    Stage 2 of Algorithm 1, one named step a line: options and resume point, teacher and pruned
-    student, PWP, the SGDistill parameter groups (with LoRA), the optimizer, the training data,
-    the loop, the saved student.
+    Stage 2 of Algorithm 1, one named step a line: options, output folder and resume point,
+    teacher and pruned student, PWP, the SGDistill parameter groups (with LoRA), the run's
+    identity, the optimizer, the training data, the loop, the saved student. Everything that can
+    be refused is refused before anything is written.
     """
 
-    output_dir = Path(config.output_dir)
+    config.check()
+    output_dir = _checked_output_dir(config)
     accelerator = _accelerator(config, output_dir)  # also seeds every RNG with config.seed
     say = accelerator.print
     spec = _checked_data_spec(config)
@@ -311,33 +467,37 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     resume_path = _resume_point(config, output_dir, say)
 
     models = _teacher_and_student(config, plan, accelerator.device, main=accelerator.is_main_process)
+    _check_resolution(config, models)
     pwp = apply_pwp(models.student, enabled=config.pwp)
     say(pwp.summary())
     use_sg, lora_config, groups = _trainable_groups(config, models, pwp, say)
     _own_trainable_copies(models.student)
-    identity = _run_identity(fingerprint(models.teacher), models.plan, models.student, groups, config)
-    _prepare_output_dir(config, output_dir, resume_path, identity, accelerator)
+    identity = _run_identity(models, groups, config, data=data_identity(models.pipe, spec), use_sg=use_sg,
+                             processes=accelerator.num_processes)
+    _prepare_output_dir(config, output_dir, resume_path, identity, accelerator, say)
     optimizer = _optimizer(config, groups, lora_config, say)
     dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
 
     run = _Run.prepare(config, accelerator, models, optimizer, groups, dataset, identity, output_dir)
-    step = _resume(run, resume_path, say)
+    step, progress = _resume(run, resume_path, say)
     if config.report_to:
         accelerator.init_trackers("hprune-distill", {k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
-    eval_start = run.held_out_loss()
-    step, losses, seconds = _train(run, step)
+    if progress.start_loss is None:  # a resumed run keeps the start loss of the run's own start
+        progress.start_loss = run.held_out_loss()
+    step = _train(run, step, progress)
     accelerator.wait_for_everyone()
     eval_end = run.held_out_loss()
-    say(f"loss on a fixed batch (fixed noise and noise levels): {eval_start:.4g} -> {eval_end:.4g}")
+    say(f"loss on a fixed batch (fixed noise and noise levels): {progress.start_loss:.4g} -> {eval_end:.4g}")
 
     summary = {
         "teacher": models.teacher_name, "plan": models.plan.describe(), "ratio": round(models.ratio, 6),
         "pwp": config.pwp, "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
-        "steps": step, "seconds": round(seconds, 2), "processes": accelerator.num_processes,
+        "steps": step, "seconds": round(progress.seconds, 2), "processes": accelerator.num_processes,
         "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
         "trainable_params": sum(g.numel for g in groups), "param_groups": [{"name": g.name, "lr": g.lr} for g in groups],
-        **_rank_checksums(run), "fixed_batch_loss": {"start": eval_start, "end": eval_end}, "losses": losses,
+        **_rank_checksums(run), "fixed_batch_loss": {"start": progress.start_loss, "end": eval_end},
+        "losses": progress.losses,
     }
     _save_student(run, models, lora_config, summary, say)
     accelerator.wait_for_everyone()  # every rank reaches the teardown together, after the main one saved
@@ -346,12 +506,44 @@ def distill(config: DistillConfig) -> dict[str, Any]:
 
 
 # -- the steps of distill(), in order ---------------------------------------------------------------
+def _checked_output_dir(config: DistillConfig) -> Path:
+    """``--output_dir``, refused before any work when writing there could change or delete what is not this run's.
+
+    It must be a folder that can be written, not the teacher's folder nor inside it (with or
+    without --overwrite), and either new, empty or a run folder of this command (see
+    :func:`_is_run_folder`): saving the pipeline replaces whole component folders.
+    """
+    output_dir = Path(config.output_dir)
+    try:
+        check_output_folder(output_dir, "--output_dir")
+        for teacher in _teacher_folders(config.teacher):
+            check_not_inside(output_dir, teacher, "--output_dir", "--teacher")
+    except InputError as e:
+        raise DistillError(str(e)) from None
+    if output_dir.is_dir() and not _is_run_folder(output_dir):
+        entries = sorted(p.name for p in output_dir.iterdir() if p.name not in STAGE_FILES)
+        if entries:
+            found = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise DistillError(f"--output_dir {output_dir} is not empty and holds no run of `hprune distill` (found "
+                               f"{found}): saving the pipeline there would replace or delete those files. Choose an "
+                               "empty or new folder (--overwrite only replaces a run of this command).")
+    return output_dir
+
+
+def _teacher_folders(teacher: str) -> list[Path]:
+    """The local folders the teacher is read from: the folder given, and the pipeline folder it resolves to."""
+    folders = [Path(teacher)] if Path(teacher).is_dir() else []
+    resolved = pipeline_folder(teacher)
+    return folders + ([resolved] if resolved is not None else [])
+
+
 def _accelerator(config: DistillConfig, output_dir: Path):
     """Accelerate's ``Accelerator`` for the run's precision, accumulation and trackers; every RNG seeded."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
     _check_trackers(config.report_to)
+    _forget_other_precision(config.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -361,6 +553,19 @@ def _accelerator(config: DistillConfig, output_dir: Path):
     )
     set_seed(config.seed)
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """An earlier run in this process (a second ``distill`` call, say in a notebook) with another precision: forget it.
+
+    Accelerate keeps the precision process-wide and refuses another one ("restart your runtime");
+    the process group (``PartialState``) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _checked_data_spec(config: DistillConfig):
@@ -374,9 +579,9 @@ def _checked_data_spec(config: DistillConfig):
         seed=config.seed,
     )
     spec.check()
+    if config.prompts:
+        read_prompts(config.prompts)  # readable, UTF-8, with prompts: said now, not after loading the teacher
     spec.held_out = _held_out_for_validation(config)
-    if config.lora_rank < 0:
-        raise DistillError(f"--lora_rank must be >= 0 (0 trains full weights), got {config.lora_rank}.")
     if config.teacher_4bit and not torch.cuda.is_available():
         raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
                            "CUDA only; drop the flag on this machine.")
@@ -451,6 +656,18 @@ def _teacher_and_student(config: DistillConfig, plan, device, main: bool = True)
     ratio = _plan_ratio(plan, dict(teacher.config))
     teacher.requires_grad_(False).eval()
     return _Models(pipe, teacher_name, teacher, family, report, student, plan, ratio)
+
+
+def _check_resolution(config: DistillConfig, models: _Models) -> None:
+    """``--resolution`` must give latents of whole patches: a multiple of ``loading.pixel_multiple`` (before any drawing)."""
+    multiple = pixel_multiple(models.pipe)  # the VAE's downsampling times the 2 x 2 patches: 16 for SD3 / FLUX
+    if config.resolution is None or not multiple or config.resolution % multiple == 0:
+        return
+    lower = config.resolution // multiple * multiple
+    choices = " or ".join(str(r) for r in (lower, lower + multiple) if r > 0)
+    raise DistillError(f"--resolution {config.resolution} does not fit {models.teacher_name}: its images must be a "
+                       f"multiple of {multiple} pixels (the VAE's downsampling times the transformer's patch); use "
+                       f"{choices}.")
 
 
 def _load_nf4_transformer(folder: Path, dtype: torch.dtype):
@@ -546,14 +763,84 @@ def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
     return use_sg, lora_config, groups
 
 
-def _prepare_output_dir(config: DistillConfig, output_dir: Path, resume_path, identity: dict, accelerator) -> None:
-    """Check the checkpoint belongs to this run; a new run with --overwrite drops the old run's checkpoints."""
+def _prepare_output_dir(config: DistillConfig, output_dir: Path, resume_path, identity: dict, accelerator,
+                        say) -> None:
+    """Check the checkpoint belongs to this run and is whole, then (main process) make ``output_dir`` this run's.
+
+    Nothing is written before the checks. Then what an interrupted run left is removed
+    (:func:`_remove_leftovers`), a new run with --overwrite drops the old run's checkpoints
+    (this command's only: the folder is a run folder, :func:`_checked_output_dir`), and the
+    run's identity is written to ``output_dir/hprune_run.json``.
+    """
     if resume_path is not None:
         _check_resume(resume_path, identity)
+        _check_state_files(resume_path, accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if config.overwrite and resume_path is None and accelerator.is_main_process:
-        for old in output_dir.glob("checkpoint-*"):  # a new run: the old run's checkpoints must not be resumed
+    if not accelerator.is_main_process:
+        return
+    _remove_leftovers(output_dir, say)
+    if config.overwrite and resume_path is None:
+        for old in _own_checkpoints(output_dir):  # a new run: the old run's checkpoints must not be resumed
             shutil.rmtree(old)
+    _write_identity(output_dir / RUN_FILE, identity)
+
+
+def _remove_leftovers(output_dir: Path, say) -> None:
+    """Delete the temporary copies an interrupted save or checkpoint left (only names this code creates)."""
+    for entry in sorted(output_dir.iterdir()):
+        if entry.is_symlink():
+            continue
+        if entry.is_dir() and LEFTOVER_FOLDER.fullmatch(entry.name):
+            say(f"removing {entry}, left by an interrupted save")
+            shutil.rmtree(entry)
+        elif entry.is_file() and LEFTOVER_FILE.fullmatch(entry.name):
+            say(f"removing {entry}, left by an interrupted save")
+            entry.unlink()
+
+
+def _write_identity(path: Path, identity: dict) -> None:
+    """Write the run's identity, unless the file already holds it (a resumed run leaves it as it was)."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text(encoding="utf-8")) == identity:
+            return
+    atomic_write_json(path, identity)
+
+
+def _check_state_files(path: Path, accelerator) -> None:
+    """The files ``accelerator.load_state`` reads are there and whole (cheap checks, before anything is written).
+
+    Weights in safetensors (their header covers the file), optimizer state as a ``torch.save``
+    zip (its directory at the end), and this command's progress record. FSDP / DeepSpeed write
+    layouts of their own: there ``load_state`` alone checks.
+    """
+    from accelerate.utils import DistributedType
+    from safetensors import SafetensorError, safe_open
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    model, optimizer = path / "model.safetensors", path / "optimizer.bin"
+    if not model.is_file() and not (path / "pytorch_model.bin").is_file():
+        _damaged(path, f"{model.name} is missing")
+    if not optimizer.is_file():
+        _damaged(path, f"{optimizer.name} is missing")
+    try:
+        if model.is_file():
+            with safe_open(str(model), "pt", device="cpu") as f:
+                f.keys()
+    except (OSError, SafetensorError) as e:
+        _damaged(path, f"{model.name} cannot be read ({e})")
+    try:
+        with zipfile.ZipFile(optimizer):
+            pass
+    except (OSError, zipfile.BadZipFile) as e:
+        _damaged(path, f"{optimizer.name} cannot be read ({e})")
+    _Progress.load(path)
+
+
+def _damaged(path: Path, what: str) -> NoReturn:
+    raise DistillError(f"The checkpoint {path} is damaged: {what}. Resume from an earlier checkpoint "
+                       f"(--resume_from_checkpoint {path.parent / 'checkpoint-N'}), or delete {path} and resume from "
+                       "'latest' (the newest whole one).")
 
 
 def _optimizer(config: DistillConfig, groups, lora_config, say):
@@ -628,22 +915,69 @@ class _Run:
                                  self.accelerator.device, self.weight_dtype, self.config)
 
 
-def _resume(run: _Run, resume_path: Path | None, say) -> int:
-    """The step to start at: 0, or the checkpoint's step with model, optimizer and RNG states restored."""
+@dataclass
+class _Progress:
+    """What the summary covers across resumes: every step's losses, the seconds of all segments, the start loss."""
+
+    losses: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    start_loss: float | None = None
+
+    def to_dict(self, seconds: float) -> dict:
+        return {"losses": self.losses, "seconds": seconds, "start_loss": self.start_loss}
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> _Progress | None:
+        """The progress saved with a checkpoint; None for a checkpoint of an older version (which saved none)."""
+        path = checkpoint / PROGRESS_FILE
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls([dict(e) for e in data["losses"]], float(data["seconds"]), data["start_loss"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            _damaged(checkpoint, f"{PROGRESS_FILE} cannot be read ({type(e).__name__}: {e})")
+
+
+def _resume(run: _Run, resume_path: Path | None, say) -> tuple[int, _Progress]:
+    """The step to start at and the progress so far: 0, or the checkpoint's, with model, optimizer and RNG restored."""
+    from safetensors import SafetensorError
+
     if resume_path is None:
-        return 0
-    run.accelerator.load_state(str(resume_path))
+        return 0, _Progress()
+    try:
+        run.accelerator.load_state(str(resume_path))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            SafetensorError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _damaged(resume_path, f"Accelerate could not load it ({type(e).__name__}: {reason[:300]})")
     step = _checkpoint_step(resume_path)
+    progress = _Progress.load(resume_path)
+    if progress is None:
+        say(f"{resume_path} records no losses (an older checkpoint): the summary covers the steps from {step + 1}")
+        progress = _Progress()
     say(f"resumed from {resume_path} at step {step}")
-    return step
+    return step, progress
 
 
-def _train(run: _Run, step: int) -> tuple[int, list[dict], float]:
-    """Optimizer steps until --max_train_steps (or the --max_train_minutes budget); returns (step, losses, seconds)."""
+class _NotFinite(Exception):
+    """A loss or gradient norm that is nan or inf (raised before the optimizer step takes it)."""
+
+    def __init__(self, what: str, value: float):
+        super().__init__(what)
+        self.what, self.value = what, value
+
+
+def _train(run: _Run, step: int, progress: _Progress) -> int:
+    """Optimizer steps until --max_train_steps (or the --max_train_minutes budget), recorded in ``progress``.
+
+    Returns the step reached. A loss or gradient that is not finite stops the run with a
+    DistillError before the optimizer step: nothing more is saved, the last checkpoint stays.
+    """
     from tqdm.auto import tqdm
 
     config, accelerator = run.config, run.accelerator
-    losses: list[dict] = []
+    before = progress.seconds
     start = time.perf_counter()
     # With a wall-clock budget the step total is only a cap: show elapsed time and rate, not a false ETA.
     budget = config.max_train_minutes is not None
@@ -655,19 +989,43 @@ def _train(run: _Run, step: int) -> tuple[int, list[dict], float]:
         if budget and (time.perf_counter() - start) / 60 >= config.max_train_minutes:
             break
         accumulation = config.gradient_accumulation_steps
-        for micro in range(step * accumulation, (step + 1) * accumulation):
-            parts = _micro_step(run, micro)
+        try:
+            for micro in range(step * accumulation, (step + 1) * accumulation):
+                parts = _micro_step(run, micro)
+        except _NotFinite as e:
+            bar.close()
+            raise _not_finite_error(run, step + 1, e) from None
         step += 1
-        losses.append({"step": step, **parts})
+        progress.losses.append({"step": step, **parts})
         bar.update(1)
         bar.set_postfix(loss=f"{parts['total']:.4g}", kd=f"{parts['kd']:.3g}", feat=f"{parts['feat']:.3g}")
         accelerator.log(parts, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            _checkpoint(accelerator, run.output_dir, step, config.checkpoints_total_limit, run.identity)
+            _checkpoint(accelerator, run.output_dir, step, config.checkpoints_total_limit, run.identity,
+                        progress.to_dict(before + time.perf_counter() - start))
         if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
             _validate(run.pipe, run.inner, config, run.output_dir, step)
     bar.close()
-    return step, losses, time.perf_counter() - start
+    progress.seconds = before + time.perf_counter() - start
+    return step
+
+
+def _not_finite_error(run: _Run, step: int, e: _NotFinite) -> DistillError:
+    last = _latest_checkpoint(run.output_dir)
+    kept = f"the last checkpoint, {last}, is kept" if last is not None else "no checkpoint was written before it"
+    return DistillError(
+        f"The {e.what} at step {step} is {e.value} (not a finite number): training stopped before the optimizer step, "
+        f"and nothing more was saved ({kept}). Lower --learning_rate or --max_grad_norm, use --mixed_precision bf16 or "
+        "no instead of fp16, or check the training data; then start a new run (--overwrite, or another --output_dir)."
+    )
+
+
+def _all_finite(accelerator, value: torch.Tensor) -> bool:
+    """``value`` is finite on every process (they all stop together, or none does)."""
+    flag = torch.isfinite(value.detach().float()).all().float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.gather(flag).min()
+    return bool(flag)
 
 
 def _micro_step(run: _Run, micro: int) -> dict:
@@ -694,9 +1052,14 @@ def _micro_step(run: _Run, micro: int) -> dict:
         v_s = family.denoiser_output(run.student(**inputs, return_dict=False)[0], x0)
         task = torch.nn.functional.mse_loss(v_s.float(), (noise - x0).float()) if config.lambda_task else None
         loss, parts = distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat, task, config.lambda_task)
+        if not _all_finite(accelerator, loss):
+            raise _NotFinite("loss", float(loss.detach()))
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.max_grad_norm:
-            accelerator.clip_grad_norm_([p for g in run.groups for p in g.params], config.max_grad_norm)
+            norm = accelerator.clip_grad_norm_([p for g in run.groups for p in g.params], config.max_grad_norm)
+            # fp16's grad scaler skips a step with inf gradients itself (and lowers its scale); otherwise: stop
+            if norm is not None and accelerator.scaler is None and not _all_finite(accelerator, torch.as_tensor(norm)):
+                raise _NotFinite("gradient norm", float(norm))
         run.optimizer.step()
         run.optimizer.zero_grad()
     return parts
@@ -713,13 +1076,18 @@ def _rank_checksums(run: _Run) -> dict:
 def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -> None:
     """The trained student (LoRA merged) as a pruned pipeline in output_dir, with plan.json and the summary."""
 
+    finite = torch.tensor(all(bool(torch.isfinite(p.detach()).all()) for p in run.inner.parameters()))
+    if not _all_finite(run.accelerator, torch.where(finite, 0.0, torch.nan)):  # every process refuses, together
+        raise DistillError("The trained weights hold values that are not finite: nothing was saved (the checkpoints "
+                           "stay). Lower --learning_rate or --max_grad_norm and start a new run (--overwrite, or "
+                           "another --output_dir).")
     final = _final_student(run.accelerator, run.student, run.family, lora_config)
     if run.accelerator.is_main_process:
         student_pipe = with_pruned_transformer(run.pipe, final)
         student_pipe.to("cpu")
         _save_pipeline(student_pipe, run.output_dir, pipeline_folder(models.teacher_name))
         models.plan.save(run.output_dir / "plan.json")
-        atomic_write_json(run.output_dir / "distill_summary.json", summary)
+        atomic_write_json(run.output_dir / SUMMARY_FILE, summary)
         say(f"distilled {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; saved the pruned pipeline to "
             f"{run.output_dir}")
 
@@ -762,7 +1130,12 @@ def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, co
     return float(distillation_loss(v_s, v_t, fs.outputs, ft.outputs, config.lambda_feat)[0])
 
 
-def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, identity: dict) -> None:
+def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, identity: dict, progress: dict) -> None:
+    """``save_state`` into ``.checkpoint-<step>.tmp`` with the identity and progress, renamed when complete.
+
+    With ``limit`` only the newest ``limit`` of this command's checkpoints stay (other folders,
+    ``checkpoint-best`` say, are never touched).
+    """
     target = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     accelerator.wait_for_everyone()
@@ -773,12 +1146,12 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / RUN_FILE, identity)
+        atomic_write_json(tmp / PROGRESS_FILE, progress)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
         if limit:
-            found = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*"))
-            for _, old in found[:-limit]:
+            for old in _own_checkpoints(output_dir)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
