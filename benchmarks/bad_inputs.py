@@ -47,7 +47,7 @@ class Case:
     what: str
     argv: Callable[[Path], list[str]]  # given the case's folder (a copy of the workspace's fixtures lives in ws)
     expect: str = "error"  # "error" or "ok"
-    phrase: str | None = None  # a phrase the error message must hold (else: counted as a clear error anyway)
+    phrase: str | None = None  # a phrase the message must hold (case, "_" / "-" and line breaks aside)
     check: Callable[[Path], bool] | None = None  # for "ok": the result is right
     setup: Callable[[Path], None] | None = None  # prepares the case folder (copies, damage)
     writes: tuple[str, ...] = ()  # paths (relative to the case folder) an accepted case may change
@@ -109,16 +109,17 @@ def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
         case.setup(folder)
     before = snapshot(ws), snapshot(folder)
     argv = case.argv(folder)
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     code, crashed = None, None
     if case.env:
         proc = subprocess.run([sys.executable, "-m", "diffusers_hprune", *argv], capture_output=True, text=True,
                               env={**os.environ, **case.env}, timeout=600)
         code, text = proc.returncode, proc.stderr
+        out.write(proc.stdout)
         if "Traceback (most recent call last)" in text:
             crashed = text.strip().splitlines()[-1]
     else:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 code = main(argv)
             except SystemExit as e:  # argparse
@@ -137,14 +138,19 @@ def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     if case.expect == "error":
         if code == 0:
             return "wrong", "accepted (exit 0)"
-        if code == 2 and message and (case.phrase is None or case.phrase.lower() in text.lower()):
+        if code == 2 and message and (case.phrase is None or _norm(case.phrase) in _norm(text)):
             return "clear error", message[:200]
         return "wrong", f"exit {code}, message {message[:160]!r} (wanted {case.phrase!r})"
     if code != 0:
         return "wrong", f"valid input refused: exit {code}: {message[:160]}"
+    (folder / ".stdout").write_text(out.getvalue())  # for the checks
     if case.check and not case.check(folder):
         return "wrong", "accepted, but the result is wrong"
     return "handled", "ok"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace("_", "-").split())
 
 
 def _lost(before: dict, after: dict, allowed: tuple[str, ...]) -> list[str]:
@@ -155,6 +161,12 @@ def _lost(before: dict, after: dict, allowed: tuple[str, ...]) -> list[str]:
 
 
 # -- the cases ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def W(folder: Path) -> Path:  # noqa: N802 - the workspace, seen from a case folder
     return folder / "ws"
 
@@ -198,8 +210,32 @@ def _chain(*steps):
 
 
 def _readonly(folder: Path) -> None:
+    """``folder/ro``: a folder this user cannot write into (for root, which ignores modes: immutable)."""
     (folder / "ro").mkdir()
     os.chmod(folder / "ro", 0o555)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(folder / "ro")], check=True, capture_output=True)
+
+
+def _writable_again(folder: Path) -> None:
+    ro = folder / "ro"
+    if ro.is_dir():
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
+        os.chmod(ro, 0o755)
+
+
+def can_make_unwritable() -> bool:
+    """Whether this user can have a folder it cannot write into (root needs ``chattr +i``)."""
+    if os.geteuid() != 0:
+        return True
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            _readonly(Path(tmp))
+        except (OSError, subprocess.CalledProcessError):
+            return False
+        _writable_again(Path(tmp))
+    return True
 
 
 def _user_files(folder: Path) -> None:
@@ -222,14 +258,14 @@ def cases() -> list[Case]:
     numeric = {
         "analyze": ("analyze sd3 --out {case}/a.json", [
             ("--steps", "0"), ("--eval-steps", "0"), ("--batch-size", "0"), ("--n-prompts", "0"), ("--height", "7"),
-            ("--width", "20"), ("--height", "-16"), ("--guidance-scale", "nan"), ("--seed", "x"),
+            ("--width", "18"), ("--height", "-16"), ("--guidance-scale", "nan"), ("--seed", "x"),
             ("--max-cache-bytes", "4XB"), ("--metric", "nosuch")]),
         "evaluate": ("evaluate sd3 --out {case}/e.json", [
             ("--steps", "0"), ("--n", "0"), ("--batch-size", "0"), ("--latency-repeats", "0"), ("--warmup", "-1"),
             ("--grid-size", "0"), ("--height", "7"), ("--guidance-scale", "inf")]),
         "plan": ("plan {ws}/analysis.json --out {case}/p.json", [
             ("--ratio", "0"), ("--ratio", "1.5"), ("--ratio", "nan"), ("--memory", "0"), ("--memory", "4XB"),
-            ("--alpha", "nan"), ("--r-thres", "2")]),
+            ("--ratio 0.3 --alpha", "nan"), ("--ratio 0.3 --r-thres", "2"), ("--ratio 0.3 --strategy", "magic")]),
         "distill": (None, [
             ("--gradient_accumulation_steps", "0"), ("--train_batch_size", "0"), ("--learning_rate", "-1"),
             ("--learning_rate", "nan"), ("--lambda_feat", "nan"), ("--lambda_task", "-1"), ("--checkpointing_steps", "-1"),
@@ -250,17 +286,19 @@ def cases() -> list[Case]:
             if command == "distill":
                 argv = (lambda f, v: lambda folder: distill_args(W(folder), folder / "D", f, v))(flag, value)
             else:
-                argv = (lambda b, f, v: lambda folder: _fixed(b)(folder) + [f, v])(base, flag, value)
-            add(command, f"`{flag} {value}`", argv)
+                argv = (lambda b, f, v: lambda folder: _fixed(b)(folder) + f.split() + [v])(base, flag, value)
+            name = flag.split()[-1].lstrip("-")
+            phrase = {"--height": "height", "--width": "width", "--metric": "metric"}.get(flag, name)
+            add(command, f"`{flag} {value}`", argv, phrase=phrase)
 
     # Text files that are not UTF-8, missing, or folders.
     add("analyze", "non-UTF-8 `--prompts`", "analyze sd3 --out {case}/a.json --prompts {ws}/latin1.txt", phrase="UTF-8")
-    add("analyze", "`--prompts` is a folder", "analyze sd3 --out {case}/a.json --prompts {ws}/run")
+    add("analyze", "`--prompts` is a folder", "analyze sd3 --out {case}/a.json --prompts {ws}/run", phrase="folder")
     add("evaluate", "non-UTF-8 `--prompts`", "evaluate sd3 --prompts {ws}/latin1.txt --n 2", phrase="UTF-8")
     add("distill", "non-UTF-8 `--prompts`",
         lambda f: [a if a != str(W(f) / "train.txt") else str(W(f) / "latin1.txt") for a in distill_args(W(f), f / "D")],
         phrase="UTF-8")
-    add("plan", "non-UTF-8 analysis", "plan {ws}/latin1.txt --out {case}/p.json", phrase="UTF-8")
+    add("plan", "non-UTF-8 analysis", "plan {ws}/latin1.txt --ratio 0.3 --out {case}/p.json", phrase="UTF-8")
     add("report", "non-UTF-8 analysis", "report {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
     add("report", "non-UTF-8 `--plan`", "report {ws}/analysis.json --plan {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
     add("distill", "non-UTF-8 `--plan`",
@@ -276,24 +314,28 @@ def cases() -> list[Case]:
                           ('`"family": 3`', {"family": 3})]:
         add("distill", f"plan with {what}",
             lambda f: [a if a != str(W(f) / "plan.json") else str(f / "plan.json") for a in distill_args(W(f), f / "D")],
-            setup=_plan_with(**fields_))
+            setup=_plan_with(**fields_), phrase=next(iter(fields_)))
         add("report", f"plan with {what}", "report {ws}/analysis.json --plan {case}/plan.json --out {case}/r",
-            setup=_plan_with(**fields_))
+            setup=_plan_with(**fields_), phrase=next(iter(fields_)))
 
     # Analysis files that lie.
-    add("plan", "analysis claiming `num_layers: 1e9`", "plan {case}/analysis.json --out {case}/p.json",
-        setup=_analysis_with(lambda d: d["transformer_config"].update(num_layers=10**9) or d.update(num_blocks=10**9)))
-    add("plan", "analysis with an out-of-range entry", "plan {case}/analysis.json --out {case}/p.json",
+    add("plan", "analysis claiming `num_layers: 1e9`", "plan {case}/analysis.json --ratio 0.3 --out {case}/p.json",
+        setup=_analysis_with(lambda d: d["transformer_config"].update(num_layers=10**9) or d.update(num_blocks=10**9)),
+        phrase="10000")
+    add("plan", "analysis with an out-of-range entry", "plan {case}/analysis.json --ratio 0.3 --out {case}/p.json",
         setup=_analysis_with(lambda d: d["entries"].append({**d["entries"][0], "block": 99})), phrase="99")
-    add("plan", "analysis that is not JSON", "plan {ws}/train.txt --out {case}/p.json")
-    add("plan", "missing analysis", "plan {case}/nothing.json --out {case}/p.json")
+    add("plan", "analysis that is not JSON", "plan {ws}/train.txt --ratio 0.3 --out {case}/p.json", phrase="JSON")
+    add("plan", "missing analysis", "plan {case}/nothing.json --ratio 0.3 --out {case}/p.json", phrase="nothing.json")
+    add("plan", "analysis of another family's entries", "plan {case}/analysis.json --ratio 0.3 --out {case}/p.json",
+        setup=_analysis_with(lambda d: d["entries"].append({**d["entries"][0], "component": "mlp"})), phrase="mlp")
 
     # Output paths: a folder where a file goes, a file where a folder goes, unwritable.
     def _file(folder):
         (folder / "afile").write_text("x\n")
+    unwritable = can_make_unwritable()
     outputs = [
         ("analyze", "analyze sd3 --n-prompts 2 --eval-steps 1 --out {OUT}.json"),
-        ("plan", "plan {ws}/analysis.json --out {OUT}.json"),
+        ("plan", "plan {ws}/analysis.json --ratio 0.3 --out {OUT}.json"),
         ("report", "report {ws}/analysis.json --out {OUT}"),
         ("evaluate", "evaluate sd3 --n 2 --no-cost --out {OUT}.json"),
         ("quantize", "quantize {ws}/pruned --out {OUT}"),
@@ -303,19 +345,28 @@ def cases() -> list[Case]:
     ]
     for command, template in outputs:
         if command in ("analyze", "plan", "evaluate"):
-            add(command, "`--out` is a folder", template.replace("{OUT}.json", "{case}"))
+            add(command, "`--out` is a folder", template.replace("{OUT}.json", "{case}"), phrase="is a folder")
         else:
-            add(command, "`--out` is an existing file", template.replace("{OUT}", "{case}/afile"), setup=_file)
-        add(command, "`--out` inside a file", template.replace("{OUT}", "{case}/afile/x"), setup=_file)
-        if os.geteuid() != 0:  # root writes anywhere
-            add(command, "`--out` in a read-only folder", template.replace("{OUT}", "{case}/ro/x"), setup=_readonly)
-    add("evaluate", "`--grid` in a read-only folder", "evaluate sd3 --n 2 --no-cost --grid {case}/ro/g.png",
-        setup=_readonly)
-    add("distill", "`--output_dir` is a file", lambda f: distill_args(W(f), f / "afile"), setup=_file)
+            add(command, "`--out` is an existing file", template.replace("{OUT}", "{case}/afile"), setup=_file,
+                phrase="is a file")
+        add(command, "`--out` inside a file", template.replace("{OUT}", "{case}/afile/x"), setup=_file,
+            phrase="is a file")
+        if unwritable:
+            add(command, "`--out` in a read-only folder", template.replace("{OUT}", "{case}/ro/x"), setup=_readonly,
+                phrase="not writable")
+    if unwritable:
+        add("evaluate", "`--grid` in a read-only folder", "evaluate sd3 --n 2 --no-cost --grid {case}/ro/g.png",
+            setup=_readonly, phrase="not writable")
+    add("distill", "`--output_dir` is a file", lambda f: distill_args(W(f), f / "afile"), setup=_file,
+        phrase="is a file")
 
     # The user's files and finished work.
     add("distill", "`--output_dir` holding the user's files (vae/NOTES.txt)", lambda f: distill_args(W(f), f / "U"),
-        setup=_user_files)
+        setup=_user_files, phrase="not empty")
+    add("distill", "`--output_dir` holding the user's files, `--overwrite`",
+        lambda f: distill_args(W(f), f / "U", "--overwrite"), setup=_user_files, phrase="not empty")
+    add("compress", "`--out` holding the user's files", "compress sd3 --out {case}/U", setup=_user_files,
+        phrase="not an hprune compress run")
     add("distill", "`--output_dir` equal to the teacher folder, `--overwrite`",
         lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher", "--overwrite")],
         setup=_copy("teacher"), phrase="teacher")
@@ -325,12 +376,17 @@ def cases() -> list[Case]:
     add("distill", "`--output_dir` inside the teacher folder",
         lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher" / "out")],
         setup=_copy("teacher"), phrase="teacher")
+    def _carded(folder):
+        shutil.copytree(W(folder) / "nf4", folder / "nf4")
+        (folder / "nf4" / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# my model\n\nmy notes\n")
     add("push", "`--repo-id noslash --base-model foo` (the card must stay)",
-        "push {case}/nf4 --repo-id noslash --base-model foo", setup=_copy("nf4"))
+        "push {case}/nf4 --repo-id noslash --base-model foo", setup=_carded, phrase="--repo-id")
     add("push", "`--repo-id 'me/bad name!'`", lambda f: ["push", str(f / "nf4"), "--repo-id", "me/bad name!"],
-        setup=_copy("nf4"))
-    add("push", "offline", "push {case}/nf4 --repo-id me/model", setup=_copy("nf4"),
+        setup=_carded, phrase="--repo-id")
+    add("push", "without a model card", "push {case}/nf4 --repo-id me/model", setup=_copy("nf4"), phrase="model card",
         env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"})
+    add("push", "offline", "push {case}/nf4 --repo-id me/model", setup=_carded,
+        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}, phrase="Hub")
 
     # Resume: another run's settings, damaged checkpoints and caches.
     for flag, value in [("--learning_rate", "1e-2"), ("--seed", "7"), ("--train_batch_size", "4"),
@@ -377,6 +433,40 @@ def cases() -> list[Case]:
         check=lambda f: [r["step"] for r in json.loads((f / "run/distill_summary.json").read_text())["losses"]]
         == list(range(1, 13)))
 
+    def _killed_analysis(folder):  # what `analyze --overwrite` killed mid-way left: a part file, no OUT
+        data = json.loads((W(folder) / "analysis.json").read_text())
+        data["entries"] = data["entries"][:5]
+        (folder / "a.json.parts").mkdir()
+        (folder / "a.json.parts" / "rank-0.json").write_text(json.dumps(data))
+    add("analyze", "`--overwrite` again after a killed `--overwrite` run (finished entries reused)",
+        "analyze sd3 --out {case}/a.json --n-prompts 2 --eval-steps 1 --overwrite", setup=_killed_analysis,
+        expect="ok", writes=("a.json", "a.json.parts"),
+        check=lambda f: "(5 reused" in (f / ".stdout").read_text()
+        and json.loads((f / "a.json").read_text())["entries"] == json.loads((W(f) / "analysis.json").read_text())["entries"])
+
+    compress_small = ("compress sd3 --out {case}/c --analysis-prompts 2 --eval-steps 1 --train-prompts 8 "
+                      "--train-batch-size 2 --max-train-steps 4 --checkpointing-steps 2 --eval-prompts 2 "
+                      "--latency-repeats 1 --quantize none")
+
+    def _compressed(folder):
+        quiet = io.StringIO()
+        from diffusers_hprune.cli import main
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            assert main(_fixed(compress_small)(folder)) == 0, quiet.getvalue()
+    add("compress", "the same run again with another `--learning-rate` (the distillation starts again)",
+        lambda f: _fixed(compress_small)(f) + ["--learning-rate", "0.002"], setup=_compressed, expect="ok",
+        writes=("c",), check=lambda f: "[4] distilled: its settings changed" in (f / ".stdout").read_text()
+        and json.loads((f / "c/4-distilled/hprune_run.json").read_text())["learning_rate"] == 0.002
+        and [r["step"] for r in json.loads((f / "c/4-distilled/distill_summary.json").read_text())["losses"]]
+        == [1, 2, 3, 4])
+    add("plan", "outputs keep the user's umask (0644 under umask 022)",
+        "plan {ws}/analysis.json --ratio 0.3 --out {case}/p.json", expect="ok",
+        check=lambda f: (f / "p.json").stat().st_mode & 0o777 == 0o666 & ~_umask())
+    add("quantize", "`--out` folders keep the user's umask (0755 under umask 022)",
+        "quantize {ws}/pruned --out {case}/q", expect="ok",
+        check=lambda f: all(p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~_umask()
+                            for p in [f / "q", *(f / "q").rglob("*")]))
+
     # Weights that cannot be read.
     add("quantize", "truncated transformer weights", "quantize {case}/pruned --out {case}/q",
         setup=_chain(_copy("pruned"), _truncate("pruned/transformer/diffusion_pytorch_model.safetensors")),
@@ -386,11 +476,19 @@ def cases() -> list[Case]:
         shutil.copytree(W(folder) / "pruned", folder / "pruned")
         t = folder / "pruned" / "transformer"
         (t / "diffusion_pytorch_model.safetensors").rename(t / "diffusion_pytorch_model.bin")
-    for command, argv in [("quantize", "quantize {case}/pruned --out {case}/q"), ("inspect", "inspect {case}/pruned"),
+    for command, argv in [("quantize", "quantize {case}/pruned --out {case}/q"),
+                          ("export", "export {case}/pruned --out {case}/x"),
                           ("evaluate", "evaluate {case}/pruned --n 2 --no-cost")]:
         add(command, "pickled `.bin` weights", argv, setup=_pickled, phrase="safetensors")
-    add("inspect", "a folder that does not exist", "inspect {case}/nothing")
-    add("export", "`--stock` on a plan with component removal", "export {ws}/pruned --stock --out {case}/x")
+    add("inspect", "a folder that does not exist", "inspect {case}/nothing", phrase="nothing")
+    add("export", "`--stock` on a plan with component removal", "export {ws}/pruned --stock --out {case}/x",
+        phrase="components")
+    add("evaluate", "truncated student weights", "evaluate sd3 {case}/pruned --n 2 --no-cost",
+        setup=_chain(_copy("pruned"), _truncate("pruned/transformer/diffusion_pytorch_model.safetensors")),
+        phrase="damaged")
+    add("quantize", "`--out` inside the model folder", "quantize {case}/pruned --out {case}/pruned/q",
+        setup=_copy("pruned"), phrase="inside")
+    add("quantize", "a folder that is no pipeline", "quantize {ws}/cache --out {case}/q", phrase="pipeline")
     return out
 
 
@@ -430,9 +528,7 @@ def main() -> int:
         results.append((case, outcome, detail))
         print(f"[{n + 1}/{len(selected)}] {case.command:<9} {outcome:<12} {time.perf_counter() - t0:5.1f}s  "
               f"{case.what}: {detail}", flush=True)
-        for p in folder.rglob("*"):  # read-only folders made by a case
-            if p.is_dir() and not p.is_symlink():
-                os.chmod(p, 0o755)
+        _writable_again(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
     by_command: dict[str, Counter] = {}

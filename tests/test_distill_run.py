@@ -56,6 +56,10 @@ def test_distill_saves_a_loadable_pruned_pipeline(setup, family, capsys):
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["steps"] == 6 and summary["sgdistill"] and summary["ranks_identical"]
     assert (out / "checkpoint-3").is_dir() and (out / "checkpoint-6").is_dir()
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = [*out.glob("checkpoint-3/*.safetensors"), *out.glob("*/*.safetensors")]
+    assert len(weights) >= 4 and {w.stat().st_mode & 0o777 for w in weights} == {0o666 & ~umask}  # not 0600
     pipe = DiffusionPipeline.from_pretrained(out)
     saved = sum(float(p.detach().double().sum()) for p in pipe.transformer.parameters())
     assert saved == pytest.approx(summary["rank_checksums"][0], rel=1e-12)  # the trained weights were saved

@@ -54,3 +54,35 @@ def test_overwrite_leaves_no_old_copy(tmp_path, what):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + (["elsewhere"] if what == "link" else []))
     if what == "link":  # the link was replaced, not what it pointed to
         assert (tmp_path / "elsewhere" / "kept.txt").read_text() == "not ours to delete"
+
+
+def _modes(folder):
+    return {str(p.relative_to(folder)): _mode(p) for p in sorted(folder.rglob("*"))}
+
+
+def test_saved_weights_get_the_users_mode_not_safetensors_0600(tmp_path, umask, sd3_pipeline):
+    """safetensors 0.8 writes 0600 whatever the umask: every weight file the project writes is readable as umask allows."""
+    from diffusers_hprune import PrunePlan, prune_pipeline
+    from diffusers_hprune.hub.export import export_folder
+    from diffusers_hprune.quantization.folder import quantize_pipeline
+
+    plan = PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4)
+    prune_pipeline(sd3_pipeline, plan).save_pretrained(tmp_path / "pruned")
+    quantize_pipeline(tmp_path / "pruned", tmp_path / "nf4")
+    export_folder(tmp_path / "pruned", tmp_path / "stock", format="stock")
+    for folder in ("pruned", "nf4", "stock"):
+        modes = _modes(tmp_path / folder)
+        weights = {k: m for k, m in modes.items() if k.endswith(".safetensors")}
+        assert {k for k in weights if k.startswith("transformer/")} and len(weights) >= 4  # transformer, encoders, VAE
+        assert set(weights.values()) == {0o666 & ~umask}, (folder, weights)
+        assert {m for k, m in modes.items() if (tmp_path / folder / k).is_dir()} == {0o777 & ~umask}
+
+
+def test_a_file_given_another_mode_is_left_alone(tmp_path):
+    from diffusers_hprune.utils.fileio import safetensors_user_modes
+
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"x")
+    os.chmod(mine, 0o640)
+    safetensors_user_modes(tmp_path)
+    assert _mode(mine) == 0o640

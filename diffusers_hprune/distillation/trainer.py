@@ -54,7 +54,7 @@ from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
 from diffusers_hprune.utils.distributed import launched_on_cpu
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.fileio import atomic_write_json, copy_files
+from diffusers_hprune.utils.fileio import atomic_write_json, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 
@@ -1145,6 +1145,7 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        safetensors_user_modes(tmp)  # the weights Accelerate saved (safetensors writes 0600 whatever the umask)
         atomic_write_json(tmp / RUN_FILE, identity)
         atomic_write_json(tmp / PROGRESS_FILE, progress)
         if target.exists():

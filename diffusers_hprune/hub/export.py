@@ -38,7 +38,7 @@ from diffusers_hprune.hub.folders import (
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.fileio import atomic_directory, atomic_path
+from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
@@ -79,6 +79,7 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
             if not tensors:  # a shard that held only removal markers of removed blocks: nothing left to write
                 continue
             save_file(tensors, str(target / path.name), metadata=metadata)
+            safetensors_user_modes(target / path.name)  # safetensors writes 0600 whatever the umask
             for key, tensor in tensors.items():
                 key_file[key] = path.name
                 sizes[path.name] = sizes.get(path.name, 0) + tensor.numel() * tensor.element_size()
@@ -243,6 +244,7 @@ def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, 
                           "nothing to write.")
     with atomic_path(out) as tmp:
         save_file({**others, **converted}, str(tmp), metadata=_rename_metadata(metadata, family, config, plan))
+        safetensors_user_modes(tmp)
     return out, dropped
 
 

@@ -19,6 +19,7 @@ from diffusers_hprune.families.base import refuse_adapters
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import refuse_pickled
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
+from diffusers_hprune.utils.fileio import safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
     compute_in_fp32_on_cpu,
@@ -131,9 +132,11 @@ class HierarchicalPrunedMixin:
         refuse_adapters(self, "save this transformer")  # its keys would be PEFT's base_layer / lora_A names
         self._saving_markers = True
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self._saving_markers = False
+        safetensors_user_modes(save_directory)
+        return result
 
     @property
     def prune_plan(self) -> PrunePlan:

@@ -19,6 +19,7 @@ from diffusers_hprune.models import HierarchicalPrunedFluxTransformer2DModel, Hi
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import UnsupportedModelError
+from diffusers_hprune.utils.fileio import safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 from diffusers_hprune.utils.registration import register
 
@@ -57,6 +58,7 @@ class _PrunedPipelineMixin:
         (its Transformers components record fp32 as their default dtype, like Diffusers' own models)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         record_fp32_default(save_directory)
+        safetensors_user_modes(save_directory)  # the text encoders' and VAE's weights too (safetensors writes 0600)
 
 
 class HierarchicalPrunedSD3Pipeline(_PrunedPipelineMixin, StableDiffusion3Pipeline):

@@ -23,7 +23,7 @@ from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
 from diffusers_hprune.utils.checks import InputError, check_not_inside, read_text_file
-from diffusers_hprune.utils.fileio import atomic_directory, copy_files
+from diffusers_hprune.utils.fileio import atomic_directory, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
@@ -81,6 +81,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
             if (source / name).is_dir():
                 copy_files(source / name, tmp / name)
         quantized.save_pretrained(tmp / "transformer")
+        safetensors_user_modes(tmp / "transformer")  # safetensors writes 0600 whatever the umask
         index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,
                       "transformer": ["diffusers_hprune", type(quantized).__name__]})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -32,6 +32,7 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.toy import dataset as D
 from diffusers_hprune.toy import evaluate_pipeline, load_pipeline
 from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae
+from diffusers_hprune.utils.fileio import safetensors_user_modes
 
 TEXT_LENGTH = 10  # CLIP and T5 tokens per prompt (the longest prompt needs 9)
 TOY_CONFIGS = {
@@ -92,6 +93,7 @@ def train_vae(out: Path, seed: int = 0, steps: int = 1500, batch: int = 32, n_im
     psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, images[:1024])))
     _log(f"vae: reconstruction PSNR {psnr:.2f} dB, latent shift {shift:.4f}, scale {scale:.4f}")
     vae.save_pretrained(out)
+    safetensors_user_modes(out)
     (out / "training.json").write_text(json.dumps({"steps": steps, "batch": batch, "seed": seed, "psnr_db": psnr}, indent=2))
     return out
 
@@ -214,6 +216,7 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
     pipe.transformer.to(torch.float16)
     pipe.vae.to(torch.float16)
     pipe.save_pretrained(out)
+    safetensors_user_modes(out)
     (out / "training.json").write_text(json.dumps(train_info, indent=2) + "\n")
     if eval_prompts:
         result = evaluate_pipeline(load_pipeline(out), n=eval_prompts)

@@ -29,6 +29,19 @@ def with_user_mode(path: str | os.PathLike) -> Path:
     return path
 
 
+def safetensors_user_modes(folder: str | os.PathLike) -> None:
+    """Give the ``*.safetensors`` files under ``folder`` that safetensors wrote 0600 the mode ``open`` would give.
+
+    safetensors 0.8 writes through a temporary file and a rename, so every weight file it
+    writes is 0600 whatever the umask (safetensors issue #782): another user, or a container
+    running under another uid, could not read the model. Files of any other mode are left as they are.
+    """
+    folder = Path(folder)
+    for path in [folder] if folder.is_file() else sorted(folder.rglob("*.safetensors")):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            with_user_mode(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (mode as ``open`` gives)."""
     path = Path(path)
