@@ -138,7 +138,8 @@ def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     if case.expect == "error":
         if code == 0:
             return "wrong", "accepted (exit 0)"
-        if code == 2 and message and (case.phrase is None or _norm(case.phrase) in _norm(text)):
+        said = text[text.rfind("error:"):]  # the message itself, not the usage line argparse prints above it
+        if code == 2 and message and (case.phrase is None or _norm(case.phrase) in _norm(said)):
             return "clear error", message[:200]
         return "wrong", f"exit {code}, message {message[:160]!r} (wanted {case.phrase!r})"
     if code != 0:
@@ -466,6 +467,80 @@ def cases() -> list[Case]:
         "quantize {ws}/pruned --out {case}/q", expect="ok",
         check=lambda f: all(p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~_umask()
                             for p in [f / "q", *(f / "q").rglob("*")]))
+
+    # More resumes that belong to another run, and other inputs a run cannot use.
+    for flag, value in [("--gradient_accumulation_steps", "2"), ("--lora_rank", "4"), ("--r_thres", "0.5"),
+                        ("--sensitivity_floor", "0.1"), ("--binary_freeze", None), ("--logit_mean", "0.5"),
+                        ("--max_grad_norm", "0.5"), ("--no_sgdistill", None), ("--lambda_task", "0.5"),
+                        ("--adam_weight_decay", "0.01")]:
+        extra = [flag] + ([value] if value else [])
+        add("distill", f"resume with `{' '.join(extra)}`",
+            (lambda e: lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest",
+                                              "--max_train_steps", "15", *e))(extra),
+            setup=_copy("run"), phrase="another run")
+
+    def _other_prompts(folder):
+        shutil.copytree(W(folder) / "run", folder / "run")
+        (folder / "other.txt").write_text("a red circle\na blue square\na green triangle\n")
+    add("distill", "resume with other `--prompts`",
+        lambda f: [a if a != str(W(f) / "train.txt") else str(f / "other.txt") for a in
+                   distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15")],
+        setup=_other_prompts, phrase="data")
+    add("distill", "resume with another `--plan`",
+        lambda f: [a if a != str(W(f) / "plan.json") else str(W(f) / "blocks-plan.json") for a in
+                   distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15")],
+        setup=_copy("run"), phrase="plan")
+    add("distill", "`--resume_from_checkpoint` a folder that is no checkpoint",
+        lambda f: distill_args(W(f), f / "D", "--resume_from_checkpoint", str(W(f) / "pruned")),
+        phrase="checkpoint")
+    add("distill", "a new run in OUT holding a run, without `--overwrite`", lambda f: distill_args(W(f), f / "run"),
+        setup=_copy("run"), phrase="--resume_from_checkpoint latest")
+    add("distill", "`--report_to nosuch`", lambda f: distill_args(W(f), f / "D", "--report_to", "nosuch"),
+        phrase="tracker")
+    add("distill", "two data sources", lambda f: distill_args(W(f), f / "D", "--train_data_dir", str(W(f) / "run")),
+        phrase="one")
+    add("distill", "`--teacher` that does not exist",
+        lambda f: [a if a != "sd3" else str(f / "nothing") for a in distill_args(W(f), f / "D")], phrase="nothing")
+    add("distill", "a FLUX plan for an SD3 teacher",
+        lambda f: [a if a != "sd3" else "flux" for a in distill_args(W(f), f / "D")], phrase="flux")
+    add("distill", "an analysis of other weights of the same architecture (accepted, with a note)",
+        lambda f: [a if a != str(W(f) / "analysis.json") else str(f / "analysis.json")
+                   for a in distill_args(W(f), f / "D", "--max_train_steps", "2")],
+        setup=_analysis_with(lambda d: d.update(fingerprint="0" * 24)), expect="ok", writes=("D",),
+        check=lambda f: "measured on other weights" in (f / ".stdout").read_text() and (f / "D/model_index.json").is_file())
+    add("distill", "an analysis of another architecture",
+        lambda f: [a if a != str(W(f) / "analysis.json") else str(f / "analysis.json") for a in distill_args(W(f), f / "D")],
+        setup=_analysis_with(lambda d: d["transformer_config"].update(num_attention_heads=3)), phrase="architecture")
+
+    # Files and folders that exist already, and configs that cannot be read.
+    def _existing(name):
+        def setup(folder):
+            (folder / name).mkdir(parents=True)
+            (folder / name / "keep.txt").write_text("mine\n")
+        return setup
+    add("quantize", "`--out` exists, no `--overwrite`", "quantize {ws}/pruned --out {case}/q", setup=_existing("q"),
+        phrase="--overwrite")
+    add("export", "`--out` exists, no `--overwrite`", "export {ws}/pruned --out {case}/x", setup=_existing("x"),
+        phrase="--overwrite")
+    add("analyze", "`--out` holds an analysis of other settings", "analyze sd3 --out {case}/a.json --n-prompts 3",
+        setup=lambda f: shutil.copyfile(W(f) / "analysis.json", f / "a.json"), phrase="other settings")
+    for what, content in [('`"pwp": "false"`', '{"format": "diffusers-hprune/config", "version": 1, "pwp": "false"}'),
+                          ("an unknown field", '{"format": "diffusers-hprune/config", "version": 1, "colour": 3}'),
+                          ("not JSON", "ratio = 0.3"),
+                          ('`"learning_rate": NaN`', '{"format": "diffusers-hprune/config", "version": 1, '
+                                                      '"learning_rate": NaN}')]:
+        add("compress", f"`--config` with {what}", "compress sd3 --out {case}/c --config {case}/config.json",
+            setup=(lambda c: lambda f: (f / "config.json").write_text(c))(content),
+            phrase={"not JSON": "JSON", "an unknown field": "colour"}.get(what, "pwp" if "pwp" in what else
+                                                                          "learning_rate"))
+    add("compress", "non-UTF-8 `--config`", "compress sd3 --out {case}/c --config {ws}/latin1.txt", phrase="UTF-8")
+    add("compress", "non-UTF-8 `--prompts`", "compress sd3 --out {case}/c --prompts {ws}/latin1.txt", phrase="UTF-8")
+    add("evaluate", "a student that does not exist", "evaluate sd3 {case}/nothing --n 2", phrase="nothing")
+    add("budget", "non-UTF-8 `--plan`", "budget sd3.5-large --plan {ws}/latin1.txt", phrase="UTF-8")
+    add("convert-lora", "a LoRA file that does not exist", "convert-lora {case}/nothing.safetensors --to {case}/x "
+        "--out {case}/l.safetensors", phrase="nothing")
+    add("convert-lora", "a pickled LoRA", "convert-lora {case}/lora.bin --to {ws}/pruned --out {case}/l.safetensors",
+        setup=lambda f: (f / "lora.bin").write_bytes(b"\x80\x04K\x01."), phrase="safetensors")
 
     # Weights that cannot be read.
     add("quantize", "truncated transformer weights", "quantize {case}/pruned --out {case}/q",

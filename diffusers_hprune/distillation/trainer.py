@@ -474,6 +474,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     _own_trainable_copies(models.student)
     identity = _run_identity(models, groups, config, data=data_identity(models.pipe, spec), use_sg=use_sg,
                              processes=accelerator.num_processes)
+    if models.report is not None and models.report.fingerprint != identity["teacher"]:
+        say(f"note: {config.analysis} was measured on other weights of this architecture ({models.report.model}, "
+            f"fingerprint {models.report.fingerprint}; the teacher's is {identity['teacher']}): SGDistill's rates come "
+            "from that model's contributions. Analyse the teacher itself (`hprune analyze`) if that is not meant.")
     _prepare_output_dir(config, output_dir, resume_path, identity, accelerator, say)
     optimizer = _optimizer(config, groups, lora_config, say)
     dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
