@@ -86,10 +86,13 @@ def build_workspace(ws: Path) -> None:
         raise SystemExit(f"building the workspace: the reference distillation failed:\n{quiet.getvalue()}")
 
 
-def distill_args(ws: Path, out: Path, *extra: str) -> list[str]:
-    return ["distill", "--teacher", "sd3", "--plan", str(ws / "plan.json"), "--analysis", str(ws / "analysis.json"),
-            "--prompts", str(ws / "train.txt"), "--output_dir", str(out), "--train_batch_size", "2",
-            "--cache_dir", str(ws / "cache"), "--no_progress", *extra]
+def distill_args(ws: Path, out: Path, *extra: str, teacher="sd3", plan=None, analysis=None, prompts=None,
+                 cache=None) -> list[str]:
+    """The reference distillation's command line (the workspace's inputs unless others are given), into ``out``."""
+    return ["distill", "--teacher", str(teacher), "--plan", str(plan or ws / "plan.json"),
+            "--analysis", str(analysis or ws / "analysis.json"), "--prompts", str(prompts or ws / "train.txt"),
+            "--output_dir", str(out), "--train_batch_size", "2", "--cache_dir", str(cache or ws / "cache"),
+            "--no_progress", *extra]
 
 
 # -- running a case ----------------------------------------------------------------------------------
@@ -297,13 +300,13 @@ def cases() -> list[Case]:
     add("analyze", "`--prompts` is a folder", "analyze sd3 --out {case}/a.json --prompts {ws}/run", phrase="folder")
     add("evaluate", "non-UTF-8 `--prompts`", "evaluate sd3 --prompts {ws}/latin1.txt --n 2", phrase="UTF-8")
     add("distill", "non-UTF-8 `--prompts`",
-        lambda f: [a if a != str(W(f) / "train.txt") else str(W(f) / "latin1.txt") for a in distill_args(W(f), f / "D")],
+        lambda f: distill_args(W(f), f / "D", prompts=W(f) / "latin1.txt"),
         phrase="UTF-8")
     add("plan", "non-UTF-8 analysis", "plan {ws}/latin1.txt --ratio 0.3 --out {case}/p.json", phrase="UTF-8")
     add("report", "non-UTF-8 analysis", "report {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
     add("report", "non-UTF-8 `--plan`", "report {ws}/analysis.json --plan {ws}/latin1.txt --out {case}/r", phrase="UTF-8")
     add("distill", "non-UTF-8 `--plan`",
-        lambda f: [a if a != str(W(f) / "plan.json") else str(W(f) / "latin1.txt") for a in distill_args(W(f), f / "D")],
+        lambda f: distill_args(W(f), f / "D", plan=W(f) / "latin1.txt"),
         phrase="UTF-8")
 
     # Plan files of the wrong JSON types.
@@ -314,7 +317,7 @@ def cases() -> list[Case]:
                           ('`"num_blocks": 1e9`', {"num_blocks": 1e9}),
                           ('`"family": 3`', {"family": 3})]:
         add("distill", f"plan with {what}",
-            lambda f: [a if a != str(W(f) / "plan.json") else str(f / "plan.json") for a in distill_args(W(f), f / "D")],
+            lambda f: distill_args(W(f), f / "D", plan=f / "plan.json"),
             setup=_plan_with(**fields_), phrase=next(iter(fields_)))
         add("report", f"plan with {what}", "report {ws}/analysis.json --plan {case}/plan.json --out {case}/r",
             setup=_plan_with(**fields_), phrase=next(iter(fields_)))
@@ -369,13 +372,13 @@ def cases() -> list[Case]:
     add("compress", "`--out` holding the user's files", "compress sd3 --out {case}/U", setup=_user_files,
         phrase="not an hprune compress run")
     add("distill", "`--output_dir` equal to the teacher folder, `--overwrite`",
-        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher", "--overwrite")],
+        lambda f: distill_args(W(f), f / "teacher", "--overwrite", teacher=f / "teacher"),
         setup=_copy("teacher"), phrase="teacher")
     add("distill", "`--output_dir` equal to the teacher folder",
-        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher")],
+        lambda f: distill_args(W(f), f / "teacher", teacher=f / "teacher"),
         setup=_copy("teacher"), phrase="teacher")
     add("distill", "`--output_dir` inside the teacher folder",
-        lambda f: [a if a != "sd3" else str(f / "teacher") for a in distill_args(W(f), f / "teacher" / "out")],
+        lambda f: distill_args(W(f), f / "teacher" / "out", teacher=f / "teacher"),
         setup=_copy("teacher"), phrase="teacher")
     def _carded(folder):
         shutil.copytree(W(folder) / "nf4", folder / "nf4")
@@ -409,8 +412,7 @@ def cases() -> list[Case]:
         arrow = sorted((folder / "cache").rglob("*.arrow"))[0]
         arrow.write_bytes(arrow.read_bytes()[:100])
     add("distill", "truncated data-cache Arrow file",
-        lambda f: [a if a != str(W(f) / "cache") else str(f / "cache") for a in distill_args(W(f), f / "D",
-                                                                                            "--max_train_steps", "2")],
+        lambda f: distill_args(W(f), f / "D", "--max_train_steps", "2", cache=f / "cache"),
         setup=_damaged_cache, phrase="cache")
 
     # Valid inputs that must do the right thing.
@@ -483,12 +485,12 @@ def cases() -> list[Case]:
         shutil.copytree(W(folder) / "run", folder / "run")
         (folder / "other.txt").write_text("a red circle\na blue square\na green triangle\n")
     add("distill", "resume with other `--prompts`",
-        lambda f: [a if a != str(W(f) / "train.txt") else str(f / "other.txt") for a in
-                   distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15")],
+        lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15",
+                               prompts=f / "other.txt"),
         setup=_other_prompts, phrase="data")
     add("distill", "resume with another `--plan`",
-        lambda f: [a if a != str(W(f) / "plan.json") else str(W(f) / "blocks-plan.json") for a in
-                   distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15")],
+        lambda f: distill_args(W(f), f / "run", "--resume_from_checkpoint", "latest", "--max_train_steps", "15",
+                               plan=W(f) / "blocks-plan.json"),
         setup=_copy("run"), phrase="plan")
     add("distill", "`--resume_from_checkpoint` a folder that is no checkpoint",
         lambda f: distill_args(W(f), f / "D", "--resume_from_checkpoint", str(W(f) / "pruned")),
@@ -500,16 +502,15 @@ def cases() -> list[Case]:
     add("distill", "two data sources", lambda f: distill_args(W(f), f / "D", "--train_data_dir", str(W(f) / "run")),
         phrase="one")
     add("distill", "`--teacher` that does not exist",
-        lambda f: [a if a != "sd3" else str(f / "nothing") for a in distill_args(W(f), f / "D")], phrase="nothing")
+        lambda f: distill_args(W(f), f / "D", teacher=f / "nothing"), phrase="nothing")
     add("distill", "a FLUX plan for an SD3 teacher",
-        lambda f: [a if a != "sd3" else "flux" for a in distill_args(W(f), f / "D")], phrase="flux")
+        lambda f: distill_args(W(f), f / "D", teacher="flux"), phrase="flux")
     add("distill", "an analysis of other weights of the same architecture (accepted, with a note)",
-        lambda f: [a if a != str(W(f) / "analysis.json") else str(f / "analysis.json")
-                   for a in distill_args(W(f), f / "D", "--max_train_steps", "2")],
+        lambda f: distill_args(W(f), f / "D", "--max_train_steps", "2", analysis=f / "analysis.json"),
         setup=_analysis_with(lambda d: d.update(fingerprint="0" * 24)), expect="ok", writes=("D",),
         check=lambda f: "measured on other weights" in (f / ".stdout").read_text() and (f / "D/model_index.json").is_file())
     add("distill", "an analysis of another architecture",
-        lambda f: [a if a != str(W(f) / "analysis.json") else str(f / "analysis.json") for a in distill_args(W(f), f / "D")],
+        lambda f: distill_args(W(f), f / "D", analysis=f / "analysis.json"),
         setup=_analysis_with(lambda d: d["transformer_config"].update(num_attention_heads=3)), phrase="architecture")
 
     # Files and folders that exist already, and configs that cannot be read.
