@@ -16,6 +16,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.utils.checks import InputError, read_text_file
 from diffusers_hprune.utils.errors import PlanError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
@@ -212,16 +213,12 @@ class PrunePlan:
         path = Path(path)
         if path.is_dir():
             path = path / "plan.json"
+        if not path.exists():
+            raise PlanError(f"No prune plan at {path}; make one with `hprune plan` or `PrunePlan(...).save()`.")
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PlanError(f"No prune plan at {path}; make one with `hprune plan` or `PrunePlan(...).save()`.") from None
-        except UnicodeDecodeError as e:  # (utils.checks.read_text_file is not in the exported modeling file)
-            raise PlanError(f"The prune plan {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
-                            "(e.g. `iconv -t UTF-8`) and try again.") from None
-        except OSError as e:
-            raise PlanError(f"Cannot read the prune plan {path} ({e.strerror or e}); check the path and its "
-                            "permissions.") from None
+            text = read_text_file(path, "prune plan")
+        except InputError as e:
+            raise PlanError(str(e)) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
