@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from diffusers_hprune.families import BLOCK, ModelFamily, get_family
+from diffusers_hprune.metrics import RENAMED, MetricError, get_metric
 from diffusers_hprune.plan import MAX_BLOCKS
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
@@ -54,7 +55,9 @@ class ContributionReport:
 
     ``entries`` maps ``(block index, component)`` to ``{"score": P(ablated), "delta": dP}``;
     ``similarity`` maps a block index to the cosine similarity of its input and output in
-    the full model (what the ``koala`` strategy ranks by).
+    the full model (what the ``koala`` strategy ranks by). ``alignment`` (optional) holds
+    the whole-block dP of a text-image alignment score (``--alignment-metric``: what the
+    ``bk-sdm`` strategy ranks by) as ``{"metric": {...}, "baseline_score": P, "blocks": {i: {...}}}``.
     """
 
     family: str
@@ -70,6 +73,7 @@ class ContributionReport:
     similarity: dict[int, float] = field(default_factory=dict)
     timesteps: list[float] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
+    alignment: dict[str, Any] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------
     @property
@@ -86,6 +90,23 @@ class ContributionReport:
     def contributions(self, pairs: bool = False) -> dict[tuple[int, str], float]:
         """``(block, component) -> dP``; pair entries (``"a+b"``) only with ``pairs=True``."""
         return {k: v["delta"] for k, v in self.entries.items() if pairs or "+" not in k[1]}
+
+    def alignment_contributions(self) -> dict[int, float] | None:
+        """``block -> dP`` of a text-image alignment score, or ``None`` when the analysis measured none.
+
+        The ``alignment`` part when there is one; else the whole-block entries, when the main
+        metric is itself an alignment score (``--metric shapeeval`` / ``clip_score``).
+        """
+        blocks = self.alignment.get("blocks") if self.alignment else None
+        if blocks:
+            return {int(i): float(v["delta"]) for i, v in blocks.items()}
+        try:
+            aligned = get_metric(self.metric.get("name", "")).alignment
+        except MetricError:  # a user's metric not registered in this process
+            aligned = False
+        if not aligned:
+            return None
+        return {i: v["delta"] for (i, c), v in self.entries.items() if c == BLOCK}
 
     def settings(self) -> dict[str, Any]:
         """What must match for two runs to share entries (model, metric, calibration, pairs)."""
@@ -119,6 +140,10 @@ class ContributionReport:
             "timesteps": self.timesteps,
             "transformer_config": self.transformer_config,
             "run": self.run,
+            **({"alignment": {
+                "metric": self.alignment.get("metric"), "baseline_score": self.alignment.get("baseline_score"),
+                "entries": [{"block": i, **v} for i, v in sorted(self.alignment.get("blocks", {}).items())],
+            }} if self.alignment else {}),
         }
 
     @classmethod
@@ -144,7 +169,7 @@ class ContributionReport:
                 model=str(data["model"]),
                 fingerprint=str(data["fingerprint"]),
                 transformer_config=dict(data["transformer_config"]),
-                metric=dict(data["metric"]),
+                metric=_current_metric_name(dict(data["metric"])),
                 calibration=dict(data["calibration"]),
                 pairs=bool(data.get("pairs", False)),
                 baseline_score=None if data.get("baseline_score") is None else float(data["baseline_score"]),
@@ -152,6 +177,7 @@ class ContributionReport:
                 similarity={int(s["block"]): float(s["cosine"]) for s in data.get("similarity", [])},
                 timesteps=[float(t) for t in data.get("timesteps", [])],
                 run=dict(data.get("run", {})),
+                alignment=_alignment(data.get("alignment")),
             )
             family = report.model_family
             num_blocks = family.num_blocks(report.transformer_config)
@@ -211,6 +237,22 @@ class ContributionReport:
             )
 
 
+def _current_metric_name(metric: dict) -> dict:
+    """Files written before a built-in metric was renamed (``fidelity``) read as its current name."""
+    if metric.get("name") in RENAMED:
+        metric["name"] = RENAMED[metric["name"]]
+    return metric
+
+
+def _alignment(data) -> dict[str, Any]:
+    if not data:
+        return {}
+    return {"metric": dict(data["metric"]),
+            "baseline_score": None if data.get("baseline_score") is None else float(data["baseline_score"]),
+            "blocks": {int(e["block"]): {"score": float(e["score"]), "delta": float(e["delta"])}
+                       for e in data.get("entries", [])}}
+
+
 def describe_keys(keys: list[tuple[int, str]], limit: int = 5) -> str:
     """``block 3 ff, block 4 block, ... (12 in all)``: entries named for a message."""
     shown = ", ".join(f"block {i} {c}" for i, c in keys[:limit])
@@ -227,7 +269,8 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
         check_number(f"{source}: {name}", value, error=AnalysisError, **bounds)
 
     for name, kind in (("transformer_config", Mapping), ("metric", Mapping), ("calibration", Mapping),
-                       ("entries", list), ("similarity", list), ("timesteps", list), ("run", Mapping)):
+                       ("entries", list), ("similarity", list), ("timesteps", list), ("run", Mapping),
+                       ("alignment", Mapping)):
         if name in data and not isinstance(data[name], kind):
             raise AnalysisError(f"{source}: `{name}` must be {'an object' if kind is Mapping else 'a list'}, got "
                                 f"{type(data[name]).__name__}.")
@@ -255,6 +298,19 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
         for name in ("score", "delta"):
             if name in entry:
                 check(f"entry {n} (block {entry.get('block')}, {entry['component']}) {name}", entry[name])
+    alignment = data.get("alignment") or {}
+    if alignment:
+        if not isinstance(alignment.get("metric"), Mapping) or not isinstance(alignment.get("entries", []), list):
+            raise AnalysisError(f"{source}: `alignment` needs a `metric` object and an `entries` list.")
+        if alignment.get("baseline_score") is not None:
+            check("alignment baseline_score", alignment["baseline_score"])
+        for n, entry in enumerate(alignment.get("entries", [])):
+            if not isinstance(entry, Mapping) or not {"block", "score", "delta"} <= set(entry):
+                raise AnalysisError(f"{source}: alignment entry {n} must be an object with block, score and delta.")
+            check(f"alignment entry {n} block", entry["block"], kind=int, minimum=0,
+                  maximum=max(int(data.get("num_blocks", MAX_BLOCKS)) - 1, 0))
+            for name in ("score", "delta"):
+                check(f"alignment entry {n} {name}", entry[name])
     for n, item in enumerate(data.get("similarity", [])):
         if not isinstance(item, Mapping):
             raise AnalysisError(f"{source}: similarity entry {n} must be an object, got {type(item).__name__}.")

@@ -19,7 +19,8 @@ from diffusers_hprune.analysis.ablation import entry_plan, naive_outputs, normal
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, component_keys
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
-SMALL = dict(n_prompts=2, eval_steps=2, num_inference_steps=3, height=32, width=32, progress=False)
+# The machinery (cache, resume, shards) on the fast velocity metric; image metrics: tests/test_image_fidelity.py.
+SMALL = dict(metric="velocity", n_prompts=2, eval_steps=2, num_inference_steps=3, height=32, width=32, progress=False)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -80,7 +81,7 @@ def test_image_metric_and_registry(sd3_pipeline):
 
         return float(np.mean([np.asarray(im, dtype=np.float64).mean() for im in images]))
 
-    report = analyze(sd3_pipeline, metric="test_brightness", **SMALL)
+    report = analyze(sd3_pipeline, **dict(SMALL, metric="test_brightness"))
     assert report.metric == {"name": "test_brightness", "options": {}}
     # The unpruned score is that of the images the pipeline draws with the recorded seeds.
     gen = report.calibration["generation"]
@@ -96,12 +97,12 @@ def test_unknown_and_unavailable_metrics(sd3_pipeline, tmp_path):
     out = tmp_path / "analysis.json"
     out.write_text("keep me")
     with pytest.raises(MetricError, match="Unknown metric 'magic'.*fidelity"):
-        analyze(sd3_pipeline, out, metric="magic", **SMALL)
+        analyze(sd3_pipeline, out, **dict(SMALL, metric="magic"))
     assert out.read_text() == "keep me"
     with pytest.raises(MetricError, match="hpsv2"):
         get_metric("hpsv2").build()
     with pytest.raises(MetricError, match="takes no options"):
-        get_metric("fidelity").build(model="x")
+        get_metric("velocity").build(model="x")
 
 
 def test_clip_score_with_a_local_model(tmp_path):
@@ -164,7 +165,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     """SIGKILL in the middle of a run; the same command then computes only what is missing."""
     out = tmp_path / "analysis.json"
     part = tmp_path / "analysis.json.parts" / "rank-0.json"
-    cmd, env = _cli("analyze", "sd3", "--out", str(out), "--n-prompts", "2", "--eval-steps", "2")
+    cmd, env = _cli("analyze", "sd3", "--out", str(out), "--n-prompts", "2", "--eval-steps", "2", "--metric", "velocity")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     done = 0
     deadline = time.time() + 240
@@ -190,7 +191,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     assert final.complete and all(final.entries[k] == v for k, v in stored.entries.items())
     # Same numbers as an uninterrupted run.
     fresh = tmp_path / "fresh.json"
-    cmd2, _ = _cli("analyze", "sd3", "--out", str(fresh), "--n-prompts", "2", "--eval-steps", "2")
+    cmd2, _ = _cli("analyze", "sd3", "--out", str(fresh), "--n-prompts", "2", "--eval-steps", "2", "--metric", "velocity")
     subprocess.run(cmd2, env=env, check=True, capture_output=True, timeout=300)
     assert ContributionReport.load(fresh).entries == final.entries
 
@@ -199,7 +200,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
 def test_two_processes_give_the_single_process_report(tmp_path):
     """`accelerate launch --num_processes 2` on CPU (gloo): entries split, merged, identical to one process."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    args = ["--n-prompts", "2", "--eval-steps", "2"]
+    args = ["--n-prompts", "2", "--eval-steps", "2", "--metric", "velocity"]
     cmd, env = _cli("analyze", "sd3", "--out", str(one), *args)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

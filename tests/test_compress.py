@@ -14,7 +14,8 @@ import pytest
 from diffusers_hprune.cli import main
 from diffusers_hprune.compress.config import ConfigError, HPruneConfig
 
-SMALL = ["--analysis-prompts", "2", "--eval-steps", "2", "--train-prompts", "16", "--train-batch-size", "4",
+SMALL = ["--metric", "velocity", "--analysis-prompts", "2", "--eval-steps", "2", "--train-prompts", "16",
+         "--train-batch-size", "4",
          "--eval-prompts", "4", "--latency-repeats", "2", "--learning-rate", "0.001"]
 
 

@@ -95,7 +95,7 @@ def test_cli_output_has_no_library_noise(tmp_path):
     env.pop("DIFFUSERS_VERBOSITY", None)
     result = subprocess.run(
         [sys.executable, "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(tmp_path / "a.json"),
-         "--n-prompts", "1", "--eval-steps", "1"],
+         "--n-prompts", "1", "--eval-steps", "1", "--metric", "velocity"],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     """Analysis, a 30 % plan, 4 prompts, and one finished 4-step run (checkpoints at steps 2 and 4) to copy."""
     base = tmp_path_factory.mktemp("distill-safety")
     pipe = toy.load_pipeline("sd3")
-    report = analyze(pipe, base / "analysis.json", n_prompts=2, eval_steps=2, progress=False)
+    report = analyze(pipe, base / "analysis.json", metric="velocity", n_prompts=2, eval_steps=2, progress=False)
     make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.3).plan.save(base / "plan.json")
     (base / "prompts.txt").write_text("\n".join(toy.prompts(split="train", n=4, seed=1)) + "\n")
     assert main(_args(base, base / "done")) == 0

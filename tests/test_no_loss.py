@@ -7,7 +7,7 @@ import json
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.compress.run import STAMP, STARTED, _Stages
 
-SMALL = dict(n_prompts=2, eval_steps=1, progress=False)
+SMALL = dict(metric="velocity", n_prompts=2, eval_steps=1, progress=False)
 
 
 def _stages(tmp_path):
@@ -64,5 +64,5 @@ def test_overwrite_keeps_finished_entries_of_the_same_settings(sd3_pipeline, tmp
     out.write_text(json.dumps({**data, "metric": {"name": "shapeeval", "options": {}}}))  # an OUT of other settings
     again = analyze(sd3_pipeline, out, overwrite=True, **SMALL)
     assert again.run["this_process"]["reused_entries"] == 5
-    assert again.entries == full.entries and again.metric["name"] == "fidelity"
+    assert again.entries == full.entries and again.metric["name"] == "velocity"
     assert not parts.exists()

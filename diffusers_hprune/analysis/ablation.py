@@ -249,8 +249,10 @@ class BlockCache:
         """Bytes held by the cached block outputs."""
         return sum(_tensor_bytes(outputs) for outputs in self.block_outputs)
 
-    def ablated_outputs(self, plan: PrunePlan, counter: BlockCounter | None = None) -> list[torch.Tensor]:
-        """Outputs of the transformer with ``plan`` (one block touched) applied, for every recorded call.
+    def ablated_outputs(self, plan: PrunePlan, counter: BlockCounter | None = None,
+                        calls: list[int] | None = None) -> list[torch.Tensor]:
+        """Outputs of the transformer with ``plan`` (one block touched) applied, for every recorded call
+        (or for the calls numbered in ``calls``).
 
         An empty plan replays every block: the output is rebuilt from the cache alone (no
         block runs), which must equal the full model's output (a check of the cache).
@@ -270,7 +272,8 @@ class BlockCache:
         else:
             replacement = family.pruned_block(block, spec, frozenset(plan.removed_components[index]))
         outputs = []
-        for c, call in enumerate(self.calls):
+        for c in range(len(self.calls)) if calls is None else calls:
+            call = self.calls[c]
             with self._swapped(index, replacement, c):
                 if counter is not None:
                     counter.attach(self.transformer)
@@ -280,6 +283,38 @@ class BlockCache:
                     if counter is not None:
                         counter.detach()
         return outputs
+
+
+@contextlib.contextmanager
+def served_calls(transformer: nn.Module, outputs: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Calls of ``transformer`` numbered in ``outputs`` (0 = the first call inside the block) return that
+    output without running; the others run as usual.
+
+    The image metrics use it to serve the ablated model's first denoising step from the block
+    cache (:meth:`BlockCache.ablated_outputs`): that step sees exactly the inputs the full
+    model saw, so its output is the one the cache replays, bit for bit.
+    """
+    if not outputs:
+        yield
+        return
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    count = [0]
+    forward = transformer.forward
+
+    def serve(*args, **kwargs):
+        k = count[0]
+        count[0] += 1
+        if k not in outputs:
+            return forward(*args, **kwargs)
+        out = outputs[k]
+        return (out,) if kwargs.get("return_dict", True) is False else Transformer2DModelOutput(sample=out)
+
+    transformer.forward = serve
+    try:
+        yield
+    finally:
+        del transformer.forward
 
 
 def _tensor_bytes(outputs: list) -> int:

@@ -4,9 +4,15 @@
 prompts with fixed seeds, for ``c`` in ``{"block"} + the family's components`` (and, with
 ``pairs=True``, every pair of components of a block, written ``"a+b"``).
 
-* Exact and cheap: with the default ``fidelity`` metric the full model runs once per
-  recorded transformer call and every block's output is cached; an ablation of block ``i``
-  replays the cache for the blocks before ``i`` (:mod:`diffusers_hprune.analysis.ablation`).
+* Exact and as cheap as the metric allows: the full model runs once per recorded transformer
+  call and every block's output is cached; an ablation of block ``i`` replays the cache for
+  the blocks before ``i`` (:mod:`diffusers_hprune.analysis.ablation`). With the ``velocity``
+  metric that is the whole ablated computation; with image metrics (``image_fidelity``,
+  the default, and the scores of final images) the cache serves the ablated model's first
+  denoising step and the later steps run (their inputs differ from the full model's).
+* Optionally the whole-block dP of a text-image alignment score as well
+  (``alignment_metric``: ``shapeeval`` on the toys, ``clip_score`` on real models), what the
+  ``bk-sdm`` strategy ranks by; with an image main metric it scores the same images.
 * Resumable: each finished entry is written atomically to ``<out>.parts/rank-<r>.json`` as
   it completes; a run started again with the same settings skips what is there.
 * Sharded: under ``accelerate launch --num_processes N`` the missing entries are split
@@ -36,11 +42,20 @@ from diffusers_hprune.analysis.ablation import (
     naive_outputs,
     normalised_error,
     record_transformer_calls,
+    served_calls,
 )
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, fingerprint
-from diffusers_hprune.families import get_family
+from diffusers_hprune.families import BLOCK, get_family
 from diffusers_hprune.loading import generate, generation_settings, is_toy, load_pipeline, swapped_transformer
-from diffusers_hprune.metrics import OUTPUT, get_metric
+from diffusers_hprune.metrics import (
+    ALIGNMENT_METRICS,
+    DEFAULT_METRIC,
+    OUTPUT,
+    REFERENCE,
+    canonical_name,
+    get_metric,
+    metric_names,
+)
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.distributed import process_state
 
@@ -114,15 +129,27 @@ def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, i
         report.timesteps = report.timesteps or other.timesteps
         if other.baseline_score is not None:
             report.baseline_score = other.baseline_score
+        _merge_alignment(report, other)
     return stale
+
+
+def _merge_alignment(report: ContributionReport, other: ContributionReport) -> None:
+    """Take ``other``'s alignment entries when they were measured with the alignment metric ``report`` asks for."""
+    if not report.alignment or not other.alignment or other.alignment.get("metric") != report.alignment["metric"]:
+        return
+    report.alignment["blocks"].update(other.alignment.get("blocks", {}))
+    if other.alignment.get("baseline_score") is not None:
+        report.alignment["baseline_score"] = other.alignment["baseline_score"]
 
 
 def analyze(
     model,
     out: str | os.PathLike | None = None,
     *,
-    metric: str = "fidelity",
+    metric: str = DEFAULT_METRIC,
     metric_options: Mapping[str, Any] | None = None,
+    alignment_metric: str | None = None,
+    alignment_options: Mapping[str, Any] | None = None,
     prompts: Sequence[str] | None = None,
     n_prompts: int = 8,
     seed: int = 0,
@@ -145,14 +172,20 @@ def analyze(
     Args:
         model: a pipeline, a pipeline folder or Hub repo id, or a toy name (``sd3``, ``flux``).
         out: the ``analysis.json`` to write; also where a stopped run resumes from.
-        metric: a name from :mod:`diffusers_hprune.metrics` (``fidelity``, ``shapeeval``, ``clip_score``, ``hpsv2``).
+        metric: a name from :mod:`diffusers_hprune.metrics` (``image_fidelity`` (default), ``velocity``,
+            ``shapeeval``, ``clip_score``, ``hpsv2``).
         metric_options: options of the metric (e.g. ``{"model": "path/to/clip"}`` for clip_score).
+        alignment_metric: also measure every whole block's dP with this text-image alignment score
+            (``shapeeval``, ``clip_score``): what the ``bk-sdm`` strategy ranks by. ``"auto"``: ShapeEval on
+            the toys, CLIP score elsewhere. Default: none (a main metric that is an alignment score serves).
+        alignment_options: options of the alignment metric.
         prompts: calibration prompts; default: ``n_prompts`` of the toy's training prompts for the
             toys, else of a built-in varied list.
         seed: image ``k`` is drawn with seed ``seed + k``.
         num_inference_steps, height, width, guidance_scale: calibration generation (default:
             the toy's settings, or the pipeline's defaults with 28 steps).
-        eval_steps: denoising steps at which the fidelity metric compares predictions.
+        eval_steps: denoising steps at which the velocity metric compares predictions (and whose
+            block outputs are cached; the koala similarity is measured there too).
         pairs: also measure every pair of components of a block removed together.
         method: ``cached`` (default); ``naive`` rebuilds and runs the whole ablated model per
             entry (full model's outputs computed once); ``scratch`` also recomputes the full
@@ -173,6 +206,7 @@ def analyze(
     if out is None and state.num_processes > 1:
         raise AnalysisError("A sharded analysis (several processes) needs an output file (--out) to merge into.")
     metric_def = get_metric(metric)
+    metric = canonical_name(metric)
     scorer = metric_def.build(**dict(metric_options or {}))
     if torch_dtype is None:
         torch_dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
@@ -186,6 +220,18 @@ def analyze(
             "planner needs."
         )
     fam = is_toy(pipe)
+    if alignment_metric == "auto":
+        alignment_metric = ALIGNMENT_METRICS["toy" if fam else "model"]
+    align_def = align_scorer = None
+    if alignment_metric is not None:
+        align_def = get_metric(alignment_metric)
+        alignment_metric = canonical_name(alignment_metric)
+        if not align_def.alignment:
+            raise AnalysisError(
+                f"--alignment-metric {alignment_metric} is not a text-image alignment score; choose one of "
+                f"{', '.join(n for n in metric_names() if get_metric(n).alignment)}."
+            )
+        align_scorer = align_def.build(**dict(alignment_options or {}))
     if prompts is None:
         if n_prompts < 1:
             raise AnalysisError(f"--n-prompts must be at least 1, got {n_prompts}.")
@@ -210,6 +256,9 @@ def analyze(
                      "batch_size": batch_size, "dtype": str(torch_dtype).removeprefix("torch.")},
         pairs=pairs,
     )
+    if alignment_metric is not None:
+        report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
+                            "baseline_score": None, "blocks": {}}
     out = Path(out) if out is not None else None
     stale = _read_known(report, out, overwrite, state.is_main_process)
     state.wait_for_everyone()
@@ -220,14 +269,19 @@ def analyze(
     state.wait_for_everyone()
     reused = len(report.entries)
     todo = [k for k in report.expected_keys() if k not in report.entries]
+    if report.alignment:  # whole blocks whose alignment dP is missing (their main entry may be there)
+        todo += [(i, BLOCK) for i in range(report.num_blocks)
+                 if i not in report.alignment["blocks"] and (i, BLOCK) not in todo]
+        todo.sort(key=report.expected_keys().index)
     mine = todo[state.process_index :: state.num_processes]
     part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
     counter = BlockCounter()
     started = time.perf_counter()
     need_similarity = len(report.similarity) < report.num_blocks
+    need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
     cache_bytes = 0
 
-    if mine or report.baseline_score is None or need_similarity:
+    if mine or report.baseline_score is None or need_similarity or need_alignment_base:
         # The full model draws the calibration images; its transformer inputs are recorded.
         step = [0]
         with torch.no_grad(), record_transformer_calls(transformer) as calls:
@@ -245,6 +299,9 @@ def analyze(
             finally:
                 handle.remove()
         selected = [c for c, s in zip(calls, call_steps) if s in steps]
+        # The ablated model's first-step calls see exactly the full model's inputs: the cache serves them.
+        position = {id(c): j for j, c in enumerate(selected)}
+        first_step = [(k, position[id(c)]) for k, (c, s) in enumerate(zip(calls, call_steps)) if s == 0]
         report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
         cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter,
                                  max_bytes=max_cache_bytes)
@@ -257,30 +314,65 @@ def analyze(
                 base = (cache.ablated_outputs(family.empty_plan(config), counter) if method == "cached"
                         else naive_outputs(transformer, family.empty_plan(config), selected, counter))
                 report.baseline_score = 0.0 - normalised_error(base, references)
-        else:
-            del cache
-            if report.baseline_score is None:
-                report.baseline_score = float(scorer(images, prompts))
+        elif report.baseline_score is None:
+            report.baseline_score = float(scorer(images, images if metric_def.kind == REFERENCE else prompts))
+        if need_alignment_base:
+            report.alignment["baseline_score"] = float(align_scorer(images, prompts))
 
-        def measure(key) -> float:
+        def ablated_images(entry):
+            """The final images of the model without ``entry``, from the calibration noise and prompts."""
+            ablated = prune_transformer(transformer, entry)
+            served = {}
+            if method == "cached":
+                outputs = cache.ablated_outputs(entry, counter, calls=[j for _, j in first_step])
+                served = {k: out for (k, _), out in zip(first_step, outputs)}
+            counter.attach(ablated)
+            try:
+                with swapped_transformer(pipe, ablated), served_calls(ablated, served):
+                    return generate(pipe, prompts, seeds, gen_kwargs, batch_size)
+            finally:
+                counter.detach()
+
+        def measure(key) -> tuple[float | None, float | None]:
+            """(P without ``key``, the alignment score without it): each None when not asked for."""
             i, c = key
             entry = entry_plan(family, config, i, tuple(c.split("+")))
-            if metric_def.kind == OUTPUT:
+            main = key not in report.entries
+            align = bool(report.alignment) and c == BLOCK and i not in report.alignment["blocks"]
+            score = None
+            images_without = None
+            if main and metric_def.kind == OUTPUT:
                 if method == "cached":
-                    return 0.0 - normalised_error(cache.ablated_outputs(entry, counter), references)
-                outputs = naive_outputs(transformer, entry, selected, counter)
-                if method == "scratch":  # P(original) and P(ablated) each computed from scratch
-                    refs = naive_outputs(transformer, family.empty_plan(config), selected, counter)
-                    return 0.0 - normalised_error(outputs, refs)
-                return 0.0 - normalised_error(outputs, references)
-
-            with swapped_transformer(pipe, prune_transformer(transformer, entry)):
-                return float(scorer(generate(pipe, prompts, seeds, gen_kwargs, batch_size), prompts))
+                    score = 0.0 - normalised_error(cache.ablated_outputs(entry, counter), references)
+                else:
+                    outputs = naive_outputs(transformer, entry, selected, counter)
+                    refs = references
+                    if method == "scratch":  # P(original) and P(ablated) each computed from scratch
+                        refs = naive_outputs(transformer, family.empty_plan(config), selected, counter)
+                    score = 0.0 - normalised_error(outputs, refs)
+            elif main:
+                images_without = ablated_images(entry)
+                if metric_def.kind == REFERENCE:
+                    refs = images
+                    if method == "scratch":
+                        refs = generate(pipe, prompts, seeds, gen_kwargs, batch_size)
+                    score = float(scorer(images_without, refs))
+                else:
+                    score = float(scorer(images_without, prompts))
+            alignment = None
+            if align:
+                images_without = images_without if images_without is not None else ablated_images(entry)
+                alignment = float(align_scorer(images_without, prompts))
+            return score, alignment
 
         bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))
         for key in bar:
-            score = measure(key)
-            report.entries[key] = {"score": score, "delta": report.baseline_score - score}
+            score, alignment = measure(key)
+            if score is not None:
+                report.entries[key] = {"score": score, "delta": report.baseline_score - score}
+            if alignment is not None:
+                report.alignment["blocks"][key[0]] = {
+                    "score": alignment, "delta": report.alignment["baseline_score"] - alignment}
             bar.set_postfix_str(f"block {key[0]} {key[1]}")
             if part is not None:
                 report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
@@ -313,12 +405,14 @@ def _merge(report: ContributionReport, out: Path) -> ContributionReport:
     merged.entries = dict(report.entries)
     merged.similarity = dict(report.similarity)
     merged.timesteps = report.timesteps
+    merged.alignment = {k: (dict(v) if isinstance(v, dict) else v) for k, v in report.alignment.items()}
     totals = {"block_evaluations": 0, "seconds": 0.0}
     processes = int(report.run.get("processes", 1))
     for path in sorted(_parts_dir(out).glob("rank-*.json")):
         other = ContributionReport.load(path)
         merged.entries.update(other.entries)
         merged.similarity.update(other.similarity)
+        _merge_alignment(merged, other)
         if int(path.stem.split("-")[1]) < processes:
             for k in totals:
                 totals[k] += other.run.get(k, 0)

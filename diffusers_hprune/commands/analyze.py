@@ -13,7 +13,7 @@ from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_generation_flags, metric_args, parse_bytes
 from diffusers_hprune.loading import check_image_size, pixel_multiple
-from diffusers_hprune.metrics import metric_names
+from diffusers_hprune.metrics import DEFAULT_METRIC, metric_names
 from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int, read_text_file
 from diffusers_hprune.utils.distributed import process_state
 
@@ -30,10 +30,17 @@ def register(subparsers) -> None:
     p.add_argument("model", help="a pipeline folder or Hub repo id (SD3/SD3.5/FLUX.1), or a toy name (sd3, flux); "
                    "with --synthetic: a config (built-in name, config.json, folder)")
     p.add_argument("--out", required=True, help="the analysis.json to write (and resume from)")
-    p.add_argument("--metric", default="fidelity", help=f"quality metric P, one of {', '.join(metric_names())} "
-                   "(default fidelity: agreement of the predicted velocity with the full model's)")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality metric P, one of {', '.join(metric_names())} "
+                   f"(default {DEFAULT_METRIC}: the final images against the full model's, same noise; velocity: the "
+                   "predicted velocity at --eval-steps steps, a faster proxy; docs/removal.md compares them)")
     p.add_argument("--metric-arg", action="append", metavar="KEY=VALUE",
-                   help="an option of the metric, e.g. model=PATH for clip_score (repeatable)")
+                   help="an option of the metric, e.g. model=PATH for clip_score, measure=ssim for image_fidelity "
+                   "(repeatable)")
+    p.add_argument("--alignment-metric", metavar="NAME",
+                   help="also measure each whole block's dP with a text-image alignment score (what --strategy bk-sdm "
+                   "ranks by): shapeeval, clip_score, or auto (ShapeEval on the toys, CLIP score elsewhere)")
+    p.add_argument("--alignment-metric-arg", action="append", metavar="KEY=VALUE",
+                   help="an option of the alignment metric, e.g. model=PATH for clip_score (repeatable)")
     p.add_argument("--prompts", help="calibration prompts, one a line (default: toy training prompts for the toys, "
                    "a built-in varied list otherwise)")
     p.add_argument("--n-prompts", type=positive_int, default=8, help="how many default prompts (default 8)")
@@ -41,7 +48,8 @@ def register(subparsers) -> None:
     add_generation_flags(p, steps_help="denoising steps of the calibration images (default: the model's generation "
                          "profile, docs/api.md)")
     p.add_argument("--eval-steps", type=positive_int, default=4,
-                   help="denoising steps at which predictions are compared (default 4, spread evenly)")
+                   help="denoising steps whose block outputs are cached and, with --metric velocity, compared "
+                   "(default 4, spread evenly)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--pairs", action="store_true", help="also remove every pair of components of a block together")
     p.add_argument("--method", choices=["cached", "naive", "scratch"], default="cached",
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             resolution=args.height))
     report = analyze(
         args.model, args.out, metric=args.metric, metric_options=metric_args(args.metric_arg), prompts=prompts,
+        alignment_metric=args.alignment_metric, alignment_options=metric_args(args.alignment_metric_arg),
         n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from diffusers_hprune.families.sizes import DTYPES
+from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names
 from diffusers_hprune.utils.checks import InputError, check_bool, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
@@ -53,7 +54,7 @@ class HPruneConfig:
     r_thres: float = 0.25
     strategy: str = "hierarchical"
     # contribution analysis
-    metric: str = "fidelity"
+    metric: str = DEFAULT_METRIC
     analysis_prompts: int = 8
     eval_steps: int = 4
     # distillation
@@ -99,7 +100,7 @@ class HPruneConfig:
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if not isinstance(self.metric, str) or not self.metric:
-            raise ConfigError(f"metric must be a metric's name (e.g. fidelity), got {self.metric!r}.")
+            raise ConfigError(f"metric must be a metric's name (e.g. {DEFAULT_METRIC}), got {self.metric!r}.")
         if self.alpha is not None:
             _number("alpha", self.alpha)
         _number("r_thres", self.r_thres, minimum=0, maximum=1)
