@@ -100,9 +100,72 @@ def test_baseline_strategies(sd35):
     contributions = _contributions(sd35, lambda i: 0.5 if i > 30 else 0.001 * i)
     last = make_plan({}, sd35, ratio=0.1, strategy="last").plan
     assert last.removed_blocks == list(range(38 - len(last.removed_blocks), 38))
-    bk = make_plan(contributions, sd35, ratio=0.1, strategy="bk-sdm").plan
-    assert bk.removed_blocks[:2] == [0, 1] and not bk.removed_components
+    alignment = {i: 0.0 if i > 30 else 0.01 for i in range(38)}  # disagrees with the velocity dP above
+    bk = make_plan(contributions, sd35, ratio=0.1, strategy="bk-sdm", alignment=alignment).plan
+    assert set(bk.removed_blocks) <= set(range(31, 38)) and not bk.removed_components
+    assert bk.removed_blocks == sorted(range(38 - len(bk.removed_blocks), 38))  # ties: the later block first
     assert bk.metadata["alpha"] == 0.0
+    hpp = make_plan(contributions, sd35, ratio=0.1, alpha=0.0).plan
+    assert hpp.removed_blocks[:2] == [0, 1]  # by the velocity dP: what bk-sdm no longer does
+
+
+def test_bk_sdm_ranks_by_the_alignment_drop_and_needs_it(sd35):
+    velocity = _contributions(sd35, lambda i: 0.001 * i)  # would remove block 0 first
+    alignment = {i: 1.0 - i / 38 for i in range(38)}  # removing a late block costs least alignment
+    alignment[5] = -0.2  # removing block 5 raised the score: the first to go
+    bk = make_plan(velocity, sd35, ratio=0.05, strategy="bk-sdm", alignment=alignment)
+    assert bk.order[0] == (5, BLOCK) and all(i >= 30 or i == 5 for i, _ in bk.order)
+    with pytest.raises(PlanError, match="alignment score.*--alignment-metric auto"):
+        make_plan(velocity, sd35, ratio=0.05, strategy="bk-sdm")
+    partial = {i: v for i, v in alignment.items() if i != 7}
+    with pytest.raises(PlanError, match="lacks it for 1 block.*e.g. 7"):
+        make_plan(velocity, sd35, ratio=0.05, strategy="bk-sdm", alignment=partial)
+
+
+def test_a_strategy_registered_twice_raises():
+    from diffusers_hprune.planning.strategies import Strategy, get_strategy, register_strategy, strategy_names
+
+    with pytest.raises(PlanError, match="'koala' is registered already"):
+        register_strategy(Strategy("koala", "again", lambda inputs: []))
+    assert get_strategy("koala").description.startswith("whole blocks by input/output cosine")
+    mine = register_strategy(Strategy("test-first-block", "block 0 first", lambda inputs: [0]))
+    try:
+        with pytest.raises(PlanError, match="registered already"):
+            register_strategy(Strategy("test-first-block", "again", lambda inputs: [1]))
+        assert get_strategy("test-first-block") is mine
+    finally:
+        from diffusers_hprune.planning import strategies
+
+        del strategies._STRATEGIES["test-first-block"]
+    assert "test-first-block" not in strategy_names()
+
+
+def test_whole_block_plans_land_nearest_the_target(flux):
+    """FLUX: 19 double blocks (~3 % each) then 38 single blocks (~1.4 %): a rank-order prefix can overshoot."""
+    from diffusers_hprune.planning.hpp import BUDGET_TOLERANCE, nearest_block_set
+
+    sizes = {b.spec.index: b.params for b in flux.blocks}
+    total = flux.original_params
+    # Ranked: single blocks first until just under 30 %, then a double block that would overshoot.
+    order = list(range(19, 57)) + list(range(19))
+    for ratio in (0.1, 0.2, 0.3):
+        outcome = make_plan({}, flux, ratio=ratio, strategy="last")
+        assert abs(outcome.ratio - ratio) <= BUDGET_TOLERANCE, (ratio, outcome.ratio)
+    chosen = nearest_block_set(order, sizes, total, 0.3, 56)
+    reached = sum(sizes[i] for i in chosen) / total
+    assert abs(reached - 0.3) <= BUDGET_TOLERANCE
+    # By hand: three blocks of 10, 10 and 25 out of 100, target 20 %: the prefix [a, b] hits it exactly;
+    # target 30 %: prefix [a, b, c] = 45 %, [a, b] = 20 %, the fill skips c and takes d (5) = 25 %.
+    hand = {0: 10, 1: 10, 2: 25, 3: 5}
+    assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.2, 3) == [0, 1]
+    assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.3, 3) == [0, 1, 3]
+    # The ranked fill skips a block that would overshoot and takes a later one: [0, 2] = 45 %, [0] = 10 %,
+    # the fill [0, 1] = 20 %.
+    assert nearest_block_set([0, 2, 1], {0: 10, 1: 10, 2: 35}, 100, 0.2, 3) == [0, 1]
+    # Nothing within the tolerance: the nearest candidate (10 % for 16 %; 45 % is further).
+    assert nearest_block_set([0, 2], {0: 10, 2: 35}, 100, 0.16, 2) == [0]
+    # A plan always removes something, even for a target below one block's share: the first-ranked block.
+    assert nearest_block_set([2, 0], hand, 100, 0.01, 3) == [2]
 
 
 @pytest.mark.parametrize(
@@ -182,7 +245,11 @@ def test_ties_go_to_the_later_block(tiny):
     assert outcome.order == [(2, BLOCK)]
     d = _tiny_contributions()
     d[(2, BLOCK)] = 0.25
-    assert make_plan(d, tiny, ratio=0.2, alpha=0.0).order == [(1, BLOCK)]
+    d[(3, BLOCK)] = 0.5
+    assert make_plan(d, tiny, ratio=0.25, alpha=0.0).order == [(1, BLOCK)]  # 26.9 %, within 2 points of 25 %
+    # For 20 % block 1 (26.9 %) and block 2 (22.5 %) overshoot by more than 2 points; block 3 (14.4 %) is the
+    # nearest whole-block set that follows the ranking (1, 2, 3, 0) without passing 22 %.
+    assert make_plan(d, tiny, ratio=0.2, alpha=0.0).order == [(3, BLOCK)]
 
 
 def test_nf4_memory_mode(sd35):

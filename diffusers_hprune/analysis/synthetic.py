@@ -22,7 +22,8 @@ def synthetic_report(source, seed: int = 0, pairs: bool = False) -> Contribution
     For planning and memory estimates of models whose weights are not here (SD3.5 Large
     Turbo, FLUX.1-schnell): ``dP(i, block) = 0.02 + exp(-4 i / (|B| - 1))`` with +-25 %
     seeded noise; a component's dP is its block's times a fixed weight per kind, with noise.
-    Marked ``"metric": {"name": "synthetic"}`` so it is never mistaken for a measurement.
+    Marked ``"metric": {"name": "synthetic"}`` so it is never mistaken for a measurement. Its
+    alignment part (for ``bk-sdm``) is the block dPs with their own +-25 % noise.
     """
     import random
 
@@ -54,4 +55,7 @@ def synthetic_report(source, seed: int = 0, pairs: bool = False) -> Contribution
         for c, d in values.items():
             report.entries[(spec.index, c)] = {"score": 1.0 - d, "delta": d}
         report.similarity[spec.index] = 1.0 - 0.1 * block
+        aligned = block * (1 + 0.25 * rng.uniform(-1, 1))
+        report.alignment.setdefault("blocks", {})[spec.index] = {"score": 1.0 - aligned, "delta": aligned}
+    report.alignment.update(metric={"name": "synthetic", "options": {"seed": seed}}, baseline_score=1.0)
     return report

@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--r-thres", type=fraction, default=DEFAULT_R_THRES,
                    help=f"above this ratio components are removed after whole blocks (default {DEFAULT_R_THRES})")
     p.add_argument("--strategy", choices=strategy_names(), default="hierarchical",
-                   help="hierarchical (the paper, default); baselines: bk-sdm (blocks by dP), koala (blocks by "
-                   "input/output similarity), last (the last blocks)")
+                   help="hierarchical (the paper, default); baselines: bk-sdm (blocks by the drop of an alignment "
+                   "score: analyse with --alignment-metric auto), koala (blocks by input/output similarity), last "
+                   "(the last blocks). Whole-block plans take the block set nearest --ratio")
     p.add_argument("--out", required=True, help="the plan.json to write")
     p.set_defaults(func=run)
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = make_plan(
         report.contributions(), inventory, ratio=args.ratio, memory_bytes=args.memory, weight_dtype=args.weight_dtype,
         alpha=args.alpha, r_thres=args.r_thres, strategy=args.strategy, similarity=report.similarity,
+        alignment=report.alignment_contributions(),
         metadata={"analysis": str(args.analysis), "analysis_metric": report.metric["name"], "model": report.model},
     )
     outcome.plan.save(args.out)

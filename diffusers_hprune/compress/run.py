@@ -160,11 +160,14 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer)}
 
     analysis_path = out / "1-analysis" / "analysis.json"
+    # bk-sdm ranks by an alignment score of the final images: measured with the analysis when it is the strategy.
+    alignment = "auto" if config.strategy == "bk-sdm" else None
     _, k1 = stages.run(1, "analysis", {**base, "metric": config.metric, "n": config.analysis_prompts,
-                                       "eval_steps": config.eval_steps, "seed": config.seed},
+                                       "eval_steps": config.eval_steps, "seed": config.seed,
+                                       **({"alignment": alignment} if alignment else {})},
                        lambda d: analyze(teacher.pipe, analysis_path, metric=config.metric,
                                          n_prompts=config.analysis_prompts, eval_steps=config.eval_steps,
-                                         seed=config.seed, progress=progress),
+                                         seed=config.seed, progress=progress, alignment_metric=alignment),
                        keep_partial=True)  # analyze resumes from its finished entries
 
     plan_path = out / "2-plan" / "plan.json"
@@ -174,6 +177,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
         outcome = make_plan(report.contributions(), inspect_transformer(teacher.pipe.transformer), ratio=config.ratio,
                             memory_bytes=config.memory, weight_dtype=config.weight_dtype, alpha=config.alpha,
                             r_thres=config.r_thres, strategy=config.strategy, similarity=report.similarity or None,
+                            alignment=report.alignment_contributions(),
                             metadata={"source": "hprune compress", "analysis": str(analysis_path)})
         outcome.plan.save(plan_path)
         say(outcome.summary())
@@ -300,7 +304,7 @@ def format_summary(summary: dict) -> str:
     lines += [f"{name:<12} {status:<23} {seconds:7.1f}" for name, status, seconds in summary["stages"]]
     t, s = summary["metrics"]["teacher"], summary["metrics"]["student"]
     lines.append("")
-    lines.append(f"{'':<22}{'original':>16}{'compressed':>16}")
+    lines.append(f"{'':<22}{'original':>16}{'compressed':>16}{'of original':>13}")
     if "params" in s:
         lines.append(f"{'parameters':<22}{t['params']:>16,}{s['params']:>16,}")
         lines.append(f"{'transformer bytes':<22}{t['weight_bytes']:>16,}{s['weight_bytes']:>16,}")
@@ -308,7 +312,8 @@ def format_summary(summary: dict) -> str:
                      f"{s['latency_s']['median'] * 1e3:>16.1f}")
     for metric, value in s["metrics"].items():
         tv, sv = overall_score(t["metrics"][metric]), overall_score(value)
-        lines.append(f"{metric:<22}{tv:>16.3f}{sv:>16.3f}")
+        share = f"{sv / tv:>13.1%}" if tv > 0 else ""  # a higher-is-better score: the share kept
+        lines.append(f"{metric:<22}{tv:>16.3f}{sv:>16.3f}{share}")
     if "fidelity" in s:
         lines.append(f"{'fidelity (PSNR dB)':<22}{'':>16}{s['fidelity']['psnr_db']:>16.2f}")
     lines.append("")

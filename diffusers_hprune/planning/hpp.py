@@ -5,7 +5,8 @@ DESIGN.md section 6, steps 2-4, exactly:
 * position weight ``W_pos(i) = exp(alpha * (i - |B|) / |B|)``; early blocks get small weights;
 * prunability ``Score(i, c) = -|dP(i, c)| / W_pos(i)``; higher is removed first;
 * with a target ratio ``r`` of the parameters of the whole transformer:
-  ``r <= r_thres``: remove whole blocks in Score order until the removed fraction is >= r;
+  ``r <= r_thres``: remove whole blocks in Score order, the set whose removed fraction is
+  nearest ``r`` (see :func:`nearest_block_set`: every strategy lands at the same budget);
   ``r > r_thres``: remove whole blocks in Score order while the removed fraction stays
   <= r_thres, then components of the remaining blocks in Score order until >= r. A
   block whose residual branches are all gone becomes a removed block (its remaining
@@ -14,10 +15,13 @@ DESIGN.md section 6, steps 2-4, exactly:
   weight bytes fit.
 
 Baselines for comparison (same inputs, same stopping rule, whole blocks only):
-``bk-sdm`` (blocks by measured drop, no position weight), ``koala`` (blocks whose output
-is most similar to their input, by the cosine similarity the analysis measured) and
-``last`` (the last blocks). Each is a registered :class:`~.strategies.Strategy`
-(:mod:`diffusers_hprune.planning.strategies`).
+``bk-sdm`` (blocks by the drop of an alignment score of the final images, no position
+weight), ``koala`` (blocks whose output is most similar to their input, by the cosine
+similarity the analysis measured) and ``last`` (the last blocks). Each is a registered
+:class:`~.strategies.Strategy` (:mod:`diffusers_hprune.planning.strategies`). A plan of
+whole blocks only, for a target ratio, is the block set nearest the target: within
+:data:`BUDGET_TOLERANCE` of it where the block sizes allow, so that plans of different
+strategies are compared at the same parameter budget.
 """
 
 from __future__ import annotations
@@ -33,6 +37,39 @@ from diffusers_hprune.planning.strategies import RankingInputs, get_strategy, pr
 from diffusers_hprune.utils.errors import PlanError
 
 DEFAULT_R_THRES = 0.25
+#: How far (as a fraction of the parameters) a whole-block plan may land from its target ratio, where block sizes allow.
+BUDGET_TOLERANCE = 0.02
+
+
+def nearest_block_set(order: list[int], sizes: Mapping[int, int], total: int, ratio: float,
+                      max_blocks: int, tolerance: float = BUDGET_TOLERANCE) -> list[int]:
+    """The whole blocks to remove for ``ratio``, taken in ``order`` (first = removed first).
+
+    Candidates, in this order of preference: the shortest prefix of ``order`` reaching
+    ``ratio``; that prefix less its last block; and the ranked fill (blocks in order, one
+    skipped where it would overshoot ``ratio + tolerance``, until ``ratio`` is reached). The
+    first candidate within ``tolerance`` of ``ratio`` wins; if none is, the nearest one. At
+    most ``max_blocks`` blocks.
+    """
+    def fraction(blocks):
+        return sum(sizes[i] for i in blocks) / total
+
+    prefix: list[int] = []
+    for i in order:
+        if fraction(prefix) >= ratio or len(prefix) == max_blocks:
+            break
+        prefix.append(i)
+    fill: list[int] = []
+    for i in order:
+        if fraction(fill) >= ratio or len(fill) == max_blocks:
+            break
+        if fraction(fill + [i]) <= ratio + tolerance:
+            fill.append(i)
+    candidates = [blocks for blocks in (prefix, prefix[:-1], fill) if blocks]  # a plan removes something
+    for blocks in candidates:
+        if abs(fraction(blocks) - ratio) <= tolerance + 1e-12:
+            return blocks
+    return min(candidates, key=lambda b: abs(fraction(b) - ratio))  # min keeps the first of equals
 
 
 @dataclass
@@ -68,6 +105,7 @@ def make_plan(
     r_thres: float = DEFAULT_R_THRES,
     strategy: str = "hierarchical",
     similarity: Mapping[int, float] | None = None,
+    alignment: Mapping[int, float] | None = None,
     metadata: Mapping | None = None,
 ) -> PlanOutcome:
     """Choose what to remove (see the module docstring).
@@ -81,6 +119,8 @@ def make_plan(
         r_thres: above this ratio, components are removed after whole blocks (paper: 0.25).
         strategy: ``hierarchical`` (the paper), ``bk-sdm``, ``koala`` or ``last``.
         similarity: block index -> cosine similarity of its input and output (``koala`` only).
+        alignment: block index -> dP of a text-image alignment score (``bk-sdm`` only;
+            :meth:`ContributionReport.alignment_contributions`).
     """
     if (ratio is None) == (memory_bytes is None):
         raise PlanError("Give exactly one target: a ratio (--ratio) or a memory budget (--memory).")
@@ -126,7 +166,10 @@ def make_plan(
         )
 
     stage_two = chosen.components and target > r_thres
-    block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two))
+    block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two, alignment))
+    if ratio is not None and not stage_two:  # whole blocks only: the set nearest the target
+        block_order = nearest_block_set(block_order, {b.spec.index: b.params for b in inventory.blocks}, total,
+                                        ratio, n - 1)
 
     removed_blocks: set[int] = set()
     removed_components: dict[int, set[str]] = {}
@@ -139,7 +182,7 @@ def make_plan(
         return b.params - sum(b.components[c] for c in removed_components.get(i, ()))
 
     for i in block_order:
-        if done(removed) or len(removed_blocks) == n - 1:
+        if (done(removed) and not (ratio is not None and not stage_two)) or len(removed_blocks) == n - 1:
             break
         size = inventory.blocks[i].params
         if stage_one_limit is not None and (removed + size) / total > stage_one_limit:
@@ -178,7 +221,9 @@ def make_plan(
             removed_b += sizes[i][c]
             order.append((i, c))
 
-    if not done(removed):
+    blocks_only = ratio is not None and not stage_two
+    short = removed / total < ratio - BUDGET_TOLERANCE if blocks_only else not done(removed)
+    if short and (not blocks_only or len(removed_blocks) == n - 1):
         what = f"{ratio:.0%} of the parameters" if ratio is not None else format_bytes(memory_bytes)
         raise PlanError(
             f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
@@ -191,7 +236,7 @@ def make_plan(
         num_blocks=n,
         metadata=dict(metadata or {}, strategy=strategy, alpha=alpha, r_thres=r_thres,
                       target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
-                      achieved_ratio=round(removed / total, 6)),
+                      target_fraction=round(target, 6), achieved_ratio=round(removed / total, 6)),
     )
     return PlanOutcome(plan, removed, total, total_bytes - removed_b, weight_dtype, order)
 

@@ -6,7 +6,11 @@ alone). ``register_strategy`` adds one (peft-style table: one entry per name, a 
 refused); ``get_strategy`` / ``strategy_names`` look them up. Built in:
 
 * ``hierarchical``: the paper's HPP, blocks then components by ``Score = -|dP| / W_pos``;
-* ``bk-sdm``: whole blocks by the measured drop |dP|, no position weight;
+* ``bk-sdm``: whole blocks by the drop of a text-image alignment score of the final images
+  when the block is removed (BK-SDM: CLIP score; on the toys ShapeEval, as no CLIP weights
+  exist there), smallest drop first, no position weight, no components. It needs the
+  alignment part of the analysis (``hprune analyze --alignment-metric auto``), or an analysis
+  whose main metric is an alignment score;
 * ``koala``: whole blocks whose output is most similar to their input (cosine), highest first;
 * ``last``: the last blocks first.
 """
@@ -44,6 +48,8 @@ class RankingInputs:
     alpha: float
     stage_two: bool
     """Components will be removed after the blocks (their contributions must be there too)."""
+    alignment: Mapping[int, float] | None = None
+    """Block index -> dP of a text-image alignment score (what ``bk-sdm`` ranks by)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,21 @@ def _by_score(inputs: RankingInputs) -> list[int]:
     return sorted(range(n), key=lambda i: (-prunability(inputs.contributions[(i, BLOCK)], i, n, inputs.alpha), -i))
 
 
+def _by_alignment(inputs: RankingInputs) -> list[int]:
+    n = len(inputs.inventory.blocks)
+    alignment = inputs.alignment
+    missing = [i for i in range(n) if alignment is None or i not in alignment]
+    if missing:
+        raise PlanError(
+            "The bk-sdm strategy ranks whole blocks by the drop of a text-image alignment score of the final images "
+            f"(BK-SDM's CLIP score); the analysis lacks it for {len(missing)} block(s) (e.g. {missing[0]}). Analyse "
+            "with `hprune analyze ... --alignment-metric auto` (ShapeEval on the toys, CLIP score on real models: "
+            "give the CLIP model with --alignment-metric-arg model=PATH), or with --metric clip_score / shapeeval."
+        )
+    # The smallest drop first (a block whose removal raises the score first of all); ties: the later block.
+    return sorted(range(n), key=lambda i: (alignment[i], -i))
+
+
 def _by_similarity(inputs: RankingInputs) -> list[int]:
     n = len(inputs.inventory.blocks)
     similarity = inputs.similarity
@@ -130,7 +151,8 @@ def _last_first(inputs: RankingInputs) -> list[int]:
 
 register_strategy(Strategy("hierarchical", "the paper: blocks, then (above r_thres) components, by -|dP| / W_pos",
                            _by_score, position_weight=True, components=True))
-register_strategy(Strategy("bk-sdm", "whole blocks by measured drop |dP|, no position weight", _by_score))
+register_strategy(Strategy("bk-sdm", "whole blocks by the drop of a text-image alignment score (CLIP score; ShapeEval "
+                           "on the toys), no position weight", _by_alignment))
 register_strategy(Strategy("koala", "whole blocks by input/output cosine similarity, highest first", _by_similarity))
 register_strategy(Strategy("last", "the last blocks first", _last_first))
 
