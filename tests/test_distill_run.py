@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
     out = {}
     for family in ("sd3", "flux"):
         pipe = toy.load_pipeline(family)
-        report = analyze(pipe, base / f"{family}-analysis.json", n_prompts=2, eval_steps=2, progress=False)
+        report = analyze(pipe, base / f"{family}-analysis.json", metric="velocity", n_prompts=2, eval_steps=2,
+                         progress=False)
         outcome = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.3)
         outcome.plan.save(base / f"{family}-plan.json")
         out[family] = (base / f"{family}-analysis.json", base / f"{family}-plan.json", outcome.plan)
@@ -521,3 +522,24 @@ def test_only_the_main_process_loads_the_text_encoders(setup):
         assert isinstance(getattr(main.pipe, name), torch.nn.Module)
         assert getattr(other.pipe, name) is None
     assert other.pipe.vae is not None and other.pipe.vae_scale_factor == main.pipe.vae_scale_factor
+
+
+def test_sgdistill_switches_on_the_target_ratio(setup, tmp_path, capsys):
+    """The trainer's decision, end to end: plans whose achieved ratio and target lie on either side of r_thres."""
+    base, plans = setup
+    analysis = plans["sd3"][0]
+    inventory = inspect_transformer(toy.load_pipeline("sd3").transformer)
+    flat = {(b.spec.index, c): 0.01 for b in inventory.blocks for c in ("block", *b.spec.components)}
+    for target, r_thres, expected in ((0.25, 0.25, True), (0.27, 0.28, False)):
+        outcome = make_plan(flat, inventory, ratio=target, r_thres=r_thres)
+        assert (outcome.ratio >= r_thres) != expected  # the achieved ratio would decide the other way
+        plan_path = tmp_path / f"plan-{target}.json"
+        outcome.plan.save(plan_path)
+        out = tmp_path / f"out-{target}"
+        assert main(_args(base, "sd3", analysis, plan_path, out, "--max_train_steps", "1", "--checkpointing_steps",
+                          "0", "--r_thres", str(r_thres))) == 0
+        assert json.loads((out / "distill_summary.json").read_text())["sgdistill"] is expected
+        printed = capsys.readouterr().out
+        assert ("plain distillation" in printed) is (not expected)
+        if not expected:
+            assert f"plan target ratio {target:.1%} < r_thres {r_thres:.0%}" in printed

@@ -233,3 +233,30 @@ def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
     # And the output convention inverts the packing: a packed prediction comes back as latents.
     out = pipe.transformer(**ours, return_dict=False)[0]
     assert family.denoiser_output(out, latents).shape == latents.shape
+
+
+def test_sgdistill_follows_the_target_ratio_not_the_achieved_one():
+    """Algorithm 1: ``if r >= r_thres`` with r the target. Whole-block plans land near, not at, their target."""
+    from diffusers_hprune import toy
+    from diffusers_hprune.distillation.trainer import sgdistill_ratio
+    from diffusers_hprune.families.inventory import inspect_transformer
+    from diffusers_hprune.planning import make_plan
+
+    inventory = inspect_transformer(toy.model_path("sd3") / "transformer")
+    # Equal dP: the position weight ranks the later blocks first (11: 5.1 %, then 10, 9, ...: 8.0 % each).
+    flat = {(b.spec.index, c): 0.01 for b in inventory.blocks for c in (BLOCK, *b.spec.components)}
+    # Target 0.25 = r_thres: blocks 9-11 (21.2 %) are the nearest set, below r_thres; SGDistill still applies.
+    at = make_plan(flat, inventory, ratio=0.25).plan
+    assert at.removed_blocks == [9, 10, 11]
+    assert at.metadata["achieved_ratio"] < 0.25 <= at.metadata["target_ratio"]
+    assert sgdistill_ratio(at, at.metadata["achieved_ratio"]) == (0.25, "target ratio")
+    # Target 0.27 below an r_thres of 0.28: blocks 8-11 (29.2 %) are the nearest, above it: no SGDistill.
+    below = make_plan(flat, inventory, ratio=0.27, r_thres=0.28).plan
+    assert below.removed_blocks == [8, 9, 10, 11]
+    assert below.metadata["target_ratio"] < 0.28 <= below.metadata["achieved_ratio"]
+    assert sgdistill_ratio(below, below.metadata["achieved_ratio"]) == (0.27, "target ratio")
+    # A memory-budget plan: the target fraction it was made for; a hand-written plan: the achieved ratio.
+    budget = make_plan(flat, inventory, memory_bytes=int(inventory.original_bytes["bf16"] * 0.7))
+    assert sgdistill_ratio(budget.plan, budget.ratio)[0] == pytest.approx(0.3, abs=1e-6)
+    hand = PrunePlan(removed_blocks=[3], family="sd3", num_blocks=12)
+    assert sgdistill_ratio(hand, 0.08) == (0.08, "achieved ratio (the plan records no target)")

@@ -347,6 +347,22 @@ def _plan_ratio(plan, config) -> float:
     return inventory.removed_fraction
 
 
+def sgdistill_ratio(plan, achieved: float) -> tuple[float, str]:
+    """The ratio SGDistill compares with r_thres, and where it came from.
+
+    Algorithm 1 switches on ``if r >= r_thres`` with ``r`` the TARGET ratio: the plan's
+    ``target_ratio`` (or, for a memory-budget plan, the equivalent ``target_fraction``), as
+    ``make_plan`` records them. A plan without either (written by hand) falls back to the
+    ratio it achieves.
+    """
+    meta = plan.metadata or {}
+    for key, what in (("target_ratio", "target ratio"), ("target_fraction", "target (from the memory budget)")):
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+            return float(value), what
+    return achieved, "achieved ratio (the plan records no target)"
+
+
 def _check_trackers(report_to: str | None) -> None:
     """Accelerate drops a tracker whose package is missing without a word: refuse instead."""
     if not report_to or report_to == "all":
@@ -747,9 +763,10 @@ def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
     """SGDistill's parameter groups of what PWP left trainable (LoRA adapters on it with --lora_rank)."""
 
     student, report = models.student, models.report
-    use_sg = config.sgdistill and models.ratio >= config.r_thres
+    ratio, source = sgdistill_ratio(models.plan, models.ratio)
+    use_sg = config.sgdistill and ratio >= config.r_thres
     if config.sgdistill and not use_sg:
-        say(f"plan ratio {models.ratio:.1%} < r_thres {config.r_thres:.0%}: plain distillation (one learning rate)")
+        say(f"plan {source} {ratio:.1%} < r_thres {config.r_thres:.0%}: plain distillation (one learning rate)")
     if use_sg and report is None:
         raise DistillError("SGDistill needs the contribution analysis: pass --analysis analysis.json "
                            "(or --no-sgdistill).")
