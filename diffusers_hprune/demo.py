@@ -59,10 +59,11 @@ def format_demo_summary(summary: dict) -> str:
     """Where to look, after the compress summary table."""
     out, final = Path(summary["out"]), Path(summary["final"])
     t, s = summary["metrics"]["teacher"], summary["metrics"]["student"]
+    teacher, student = t["metrics"]["shapeeval"]["overall"], s["metrics"]["shapeeval"]["overall"]
     lines = [
         "",
-        f"ShapeEval (prompt adherence, higher is better): teacher {t['metrics']['shapeeval']['overall']:.3f}, "
-        f"compressed {s['metrics']['shapeeval']['overall']:.3f}",
+        f"ShapeEval (prompt adherence, higher is better): teacher {teacher:.3f}, compressed {student:.3f}"
+        + (f" ({student / teacher:.1%} of the teacher's)" if teacher > 0 else ""),
         f"model card: {final / 'README.md'}",
         f"sample grid (teacher | compressed, same prompts and seeds): {out / '6-evaluation' / 'grid.png'}",
         f"contribution analysis: {out / '1-analysis' / 'analysis.json'}; plan: {out / '2-plan' / 'plan.json'}",
