@@ -1,12 +1,16 @@
 """Issue 7, table 1/3 in kind: baselines and the method's ablation on the SD3 and FLUX toys.
 
     python benchmarks/toy_ablation.py [--families sd3 flux] [--ratios 0.2 0.3] [--seeds 0 1 2]
-                                      [--steps 200] [--samples 400] [--n-eval 100]
+                                      [--steps 200] [--samples 400] [--n-eval 200]
+    python benchmarks/toy_ablation.py --curve "HPP + PWP + SGDistill" --curve-steps 200 400 800 1600 3200
+    python benchmarks/toy_ablation.py --sgdistill 0:1 0.1:1 0.3:1 0:0.1
 
-For each toy and target ratio, from one fidelity analysis of the toy:
+For each toy and target ratio, from one analysis of the toy (the default metric, with ShapeEval's
+whole-block dP as the alignment part that BK-SDM ranks by):
 
 * Original (the teacher);
-* BK-SDM, KOALA and last-blocks plans, each distilled (output + feature KD, no PWP, one learning rate);
+* BK-SDM (blocks by the ShapeEval drop), KOALA (by block input/output cosine) and last-blocks
+  plans, each distilled (output + feature KD, no PWP, one learning rate);
 * HPP alone (no training); HPP + KD (no PWP); HPP + PWP; HPP + PWP + SGDistill;
 * + NF4: the HPP + PWP + SGDistill student quantised to NF4 (W4A16).
 
@@ -22,12 +26,22 @@ Rows are kept in ``OUT/<family>/rows.json`` with the settings they ran with; a l
 same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
 thread each) and a final run with both families writes the whole table without training again.
 Two rows whose plans and options coincide (e.g. KOALA choosing what BK-SDM chooses) are trained once.
+Whole-block plans take the block set nearest the target ratio; the table gives every row's achieved
+fraction ("removed").
+
+``--curve LABEL`` trains one row (first ratio, every seed) at each of ``--curve-steps`` and writes its
+learning curve (section "toy-ablation-curve"): the budget at which doubling changes the row by less
+than its seed spread is the converged budget. ``--sgdistill FLOOR:EPS_SCALE ...`` trains HPP + PWP +
+SGDistill at each ``--sensitivity-floor`` and eps (a multiple of the default, the median |dP|) at the
+first ratio and ``--steps`` (section "sgdistill-floor").
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -40,11 +54,12 @@ from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
-from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.distillation.sgdistill import default_eps  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
 from diffusers_hprune.evaluation.measure import logical_params, stored_bytes  # noqa: E402
 from diffusers_hprune.families.inventory import inspect_transformer  # noqa: E402
+from diffusers_hprune.metrics import DEFAULT_METRIC  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 from diffusers_hprune.quantization import quantize  # noqa: E402
 from diffusers_hprune.utils.fileio import atomic_path, atomic_write_json  # noqa: E402
@@ -90,35 +105,91 @@ def measure_pipeline(pipe, prompts, teacher_images, images=None) -> dict:
     }
 
 
+class Family:
+    """One toy's teacher, held-out prompts and images, analysis and cached rows."""
+
+    def __init__(self, family: str, args, out: Path):
+        self.name, self.args = family, args
+        self.folder = out / family
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows = Rows(self.folder / "rows.json")
+        self.prompts = toy.prompts(split="heldout", n=args.n_eval, seed=0)
+        self.teacher = toy.load_pipeline(family)
+        self.teacher_images = toy.generate(self.teacher, self.prompts, seed=0)
+        self.analysis_path = self.folder / f"analysis-{args.metric}-{args.analysis_prompts}.json"
+        self.report = analyze(self.teacher, self.analysis_path, metric=args.metric, alignment_metric="shapeeval",
+                              n_prompts=args.analysis_prompts, eval_steps=4, progress=False)
+        self.inventory = inspect_transformer(self.teacher.transformer)
+        train_prompts = toy.prompts(split="train")
+        self.prompts_file = self.folder / "prompts.txt"
+        self.prompts_file.write_text("\n".join(train_prompts[k % len(train_prompts)]
+                                               for k in range(args.samples)) + "\n")
+
+    def original(self) -> dict:
+        key = json.dumps({"row": "original", "n_eval": self.args.n_eval})
+        if self.rows.get(key) is None:
+            self.rows.put(key, measure_pipeline(self.teacher, self.prompts, None, images=self.teacher_images))
+        return self.rows.get(key)
+
+    def plan(self, ratio: float, strategy: str):
+        outcome = make_plan(self.report.contributions(), self.inventory, ratio=ratio, strategy=strategy,
+                            similarity=self.report.similarity, alignment=self.report.alignment_contributions())
+        path = self.folder / f"plan-{strategy}-{ratio:g}.json"
+        outcome.plan.save(path)
+        return outcome, path
+
+    def trained(self, label: str, plan, plan_path: Path, options: dict, seed: int, steps: int,
+                nf4: bool = False, extend: list[int] | None = None) -> tuple[dict, dict | None]:
+        """The measured student of one trained row and seed (and its NF4 form), trained unless cached.
+
+        ``extend``: the budgets of a learning curve; the run keeps a checkpoint at each and a longer
+        budget resumes the shorter one's run (no learning-rate schedule: the same as a run from scratch).
+        """
+        args = self.args
+        removal = {k: v for k, v in plan.to_dict().items() if k != "metadata"}  # not the strategy's name
+        settings = {"plan": removal, "options": options, "seed": seed, "steps": steps, "samples": args.samples,
+                    "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval}
+        key = json.dumps(settings, sort_keys=True)
+        nf4_key = json.dumps(dict(settings, quantize="nf4"), sort_keys=True)
+        if self.rows.get(key) is None or (nf4 and self.rows.get(nf4_key) is None):
+            tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) or "full"
+            name = json.dumps(dict(settings, steps=None), sort_keys=True) if extend else key
+            run_dir = self.folder / "runs" / f"{hashlib.sha1(name.encode()).hexdigest()[:8]}-{tag}-s{seed}"
+            resume = extend and any(run_dir.glob("checkpoint-*"))
+            start = time.perf_counter()
+            summary = distill(DistillConfig(
+                teacher=self.name, plan=str(plan_path), analysis=str(self.analysis_path), output_dir=str(run_dir),
+                prompts=str(self.prompts_file), cache_dir=str(self.folder / "cache"), max_train_steps=steps,
+                learning_rate=args.lr, train_batch_size=args.batch, seed=seed,
+                checkpointing_steps=math.gcd(*extend) if extend else 0, resume_from_checkpoint="latest" if resume
+                else None, progress=False, overwrite=not resume, **options,
+            ))
+            if summary["steps"] != steps:
+                raise SystemExit(f"{label} seed {seed} ran {summary['steps']} steps, not {steps}")
+            student = toy.load_pipeline(run_dir)
+            measured = measure_pipeline(student, self.prompts, self.teacher_images)
+            measured.update(steps=summary["steps"], train_seconds=summary["seconds"],
+                            trainable=summary["trainable_params"], wall=time.perf_counter() - start,
+                            sgdistill=summary["sgdistill"])
+            self.rows.put(key, measured)
+            if nf4:
+                student.transformer = quantize(student.transformer)
+                self.rows.put(nf4_key, measure_pipeline(student, self.prompts, self.teacher_images))
+            print(f"{self.name} {label} seed {seed} {steps} steps: ShapeEval {measured['score']['overall']:.3f}, "
+                  f"PSNR {measured['psnr']:.2f} dB ({measured['wall']:.0f} s)", flush=True)
+        return self.rows.get(key), (self.rows.get(nf4_key) if nf4 else None)
+
+
 def run_family(family: str, args, out: Path) -> dict:
     """Measure every row of ``family``; returns ``{"results": {(ratio, label): [measurement per seed]},
     "plans": {(ratio, strategy): description}}``."""
-    folder = out / family
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = Rows(folder / "rows.json")
-    prompts = toy.prompts(split="heldout", n=args.n_eval, seed=0)
-    teacher = toy.load_pipeline(family)
-    base_key = json.dumps({"row": "original", "n_eval": args.n_eval})
-    teacher_images = toy.generate(teacher, prompts, seed=0)
-    if rows.get(base_key) is None:
-        rows.put(base_key, measure_pipeline(teacher, prompts, None, images=teacher_images))
-    results = {(None, "Original"): [rows.get(base_key)]}
-
-    analysis_path = folder / "analysis.json"
-    report = (ContributionReport.load(analysis_path) if analysis_path.exists() else
-              analyze(teacher, analysis_path, n_prompts=8, eval_steps=4, progress=False, overwrite=True))
-    inventory = inspect_transformer(teacher.transformer)
-    train_prompts = toy.prompts(split="train")
-    prompts_file = folder / "prompts.txt"
-    prompts_file.write_text("\n".join(train_prompts[k % len(train_prompts)] for k in range(args.samples)) + "\n")
+    fam = Family(family, args, out)
+    results = {(None, "Original"): [fam.original()]}
     plans_text = {}
     for ratio in args.ratios:
         plans = {}
         for strategy in ("bk-sdm", "koala", "last", "hierarchical"):
-            outcome = make_plan(report.contributions(), inventory, ratio=ratio, strategy=strategy,
-                                similarity=report.similarity)
-            path = folder / f"plan-{strategy}-{ratio:g}.json"
-            outcome.plan.save(path)
+            outcome, path = fam.plan(ratio, strategy)
             plans[strategy] = (outcome.plan, path)
             same = [other for other, (p, _) in plans.items() if other != strategy
                     and (p.removed_blocks, p.removed_components) == (outcome.plan.removed_blocks,
@@ -127,44 +198,20 @@ def run_family(family: str, args, out: Path) -> dict:
                                              + (f" (the same as {', '.join(same)})" if same else ""))
         hpp_plan = plans["hierarchical"][0]
         key = json.dumps({"row": "hpp-alone", "plan": hpp_plan.to_dict(), "n_eval": args.n_eval}, sort_keys=True)
-        if rows.get(key) is None:
-            rows.put(key, measure_pipeline(prune_pipeline(teacher, hpp_plan), prompts, teacher_images))
-        results[(ratio, "HPP alone (no training)")] = [rows.get(key)]
+        if fam.rows.get(key) is None:
+            fam.rows.put(key, measure_pipeline(prune_pipeline(fam.teacher, hpp_plan), fam.prompts,
+                                               fam.teacher_images))
+        results[(ratio, "HPP alone (no training)")] = [fam.rows.get(key)]
         for label, strategy, options in TRAINED:
             plan, plan_path = plans[strategy]
-            removal = {k: v for k, v in plan.to_dict().items() if k != "metadata"}  # not the strategy's name
             results[(ratio, label)] = []
             if label == FULL:
                 results[(ratio, NF4)] = []
             for seed in args.seeds:
-                settings = {"plan": removal, "options": options, "seed": seed, "steps": args.steps,
-                            "samples": args.samples, "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval}
-                key = json.dumps(settings, sort_keys=True)
-                nf4_key = json.dumps(dict(settings, quantize="nf4"), sort_keys=True)
-                if rows.get(key) is None or (label == FULL and rows.get(nf4_key) is None):
-                    run_dir = folder / "runs" / f"{strategy}-{ratio:g}-{'-'.join(sorted(options)) or 'full'}-s{seed}"
-                    start = time.perf_counter()
-                    summary = distill(DistillConfig(
-                        teacher=family, plan=str(plan_path), analysis=str(analysis_path), output_dir=str(run_dir),
-                        prompts=str(prompts_file), cache_dir=str(folder / "cache"), max_train_steps=args.steps,
-                        learning_rate=args.lr, train_batch_size=args.batch, seed=seed, checkpointing_steps=0,
-                        progress=False, overwrite=True, **options,
-                    ))
-                    if summary["steps"] != args.steps:
-                        raise SystemExit(f"{label} seed {seed} ran {summary['steps']} steps, not {args.steps}")
-                    student = toy.load_pipeline(run_dir)
-                    measured = measure_pipeline(student, prompts, teacher_images)
-                    measured.update(steps=summary["steps"], train_seconds=summary["seconds"],
-                                    trainable=summary["trainable_params"], wall=time.perf_counter() - start)
-                    rows.put(key, measured)
-                    if label == FULL:
-                        student.transformer = quantize(student.transformer)
-                        rows.put(nf4_key, measure_pipeline(student, prompts, teacher_images))
-                    print(f"{family} {ratio:g} {label} seed {seed}: ShapeEval {measured['score']['overall']:.3f}, "
-                          f"PSNR {measured['psnr']:.2f} dB ({measured['wall']:.0f} s)", flush=True)
-                results[(ratio, label)].append(rows.get(key))
+                measured, nf4 = fam.trained(label, plan, plan_path, options, seed, args.steps, nf4=label == FULL)
+                results[(ratio, label)].append(measured)
                 if label == FULL:
-                    results[(ratio, NF4)].append(rows.get(nf4_key))
+                    results[(ratio, NF4)].append(nf4)
     return {"results": results, "plans": plans_text}
 
 
@@ -209,8 +256,9 @@ def table(family: str, measured: dict) -> tuple[str, list]:
             _fmt([r["psnr"] for r in runs], 2) + " dB", _fmt([r["ssim"] for r in runs], 3)]
         degradation = (base["score"]["overall"] - statistics.fmean(overall)) / base["score"]["overall"]
         lines.append([family, "-" if ratio is None else f"{ratio:.0%}", label, len(runs),
+                      f"{1 - runs[0]['params'] / base['params']:.1%}",
                       f"{runs[0]['params'] / base['params']:.1%}", f"{runs[0]['bytes'] / base['bytes']:.1%}",
-                      _fmt(overall), *cats, *fidelity, f"{degradation:+.1%}"])
+                      _fmt(overall), *cats, *fidelity, f"{degradation:+.1%}", f"{1 - degradation:.1%}"])
         plot.append((ratio, label, *_mean_std(overall)))
     return lines, plot
 
@@ -240,6 +288,75 @@ def save_plot(plots: dict, base: dict, path: Path) -> None:
         fig.savefig(tmp, dpi=110)
 
 
+def _row(label: str) -> tuple[str, dict]:
+    for name, strategy, options in TRAINED:
+        if name == label:
+            return strategy, options
+    raise SystemExit(f"--curve takes a trained row's label, one of: {', '.join(n for n, _, _ in TRAINED)}")
+
+
+def learning_curve(args, out: Path) -> None:
+    """One trained row at several budgets, every seed: is a budget long enough that doubling it changes nothing?"""
+    strategy, options = _row(args.curve)
+    ratio = args.ratios[0]
+    lines, points = [], {}
+    for family in args.families:
+        fam = Family(family, args, out)
+        base = fam.original()["score"]["overall"]
+        outcome, path = fam.plan(ratio, strategy)
+        for steps in sorted(args.curve_steps):
+            runs = [fam.trained(args.curve, outcome.plan, path, options, seed, steps, extend=args.curve_steps)[0]
+                    for seed in args.seeds]
+            overall = [r["score"]["overall"] for r in runs]
+            mean, std = _mean_std(overall)
+            points.setdefault(family, []).append((steps, mean, std or 0.0))
+            minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
+            lines.append([family, steps, f"{minutes:.1f}", _fmt(overall), _fmt([r["psnr"] for r in runs], 2) + " dB",
+                          f"{mean / base:.1%}"])
+    notes = []
+    for family, pts in points.items():
+        for (s1, m1, d1), (s2, m2, d2) in zip(pts, pts[1:]):
+            if s2 == 2 * s1:
+                spread = max(d1, d2)
+                notes.append(f"- {family}: {s1} -> {s2} steps changes the mean ShapeEval by {m2 - m1:+.3f} "
+                             f"(seed spread {spread:.3f}): {'within' if abs(m2 - m1) <= spread else 'beyond'} it")
+    body = (markdown_table(["toy", "steps", "train minutes", "ShapeEval", "PSNR", "of teacher"], lines)
+            + f"\n\nRow: {args.curve} at {ratio:.0%}; seeds {', '.join(map(str, args.seeds))}; batch {args.batch}, "
+            f"learning rate {args.lr}, {args.samples} teacher drawings; ShapeEval on {args.n_eval} held-out prompts "
+            f"(mean ± sample std over seeds); plans from the {args.metric} analysis. Converged where doubling the "
+            "budget changes the mean by no more than the seed spread:\n\n" + "\n".join(notes) + "\n")
+    update_section("toy-ablation-curve", f"Learning curve of '{args.curve}' on the toys at {ratio:.0%} (issue 17)", body)
+    print(body)
+
+
+def floor_study(args, out: Path) -> None:
+    """HPP + PWP + SGDistill at several --sensitivity-floor / eps values, the same budget for each."""
+    _, options = _row(FULL)
+    ratio = args.ratios[0]
+    lines = []
+    for family in args.families:
+        fam = Family(family, args, out)
+        base = fam.original()["score"]["overall"]
+        outcome, path = fam.plan(ratio, "hierarchical")
+        median = default_eps([d for (i, c), d in fam.report.contributions().items() if c != "block"])
+        for setting in args.sgdistill:
+            floor, scale = (float(v) for v in setting.split(":"))
+            opts = dict(options, sensitivity_floor=floor, **({"sensitivity_eps": median * scale}
+                                                             if scale != 1.0 else {}))
+            runs = [fam.trained(f"floor {floor} eps x{scale:g}", outcome.plan, path, opts, seed, args.steps)[0]
+                    for seed in args.seeds]
+            overall = [r["score"]["overall"] for r in runs]
+            lines.append([family, f"{floor:g}", f"x{scale:g}", runs[0]["trainable"], _fmt(overall),
+                          _fmt([r["psnr"] for r in runs], 2) + " dB", f"{statistics.fmean(overall) / base:.1%}"])
+    body = (markdown_table(["toy", "sensitivity floor", "eps (x median |dP|)", "trainable params", "ShapeEval", "PSNR",
+                            "of teacher"], lines)
+            + f"\n\nHPP + PWP + SGDistill at {ratio:.0%}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
+            f"batch {args.batch}, learning rate {args.lr}; ShapeEval on {args.n_eval} held-out prompts. A floor f gives "
+            "m = 0 (no update) to every component whose multiplier m = (1 / (|dP| + eps)) / max falls below f.\n")
+    update_section("sgdistill-floor", f"SGDistill floor and eps on the toys at {ratio:.0%} (issue 17)", body)
+    print(body)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["sd3", "flux"], choices=toy.FAMILIES)
@@ -247,7 +364,14 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per trained row and seed")
     parser.add_argument("--samples", type=int, default=400, help="teacher drawings to train on")
-    parser.add_argument("--n-eval", type=int, default=100, help="held-out prompts scored per row")
+    parser.add_argument("--n-eval", type=int, default=200, help="held-out prompts scored per row")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help="the analysis metric the plans are made from")
+    parser.add_argument("--analysis-prompts", type=int, default=8, help="calibration prompts of the analysis")
+    parser.add_argument("--curve", metavar="LABEL", help="learning curve of this trained row (first ratio) instead")
+    parser.add_argument("--curve-steps", nargs="+", type=int, default=[200, 400, 800, 1600, 3200])
+    parser.add_argument("--sgdistill", nargs="+", metavar="FLOOR:EPS_SCALE",
+                        help="compare SGDistill settings instead (first ratio): floor and eps as a multiple of the "
+                        "default eps (the median |dP|), e.g. 0.1:1")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -256,6 +380,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.curve:
+        return learning_curve(args, out)
+    if args.sgdistill:
+        return floor_study(args, out)
     measured = {family: run_family(family, args, out) for family in args.families}
     lines, plots, notes = [], {}, []
     for family, m in measured.items():
@@ -263,8 +391,8 @@ def main(argv=None):
         lines += rows
         notes += [f"- {family} {r:.0%} {s}: {text}" for (r, s), text in m["plans"].items()]
         notes += [f"- {family} {text}" for text in identical_rows(m["results"])]
-    header = ["toy", "target", "row", "seeds", "params", "bytes", "ShapeEval", *toy.CATEGORIES, "PSNR", "SSIM",
-              "degradation"]
+    header = ["toy", "target", "row", "seeds", "removed", "params", "bytes", "ShapeEval", *toy.CATEGORIES, "PSNR",
+              "SSIM", "degradation", "of teacher"]
     plot_path = Path(__file__).resolve().parent / "toy_ablation.png"
     save_plot(plots, {f: m["results"][(None, "Original")][0]["score"]["overall"] for f, m in measured.items()},
               plot_path)
@@ -278,8 +406,11 @@ def main(argv=None):
         "(fp32; NF4 stores 4-bit weights plus their quantisation state). Degradation: relative drop of the mean "
         "ShapeEval from Original. Baselines are distilled without PWP, SGDistill or component removal, as in "
         "their papers. SGDistill's sensitivity-scaled learning rates apply from r_thres = 0.25 on (DESIGN.md "
-        "section 6); below it the run is plain HPP + PWP. Plans (from a fidelity analysis of each toy, 8 prompts, "
-        "4 steps) and rows that coincide:\n\n"
+        "section 6; Algorithm 1 compares the target ratio); below it the run is plain HPP + PWP. Removed: the "
+        "achieved fraction of the transformer's parameters (whole-block plans take the block set nearest the target). "
+        f"Of teacher: the row's mean ShapeEval as a share of Original's. Plans (from a {args.metric} analysis of each "
+        f"toy, {args.analysis_prompts} calibration prompts, with ShapeEval's whole-block dP for BK-SDM) and rows that "
+        "coincide:\n\n"
         + "\n".join(notes) + "\n\n![toy ablation](benchmarks/toy_ablation.png)\n"
     )
     update_section("toy-ablation", "Baselines and ablation on the toys at 20 % and 30 % (issue 7, tables 1 and 3 "

@@ -35,6 +35,13 @@ def test_protocol_count_agrees_with_the_per_call_count(name):
     assert more["cached"] == 6 * one["cached"] and more["naive"] == 6 * one["naive"]
     blocks_only = cost.protocol_evaluations(config, block_images=1, component_images=0, steps=1)
     assert 0 < blocks_only["cached"] < one["cached"]
+    # image_fidelity with one step is the cached velocity count (the served first step is the whole trajectory);
+    # every further step runs the ablated model whole.
+    assert one["image_cached"] == one["cached"]
+    two = cost.protocol_evaluations(config, block_images=1, component_images=1, steps=2)
+    keys = cost.component_keys(cost.get_family(config), config)
+    kept = sum(n - 1 if c == "block" else n for _, c in keys)
+    assert two["image_cached"] == one["cached"] + n + kept  # the full model's second step, each entry's second step
 
 
 @pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
@@ -61,7 +68,8 @@ def test_ablation_table_refuses_a_row_that_was_not_measured():
     trained = dict(measured, psnr=20.0, ssim=0.8)
     ok = {"results": {(None, "Original"): [measured], (0.3, "HPP + PWP"): [trained, trained]}, "plans": {}}
     lines, _ = ablation.table("sd3", ok)
-    assert lines[1][2] == "HPP + PWP" and lines[1][6] == "0.500 ± 0.000"
+    assert lines[1][2] == "HPP + PWP" and lines[1][7] == "0.500 ± 0.000"
+    assert lines[1][4] == "0.0%" and lines[1][-1] == "100.0%"  # removed fraction, share of the teacher's ShapeEval
     missing = {"results": {(None, "Original"): [measured], (0.3, "HPP + PWP"): [trained, None]}, "plans": {}}
     with pytest.raises(SystemExit, match="not measured"):
         ablation.table("sd3", missing)

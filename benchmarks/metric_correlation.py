@@ -1,0 +1,152 @@
+"""Which contribution metric predicts the damage of removing a block? (issue 17)
+
+    python benchmarks/metric_correlation.py [--families sd3 flux] [--n-heldout 200] [--n-calibration 8]
+
+For each toy:
+
+1. The measured damage: every block skipped in turn (``removed_blocks=[i]``) draws the same
+   ``--n-heldout`` held-out prompts with the same seeds as the full model; damage is the final
+   images' PSNR against the full model's (lower = more damage) and the ShapeEval drop.
+2. The analyses ``hprune analyze`` offers, on the calibration set it uses by default (training
+   prompts, disjoint from the held-out ones): ``velocity`` (the velocity prediction at
+   ``--eval-steps`` steps, cached), ``image_fidelity`` (the final images of the whole few-step
+   trajectory against the full model's) and ``shapeeval`` (prompt adherence of the final images).
+   Their wall time per entry goes beside each other.
+3. The Spearman rank correlation between each metric's dP(block) and each damage measure
+   (PSNR loss counted as ``-PSNR`` so that both increase with damage).
+
+Results are kept in ``OUT/<family>/`` (``sweep.json``, ``analysis-<metric>.json``) and reused by a
+later run with the same settings; the table goes to BENCHMARKS.md, section "metric-correlation".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import markdown_table, update_section  # noqa: E402
+
+from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy  # noqa: E402
+from diffusers_hprune.evaluation import psnr  # noqa: E402
+from diffusers_hprune.utils.fileio import atomic_write_json  # noqa: E402
+
+METRICS = ("velocity", "image_fidelity", "shapeeval")
+
+
+def ranks(values) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (as Spearman's rho needs)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        tied = values == v
+        out[tied] = out[tied].mean()
+    return out
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (Pearson's r of the tie-averaged ranks); nan when one side is constant."""
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def sweep(family: str, n: int, folder: Path) -> dict:
+    """Skip-one-block damage over ``n`` held-out prompts (cached in ``folder/sweep.json``)."""
+    path = folder / "sweep.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("n") == n:
+            return data
+    from tqdm.auto import tqdm
+
+    pipe = toy.load_pipeline(family)
+    fam = get_family(pipe.transformer)
+    n_blocks = fam.num_blocks(pipe.transformer.config)
+    prompts = toy.prompts("heldout", n=n, seed=0)
+    start = time.perf_counter()
+    full_images = toy.generate(pipe, prompts, seed=0)
+    full = toy.shapeeval(full_images, prompts)["overall"]
+    blocks = []
+    for i in tqdm(range(n_blocks), desc=f"{family}: skip block"):
+        ablated = prune_pipeline(pipe, PrunePlan(removed_blocks=[i], family=fam.name, num_blocks=n_blocks))
+        images = toy.generate(ablated, prompts, seed=0)
+        blocks.append({"block": i, "shapeeval": toy.shapeeval(images, prompts)["overall"],
+                       "psnr": psnr(images, full_images)})
+    data = {"n": n, "full_shapeeval": full, "blocks": blocks, "seconds": round(time.perf_counter() - start, 1)}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data)
+    return data
+
+
+def analysis(family: str, metric: str, n_prompts: int, eval_steps: int, folder: Path):
+    """The toy's analysis with ``metric`` (resumed from ``folder`` when there), and its wall time."""
+    from diffusers_hprune.analysis import analyze
+
+    path = folder / f"analysis-{metric}-{n_prompts}.json"
+    report = analyze(family, path, metric=metric, n_prompts=n_prompts, eval_steps=eval_steps, progress=True,
+                     overwrite=True)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(toy.FAMILIES), choices=toy.FAMILIES)
+    parser.add_argument("--n-heldout", type=int, default=200)
+    parser.add_argument("--n-calibration", type=int, default=8, help="calibration prompts of every analysis")
+    parser.add_argument("--eval-steps", type=int, default=4, help="steps the velocity metric compares")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS))
+    parser.add_argument("--sweep-only", action="store_true", help="measure (and cache) the damage sweep only")
+    parser.add_argument("--out", default="build/metric-study")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows, cost_rows, notes = [], [], []
+    for family in args.families:
+        folder = out / family
+        damage = sweep(family, args.n_heldout, folder)
+        if args.sweep_only:
+            continue
+        psnr_loss = [-b["psnr"] for b in damage["blocks"]]
+        shape_drop = [damage["full_shapeeval"] - b["shapeeval"] for b in damage["blocks"]]
+        n_blocks = len(damage["blocks"])
+        for metric in args.metrics:
+            report = analysis(family, metric, args.n_calibration, args.eval_steps, folder)
+            deltas = [report.entries[(i, "block")]["delta"] for i in range(n_blocks)]
+            seconds = report.run.get("this_process", report.run).get("seconds")
+            computed = report.run.get("this_process", report.run).get("computed_entries") or len(report.entries)
+            rows.append([family, metric, f"{spearman(deltas, psnr_loss):+.2f}", f"{spearman(deltas, shape_drop):+.2f}",
+                         "  ".join(f"{d:.3g}" for d in deltas)])
+            cost_rows.append([family, metric, len(report.entries), f"{seconds:.1f} s",
+                              f"{seconds / max(computed, 1):.2f} s"])
+        notes.append(f"- {family}: damage over {args.n_heldout} held-out prompts, full model ShapeEval "
+                     f"{damage['full_shapeeval']:.3f}; PSNR per skipped block "
+                     + ", ".join(f"{b['block']}: {b['psnr']:.1f}" for b in damage["blocks"])
+                     + "; ShapeEval drop " + ", ".join(f"{b['block']}: {s:+.3f}" for b, s in
+                                                      zip(damage["blocks"], shape_drop)))
+    if args.sweep_only:
+        return
+    body = (
+        markdown_table(["toy", "metric", "rho vs PSNR loss", "rho vs ShapeEval drop", "dP(block) by block index"],
+                       rows)
+        + f"\n\nSpearman rank correlation of each metric's dP(block) (analysis of {args.n_calibration} calibration "
+        f"prompts, the toy's own generation settings; velocity compares {args.eval_steps} steps) with the measured "
+        "damage of skipping that block. Analysis cost (every entry: blocks and components, one process, "
+        "this machine):\n\n"
+        + markdown_table(["toy", "metric", "entries", "wall time", "per entry"], cost_rows)
+        + "\n\n" + "\n".join(notes) + "\n"
+    )
+    update_section("metric-correlation", "Which contribution metric predicts a block's damage (issue 17)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
