@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from diffusers_hprune.families import BLOCK, ModelFamily, get_family
-from diffusers_hprune.metrics import RENAMED, MetricError, get_metric
 from diffusers_hprune.plan import MAX_BLOCKS
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
@@ -92,21 +91,13 @@ class ContributionReport:
         return {k: v["delta"] for k, v in self.entries.items() if pairs or "+" not in k[1]}
 
     def alignment_contributions(self) -> dict[int, float] | None:
-        """``block -> dP`` of a text-image alignment score, or ``None`` when the analysis measured none.
-
-        The ``alignment`` part when there is one; else the whole-block entries, when the main
-        metric is itself an alignment score (``--metric shapeeval`` / ``clip_score``).
-        """
+        """``block -> dP`` of a text-image alignment score (the ``alignment`` part), or ``None`` when
+        the analysis measured none. An analysis whose main metric is an alignment score
+        (``--metric shapeeval`` / ``clip_score``) has its whole-block entries there too."""
         blocks = self.alignment.get("blocks") if self.alignment else None
-        if blocks:
-            return {int(i): float(v["delta"]) for i, v in blocks.items()}
-        try:
-            aligned = get_metric(self.metric.get("name", "")).alignment
-        except MetricError:  # a user's metric not registered in this process
-            aligned = False
-        if not aligned:
+        if not blocks:
             return None
-        return {i: v["delta"] for (i, c), v in self.entries.items() if c == BLOCK}
+        return {int(i): float(v["delta"]) for i, v in blocks.items()}
 
     def settings(self) -> dict[str, Any]:
         """What must match for two runs to share entries (model, metric, calibration, pairs)."""
@@ -169,7 +160,7 @@ class ContributionReport:
                 model=str(data["model"]),
                 fingerprint=str(data["fingerprint"]),
                 transformer_config=dict(data["transformer_config"]),
-                metric=_current_metric_name(dict(data["metric"])),
+                metric=dict(data["metric"]),
                 calibration=dict(data["calibration"]),
                 pairs=bool(data.get("pairs", False)),
                 baseline_score=None if data.get("baseline_score") is None else float(data["baseline_score"]),
@@ -235,13 +226,6 @@ class ContributionReport:
                 f"This analysis was made for another {family.display_name} architecture ({self.model}: "
                 f"{self.num_blocks} blocks); analyse this model with `hprune analyze`."
             )
-
-
-def _current_metric_name(metric: dict) -> dict:
-    """Files written before a built-in metric was renamed (``fidelity``) read as its current name."""
-    if metric.get("name") in RENAMED:
-        metric["name"] = RENAMED[metric["name"]]
-    return metric
 
 
 def _alignment(data) -> dict[str, Any]:

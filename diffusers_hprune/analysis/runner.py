@@ -115,6 +115,8 @@ def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, i
                 stale.append(path)
                 continue
             raise AnalysisError(f"{e} (Found while resuming; pass --overwrite to start again, replacing it.)") from None
+        # A file written before a built-in metric was renamed (fidelity -> velocity) resumes under the new name.
+        other.metric = dict(other.metric, name=canonical_name(str(other.metric.get("name", ""))))
         if other.settings() != report.settings():
             if overwrite:
                 stale.append(path)
@@ -378,6 +380,9 @@ def analyze(
                 report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
                 report.save(part)
 
+    if metric_def.alignment and not report.alignment:  # the main metric is an alignment score: bk-sdm ranks by it
+        report.alignment = {"metric": dict(report.metric), "baseline_score": report.baseline_score,
+                            "blocks": {i: dict(v) for (i, c), v in report.entries.items() if c == BLOCK}}
     seconds = time.perf_counter() - started
     report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
                   "cache_bytes": cache_bytes,
