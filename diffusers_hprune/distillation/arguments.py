@@ -72,7 +72,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
          "components); a larger eps narrows the spread of rates")
     _add(g, "binary_freeze", action="store_true",
          help="the official code's SGDistill: freeze below the floor, full rate above")
-    _add(g, "r_thres", type=fraction, default=d.r_thres, help="SGDistill only when the plan removes at least this")
+    _add(g, "r_thres", type=fraction, default=d.r_thres,
+         help="SGDistill only when the plan's target ratio is at least this (Algorithm 1)")
     g = parser.add_argument_group("low memory")
     _add(g, "gradient_checkpointing", action="store_true")
     # a negative --lora_rank is refused by DistillConfig.check, which says what 0 means

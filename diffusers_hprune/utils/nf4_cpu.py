@@ -17,9 +17,11 @@ against bitsandbytes' generic path). Both equal the native kernel's output where
 is right. GPU kernels are untouched.
 
 :func:`keep_cpu_layout` keeps bitsandbytes' AVX512-BF16 inference path (which re-packs a
-layer's weight on its first CPU call, absmax reshaped to one scale per row and block) away
-from layers it cannot re-pack: an ``in_features`` not a multiple of the block size or an
-``out_features`` not a multiple of 32 (the path asserts or fails on such layers).
+layer's weight on its first CPU call, absmax reshaped to one scale per row and block) off
+every 4-bit layer: it fails on layers whose ``in_features`` is not a multiple of the block
+size or whose ``out_features`` is not a multiple of 32, and on the others its numbers differ
+from every other processor's and do not survive ``save_pretrained`` (which packs the weight
+back, changing its quantisation state), so a model computed other outputs after being saved.
 
 :func:`cpu_nf4_loading` lets Diffusers' loader read pre-quantised NF4 weights on a machine without
 a GPU (Diffusers' 4-bit quantizer refuses to start there; bitsandbytes runs NF4 on the CPU).
@@ -44,9 +46,6 @@ from diffusers_hprune.utils.live_memory import LiveTensorBytes
 
 _lock = threading.Lock()
 _library = None  # the torch.library.Library holding our CPU kernel, once installed
-
-# bitsandbytes' AVX512-BF16 re-packing groups output rows in blocks of this many.
-_PACK_ROWS = 32
 
 
 @functools.cache
@@ -173,7 +172,7 @@ def install_cpu_dequantize() -> bool:
 
 
 def keep_cpu_layout(model: torch.nn.Module) -> int:
-    """Keep bitsandbytes' AVX512-BF16 re-packing off the 4-bit layers of ``model`` it cannot re-pack.
+    """Keep bitsandbytes' AVX512-BF16 re-packing off every 4-bit layer of ``model`` (see the module).
 
     Returns how many layers were excluded.
     """
@@ -181,11 +180,7 @@ def keep_cpu_layout(model: torch.nn.Module) -> int:
 
     excluded = 0
     for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        blocksize = getattr(state, "blocksize", 64)
-        if module.in_features % blocksize or module.out_features % _PACK_ROWS:
+        if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             excluded += 1
     return excluded
