@@ -54,6 +54,7 @@ from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
+from diffusers_hprune.contributions import ContributionReport  # noqa: E402
 from diffusers_hprune.distillation.sgdistill import default_eps  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
@@ -117,8 +118,13 @@ class Family:
         self.teacher = toy.load_pipeline(family)
         self.teacher_images = toy.generate(self.teacher, self.prompts, seed=0)
         self.analysis_path = self.folder / f"analysis-{args.metric}-{args.analysis_prompts}.json"
-        self.report = analyze(self.teacher, self.analysis_path, metric=args.metric, alignment_metric="shapeeval",
-                              n_prompts=args.analysis_prompts, eval_steps=4, progress=False)
+        report = ContributionReport.load(self.analysis_path) if self.analysis_path.exists() else None
+        if report is None or not report.complete or report.alignment_contributions() is None:
+            # Only when something is missing: rewriting the file would change its digest, which a resumed
+            # distillation run checks against its checkpoint.
+            report = analyze(self.teacher, self.analysis_path, metric=args.metric, alignment_metric="shapeeval",
+                             n_prompts=args.analysis_prompts, eval_steps=4, progress=False)
+        self.report = report
         self.inventory = inspect_transformer(self.teacher.transformer)
         train_prompts = toy.prompts(split="train")
         self.prompts_file = self.folder / "prompts.txt"

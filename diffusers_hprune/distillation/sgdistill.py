@@ -14,10 +14,10 @@ the gradient (Adam would cancel a gradient scale).
   and get ``m = 1``.
 * ``binary=True`` is the official code's variant for comparison: ``m`` is 1 where it would
   be at least ``floor`` and 0 elsewhere.
-* ``eps``: dP has the unit of the analysis metric (a normalised error for fidelity, a score
+* ``eps``: dP has the unit of the analysis metric (a normalised error for velocity, an image MSE for image_fidelity, a score
   difference for HPSv2), so the default ``eps=None`` takes the median ``|dP|`` of the
   trainable components: rates then spread over about ``(|dP|max + med) / (|dP|min + med)``
-  instead of the raw ratio of the extremes (four decades with fidelity), which would leave
+  instead of the raw ratio of the extremes (four decades with velocity), which would leave
   the most sensitive parts with no update. A float sets it explicitly.
 """
 
