@@ -167,7 +167,8 @@ def make_plan(
 
     stage_two = chosen.components and target > r_thres
     block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two, alignment))
-    if ratio is not None and not stage_two:  # whole blocks only: the set nearest the target
+    blocks_only = ratio is not None and not stage_two  # a ratio met by whole blocks: the set nearest it
+    if blocks_only:
         block_order = nearest_block_set(block_order, {b.spec.index: b.params for b in inventory.blocks}, total,
                                         ratio, n - 1)
 
@@ -182,7 +183,7 @@ def make_plan(
         return b.params - sum(b.components[c] for c in removed_components.get(i, ()))
 
     for i in block_order:
-        if (done(removed) and not (ratio is not None and not stage_two)) or len(removed_blocks) == n - 1:
+        if (done(removed) and not blocks_only) or len(removed_blocks) == n - 1:
             break
         size = inventory.blocks[i].params
         if stage_one_limit is not None and (removed + size) / total > stage_one_limit:
@@ -221,7 +222,6 @@ def make_plan(
             removed_b += sizes[i][c]
             order.append((i, c))
 
-    blocks_only = ratio is not None and not stage_two
     short = removed / total < ratio - BUDGET_TOLERANCE if blocks_only else not done(removed)
     if short and (not blocks_only or len(removed_blocks) == n - 1):
         what = f"{ratio:.0%} of the parameters" if ratio is not None else format_bytes(memory_bytes)

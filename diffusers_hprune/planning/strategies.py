@@ -117,10 +117,15 @@ def _by_score(inputs: RankingInputs) -> list[int]:
     return sorted(range(n), key=lambda i: (-prunability(inputs.contributions[(i, BLOCK)], i, n, inputs.alpha), -i))
 
 
+def _missing_blocks(values: Mapping[int, float] | None, n: int) -> list[int]:
+    """The block indices ``values`` (a per-block measurement, or None) has no value for."""
+    return [i for i in range(n) if values is None or i not in values]
+
+
 def _by_alignment(inputs: RankingInputs) -> list[int]:
     n = len(inputs.inventory.blocks)
     alignment = inputs.alignment
-    missing = [i for i in range(n) if alignment is None or i not in alignment]
+    missing = _missing_blocks(alignment, n)
     if missing:
         raise PlanError(
             "The bk-sdm strategy ranks whole blocks by the drop of a text-image alignment score of the final images "
@@ -135,7 +140,7 @@ def _by_alignment(inputs: RankingInputs) -> list[int]:
 def _by_similarity(inputs: RankingInputs) -> list[int]:
     n = len(inputs.inventory.blocks)
     similarity = inputs.similarity
-    missing = [i for i in range(n) if similarity is None or i not in similarity]
+    missing = _missing_blocks(similarity, n)
     if missing:
         raise PlanError(
             f"The koala strategy needs the input/output cosine similarity of every block; the analysis lacks "
