@@ -75,6 +75,35 @@ def test_ablation_table_refuses_a_row_that_was_not_measured():
         ablation.table("sd3", missing)
 
 
+def test_ablation_goal_compares_the_nf4_row_with_the_best_baseline():
+    ablation = _script("toy_ablation")
+
+    def runs(*scores):
+        return [{"score": {"overall": v}} for v in scores]
+
+    results = {(None, "Original"): runs(0.5), (0.3, ablation.NF4): runs(0.49, 0.48),  # 3 % degradation
+               (0.3, "BK-SDM + KD"): runs(0.40), (0.3, "KOALA + KD"): runs(0.45, 0.44), (0.3, "last blocks + KD"): runs(0.3)}
+    (line,) = ablation.goal(results)
+    assert "keeps 97.0%" in line and "(goal >= 95 %: met)" in line
+    assert "KOALA + KD, +11.0%" in line and "at most a third (goal: met)" in line
+    results[(0.3, "KOALA + KD")] = runs(0.47)  # best baseline 6 %: 3 % is more than a third of it
+    (line,) = ablation.goal(results)
+    assert "more than a third (goal: not met)" in line
+    results[(0.3, ablation.NF4)] = runs(0.47)
+    assert "(goal >= 95 %: not met)" in ablation.goal(results)[0]
+
+
+def test_ablation_rows_are_keyed_by_the_sgdistill_floor_they_ran_with(monkeypatch):
+    """A change of the default floor measures the SGDistill rows again; rows without SGDistill keep their keys."""
+    ablation = _script("toy_ablation")
+    full = ablation._row(ablation.FULL)[1]
+    assert ablation.resolved(full) == dict(full, sensitivity_floor=ablation.DistillConfig.sensitivity_floor)
+    assert ablation.resolved(ablation.KD) == ablation.KD
+    assert ablation.resolved({"sensitivity_floor": 0.3}) == {"sensitivity_floor": 0.3}
+    monkeypatch.setattr(ablation.DistillConfig, "sensitivity_floor", 0.7)
+    assert ablation.resolved(full)["sensitivity_floor"] == 0.7
+
+
 def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
     """bad_inputs.py's verdicts: a message is a clear error; a traceback, an accepted bad input, a lost file are not."""
     import diffusers_hprune.cli as cli
