@@ -13,9 +13,9 @@ from diffusers_hprune.utils.checks import check_output_folder
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="hprune compress on the embedded SD3 toy pipeline (CPU, about 10 minutes)",
+        help="hprune compress on the embedded SD3 toy pipeline (CPU, about 7 minutes)",
         description="The whole method on the embedded toy StableDiffusion3Pipeline: analyse, plan (HPP, 30%%), "
-        "prune, distil (PWP + SGDistill, 5 minutes), quantise (NF4), evaluate (ShapeEval of teacher and student, "
+        "prune, distil (PWP + SGDistill, 400 steps, at most 5 minutes), quantise (NF4), evaluate (ShapeEval of teacher and student, "
         "bytes, latency, sample grid) and write the model card. Every compress setting can be changed with its "
         "flag; a second run in the same folder continues where the first stopped.",
     )
