@@ -260,3 +260,14 @@ def test_sgdistill_follows_the_target_ratio_not_the_achieved_one():
     assert sgdistill_ratio(budget.plan, budget.ratio)[0] == pytest.approx(0.3, abs=1e-6)
     hand = PrunePlan(removed_blocks=[3], family="sd3", num_blocks=12)
     assert sgdistill_ratio(hand, 0.08) == (0.08, "achieved ratio (the plan records no target)")
+
+
+def test_a_wall_clock_budget_shows_the_step_it_will_stop_at():
+    from diffusers_hprune.distillation.trainer import projected_total
+
+    # 10 steps in 10 s with 90 s left: 90 more steps, under a step budget of 400.
+    assert projected_total(10, 10.0, 100.0, 10, 400) == 100
+    assert projected_total(10, 10.0, 1000.0, 10, 400) == 400  # the step budget ends it first
+    assert projected_total(10, 10.0, 5.0, 10, 400) == 10  # out of time: stops where it is
+    assert projected_total(0, 0.0, 100.0, 50, 400) == 400  # nothing measured yet (a resumed run at step 50)
+    assert projected_total(5, 10.0, 100.0, 55, 400) == 100  # resumed at 50: rate of this segment only

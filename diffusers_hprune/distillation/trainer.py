@@ -1000,10 +1000,12 @@ def _train(run: _Run, step: int, progress: _Progress) -> int:
     config, accelerator = run.config, run.accelerator
     before = progress.seconds
     start = time.perf_counter()
-    # With a wall-clock budget the step total is only a cap: show elapsed time and rate, not a false ETA.
+    # With a wall-clock budget, whichever ends first ends the run: the bar's total is the step budget or the steps
+    # the time left allows at the rate so far, whichever is smaller (no false ETA for an unreachable step cap).
     budget = config.max_train_minutes is not None
-    bar = tqdm(total=None if budget else config.max_train_steps, initial=step, unit="step",
-               desc=f"distilling ({config.max_train_minutes:g} min budget)" if budget else "distilling",
+    first = step
+    bar = tqdm(total=config.max_train_steps, initial=step, unit="step",
+               desc=f"distilling (at most {config.max_train_minutes:g} min)" if budget else "distilling",
                disable=not (config.progress and accelerator.is_main_process))
     run.student.train()
     while step < config.max_train_steps:
@@ -1018,6 +1020,9 @@ def _train(run: _Run, step: int, progress: _Progress) -> int:
             raise _not_finite_error(run, step + 1, e) from None
         step += 1
         progress.losses.append({"step": step, **parts})
+        if budget:
+            bar.total = projected_total(step - first, time.perf_counter() - start, config.max_train_minutes * 60,
+                                        step, config.max_train_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{parts['total']:.4g}", kd=f"{parts['kd']:.3g}", feat=f"{parts['feat']:.3g}")
         accelerator.log(parts, step=step)
@@ -1029,6 +1034,14 @@ def _train(run: _Run, step: int, progress: _Progress) -> int:
     bar.close()
     progress.seconds = before + time.perf_counter() - start
     return step
+
+
+def projected_total(done: int, elapsed: float, allowed: float, step: int, max_steps: int) -> int:
+    """The step a run with a wall-clock budget will stop at: ``max_steps``, or earlier if ``done`` steps in
+    ``elapsed`` seconds say the remaining ``allowed - elapsed`` seconds end it first (at least ``step``)."""
+    if done <= 0 or elapsed <= 0:
+        return max_steps
+    return max(step, min(max_steps, step + int(done / elapsed * max(allowed - elapsed, 0.0))))
 
 
 def _not_finite_error(run: _Run, step: int, e: _NotFinite) -> DistillError:
