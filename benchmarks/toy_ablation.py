@@ -172,9 +172,7 @@ class Family:
         if nf4 and self.rows.get(key) is not None and self.rows.get(nf4_key) is None and not extend \
                 and (run_dir / "distill_summary.json").is_file():
             # Measured before without its NF4 form (e.g. by the floor study): quantise the saved student.
-            student = toy.load_pipeline(run_dir)
-            student.transformer = quantize(student.transformer)
-            self.rows.put(nf4_key, measure_pipeline(student, self.prompts, self.teacher_images))
+            self._put_nf4(nf4_key, toy.load_pipeline(run_dir))
         if self.rows.get(key) is None or (nf4 and self.rows.get(nf4_key) is None):
             resume = extend and any(run_dir.glob("checkpoint-*"))
             start = time.perf_counter()
@@ -194,11 +192,16 @@ class Family:
                             sgdistill=summary["sgdistill"])
             self.rows.put(key, measured)
             if nf4:
-                student.transformer = quantize(student.transformer)
-                self.rows.put(nf4_key, measure_pipeline(student, self.prompts, self.teacher_images))
+                self._put_nf4(nf4_key, student)
             print(f"{self.name} {label} seed {seed} {steps} steps: ShapeEval {measured['score']['overall']:.3f}, "
                   f"PSNR {measured['psnr']:.2f} dB ({measured['wall']:.0f} s)", flush=True)
         return self.rows.get(key), (self.rows.get(nf4_key) if nf4 else None)
+
+
+    def _put_nf4(self, nf4_key: str, student) -> None:
+        """Quantise ``student``'s transformer to NF4 and keep its measurement under ``nf4_key``."""
+        student.transformer = quantize(student.transformer)
+        self.rows.put(nf4_key, measure_pipeline(student, self.prompts, self.teacher_images))
 
 
 def run_family(family: str, args, out: Path) -> dict:
@@ -264,6 +267,11 @@ def identical_rows(results: dict) -> list[str]:
     return out
 
 
+def relative_drop(base: float, scores: list[float]) -> float:
+    """The degradation column: the relative drop of the mean of ``scores`` from ``base``."""
+    return (base - statistics.fmean(scores)) / base
+
+
 BASELINES = ("BK-SDM + KD", "KOALA + KD", "last blocks + KD")
 
 
@@ -273,7 +281,7 @@ def goal(results: dict) -> list[str]:
     base = results[(None, "Original")][0]["score"]["overall"]
 
     def degradation(label, ratio):
-        return (base - statistics.fmean(r["score"]["overall"] for r in results[(ratio, label)])) / base
+        return relative_drop(base, [r["score"]["overall"] for r in results[(ratio, label)]])
 
     out = []
     for ratio in sorted({r for r, _ in results if r is not None}):
@@ -302,7 +310,7 @@ def table(family: str, measured: dict) -> tuple[str, list]:
         cats = [f"{statistics.fmean(r['score'][c] for r in runs):.3f}" for c in toy.CATEGORIES]
         fidelity = ["-", "-"] if runs[0]["psnr"] is None else [
             _fmt([r["psnr"] for r in runs], 2) + " dB", _fmt([r["ssim"] for r in runs], 3)]
-        degradation = (base["score"]["overall"] - statistics.fmean(overall)) / base["score"]["overall"]
+        degradation = relative_drop(base["score"]["overall"], overall)
         lines.append([family, "-" if ratio is None else f"{ratio:.0%}", label, len(runs),
                       f"{1 - runs[0]['params'] / base['params']:.1%}",
                       f"{runs[0]['params'] / base['params']:.1%}", f"{runs[0]['bytes'] / base['bytes']:.1%}",

@@ -82,7 +82,8 @@ def test_ablation_goal_compares_the_nf4_row_with_the_best_baseline():
         return [{"score": {"overall": v}} for v in scores]
 
     results = {(None, "Original"): runs(0.5), (0.3, ablation.NF4): runs(0.49, 0.48),  # 3 % degradation
-               (0.3, "BK-SDM + KD"): runs(0.40), (0.3, "KOALA + KD"): runs(0.45, 0.44), (0.3, "last blocks + KD"): runs(0.3)}
+               (0.3, "BK-SDM + KD"): runs(0.40), (0.3, "KOALA + KD"): runs(0.45, 0.44),
+               (0.3, "last blocks + KD"): runs(0.3)}
     (line,) = ablation.goal(results)
     assert "keeps 97.0%" in line and "(goal >= 95 %: met)" in line
     assert "KOALA + KD, +11.0%" in line and "at most a third (goal: met)" in line

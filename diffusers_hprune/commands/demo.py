@@ -15,8 +15,8 @@ def register(subparsers) -> None:
         "demo",
         help="hprune compress on the embedded SD3 toy pipeline (CPU, about 7 minutes)",
         description="The whole method on the embedded toy StableDiffusion3Pipeline: analyse, plan (HPP, 30%%), "
-        "prune, distil (PWP + SGDistill, 400 steps, at most 5 minutes), quantise (NF4), evaluate (ShapeEval of teacher and student, "
-        "bytes, latency, sample grid) and write the model card. Every compress setting can be changed with its "
+        "prune, distil (PWP + SGDistill, 400 steps, at most 5 minutes), quantise (NF4), evaluate (ShapeEval of "
+        "teacher and student, bytes, latency, sample grid) and write the model card. Every compress setting can be changed with its "
         "flag; a second run in the same folder continues where the first stopped.",
     )
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
