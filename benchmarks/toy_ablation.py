@@ -22,18 +22,19 @@ stored bytes (% of the original's fp32), ShapeEval overall and per category on h
 fidelity to the teacher (PSNR and SSIM of the final images, same prompts and seeds) and the relative
 degradation of ShapeEval against Original.
 
-Rows are kept in ``OUT/<family>/rows.json`` with the settings they ran with; a later run with the
-same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
+The table goes to the BENCHMARKS.md section of its ratios ("toy-ablation-30" for ``--ratios 0.3``, with
+the plot ``benchmarks/toy_ablation_30.png``). Rows are kept in ``OUT/<family>/rows.json`` with the settings
+they ran with; a later run with the same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
 thread each) and a final run with both families writes the whole table without training again.
 Two rows whose plans and options coincide (e.g. KOALA choosing what BK-SDM chooses) are trained once.
 Whole-block plans take the block set nearest the target ratio; the table gives every row's achieved
 fraction ("removed").
 
 ``--curve LABEL`` trains one row (first ratio, every seed) at each of ``--curve-steps`` and writes its
-learning curve (section "toy-ablation-curve"): the budget at which doubling changes the row by less
+learning curve (section "toy-ablation-curve-<toy>"): the budget at which doubling changes the row by less
 than its seed spread is the converged budget. ``--sgdistill FLOOR:EPS_SCALE ...`` trains HPP + PWP +
 SGDistill at each ``--sensitivity-floor`` and eps (a multiple of the default, the median |dP|) at the
-first ratio and ``--steps`` (section "sgdistill-floor").
+first ratio and ``--steps`` (section "sgdistill-floor-<toy>").
 """
 
 from __future__ import annotations
@@ -352,49 +353,59 @@ def _row(label: str) -> tuple[str, dict]:
 
 
 def learning_curve(args, out: Path) -> None:
-    """One trained row at several budgets, every seed: is a budget long enough that doubling it changes nothing?"""
+    """One trained row at several budgets, every seed: is a budget long enough that doubling it changes nothing?
+
+    Each toy gets its own section ("toy-ablation-curve-<toy>"), so a run on one toy keeps the other's."""
     strategy, options = _row(args.curve)
     ratio = args.ratios[0]
-    lines, points = [], {}
     for family in args.families:
         fam = Family(family, args, out)
         base = fam.original()["score"]["overall"]
         outcome, path = fam.plan(ratio, strategy)
+        lines, points = [], []
         for steps in sorted(args.curve_steps):
             runs = [fam.trained(args.curve, outcome.plan, path, options, seed, steps, extend=args.curve_steps)[0]
                     for seed in args.seeds]
             overall = [r["score"]["overall"] for r in runs]
             mean, std = _mean_std(overall)
-            points.setdefault(family, []).append((steps, mean, std or 0.0))
+            points.append((steps, mean, std or 0.0))
             minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
             lines.append([family, steps, f"{minutes:.1f}", _fmt(overall), _fmt([r["psnr"] for r in runs], 2) + " dB",
                           f"{mean / base:.1%}"])
+        body = (markdown_table(["toy", "steps", "train minutes", "ShapeEval", "PSNR", "of teacher"], lines)
+                + f"\n\nRow: {args.curve} at {ratio:.0%}; seeds {', '.join(map(str, args.seeds))}; batch {args.batch}, "
+                f"learning rate {args.lr}, {args.samples} teacher drawings; ShapeEval on {args.n_eval} held-out "
+                f"prompts (mean ± sample std over seeds); plans from the {args.metric} analysis. Converged where "
+                "doubling the budget changes the mean by no more than the seed spread:\n\n"
+                + "\n".join(convergence(family, points)) + "\n")
+        update_section(f"toy-ablation-curve-{family}",
+                       f"Learning curve of '{args.curve}' on the {family} toy at {ratio:.0%} (issue 17)", body)
+        print(body)
+
+
+def convergence(family: str, points: list[tuple[int, float, float]]) -> list[str]:
+    """One line per doubling of the budget in ``points`` ((steps, mean, std) by steps): is the change of the mean
+    within the seed spread (the larger of the two std)?"""
     notes = []
-    for family, pts in points.items():
-        for (s1, m1, d1), (s2, m2, d2) in zip(pts, pts[1:]):
-            if s2 == 2 * s1:
-                spread = max(d1, d2)
-                notes.append(f"- {family}: {s1} -> {s2} steps changes the mean ShapeEval by {m2 - m1:+.3f} "
-                             f"(seed spread {spread:.3f}): {'within' if abs(m2 - m1) <= spread else 'beyond'} it")
-    body = (markdown_table(["toy", "steps", "train minutes", "ShapeEval", "PSNR", "of teacher"], lines)
-            + f"\n\nRow: {args.curve} at {ratio:.0%}; seeds {', '.join(map(str, args.seeds))}; batch {args.batch}, "
-            f"learning rate {args.lr}, {args.samples} teacher drawings; ShapeEval on {args.n_eval} held-out prompts "
-            f"(mean ± sample std over seeds); plans from the {args.metric} analysis. Converged where doubling the "
-            "budget changes the mean by no more than the seed spread:\n\n" + "\n".join(notes) + "\n")
-    update_section("toy-ablation-curve", f"Learning curve of '{args.curve}' on the toys at {ratio:.0%} (issue 17)", body)
-    print(body)
+    for (s1, m1, d1), (s2, m2, d2) in zip(points, points[1:]):
+        if s2 == 2 * s1:
+            spread = max(d1, d2)
+            notes.append(f"- {family}: {s1} -> {s2} steps changes the mean ShapeEval by {m2 - m1:+.3f} "
+                         f"(seed spread {spread:.3f}): {'within' if abs(m2 - m1) <= spread else 'beyond'} it")
+    return notes
 
 
 def floor_study(args, out: Path) -> None:
-    """HPP + PWP + SGDistill at several --sensitivity-floor / eps values, the same budget for each."""
+    """HPP + PWP + SGDistill at several --sensitivity-floor / eps values, the same budget for each; one section per
+    toy ("sgdistill-floor-<toy>")."""
     _, options = _row(FULL)
     ratio = args.ratios[0]
-    lines = []
     for family in args.families:
         fam = Family(family, args, out)
         base = fam.original()["score"]["overall"]
         outcome, path = fam.plan(ratio, "hierarchical")
         median = default_eps([d for (i, c), d in fam.report.contributions().items() if c != "block"])
+        lines = []
         for setting in args.sgdistill:
             floor, scale = (float(v) for v in setting.split(":"))
             opts = dict(options, sensitivity_floor=floor, **({"sensitivity_eps": median * scale}
@@ -404,13 +415,21 @@ def floor_study(args, out: Path) -> None:
             overall = [r["score"]["overall"] for r in runs]
             lines.append([family, f"{floor:g}", f"x{scale:g}", runs[0]["trainable"], _fmt(overall),
                           _fmt([r["psnr"] for r in runs], 2) + " dB", f"{statistics.fmean(overall) / base:.1%}"])
-    body = (markdown_table(["toy", "sensitivity floor", "eps (x median \\|dP\\|)", "trainable params", "ShapeEval", "PSNR",
-                            "of teacher"], lines)
-            + f"\n\nHPP + PWP + SGDistill at {ratio:.0%}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
-            f"batch {args.batch}, learning rate {args.lr}; ShapeEval on {args.n_eval} held-out prompts. A floor f gives "
-            "m = 0 (no update) to every component whose multiplier m = (1 / (|dP| + eps)) / max falls below f.\n")
-    update_section("sgdistill-floor", f"SGDistill floor and eps on the toys at {ratio:.0%} (issue 17)", body)
-    print(body)
+        body = (markdown_table(["toy", "sensitivity floor", "eps (x median \\|dP\\|)", "trainable params", "ShapeEval",
+                                "PSNR", "of teacher"], lines)
+                + f"\n\nHPP + PWP + SGDistill at {ratio:.0%}, {args.steps} steps, seeds "
+                f"{', '.join(map(str, args.seeds))}, batch {args.batch}, learning rate {args.lr}; ShapeEval on "
+                f"{args.n_eval} held-out prompts. A floor f gives m = 0 (no update) to every component whose "
+                "multiplier m = (1 / (|dP| + eps)) / max falls below f.\n")
+        update_section(f"sgdistill-floor-{family}",
+                       f"SGDistill floor and eps on the {family} toy at {ratio:.0%} (issue 17)", body)
+        print(body)
+
+
+def section_name(ratios: list[float]) -> str:
+    """The BENCHMARKS.md section (and plot) of a table at ``ratios``: one per set of ratios, so a run at 20 % keeps the
+    30 % table ("toy-ablation-20", "toy-ablation-30", "toy-ablation-20-30")."""
+    return "toy-ablation-" + "-".join(f"{round(r * 100):d}" for r in sorted(ratios))
 
 
 def main(argv=None):
@@ -450,7 +469,8 @@ def main(argv=None):
         notes += [f"- {family} goal at {text}" for text in goal(m["results"])]
     header = ["toy", "target", "row", "seeds", "removed", "params", "bytes", "ShapeEval", *toy.CATEGORIES, "PSNR",
               "SSIM", "degradation", "of teacher"]
-    plot_path = Path(__file__).resolve().parent / "toy_ablation.png"
+    name = section_name(args.ratios)
+    plot_path = Path(__file__).resolve().parent / f"{name.replace('-', '_')}.png"
     save_plot(plots, {f: m["results"][(None, "Original")][0]["score"]["overall"] for f, m in measured.items()},
               plot_path)
     body = markdown_table(header, lines)
@@ -468,10 +488,10 @@ def main(argv=None):
         f"Of teacher: the row's mean ShapeEval as a share of Original's. Plans (from a {args.metric} analysis of each "
         f"toy, {args.analysis_prompts} calibration prompts, with ShapeEval's whole-block dP for BK-SDM) and rows that "
         "coincide:\n\n"
-        + "\n".join(notes) + "\n\n![toy ablation](benchmarks/toy_ablation.png)\n"
+        + "\n".join(notes) + f"\n\n![toy ablation](benchmarks/{plot_path.name})\n"
     )
     ratios = " and ".join(f"{r:.0%}" for r in args.ratios)
-    update_section("toy-ablation", f"Baselines and ablation on the {' and '.join(args.families)} toy"
+    update_section(name, f"Baselines and ablation on the {' and '.join(args.families)} toy"
                    f"{'s' if len(args.families) > 1 else ''} at {ratios} (issue 7, tables 1 and 3 in kind; issue 17)",
                    body)
     print(body)

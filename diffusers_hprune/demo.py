@@ -18,7 +18,7 @@ from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.compress.run import compress, holds_something_else
 
 DEMO_MODEL = "sd3"
-# Settings from the toy measurements (BENCHMARKS.md "toy-ablation-curve", "sgdistill-floor"): the HPP + PWP +
+# Settings from the toy measurements (BENCHMARKS.md "toy-ablation-curve-sd3", "sgdistill-floor-sd3"): the HPP + PWP +
 # SGDistill student's ShapeEval stops rising at about 400 steps of batch 8 (200 -> 400 -> 800: 0.528, 0.536, 0.528),
 # the analysis uses the 8 calibration prompts those plans came from, and 200 held-out prompts (as there) make the
 # reported share of the teacher's score less noisy than 40 did.

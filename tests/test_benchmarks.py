@@ -105,6 +105,18 @@ def test_ablation_rows_are_keyed_by_the_sgdistill_floor_they_ran_with(monkeypatc
     assert ablation.resolved(full)["sensitivity_floor"] == 0.7
 
 
+def test_ablation_sections_keep_what_another_run_wrote():
+    """A table at 20 % goes to its own section and plot (the 30 % one stays); the curve's verdict per doubling."""
+    ablation = _script("toy_ablation")
+    assert ablation.section_name([0.3]) == "toy-ablation-30"
+    assert ablation.section_name([0.3, 0.2]) == ablation.section_name([0.2, 0.3]) == "toy-ablation-20-30"
+    notes = ablation.convergence("flux", [(200, 0.40, 0.02), (400, 0.45, 0.01), (800, 0.46, 0.03), (1000, 0.9, 0.0)])
+    assert notes == [
+        "- flux: 200 -> 400 steps changes the mean ShapeEval by +0.050 (seed spread 0.020): beyond it",
+        "- flux: 400 -> 800 steps changes the mean ShapeEval by +0.010 (seed spread 0.030): within it",
+    ]  # 800 -> 1000 is not a doubling
+
+
 def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
     """bad_inputs.py's verdicts: a message is a clear error; a traceback, an accepted bad input, a lost file are not."""
     import diffusers_hprune.cli as cli

@@ -101,7 +101,7 @@ class DistillConfig:
     lambda_task: float = 0.0
     pwp: bool = True
     sgdistill: bool = True
-    sensitivity_floor: float = 0.2  # measured: BENCHMARKS.md "sgdistill-floor"
+    sensitivity_floor: float = 0.2  # measured: BENCHMARKS.md "sgdistill-floor-sd3"
     sensitivity_eps: float | None = None
     binary_freeze: bool = False
     r_thres: float = 0.25
