@@ -18,7 +18,9 @@ HEADER = "# Benchmarks\n\nEvery number here is written by a script in `benchmark
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({threads} thread{'' if threads == 1 else 's'})")
 
 
 def provenance() -> str:
