@@ -154,18 +154,31 @@ def test_whole_block_plans_land_nearest_the_target(flux):
     chosen = nearest_block_set(order, sizes, total, 0.3, 56)
     reached = sum(sizes[i] for i in chosen) / total
     assert abs(reached - 0.3) <= BUDGET_TOLERANCE
-    # By hand: three blocks of 10, 10 and 25 out of 100, target 20 %: the prefix [a, b] hits it exactly;
-    # target 30 %: prefix [a, b, c] = 45 %, [a, b] = 20 %, the fill skips c and takes d (5) = 25 %.
+    # By hand: blocks of 10, 10, 25 and 5 out of 100, target 20 %: the prefix [a, b] hits it exactly;
+    # target 25 %: prefix [a, b, c] = 45 %, [a, b] = 20 %, the fill skips c and takes d (5) = 25 %.
     hand = {0: 10, 1: 10, 2: 25, 3: 5}
     assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.2, 3) == [0, 1]
-    assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.3, 3) == [0, 1, 3]
+    assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.25, 3) == [0, 1, 3]
+    # Target 30 %: those three land 15, 10 and 5 points off; of the sets taking the first blocks of each size,
+    # c + d = 30 % is the only one within 2 points.
+    assert nearest_block_set([0, 1, 2, 3], hand, 100, 0.3, 3) == [2, 3]
     # The ranked fill skips a block that would overshoot and takes a later one: [0, 2] = 45 %, [0] = 10 %,
     # the fill [0, 1] = 20 %.
     assert nearest_block_set([0, 2, 1], {0: 10, 1: 10, 2: 35}, 100, 0.2, 3) == [0, 1]
     # Nothing within the tolerance: the nearest candidate (10 % for 16 %; 45 % is further).
     assert nearest_block_set([0, 2], {0: 10, 2: 35}, 100, 0.16, 2) == [0]
-    # A plan always removes something, even for a target below one block's share: the first-ranked block.
-    assert nearest_block_set([2, 0], hand, 100, 0.01, 3) == [2]
+    # The FLUX toy's sizes (4 double-stream blocks of 13.24 %, 8 single-stream of 5.51 %), ranked singles first
+    # as BK-SDM ranks them: 5 singles = 27.56 %, 6 = 33.07 %; within 2 points of 30 %: 1 double + 3 singles
+    # (29.77 %, reaching rank 8 of the order) and 2 doubles + 1 single (31.99 %, rank 9): the first.
+    toy = {**{i: 1324 for i in range(4)}, **{i: 551 for i in range(4, 12)}}
+    ranked = [5, 7, 8, 9, 11, 10, 4, 6, 0, 1, 2, 3]
+    assert nearest_block_set(ranked, toy, 10000, 0.3, 11) == [5, 7, 8, 0]
+    # 20 %: 4 singles = 22.04 % is just outside; 1 double + 1 single = 18.75 % is within.
+    assert nearest_block_set(ranked, toy, 10000, 0.2, 11) == [5, 0]
+    # A plan always removes something, even for a target below one block's share: the nearest set, here the
+    # smaller, second-ranked block (10 %, 9 points off; the first-ranked one is 24 points off).
+    assert nearest_block_set([2, 0], hand, 100, 0.01, 3) == [0]
+    assert nearest_block_set([2], hand, 100, 0.01, 3) == [2]
 
 
 @pytest.mark.parametrize(
@@ -247,9 +260,9 @@ def test_ties_go_to_the_later_block(tiny):
     d[(2, BLOCK)] = 0.25
     d[(3, BLOCK)] = 0.5
     assert make_plan(d, tiny, ratio=0.25, alpha=0.0).order == [(1, BLOCK)]  # 26.9 %, within 2 points of 25 %
-    # For 20 % block 1 (26.9 %) and block 2 (22.5 %) overshoot by more than 2 points; block 3 (14.4 %) is the
-    # nearest whole-block set that follows the ranking (1, 2, 3, 0) without passing 22 %.
-    assert make_plan(d, tiny, ratio=0.2, alpha=0.0).order == [(3, BLOCK)]
+    # For 20 % no set is within 2 points: block 1 (26.9 %) and block 2 (22.5 %) overshoot, block 3 (14.4 %)
+    # falls short; the nearest is block 2 (2.5 points off; block 3, the ranked fill, is 5.6 off).
+    assert make_plan(d, tiny, ratio=0.2, alpha=0.0).order == [(2, BLOCK)]
 
 
 def test_nf4_memory_mode(sd35):

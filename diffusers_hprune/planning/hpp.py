@@ -26,6 +26,8 @@ strategies are compared at the same parameter budget.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,11 +50,18 @@ def nearest_block_set(order: list[int], sizes: Mapping[int, int], total: int, ra
     Candidates, in this order of preference: the shortest prefix of ``order`` reaching
     ``ratio``; that prefix less its last block; and the ranked fill (blocks in order, one
     skipped where it would overshoot ``ratio + tolerance``, until ``ratio`` is reached). The
-    first candidate within ``tolerance`` of ``ratio`` wins; if none is, the nearest one. At
-    most ``max_blocks`` blocks.
+    first candidate within ``tolerance`` of ``ratio`` wins. Where none is (blocks of different
+    sizes, e.g. FLUX's double- and single-stream blocks, ranked so that no run of them lands
+    near the target), the sets that take the first ``k`` blocks of ``order`` of each block size
+    are searched: of those within ``tolerance``, the one that reaches least far down ``order``
+    wins (then the smaller sum of rank positions, then the nearer fraction). If no set is within
+    ``tolerance``, the nearest one. At most ``max_blocks`` blocks; the result keeps ``order``.
     """
     def fraction(blocks):
         return sum(sizes[i] for i in blocks) / total
+
+    def within(blocks):
+        return abs(fraction(blocks) - ratio) <= tolerance + 1e-12
 
     prefix: list[int] = []
     for i in order:
@@ -67,9 +76,35 @@ def nearest_block_set(order: list[int], sizes: Mapping[int, int], total: int, ra
             fill.append(i)
     candidates = [blocks for blocks in (prefix, prefix[:-1], fill) if blocks]  # a plan removes something
     for blocks in candidates:
-        if abs(fraction(blocks) - ratio) <= tolerance + 1e-12:
+        if within(blocks):
             return blocks
-    return min(candidates, key=lambda b: abs(fraction(b) - ratio))  # min keeps the first of equals
+    by_size = _size_class_sets(order, sizes, max_blocks)
+    rank = {i: k for k, i in enumerate(order)}
+    near = [blocks for blocks in by_size if within(blocks)]
+    if near:
+        return min(near, key=lambda b: (max(rank[i] for i in b), sum(rank[i] for i in b),
+                                        abs(fraction(b) - ratio)))
+    return min(candidates + by_size, key=lambda b: abs(fraction(b) - ratio))  # min keeps the first of equals
+
+
+#: Above this many combinations of per-size counts the size-class search is skipped (blocks of many sizes).
+_MAX_SIZE_SETS = 100_000
+
+
+def _size_class_sets(order: list[int], sizes: Mapping[int, int], max_blocks: int) -> list[list[int]]:
+    """Every set made of the first ``k_s`` blocks of ``order`` of each block size ``s`` (in ``order``)."""
+    classes: dict[int, list[int]] = {}
+    for i in order:
+        classes.setdefault(sizes[i], []).append(i)
+    lists = list(classes.values())
+    if math.prod(len(blocks) + 1 for blocks in lists) > _MAX_SIZE_SETS:
+        return []
+    out = []
+    for counts in itertools.product(*(range(len(blocks) + 1) for blocks in lists)):
+        if 0 < sum(counts) <= max_blocks:
+            chosen = {i for blocks, k in zip(lists, counts) for i in blocks[:k]}
+            out.append([i for i in order if i in chosen])
+    return out
 
 
 @dataclass
