@@ -53,7 +53,8 @@ def nearest_block_set(order: list[int], sizes: Mapping[int, int], total: int, ra
     first candidate within ``tolerance`` of ``ratio`` wins. Where none is (blocks of different
     sizes, e.g. FLUX's double- and single-stream blocks, ranked so that no run of them lands
     near the target), the sets that take the first ``k`` blocks of ``order`` of each block size
-    are searched: of those within ``tolerance``, the one that reaches least far down ``order``
+    are searched (skipped where the blocks have so many sizes that there would be more than
+    :data:`_MAX_SIZE_SETS` such sets): of those within ``tolerance``, the one that reaches least far down ``order``
     wins (then the smaller sum of rank positions, then the nearer fraction). If no set is within
     ``tolerance``, the nearest one. At most ``max_blocks`` blocks; the result keeps ``order``.
     """
