@@ -24,7 +24,7 @@ degradation of ShapeEval against Original.
 
 The table goes to the BENCHMARKS.md section of its ratios ("toy-ablation-30" for ``--ratios 0.3``, with
 the plot ``benchmarks/toy_ablation_30.png``). Rows are kept in ``OUT/<family>/rows.json`` with the settings
-they ran with; a later run with the same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
+and the torch thread count they ran with; a later run with the same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
 thread each) and a final run with both families writes the whole table without training again.
 Two rows whose plans and options coincide (e.g. KOALA choosing what BK-SDM chooses) are trained once.
 Whole-block plans take the block set nearest the target ratio; the table gives every row's achieved
@@ -87,6 +87,13 @@ def resolved(options: dict) -> dict:
     return dict(options, sensitivity_floor=DistillConfig.sensitivity_floor)
 
 
+def row_key(settings: dict) -> str:
+    """The cache key of a row: its ``settings`` and the torch thread count it runs with. The count changes the order
+    of floating-point sums and so a training run's trajectory: a row measured with another count is measured again,
+    never reported under this run's machine line."""
+    return json.dumps(dict(settings, threads=torch.get_num_threads()), sort_keys=True)
+
+
 class Rows:
     """Finished measurements of one family, kept atomically in ``rows.json`` under their settings key."""
 
@@ -141,7 +148,7 @@ class Family:
                                                for k in range(args.samples)) + "\n")
 
     def original(self) -> dict:
-        key = json.dumps({"row": "original", "n_eval": self.args.n_eval})
+        key = row_key({"row": "original", "n_eval": self.args.n_eval})
         if self.rows.get(key) is None:
             self.rows.put(key, measure_pipeline(self.teacher, self.prompts, None, images=self.teacher_images))
         return self.rows.get(key)
@@ -165,10 +172,10 @@ class Family:
         removal = {k: v for k, v in plan.to_dict().items() if k != "metadata"}  # not the strategy's name
         settings = {"plan": removal, "options": options, "seed": seed, "steps": steps, "samples": args.samples,
                     "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval}
-        key = json.dumps(settings, sort_keys=True)
-        nf4_key = json.dumps(dict(settings, quantize="nf4"), sort_keys=True)
+        key = row_key(settings)
+        nf4_key = row_key(dict(settings, quantize="nf4"))
         tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) or "full"
-        name = json.dumps(dict(settings, steps=None), sort_keys=True) if extend else key
+        name = row_key(dict(settings, steps=None)) if extend else key
         run_dir = self.folder / "runs" / f"{hashlib.sha1(name.encode()).hexdigest()[:8]}-{tag}-s{seed}"
         if nf4 and self.rows.get(key) is not None and self.rows.get(nf4_key) is None and not extend \
                 and (run_dir / "distill_summary.json").is_file():
@@ -222,7 +229,7 @@ def run_family(family: str, args, out: Path) -> dict:
             plans_text[(ratio, strategy)] = (f"{outcome.ratio:.1%}: {outcome.plan.describe()}"
                                              + (f" (the same as {', '.join(same)})" if same else ""))
         hpp_plan = plans["hierarchical"][0]
-        key = json.dumps({"row": "hpp-alone", "plan": hpp_plan.to_dict(), "n_eval": args.n_eval}, sort_keys=True)
+        key = row_key({"row": "hpp-alone", "plan": hpp_plan.to_dict(), "n_eval": args.n_eval})
         if fam.rows.get(key) is None:
             fam.rows.put(key, measure_pipeline(prune_pipeline(fam.teacher, hpp_plan), fam.prompts,
                                                fam.teacher_images))

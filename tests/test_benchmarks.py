@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -103,6 +104,19 @@ def test_ablation_rows_are_keyed_by_the_sgdistill_floor_they_ran_with(monkeypatc
     assert ablation.resolved({"sensitivity_floor": 0.3}) == {"sensitivity_floor": 0.3}
     monkeypatch.setattr(ablation.DistillConfig, "sensitivity_floor", 0.7)
     assert ablation.resolved(full)["sensitivity_floor"] == 0.7
+
+
+def test_ablation_rows_are_keyed_by_the_thread_count(monkeypatch):
+    """A row cached by a run with another torch thread count is measured again, not reported under this run's count."""
+    ablation = _script("toy_ablation")
+    settings = {"row": "original", "n_eval": 200}
+    monkeypatch.setattr(ablation.torch, "get_num_threads", lambda: 1)
+    one = ablation.row_key(settings)
+    assert ablation.row_key(dict(settings)) == one
+    monkeypatch.setattr(ablation.torch, "get_num_threads", lambda: 2)
+    two = ablation.row_key(settings)
+    assert two != one
+    assert json.loads(one)["threads"] == 1 and json.loads(two)["threads"] == 2
 
 
 def test_ablation_sections_keep_what_another_run_wrote():
