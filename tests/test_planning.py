@@ -306,3 +306,19 @@ def test_strategies_are_registered_objects_and_names_are_unique(monkeypatch, sd3
     outcome = make_plan({}, sd35, ratio=0.2, strategy="first")
     assert outcome.plan.removed_blocks == list(range(len(outcome.plan.removed_blocks)))
     assert outcome.plan.metadata["strategy"] == "first" and outcome.ratio >= 0.2
+
+
+def test_a_modulation_left_without_readers_counts_as_removed(tiny):
+    """The last SD3 block's text modulation feeds only its attention: removing attn takes it along, in the order and in
+    the count, and the count is the pruned model's own."""
+    d = _tiny_contributions()
+    d[(3, "attn")] = 0.001  # the last block's attention goes first
+    # block 2 (37856 = 22.5 %), then 3:attn (7424: 26.9 %) and its unread norm1_context (2112: 28.1 % >= 27 %)
+    outcome = make_plan(d, tiny, ratio=0.27)
+    assert outcome.order == [(2, BLOCK), (3, "attn"), (3, "norm1_context")]
+    k = outcome.order.index((3, "attn"))
+    assert outcome.order[k + 1] == (3, "norm1_context")
+    assert outcome.order.count((3, "norm1_context")) == 1  # not counted again when its own turn comes
+    assert outcome.plan.removed_components[3] == ["attn", "norm1_context"]
+    planned = dict(tiny.config, prune_plan=outcome.plan.to_dict())
+    assert outcome.removed_params == inspect_transformer(planned).original_params - inspect_transformer(planned).params

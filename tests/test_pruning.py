@@ -107,6 +107,9 @@ def test_parameter_count_is_original_minus_reported_parts(fixture, request):
         plan = PrunePlan(removed_blocks=[1], removed_components={0: ["attn", "ff"], 3: ["norm1_context"]}, family="sd3", num_blocks=4)
     else:
         plan = PrunePlan(removed_blocks=[1], removed_components={0: ["norm1"], 2: ["mlp"], 4: ["attn", "norm"]}, family="flux", num_blocks=5)
+    plan = family.check_plan(plan, t.config)  # what the pruned model holds: SD3 block 0 loses its unread norm1 too
+    if family.name == "sd3":
+        assert plan.removed_components[0] == ["attn", "ff", "norm1"]
     expected_removed = sum(family.component_numel(blocks[i], specs[i], BLOCK, t.config) for i in plan.removed_blocks)
     expected_removed += sum(
         family.component_numel(blocks[i], specs[i], c, t.config) for i, names in plan.removed_components.items() for c in names
@@ -218,3 +221,77 @@ def test_batch_one_text_stream_is_broadcast(flux_pipeline, removed):
     assert a.shape[0] == 3
     # Equal up to float32 rounding: a stride-0 (expanded) batch may take another matmul kernel on some CPUs.
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- a modulation whose every reader is removed goes with them (issue 31) ------------------------------------------
+# (block, removed) -> the modulation the plan adds. Tiny SD3: blocks 0-2 joint, 3 the context_pre_only last block
+# (its norm1_context feeds only attn); tiny FLUX: 0-1 double, 2-4 single (norm feeds attn and mlp: never left alone).
+UNREAD = [
+    ("sd3", 0, ["attn", "ff_context"], ["norm1_context"]),
+    ("sd3", 2, ["attn", "ff"], ["norm1"]),
+    ("sd3", 3, ["attn"], ["norm1_context"]),
+    ("sd3", 2, ["attn"], []),
+    ("sd3", 2, ["ff", "ff_context"], []),
+    ("flux", 0, ["attn", "ff_context"], ["norm1_context"]),
+    ("flux", 1, ["attn", "ff"], ["norm1"]),
+    ("flux", 0, ["attn"], []),
+    ("flux", 3, ["attn"], []),
+    ("flux", 4, ["mlp", "norm"], []),
+]
+
+
+@pytest.mark.parametrize("family_name,index,removed,added", UNREAD)
+def test_a_modulation_nobody_reads_is_removed_with_its_readers(family_name, index, removed, added, request):
+    """The normalised plan removes it (so it counts, shows and never sits untrained); the outputs stay those of
+    removing only the named parts."""
+    t = request.getfixturevalue(f"{family_name}_pipeline").transformer
+    family = get_family(t)
+    plan = family.check_plan(PrunePlan(removed_components={index: removed}, family=family_name,
+                                       num_blocks=family.num_blocks(t.config)), t.config)
+    assert plan.removed_components[index] == sorted(removed + added, key=family.component_names.index)
+    assert all(c in plan.describe() for c in added)
+    pruned = prune_transformer(t, plan)
+    paths = [name for name, _ in pruned.named_parameters()]
+    block = family.block_specs(t.config)[index].path
+    for c in added:
+        assert not any(p.startswith(f"{block}.{c}.") for p in paths), c
+    inputs = transformer_inputs(t)
+    with torch.no_grad(), reference_removal(t, removed_components={index: removed}):
+        expected = t(**inputs, return_dict=False)[0]
+    with torch.no_grad():
+        got = pruned(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name,index,removed", [("sd3", 0, ["attn", "ff_context"]), ("sd3", 3, ["attn"]),
+                                                       ("flux", 1, ["attn", "ff"])])
+def test_a_folder_saved_with_the_unread_modulation_still_loads(family_name, index, removed, request, tmp_path):
+    """Before the rule a plan kept the modulation, and its folder holds the weights and the old plan: it loads (they
+    are skipped) and computes what it computed."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    t = request.getfixturevalue(f"{family_name}_pipeline").transformer
+    family = get_family(t)
+    old_plan = PrunePlan(removed_components={index: removed}, family=family_name,
+                         num_blocks=family.num_blocks(t.config))
+    pruned = prune_transformer(t, old_plan)
+    pruned.save_pretrained(tmp_path)
+    # Rewrite the folder as the old code wrote it: the plan as given, the modulation's weights, no marker for it.
+    (modulation,) = family.unread_modulations(family.block_specs(t.config)[index], removed)
+    block = family.block_specs(t.config)[index].path
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.startswith(f"{block}.{modulation}.")}
+    state.update({k: v.contiguous() for k, v in t.state_dict().items() if k.startswith(f"{block}.{modulation}.")})
+    save_file(state, weights)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["prune_plan"] = old_plan.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    cls = type(pruned)
+    loaded = cls.from_pretrained(tmp_path)
+    assert modulation in loaded.prune_plan.removed_components[index]
+    inputs = transformer_inputs(t)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs, return_dict=False)[0], pruned(**inputs, return_dict=False)[0])

@@ -36,6 +36,9 @@ class BlockSpec:
             with every branch removed is the identity and counts as a removed block.
         dual_attention: SD3.5 dual-attention block (``attn`` then covers ``attn`` and ``attn2``).
         context_pre_only: SD3 last block (no text-stream output, no ``ff_context``).
+        modulations: ``(modulation, the branches that read it)`` for each AdaLN modulation of the
+            block: a modulation whose every reader is removed computes nothing that is used, and a
+            plan removes it too (:meth:`ModelFamily.unread_modulations`).
     """
 
     index: int
@@ -45,6 +48,7 @@ class BlockSpec:
     branches: tuple[str, ...]
     dual_attention: bool = False
     context_pre_only: bool = False
+    modulations: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def local_index(self) -> int:
@@ -177,7 +181,10 @@ class ModelFamily:
 
         Raises :class:`PlanError` when the plan was made for another family or block
         count, or names a component a block does not have. A block whose residual
-        branches are all removed is the identity, so it is moved to ``removed_blocks``.
+        branches are all removed is the identity, so it is moved to ``removed_blocks``; a
+        modulation whose every reader is removed is removed with them
+        (:meth:`unread_modulations`): it holds weights that no longer change the output and
+        would never get a gradient in training.
         """
         if plan.family != self.name:
             raise PlanError(
@@ -203,7 +210,7 @@ class ModelFamily:
             if set(spec.branches) <= set(names):
                 removed_blocks.add(index)
             else:
-                components[index] = names
+                components[index] = [*names, *self.unread_modulations(spec, names)]
         normalised = PrunePlan(
             removed_blocks=sorted(removed_blocks),
             removed_components=components,
@@ -212,6 +219,30 @@ class ModelFamily:
             metadata=plan.metadata,
         )
         return normalised
+
+    @staticmethod
+    def unread_modulations(spec: BlockSpec, removed) -> list[str]:
+        """The modulations of ``spec`` that ``removed`` leaves without a reader, not yet in ``removed``.
+
+        E.g. a dual-stream block without ``attn`` and ``ff_context``: nothing reads the text
+        modulation ``norm1_context`` any more.
+        """
+        gone = set(removed)
+        return [m for m, readers in spec.modulations if m not in gone and set(readers) <= gone]
+
+    def unread_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
+        """Module paths of the removed modulations that no kept branch of their block reads (``plan`` normalised).
+
+        Their weights change nothing in the output: a checkpoint saved before plans listed such a
+        modulation (it holds its weights) loads without them and computes the same images.
+        """
+        out = []
+        for spec in self.block_specs(config):
+            removed = plan.removed_components.get(spec.index, ())
+            for m, readers in spec.modulations:
+                if m in removed and set(readers) <= set(removed):
+                    out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, m)]
+        return out
 
     # -- surgery ------------------------------------------------------------------------
     def block_modules(self, model: nn.Module) -> list[nn.Module]:

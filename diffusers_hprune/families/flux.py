@@ -130,6 +130,7 @@ class FluxFamily(ModelFamily):
                 kind="double",
                 components=DOUBLE_COMPONENTS,
                 branches=("attn", "ff", "ff_context"),
+                modulations=(("norm1", ("attn", "ff")), ("norm1_context", ("attn", "ff_context"))),
             )
             for i in range(num_double)
         ]
@@ -140,6 +141,7 @@ class FluxFamily(ModelFamily):
                 kind="single",
                 components=SINGLE_COMPONENTS,
                 branches=("attn", "mlp"),
+                modulations=(("norm", ("attn", "mlp")),),
             )
             for j in range(num_single)
         ]

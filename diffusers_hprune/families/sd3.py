@@ -75,6 +75,9 @@ class SD3Family(ModelFamily):
                     branches=("attn", "ff") if last else ("attn", "ff", "ff_context"),
                     dual_attention=i in dual,
                     context_pre_only=last,
+                    # the last block's text modulation feeds only its attention (no text MLP, no text output)
+                    modulations=(("norm1", ("attn", "ff")),
+                                 ("norm1_context", ("attn",) if last else ("attn", "ff_context"))),
                 )
             )
         return specs

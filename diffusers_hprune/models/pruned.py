@@ -223,7 +223,10 @@ class HierarchicalPrunedMixin:
                 "with these weights."
             ) from None
         markers = set(model.family.removal_markers(model.config, model.prune_plan))
-        info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k not in markers]
+        # A folder saved before plans removed unread modulations holds their weights: unused, so not a mismatch.
+        unread = tuple(path + "." for path in model.family.unread_module_paths(model.config, model.prune_plan))
+        info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k not in markers
+                                   and not (unread and k.startswith(unread))]
         problems = []
         if info["missing_keys"]:
             problems.append(f"missing keys (the plan keeps them, the file lacks them): {_listing(info['missing_keys'])}")

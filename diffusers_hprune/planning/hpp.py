@@ -10,7 +10,8 @@ DESIGN.md section 6, steps 2-4, exactly:
   ``r > r_thres``: remove whole blocks in Score order while the removed fraction stays
   <= r_thres, then components of the remaining blocks in Score order until >= r. A
   block whose residual branches are all gone becomes a removed block (its remaining
-  parameters count as removed too);
+  parameters count as removed too), and a modulation whose readers are all gone is
+  removed with them (it counts as removed: ``ModelFamily.unread_modulations``);
 * with a memory budget instead: the same procedure, stopping when the estimated
   weight bytes fit.
 
@@ -240,8 +241,8 @@ def make_plan(
         for i, c in candidates:
             if done(removed):
                 break
-            if i in removed_blocks:
-                continue
+            if i in removed_blocks or c in removed_components.get(i, ()):
+                continue  # a whole block gone, or a modulation that went with its last reader
             spec = inventory.blocks[i].spec
             gone = removed_components.setdefault(i, set())
             if c in spec.branches and set(spec.branches) <= gone | {c}:
@@ -253,10 +254,12 @@ def make_plan(
                 del removed_components[i]
                 order.append((i, BLOCK))
                 continue
-            gone.add(c)
-            removed += inventory.blocks[i].components[c]
-            removed_b += sizes[i][c]
-            order.append((i, c))
+            # A modulation left without a reader goes with it (family.check_plan removes it too).
+            for part in (c, *family.unread_modulations(spec, gone | {c})):
+                gone.add(part)
+                removed += inventory.blocks[i].components[part]
+                removed_b += sizes[i][part]
+                order.append((i, part))
 
     short = removed / total < ratio - BUDGET_TOLERANCE if blocks_only else not done(removed)
     if short and (not blocks_only or len(removed_blocks) == n - 1):
