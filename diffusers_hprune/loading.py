@@ -127,6 +127,26 @@ def generation_settings(pipe, num_inference_steps=None, height=None, width=None,
     return kwargs
 
 
+#: The pipeline components that encode prompts, and with the VAE every component beside the transformer that computes.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+ENCODERS = (*TEXT_ENCODERS, "vae")
+
+
+@contextlib.contextmanager
+def components_on(pipe, device, names=ENCODERS):
+    """The pipeline's components ``names`` (default: text encoders and VAE) on ``device`` within the block, on the
+    CPU after it (also when the block fails). Components the pipeline lacks or holds as ``None`` are skipped."""
+    modules = [getattr(pipe, name, None) for name in names]
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    for m in modules:
+        m.to(device)
+    try:
+        yield pipe
+    finally:
+        for m in modules:
+            m.to("cpu")
+
+
 @contextlib.contextmanager
 def swapped_transformer(pipe, transformer):
     original = pipe.transformer

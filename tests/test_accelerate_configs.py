@@ -24,5 +24,7 @@ def test_shipped_accelerate_configs_parse(name, distributed_type):
     if distributed_type == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        # one unit per block class of _no_split_modules; size-based wrapping would shard FLUX's ff.net (a ModuleList)
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     if distributed_type == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2

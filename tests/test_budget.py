@@ -118,10 +118,35 @@ def test_options_change_the_terms_they_should():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(BudgetError, match="teacher-4bit needs CUDA"):
-        predict("sd3", options=BudgetOptions(device="cpu", teacher_4bit=True))
     with pytest.raises(BudgetError, match="train-batch-size must be at least 1"):
         predict("sd3", options=BudgetOptions(train_batch_size=0))
+    with pytest.raises(BudgetError, match="validation-prompts must be at least 1"):
+        predict("sd3", options=BudgetOptions(validation=True, validation_prompts=0))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_nf4_teacher_counts_the_weight_it_dequantises(device):
+    """--teacher_4bit runs on a CPU too now; on either device a 4-bit layer holds its weight dequantised while it
+    computes (on a CPU what the CPU dequantisation holds: more than the 16-bit copy a GPU makes)."""
+    terms = predict("sd3", ratio=0.3, options=BudgetOptions(device=device, teacher_4bit=True),
+                    stages=("distillation",)).stage("distillation").device
+    assert terms["teacher (NF4 weights)"] > 0
+    assert terms["teacher (one weight dequantised for its matmul)"] > 0
+
+
+def test_validation_adds_a_phase_with_the_vae_and_no_text_encoder():
+    """--validation_steps: the VAE comes to the GPU between steps to draw the (pre-encoded) prompts."""
+    options = BudgetOptions(validation=True, gradient_checkpointing=True, train_batch_size=1)
+    budget = predict("sd3.5-large-turbo", ratio=0.3, options=options, stages=("distillation",)).stage("distillation")
+    without = predict("sd3.5-large-turbo", ratio=0.3, options=BudgetOptions(gradient_checkpointing=True,
+                                                                            train_batch_size=1),
+                      stages=("distillation",)).stage("distillation")
+    assert budget.device_peak >= without.device_peak
+    huge = predict("sd3.5-large-turbo", ratio=0.3, stages=("distillation",),
+                   options=BudgetOptions(validation=True, validation_prompts=64, gradient_checkpointing=True,
+                                         train_batch_size=1)).stage("distillation")
+    assert "device peak while validation" in huge.notes
+    assert "VAE (weights)" in huge.device and not any(k.startswith("text_encoder") for k in huge.device)
 
 
 def test_budget_command_prints_a_table_and_json(capsys, tmp_path):

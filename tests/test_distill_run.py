@@ -172,7 +172,6 @@ def test_data_and_plan_mistakes_are_refused_before_training(setup, tmp_path, cap
     "extra,message",
     [
         (["--train_data_dir", "somewhere"], "exactly one data source"),
-        (["--teacher_4bit"], "CUDA only"),
         (["--lora_rank", "-1"], "lora_rank must be >= 0"),
         (["--report_to", "nonsense"], "not an Accelerate tracker"),
     ],
@@ -180,8 +179,6 @@ def test_data_and_plan_mistakes_are_refused_before_training(setup, tmp_path, cap
 def test_bad_options(setup, extra, message, capsys):
     base, plans = setup
     analysis, plan_path, _ = plans["sd3"]
-    if extra[0] == "--teacher_4bit" and torch.cuda.is_available():
-        pytest.skip("a CUDA machine accepts --teacher_4bit")
     assert main(_args(base, "sd3", analysis, plan_path, base / "bad", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (base / "bad" / "model_index.json").exists()
@@ -428,7 +425,7 @@ def test_distillation_holds_one_teacher_and_copies_only_what_trains(setup, preci
     models = _teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"))
     assert {p.dtype for p in models.teacher.parameters()} == {dtype}
     pwp = apply_pwp(models.student, enabled=True)
-    _, _, groups = _trainable_groups(config, models, pwp, lambda *a: None)
+    _, _, groups, _ = _trainable_groups(config, models, pwp, lambda *a: None)
     copied = _own_trainable_copies(models.student)
 
     def storage(p):
@@ -457,7 +454,7 @@ def test_distillation_holds_one_teacher_and_copies_only_what_trains(setup, preci
 
 
 def test_text_encoders_and_vae_are_on_the_device_only_within_encoders_on():
-    from diffusers_hprune.distillation.trainer import encoders_on
+    from diffusers_hprune.loading import components_on as encoders_on
 
     moves = []
 
@@ -480,35 +477,60 @@ def test_text_encoders_and_vae_are_on_the_device_only_within_encoders_on():
     assert moves[3:] == [("t1", "cpu"), ("t2", "cpu"), ("vae", "cpu")]  # back on the CPU, whatever happened
 
 
-def test_teacher_4bit_never_materialises_a_16_bit_teacher(setup, monkeypatch):
-    """The NF4 teacher is loaded directly (mocked here: bitsandbytes quantises while loading on CUDA only); the
-    student is read from the checkpoint's kept tensors; no 16-bit transformer is loaded."""
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_teacher_4bit_is_quantised_as_it_loads_and_the_student_read_from_the_files(setup, family, monkeypatch, tmp_path):
+    """--teacher_4bit on a CPU (the project's CPU NF4 path): the teacher is quantised while it loads, with
+    `hprune quantize`'s settings (NF4, double quantisation, the family's 16-bit modules), no 16-bit teacher is
+    loaded, and the student is read from the checkpoint's kept tensors, sliced where the plan slices (a FLUX single
+    block without attn or mlp) -- exactly the weights prune_transformer gives."""
+    import bitsandbytes as bnb
     import diffusers
 
-    from diffusers_hprune import PrunePlan
+    from diffusers_hprune import PrunePlan, get_family, prune_transformer
     from diffusers_hprune.distillation import trainer
+    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.utils.nf4_settings import nf4_config
 
     base, plans = setup
-    analysis, plan_path, plan = plans["sd3"]
-    stand_in = toy.load_pipeline("sd3").transformer.to(torch.bfloat16)  # stands for the NF4 model, loaded first
-    reference = dict(stand_in.named_parameters())
-    loaded = []
+    config = load_transformer_config(toy.model_path(family))
+    fam = get_family(config)
+    if family == "flux":  # single blocks without attn and without mlp: proj_out is sliced both ways
+        first_single = int(config["num_layers"])
+        plan = PrunePlan(family="flux", num_blocks=fam.num_blocks(config), removed_blocks=[1],
+                         removed_components={first_single: ["attn"], first_single + 1: ["mlp"]})
+    else:
+        plan = plans["sd3"][2]
+    plan.save(tmp_path / "plan.json")
+    reference = prune_transformer(diffusers.DiffusionPipeline.from_pretrained(toy.model_path(family)).transformer,
+                                  plan).state_dict()
+    base_class = fam.base_class
+    original = base_class.from_pretrained.__func__
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a 16-bit teacher transformer was loaded")
+    def only_quantised(cls, *args, **kwargs):
+        assert kwargs.get("quantization_config") is not None, "a 16-bit teacher transformer was loaded"
+        return original(cls, *args, **kwargs)
 
-    monkeypatch.setattr(diffusers.SD3Transformer2DModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(trainer, "_load_nf4_transformer", lambda folder, dtype: loaded.append(folder) or stand_in)
-    config = trainer.DistillConfig(teacher="sd3", plan=str(plan_path), output_dir=str(base / "unused"),
-                                   analysis=str(analysis), prompts=str(base / "prompts.txt"), teacher_4bit=True,
-                                   mixed_precision="bf16")
-    models = trainer._teacher_and_student(config, PrunePlan.load(plan_path), torch.device("cpu"))
-    assert loaded == [toy.model_path("sd3")] and models.teacher is stand_in and models.pipe.transformer is stand_in
-    assert models.student.prune_plan.removed_blocks == plan.removed_blocks
-    student = dict(models.student.named_parameters())
-    assert student and all(p.dtype == torch.bfloat16 for p in student.values())
-    for name, p in student.items():  # the checkpoint's values, in the weight dtype, not the teacher's tensors
-        assert torch.equal(p, reference[name]) and p.untyped_storage().data_ptr() != reference[name].data_ptr()
+    monkeypatch.setattr(base_class, "from_pretrained", classmethod(only_quantised))
+    config_ = trainer.DistillConfig(teacher=family, plan=str(tmp_path / "plan.json"), output_dir=str(tmp_path / "o"),
+                                    prompts=str(base / "prompts.txt"), teacher_4bit=True, mixed_precision="bf16",
+                                    sgdistill=False)
+    models = trainer._teacher_and_student(config_, plan, torch.device("cpu"))
+    teacher = models.teacher
+    assert models.pipe.transformer is teacher
+    expected = nf4_config(fam.default_nf4_skip_modules, torch.bfloat16).to_dict()
+    recorded = teacher.config.quantization_config.to_dict()
+    for key in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_skip_modules", "load_in_4bit"):
+        assert recorded[key] == expected[key], key
+    layers = [m for m in teacher.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.nested for m in layers)  # double quantisation
+    for name in fam.default_nf4_skip_modules:  # the family's 16-bit modules stay 16-bit
+        module = teacher.get_submodule(name)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()), name
+    # The student: the checkpoint's kept weights, cut like prune_transformer cuts them, in the weight dtype.
+    student = models.student.state_dict()
+    assert sorted(student) == sorted(reference)
+    for name, value in student.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, reference[name].to(torch.bfloat16)), name
 
 
 def test_only_the_main_process_loads_the_text_encoders(setup):

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers_hprune.distillation.trainer import TEXT_ENCODERS
-from diffusers_hprune.loading import pipeline_folder
+from diffusers_hprune.loading import TEXT_ENCODERS, pipeline_folder
 
 # Parameter counts of the published components (the safetensors headers of the Hub checkpoints).
 CLIP_L = 123_650_304  # CLIPTextModelWithProjection, ViT-L/14 (FLUX's CLIPTextModel: 123,060,480)

@@ -16,12 +16,14 @@ import torch
 from diffusers_hprune.budget.stages import CUDA_RESERVE, GIB, BudgetError, BudgetOptions, predict
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.utils.distributed import local_device_index, resolved_mixed_precision
 from diffusers_hprune.utils.errors import HPruneError
 
 # Each stage's memory-saving flags, tried one after another (each on top of the ones before).
 REMEDIES = {
     "analysis": [("--cache-device cpu", {"cache_device": "cpu"}), ("--batch-size 1", {"analysis_batch_size": 1})],
     "distillation": [
+        ("--mixed_precision bf16", {"mixed_precision": "bf16"}),
         ("--gradient_checkpointing", {"gradient_checkpointing": True}),
         ("--train_batch_size 1", {"train_batch_size": 1}),
         ("--use_8bit_adam", {"use_8bit_adam": True}),
@@ -32,10 +34,19 @@ REMEDIES = {
 
 
 def gpu_memory() -> int | None:
-    """Bytes of the current CUDA device, or ``None`` without one."""
+    """Free bytes of this process's CUDA device (``LOCAL_RANK`` under ``accelerate launch``), or ``None`` without one.
+
+    Read before the process has chosen its device, so the device is named by its local rank, not taken
+    as the current one (always GPU 0 then); free, not total, memory: what another process holds there
+    is not this stage's.
+    """
     if not torch.cuda.is_available():
         return None
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    index = local_device_index()
+    if index >= torch.cuda.device_count():
+        index = 0  # a LOCAL_RANK beyond the visible devices: Accelerate will refuse it; check against the first
+    free, _ = torch.cuda.mem_get_info(index)
+    return int(free)
 
 
 def distill_options(config: DistillConfig) -> BudgetOptions:
@@ -47,7 +58,8 @@ def distill_options(config: DistillConfig) -> BudgetOptions:
         except (HPruneError, UnicodeDecodeError):  # the run itself refuses an unreadable prompt file, with its message
             pass
     return BudgetOptions(
-        resolution=config.resolution, mixed_precision=config.mixed_precision, train_batch_size=config.train_batch_size,
+        resolution=config.resolution, mixed_precision=resolved_mixed_precision(config.mixed_precision),
+        train_batch_size=config.train_batch_size, validation=bool(config.validation_steps),
         lora_rank=config.lora_rank, teacher_4bit=config.teacher_4bit, use_8bit_adam=config.use_8bit_adam,
         gradient_checkpointing=config.gradient_checkpointing, pwp=config.pwp, sgdistill=config.sgdistill,
         r_thres=config.r_thres, train_samples=max(samples, 1), steps=config.teacher_steps)

@@ -58,6 +58,8 @@ class BudgetOptions:
     train_samples: int = 1000
     cache_batch_size: int = 8
     num_processes: int = 1
+    validation: bool = False  # --validation_steps: the student draws the validation prompts between steps
+    validation_prompts: int = 4
     # analysis
     analysis_prompts: int = 8
     analysis_batch_size: int = 8
@@ -73,9 +75,8 @@ class BudgetOptions:
             raise BudgetError(f"device must be 'cuda' or 'cpu', got {self.device!r}.")
         if self.mixed_precision not in _MIXED:
             raise BudgetError(f"--mixed-precision must be one of {', '.join(_MIXED)}, got {self.mixed_precision!r}.")
-        if self.teacher_4bit and self.device != "cuda":
-            raise BudgetError("--teacher-4bit needs CUDA (Diffusers quantises with bitsandbytes on GPUs only).")
         for name in ("train_batch_size", "train_samples", "cache_batch_size", "num_processes", "analysis_prompts",
+                     "validation_prompts",
                      "analysis_batch_size", "eval_steps", "inference_resolution", "resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BudgetError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -321,6 +322,8 @@ def _distillation(ctx: _Context) -> StageBudget:
     trainable = step.trainable
     teacher = {"teacher (NF4 weights)" if o.teacher_4bit else f"teacher ({wname} weights)":
                ctx.original.nbytes("nf4" if o.teacher_4bit else wname)}
+    if o.teacher_4bit:  # each 4-bit layer dequantises its weight for its matmul
+        teacher["teacher (one weight dequantised for its matmul)"] = _nf4_working_bytes(ctx.meta(None), o.device)
     if o.teacher_4bit:  # no 16-bit teacher to share with: the student holds every kept weight
         base = ctx.inventory.nbytes(wname) - (0 if o.lora_rank else trainable * nb)
         student = {f"student ({wname} kept weights)": base, "student (fp32 trainable copies)": 4 * trainable}
@@ -354,6 +357,13 @@ def _distillation(ctx: _Context) -> StageBudget:
         ("saving", {**teacher, **student, **optimizer}, {**encoders,
                                                           "trained student (fp32, gathered)": ctx.inventory.nbytes("fp32")}),
     ]
+    if o.validation:  # between steps (gradients freed): the VAE comes to the device; the prompts come encoded
+        val_batch = o.validation_prompts * (2 if ctx.cfg else 1)
+        drawing = max(forward_trace(ctx.config, ctx.plan, ctx.shapes(val_batch), w).peak,
+                      vae_decode_trace(ctx.parts.vae_config, o.validation_prompts, ctx.resolution, ctx.resolution, w))
+        phases.append(("validation", {**teacher, **student, **optimizer, "VAE (weights)": ctx.parts.params["vae"] * nb,
+                                      f"activations (student call or VAE decode, {o.validation_prompts} prompts)":
+                                      drawing}, dict(encoders)))
     (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
     mode = ", ".join(filter(None, [f"LoRA r={o.lora_rank}" if o.lora_rank else "full weights",
                                    "8-bit AdamW" if o.use_8bit_adam else "AdamW",

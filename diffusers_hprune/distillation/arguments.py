@@ -56,7 +56,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "max_grad_norm", type=nonnegative_float, default=d.max_grad_norm, help="gradient clipping (0: none)")
     _add(g, "adam_weight_decay", type=nonnegative_float, default=d.adam_weight_decay)
     _add(g, "use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
-    _add(g, "mixed_precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
+    _add(g, "mixed_precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision,
+         help="weights of the teacher and the frozen parts, and the autocast of the student (the trainable copies "
+         "stay float32); default: the launch config's (`accelerate launch`), else no")
     _add(g, "seed", type=nonnegative_int, default=d.seed)
     _add(g, "logit_mean", type=finite_float, default=d.logit_mean, help="logit-normal timestep sampling (SD3 training)")
     _add(g, "logit_std", type=positive_float, default=d.logit_std)
@@ -93,6 +95,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
          "training)")
     _add(g, "validation_prompts", nargs="*", default=[], help="several validation prompts at once")
     _add(g, "report_to", help="Accelerate trackers, comma-separated, e.g. tensorboard (logs in OUTPUT_DIR/logs)")
+    _add(g, "process_timeout_minutes", type=positive_float,
+         help="several processes: how long one waits at a barrier for another (default: sized to the work the main "
+         "process does alone: drawing or encoding the training data, saving; at least 30)")
     _add(g, "overwrite", action="store_true",
          help="start a new run in an OUTPUT_DIR that holds a run of this command (its checkpoints are deleted); a "
          "folder holding anything else is always refused")

@@ -27,13 +27,14 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import torch
 
-from diffusers_hprune import toy
 from diffusers_hprune.contributions import ContributionReport, fingerprint
+from diffusers_hprune.distillation import validation
 from diffusers_hprune.distillation.data import (
     DataSpec,
     build_training_cache,
@@ -43,18 +44,40 @@ from diffusers_hprune.distillation.data import (
 )
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.pwp import apply_pwp
+from diffusers_hprune.distillation.reach import parameters_off_the_loss
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.loading import generation_settings, load_pipeline, pipeline_folder, pixel_multiple
+from diffusers_hprune.loading import (
+    TEXT_ENCODERS,
+    components_on,
+    generation_settings,
+    load_pipeline,
+    pipeline_folder,
+    pixel_multiple,
+)
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
-from diffusers_hprune.utils.distributed import launched_on_cpu
+from diffusers_hprune.utils.distributed import (
+    PRECISIONS,
+    launched_on_cpu,
+    launched_with_deepspeed,
+    lone_work_timeout,
+    resolved_mixed_precision,
+)
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json, copy_files, safetensors_user_modes
+from diffusers_hprune.utils.float64 import float64
+from diffusers_hprune.utils.nf4_cpu import (
+    accelerator_available,
+    compute_in_fp32_on_cpu,
+    cpu_nf4_loading,
+    keep_cpu_layout,
+)
+from diffusers_hprune.utils.nf4_settings import default_compute_dtype, nf4_config
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 
@@ -92,7 +115,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 0.0
     use_8bit_adam: bool = False
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: the launch config's (ACCELERATE_MIXED_PRECISION), else "no"
     seed: int = 0
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -117,6 +140,7 @@ class DistillConfig:
     validation_steps: int = 0
     validation_prompts: list[str] = field(default_factory=list)
     report_to: str | None = None
+    process_timeout_minutes: float | None = None  # None: sized to the work one process does while the others wait
     overwrite: bool = False
     progress: bool = True
 
@@ -139,7 +163,7 @@ class DistillConfig:
         for name in ("use_8bit_adam", "pwp", "sgdistill", "binary_freeze", "gradient_checkpointing", "teacher_4bit",
                      "overwrite", "progress"):
             check_bool(name, getattr(self, name), error=DistillError)
-        if self.mixed_precision not in PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise DistillError(f"--mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}.")
         if not all(isinstance(p, str) and p.strip() for p in self.validation_prompts):
             raise DistillError("validation_prompts must be a list of non-empty prompts (strings); drop the empty ones.")
@@ -180,8 +204,8 @@ NUMBER_RULES = {
     "checkpointing_steps": _Rule(int, 0),
     "checkpoints_total_limit": _Rule(int, 1, optional=True),
     "validation_steps": _Rule(int, 0),
+    "process_timeout_minutes": _Rule(float, 0, above=True, optional=True),
 }
-PRECISIONS = ("no", "fp16", "bf16")
 
 RUN_FILE = "hprune_run.json"  # the run's identity: in OUTPUT_DIR (the marker of a run folder) and in each checkpoint
 PROGRESS_FILE = "hprune_progress.json"  # in each checkpoint: the losses, seconds and start loss so far
@@ -385,9 +409,6 @@ def weight_dtype(config: DistillConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
 def _without_text_encoders(main: bool) -> dict:
     """Components to leave unloaded: a process other than the main one never encodes text (it reads the cache)."""
     return {} if main else dict.fromkeys(TEXT_ENCODERS)
@@ -475,18 +496,20 @@ def distill(config: DistillConfig) -> dict[str, Any]:
 
     config.check()
     output_dir = _checked_output_dir(config)
-    accelerator = _accelerator(config, output_dir)  # also seeds every RNG with config.seed
-    say = accelerator.print
     spec = _checked_data_spec(config)
-    config = replace(config, validation_prompts=list(config.validation_prompts) or list(spec.held_out))
     plan = PrunePlan.load(config.plan)
+    accelerator = _accelerator(config, output_dir, _process_timeout(config, spec, plan))  # every RNG seeded
+    say = accelerator.print
+    # Accelerate's precision (the flag, else the launch config's) is the run's from here on.
+    config = replace(config, mixed_precision=_checked_precision(accelerator.mixed_precision),
+                     validation_prompts=list(config.validation_prompts) or list(spec.held_out))
     resume_path = _resume_point(config, output_dir, say)
 
     models = _teacher_and_student(config, plan, accelerator.device, main=accelerator.is_main_process)
     _check_resolution(config, models)
     pwp = apply_pwp(models.student, enabled=config.pwp)
     say(pwp.summary())
-    use_sg, lora_config, groups = _trainable_groups(config, models, pwp, say)
+    use_sg, lora_config, groups, off_the_loss = _trainable_groups(config, models, pwp, say)
     _own_trainable_copies(models.student)
     identity = _run_identity(models, groups, config, data=data_identity(models.pipe, spec), use_sg=use_sg,
                              processes=accelerator.num_processes)
@@ -498,6 +521,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     optimizer = _optimizer(config, groups, lora_config, say)
     dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
 
+    group_records = [{"name": g.name, "lr": g.lr, "numel": g.numel} for g in groups]
     run = _Run.prepare(config, accelerator, models, optimizer, groups, dataset, identity, output_dir)
     step, progress = _resume(run, resume_path, say)
     if config.report_to:
@@ -508,14 +532,18 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     step = _train(run, step, progress)
     accelerator.wait_for_everyone()
     eval_end = run.held_out_loss()
+    _resharded(run.inner)  # FSDP2 leaves its root unit gathered (16-bit) after a forward: read the trained weights
     say(f"loss on a fixed batch (fixed noise and noise levels): {progress.start_loss:.4g} -> {eval_end:.4g}")
 
     summary = {
         "teacher": models.teacher_name, "plan": models.plan.describe(), "ratio": round(models.ratio, 6),
         "pwp": config.pwp, "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
+        **_precision_record(run, models), "distributed": str(accelerator.distributed_type).rsplit(".", 1)[-1],
         "steps": step, "seconds": round(progress.seconds, 2), "processes": accelerator.num_processes,
         "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
-        "trainable_params": sum(g.numel for g in groups), "param_groups": [{"name": g.name, "lr": g.lr} for g in groups],
+        "trainable_params": sum(g["numel"] for g in group_records),
+        "param_groups": [{"name": g["name"], "lr": g["lr"]} for g in group_records],
+        "frozen_off_the_loss": off_the_loss, **_gradient_record(run),
         **_rank_checksums(run), "fixed_batch_loss": {"start": progress.start_loss, "end": eval_end},
         "losses": progress.losses,
     }
@@ -557,22 +585,115 @@ def _teacher_folders(teacher: str) -> list[Path]:
     return folders + ([resolved] if resolved is not None else [])
 
 
-def _accelerator(config: DistillConfig, output_dir: Path):
-    """Accelerate's ``Accelerator`` for the run's precision, accumulation and trackers; every RNG seeded."""
+def _accelerator(config: DistillConfig, output_dir: Path, timeout):
+    """Accelerate's ``Accelerator`` for the run's precision, accumulation and trackers; every RNG seeded.
+
+    Precision: ``--mixed_precision``, else the launch config's (``None`` lets Accelerate read it). DDP keeps
+    each gradient as a view of its all-reduce bucket (no second copy of the gradients); the process group
+    waits ``timeout`` at a barrier (:func:`_process_timeout`). Under DeepSpeed, its config gets the
+    micro-batch size and, where it says ``auto``, the clipping norm (no DataLoader goes through ``prepare``).
+    """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+        set_seed,
+    )
 
     _check_trackers(config.report_to)
-    _forget_other_precision(config.mixed_precision)
+    _check_deepspeed_installed()
+    _forget_other_precision(resolved_mixed_precision(config.mixed_precision))
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=[t.strip() for t in config.report_to.split(",")] if config.report_to else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         cpu=launched_on_cpu(),
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         InitProcessGroupKwargs(timeout=timeout)],
     )
+    if accelerator.distributed_type == DistributedType.FSDP and config.use_8bit_adam:
+        raise DistillError("--use_8bit_adam does not work under FSDP: bitsandbytes' 8-bit AdamW cannot update the "
+                           "sharded (DTensor) parameters FSDP2 trains. Drop --use_8bit_adam (FSDP already shards the "
+                           "optimizer state across the GPUs), or launch with DDP "
+                           "(examples/accelerate_configs/multi_gpu.yaml) or DeepSpeed to use it.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        settings = accelerator.state.deepspeed_plugin.deepspeed_config
+        settings["train_micro_batch_size_per_gpu"] = config.train_batch_size
+        if settings.get("gradient_clipping") == "auto":
+            settings["gradient_clipping"] = config.max_grad_norm
     set_seed(config.seed)
     return accelerator
+
+
+def _checked_precision(mixed_precision: str) -> str:
+    """The precision Accelerate settled on, refused (before any loading) when the trainer has no weight dtype for it."""
+    if mixed_precision not in PRECISIONS:
+        raise DistillError(f"The launch config asks for mixed precision {mixed_precision!r}; distillation runs in "
+                           f"{', '.join(PRECISIONS)}: pass --mixed_precision bf16 (or change the launch config).")
+    return mixed_precision
+
+
+def _check_deepspeed_installed() -> None:
+    """A DeepSpeed launch config without the ``deepspeed`` package: refused before anything is loaded."""
+    import importlib.util
+
+    if launched_with_deepspeed() and importlib.util.find_spec("deepspeed") is None:
+        raise DistillError("The launch config uses DeepSpeed (distributed_type: DEEPSPEED), but the deepspeed package "
+                           "is not installed: install it (`pip install deepspeed`, see DeepSpeed's docs for your CUDA), "
+                           "or launch with examples/accelerate_configs/fsdp.yaml or multi_gpu.yaml.")
+
+
+#: What the process-group timeout is sized by (docs/distillation.md, "Several processes"): the teacher's drawing of
+#: one training sample per denoising step, the encoding of one training image, and the disk's write rate.
+DRAW_SECONDS_PER_STEP = 2.0
+ENCODE_SECONDS_PER_IMAGE = 0.5
+WRITE_BYTES_PER_SECOND = 100e6
+UNKNOWN_DATASET_SAMPLES = 100_000
+
+
+def _process_timeout(config: DistillConfig, spec: DataSpec, plan) -> timedelta:
+    """How long a process waits at a barrier before the job is given up (``InitProcessGroupKwargs``).
+
+    Every process but the main one waits while the main process alone draws (or encodes) the
+    training data, and while it writes the trained student and its checkpoints: the timeout
+    outlasts that work (:func:`~diffusers_hprune.utils.distributed.lone_work_timeout` of the estimate:
+    the samples times the teacher's steps at ``DRAW_SECONDS_PER_STEP``, or the images at
+    ``ENCODE_SECONDS_PER_IMAGE``, plus 16 bytes per student parameter at ``WRITE_BYTES_PER_SECOND``).
+    ``--process_timeout_minutes`` sets it instead.
+    """
+    from diffusers_hprune.profiles import identify
+
+    if config.process_timeout_minutes is not None:
+        return timedelta(minutes=config.process_timeout_minutes)
+    samples = _sample_count(spec)
+    if spec.prompts:
+        profile, _ = identify(config.teacher)
+        steps = spec.teacher_steps or (profile.num_inference_steps if profile is not None else 28)
+        work = samples * steps * DRAW_SECONDS_PER_STEP
+    else:
+        work = samples * ENCODE_SECONDS_PER_IMAGE
+    try:
+        parameters = inspect_transformer(dict(load_transformer_config(config.teacher), prune_plan=plan.to_dict())).params
+    except HPruneError:  # a model the budget cannot read without loading it: FLUX.1's size
+        parameters = 12_000_000_000
+    return lone_work_timeout(work + 16 * parameters / WRITE_BYTES_PER_SECOND)
+
+
+def _sample_count(spec: DataSpec) -> int:
+    """The training samples the options describe (at most ``--max_samples``), without loading the data."""
+    if spec.prompts:
+        count = len(read_prompts(spec.prompts))
+    elif spec.train_data_dir and Path(spec.train_data_dir).is_dir():
+        count = sum(1 for p in Path(spec.train_data_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        count = UNKNOWN_DATASET_SAMPLES
+    return min(count, spec.max_samples) if spec.max_samples else count
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
@@ -602,9 +723,6 @@ def _checked_data_spec(config: DistillConfig):
     if config.prompts:
         read_prompts(config.prompts)  # readable, UTF-8, with prompts: said now, not after loading the teacher
     spec.held_out = _held_out_for_validation(config)
-    if config.teacher_4bit and not torch.cuda.is_available():
-        raise DistillError("--teacher_4bit loads the teacher in NF4 through bitsandbytes, which Diffusers allows on "
-                           "CUDA only; drop the flag on this machine.")
     return spec
 
 
@@ -691,13 +809,23 @@ def _check_resolution(config: DistillConfig, models: _Models) -> None:
 
 
 def _load_nf4_transformer(folder: Path, dtype: torch.dtype):
-    """The teacher's transformer, quantised to NF4 while it loads (bitsandbytes; CUDA)."""
-    from diffusers import BitsAndBytesConfig
+    """The teacher's transformer, quantised to NF4 while it loads, with the settings ``hprune quantize`` writes
+    (:func:`~diffusers_hprune.utils.nf4_settings.nf4_config`: double quantisation, the family's 16-bit modules).
 
+    On a GPU through Diffusers' bitsandbytes loader (onto this process's device); on a CPU through the
+    project's CPU loading path, where the 4-bit layers compute in float32.
+    """
     config = load_transformer_config(folder)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return get_family(config).base_class.from_pretrained(folder, subfolder="transformer", quantization_config=quant,
-                                                         torch_dtype=dtype)
+    family = get_family(config)
+    compute = dtype if dtype != torch.float32 else default_compute_dtype()
+    quant = nf4_config(family.default_nf4_skip_modules, compute)
+    with cpu_nf4_loading():
+        model = family.base_class.from_pretrained(folder, subfolder="transformer", quantization_config=quant,
+                                                  torch_dtype=dtype)
+    if not accelerator_available():
+        keep_cpu_layout(model)
+        compute_in_fp32_on_cpu(model)
+    return model
 
 
 def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
@@ -705,6 +833,8 @@ def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
 
     With an NF4 teacher no 16-bit teacher exists to share weights with; reading the kept
     tensors from the checkpoint, one at a time, never holds the whole 16-bit transformer.
+    A tensor the plan slices (a FLUX single block's ``proj_out`` without ``attn`` or ``mlp``) is
+    cut as ``prune_transformer`` cuts it (``family.prune_state_dict``).
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
@@ -721,7 +851,8 @@ def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
         with safe_open(file, "pt", device="cpu") as f:
             for key in f.keys():
                 if key in wanted:
-                    state[key] = f.get_tensor(key).to(device, dtype)
+                    kept = family.prune_state_dict({key: f.get_tensor(key)}, plan, config)[key]
+                    state[key] = kept.to(device, dtype)
     missing = wanted - set(state)
     if missing:
         raise DistillError(f"The teacher's files in {folder} lack {len(missing)} weight(s) the student keeps (e.g. "
@@ -760,7 +891,13 @@ def _own_trainable_copies(student) -> int:
 
 
 def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
-    """SGDistill's parameter groups of what PWP left trainable (LoRA adapters on it with --lora_rank)."""
+    """SGDistill's parameter groups of what PWP left trainable (LoRA adapters on it with --lora_rank).
+
+    Trainable parameters that cannot change the loss (:func:`~.reach.parameters_off_the_loss`: e.g. with
+    ``--lambda_feat 0`` the text-stream output of an SD3 student's new last block) are frozen first: they
+    would never get a gradient, which stops a multi-process run. Returns ``(use_sg, lora_config, groups,
+    frozen names)``.
+    """
 
     student, report = models.student, models.report
     ratio, source = sgdistill_ratio(models.plan, models.ratio)
@@ -775,13 +912,22 @@ def _trainable_groups(config: DistillConfig, models: _Models, pwp, say):
         student.requires_grad_(False)
         lora_config = _lora_config(student, pwp.trainable_modules, config.lora_rank, config.lora_alpha)
         student.add_adapter(copy.deepcopy(lora_config))
+    off_the_loss = parameters_off_the_loss(student, config.lambda_feat)
+    if off_the_loss:
+        named = dict(student.named_parameters())
+        for name in off_the_loss:
+            named[name].requires_grad_(False)
+        modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in off_the_loss))
+        say(f"frozen: {len(off_the_loss)} trainable parameter(s) that no term of the loss reads "
+            f"({', '.join(modules[:6])}{', ...' if len(modules) > 6 else ''})"
+            + ("; with --lambda_feat 0 only the student's output counts" if not config.lambda_feat else ""))
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     groups = sgdistill_param_groups(
         student, report.contributions() if report is not None else None, config.learning_rate, enabled=use_sg,
         floor=config.sensitivity_floor, eps=config.sensitivity_eps, binary=config.binary_freeze,
     )
-    return use_sg, lora_config, groups
+    return use_sg, lora_config, groups, off_the_loss
 
 
 def _prepare_output_dir(config: DistillConfig, output_dir: Path, resume_path, identity: dict, accelerator,
@@ -885,8 +1031,11 @@ def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: P
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
     if accelerator.is_main_process:
-        with encoders_on(pipe, accelerator.device):  # then back on the CPU: steps need only the cached embeddings
+        with components_on(pipe, accelerator.device):  # then back on the CPU: steps need only the cached embeddings
             build_training_cache(pipe, spec, cache_dir, progress=config.progress)
+            if config.validation_steps:  # encoded now: no text encoder comes back to the device mid-training
+                validation.encode_validation_prompts(pipe, get_family(pipe.transformer), config.validation_prompts,
+                                                     _validation_settings(pipe, config), output_dir)
     accelerator.wait_for_everyone()
     dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
     say(f"training data: {len(dataset)} samples cached in {cache_path}")
@@ -912,11 +1061,19 @@ class _Run:
     weight_dtype: torch.dtype
     kept: list
     sampler: _StepSampler
-    sigmas: torch.Tensor
+    sigmas: torch.Tensor  # float32: timesteps are computed at full precision, as the pipelines do at inference
     num_train_timesteps: int
+    validation_embeds: dict | None = None
+    without_gradient: list[str] | None = None  # trainable parameters with no gradient at the first step
 
     @classmethod
     def prepare(cls, config, accelerator, models: _Models, optimizer, groups, dataset, identity, output_dir):
+        """Hand the student and optimizer to Accelerate (DDP / FSDP / DeepSpeed wrap them).
+
+        Afterwards ``groups`` no longer hold their parameters: under FSDP2 those are the unsharded
+        tensors from before ``prepare`` (the optimizer now holds the sharded ones), and keeping them
+        would keep a full copy of every trainable weight alive on every GPU.
+        """
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         dtype = weight_dtype(config)
@@ -924,12 +1081,17 @@ class _Run:
         # exactly what the uninterrupted run would have drawn.
         sampler = _StepSampler(len(dataset), config.train_batch_size, accelerator.num_processes, config.seed)
         student, optimizer = accelerator.prepare(models.student, optimizer)
+        for group in groups:
+            group.params = []
         teacher = models.teacher  # on the device, in the weight dtype, since it was loaded
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.pipe.scheduler.config)
         inner = accelerator.unwrap_model(student)
+        embeds = (validation.load_validation_embeds(output_dir, config.validation_prompts)
+                  if config.validation_steps else None)
         return cls(config, accelerator, models.pipe, teacher, models.family, student, inner, optimizer, groups,
                    dataset, identity, output_dir, dtype, kept_blocks(inner), sampler,
-                   scheduler.sigmas.to(accelerator.device), scheduler.config.num_train_timesteps)
+                   scheduler.sigmas.to(accelerator.device, torch.float32), scheduler.config.num_train_timesteps,
+                   embeds)
 
     def held_out_loss(self) -> float:
         return _fixed_batch_loss(self.inner, self.teacher, self.family, self.dataset, self.kept,
@@ -1029,8 +1191,8 @@ def _train(run: _Run, step: int, progress: _Progress) -> int:
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
             _checkpoint(accelerator, run.output_dir, step, config.checkpoints_total_limit, run.identity,
                         progress.to_dict(before + time.perf_counter() - start))
-        if config.validation_steps and step % config.validation_steps == 0 and accelerator.is_main_process:
-            _validate(run.pipe, run.inner, config, run.output_dir, step)
+        if config.validation_steps and step % config.validation_steps == 0:
+            _validate(run, step)  # on every process: a sharded student's forward is collective
     bar.close()
     progress.seconds = before + time.perf_counter() - start
     return step
@@ -1068,17 +1230,19 @@ def _micro_step(run: _Run, micro: int) -> dict:
 
     config, accelerator, family, dtype = run.config, run.accelerator, run.family, run.weight_dtype
     batch = run.dataset[run.sampler.indices(micro, accelerator.process_index)]
-    x0 = batch["latents"].to(accelerator.device, dtype)
+    x0 = batch["latents"].to(accelerator.device, torch.float32)
     text = {k: batch[k].to(accelerator.device, dtype) for k in ("prompt_embeds", "pooled_projections")}
     seed = run.sampler.seed(micro, accelerator.process_index)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         u = compute_density_for_timestep_sampling("logit_normal", x0.shape[0], config.logit_mean, config.logit_std)
-    sigmas = run.sigmas[(u * run.num_train_timesteps).long().clamp(max=len(run.sigmas) - 1)].to(dtype)
-    noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, dtype)
+    # Noise levels and the timesteps made of them stay float32 (in bf16, SD3's timestep 750 becomes 752); the
+    # noisy latents are mixed in float32, then cast to the weight dtype.
+    sigmas = run.sigmas[(u * run.num_train_timesteps).long().clamp(max=len(run.sigmas) - 1)]
+    noise = torch.randn(x0.shape, generator=gen).to(accelerator.device, torch.float32)
     s = sigmas.view(-1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * noise
+    x_t = ((1 - s) * x0 + s * noise).to(dtype)
     inputs = family.denoiser_inputs(run.inner, x_t, sigmas, text, config.guidance_scale)
     with torch.no_grad(), BlockFeatures(run.teacher, run.kept) as ft:
         v_t = family.denoiser_output(run.teacher(**inputs, return_dict=False)[0], x0)
@@ -1089,19 +1253,79 @@ def _micro_step(run: _Run, micro: int) -> dict:
         if not _all_finite(accelerator, loss):
             raise _NotFinite("loss", float(loss.detach()))
         accelerator.backward(loss)
+        if accelerator.sync_gradients and run.without_gradient is None:
+            run.without_gradient = _without_gradient(run)
         if accelerator.sync_gradients and config.max_grad_norm:
-            norm = accelerator.clip_grad_norm_([p for g in run.groups for p in g.params], config.max_grad_norm)
+            # The prepared model's parameters (under FSDP2 the sharded ones, whose gradients exist): Accelerate
+            # recognises the model's own parameter list and clips it as the wrapper needs.
+            norm = accelerator.clip_grad_norm_(list(run.student.parameters()), config.max_grad_norm)
             # fp16's grad scaler skips a step with inf gradients itself (and lowers its scale); otherwise: stop
             if norm is not None and accelerator.scaler is None and not _all_finite(accelerator, torch.as_tensor(norm)):
                 raise _NotFinite("gradient norm", float(norm))
+            if norm is not None:  # before clipping; DeepSpeed clips inside its engine and reports none
+                parts["grad_norm"] = float(_full(torch.as_tensor(norm)))
         run.optimizer.step()
         run.optimizer.zero_grad()
     return parts
 
 
+def _without_gradient(run: _Run) -> list[str]:
+    """The trainable parameters without a gradient after the first synchronised backward (none, in a correct run).
+
+    Under several processes that is fatal (DDP stops at the next step, naming no parameter): refused here,
+    with the names. DeepSpeed keeps the gradients inside its engine: nothing to look at there.
+    """
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return []
+    missing = [name for name, p in run.student.named_parameters() if p.requires_grad and p.grad is None]
+    if missing and run.accelerator.num_processes > 1:
+        raise DistillError(f"{len(missing)} trainable parameter(s) got no gradient at the first step ("
+                           f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); several processes cannot "
+                           "train such a model. This is a bug of diffusers-hprune: please report it with the plan.")
+    return missing
+
+
+def _gradient_record(run: _Run) -> dict:
+    """How many trainable parameters had no gradient at the first step, per process (all 0 in a correct run)."""
+    missing = run.without_gradient or []
+    if missing:
+        run.accelerator.print(f"warning: {len(missing)} trainable parameter(s) got no gradient and did not train: "
+                              f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    counts = run.accelerator.gather(torch.tensor([len(missing)], device=run.accelerator.device))
+    return {"trainable_without_gradient": [int(c) for c in counts.cpu()]}
+
+
+def _precision_record(run: _Run, models: _Models) -> dict:
+    """The precision the run used: Accelerate's mixed precision, the teacher's weights, the trainable copies."""
+    teacher = "nf4" if run.config.teacher_4bit else str(run.weight_dtype).removeprefix("torch.")
+    # what the optimizer updates (under FSDP2 the sharded master weights, not the gathered 16-bit views)
+    trainable = sorted({str(p.dtype).removeprefix("torch.") for g in run.optimizer.param_groups for p in g["params"]})
+    return {"mixed_precision": run.config.mixed_precision, "teacher_dtype": teacher,
+            "frozen_dtype": str(run.weight_dtype).removeprefix("torch."), "trainable_dtype": ", ".join(trainable)}
+
+
+def _resharded(module) -> None:
+    """Under FSDP2, every unit of ``module`` back in its sharded state (its parameters the trained, sharded ones)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (a parameter sharded by FSDP2) gathered from every rank (call on every rank)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _rank_checksums(run: _Run) -> dict:
-    """Every rank must hold the same weights (DDP keeps them in step): each rank's weight sum, gathered."""
-    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in run.inner.parameters())],
+    """Every rank must hold the same weights (DDP keeps them in step): each rank's weight sum, gathered.
+
+    A parameter sharded by FSDP2 is gathered whole first, one at a time, so every rank sums the whole model.
+    """
+    checksum = torch.tensor([sum(float(float64(_full(p.detach())).sum()) for p in run.inner.parameters())],
                             device=run.accelerator.device, dtype=torch.float64)
     checksums = [float(c) for c in run.accelerator.gather(checksum).cpu()]
     return {"rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1}
@@ -1126,34 +1350,17 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
             f"{run.output_dir}")
 
 
-ENCODERS = (*TEXT_ENCODERS, "vae")
-
-
-@contextlib.contextmanager
-def encoders_on(pipe, device):
-    """The pipeline's text encoders and VAE on ``device`` within the block, on the CPU after it."""
-    modules = [getattr(pipe, name, None) for name in ENCODERS]
-    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
-    for m in modules:
-        m.to(device)
-    try:
-        yield pipe
-    finally:
-        for m in modules:
-            m.to("cpu")
-
-
 @torch.no_grad()
 def _fixed_batch_loss(student, teacher, family, dataset, kept, device, dtype, config: DistillConfig) -> float:
     """The distillation loss on the first (up to) 8 samples at fixed noise levels and noise: comparable over time."""
 
     n = min(8, len(dataset))
     batch = dataset[:n]
-    x0 = batch["latents"].to(device, dtype)
+    x0 = batch["latents"].to(device, torch.float32)
     text = {k: batch[k].to(device, dtype) for k in ("prompt_embeds", "pooled_projections")}
-    sigmas = torch.linspace(0.1, 0.9, n, device=device, dtype=dtype)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
-    x_t = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise
+    sigmas = torch.linspace(0.1, 0.9, n, device=device, dtype=torch.float32)  # as in _micro_step: float32 timesteps
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234)).to(device, torch.float32)
+    x_t = ((1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise).to(dtype)
     inputs = family.denoiser_inputs(student, x_t, sigmas, text, config.guidance_scale)
     was_training = student.training
     student.eval()
@@ -1191,19 +1398,19 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
     accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
-def _validate(pipe, student, config: DistillConfig, output_dir: Path, step: int) -> None:
-    prompts = config.validation_prompts  # given, or held out of --prompts (_held_out_for_validation)
-    was_training = student.training
-    student.eval()
-    student_pipe = with_pruned_transformer(pipe, student)
-    kwargs = generation_settings(pipe, None, config.resolution, config.resolution, config.guidance_scale)
-    device = next(student.parameters()).device
-    with encoders_on(student_pipe, device):
-        gens = [torch.Generator(device).manual_seed(config.seed + k) for k in range(len(prompts))]
-        images = student_pipe(prompts, generator=gens, **kwargs).images
-    toy.save_grid(images, output_dir / "validation" / f"step-{step}.png", columns=min(8, len(images)))
-    student.train(was_training)
+def _validation_settings(pipe, config: DistillConfig) -> dict:
+    """The pipeline call arguments of the validation drawings: the teacher's profile, at the training resolution."""
+    return generation_settings(pipe, None, config.resolution, config.resolution, config.guidance_scale)
+
+
+def _validate(run: _Run, step: int) -> None:
+    """Draw the validation prompts (given, or held out of --prompts) with the student; the main process writes them."""
+    config, accelerator = run.config, run.accelerator
+    path = run.output_dir / validation.FOLDER / f"step-{step}.png" if accelerator.is_main_process else None
+    validation.draw_validation(
+        run.pipe, run.inner, run.validation_embeds, _validation_settings(run.pipe, config),
+        [config.seed + k for k in range(len(config.validation_prompts))], device=accelerator.device,
+        dtype=run.weight_dtype, autocast=accelerator.autocast(), path=path)
 
 
 __all__ = ["DistillConfig", "DistillError", "distill"]

@@ -81,6 +81,10 @@ class ModelFamily:
     def default_nf4_skip_modules(self) -> tuple[str, ...]:
         return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
 
+    negative_prompt_default: str | None = None
+    """The negative prompt the family's pipeline encodes itself when its guidance needs one and none is given
+    (SD3: the empty prompt); ``None`` when it then draws without (FLUX's true CFG needs a negative prompt)."""
+
     text_has_clip_tokens: bool = False
     """True when the transformer's text stream holds the CLIP tokens before the T5 tokens (SD3)."""
 

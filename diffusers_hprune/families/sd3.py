@@ -51,6 +51,7 @@ class SD3Family(ModelFamily):
     base_class_name = "SD3Transformer2DModel"
     pruned_class_name = "HierarchicalPrunedSD3Transformer2DModel"
     text_has_clip_tokens = True
+    negative_prompt_default = ""  # StableDiffusion3Pipeline's classifier-free guidance encodes "" unless told otherwise
     component_names = ("attn", "ff", "ff_context", "norm1", "norm1_context")
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")

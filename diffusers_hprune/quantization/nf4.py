@@ -26,32 +26,11 @@ from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.nf4_cpu import compute_in_fp32_on_cpu, install_cpu_dequantize, keep_cpu_layout
+from diffusers_hprune.utils.nf4_settings import default_compute_dtype, nf4_config
 
 
 class QuantizeError(HPruneError):
     """A model that cannot be quantised as asked (already quantised, unknown skip module, ...)."""
-
-
-def default_compute_dtype() -> torch.dtype:
-    """bf16, on every machine: the dtype a checkpoint records for the GPUs it is published to.
-
-    On a CPU the layers compute in fp32 all the same (:func:`~diffusers_hprune.utils.nf4_cpu.compute_in_fp32_on_cpu`,
-    applied by ``quantize`` and by the pruned classes' CPU loading).
-    """
-    return torch.bfloat16
-
-
-def nf4_config(skip_modules: tuple[str, ...] | list[str], compute_dtype: torch.dtype | None = None):
-    """The ``BitsAndBytesConfig`` of our W4A16: NF4, double quantisation, ``skip_modules`` in 16-bit."""
-    from diffusers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype(),
-        llm_int8_skip_modules=list(skip_modules),
-    )
 
 
 def is_quantized(transformer: torch.nn.Module) -> bool:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+
+#: The mixed-precision modes the stages run in (Accelerate's names).
+PRECISIONS = ("no", "fp16", "bf16")
+#: The shortest process-group timeout the stages use: PyTorch's NCCL default (10 minutes) kills a job whose main
+#: process works alone longer than that while the others wait at a barrier.
+MIN_TIMEOUT = timedelta(minutes=30)
 
 
 def launched_on_cpu() -> bool:
@@ -16,11 +23,47 @@ def launched_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def process_state():
-    """Accelerate's ``PartialState`` for this process (rank, world size, device, barriers)."""
+def resolved_mixed_precision(flag: str | None) -> str:
+    """The mixed precision a run uses, in Accelerate's order: the flag, else the launch config's, else ``"no"``.
+
+    ``accelerate launch`` passes its config's ``mixed_precision`` to the processes as
+    ``ACCELERATE_MIXED_PRECISION``; an explicit flag overrides it.
+    """
+    if flag is not None:
+        return flag
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+
+
+def launched_with_deepspeed() -> bool:
+    """True when ``accelerate launch`` was given a DeepSpeed config (``distributed_type: DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() == "true"
+
+
+def local_device_index() -> int:
+    """The index of this process's GPU: ``LOCAL_RANK`` under ``accelerate launch`` / ``torchrun``, else 0."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def lone_work_timeout(seconds: float) -> timedelta:
+    """A process-group timeout that outlasts ``seconds`` of work one process does while the others wait for it.
+
+    Twice the estimate plus 10 minutes, and never less than :data:`MIN_TIMEOUT`.
+    """
+    return max(MIN_TIMEOUT, timedelta(seconds=2 * max(seconds, 0.0) + 600))
+
+
+def process_state(timeout: timedelta | None = None):
+    """Accelerate's ``PartialState`` for this process (rank, world size, device, barriers).
+
+    ``timeout``: how long a collective or barrier may wait (the process group's timeout), when this
+    call sets the group up; default :data:`MIN_TIMEOUT`.
+    """
     from accelerate import PartialState
 
-    return PartialState(cpu=launched_on_cpu())
+    return PartialState(cpu=launched_on_cpu(), timeout=timeout or MIN_TIMEOUT)
 
 
 def end_processes() -> None:

@@ -23,8 +23,9 @@ size or whose ``out_features`` is not a multiple of 32, and on the others its nu
 from every other processor's and do not survive ``save_pretrained`` (which packs the weight
 back, changing its quantisation state), so a model computed other outputs after being saved.
 
-:func:`cpu_nf4_loading` lets Diffusers' loader read pre-quantised NF4 weights on a machine without
-a GPU (Diffusers' 4-bit quantizer refuses to start there; bitsandbytes runs NF4 on the CPU).
+:func:`cpu_nf4_loading` lets Diffusers' loader read pre-quantised NF4 weights, and quantise 16-bit ones
+while it loads them, on a machine without a GPU (Diffusers' 4-bit quantizer refuses to start there;
+bitsandbytes runs NF4 on the CPU).
 
 Importing this module imports nothing but torch (and the tensor counter of :mod:`.live_memory`); bitsandbytes and Diffusers' quantizer are
 imported when used. It knows nothing of the project's models, so the pruned model classes
@@ -214,11 +215,11 @@ def _cpu_quantizer_class():
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
 
     class CPUBnB4BitQuantizer(BnB4BitDiffusersQuantizer):
-        """Diffusers' 4-bit quantizer, allowed on the CPU for pre-quantised NF4 weights."""
+        """Diffusers' 4-bit quantizer, allowed on the CPU: it reads pre-quantised weights, or quantises 16-bit ones
+        as they load (bitsandbytes quantises on the CPU; ``quantize()`` takes the same steps)."""
 
         def validate_environment(self, *args, **kwargs):
-            if not self.pre_quantized:
-                return super().validate_environment(*args, **kwargs)
+            return None  # Diffusers' check is "a GPU is there": here bitsandbytes' CPU kernels compute
 
         def update_device_map(self, device_map):
             return device_map if device_map is not None else {"": "cpu"}
@@ -231,13 +232,13 @@ def _cpu_quantizer_class():
 
 @contextlib.contextmanager
 def cpu_nf4_loading():
-    """Within the block, Diffusers loads pre-quantised bitsandbytes 4-bit weights on a machine without a GPU.
+    """Within the block, Diffusers loads bitsandbytes 4-bit models on a machine without a GPU.
 
-    Diffusers' 4-bit quantizer refuses to run without a GPU; bitsandbytes runs NF4 on the CPU.
-    On a machine with a GPU nothing changes. Quantising 16-bit weights while loading
-    (``quantization_config=`` on an unquantised checkpoint) still needs a GPU, as in Diffusers.
-    On every machine it first installs the project's CPU 4-bit dequantisation kernel
-    (:func:`install_cpu_dequantize`).
+    Diffusers' 4-bit quantizer refuses to run without a GPU; bitsandbytes runs NF4 on the CPU. Both
+    pre-quantised weights and ``quantization_config=`` on a 16-bit checkpoint (quantised as it loads,
+    as ``hprune distill --teacher_4bit`` loads its teacher) then load on the CPU. On a machine with a
+    GPU nothing changes. On every machine it first installs the project's CPU 4-bit dequantisation
+    kernel (:func:`install_cpu_dequantize`).
     """
     install_cpu_dequantize()
     if accelerator_available():
