@@ -130,10 +130,9 @@ def test_prepare_keeps_no_reference_to_the_parameters_it_replaced():
     import gc
     from types import SimpleNamespace
 
+    from diffusers_hprune import prune_transformer
     from diffusers_hprune.distillation import trainer
     from diffusers_hprune.distillation.sgdistill import ParamGroup
-
-    from diffusers_hprune import prune_transformer
 
     student = prune_transformer(toy.load_pipeline("sd3").transformer, PrunePlan(family="sd3", num_blocks=12,
                                                                                 removed_blocks=[11]))
