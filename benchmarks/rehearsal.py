@@ -133,11 +133,12 @@ def _stage(stage: str, spec: dict) -> None:
         ContributionReport.expected_keys = lambda self: [k for k in original(self) if k in keep]
         analyze(spec["model"], spec["out"], n_prompts=spec["prompts"], batch_size=spec["batch"],
                 eval_steps=spec["eval_steps"], height=spec["resolution"], width=spec["resolution"],
-                torch_dtype=torch.float32, progress=False)
+                torch_dtype=_dtype(spec["precision"]), progress=False)
     elif stage == "distill":
         from diffusers_hprune.distillation.trainer import DistillConfig, distill
 
-        distill(DistillConfig(**{k: v for k, v in spec.items() if k != "family_config"}))
+        distill(DistillConfig(mixed_precision=spec["precision"],
+                              **{k: v for k, v in spec.items() if k not in ("family_config", "precision")}))
     elif stage == "quantize":
         from diffusers_hprune.quantization import quantize_pipeline
 
@@ -149,14 +150,26 @@ def _stage(stage: str, spec: dict) -> None:
 
         config = load_transformer_config(spec["model"])
         family = get_family(config)
-        model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer").eval()
+        dtype = _dtype(spec["precision"])
+        # on a GPU bitsandbytes' loader puts the model there; its inputs follow it, in the dtype it computes in
+        model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer", torch_dtype=dtype).eval()
+        device = next(model.parameters()).device
         r = spec["resolution"]
         shapes = Shapes(1, r, r, spec["max_sequence_length"], 77, 8)
         inputs = _real(meta_inputs(meta_transformer(config, None, torch.float32), shapes, torch.float32))
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+                  for k, v in inputs.items()}
         with torch.no_grad():
             model(**inputs, return_dict=False)
     else:
         raise SystemExit(f"unknown stage {stage}")
+
+
+def _dtype(precision: str):
+    """The weights' dtype of a stage: bf16 on a GPU (as users run it), float32 on a CPU."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def child(stage: str, spec: dict, device: str) -> None:
@@ -208,8 +221,10 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
     analysis.unlink(missing_ok=True)  # this script's own file from an earlier rehearsal: measure a fresh analysis
     measured = {}
 
+    precision = "bf16" if device == "cuda" else "no"  # what the budget assumes on each device
+
     def run_stage(stage: str, spec: dict) -> int:
-        return run_child(stage, dict(spec, family_config=str(folder)), device)
+        return run_child(stage, dict(spec, family_config=str(folder), precision=precision), device)
 
     print(f"{name}: analyze", flush=True)
     measured["analysis"] = run_stage("analyze", {"model": str(folder), "out": str(analysis), "prompts": BATCH,
@@ -231,7 +246,7 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
     print(f"{name}: inference", flush=True)
     measured["inference (pruned, NF4)"] = run_stage("inference", {"model": str(quantized), "resolution": resolution,
                                                                   "max_sequence_length": 256})
-    options = BudgetOptions(device=device, resolution=resolution, mixed_precision="no", train_batch_size=BATCH,
+    options = BudgetOptions(device=device, resolution=resolution, mixed_precision=precision, train_batch_size=BATCH,
                             train_samples=len(PROMPTS), analysis_prompts=BATCH,
                             analysis_batch_size=BATCH, eval_steps=STEPS, sgdistill=False,
                             inference_resolution=resolution, inference_max_sequence_length=256)

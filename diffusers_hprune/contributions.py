@@ -24,6 +24,7 @@ from diffusers_hprune.plan import MAX_BLOCKS
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
+from diffusers_hprune.utils.float64 import float64
 
 ANALYSIS_FORMAT = "diffusers-hprune/analysis"
 ANALYSIS_FORMAT_VERSION = 1
@@ -314,7 +315,7 @@ def fingerprint(transformer: torch.nn.Module) -> str:
     h = hashlib.sha256(architecture_hash(transformer.config).encode())
     with torch.no_grad():
         for name, p in transformer.named_parameters():
-            d = p.detach().double()
+            d = float64(p)  # on the CPU where the device has no float64 (MPS)
             h.update(f"{name}:{tuple(p.shape)}:{float(d.sum()):.6e}:{float(d.abs().sum()):.6e}".encode())
     return h.hexdigest()[:24]
 

@@ -254,3 +254,53 @@ def test_a_block_output_cache_above_its_bound_is_refused_before_it_is_built(sd3_
     assert bounded.run["cache_bytes"] == size and bounded.contributions() == report.contributions()
     with pytest.raises(AnalysisError, match=r"block-output cache would hold .* above --max-cache-bytes.*--cache-device"):
         analyze(sd3_pipeline, max_cache_bytes=size - 1, **SMALL)
+
+
+def test_only_the_evaluated_steps_inputs_are_kept_and_where_the_cache_lives(sd3_pipeline, monkeypatch):
+    """The drawing records the transformer's inputs at the evaluated steps only (before: every step's, on the GPU for
+    the whole run), copied to the cache's device; the entries are what they were."""
+    from diffusers_hprune.analysis import runner
+
+    kept = []
+    original = runner.record_transformer_calls
+
+    def spying(*args, **kwargs):
+        context = original(*args, **kwargs)
+
+        class Spy:
+            def __enter__(self):
+                kept.append((context.__enter__(), kwargs.get("device")))
+                return kept[-1][0]
+
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+
+        return Spy()
+
+    monkeypatch.setattr(runner, "record_transformer_calls", spying)
+    on_cpu = analyze(sd3_pipeline, cache_device="cpu", **SMALL)
+    calls, device = kept[-1]
+    steps, batches = SMALL["num_inference_steps"], 1  # 2 prompts in one batch
+    assert len(calls) == len(on_cpu.calibration["eval_steps"]) * batches < steps * batches
+    assert device == "cpu" and all(t.device.type == "cpu" for c in calls for t in c.kwargs.values() if torch.is_tensor(t))
+    assert analyze(sd3_pipeline, **SMALL).entries == on_cpu.entries
+
+
+def test_a_sharded_analysis_waits_longer_than_a_shard(monkeypatch):
+    """Ranks wait at barriers for the slowest shard: the process group's timeout is sized to one (NCCL's 10 minutes
+    would end a FLUX.1 analysis); analyze passes it to the process group."""
+    from datetime import timedelta
+
+    from diffusers_hprune.analysis import runner
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    flux = runner.shard_timeout("flux.1-schnell", 8, 4)
+    # 57 blocks x 8 entries / 8 processes x 8 prompts x 4 steps x 2 s, twice, plus 10 minutes
+    assert flux == timedelta(seconds=2 * (57 * 8 // 8) * 8 * 4 * runner.DRAW_SECONDS_PER_STEP + 600)
+    assert runner.shard_timeout("sd3.5-large-turbo", 8, 4) < flux
+    given = []
+    monkeypatch.setattr(runner, "process_state", lambda timeout=None: given.append(timeout) or (_ for _ in ()).throw(
+        RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        analyze("sd3", n_prompts=2)
+    assert given == [runner.shard_timeout("sd3", 2, None)] and given[0] >= timedelta(minutes=30)

@@ -193,3 +193,22 @@ def test_push_that_cannot_reach_the_hub_says_so(published, monkeypatch, tmp_path
     assert "Publishing to https://huggingface.co/someone/sd3-pruned failed" in err and "network connection" in err
     assert "Traceback" not in err and folder_state(folder) == before
     assert not [p for p in folder.parent.iterdir() if ".push-" in p.name]  # the temporary export is gone
+
+
+def test_the_card_says_how_the_distillation_ran(tmp_path):
+    """The precision actually used (the flag, else the launch config's) and the processes, from distill_summary.json."""
+    import json
+
+    from diffusers_hprune import PrunePlan, prune_pipeline, toy
+    from diffusers_hprune.hub.card import render_model_card
+
+    folder = tmp_path / "distilled"
+    prune_pipeline(toy.load_pipeline("sd3"), PrunePlan(family="sd3", num_blocks=12, removed_blocks=[10])) \
+        .save_pretrained(folder)
+    (folder / "distill_summary.json").write_text(json.dumps({
+        "steps": 2000, "mixed_precision": "bf16", "teacher_dtype": "nf4", "frozen_dtype": "bfloat16",
+        "trainable_dtype": "float32", "processes": 8, "distributed": "MULTI_GPU"}))
+    card = str(render_model_card(folder, base_model="the toy", commands=["hprune distill ..."]))
+    made = card[card.index("## How it was made"):]
+    assert ("Distillation: 2000 steps, mixed precision bf16 (teacher nf4, frozen parts bfloat16, trained weights "
+            "float32), 8 processes (MULTI_GPU).") in made

@@ -139,10 +139,15 @@ def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path, mon
     real_evaluate = run.evaluate_pipelines
 
     def evaluate(models, *args, **kwargs):  # the student holds its own transformer and the teacher's other parts
-        teacher, student = models["teacher"], models["student"]
-        shared.append(student.transformer is not teacher.transformer and all(
-            getattr(student, name) is getattr(teacher, name) for name in ("text_encoder", "text_encoder_3", "vae")))
-        return real_evaluate(models, *args, **kwargs)
+        teacher, load = models["teacher"], models["student"]
+
+        def student():  # loaded when its turn comes, after the teacher's
+            pipe = load()
+            shared.append(pipe.transformer is not teacher.transformer and all(
+                getattr(pipe, name) is getattr(teacher, name) for name in ("text_encoder", "text_encoder_3", "vae")))
+            return pipe
+
+        return real_evaluate({"teacher": teacher, "student": student}, *args, **kwargs)
 
     monkeypatch.setattr(run, "evaluate_pipelines", evaluate)
 

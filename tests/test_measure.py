@@ -96,3 +96,95 @@ def test_live_tensor_peak_counts_what_a_step_holds_at_once():
 
     size = 256 * 256 * 4
     assert live_tensor_peak(Step(), {"x": torch.randn(256, 256)}) == 2 * size
+
+
+# -- one transformer on the GPU at a time; each model's own step peak (issue 31) --------------------------------------
+def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encoders(tmp_path, monkeypatch):
+    """Before the student's turn the teacher's transformer leaves the GPU, and the student (loaded only then) is
+    built around the teacher's own text encoders and VAE: one T5 on the GPU, not two. The device is simulated: this
+    machine has none, so `_device_of` reports what the `.to` calls made of each module."""
+    import shutil
+
+    from diffusers_hprune import PrunePlan, prune_pipeline
+    from diffusers_hprune.evaluation import compare
+
+    teacher_folder = tmp_path / "teacher"
+    shutil.copytree(toy.model_path("sd3"), teacher_folder)
+    teacher = compare.load_for_evaluation(teacher_folder, "cpu")
+    student_folder = tmp_path / "student"
+    prune_pipeline(teacher, PrunePlan(family="sd3", num_blocks=12, removed_blocks=[10])).save_pretrained(student_folder)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer", "tokenizer_2",
+                 "tokenizer_3", "scheduler"):  # as `hprune distill` writes it: the teacher's files
+        shutil.rmtree(student_folder / name)
+        shutil.copytree(teacher_folder / name, student_folder / name)
+    assert compare.shares_components(teacher_folder, student_folder)
+
+    cuda = torch.device("cuda", 0)
+    where = {}  # id(module) -> the simulated device
+    events = []
+
+    def fake_to(module, *args, **kwargs):
+        target = torch.device(args[0]) if args and isinstance(args[0], (str, torch.device)) else None
+        if target is not None:
+            where[id(module)] = target
+            events.append((type(module).__name__, str(target)))
+        return module
+
+    monkeypatch.setattr(torch.nn.Module, "to", fake_to)
+    monkeypatch.setattr(compare, "_device_of", lambda m: where.get(id(m), cuda))
+    original_generate = compare.generate
+    on_gpu = []
+
+    def generate(pipe, *args, **kwargs):  # what the GPU holds while each pipeline draws
+        on_gpu.append(sorted(type(m).__name__ for m in set(compare._modules(teacher) + compare._modules(pipe))
+                             if where.get(id(m), cuda) == cuda))
+        return original_generate(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "generate", generate)
+    loaded = []
+
+    def student():
+        loaded.append(list(events))  # the teacher has drawn and its transformer left the GPU before this
+        return compare.load_student(teacher, teacher_folder, student_folder)
+
+    result = compare.evaluate_pipelines({"teacher": teacher, "student": student}, ["a red circle"], cost=False,
+                                        metrics=["fidelity"], num_inference_steps=2)
+    assert "fidelity" in result["models"]["student"]
+    assert loaded and ("SD3Transformer2DModel", "cpu") in loaded[0]
+    teacher_turn, student_turn = on_gpu
+    assert "SD3Transformer2DModel" in teacher_turn and "HierarchicalPrunedSD3Transformer2DModel" not in teacher_turn
+    assert "SD3Transformer2DModel" not in student_turn and "HierarchicalPrunedSD3Transformer2DModel" in student_turn
+    assert student_turn.count("T5EncoderModel") == 1 and "AutoencoderKL" in student_turn
+
+
+def test_shares_components_compares_the_files_byte_for_byte(tmp_path):
+    import shutil
+
+    from diffusers_hprune.evaluation.compare import shares_components
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(toy.model_path("sd3"), a)
+    shutil.copytree(toy.model_path("sd3"), b)
+    assert shares_components(a, b)
+    weights = next((b / "vae").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert not shares_components(a, b)
+
+
+@pytest.mark.gpu
+def test_each_model_reports_its_own_step_peak_on_a_gpu():
+    """On a GPU `max_memory_allocated` is the whole device's: with the teacher also on it, the student's peak was about
+    the teacher's. Each is now its own weights plus what its step allocates (benchmarks/gpu_check.py runs this)."""
+    from diffusers_hprune import PrunePlan, prune_transformer
+
+    pipe = toy.load_pipeline("sd3")
+    teacher = pipe.transformer.to("cuda", torch.bfloat16)
+    student = prune_transformer(copy.deepcopy(teacher), PrunePlan(family="sd3", num_blocks=12,
+                                                                    removed_blocks=[6, 7, 8, 9, 10]))
+    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              (v.to("cuda") if torch.is_tensor(v) else v) for k, v in step_inputs(pipe, "a red circle").items()}
+    t, s = step_memory(teacher, inputs), step_memory(student, inputs)
+    assert t["peak"] == t["weights"] + t["step"] and s["peak"] == s["weights"] + s["step"]
+    assert s["weights"] < t["weights"] and s["peak"] < t["peak"]

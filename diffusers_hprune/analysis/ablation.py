@@ -28,6 +28,7 @@ from diffusers_hprune.contributions import AnalysisError
 from diffusers_hprune.families import BLOCK, RemovedBlock, get_family
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.float64 import float64
 
 
 @dataclass
@@ -40,9 +41,10 @@ class RecordedCall:
 
 
 def _detach(value: Any, device: torch.device | str | None = None) -> Any:
+    """A detached copy of ``value`` (tensors at any depth), on ``device`` (default: where it is)."""
     if isinstance(value, torch.Tensor):
         value = value.detach()
-        return value.to(device) if device is not None else value.clone()
+        return value.to(device, copy=True) if device is not None else value.clone()
     if isinstance(value, dict):
         return {k: _detach(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -51,11 +53,14 @@ def _detach(value: Any, device: torch.device | str | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = None) -> Iterator[list[RecordedCall]]:
-    """Record the inputs of every call of ``transformer`` (or of the calls numbered in ``steps``).
+def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = None, keep=None,
+                             device=None) -> Iterator[list[RecordedCall]]:
+    """Record the inputs of every call of ``transformer`` (or of the calls numbered in ``steps``, or those for which
+    ``keep()`` is true when they happen); ``RecordedCall.step`` is the call's number among all calls.
 
-    Use around a pipeline call; the list is filled as the pipeline runs. Outputs are
-    not kept (they are recomputed by the analysis in the same way for every method).
+    Use around a pipeline call; the list is filled as the pipeline runs. The inputs are copied to
+    ``device`` (default: where they are); :func:`transformer_output` brings them back to the model.
+    Outputs are not kept (they are recomputed by the analysis in the same way for every method).
     """
     calls: list[RecordedCall] = []
     counter = [0]
@@ -63,9 +68,9 @@ def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = No
     def hook(module, args, kwargs):
         if args:
             raise RuntimeError("The transformer was called with positional arguments; recording needs keywords.")
-        if steps is None or counter[0] in steps:
+        if (steps is None or counter[0] in steps) and (keep is None or keep()):
             kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
-            calls.append(RecordedCall(kwargs=_detach(kwargs), step=counter[0]))
+            calls.append(RecordedCall(kwargs=_detach(kwargs, device), step=counter[0]))
         counter[0] += 1
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -76,9 +81,13 @@ def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = No
 
 
 def transformer_output(transformer: nn.Module, call: RecordedCall) -> torch.Tensor:
-    """The velocity the transformer predicts for a recorded call."""
+    """The velocity the transformer predicts for a recorded call (its inputs moved to the model's device if kept
+    elsewhere)."""
+    device = next(transformer.parameters()).device
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v)
+              for k, v in call.kwargs.items()}
     with torch.no_grad():
-        out = transformer(**call.kwargs, return_dict=False)
+        out = transformer(**kwargs, return_dict=False)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -145,7 +154,7 @@ class _Replay(nn.Module):
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
     """Sum over tokens of the cosine similarity of ``a`` and ``b`` (``[..., dim]``) and the token count."""
     cos = nn.functional.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1)
-    return float(cos.double().sum()), cos.numel()
+    return float(float64(cos).sum()), cos.numel()
 
 
 @dataclass
@@ -338,6 +347,6 @@ def _check_cache_size(predicted: int, calls: int, max_bytes: int) -> None:
 
 def normalised_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
     """``sum ||out - ref||^2 / sum ||ref||^2`` over all calls, in float64."""
-    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, references))
-    den = sum(float(r.double().pow(2).sum()) for r in references)
+    num = sum(float((float64(o) - float64(r)).pow(2).sum()) for o, r in zip(outputs, references))
+    den = sum(float(float64(r).pow(2).sum()) for r in references)
     return num / den if den > 0 else num

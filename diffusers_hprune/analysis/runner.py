@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,8 @@ from diffusers_hprune.metrics import (
     metric_names,
 )
 from diffusers_hprune.pruning.surgery import prune_transformer
-from diffusers_hprune.utils.distributed import process_state
+from diffusers_hprune.utils.distributed import lone_work_timeout, process_state
+from diffusers_hprune.utils.errors import HPruneError
 
 ANALYSIS_FORMAT = "diffusers-hprune/analysis"
 ANALYSIS_FORMAT_VERSION = 1
@@ -91,6 +94,37 @@ def eval_step_indices(num_steps: int, eval_steps: int) -> list[int]:
     if eval_steps >= num_steps:
         return list(range(num_steps))
     return sorted({round(k * (num_steps - 1) / (eval_steps - 1)) for k in range(eval_steps)}) if eval_steps > 1 else [0]
+
+
+#: What the process-group timeout of a sharded analysis is sized by: seconds per image and denoising step of one
+#: ablated drawing (FLUX.1 at 1024 px: about 0.4 s on an H100), and entries per block (the block and its components).
+DRAW_SECONDS_PER_STEP = 2.0
+ENTRIES_PER_BLOCK = 8
+
+
+def shard_timeout(model, prompts: int, steps: int | None) -> timedelta:
+    """How long a process of a sharded analysis waits at a barrier: longer than a whole shard takes.
+
+    Ranks finish their shares at different times (entries differ in cost, a resumed run's are
+    uneven) and wait for the slowest, then for the main process's merge; PyTorch's NCCL default
+    (10 minutes) would end the job. Sized by :func:`~diffusers_hprune.utils.distributed.lone_work_timeout`
+    of one process's share of every entry at ``DRAW_SECONDS_PER_STEP``.
+    """
+    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.profiles import identify
+
+    try:
+        config = (load_transformer_config(toy.model_path(toy.family_of(model)) if toy.family_of(str(model)) else model)
+                  if isinstance(model, (str, os.PathLike)) else dict(model.transformer.config))
+        blocks = get_family(config).num_blocks(config)
+    except (AnalysisError, OSError, ValueError, TypeError, KeyError, AttributeError, HPruneError):
+        blocks = 60  # unreadable here: FLUX.1's 57 blocks
+    if steps is None:
+        profile, _ = identify(model if isinstance(model, (str, os.PathLike)) else model)
+        steps = profile.num_inference_steps if profile is not None else 28
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    share = math.ceil(blocks * ENTRIES_PER_BLOCK / max(world, 1))
+    return lone_work_timeout(share * prompts * steps * DRAW_SECONDS_PER_STEP)
 
 
 def _parts_dir(out: Path) -> Path:
@@ -204,7 +238,8 @@ def analyze(
 
     if method not in METHODS:
         raise AnalysisError(f"Unknown analysis method {method!r}; choose one of {', '.join(METHODS)}.")
-    state = process_state()
+    state = process_state(shard_timeout(model, len(prompts) if prompts is not None else n_prompts,
+                                        num_inference_steps))
     if out is None and state.num_processes > 1:
         raise AnalysisError("A sharded analysis (several processes) needs an output file (--out) to merge into.")
     metric_def = get_metric(metric)
@@ -284,26 +319,28 @@ def analyze(
     cache_bytes = 0
 
     if mine or report.baseline_score is None or need_similarity or need_alignment_base:
-        # The full model draws the calibration images; its transformer inputs are recorded.
+        # The full model draws the calibration images; the inputs of its calls at the evaluated steps are recorded
+        # (the others are not kept), where the block cache lives.
         step = [0]
-        with torch.no_grad(), record_transformer_calls(transformer) as calls:
-            call_steps = []
+        wanted = set(steps)
+        call_steps = []
 
-            def on_step(i):
-                step[0] = i
+        def on_step(i):
+            step[0] = i
 
-            def tag(module, args, kwargs):
-                call_steps.append(step[0])
+        def tag(module, args, kwargs):
+            call_steps.append(step[0])
 
+        with torch.no_grad(), record_transformer_calls(transformer, keep=lambda: step[0] in wanted,
+                                                       device=cache_device) as selected:
             handle = transformer.register_forward_pre_hook(tag, with_kwargs=True)
             try:
                 images = generate(pipe, prompts, seeds, gen_kwargs, batch_size, on_step)
             finally:
                 handle.remove()
-        selected = [c for c, s in zip(calls, call_steps) if s in steps]
-        # The ablated model's first-step calls see exactly the full model's inputs: the cache serves them.
-        position = {id(c): j for j, c in enumerate(selected)}
-        first_step = [(k, position[id(c)]) for k, (c, s) in enumerate(zip(calls, call_steps)) if s == 0]
+        # The ablated model's first-step calls see exactly the full model's inputs: the cache serves them
+        # (k: the call's number in a drawing of every prompt; j: its place among the recorded calls).
+        first_step = [(c.step, j) for j, c in enumerate(selected) if call_steps[c.step] == 0]
         report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
         cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter,
                                  max_bytes=max_cache_bytes)

@@ -8,7 +8,13 @@ from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS
 from diffusers_hprune.commands.options import add_generation_flags, metric_args
 from diffusers_hprune.distillation.data import read_prompts
-from diffusers_hprune.evaluation.compare import FIDELITY, evaluate_pipelines, load_for_evaluation, overall_score
+from diffusers_hprune.evaluation.compare import (
+    FIDELITY,
+    evaluate_pipelines,
+    load_for_evaluation,
+    load_student,
+    overall_score,
+)
 from diffusers_hprune.loading import check_image_size, is_toy, pixel_multiple
 from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int
 from diffusers_hprune.utils.fileio import atomic_write_json
@@ -49,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         if path:
             check_output_file(path, flag)
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)
-    models = {"teacher" if args.student else "model": load_for_evaluation(args.model)}
-    if args.student:
-        models["student"] = load_for_evaluation(args.student)
-    reference = next(iter(models.values()))
+    reference = load_for_evaluation(args.model)
+    models = {"teacher" if args.student else "model": reference}
+    if args.student:  # loaded when its turn comes, beside the teacher's encoders when they are the same files
+        models["student"] = lambda: load_student(reference, args.model, args.student)
     toy_model = is_toy(reference) is not None or args.model in toy.FAMILIES
     if args.prompts:
         prompt_list = read_prompts(args.prompts)[: args.n] if args.n else read_prompts(args.prompts)

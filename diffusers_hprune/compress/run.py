@@ -221,9 +221,10 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     evaluation = out / "6-evaluation"
 
     def do_evaluate(folder: Path) -> None:
-        student = load_student_beside(teacher.pipe, final)  # its text encoders and VAE are the teacher's
+        # loaded after the teacher's turn, around the teacher's text encoders and VAE (its own are the same files)
         result = evaluate_pipelines(
-            {"teacher": teacher.pipe, "student": student}, eval_prompts, seed=config.seed,
+            {"teacher": teacher.pipe, "student": lambda: load_student_beside(teacher.pipe, final)}, eval_prompts,
+            seed=config.seed,
             metrics=[FIDELITY] + (["shapeeval"] if is_toy else []), latency_repeats=config.latency_repeats,
             grid=folder / "grid.png",
         )

@@ -11,6 +11,7 @@ student's figures relative to the teacher's, and a PNG grid, teacher row over st
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,39 @@ def _cost(pipe, inputs: dict, repeats: int, warmup: int) -> dict[str, Any]:
     }
 
 
+def _is_4bit(module: torch.nn.Module) -> bool:
+    """A bitsandbytes-quantised model (it stays where bitsandbytes put it)."""
+    return getattr(module, "hf_quantizer", None) is not None or bool(
+        getattr(getattr(module, "config", None), "quantization_config", None))
+
+
+def _modules(pipe) -> list[torch.nn.Module]:
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def _park(modules, device: torch.device) -> None:
+    """Move the ``modules`` that are on ``device`` (an accelerator) to the CPU; 4-bit ones stay where bitsandbytes
+    placed them (they are small, and cannot move)."""
+    if device.type == "cpu":
+        return
+    for module in modules:
+        if not _is_4bit(module) and _device_of(module) == device:
+            module.to("cpu")
+
+
+def _park_others(loaded: list, current) -> None:
+    """Move off the GPU every module of the pipelines in ``loaded`` other than ``current`` that ``current`` does not
+    share (a student beside its teacher shares the text encoders and VAE): one transformer on the GPU at a time."""
+    keep = {id(m) for m in _modules(current)}
+    for other in loaded:
+        if other is not current:
+            _park([m for m in _modules(other) if id(m) not in keep], _device_of(current.transformer))
+
+
 def evaluate_pipelines(
     models: dict[str, Any],
     prompts: list[str],
@@ -106,6 +140,10 @@ def evaluate_pipelines(
     The first entry is the reference: ``fidelity`` and the ``relative`` figures compare every
     other one with it. ``grid``: a PNG with one row per pipeline, the first ``grid_size``
     prompts. Returns the result dictionary that ``hprune evaluate`` writes.
+
+    One pipeline computes at a time: a value may be a function returning the pipeline, called when its
+    turn comes; before each turn the modules of the other pipelines that this one does not share go to
+    the CPU (and stay there), so the GPU holds one transformer, not two (4-bit ones stay put).
     """
 
     if not models:
@@ -116,13 +154,28 @@ def evaluate_pipelines(
                                  ("--warmup", warmup, 0), ("--grid-size", grid_size, 1), ("--seed", seed, 0)):
         check_number(name, value, kind=int, minimum=minimum, error=EvaluationError)
     names = list(models)
-    reference = models[names[0]]
+    loaded: dict[str, Any] = {}
+
+    def pipeline(name):
+        """The pipeline of ``name``; one given as a function is loaded now, the other transformers off the GPU first,
+        and computes where the reference does."""
+        if name not in loaded:
+            value = models[name]
+            if hasattr(value, "components"):
+                loaded[name] = value
+            else:
+                for other in loaded.values():
+                    _park([other.transformer], _device_of(other.transformer))
+                loaded[name] = value()
+                for module in _modules(loaded[name]):
+                    if not _is_4bit(module) and _device_of(module) != device:
+                        module.to(device)
+        return loaded[name]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = pipeline(names[0])
+    device = _device_of(reference.transformer)
     family = get_family(reference.transformer)
-    for name in names[1:]:
-        other = get_family(models[name].transformer)
-        if other is not family:
-            raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
-                                  "compare a student with its own teacher.")
     scorers = {}
     for metric in metrics:
         if metric == FIDELITY:
@@ -141,7 +194,12 @@ def evaluate_pipelines(
                              guidance_scale=guidance_scale, seed=seed)  # no size given: the model's own
     images = {}
     for name in names:
-        pipe = models[name]
+        pipe = pipeline(name)
+        other = get_family(pipe.transformer)
+        if other is not family:
+            raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
+                                  "compare a student with its own teacher.")
+        _park_others(list(loaded.values()), pipe)
         images[name] = generate(pipe, prompts, seeds, kwargs, batch_size)
         entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
                                  "prune_plan": _plan_text(pipe.transformer), "metrics": {}}
@@ -208,6 +266,42 @@ def load_for_evaluation(model: str | os.PathLike, device: str | None = None):
     return pipe
 
 
+def shares_components(teacher_folder, folder) -> bool:
+    """Whether the pipeline folder ``folder`` holds its teacher's files for every component but the transformer
+    (as ``hprune distill`` and ``hprune quantize`` write them): byte for byte, the same files in each folder."""
+    import filecmp
+
+    teacher_folder, folder = Path(teacher_folder), Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    for name, entry in index.items():
+        if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or entry[0] is None:
+            continue
+        mine, theirs = folder / name, teacher_folder / name
+        if not (mine.is_dir() and theirs.is_dir()):
+            return False
+        files = sorted(p.relative_to(mine) for p in mine.rglob("*") if p.is_file())
+        if files != sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file()):
+            return False
+        if not all(filecmp.cmp(mine / f, theirs / f, shallow=False) for f in files):
+            return False
+    return True
+
+
+def load_student(teacher, teacher_model, student: str | os.PathLike):
+    """The student pipeline ``student`` for evaluation beside ``teacher`` (loaded from ``teacher_model``): built
+    around the teacher's own text encoders and VAE when its folder holds the same files (one T5 in memory, not
+    two), else loaded whole like the teacher."""
+    from diffusers_hprune.loading import pipeline_folder
+
+    teacher_folder, folder = pipeline_folder(teacher_model), pipeline_folder(student)
+    if teacher_folder is not None and folder is not None and shares_components(teacher_folder, folder):
+        return load_student_beside(teacher, folder)
+    return load_for_evaluation(student)
+
+
 def load_student_beside(teacher, folder: str | os.PathLike):
     """The pruned pipeline of ``folder`` built around its transformer alone, sharing ``teacher``'s other components.
 
@@ -228,5 +322,5 @@ def load_student_beside(teacher, folder: str | os.PathLike):
     return student
 
 
-__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "load_student_beside", "overall_score",
-           "psnr", "ssim"]
+__all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "load_student", "load_student_beside",
+           "overall_score", "psnr", "shares_components", "ssim"]

@@ -5,9 +5,10 @@
   the same inputs.
 * ``stored_bytes(transformer)``: bytes of every tensor the model holds (parameters, buffers and
   bitsandbytes' quantisation state), i.e. what its weights occupy in memory.
-* ``step_memory(transformer, inputs)``: peak memory of one step. CUDA: ``max_memory_allocated``
-  during the step, after ``reset_peak_memory_stats`` (weights included, since they are
-  allocated). CPU: the weights (``stored_bytes``) plus :func:`live_tensor_peak`, the most bytes
+* ``step_memory(transformer, inputs)``: peak memory of one step: the transformer's weights
+  (``stored_bytes``) plus what the step allocates at its peak. CUDA: ``max_memory_allocated``
+  during the step less what was allocated before it (so neither another model on the same GPU
+  nor the text encoders count). CPU: :func:`live_tensor_peak`, the most bytes
   of tensors the step holds at once, counted per storage from every operation's outputs. (The
   process's peak resident size, used before, did not grow during a warm step: the allocator
   reuses what the warm-up freed, so activations went missing from the figure.)
@@ -134,8 +135,9 @@ def step_memory(transformer: torch.nn.Module, inputs: dict) -> dict:
         before = torch.cuda.memory_allocated(device)
         transformer(**inputs, return_dict=False)
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak": peak, "weights": weights, "step": peak - before, "method": "cuda max_memory_allocated"}
+        step = torch.cuda.max_memory_allocated(device) - before
+        return {"peak": weights + step, "weights": weights, "step": step,
+                "method": "cuda: weights (stored_bytes) + max_memory_allocated during the step less what was before"}
     step = live_tensor_peak(transformer, inputs)
     return {"peak": weights + step, "weights": weights, "step": step,
             "method": "cpu: weights (stored_bytes) + the peak of the tensors the step holds at once"}

@@ -128,6 +128,9 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
                          license=license or "other", **(relation if on_hub else {}))
     cost, quality = _tables(evaluation)
     how = "\n".join(f"{k + 1}. `{c}`" for k, c in enumerate(commands)) or "See the diffusers-hprune documentation."
+    training = _distillation_line(_read_json(folder / "distill_summary.json")) if distilled else ""
+    if training:
+        how = f"{how}\n\n{training}"
     repo = repo_id or folder.name
     base_url = f"https://huggingface.co/{base_model}" if on_hub else ""
     return ModelCard.from_template(
@@ -137,6 +140,21 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         plan_table=_plan_table(plan) if not plan.is_empty else "", pruned=not plan.is_empty,
         cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo),
     )
+
+
+def _distillation_line(summary: dict | None) -> str:
+    """The distillation's steps, precision and processes, as ``distill_summary.json`` recorded them."""
+    if not isinstance(summary, dict) or "steps" not in summary:
+        return ""
+    precision = summary.get("mixed_precision")
+    words = f"Distillation: {summary['steps']} steps"
+    if precision is not None:  # recorded since the precision follows the launch config
+        words += (f", mixed precision {precision} (teacher {summary.get('teacher_dtype')}, frozen parts "
+                  f"{summary.get('frozen_dtype')}, trained weights {summary.get('trainable_dtype')})")
+    processes = summary.get("processes")
+    if isinstance(processes, int) and processes > 1:
+        words += f", {processes} processes ({summary.get('distributed', 'distributed')})"
+    return words + "."
 
 
 def usage_section(folder: str | os.PathLike, repo_id: str) -> str:
