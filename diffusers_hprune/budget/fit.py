@@ -60,6 +60,7 @@ def distill_options(config: DistillConfig) -> BudgetOptions:
     return BudgetOptions(
         resolution=config.resolution, mixed_precision=resolved_mixed_precision(config.mixed_precision),
         train_batch_size=config.train_batch_size, validation=bool(config.validation_steps),
+        validation_prompts=len(config.validation_prompts) or 4,
         lora_rank=config.lora_rank, teacher_4bit=config.teacher_4bit, use_8bit_adam=config.use_8bit_adam,
         gradient_checkpointing=config.gradient_checkpointing, pwp=config.pwp, sgdistill=config.sgdistill,
         r_thres=config.r_thres, train_samples=max(samples, 1), steps=config.teacher_steps)

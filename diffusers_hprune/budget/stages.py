@@ -291,16 +291,18 @@ def _analysis(ctx: _Context) -> StageBudget:
     selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
     pipeline = {"transformer (weights)": ctx.original.nbytes("fp32" if nb == 4 else "bf16"),
                 **ctx.component_bytes(nb)}
-    recorded = {"recorded transformer inputs": fwd.inputs * ctx.steps * chunks}
+    # the inputs of the compared steps' calls, kept where the block cache lives
+    recorded = {"recorded transformer inputs (compared steps)": fwd.inputs * selected}
     cache = {"block-output cache": fwd.block_outputs * selected}
     outputs = {"reference and ablated outputs": 2 * fwd.output * selected}
-    on_device_cache = cache if o.cache_device != "cpu" else {}
-    host_cache = cache if o.cache_device == "cpu" else {}
+    on_device_cache = {**recorded, **cache} if o.cache_device != "cpu" else {}
+    host_cache = {**recorded, **cache} if o.cache_device == "cpu" else {}
     phases = [
         ("loading", {}, ctx.loading(nb, transformer=(pipeline["transformer (weights)"], ctx.transformer_files()))),
-        ("drawing the calibration images", {**pipeline, **recorded,
-                                            "activations (transformer call or VAE decode)": max(fwd.peak, decode)}, {}),
-        ("cache and ablations", {**pipeline, **recorded, **on_device_cache, **outputs,
+        ("drawing the calibration images", {**pipeline, **(recorded if o.cache_device != "cpu" else {}),
+                                            "activations (transformer call or VAE decode)": max(fwd.peak, decode)},
+         dict(recorded) if o.cache_device == "cpu" else {}),
+        ("cache and ablations", {**pipeline, **on_device_cache, **outputs,
                                  "activations (transformer call)": fwd.peak}, dict(host_cache)),
     ]
     (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)

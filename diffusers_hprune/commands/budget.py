@@ -36,17 +36,20 @@ def register(subparsers) -> None:
                    help="processes of `accelerate launch` (DDP; default 1)")
     d = p.add_argument_group("distillation (the flags of `hprune distill`)")
     d.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
-                   help="weight dtype of teacher and frozen student parts (default bf16; `distill` defaults to no)")
+                   help="weight dtype of teacher and frozen student parts (default bf16; `distill` takes the launch "
+                   "config's, else no)")
     d.add_argument("--train-batch-size", type=positive_int, default=4,
                    help="samples per micro-step and process (default 4)")
     d.add_argument("--lora-rank", type=nonnegative_int, default=0,
                    help="train LoRA adapters of this rank (default 0: full weights)")
-    d.add_argument("--teacher-4bit", action="store_true", help="the teacher in NF4 (CUDA)")
+    d.add_argument("--teacher-4bit", action="store_true", help="the teacher in NF4")
     d.add_argument("--use-8bit-adam", action="store_true", help="8-bit AdamW (bitsandbytes)")
     d.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     d.add_argument("--no-pwp", dest="pwp", action="store_false", help="train the blocks before the first pruned one")
     d.add_argument("--train-samples", type=positive_int, default=1000,
                    help="training samples drawn by the teacher into the data cache (default 1000)")
+    d.add_argument("--validation-prompts", type=nonnegative_int, default=0,
+                   help="`distill --validation_steps`: the prompts the student draws between steps (default 0: none)")
     a = p.add_argument_group("analysis (the flags of `hprune analyze`)")
     a.add_argument("--n-prompts", type=positive_int, default=8, help="calibration prompts (default 8)")
     a.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch (default 8)")
@@ -64,6 +67,7 @@ def options_from(args: argparse.Namespace) -> BudgetOptions:
         use_8bit_adam=args.use_8bit_adam, gradient_checkpointing=args.gradient_checkpointing, pwp=args.pwp,
         train_samples=args.train_samples, num_processes=args.num_processes, analysis_prompts=args.n_prompts,
         analysis_batch_size=args.batch_size, eval_steps=args.eval_steps, cache_device=args.cache_device,
+        validation=args.validation_prompts > 0, validation_prompts=max(args.validation_prompts, 1),
     )
 
 
