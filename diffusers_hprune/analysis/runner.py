@@ -48,6 +48,7 @@ from diffusers_hprune.analysis.ablation import (
 )
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, fingerprint
 from diffusers_hprune.families import BLOCK, get_family
+from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import generate, generation_settings, is_toy, load_pipeline, swapped_transformer
 from diffusers_hprune.metrics import (
     ALIGNMENT_METRICS,
@@ -58,6 +59,7 @@ from diffusers_hprune.metrics import (
     get_metric,
     metric_names,
 )
+from diffusers_hprune.profiles import identify
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.distributed import lone_work_timeout, process_state
 from diffusers_hprune.utils.errors import HPruneError
@@ -110,9 +112,6 @@ def shard_timeout(model, prompts: int, steps: int | None) -> timedelta:
     (10 minutes) would end the job. Sized by :func:`~diffusers_hprune.utils.distributed.lone_work_timeout`
     of one process's share of every entry at ``DRAW_SECONDS_PER_STEP``.
     """
-    from diffusers_hprune.families.inventory import load_transformer_config
-    from diffusers_hprune.profiles import identify
-
     try:
         config = (load_transformer_config(toy.model_path(toy.family_of(model)) if toy.family_of(str(model)) else model)
                   if isinstance(model, (str, os.PathLike)) else dict(model.transformer.config))

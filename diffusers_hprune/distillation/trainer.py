@@ -59,6 +59,7 @@ from diffusers_hprune.loading import (
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.profiles import identify
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
 from diffusers_hprune.utils.distributed import (
@@ -664,8 +665,6 @@ def _process_timeout(config: DistillConfig, spec: DataSpec, plan) -> timedelta:
     ``ENCODE_SECONDS_PER_IMAGE``, plus 16 bytes per student parameter at ``WRITE_BYTES_PER_SECOND``).
     ``--process_timeout_minutes`` sets it instead.
     """
-    from diffusers_hprune.profiles import identify
-
     if config.process_timeout_minutes is not None:
         return timedelta(minutes=config.process_timeout_minutes)
     samples = _sample_count(spec)

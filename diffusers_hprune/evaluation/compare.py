@@ -30,7 +30,7 @@ from diffusers_hprune.evaluation.measure import (
 )
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import load_transformer_config
-from diffusers_hprune.loading import check_weight_files, generate, generation_settings, load_pipeline
+from diffusers_hprune.loading import check_weight_files, generate, generation_settings, load_pipeline, pipeline_folder
 from diffusers_hprune.metrics import IMAGE, get_metric
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines import with_pruned_transformer
@@ -294,8 +294,6 @@ def load_student(teacher, teacher_model, student: str | os.PathLike):
     """The student pipeline ``student`` for evaluation beside ``teacher`` (loaded from ``teacher_model``): built
     around the teacher's own text encoders and VAE when its folder holds the same files (one T5 in memory, not
     two), else loaded whole like the teacher."""
-    from diffusers_hprune.loading import pipeline_folder
-
     teacher_folder, folder = pipeline_folder(teacher_model), pipeline_folder(student)
     if teacher_folder is not None and folder is not None and shares_components(teacher_folder, folder):
         return load_student_beside(teacher, folder)
