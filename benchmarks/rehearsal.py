@@ -283,6 +283,12 @@ def full_size_rows() -> list[list[str]]:
     return rows
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "a GPU"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -301,19 +307,25 @@ def main(argv=None) -> None:
     body += (
         f"\n\nFull depth (every block of the published configs), heads cut (SD3.5: 6 x 64, FLUX: 3 x 128), text "
         f"width cut to the tiny encoders' (64), real text lengths (CLIP 77 + T5 256), {args.resolution} x "
-        f"{args.resolution} images with an 8x-downsampling 16-channel VAE; fp32 on the {args.device.upper()}. "
+        f"{args.resolution} images with an 8x-downsampling 16-channel VAE; "
+        f"{'fp32 on the CPU' if args.device == 'cpu' else 'bf16 on ' + _gpu_name()}. "
         f"Stages: analysis (2 prompts, batch 2, {STEPS} cached steps; the block entries of three blocks), "
         f"a 30 % plan, distillation ({STEPS} steps, batch {BATCH}, full weights, AdamW, PWP), NF4 quantisation, "
-        "one call of the NF4 transformer. Measured: growth of the process's peak resident size during the stage, in "
-        "a fresh process (allocations of 128 KiB and more mapped directly); predicted: `hprune budget` for the same "
-        "folder, plan and options (`--device cpu`).\n\n"
+        "one call of the NF4 transformer. Measured: "
+        + ("growth of the process's peak resident size during the stage, in a fresh process (allocations of 128 KiB "
+           "and more mapped directly)" if args.device == "cpu" else
+           "`torch.cuda.max_memory_allocated` during the stage, in a fresh process")
+        + f"; predicted: `hprune budget` for the same folder, plan and options (`--device {args.device}`).\n\n"
         "The full-size budget (`hprune budget MODEL --ratio 0.3`, bf16 on a GPU, 1024 x 1024):\n\n"
         + markdown_table(["model", "stage", "distillation mode", "GPU peak (GiB)", "host RAM (GiB)", "fits"], full)
         + "\n"
     )
     print(body)
     if not args.no_write:
-        update_section("rehearsal", "Rehearsal: full depth, reduced width (issue 15)", body)
+        if args.device == "cpu":
+            update_section("rehearsal", "Rehearsal: full depth, reduced width (issue 15)", body)
+        else:
+            update_section("rehearsal-gpu", f"Rehearsal on {_gpu_name()}: full depth, reduced width", body)
     if failed:
         raise SystemExit(f"{len(failed)} stage(s) outside 15 %: " + "; ".join(f"{r[0]} {r[1]} {r[4]}" for r in failed))
 

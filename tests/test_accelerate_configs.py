@@ -1,8 +1,9 @@
 """The Accelerate configs shipped in examples/ parse as Accelerate configs and say what their names say.
 
-Accelerate sets up FSDP and DeepSpeed on GPUs only, so the trainer does not run under them here
-(docs/budget.md says why); DDP is run with 2 CPU processes in test_distill_run.py, and PyTorch's
-FSDP2 on the pruned student with 2 CPU processes in test_fsdp_cpu.py.
+Accelerate sets up FSDP and DeepSpeed on GPUs only. DDP runs with 2 CPU processes in test_distill_run.py and the
+option matrix; the trainer under the shipped FSDP2 config runs on 2 gloo processes in test_option_matrix.py (through
+tests/fsdp_on_cpu.py); PyTorch's FSDP2 on the pruned student in test_fsdp_cpu.py; DeepSpeed in
+benchmarks/gpu_check.py on a GPU machine (docs/combinations.md).
 """
 
 from __future__ import annotations

@@ -167,3 +167,33 @@ def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
     assert outcome(delete) == "files lost"
     names = [(c.command, c.what) for c in bad.cases()]
     assert len(names) == len(set(names)) >= 100  # every case is told apart in the table
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_what_a_cpu_can_and_says_why_it_skips_the_rest(tmp_path):
+    """benchmarks/gpu_check.py is the one command for the GPU-only paths; run here with --device cpu its toy checks
+    pass through the CPU paths (bf16 validation, the NF4 teacher with sliced FLUX blocks, LoRA + 8-bit AdamW +
+    checkpointing, NF4 save and load) and every CUDA-only check is skipped with its reason, nothing failing."""
+    import os
+    import subprocess
+
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--no-write",
+                           "--work", str(tmp_path / "work"), "--json", str(result)], capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checks = json.loads(result.read_text())["checks"]
+    gpu_check = _script("gpu_check")
+    assert list(checks) == list(gpu_check.CHECKS)
+    ran = {"validation-bf16", "teacher-4bit-flux-slices", "lora-8bit-checkpointing", "nf4-stock-diffusers"}
+    assert {name for name, c in checks.items() if c["outcome"] == "PASS"} == ran
+    assert all(c["outcome"] == "SKIP" and c["detail"] for name, c in checks.items() if name not in ran)
+    assert "| validation-bf16 | PASS |" in proc.stdout
+
+
+def test_the_gpu_check_refuses_cuda_without_a_gpu(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _script("gpu_check").main(["--no-write"]) == 2
+    assert "no CUDA device is visible here" in capsys.readouterr().err

@@ -188,3 +188,44 @@ def test_each_model_reports_its_own_step_peak_on_a_gpu():
     t, s = step_memory(teacher, inputs), step_memory(student, inputs)
     assert t["peak"] == t["weights"] + t["step"] and s["peak"] == s["weights"] + s["step"]
     assert s["weights"] < t["weights"] and s["peak"] < t["peak"]
+
+
+@pytest.mark.gpu
+def test_the_teacher_leaves_the_gpu_before_the_student_draws():
+    """On a real GPU: while the student draws, the teacher's transformer is on the CPU and the text encoders are the
+    teacher's own (one copy); each reports its own step peak (benchmarks/gpu_check.py runs this)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from diffusers_hprune import PrunePlan, prune_pipeline
+    from diffusers_hprune.evaluation import compare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_folder, student_folder = Path(tmp) / "teacher", Path(tmp) / "student"
+        shutil.copytree(toy.model_path("sd3"), teacher_folder)
+        teacher = compare.load_for_evaluation(teacher_folder, "cuda")
+        prune_pipeline(teacher, PrunePlan(family="sd3", num_blocks=12, removed_blocks=[8, 9, 10])) \
+            .save_pretrained(student_folder)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            shutil.rmtree(student_folder / name)
+            shutil.copytree(teacher_folder / name, student_folder / name)
+        seen = {}
+        generate = compare.generate
+
+        def spying(pipe, *args, **kwargs):
+            seen[type(pipe.transformer).__name__] = (next(teacher.transformer.parameters()).device.type,
+                                                     pipe.text_encoder_3 is teacher.text_encoder_3)
+            return generate(pipe, *args, **kwargs)
+
+        compare.generate = spying
+        try:
+            result = compare.evaluate_pipelines(
+                {"teacher": teacher, "student": lambda: compare.load_student(teacher, teacher_folder, student_folder)},
+                ["a red circle"], metrics=["fidelity"], num_inference_steps=2, latency_repeats=2, warmup=1)
+        finally:
+            compare.generate = generate
+    assert seen["SD3Transformer2DModel"][0] == "cuda"
+    assert seen["HierarchicalPrunedSD3Transformer2DModel"] == ("cpu", True)
+    t, s = result["models"]["teacher"], result["models"]["student"]
+    assert s["step_peak_bytes"] < t["step_peak_bytes"]

@@ -540,6 +540,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "teacher": models.teacher_name, "plan": models.plan.describe(), "ratio": round(models.ratio, 6),
         "pwp": config.pwp, "sgdistill": use_sg, "binary_freeze": config.binary_freeze, "lora_rank": config.lora_rank,
         **_precision_record(run, models), "distributed": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+        "device": str(accelerator.device),
         "steps": step, "seconds": round(progress.seconds, 2), "processes": accelerator.num_processes,
         "first_pruned_block": pwp.first_pruned, "frozen_params": pwp.frozen_params,
         "trainable_params": sum(g["numel"] for g in group_records),
@@ -620,6 +621,10 @@ def _accelerator(config: DistillConfig, output_dir: Path, timeout):
                            "sharded (DTensor) parameters FSDP2 trains. Drop --use_8bit_adam (FSDP already shards the "
                            "optimizer state across the GPUs), or launch with DDP "
                            "(examples/accelerate_configs/multi_gpu.yaml) or DeepSpeed to use it.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.use_8bit_adam:
+        raise DistillError("--use_8bit_adam is not supported under DeepSpeed: ZeRO partitions the optimizer state "
+                           "itself and accepts only the optimizers it knows. Drop --use_8bit_adam (ZeRO-2 already "
+                           "shards the AdamW state), or launch with DDP (examples/accelerate_configs/multi_gpu.yaml).")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         settings = accelerator.state.deepspeed_plugin.deepspeed_config
         settings["train_micro_batch_size_per_gpu"] = config.train_batch_size
