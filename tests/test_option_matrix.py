@@ -320,3 +320,38 @@ def test_a_launch_config_in_bf16_without_the_flag_runs_in_bf16(tmp_path):
     summary = json.loads((base / "out" / "distill_summary.json").read_text())
     assert summary["mixed_precision"] == "bf16" and summary["teacher_dtype"] == "bfloat16"
     assert summary["processes"] == 2 and not _check_summary(summary, 2)
+
+
+@pytest.mark.slow
+def test_the_three_reproductions_of_issue_31_exit_0_and_leave_pipelines_that_load(tmp_path):
+    """Issue 31's reproductions, as its reporter ran them on the SD3 toy (plan: block 10, and attn + ff_context of
+    block 3; 40 prompts, --max_samples 8 --train_batch_size 2): bf16 with validation every step; two DDP processes;
+    and on the FLUX toy --teacher_4bit with single blocks without attn and without mlp."""
+    base = tmp_path
+    (base / "p.txt").write_text("\n".join(toy.prompts(split="train", n=40, seed=1)) + "\n")
+    PrunePlan.from_dict({"family": "sd3", "num_blocks": 12, "removed_blocks": [10],
+                         "removed_components": {"3": ["attn", "ff_context"]}}).save(base / "plan.json")
+    PrunePlan.from_dict({"family": "flux", "num_blocks": 12, "removed_blocks": [],
+                         "removed_components": {"4": ["attn"], "5": ["mlp"]}}).save(base / "flux.json")
+    common = ["--prompts", str(base / "p.txt"), "--max_samples", "8", "--train_batch_size", "2", "--no-progress"]
+    runs = {
+        "bf16-validation": (["distill", "--teacher", "sd3", "--plan", str(base / "plan.json"), "--output_dir",
+                             str(base / "o1"), "--mixed_precision", "bf16", "--validation_steps", "1",
+                             "--max_train_steps", "2", *common], 1, "sd3"),
+        "ddp": (["distill", "--teacher", "sd3", "--plan", str(base / "plan.json"), "--output_dir", str(base / "o2"),
+                 "--max_train_steps", "2", *common], 2, "sd3"),
+        "teacher-4bit": (["distill", "--teacher", "flux", "--plan", str(base / "flux.json"), "--output_dir",
+                          str(base / "o3"), "--teacher_4bit", "--max_train_steps", "2", *common], 1, "flux"),
+    }
+    saved = []
+    for name, (args, processes, family) in runs.items():
+        proc = _launch(args, processes)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        saved.append((args[args.index("--output_dir") + 1], family))
+    draw = subprocess.run([sys.executable, "-c", DRAW, json.dumps(saved)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, draw.stderr[-3000:]
+    drawn = json.loads(lines[-1][len("RESULT "):])
+    assert all(drawn[folder]["finite"] and drawn[folder]["std"] > 0 for folder, _ in saved)
+    assert (base / "o1" / "validation" / "step-2.png").is_file()

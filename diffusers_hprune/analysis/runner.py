@@ -113,13 +113,16 @@ def shard_timeout(model, prompts: int, steps: int | None) -> timedelta:
     of one process's share of every entry at ``DRAW_SECONDS_PER_STEP``.
     """
     try:
-        config = (load_transformer_config(toy.model_path(toy.family_of(model)) if toy.family_of(str(model)) else model)
-                  if isinstance(model, (str, os.PathLike)) else dict(model.transformer.config))
+        if isinstance(model, (str, os.PathLike)):
+            family = toy.family_of(str(model))
+            config = load_transformer_config(toy.model_path(family) if family else model)
+        else:
+            config = dict(model.transformer.config)
         blocks = get_family(config).num_blocks(config)
-    except (AnalysisError, OSError, ValueError, TypeError, KeyError, AttributeError, HPruneError):
+    except (HPruneError, OSError, ValueError, TypeError, KeyError, AttributeError):
         blocks = 60  # unreadable here: FLUX.1's 57 blocks
     if steps is None:
-        profile, _ = identify(model if isinstance(model, (str, os.PathLike)) else model)
+        profile, _ = identify(model)
         steps = profile.num_inference_steps if profile is not None else 28
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     share = math.ceil(blocks * ENTRIES_PER_BLOCK / max(world, 1))

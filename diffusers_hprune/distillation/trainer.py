@@ -621,11 +621,11 @@ def _accelerator(config: DistillConfig, output_dir: Path, timeout):
                            "sharded (DTensor) parameters FSDP2 trains. Drop --use_8bit_adam (FSDP already shards the "
                            "optimizer state across the GPUs), or launch with DDP "
                            "(examples/accelerate_configs/multi_gpu.yaml) or DeepSpeed to use it.")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.use_8bit_adam:
-        raise DistillError("--use_8bit_adam is not supported under DeepSpeed: ZeRO partitions the optimizer state "
-                           "itself and accepts only the optimizers it knows. Drop --use_8bit_adam (ZeRO-2 already "
-                           "shards the AdamW state), or launch with DDP (examples/accelerate_configs/multi_gpu.yaml).")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if config.use_8bit_adam:
+            raise DistillError("--use_8bit_adam is not supported under DeepSpeed: ZeRO partitions the optimizer state "
+                               "itself and accepts only the optimizers it knows. Drop --use_8bit_adam (ZeRO-2 already "
+                               "shards the AdamW state), or launch with DDP (examples/accelerate_configs/multi_gpu.yaml).")
         settings = accelerator.state.deepspeed_plugin.deepspeed_config
         settings["train_micro_batch_size_per_gpu"] = config.train_batch_size
         if settings.get("gradient_clipping") == "auto":
@@ -648,16 +648,18 @@ def _check_deepspeed_installed() -> None:
 
     if launched_with_deepspeed() and importlib.util.find_spec("deepspeed") is None:
         raise DistillError("The launch config uses DeepSpeed (distributed_type: DEEPSPEED), but the deepspeed package "
-                           "is not installed: install it (`pip install deepspeed`, see DeepSpeed's docs for your CUDA), "
+                           "is not installed: install it (`pip install \"diffusers-hprune[deepspeed]\"`; DeepSpeed builds "
+                           "its ops for your torch and CUDA), "
                            "or launch with examples/accelerate_configs/fsdp.yaml or multi_gpu.yaml.")
 
 
-#: What the process-group timeout is sized by (docs/distillation.md, "Several processes"): the teacher's drawing of
+#: What the process-group timeout is sized by (docs/combinations.md, "Several processes"): the teacher's drawing of
 #: one training sample per denoising step, the encoding of one training image, and the disk's write rate.
 DRAW_SECONDS_PER_STEP = 2.0
 ENCODE_SECONDS_PER_IMAGE = 0.5
 WRITE_BYTES_PER_SECOND = 100e6
 UNKNOWN_DATASET_SAMPLES = 100_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _process_timeout(config: DistillConfig, spec: DataSpec, plan) -> timedelta:
@@ -681,7 +683,7 @@ def _process_timeout(config: DistillConfig, spec: DataSpec, plan) -> timedelta:
         work = samples * ENCODE_SECONDS_PER_IMAGE
     try:
         parameters = inspect_transformer(dict(load_transformer_config(config.teacher), prune_plan=plan.to_dict())).params
-    except HPruneError:  # a model the budget cannot read without loading it: FLUX.1's size
+    except (HPruneError, OSError, ValueError):  # a model whose config cannot be read without loading it: FLUX.1's size
         parameters = 12_000_000_000
     return lone_work_timeout(work + 16 * parameters / WRITE_BYTES_PER_SECOND)
 
@@ -695,9 +697,6 @@ def _sample_count(spec: DataSpec) -> int:
     else:
         count = UNKNOWN_DATASET_SAMPLES
     return min(count, spec.max_samples) if spec.max_samples else count
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
