@@ -123,6 +123,16 @@ def launch(ctx: Context, config: str, processes: int, args: list[str]) -> subpro
                ctx)
 
 
+def refused(ctx: Context, config: str, processes: int, args: list[str], message: str) -> None:
+    """The launch must stop with ``message`` (a combination refused before anything is loaded)."""
+    try:
+        launch(ctx, config, processes, args)
+    except CheckFailed as e:
+        expect(message in str(e), f"expected the refusal {message!r}, got: {e}")
+    else:
+        raise CheckFailed(f"not refused: {message}")
+
+
 def plan_file(ctx: Context, name: str) -> Path:
     path = ctx.work / f"plan-{name}.json"
     path.write_text(json.dumps(PLANS[name]))
@@ -281,12 +291,8 @@ def fsdp2(ctx: Context) -> str:
             total = sum(float(p.detach().double().sum()) for p in saved.parameters())
             expect(abs(total - summary["rank_checksums"][0]) <= 1e-9 * abs(total), "saved model != trained model")
         results.append(label)
-    try:
-        launch(ctx, "fsdp.yaml", n, distill_args(ctx, "flux", "flux", ctx.work / "fsdp-8bit", "--use_8bit_adam"))
-    except CheckFailed as e:
-        expect("--use_8bit_adam does not work under FSDP" in str(e), f"8-bit AdamW failed otherwise: {e}")
-    else:
-        raise CheckFailed("8-bit AdamW under FSDP was not refused")
+    refused(ctx, "fsdp.yaml", n, distill_args(ctx, "flux", "flux", ctx.work / "fsdp-8bit", "--use_8bit_adam"),
+            "--use_8bit_adam does not work under FSDP")
     return f"{n} process(es): {', '.join(results)}; 8-bit AdamW refused"
 
 
@@ -304,13 +310,8 @@ def deepspeed_zero2(ctx: Context) -> str:
     check_run(summary, ctx, processes=n, trainable=None)
     expect(summary["distributed"] == "DEEPSPEED", f"distributed {summary['distributed']}")
     draw(ctx, out)
-    try:
-        launch(ctx, "deepspeed_zero2.yaml", n, distill_args(ctx, "sd3", "sd3", ctx.work / "ds-8bit", "--use_8bit_adam",
-                                                           precision=False))
-    except CheckFailed as e:
-        expect("--use_8bit_adam is not supported under DeepSpeed" in str(e), f"8-bit AdamW failed otherwise: {e}")
-    else:
-        raise CheckFailed("8-bit AdamW under DeepSpeed was not refused")
+    refused(ctx, "deepspeed_zero2.yaml", n, distill_args(ctx, "sd3", "sd3", ctx.work / "ds-8bit", "--use_8bit_adam",
+                                                         precision=False), "--use_8bit_adam is not supported under DeepSpeed")
     return f"{n} process(es), bf16 from the DeepSpeed config; 8-bit AdamW refused"
 
 

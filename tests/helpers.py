@@ -162,6 +162,26 @@ def folder_state(folder):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, digest(p)) for p in sorted(Path(folder).rglob("*"))}
 
 
+def imagefolder(folder, n: int = 6, seed: int = 3):
+    """``n`` toy training images as PNG files with captions in ``metadata.jsonl`` (an ``imagefolder`` dataset)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_hprune import toy
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (image, caption) in enumerate(toy.sample(n, "train", seed=seed)):
+        Image.fromarray((toy.dataset.to_array(image) * 255).round().astype(np.uint8)).save(folder / f"{k}.png")
+        rows.append(json.dumps({"file_name": f"{k}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 def tiny_unet():
     """A small UNet2DModel: a Diffusers model of a family diffusers-hprune does not prune."""
     from diffusers import UNet2DModel

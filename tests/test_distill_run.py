@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_process_group
+from helpers import imagefolder, run_process_group
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
@@ -159,7 +159,7 @@ def test_data_and_plan_mistakes_are_refused_before_training(setup, tmp_path, cap
     args[args.index("--prompts") + 1] = str(empty)
     assert main(args) == 2
     assert "has no prompts" in capsys.readouterr().err
-    folder = _imagefolder(tmp_path / "images", n=2)
+    folder = imagefolder(tmp_path / "images", n=2)
     (folder / "metadata.jsonl").unlink()  # images without captions
     args = _args(base, "sd3", analysis, plan_path, out)
     args[args.index("--prompts"):args.index("--prompts") + 2] = ["--train_data_dir", str(folder)]
@@ -257,27 +257,13 @@ def test_lora_with_gradient_checkpointing_is_merged_into_the_saved_model(setup):
     assert (expected - untrained).abs().max() > 1e-3  # the adapters did change the model
 
 
-def _imagefolder(folder: Path, n: int = 6) -> Path:
-    """``n`` toy training images as PNG files with captions in ``metadata.jsonl``."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir()
-    rows = []
-    for k, (image, caption) in enumerate(toy.sample(n, "train", seed=3)):
-        Image.fromarray((toy.dataset.to_array(image) * 255).round().astype(np.uint8)).save(folder / f"{k}.png")
-        rows.append(json.dumps({"file_name": f"{k}.png", "text": caption}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_image_caption_data_is_encoded_once(tmp_path):
     import numpy as np
     from PIL import Image
 
     from diffusers_hprune.distillation.data import DataError, DataSpec, build_training_cache
 
-    folder = _imagefolder(tmp_path / "images")
+    folder = imagefolder(tmp_path / "images")
     rows = (folder / "metadata.jsonl").read_text().splitlines()
     pipe = toy.load_pipeline("sd3")
     spec = DataSpec(train_data_dir=str(folder), batch_size=4)
@@ -306,7 +292,7 @@ def test_parquet_and_webdataset_shards_give_the_imagefolder_samples(tmp_path):
 
     from diffusers_hprune.distillation.data import DataSpec, build_training_cache
 
-    folder = _imagefolder(tmp_path / "images")
+    folder = imagefolder(tmp_path / "images")
     rows = [json.loads(r) for r in (folder / "metadata.jsonl").read_text().splitlines()]
     pipe = toy.load_pipeline("sd3")
     reference, _ = build_training_cache(pipe, DataSpec(train_data_dir=str(folder)), tmp_path / "cache", progress=False)

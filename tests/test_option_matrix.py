@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_process_group
+from helpers import imagefolder, run_process_group
 
 from diffusers_hprune import PrunePlan, toy
 
@@ -117,19 +117,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _imagefolder(folder: Path, n: int = 4) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k, (image, caption) in enumerate(toy.sample(n, "train", seed=5)):
-        Image.fromarray((toy.dataset.to_array(image) * 255).round().astype(np.uint8)).save(folder / f"{k}.png")
-        rows.append(json.dumps({"file_name": f"{k}.png", "text": caption}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def _distill_args(row: dict, base: Path, out: Path) -> list[str]:
     family, _, extra = PLANS[row["plan"]]
     args = ["distill", "--teacher", family, "--plan", str(base / f"{row['plan']}.json"), "--output_dir", str(out),
@@ -204,7 +191,7 @@ def _check_summary(summary: dict, processes: int) -> list[str]:
 def test_option_matrix(tmp_path, capsys):
     base = tmp_path
     (base / "prompts.txt").write_text("\n".join(toy.prompts(split="train", n=6, seed=4)) + "\n")
-    _imagefolder(base / "images")
+    imagefolder(base / "images", n=4, seed=5)
     for name, (family, spec, _) in PLANS.items():
         config = json.loads((toy.model_path(family) / "transformer" / "config.json").read_text())
         blocks = int(config["num_layers"]) + int(config.get("num_single_layers", 0))
