@@ -304,3 +304,24 @@ def test_a_sharded_analysis_waits_longer_than_a_shard(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         analyze("sd3", n_prompts=2)
     assert given == [runner.shard_timeout("sd3", 2, None)] and given[0] >= timedelta(minutes=30)
+
+
+def test_recorded_inputs_kept_elsewhere_return_to_the_model_at_any_depth():
+    """Inputs recorded onto the cache's device come back to the model's for every tensor, nested ones included (a
+    tensor inside joint_attention_kwargs, as IP-adapters pass them)."""
+    from diffusers_hprune.analysis.ablation import RecordedCall, transformer_output
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1, device="meta"))
+
+        def forward(self, hidden_states, joint_attention_kwargs, return_dict=False):
+            seen.append((hidden_states.device.type, joint_attention_kwargs["scale"].device.type))
+            return (hidden_states,)
+
+    call = RecordedCall(kwargs={"hidden_states": torch.ones(2), "joint_attention_kwargs": {"scale": torch.ones(1)}})
+    transformer_output(Model(), call)
+    assert seen == [("meta", "meta")]

@@ -52,6 +52,17 @@ def _detach(value: Any, device: torch.device | str | None = None) -> Any:
     return value
 
 
+def _on(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors (at any depth) on ``device``; those already there are not copied."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on(v, device) for v in value)
+    return value
+
+
 @contextlib.contextmanager
 def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = None, keep=None,
                              device=None) -> Iterator[list[RecordedCall]]:
@@ -83,11 +94,8 @@ def record_transformer_calls(transformer: nn.Module, steps: set[int] | None = No
 def transformer_output(transformer: nn.Module, call: RecordedCall) -> torch.Tensor:
     """The velocity the transformer predicts for a recorded call (its inputs moved to the model's device if kept
     elsewhere)."""
-    device = next(transformer.parameters()).device
-    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v)
-              for k, v in call.kwargs.items()}
     with torch.no_grad():
-        out = transformer(**kwargs, return_dict=False)
+        out = transformer(**_on(call.kwargs, next(transformer.parameters()).device), return_dict=False)
     return out[0] if isinstance(out, tuple) else out
 
 
