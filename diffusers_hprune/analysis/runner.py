@@ -61,7 +61,7 @@ from diffusers_hprune.metrics import (
 )
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.pruning.surgery import prune_transformer
-from diffusers_hprune.utils.distributed import lone_work_timeout, process_state
+from diffusers_hprune.utils.distributed import DRAW_SECONDS_PER_STEP, lone_work_timeout, process_state
 from diffusers_hprune.utils.errors import HPruneError
 
 ANALYSIS_FORMAT = "diffusers-hprune/analysis"
@@ -98,9 +98,8 @@ def eval_step_indices(num_steps: int, eval_steps: int) -> list[int]:
     return sorted({round(k * (num_steps - 1) / (eval_steps - 1)) for k in range(eval_steps)}) if eval_steps > 1 else [0]
 
 
-#: What the process-group timeout of a sharded analysis is sized by: seconds per image and denoising step of one
-#: ablated drawing (FLUX.1 at 1024 px: about 0.4 s on an H100), and entries per block (the block and its components).
-DRAW_SECONDS_PER_STEP = 2.0
+#: What the process-group timeout of a sharded analysis is sized by besides ``DRAW_SECONDS_PER_STEP``: entries per
+#: block (the block and its components).
 ENTRIES_PER_BLOCK = 8
 
 

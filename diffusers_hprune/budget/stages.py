@@ -291,19 +291,24 @@ def _analysis(ctx: _Context) -> StageBudget:
     selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
     pipeline = {"transformer (weights)": ctx.original.nbytes("fp32" if nb == 4 else "bf16"),
                 **ctx.component_bytes(nb)}
-    # the inputs of the compared steps' calls, kept where the block cache lives
+    # the inputs of the compared steps' calls are kept where the block cache lives
     recorded = {"recorded transformer inputs (compared steps)": fwd.inputs * selected}
     cache = {"block-output cache": fwd.block_outputs * selected}
     outputs = {"reference and ablated outputs": 2 * fwd.output * selected}
-    on_device_cache = {**recorded, **cache} if o.cache_device != "cpu" else {}
-    host_cache = {**recorded, **cache} if o.cache_device == "cpu" else {}
+
+    def placed(terms: dict) -> tuple[dict, dict]:
+        """``(device terms, host terms)``: on the host with ``--cache-device cpu``, else beside the model."""
+        return ({}, dict(terms)) if o.cache_device == "cpu" else (dict(terms), {})
+
+    drawn_device, drawn_host = placed(recorded)
+    kept_device, kept_host = placed({**recorded, **cache})
     phases = [
         ("loading", {}, ctx.loading(nb, transformer=(pipeline["transformer (weights)"], ctx.transformer_files()))),
-        ("drawing the calibration images", {**pipeline, **(recorded if o.cache_device != "cpu" else {}),
+        ("drawing the calibration images", {**pipeline, **drawn_device,
                                             "activations (transformer call or VAE decode)": max(fwd.peak, decode)},
-         dict(recorded) if o.cache_device == "cpu" else {}),
-        ("cache and ablations", {**pipeline, **on_device_cache, **outputs,
-                                 "activations (transformer call)": fwd.peak}, dict(host_cache)),
+         drawn_host),
+        ("cache and ablations", {**pipeline, **kept_device, **outputs,
+                                 "activations (transformer call)": fwd.peak}, kept_host),
     ]
     (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
     notes = [f"device peak while {dev_phase}", f"{o.analysis_prompts} prompts, batch {batch}, {ctx.steps} steps, "

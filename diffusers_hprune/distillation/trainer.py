@@ -63,6 +63,7 @@ from diffusers_hprune.profiles import identify
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
 from diffusers_hprune.utils.distributed import (
+    DRAW_SECONDS_PER_STEP,
     PRECISIONS,
     launched_on_cpu,
     launched_with_deepspeed,
@@ -653,9 +654,8 @@ def _check_deepspeed_installed() -> None:
                            "or launch with examples/accelerate_configs/fsdp.yaml or multi_gpu.yaml.")
 
 
-#: What the process-group timeout is sized by (docs/combinations.md, "Several processes"): the teacher's drawing of
-#: one training sample per denoising step, the encoding of one training image, and the disk's write rate.
-DRAW_SECONDS_PER_STEP = 2.0
+#: What the process-group timeout is sized by besides the drawing (``DRAW_SECONDS_PER_STEP``; docs/combinations.md,
+#: "Several processes"): the encoding of one training image, and the disk's write rate.
 ENCODE_SECONDS_PER_IMAGE = 0.5
 WRITE_BYTES_PER_SECOND = 100e6
 UNKNOWN_DATASET_SAMPLES = 100_000

@@ -231,8 +231,7 @@ class ModelFamily:
         E.g. a dual-stream block without ``attn`` and ``ff_context``: nothing reads the text
         modulation ``norm1_context`` any more.
         """
-        gone = set(removed)
-        return [m for m, readers in spec.modulations if m not in gone and set(readers) <= gone]
+        return [m for m in _unread(spec, removed) if m not in set(removed)]
 
     def unread_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
         """Module paths of the removed modulations that no kept branch of their block reads (``plan`` normalised).
@@ -243,8 +242,8 @@ class ModelFamily:
         out = []
         for spec in self.block_specs(config):
             removed = plan.removed_components.get(spec.index, ())
-            for m, readers in spec.modulations:
-                if m in removed and set(readers) <= set(removed):
+            for m in _unread(spec, removed):
+                if m in removed:
                     out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, m)]
         return out
 
@@ -499,6 +498,12 @@ def refuse_adapters(model: nn.Module, doing: str) -> None:
             "`pipe.fuse_lora()` then `pipe.unload_lora_weights()` keeps its effect in the weights; "
             "`pipe.unload_lora_weights()` alone drops it."
         )
+
+
+def _unread(spec: BlockSpec, removed) -> list[str]:
+    """The modulations of ``spec`` whose every reader is in ``removed``."""
+    gone = set(removed)
+    return [m for m, readers in spec.modulations if set(readers) <= gone]
 
 
 def _without_prefix(key: str, prefix: str) -> tuple[str, str]:

@@ -10,6 +10,9 @@ PRECISIONS = ("no", "fp16", "bf16")
 #: The shortest process-group timeout the stages use: PyTorch's NCCL default (10 minutes) kills a job whose main
 #: process works alone longer than that while the others wait at a barrier.
 MIN_TIMEOUT = timedelta(minutes=30)
+#: What a timeout is sized by where a process draws images alone: seconds per image and denoising step (FLUX.1 at
+#: 1024 px takes about 0.4 s on an H100; slower GPUs and larger batches are covered).
+DRAW_SECONDS_PER_STEP = 2.0
 
 
 def launched_on_cpu() -> bool:
