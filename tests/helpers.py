@@ -191,12 +191,16 @@ def tiny_unet():
 
 
 def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (an ``accelerate launch``) as the leader of a process group of its own.
+    """Run ``cmd`` (a command, or an ``accelerate launch`` and its ranks) as the leader of a process group of its own.
 
-    On timeout every process of the group (the launcher and each rank) is killed and the test
-    fails; a rank still alive after the launcher returned also fails it (and is killed), so no
-    process outlives the test.
+    On timeout every process of the group gets SIGABRT first, so that Python's fault handler
+    (``PYTHONFAULTHANDLER``, set here) writes each one's stack to the captured stderr, then SIGKILL,
+    and the test fails with that output: a hang names where it hangs, and no process outlives the
+    test. (``subprocess.run(timeout=...)`` kills only the child, then waits for the pipes, which a
+    grandchild still holds open: a hang would hang the test.) A rank still alive after the launcher
+    returned also fails the test (and is killed).
     """
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
@@ -210,10 +214,18 @@ def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedP
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... did not end within {timeout} s; its whole process group was "
-                    f"killed. Last output:\n{err[-3000:]}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGABRT)  # each Python process dumps its threads' stacks
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()  # everything read since the start
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a rank the launcher left behind
+        pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... did not end within {timeout} s; its whole process group was "
+                    f"killed (SIGABRT, then SIGKILL). Last output, with each process's stacks:\n{err[-12000:]}")
     deadline = time.monotonic() + 10  # ranks that exited may take a moment to be reaped
     while group_alive() and time.monotonic() < deadline:
         time.sleep(0.2)

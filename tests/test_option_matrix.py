@@ -140,18 +140,22 @@ def _distill_args(row: dict, base: Path, out: Path) -> list[str]:
     return args
 
 
-def _launch(args: list[str], processes: int, *, script: str | None = None, config: str | None = None,
-            precision_flag: bool = True) -> subprocess.CompletedProcess:
+#: One run takes 10-20 s on a 2-core CI machine; a run past this is hung, and fails the test with each process's
+#: stacks (run_process_group) instead of holding CI until its limit.
+RUN_TIMEOUT = 300
+
+
+def _launch(args: list[str], processes: int, *, script: str | None = None, config: str | None = None
+            ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if processes == 1 and script is None and config is None:
-        return subprocess.run([sys.executable, "-m", "diffusers_hprune", *args], capture_output=True, text=True,
-                              env=env, timeout=600)
+        return run_process_group([sys.executable, "-m", "diffusers_hprune", *args], timeout=RUN_TIMEOUT, env=env)
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     launch += ["--config_file", config] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no",
                                                         "--mixed_precision", "no"]
     launch += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
     launch += [script] if script else ["-m", "diffusers_hprune"]
-    return run_process_group([*launch, *args], timeout=600, env=env)
+    return run_process_group([*launch, *args], timeout=RUN_TIMEOUT, env=env)
 
 
 DRAW = """
@@ -198,11 +202,16 @@ def test_option_matrix(tmp_path, capsys):
         PrunePlan(family=family, num_blocks=blocks, **spec).save(base / f"{name}.json")
     rows = covering_array(FACTORS)
     results, saved = [], []
+    with capsys.disabled():  # a row as each run ends: a CI log shows how far the matrix got
+        print(f"\noption matrix: {len(rows)} runs; each: run, {', '.join(FACTORS)}, seconds, exit code", flush=True)
     for k, row in enumerate(rows):
         out = base / f"run-{k}"
         start = time.perf_counter()
         proc = _launch(_distill_args(row, base, out), row["processes"])
         seconds = time.perf_counter() - start
+        with capsys.disabled():
+            print(f"  run {k}: {', '.join(str(row[f]) for f in FACTORS)}: {seconds:.0f} s, exit {proc.returncode}",
+                  flush=True)
         problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"]
         summary = {}
         if not problems:
@@ -220,8 +229,8 @@ def test_option_matrix(tmp_path, capsys):
         results.append((k, row, seconds, problems, summary))
 
     # Every saved folder loads in a fresh process and draws.
-    draw = subprocess.run([sys.executable, "-c", DRAW, json.dumps(saved)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
+    draw = run_process_group([sys.executable, "-c", DRAW, json.dumps(saved)], timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
     lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
     drawn = json.loads(lines[-1][len("RESULT "):]) if lines else {}
     for k, _, _, problems, _ in results:
@@ -268,8 +277,8 @@ def test_fsdp2_through_the_trainer_on_two_processes(tmp_path, capsys):
         assert summary["mixed_precision"] == "bf16" and summary["trainable_dtype"] == "float32"
         assert all(step["grad_norm"] > 0 for step in summary["losses"])  # the prepared, sharded parameters' norm
         assert (out / "validation" / "step-2.png").is_file()
-        draw = subprocess.run([sys.executable, "-c", DRAW, json.dumps([(str(out), "flux")])], capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        draw = run_process_group([sys.executable, "-c", DRAW, json.dumps([(str(out), "flux")])], timeout=RUN_TIMEOUT,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert "RESULT " in draw.stdout, draw.stderr[-2000:]
         import torch
         from diffusers import DiffusionPipeline
@@ -335,8 +344,8 @@ def test_the_three_reproductions_of_issue_31_exit_0_and_leave_pipelines_that_loa
         proc = _launch(args, processes)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         saved.append((args[args.index("--output_dir") + 1], family))
-    draw = subprocess.run([sys.executable, "-c", DRAW, json.dumps(saved)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    draw = run_process_group([sys.executable, "-c", DRAW, json.dumps(saved)], timeout=RUN_TIMEOUT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, draw.stderr[-3000:]
     drawn = json.loads(lines[-1][len("RESULT "):])
