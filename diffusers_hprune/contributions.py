@@ -74,6 +74,7 @@ class ContributionReport:
     timesteps: list[float] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
     alignment: dict[str, Any] = field(default_factory=dict)
+    components: str | None = None  # components_fingerprint of the pipeline (None: a synthetic analysis)
 
     # -- queries -------------------------------------------------------------------
     @property
@@ -106,6 +107,7 @@ class ContributionReport:
             "family": self.family,
             "num_blocks": self.num_blocks,
             "fingerprint": self.fingerprint,
+            "components": self.components,
             "metric": self.metric,
             "calibration": self.calibration,
             "pairs": self.pairs,
@@ -122,6 +124,7 @@ class ContributionReport:
             "num_blocks": self.num_blocks,
             "model": self.model,
             "fingerprint": self.fingerprint,
+            "components": self.components,
             "metric": self.metric,
             "calibration": self.calibration,
             "pairs": self.pairs,
@@ -170,6 +173,7 @@ class ContributionReport:
                 timesteps=[float(t) for t in data.get("timesteps", [])],
                 run=dict(data.get("run", {})),
                 alignment=_alignment(data.get("alignment")),
+                components=None if data.get("components") is None else str(data["components"]),
             )
             family = report.model_family
             num_blocks = family.num_blocks(report.transformer_config)
@@ -310,13 +314,40 @@ def architecture_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _weights_digest(h, module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            d = float64(p)  # on the CPU where the device has no float64 (MPS)
+            h.update(f"{name}:{tuple(p.shape)}:{float(d.sum()):.6e}:{float(d.abs().sum()):.6e}".encode())
+
+
 def fingerprint(transformer: torch.nn.Module) -> str:
     """Architecture plus a weight digest (per-parameter sums in float64): two models share entries only if equal."""
     h = hashlib.sha256(architecture_hash(transformer.config).encode())
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            d = float64(p)  # on the CPU where the device has no float64 (MPS)
-            h.update(f"{name}:{tuple(p.shape)}:{float(d.sum()):.6e}:{float(d.abs().sum()):.6e}".encode())
+    _weights_digest(h, transformer)
+    return h.hexdigest()[:24]
+
+
+def components_fingerprint(pipe) -> str:
+    """A digest of every component of the pipeline ``pipe`` but its transformer: what else changes what a stage
+    measures or draws. Text encoders and the VAE by class, config and weights (per-parameter sums, as
+    :func:`fingerprint`), tokenizers by class, vocabulary and length limit, the scheduler by its config."""
+    h = hashlib.sha256()
+    for name, component in sorted(getattr(pipe, "components", {}).items()):
+        if name == "transformer" or component is None:
+            continue
+        h.update(f"{name}:{type(component).__name__};".encode())
+        config = getattr(component, "config", None)
+        if config is not None:
+            fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            fields = {k: v for k, v in fields.items() if not str(k).startswith("_") and k not in (
+                "transformers_version", "torch_dtype", "dtype", "name_or_path")}
+            h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        if isinstance(component, torch.nn.Module):
+            _weights_digest(h, component)
+        elif hasattr(component, "get_vocab"):
+            h.update(json.dumps(sorted(component.get_vocab().items()), default=str).encode())
+            h.update(f"{getattr(component, 'model_max_length', None)}".encode())
     return h.hexdigest()[:24]
 
 

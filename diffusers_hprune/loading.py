@@ -23,6 +23,7 @@ from diffusers_hprune import toy
 from diffusers_hprune.profiles import generation_kwargs
 from diffusers_hprune.utils.checks import InputError, check_number, refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.untrusted import check_index_names
 
 
 class PipelineLoadError(HPruneError):
@@ -60,6 +61,8 @@ def check_pipeline_weights(folder: str | os.PathLike) -> None:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # not a pipeline folder: Diffusers says so when it loads
+    if isinstance(index, dict):
+        check_index_names(index, folder)  # Diffusers would read "../x" as a folder outside this one
     for name, entry in index.items() if isinstance(index, dict) else ():
         if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():
             check_weight_files(folder / name, f"{name} weights")

@@ -87,8 +87,13 @@ class PrunePlan:
                 "`removed_components` must map block indices to lists of component names (e.g. "
                 f"{{\"12\": [\"ff_context\"]}}), got {_described(self.removed_components)}."
             )
+        seen: dict[int, Any] = {}
         for key, names in self.removed_components.items():
             index = self._check_index(_key_index(key), "removed_components")
+            if index in seen:  # "3" and "03" (or 3 and "3") are one block: which list was meant?
+                raise PlanError(f"`removed_components` names block {index} twice ({seen[index]!r} and {key!r}); "
+                                "give each block once, with all its components in one list.")
+            seen[index] = key
             names = self._check_names(index, names, vocabulary)
             if index in blocks or not names:
                 continue
@@ -220,10 +225,26 @@ class PrunePlan:
         except InputError as e:
             raise PlanError(str(e)) from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON ({e}); the file is corrupt, make the plan again.") from None
+        except _DuplicateKey as e:
+            raise PlanError(f"{path} has the key {e.args[0]!r} twice in one object; JSON keeps only the last, so the "
+                            "plan would silently lose the first. Give each key once.") from None
         return cls.from_dict(data)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _is_int(value: Any) -> bool:

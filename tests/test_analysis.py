@@ -16,7 +16,7 @@ from helpers import run_process_group
 from diffusers_hprune import BLOCK
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.analysis.ablation import entry_plan, naive_outputs, normalised_error, record_transformer_calls
-from diffusers_hprune.contributions import AnalysisError, ContributionReport, component_keys
+from diffusers_hprune.contributions import AnalysisError, ContributionReport, component_keys, components_fingerprint
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
 # The machinery (cache, resume, shards) on the fast velocity metric; image metrics: tests/test_image_fidelity.py.
@@ -153,6 +153,32 @@ def test_resume_reuses_entries_and_refuses_other_settings(sd3_pipeline, tmp_path
     assert out.read_text() == "{not json"
     replaced = analyze(sd3_pipeline, out, overwrite=True, **SMALL)
     assert replaced.entries == first.entries
+
+
+def test_a_changed_text_encoder_vae_tokenizer_or_scheduler_is_another_analysis(sd3_pipeline, tmp_path):
+    """Issue 32: only the transformer was fingerprinted, so after the text encoder changed every entry was reused."""
+    import copy
+
+    out = tmp_path / "analysis.json"
+    first = analyze(sd3_pipeline, out, **SMALL)
+    assert first.components == components_fingerprint(sd3_pipeline)
+    assert components_fingerprint(copy.deepcopy(sd3_pipeline)) == first.components  # equal pipelines, equal digests
+    changed = copy.deepcopy(sd3_pipeline)
+    with torch.no_grad():
+        next(changed.text_encoder.parameters()).mul_(1.5)
+    with pytest.raises(AnalysisError, match="other settings.*components"):
+        analyze(changed, out, **SMALL)
+    assert analyze(changed, out, overwrite=True, **SMALL).run["this_process"]["computed_entries"] > 0
+    digests = {first.components, components_fingerprint(changed)}
+    vae = copy.deepcopy(sd3_pipeline)
+    with torch.no_grad():
+        next(vae.vae.parameters()).add_(0.1)
+    tokenizer = copy.deepcopy(sd3_pipeline)
+    tokenizer.tokenizer.model_max_length = 7
+    scheduler = copy.deepcopy(sd3_pipeline)
+    scheduler.scheduler.register_to_config(shift=2.5)
+    digests |= {components_fingerprint(p) for p in (vae, tokenizer, scheduler)}
+    assert len(digests) == 5
 
 
 def _cli(*args, env_extra=None, **kwargs):

@@ -279,6 +279,11 @@ def test_image_caption_data_is_encoded_once(tmp_path):
     torch.testing.assert_close(ds[0]["latents"], z[0], rtol=1e-4, atol=1e-4)
     again, path2 = build_training_cache(pipe, spec, tmp_path / "cache", progress=False)
     assert path2 == path and len(list((tmp_path / "cache").iterdir())) == 1
+    # Issue 32: the cache is the text encoders' and the VAE's output too; another text encoder is another cache.
+    with torch.no_grad():
+        next(pipe.text_encoder.parameters()).mul_(1.5)
+    _, path3 = build_training_cache(pipe, spec, tmp_path / "cache", progress=False)
+    assert path3 != path and len(list((tmp_path / "cache").iterdir())) == 2
     with pytest.raises(DataError, match="no column 'caption'"):
         build_training_cache(pipe, DataSpec(train_data_dir=str(folder), caption_column="caption"), tmp_path / "c2")
 

@@ -261,16 +261,18 @@ def test_an_output_folder_holding_other_files_is_refused_before_any_work(setup, 
     assert _snapshot(user) == before
 
 
-@pytest.mark.parametrize("inside,overwrite", [(False, False), (False, True), (True, True)])
-def test_the_teacher_folder_is_never_the_output(setup, tmp_path, capsys, inside, overwrite):
-    teacher = tmp_path / "teacher"
+@pytest.mark.parametrize("where,overwrite", [("same", False), ("same", True), ("inside", True), ("around", True)])
+def test_the_teacher_folder_is_never_the_output(setup, tmp_path, capsys, where, overwrite):
+    teacher = tmp_path / "models" / "teacher"
     shutil.copytree(toy.model_path("sd3"), teacher)
-    out = teacher / "student" if inside else teacher
+    out = {"same": teacher, "inside": teacher / "student", "around": teacher.parent}[where]
     before = _snapshot(teacher)
     args = _args(setup, out, *(["--overwrite"] if overwrite else []))
     args[args.index("--teacher") + 1] = str(teacher)
     err = _refused(args, capsys)
-    assert ("inside the --teacher folder" if inside else "is the --teacher folder") in err
+    phrase = {"same": "is the same path as --teacher", "inside": "is inside --teacher",
+              "around": "is a folder that holds --teacher"}[where]
+    assert phrase in err, err
     assert _snapshot(teacher) == before
 
 

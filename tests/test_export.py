@@ -211,8 +211,11 @@ def test_export_refusals(exports, tmp_path):
         export_folder(source, export)
     with pytest.raises(ExportError, match="is an export already"):
         export_folder(export, tmp_path / "y")
-    with pytest.raises(ExportError, match="inside the folder it exports"):
+    with pytest.raises(ExportError, match="is inside FOLDER"):
         export_folder(source, source / "sub")
+    with pytest.raises(ExportError, match="is a folder that holds FOLDER"):  # --overwrite would delete the source
+        export_folder(source, source.parent, overwrite=True)
+    assert (source / "model_index.json").is_file()
     assert main(["export", str(source), "--out", str(tmp_path / "z"), "--stock"]) == 2
     assert not (tmp_path / "z").exists()
 

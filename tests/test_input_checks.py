@@ -16,6 +16,8 @@ from diffusers_hprune.analysis import synthetic_report
 from diffusers_hprune.cli import main
 from diffusers_hprune.compress.config import ConfigError, HPruneConfig
 from diffusers_hprune.contributions import AnalysisError, ContributionReport
+from diffusers_hprune.distillation.data import DataError, read_prompts
+from diffusers_hprune.utils.checks import MAX_PROMPT_CHARS, MAX_TEXT_BYTES
 
 NOT_UTF8 = b'{"family": "sd3", "note": "caf\xe9"}'
 
@@ -58,6 +60,7 @@ def work(tmp_path):
     ({"removed_components": {"2": [5]}}, "must be a list of component names"),
     ({"removed_components": {"two": ["ff"]}}, "Block index 'two' in `removed_components` is not an integer"),
     ({"removed_components": None}, "`removed_components` must map block indices to lists of component names"),
+    ({"removed_components": {"3": ["ff"], "03": ["attn"]}}, "`removed_components` names block 3 twice ('3' and '03')"),
     ({"num_blocks": 10**9}, "`num_blocks` must be a positive integer (at most 10,000)"),
     ({"num_blocks": "12"}, "`num_blocks` must be a positive integer"),
     ({"family": ["sd3"]}, "Unknown model family ['sd3']"),
@@ -79,12 +82,45 @@ def test_plan_single_component_name_and_string_keys_still_load():
     assert plan.removed_components == {2: ["ff"], 3: ["attn"]}
 
 
+def test_a_key_given_twice_in_a_plan_file_is_refused(work, capsys):
+    """JSON keeps the last of two equal keys: the first list of components would be lost without a word."""
+    text = '{"format": "diffusers-hprune/plan", "family": "sd3", "num_blocks": 12, "removed_blocks": [], ' \
+           '"removed_components": {"3": ["ff"], "3": ["attn"]}}'
+    (work / "plan.json").write_text(text)
+    before = folder_state(work)
+    _refused(["budget", "sd3", "--plan", work / "plan.json"], capsys, "has the key '3' twice in one object")
+    assert folder_state(work) == before
+
+
 def test_plan_file_not_utf8(work, capsys):
     (work / "plan.json").write_bytes(NOT_UTF8)
     before = folder_state(work)
     _refused(["budget", "sd3", "--plan", work / "plan.json"], capsys, "is not UTF-8 text")
     with pytest.raises(PlanError, match="save it as UTF-8"):
         PrunePlan.load(work / "plan.json")
+    assert folder_state(work) == before
+
+
+# -- prompt and text files ----------------------------------------------------------------------
+def test_a_prompt_holding_a_form_feed_or_a_line_separator_is_one_prompt(work):
+    (work / "p.txt").write_text("a red circle\fabove a blue square\r\nthree green\u2028triangles\n\n  \n")
+    assert read_prompts(str(work / "p.txt")) == ["a red circle\fabove a blue square", "three green\u2028triangles"]
+
+
+def test_text_files_are_bounded_before_they_are_read(work, capsys):
+    huge = work / "huge.txt"
+    with huge.open("wb") as f:  # sparse: 65 MiB that take no disk
+        f.truncate(MAX_TEXT_BYTES + 1)
+    with pytest.raises(DataError, match="more than the 67,108,864 a command reads"):
+        read_prompts(str(huge))
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_prompts("/dev/zero")
+    (work / "long.txt").write_text("ok\n" + "x" * (MAX_PROMPT_CHARS + 1) + "\n")
+    with pytest.raises(DataError, match="Line 2 of .* has 10,001 characters"):
+        read_prompts(str(work / "long.txt"))
+    before = folder_state(work)
+    _refused(["plan", huge, "--ratio", "0.2", "--out", work / "plan.json"], capsys, "more than the 67,108,864")
+    _refused(["plan", "/dev/zero", "--ratio", "0.2", "--out", work / "plan.json"], capsys, "not a regular file")
     assert folder_state(work) == before
 
 
@@ -315,9 +351,32 @@ def test_outputs_inside_their_input_are_refused(work, capsys):
     model = work / "model"
     shutil.copytree(toy.model_path("sd3"), model)
     before = folder_state(work)
-    _refused(["quantize", model, "--out", model / "nf4"], capsys, "is inside the MODEL folder")
-    _refused(["export", model, "--out", model], capsys, "is the FOLDER folder")
-    _refused(["compress", model, "--out", model / "run"], capsys, "is inside the MODEL folder")
+    _refused(["quantize", model, "--out", model / "nf4"], capsys, "is inside MODEL")
+    _refused(["export", model, "--out", model], capsys, "is the same path as FOLDER")
+    _refused(["compress", model, "--out", model / "run"], capsys, "is inside MODEL")
+    assert folder_state(work) == before
+
+
+def test_outputs_that_are_or_hold_an_input_are_refused_even_with_overwrite(work, capsys, analysis):
+    """Issue 32: `--overwrite` with an --out that holds the input deleted the input; a plan written over its analysis,
+    an evaluation over the model's index, the grid over the JSON."""
+    model = work / "models" / "model"
+    shutil.copytree(toy.model_path("sd3"), model)
+    (work / "analysis.json").write_text(json.dumps(analysis))
+    (work / "p.txt").write_text("a red circle\n")
+    before = folder_state(work)
+    _refused(["quantize", model, "--out", work / "models", "--overwrite"], capsys, "is a folder that holds MODEL")
+    _refused(["quantize", model, "--out", work, "--overwrite"], capsys, "is a folder that holds MODEL")
+    _refused(["export", model, "--out", work / "models", "--overwrite"], capsys, "is a folder that holds FOLDER")
+    _refused(["compress", model, "--out", work / "models"], capsys, "is a folder that holds MODEL")
+    _refused(["plan", work / "analysis.json", "--ratio", "0.2", "--out", work / "analysis.json"], capsys,
+             "--out {} is the same path as ANALYSIS".format(work / "analysis.json"))
+    _refused(["evaluate", model, "--out", model / "model_index.json", "--no-cost"], capsys, "is inside MODEL")
+    _refused(["evaluate", model, "--out", work / "p.txt", "--prompts", work / "p.txt"], capsys,
+             "is the same path as --prompts")
+    _refused(["evaluate", model, "--out", work / "g.png", "--grid", work / "g.png"], capsys,
+             "--out and --grid are the same file")
+    _refused(["analyze", model, "--out", model / "a.json"], capsys, "is inside MODEL")
     assert folder_state(work) == before
 
 

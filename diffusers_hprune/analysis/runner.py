@@ -46,7 +46,7 @@ from diffusers_hprune.analysis.ablation import (
     record_transformer_calls,
     served_calls,
 )
-from diffusers_hprune.contributions import AnalysisError, ContributionReport, fingerprint
+from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.families import BLOCK, get_family
 from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import generate, generation_settings, is_toy, load_pipeline, swapped_transformer
@@ -288,6 +288,7 @@ def analyze(
         num_blocks=family.num_blocks(config),
         model=model_name,
         fingerprint=fingerprint(transformer),
+        components=components_fingerprint(pipe),  # text encoders, VAE, tokenizers, scheduler change the images too
         transformer_config=json.loads(json.dumps(config, default=str)),
         metric={"name": metric, "options": dict(metric_options or {})},
         calibration={"prompts": prompts, "seeds": seeds, "generation": gen_kwargs, "eval_steps": steps,
@@ -443,7 +444,8 @@ def analyze(
 def _merge(report: ContributionReport, out: Path) -> ContributionReport:
     """The main process's report plus every rank's part file; the run costs of this run's ranks are summed."""
     merged = ContributionReport(**{k: getattr(report, k) for k in (
-        "family", "num_blocks", "model", "fingerprint", "transformer_config", "metric", "calibration", "pairs")})
+        "family", "num_blocks", "model", "fingerprint", "transformer_config", "metric", "calibration", "pairs",
+        "components")})
     merged.baseline_score = report.baseline_score
     merged.entries = dict(report.entries)
     merged.similarity = dict(report.similarity)

@@ -14,7 +14,14 @@ from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_generation_flags, metric_args, parse_bytes
 from diffusers_hprune.loading import check_image_size, pixel_multiple
 from diffusers_hprune.metrics import DEFAULT_METRIC, metric_names
-from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int, read_text_file
+from diffusers_hprune.utils.checks import (
+    check_apart,
+    check_output_file,
+    nonnegative_int,
+    positive_int,
+    prompt_lines,
+    read_text_file,
+)
 from diffusers_hprune.utils.distributed import process_state
 
 
@@ -74,6 +81,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")  # the analysis.json, and OUT.parts/ beside it
+    check_apart(args.out, "--out", (args.model, "MODEL"), (args.prompts, "--prompts"))
     if args.synthetic:
         report = synthetic_report(args.model, seed=args.seed, pairs=args.pairs)
         report.save(args.out)
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompts:
         text = read_text_file(args.prompts, "prompt file (one prompt a line)")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = prompt_lines(text, args.prompts)
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
     if args.budget_check and args.dtype in (None, "bfloat16"):  # before any weight is loaded (no-op without CUDA)
         check_fits("analysis", args.model, options=BudgetOptions(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
 
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
@@ -13,7 +12,7 @@ from diffusers_hprune.compress.config import HPruneConfig
 from diffusers_hprune.compress.run import compress
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.hub.push import check_repo_id
-from diffusers_hprune.utils.checks import check_not_inside, check_output_folder
+from diffusers_hprune.utils.checks import check_apart, check_output_folder
 
 
 def register(subparsers) -> None:
@@ -47,8 +46,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
-    if Path(args.model).is_dir():
-        check_not_inside(args.out, args.model, "--out", "MODEL")
+    check_apart(args.out, "--out", (args.model, "MODEL"), (args.prompts, "--prompts"),
+                (args.eval_prompts_file, "--eval-prompts-file"), (args.config, "--config"))
     if args.push:
         check_repo_id(args.push)  # before hours of work, not after them
     values = asdict(HPruneConfig.load(args.config)) if args.config else {}

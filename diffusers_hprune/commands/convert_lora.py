@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diffusers_hprune.hub.export import convert_lora_for_export
-from diffusers_hprune.utils.checks import check_output_file
+from diffusers_hprune.utils.checks import check_apart, check_output_file
 
 
 def register(subparsers) -> None:
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
+    check_apart(args.out, "--out", (args.lora, "LORA"), (args.export, "--to"))
     out, dropped = convert_lora_for_export(args.lora, args.export, args.out, overwrite=args.overwrite)
     gone = f"; dropped the adapters of {len(dropped)} module(s) in removed blocks" if dropped else ""
     print(f"wrote {out}{gone}. Load it with pipe.load_lora_weights({str(out)!r}).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS
@@ -16,7 +17,7 @@ from diffusers_hprune.evaluation.compare import (
     overall_score,
 )
 from diffusers_hprune.loading import check_image_size, is_toy, pixel_multiple
-from diffusers_hprune.utils.checks import check_output_file, nonnegative_int, positive_int
+from diffusers_hprune.utils.checks import InputError, check_apart, check_output_file, nonnegative_int, positive_int
 from diffusers_hprune.utils.fileio import atomic_write_json
 
 
@@ -51,9 +52,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = ((args.model, "MODEL"), (args.student, "STUDENT"), (args.prompts, "--prompts"))
     for path, flag in ((args.out, "--out"), (args.grid, "--grid")):  # before the work, not after it
         if path:
             check_output_file(path, flag)
+            check_apart(path, flag, *inputs)
+    if args.out and args.grid:  # one would overwrite the other
+        if Path(args.grid).resolve() == Path(args.out).resolve():
+            raise InputError(f"--out and --grid are the same file ({args.out}); give each its own path.")
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)
     reference = load_for_evaluation(args.model)
     models = {"teacher" if args.student else "model": reference}

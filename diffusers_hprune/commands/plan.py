@@ -10,7 +10,7 @@ from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.planning.hpp import DEFAULT_R_THRES, make_plan
 from diffusers_hprune.planning.strategies import strategy_names
-from diffusers_hprune.utils.checks import check_output_file, finite_float, fraction
+from diffusers_hprune.utils.checks import check_apart, check_output_file, finite_float, fraction
 
 
 def register(subparsers) -> None:
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
+    check_apart(args.out, "--out", (args.analysis, "ANALYSIS"))  # the plan would replace the analysis
     report = ContributionReport.load(args.analysis)
     if not report.complete and args.strategy != "last":
         missing = report.missing_keys()

@@ -23,7 +23,7 @@ from typing import Any
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.compress.config import HPruneConfig
-from diffusers_hprune.contributions import ContributionReport, fingerprint
+from diffusers_hprune.contributions import ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.distillation import trainer
 from diffusers_hprune.distillation.data import held_out_prompts
 from diffusers_hprune.distillation.trainer import DistillConfig
@@ -157,7 +157,8 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     train_pool, eval_pool, eval_source = split_prompts(prompts, eval_prompts, config.eval_prompts, **toy_split)
     train_prompts = [train_pool[k % len(train_pool)] for k in range(config.train_prompts)]
     eval_prompts = eval_pool[: config.eval_prompts]
-    base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer)}
+    base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer),
+            "components": components_fingerprint(teacher.pipe)}
 
     analysis_path = out / "1-analysis" / "analysis.json"
     # bk-sdm ranks by an alignment score of the final images: measured with the analysis when it is the strategy.

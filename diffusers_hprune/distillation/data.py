@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusers_hprune.contributions import fingerprint
+from diffusers_hprune.contributions import components_fingerprint, fingerprint
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
-from diffusers_hprune.utils.checks import InputError, read_text_file
+from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import with_user_mode
 
@@ -70,12 +70,12 @@ class DataSpec:
 
 
 def read_prompts(path: str) -> list[str]:
-    """The non-empty lines of a UTF-8 prompt file, stripped; a DataError when it cannot be read or has none."""
+    """The non-empty lines of a UTF-8 prompt file, stripped (``utils.checks.prompt_lines``: lines end at newlines
+    only); a DataError when it cannot be read, is too large, has a line too long or has no prompt."""
     try:
-        lines = read_text_file(path, "prompt file").splitlines()
-    except InputError as e:  # missing, a folder, not UTF-8: said with the path and what to do
+        prompts = prompt_lines(read_text_file(path, "prompt file"), path)
+    except InputError as e:  # missing, a folder, not UTF-8, too large: said with the path and what to do
         raise DataError(str(e)) from None
-    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise DataError(f"The prompt file {path} has no prompts; write one prompt a line.")
     return prompts
@@ -144,12 +144,13 @@ def prompt_lines_digest(spec: DataSpec) -> str | None:
     return hashlib.sha256("\n".join(read_prompts(spec.prompts)).encode()).hexdigest() if spec.prompts else None
 
 
-def cache_key(spec: DataSpec, teacher_fingerprint: str, generation: dict) -> str:
+def cache_key(spec: DataSpec, teacher_fingerprint: str, generation: dict, components: str | None = None) -> str:
     """The cache's identity: the options, the prompt file's lines (not its name: a moved file is the same data), the
-    teacher, the drawing."""
+    teacher (its transformer, and ``components``: the digest of its text encoders, VAE, tokenizers and scheduler,
+    which the cached embeddings and latents come from), the drawing."""
     options = {k: v for k, v in asdict(spec).items() if k != "prompts"}
-    payload = json.dumps({"spec": options, "prompt_lines": prompt_lines_digest(spec),
-                          "teacher": teacher_fingerprint, "generation": generation}, sort_keys=True, default=str)
+    payload = json.dumps({"spec": options, "prompt_lines": prompt_lines_digest(spec), "teacher": teacher_fingerprint,
+                          "components": components, "generation": generation}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -167,7 +168,7 @@ def data_identity(pipe, spec: DataSpec) -> dict:
     """
     options = {k: v for k, v in asdict(spec).items() if k not in ("prompts", "held_out")}
     return {**options, "prompt_lines": prompt_lines_digest(spec), "held_out": sorted(spec.held_out),
-            "generation": _generation(pipe, spec)}
+            "generation": _generation(pipe, spec), "components": components_fingerprint(pipe)}
 
 
 def _damaged_cache_file(path: Path) -> tuple[str, str] | None:
@@ -208,7 +209,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     spec.check()
     family = get_family(pipe.transformer)
     generation = _generation(pipe, spec)
-    key = cache_key(spec, fingerprint(pipe.transformer), generation)
+    key = cache_key(spec, fingerprint(pipe.transformer), generation, components_fingerprint(pipe))
     max_len = generation.pop("max_sequence_length")
     path = Path(cache_dir) / key
     if (path / "dataset_info.json").is_file():

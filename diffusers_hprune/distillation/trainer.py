@@ -61,7 +61,14 @@ from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.pruning.surgery import prune_transformer
-from diffusers_hprune.utils.checks import InputError, check_bool, check_not_inside, check_number, check_output_folder
+from diffusers_hprune.utils.checks import (
+    InputError,
+    check_apart,
+    check_bool,
+    check_not_inside,
+    check_number,
+    check_output_folder,
+)
 from diffusers_hprune.utils.distributed import (
     DRAW_SECONDS_PER_STEP,
     PRECISIONS,
@@ -476,7 +483,7 @@ def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = Non
         for component in sorted(p for p in tmp.iterdir() if p.is_dir() and p.name != "transformer"):
             if teacher_folder is not None and (teacher_folder / component.name).is_dir():
                 shutil.rmtree(component)
-                copy_files(teacher_folder / component.name, component)
+                copy_files(teacher_folder / component.name, component, root=teacher_folder)
         record_fp32_default(tmp)  # the copied encoders' configs too: a plain from_pretrained loads one dtype
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
             target = output_dir / entry.name
@@ -519,6 +526,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         say(f"note: {config.analysis} was measured on other weights of this architecture ({models.report.model}, "
             f"fingerprint {models.report.fingerprint}; the teacher's is {identity['teacher']}): SGDistill's rates come "
             "from that model's contributions. Analyse the teacher itself (`hprune analyze`) if that is not meant.")
+    elif models.report is not None and models.report.components not in (None, identity["data"]["components"]):
+        say(f"note: {config.analysis} was measured with other text encoders, VAE, tokenizers or scheduler than the "
+            "teacher's (the transformer is the same): SGDistill's rates come from that pipeline's contributions. "
+            "Analyse the teacher itself (`hprune analyze`) if that is not meant.")
     _prepare_output_dir(config, output_dir, resume_path, identity, accelerator, say)
     optimizer = _optimizer(config, groups, lora_config, say)
     dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
@@ -569,6 +580,9 @@ def _checked_output_dir(config: DistillConfig) -> Path:
         check_output_folder(output_dir, "--output_dir")
         for teacher in _teacher_folders(config.teacher):
             check_not_inside(output_dir, teacher, "--output_dir", "--teacher")
+        # the training data: --overwrite of a folder that holds it would delete it (the plan may lie in a run folder:
+        # the run writes its own copy there)
+        check_apart(output_dir, "--output_dir", (config.prompts, "--prompts"), (config.train_data_dir, "--train_data_dir"))
     except InputError as e:
         raise DistillError(str(e)) from None
     if output_dir.is_dir() and not _is_run_folder(output_dir):

@@ -38,11 +38,18 @@ from diffusers_hprune.hub.folders import (
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
+from diffusers_hprune.utils.untrusted import check_index_names, input_files
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
 LEFT_OUT = ("checkpoint-*", ".*", "data-cache", "logs", "validation", "*.tmp", "hprune_*_pipeline.py")
+#: What an export carries: in a component's folder, configs, weights, tokenizer files (vocabularies, merges,
+#: sentencepiece models); at the top, JSON records, the card and its images, a license. Nothing else (no code:
+#: a ``.py`` file in the source would be run by ``trust_remote_code=True``).
+COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken")
+TOP_SUFFIXES = (".json", ".md", ".txt", ".png", ".jpg", ".jpeg", ".webp")
 
 
 class ExportError(FolderError):
@@ -50,7 +57,23 @@ class ExportError(FolderError):
 
 
 def _left_out(relative: Path) -> bool:
-    return any(part.match(pattern) for part in map(Path, relative.parts) for pattern in LEFT_OUT)
+    if any(part.match(pattern) for part in map(Path, relative.parts) for pattern in LEFT_OUT):
+        return True
+    return relative.suffix.lower() not in (COMPONENT_SUFFIXES if len(relative.parts) > 1 else TOP_SUFFIXES)
+
+
+def _copy_config(source: Path, target: Path) -> None:
+    """Copy a component's JSON file without ``auto_map`` (code the source's author named, not the project)."""
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and "auto_map" in data:
+        data.pop("auto_map")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(target, data)
+    else:
+        _copy(source, target)
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -88,7 +111,7 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
             continue  # rewritten below from the shards
         elif path.name == "config.json":
             _write_json(target / "config.json", family.stock_config(config, plan))
-        elif path.is_file() and path.name != PLAN_FILE:
+        elif path.is_file() and path.name != PLAN_FILE and not _left_out(Path("transformer", path.name)):
             _copy(path, target / path.name)
     for path in sorted(source.glob("*.safetensors.index.json")):
         index = read_json(path)
@@ -106,9 +129,12 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
                   overwrite: bool = False) -> Path:
     """Write the pipeline folder ``folder`` to ``out`` in ``format`` (default: :func:`default_format`).
 
-    Every file of ``folder`` is copied except training leftovers (:data:`LEFT_OUT`); the
-    transformer, ``model_index.json`` and the model card's "How to use" section are
-    rewritten for the format. ``out`` is written beside its place and renamed into it when
+    The files a pipeline needs are copied (:data:`COMPONENT_SUFFIXES` in component folders,
+    :data:`TOP_SUFFIXES` at the top; no code, no training leftovers :data:`LEFT_OUT`, no ``auto_map``
+    but the one the export writes); the transformer, ``model_index.json`` and the model card's
+    "How to use" section are rewritten for the format. ``folder`` is untrusted: component names
+    must be plain names and symbolic links must stay inside it
+    (:mod:`diffusers_hprune.utils.untrusted`). ``out`` is written beside its place and renamed into it when
     complete; an existing ``out`` is an error unless ``overwrite``. Returns ``out``.
 
     Raises:
@@ -117,6 +143,11 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
     """
     folder, out = Path(folder), Path(out)
     index = read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        raise ExportError(f"{folder / 'model_index.json'} is not a pipeline index (a JSON object); save the pipeline "
+                          "again.")
+    check_index_names(index, folder, error=ExportError)
+    files = list(input_files(folder, error=ExportError))  # every link checked before anything is written
     if folder_format(folder) is not None:
         raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
                           "made from.")
@@ -127,20 +158,22 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
         raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
     if format == "stock":
         family.check_stock_exportable(plan)
-    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
-        raise ExportError(f"--out {out} is inside the folder it exports; choose a folder outside {folder}.")
+    try:
+        check_not_inside(out, folder, "--out", "FOLDER")  # nor around it: --overwrite would delete it
+    except InputError as e:
+        raise ExportError(str(e)) from None
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; choose another --out or pass --overwrite.")
     pipeline = stock_pipeline_name(index.get("_class_name", ""))
     with atomic_directory(out, overwrite=True) as tmp:
         tmp = Path(tmp)
-        for path in sorted(folder.rglob("*")):
+        for path in files:
             relative = path.relative_to(folder)
-            if not path.is_file() or _left_out(relative) or relative.parts[0] == "transformer":
+            if _left_out(relative) or relative.parts[0] == "transformer":
                 continue
             if relative.as_posix() in ("model_index.json", "README.md"):
                 continue
-            _copy(path, tmp / relative)
+            (_copy_config if relative.suffix == ".json" and len(relative.parts) > 1 else _copy)(path, tmp / relative)
         index = {**index, "_class_name": pipeline}
         index.pop("auto_map", None)
         if format == "stock":
@@ -148,7 +181,7 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
             index["transformer"] = ["diffusers", family.base_class_name]
         else:
             for path in sorted((folder / "transformer").iterdir()):
-                if path.is_file() and path.name != "config.json":
+                if path.is_file() and path.name != "config.json" and not _left_out(Path("transformer", path.name)):
                     _copy(path, tmp / "transformer" / path.name)
             class_name = config["_class_name"]
             auto_map = {"AutoModel": f"{MODULE_NAME}.{class_name}"}
@@ -162,6 +195,44 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
             card = (folder / "README.md").read_text(encoding="utf-8")
             (tmp / "README.md").write_text(rewrite_usage(card, tmp), encoding="utf-8")
     return out
+
+
+def check_export(folder: str | os.PathLike) -> Path:
+    """Refuse a folder that claims to be an export (``folder_format``) but holds what :func:`export_folder` never
+    writes: a link out of it, a component name that is not a plain name, a file an export leaves out (code
+    above all), an ``auto_map`` in a component's config, or remote code that is not this version's.
+
+    ``hprune push`` uploads such a folder as it is, so this runs before anything goes up.
+    """
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        raise ExportError(f"{folder / 'model_index.json'} is not a pipeline index (a JSON object); export again.")
+    check_index_names(index, folder, error=ExportError)
+    ours = {f"transformer/{MODULE_NAME}.py"} if folder_format(folder) == "remote" else set()
+    stray = []
+    for path in input_files(folder, error=ExportError):
+        relative = path.relative_to(folder)
+        if relative.parts[0].startswith(".") or relative.as_posix() in ours:
+            continue  # hidden files are not uploaded (push's IGNORE_PATTERNS)
+        if _left_out(relative):
+            stray.append(relative.as_posix())
+        elif relative.suffix == ".json" and len(relative.parts) > 1 and relative.parts[0] != "transformer":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and "auto_map" in data:
+                stray.append(f"{relative.as_posix()} (auto_map)")
+    if stray:
+        raise ExportError(f"{folder} holds what an export of diffusers-hprune never writes: {', '.join(stray[:8])}"
+                          f"{' ...' if len(stray) > 8 else ''}. Nothing was uploaded; export the folder it was made "
+                          "from again (`hprune export`) and push that.")
+    if ours and (folder / f"transformer/{MODULE_NAME}.py").read_text(encoding="utf-8") != modeling_source():
+        raise ExportError(f"{folder / 'transformer' / MODULE_NAME}.py is not the modeling code this version of "
+                          "diffusers-hprune writes: nothing was uploaded. Export the folder it was made from again "
+                          "(`hprune export`) and push that.")
+    return folder
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -248,4 +319,4 @@ def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, 
     return out, dropped
 
 
-__all__ = ["LORA_WEIGHTS", "ExportError", "convert_lora_for_export", "export_folder"]
+__all__ = ["LORA_WEIGHTS", "ExportError", "check_export", "convert_lora_for_export", "export_folder"]

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffusers_hprune.hub.export import export_folder
+from diffusers_hprune.hub.export import check_export, export_folder
 from diffusers_hprune.hub.folders import folder_format
 from diffusers_hprune.utils.checks import refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
@@ -85,7 +85,7 @@ def exported(folder: str | os.PathLike, format: str | None = None) -> Iterator[P
     folder = check_pipeline_folder(folder)
     already = folder_format(folder)
     if already is not None and format in (None, already):
-        yield folder
+        yield check_export(folder)  # uploaded as it is: only what an export writes
         return
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
     try:

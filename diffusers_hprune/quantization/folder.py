@@ -26,6 +26,7 @@ from diffusers_hprune.utils.checks import InputError, check_not_inside, read_tex
 from diffusers_hprune.utils.fileio import atomic_directory, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 from diffusers_hprune.utils.plain_loading import record_fp32_default
+from diffusers_hprune.utils.untrusted import check_index_names
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
@@ -42,7 +43,7 @@ def _model_index(source: Path) -> dict:
     if not isinstance(index, dict):
         raise QuantizeError(f"{source / 'model_index.json'} is not a pipeline index (a JSON object); save the pipeline "
                             "again.")
-    return index
+    return check_index_names(index, source, error=QuantizeError)
 
 
 def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, *, skip_modules=None,
@@ -79,7 +80,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
             if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or None in entry:
                 continue
             if (source / name).is_dir():
-                copy_files(source / name, tmp / name)
+                copy_files(source / name, tmp / name, root=source)
         quantized.save_pretrained(tmp / "transformer")
         safetensors_user_modes(tmp / "transformer")  # safetensors writes 0600 whatever the umask
         index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.utils.untrusted import input_files
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -112,14 +114,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def copy_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copy the files below ``source`` into ``target`` (links resolved, as in a Hub cache), made with the user's umask.
+def copy_files(source: str | os.PathLike, target: str | os.PathLike, *, root: str | os.PathLike | None = None) -> None:
+    """Copy the files below ``source`` into ``target``, made with the user's umask.
 
-    Not ``shutil.copytree``: that copies the source's permission bits, so a read-only source
-    (an installed package, a cache) would give read-only output.
+    Symbolic links are followed only inside ``root`` (default ``source``; for a Hub cache
+    snapshot, its repository's cache folder); a link out of it is an ``InputError`` raised before
+    anything is copied (:func:`~diffusers_hprune.utils.untrusted.input_files`). Not ``shutil.copytree``: that
+    copies the source's permission bits, so a read-only source (an installed package, a cache)
+    would give read-only output.
     """
     source, target = Path(source), Path(target)
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target / path.relative_to(source))
+    for path in list(input_files(source, root=root)):  # every link checked before the first copy
+        (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / path.relative_to(source))

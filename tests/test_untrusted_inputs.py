@@ -1,0 +1,131 @@
+"""Issue 32, deliverable 1: a folder the user did not write (a Hub download, a git clone) is untrusted.
+
+Component names from ``model_index.json`` are never paths out of the folder, symbolic links are never followed out of
+an input into an output or an upload, an export carries no code or ``auto_map`` the project did not write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from helpers import MIXED_PLANS, folder_state, tiny_pipeline
+
+from diffusers_hprune import prune_pipeline, toy
+from diffusers_hprune.cli import main
+from diffusers_hprune.hub.export import ExportError, check_export, export_folder
+from diffusers_hprune.hub.push import exported
+from diffusers_hprune.utils.checks import InputError
+from diffusers_hprune.utils.fileio import copy_files
+from diffusers_hprune.utils.untrusted import input_files, link_root, plain_name
+
+
+@pytest.mark.parametrize("name", ["../.ssh", "..", ".", "", "/etc", "a/b", "a\\b", "x\0y", " text_encoder", 3, None])
+def test_names_used_as_paths_must_be_plain(name):
+    with pytest.raises(InputError, match="is not a plain name"):
+        plain_name(name, "the component")
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "tokenizer_3", "vae", "..x", "a.b"])
+def test_plain_names_pass(name):
+    assert plain_name(name, "the component") == name
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A user's home with a secret beside a downloaded pipeline folder (``home/repo/pipe``, the SD3 toy)."""
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "authorized_keys").write_text("my key\n")
+    (tmp_path / "token").write_text("hf_secret\n")
+    shutil.copytree(toy.model_path("sd3"), tmp_path / "repo" / "pipe")
+    return tmp_path
+
+
+def _pruned(tmp_path, family="flux"):
+    """A pruned pipeline folder (the tiny pipeline with the mixed plan; remote export by default)."""
+    folder = tmp_path / f"pruned-{family}"
+    prune_pipeline(tiny_pipeline(family), MIXED_PLANS[family]).save_pretrained(folder)
+    return folder
+
+
+def test_a_model_index_key_that_leaves_the_folder_is_refused_by_every_command(home, capsys):
+    pipe = home / "repo" / "pipe"
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["../../.ssh"] = ["diffusers", "AutoencoderKL"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    before = folder_state(home)
+    for argv in (["quantize", pipe, "--out", home / "quant"], ["export", pipe, "--out", home / "export"],
+                 ["evaluate", pipe, "--n", "1", "--no-cost"]):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert "names a component '../../.ssh'" in err and "not a plain name" in err, err
+    assert folder_state(home) == before  # nothing written, .ssh untouched
+
+
+def test_a_link_out_of_the_input_is_never_copied_into_an_export_or_a_quantised_folder(home, tmp_path, capsys):
+    source = _pruned(tmp_path)
+    (source / "tokenizer" / "notes.txt").symlink_to(home / "token")
+    before = folder_state(home)
+    assert main(["export", str(source), "--out", str(home / "export")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt is a symbolic link to" in err and "outside the folder it is in" in err
+    with pytest.raises(InputError, match="symbolic link"):
+        copy_files(source / "tokenizer", home / "copy", root=source)
+    assert folder_state(home) == before
+    # a folder link out of the input is refused the same way
+    (source / "tokenizer" / "notes.txt").unlink()
+    (source / "tokenizer" / "more").symlink_to(home / ".ssh", target_is_directory=True)
+    with pytest.raises(ExportError, match="more is a symbolic link"):
+        export_folder(source, home / "export")
+    assert not (home / "export").exists()
+
+
+def test_links_inside_the_input_and_a_hub_cache_snapshot_are_followed(tmp_path):
+    # a Hub cache: snapshots/REV/<file> -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("{}")
+    snapshot = repo / "snapshots" / "0123"
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").symlink_to(os.path.relpath(repo / "blobs" / "abc", snapshot / "vae"))
+    assert link_root(snapshot / "vae") == repo.resolve()
+    assert [p.name for p in input_files(snapshot)] == ["config.json"]
+    copy_files(snapshot / "vae", tmp_path / "copy", root=snapshot)
+    assert (tmp_path / "copy" / "config.json").read_text() == "{}" and not (tmp_path / "copy" / "config.json").is_symlink()
+    # a link inside an ordinary folder; a loop of folder links is walked once
+    folder = tmp_path / "plain"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.json").write_text("1")
+    (folder / "b.json").symlink_to(folder / "a" / "x.json")
+    (folder / "a" / "loop").symlink_to(folder, target_is_directory=True)
+    assert sorted(p.name for p in input_files(folder)) == ["b.json", "x.json"]
+
+
+def test_an_export_carries_no_code_and_no_foreign_auto_map(tmp_path):
+    source = _pruned(tmp_path)
+    (source / "tokenizer" / "evil.py").write_text("import os\n")
+    (source / "transformer" / "hprune_transformer_extra.py").write_text("import os\n")
+    (source / "run.sh").write_text("rm -rf ~\n")
+    config = json.loads((source / "text_encoder" / "config.json").read_text())
+    (source / "text_encoder" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.M"}}))
+    out = export_folder(source, tmp_path / "export", format="remote")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert [f for f in files if f.endswith(".py")] == ["transformer/hprune_transformer.py"]
+    assert "run.sh" not in files
+    assert "auto_map" not in json.loads((out / "text_encoder" / "config.json").read_text())
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"] == config["hidden_size"]
+    assert check_export(out) == out
+
+
+def test_push_refuses_an_export_that_holds_what_an_export_never_writes(tmp_path):
+    source = _pruned(tmp_path)
+    out = export_folder(source, tmp_path / "export", format="remote")
+    (out / "vae" / "helper.py").write_text("import os\n")
+    with pytest.raises(ExportError, match=r"vae/helper.py"), exported(out):
+        pass
+    (out / "vae" / "helper.py").unlink()
+    (out / "transformer" / "hprune_transformer.py").write_text("import os\n")
+    with pytest.raises(ExportError, match="is not the modeling code this version"), exported(out):
+        pass
