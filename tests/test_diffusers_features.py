@@ -15,8 +15,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from helpers import tiny_pipeline
 from PIL import Image
+from safetensors import safe_open
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline
 from diffusers_hprune.families import RemovedBlock
@@ -194,3 +196,28 @@ def test_auto_pipelines_load_a_pruned_folder_in_a_fresh_process(family, tmp_path
         f"HierarchicalPruned{name}Pipeline", f"HierarchicalPruned{name}Img2ImgPipeline",
         f"HierarchicalPruned{name}InpaintPipeline"]
     np.testing.assert_allclose(np.load(out), _image(pipe), atol=1e-5)  # the in-memory model's image
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_pipeline_save_pretrained_passes_variant_shard_size_and_serialization_to_the_pruned_transformer(
+        family, tmp_path):
+    """Issue 32: the common pattern `save_pretrained(d)` then `.to(float16).save_pretrained(d, variant="fp16")` kept
+    the fp32 weights only when the pruned transformer's save took `variant` (Diffusers passes it by signature)."""
+    pipe = prune_pipeline(tiny_pipeline(family), WITH_COMPONENTS[family])
+    pipe.save_pretrained(tmp_path)
+    default = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    fp32 = default.read_bytes()
+    pipe.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    assert default.read_bytes() == fp32  # the default weights are untouched
+    variant = tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors"
+    with safe_open(str(variant), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16).transformer
+    assert type(loaded).__name__ == type(pipe.transformer).__name__
+    for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    sharded = tmp_path / "sharded"
+    pipe.save_pretrained(sharded, max_shard_size="20KB")
+    index = json.loads((sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert sorted(p.name for p in (sharded / "transformer").glob("*.safetensors")) == sorted(set(index["weight_map"].values()))

@@ -4,6 +4,7 @@ structure built before weights load, and strict loading with clear errors."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 from diffusers_hprune.families import get_family
@@ -101,6 +103,17 @@ def pruned_class_for(family) -> type:
         ) from None
 
 
+def _with_signature_of(original):
+    """Give the decorated method ``original``'s signature (what ``inspect.signature`` reports), whatever Diffusers
+    version is installed."""
+
+    def decorate(method):
+        method.__signature__ = inspect.signature(original)
+        return method
+
+    return decorate
+
+
 class HierarchicalPrunedMixin:
     """Mixed into a Diffusers transformer subclass whose config has a ``prune_plan`` entry."""
 
@@ -121,8 +134,12 @@ class HierarchicalPrunedMixin:
         self.register_to_config(prune_plan=plan.to_dict())
         self._register_state_dict_hook(_add_removal_markers)
 
+    @_with_signature_of(ModelMixin.save_pretrained)
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``ModelMixin.save_pretrained``, with a zero-size marker under each removed block's and component's name.
+
+        Its signature is ``ModelMixin``'s: a pipeline's ``save_pretrained`` passes ``variant``,
+        ``max_shard_size`` and ``safe_serialization`` only to components whose method names them.
 
         The markers (:meth:`ModelFamily.removal_markers`) make a stock class that is handed this
         checkpoint (``SD3Transformer2DModel.from_pretrained(pruned_folder)``) stop with a shape
