@@ -1,6 +1,7 @@
 """ShapeEval: GenEval-style prompt adherence for the toy shapes, by classical image analysis.
 
-Each image is segmented from its plain background; foreground pixels take the
+Each image is segmented from its plain background (an image that is mostly not background, such as a
+uniform image of one colour or noise, holds no object); foreground pixels take the
 nearest palette colour; connected regions of one colour are objects; an object's
 shape comes from how it fills its bounding box and how its width changes from top
 to bottom. An image passes its prompt only if the detected objects are exactly
@@ -25,6 +26,10 @@ _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32) / 255
 _BG = np.array(BACKGROUND, dtype=np.float32) / 255.0
 FOREGROUND_THRESHOLD = 0.3  # max channel distance from the background
 MIN_AREA = 12  # pixels; smaller regions are speckle
+#: The least share of an image that must be the toy's background for it to hold a drawing. The toy draws at most
+#: 35 % of the canvas (one 19x19 shape on 32x32); an image of one colour, or of noise, is no drawing and holds no
+#: object (it scored up to 35 % on colour prompts before: a uniform white image passed "a white square").
+MIN_BACKGROUND = 0.4
 ATTRIBUTES = ("color", "shape", "count", "position")
 
 
@@ -73,9 +78,12 @@ def _classify_shape(region: np.ndarray) -> str:
 
 
 def detect_objects(image) -> list[Detection]:
-    """The objects in one image (PIL image or HxWx3 array), largest first."""
+    """The objects in one image (PIL image or HxWx3 array), largest first; none when less than
+    :data:`MIN_BACKGROUND` of it is the background (a uniform image of any colour, noise)."""
     arr = to_array(image)[..., :3]
     foreground = np.abs(arr - _BG).max(axis=-1) > FOREGROUND_THRESHOLD
+    if 1.0 - foreground.mean() < MIN_BACKGROUND:
+        return []
     nearest = np.argmin(((arr[..., None, :] - _PALETTE) ** 2).sum(-1), axis=-1)
     found = []
     for k, name in enumerate(_PALETTE_NAMES):
