@@ -305,6 +305,8 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
             raise AnalysisError(f"{source}: similarity entry {n} must be an object, got {type(item).__name__}.")
         if "block" in item:
             check(f"similarity entry {n} block", item["block"], kind=int, minimum=0)
+        if "cosine" in item:  # NaN would rank first for KOALA (it removed blocks 0-2 of an all-NaN analysis)
+            check(f"similarity entry {n} cosine", item["cosine"], minimum=-1.001, maximum=1.001)
 
 
 def architecture_hash(config: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import folder_state
 
 from diffusers_hprune import toy
@@ -358,4 +359,14 @@ def test_an_input_that_is_not_utf8_is_one_clear_error(setup, tmp_path, capsys, w
     args[args.index(f"--{which}") + 1] = str(bad)
     err = _refused(args, capsys)
     assert f"{message} {bad} is not UTF-8" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where there is a CUDA GPU")
+def test_fp16_without_a_gpu_is_one_clear_error(setup, tmp_path, capsys, monkeypatch):
+    """Issue 32: Accelerate's bare ValueError for fp16 on a CPU was a traceback; the flag or a launch config's."""
+    err = _refused(_args(setup, tmp_path / "out", "--mixed_precision", "fp16"), capsys)
+    assert "--mixed_precision fp16 needs a CUDA GPU" in err and "bf16 or no" in err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert "needs a CUDA GPU" in _refused(_args(setup, tmp_path / "out2"), capsys)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

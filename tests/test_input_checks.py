@@ -141,6 +141,9 @@ def _layers(data, n):
     (lambda d: d["entries"].append({"block": 99, "component": "attn", "score": 0.0, "delta": 0.0}),
      "1 entry for parts the sd3 model it describes (12 blocks, indices 0..11) does not have: block 99 attn"),
     (lambda d: d["entries"].__setitem__(1, dict(d["entries"][1], component="wings")), "block 0 wings"),
+    (lambda d: d.update(similarity=[{"block": i, "cosine": math.nan} for i in range(12)]),
+     "similarity entry 0 cosine must be a finite number"),
+    (lambda d: d.update(similarity=[{"block": 0, "cosine": 3.0}]), "similarity entry 0 cosine must be at most 1.001"),
 ])
 def test_analysis_file_types_and_bounds(analysis, work, capsys, edit, phrase):
     data = json.loads(json.dumps(analysis))
@@ -376,6 +379,7 @@ def test_outputs_that_are_or_hold_an_input_are_refused_even_with_overwrite(work,
              "is the same path as --prompts")
     _refused(["evaluate", model, "--out", work / "g.png", "--grid", work / "g.png"], capsys,
              "--out and --grid are the same file")
+    _refused(["evaluate", model, "--grid", work / "grid"], capsys, "the file name must end in .png")
     _refused(["analyze", model, "--out", model / "a.json"], capsys, "is inside MODEL")
     assert folder_state(work) == before
 
@@ -437,4 +441,17 @@ def test_push_refuses_a_bad_repo_id_before_writing(work, capsys, repo_id, phrase
                    "--repo-id must be ORG/NAME")
     assert phrase in err and "Nothing was written or uploaded" in err
     assert (folder / "README.md").read_bytes() == card
+    assert folder_state(work) == before
+
+
+def test_free_form_prompts_where_shapeeval_scores_are_refused_before_any_work(work, capsys):
+    """Issue 32: `a photo of a cat` on a toy ended in a traceback after all the work (compress: after 6 minutes)."""
+    (work / "free.txt").write_text("a red circle\na photo of a cat\n")
+    before = folder_state(work)
+    phrase = "Prompt 2 of {}, 'a photo of a cat', is not in the toy grammar".format(work / "free.txt")
+    _refused(["evaluate", "sd3", "--prompts", work / "free.txt", "--no-cost"], capsys, phrase)
+    _refused(["analyze", "sd3", "--metric", "shapeeval", "--prompts", work / "free.txt", "--out", work / "a.json"],
+             capsys, phrase)
+    _refused(["compress", "sd3", "--eval-prompts-file", work / "free.txt", "--out", work / "run"], capsys,
+             "'a photo of a cat', is not in the toy grammar")
     assert folder_state(work) == before

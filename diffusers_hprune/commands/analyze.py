@@ -7,6 +7,7 @@ import argparse
 import diffusers
 import torch
 
+from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
 from diffusers_hprune.budget import BudgetOptions
@@ -93,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts:
         text = read_text_file(args.prompts, "prompt file (one prompt a line)")
         prompts = prompt_lines(text, args.prompts)
+        if "shapeeval" in (args.metric, args.alignment_metric) or (
+                args.alignment_metric == "auto" and args.model in toy.FAMILIES):  # before any work, not at the end
+            toy.check_prompts(prompts, args.prompts)
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
     if args.budget_check and args.dtype in (None, "bfloat16"):  # before any weight is loaded (no-op without CUDA)
         check_fits("analysis", args.model, options=BudgetOptions(

@@ -51,12 +51,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def run(args: argparse.Namespace) -> int:
     inputs = ((args.model, "MODEL"), (args.student, "STUDENT"), (args.prompts, "--prompts"))
     for path, flag in ((args.out, "--out"), (args.grid, "--grid")):  # before the work, not after it
         if path:
             check_output_file(path, flag)
             check_apart(path, flag, *inputs)
+    if args.grid and Path(args.grid).suffix.lower() not in GRID_SUFFIXES:  # PIL picks the format by it, after the work
+        raise InputError(f"--grid {args.grid}: the file name must end in {', '.join(GRID_SUFFIXES)} (the image format "
+                         "is taken from it); e.g. --grid grid.png.")
     if args.out and args.grid:  # one would overwrite the other
         if Path(args.grid).resolve() == Path(args.out).resolve():
             raise InputError(f"--out and --grid are the same file ({args.out}); give each its own path.")
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_list = [DEFAULT_PROMPTS[k % len(DEFAULT_PROMPTS)] for k in range(args.n or 8)]
     metrics = args.metric or ([FIDELITY] if args.student else []) + (["shapeeval"] if toy_model else [])
+    if "shapeeval" in metrics and args.prompts:  # before any drawing, not after all of it
+        toy.check_prompts(prompt_list, args.prompts)
     result = evaluate_pipelines(
         models, prompt_list, seed=args.seed, metrics=metrics, metric_options=_evaluate_metric_args(args.metric_arg,
                                                                                                     metrics),

@@ -143,10 +143,6 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     if holds_something_else(out):
         raise CompressError(f"{out} exists and is not an hprune compress run folder; choose another --out "
                             "(nothing was written).")
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / RUN_CONFIG)
-    stages = _Stages(out, say)
-    teacher = _Teacher(model)
     is_toy = str(model) in toy.FAMILIES
     if prompts is None and not is_toy:
         raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
@@ -157,6 +153,12 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     train_pool, eval_pool, eval_source = split_prompts(prompts, eval_prompts, config.eval_prompts, **toy_split)
     train_prompts = [train_pool[k % len(train_pool)] for k in range(config.train_prompts)]
     eval_prompts = eval_pool[: config.eval_prompts]
+    if is_toy:  # ShapeEval scores the evaluation prompts at the end: checked now, not after every stage
+        toy.check_prompts(eval_prompts, eval_source)
+    out.mkdir(parents=True, exist_ok=True)  # after every check of the inputs: a refusal writes nothing
+    config.save(out / RUN_CONFIG)
+    stages = _Stages(out, say)
+    teacher = _Teacher(model)
     base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer),
             "components": components_fingerprint(teacher.pipe)}
 

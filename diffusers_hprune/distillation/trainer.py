@@ -621,7 +621,11 @@ def _accelerator(config: DistillConfig, output_dir: Path, timeout):
 
     _check_trackers(config.report_to)
     _check_deepspeed_installed()
-    _forget_other_precision(resolved_mixed_precision(config.mixed_precision))
+    precision = resolved_mixed_precision(config.mixed_precision)
+    if precision == "fp16" and not torch.cuda.is_available():  # Accelerate raises a bare ValueError for it
+        raise DistillError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast with its gradient scaler); on this "
+                           "machine without one use --mixed_precision bf16 or no (or change the launch config).")
+    _forget_other_precision(precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,

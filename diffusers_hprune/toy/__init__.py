@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffusers_hprune.toy.dataset import CATEGORIES, parse_prompt, prompts, render, sample, to_array
 from diffusers_hprune.toy.shapeeval import detect_objects, score_image, shapeeval
+from diffusers_hprune.utils.checks import InputError
 
 FAMILIES = ("sd3", "flux")
 
@@ -26,6 +27,23 @@ _GENERATION = {
     "flux": dict(height=32, width=32, num_inference_steps=20, true_cfg_scale=5.0, negative_prompt="",
                  max_sequence_length=10),
 }
+
+
+def check_prompts(prompts, source: str) -> list[str]:
+    """``prompts`` if ShapeEval can score every one (the toy grammar), else an ``InputError`` naming the first that is
+    not and ``source`` (where they came from), raised before any work: ShapeEval scores the toy's own grammar only."""
+    prompts = list(prompts)
+    for number, prompt in enumerate(prompts, 1):
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            raise InputError(
+                f"Prompt {number} of {source}, {prompt!r}, is not in the toy grammar that ShapeEval scores: one to "
+                "three shapes (circle, square, triangle), optionally coloured (red, green, blue, yellow), e.g. 'a red "
+                "circle', 'two squares', 'a circle left of a square', 'a red circle and a blue square'. Use such "
+                "prompts, or leave ShapeEval out (--metric fidelity; on a toy, omit --prompts for its own)."
+            ) from None
+    return prompts
 
 
 def model_path(family: str = "sd3") -> Path:
@@ -119,6 +137,7 @@ def evaluate_pipeline(pipe, n: int = 200, seed: int = 0, split: str = "heldout",
 __all__ = [
     "CATEGORIES",
     "FAMILIES",
+    "check_prompts",
     "detect_objects",
     "evaluate_pipeline",
     "family_of",
