@@ -20,6 +20,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from diffusers_hprune import toy
+from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.profiles import generation_kwargs
 from diffusers_hprune.utils.checks import InputError, check_number, refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
@@ -63,6 +64,8 @@ def check_pipeline_weights(folder: str | os.PathLike) -> None:
         return  # not a pipeline folder: Diffusers says so when it loads
     if isinstance(index, dict):
         check_index_names(index, folder)  # Diffusers would read "../x" as a folder outside this one
+    if (folder / "transformer" / "config.json").is_file():
+        load_transformer_config(folder)  # sizes bounded before Diffusers builds the model (num_layers 1e8)
     for name, entry in index.items() if isinstance(index, dict) else ():
         if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():
             check_weight_files(folder / name, f"{name} weights")

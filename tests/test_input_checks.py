@@ -455,3 +455,31 @@ def test_free_form_prompts_where_shapeeval_scores_are_refused_before_any_work(wo
     _refused(["compress", "sd3", "--eval-prompts-file", work / "free.txt", "--out", work / "run"], capsys,
              "'a photo of a cat', is not in the toy grammar")
     assert folder_state(work) == before
+
+
+@pytest.mark.parametrize("value,phrase", [
+    (10**8, "num_layers must be an integer from 1 to 1,000, got 100000000"),
+    (12.5, "num_layers must be an integer from 1 to 1,000, got 12.5"),
+    (-5, "num_layers must be an integer from 1 to 1,000, got -5"),
+    (True, "got True"),
+])
+def test_transformer_config_sizes_are_bounded_before_anything_is_built(work, capsys, value, phrase):
+    """Issue 32: num_layers 1e8 grew `inspect` past 3.9 GB and made `analyze` allocate 256 GB; 12.5 was a TypeError."""
+    model = work / "model"
+    shutil.copytree(toy.model_path("sd3"), model)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    (model / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": value}))
+    before = folder_state(work)
+    _refused(["inspect", model], capsys, phrase)
+    _refused(["analyze", model, "--out", work / "a.json", "--n-prompts", "1"], capsys, phrase)
+    _refused(["quantize", model, "--out", work / "q"], capsys, phrase)
+    assert folder_state(work) == before
+
+
+def test_a_transformer_wider_than_the_bound_is_refused(work, capsys):
+    model = work / "model"
+    shutil.copytree(toy.model_path("sd3"), model)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    (model / "transformer" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 1024,
+                                                                     "attention_head_dim": 1024}))
+    _refused(["inspect", model], capsys, "num_attention_heads x attention_head_dim is 1,048,576, more than 65,536")

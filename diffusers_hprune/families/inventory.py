@@ -27,6 +27,7 @@ from diffusers_hprune.families.sizes import (
     param_bytes,
 )
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.checks import InputError, read_text_file
 from diffusers_hprune.utils.errors import UnsupportedModelError
 
 # Public transformer configs shipped with the package (name -> file in diffusers_hprune/families/configs).
@@ -40,11 +41,47 @@ BUILTIN_CONFIGS = {
 }
 
 
+#: Bounds of a transformer config's sizes (inclusive), checked before anything is built or counted from it. The
+#: public models sit far inside them (FLUX.1: 19 + 38 blocks, 24 heads of 128; SD3.5 Large: 38 blocks, 38 heads
+#: of 64); a config beyond them is refused instead of allocating gigabytes (``num_layers`` 1e8).
+CONFIG_BOUNDS = {
+    "num_layers": (1, 1000), "num_single_layers": (0, 1000), "num_attention_heads": (1, 1024),
+    "attention_head_dim": (1, 1024), "joint_attention_dim": (1, 65536), "caption_projection_dim": (1, 65536),
+    "pooled_projection_dim": (1, 65536), "in_channels": (1, 4096), "out_channels": (1, 4096), "patch_size": (1, 64),
+    "sample_size": (1, 16384), "pos_embed_max_size": (1, 16384),
+}
+#: The widest transformer accepted: heads x head size.
+MAX_WIDTH = 65536
+
+
+def check_config_bounds(config: Mapping[str, Any], source: str | os.PathLike = "the transformer config") -> dict:
+    """``config`` (as a dict) when every size in :data:`CONFIG_BOUNDS` is an integer within its bounds and the width
+    at most :data:`MAX_WIDTH`; an ``UnsupportedModelError`` naming the first that is not, otherwise."""
+    if not isinstance(config, Mapping):
+        raise UnsupportedModelError(f"{source} is not a transformer config (a JSON object); use the config.json that "
+                                    "save_pretrained wrote.")
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UnsupportedModelError(f"{source}: {key} must be an integer from {low} to {high:,}, got {value!r}; "
+                                        "the config is damaged or not a transformer of a supported model.")
+    heads, size = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(size, int) and heads * size > MAX_WIDTH:
+        raise UnsupportedModelError(f"{source}: num_attention_heads x attention_head_dim is {heads * size:,}, more "
+                                    f"than {MAX_WIDTH:,}; the config is damaged or not a supported transformer.")
+    return dict(config)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, "transformer config"))
     except json.JSONDecodeError as e:
         raise UnsupportedModelError(f"{path} is not valid JSON ({e}); the file is corrupt.") from None
+    except InputError as e:
+        raise UnsupportedModelError(str(e)) from None
+    return check_config_bounds(data, path)
 
 
 def load_transformer_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:

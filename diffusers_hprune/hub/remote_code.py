@@ -26,8 +26,9 @@ MODULE_NAME = "hprune_transformer"
 #: The package modules the pruned transformer classes need, each after the ones it imports.
 MODULES = (
     "diffusers_hprune.utils.errors",
-    "diffusers_hprune.utils.fileio",
     "diffusers_hprune.utils.checks",
+    "diffusers_hprune.utils.untrusted",
+    "diffusers_hprune.utils.fileio",
     "diffusers_hprune.plan",
     "diffusers_hprune.families.base",
     "diffusers_hprune.families.mmdit",
