@@ -21,10 +21,11 @@ from safetensors import SafetensorError, safe_open
 
 from diffusers_hprune import toy
 from diffusers_hprune.families.inventory import load_transformer_config
+from diffusers_hprune.pipelines.pruned import KNOWN_PIPELINES, check_pipeline_family
 from diffusers_hprune.profiles import generation_kwargs
-from diffusers_hprune.utils.checks import InputError, check_number, refuse_pickled
+from diffusers_hprune.utils.checks import InputError, check_number, read_text_file, refuse_pickled
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.untrusted import check_index_names
+from diffusers_hprune.utils.untrusted import check_model_index
 
 
 class PipelineLoadError(HPruneError):
@@ -58,14 +59,20 @@ def check_weight_files(folder: str | os.PathLike, what: str = "weights") -> None
 def check_pipeline_weights(folder: str | os.PathLike) -> None:
     """``check_weight_files`` for every component folder of the pipeline folder ``folder``."""
     folder = Path(folder)
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not (folder / "model_index.json").is_file():
         return  # not a pipeline folder: Diffusers says so when it loads
-    if isinstance(index, dict):
-        check_index_names(index, folder)  # Diffusers would read "../x" as a folder outside this one
+    try:
+        index = json.loads(read_text_file(folder / "model_index.json", "pipeline index"))
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"{folder / 'model_index.json'} is not valid JSON ({e}); download or save the pipeline "
+                         "again.") from None
+    check_model_index(index, folder)  # its shape, and no "../x" component Diffusers would read outside the folder
     if (folder / "transformer" / "config.json").is_file():
-        load_transformer_config(folder)  # sizes bounded before Diffusers builds the model (num_layers 1e8)
+        config = load_transformer_config(folder)  # sizes bounded before Diffusers builds the model (num_layers 1e8)
+        if index["_class_name"] in KNOWN_PIPELINES:
+            check_pipeline_family(index["_class_name"], config, folder)
     for name, entry in index.items() if isinstance(index, dict) else ():
         if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():
             check_weight_files(folder / name, f"{name} weights")

@@ -129,3 +129,39 @@ def test_push_refuses_an_export_that_holds_what_an_export_never_writes(tmp_path)
     (out / "transformer" / "hprune_transformer.py").write_text("import os\n")
     with pytest.raises(ExportError, match="is not the modeling code this version"), exported(out):
         pass
+
+
+@pytest.mark.parametrize("edit,phrase", [
+    (lambda i: i.update(_class_name="FluxPipeline"), "the pipeline class FluxPipeline is not for its sd3 transformer"),
+    (lambda i: i.pop("_class_name"), "has no pipeline class (_class_name)"),
+    (lambda i: i.update(vae=["diffusers"]), "the component 'vae' must be [library, class]"),
+    (lambda i: i.update(vae="AutoencoderKL"), "the component 'vae' must be [library, class]"),
+    (lambda i: i.update(vae=[None, "AutoencoderKL"]), "the component 'vae' must be [library, class]"),
+    (lambda i: i.update(extra=["diffusers", "AutoencoderKL"]), "names the component 'extra', but"),
+])
+def test_a_mislabelled_or_broken_model_index_is_refused_before_any_work(home, capsys, edit, phrase):
+    """Issue 32: quantize and export accepted a FLUX pipeline class around SD3 parts, or a missing vae/; evaluate
+    raised Diffusers' tracebacks on malformed indexes."""
+    pipe = home / "repo" / "pipe"
+    index = json.loads((pipe / "model_index.json").read_text())
+    edit(index)
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    before = folder_state(home)
+    for argv in (["quantize", pipe, "--out", home / "quant"], ["export", pipe, "--out", home / "export"],
+                 ["evaluate", pipe, "--n", "1", "--no-cost"]):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err, err
+    assert folder_state(home) == before
+
+
+def test_a_missing_component_folder_and_invalid_json_are_named(home, capsys):
+    pipe = home / "repo" / "pipe"
+    shutil.rmtree(pipe / "vae")
+    for argv in (["quantize", pipe, "--out", home / "quant"], ["export", pipe, "--out", home / "export"],
+                 ["evaluate", pipe, "--n", "1", "--no-cost"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "names the component 'vae', but" in capsys.readouterr().err
+    (pipe / "model_index.json").write_text("{not json")
+    assert main(["evaluate", str(pipe), "--n", "1", "--no-cost"]) == 2
+    assert "model_index.json is not valid JSON" in capsys.readouterr().err

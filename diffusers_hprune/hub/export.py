@@ -36,12 +36,12 @@ from diffusers_hprune.hub.folders import (
     read_json,
 )
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
-from diffusers_hprune.pipelines.pruned import stock_pipeline_name
+from diffusers_hprune.pipelines.pruned import check_pipeline_family, stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
-from diffusers_hprune.utils.untrusted import check_index_names, input_files
+from diffusers_hprune.utils.untrusted import check_index_names, check_model_index, input_files
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
 LEFT_OUT = ("checkpoint-*", ".*", "data-cache", "logs", "validation", "*.tmp", "hprune_*_pipeline.py")
@@ -143,16 +143,14 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
     """
     folder, out = Path(folder), Path(out)
     index = read_json(folder / "model_index.json")
-    if not isinstance(index, dict):
-        raise ExportError(f"{folder / 'model_index.json'} is not a pipeline index (a JSON object); save the pipeline "
-                          "again.")
-    check_index_names(index, folder, error=ExportError)
+    check_model_index(index, folder, error=ExportError)
     files = list(input_files(folder, error=ExportError))  # every link checked before anything is written
     if folder_format(folder) is not None:
         raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
                           "made from.")
     config, plan = folder_plan(folder)
     family = get_family(config)
+    check_pipeline_family(index["_class_name"], config, folder)
     format = format or default_format(plan)
     if format not in FORMATS:
         raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")

@@ -15,6 +15,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+from diffusers_hprune.families import get_family
 from diffusers_hprune.models import HierarchicalPrunedFluxTransformer2DModel, HierarchicalPrunedSD3Transformer2DModel
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
@@ -111,6 +112,8 @@ PIPELINES = {  # stock pipeline -> its pruned version
     FluxInpaintPipeline: HierarchicalPrunedFluxInpaintPipeline,
 }
 register(*PIPELINES.values())
+#: The names of the pipeline classes that hold an SD3 or FLUX transformer (stock and pruned).
+KNOWN_PIPELINES = frozenset(cls.__name__ for pair in PIPELINES.items() for cls in pair)
 
 
 def register_auto_pipelines() -> None:
@@ -142,6 +145,17 @@ def _pipeline_pair(class_name: str) -> tuple[type, type]:
     raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline, so "
                                 f"it cannot hold a pruned transformer; supported pipelines: {supported} and their "
                                 "pruned versions.")
+
+
+def check_pipeline_family(class_name: str, transformer_config, source) -> None:
+    """Refuse a pipeline folder whose class is of another family than its transformer (a FLUX pipeline around an
+    SD3 transformer): it would load and then fail, or be written on as the wrong model."""
+    pruned = _pipeline_pair(class_name)[1]
+    family = get_family(transformer_config).name
+    if pruned.pruned_transformer_class.family_name != family:
+        raise UnsupportedModelError(f"{source}: the pipeline class {class_name} is not for its {family} transformer "
+                                    f"({transformer_config.get('_class_name')}); the model_index.json is mislabelled. "
+                                    "Use a folder that save_pretrained wrote.")
 
 
 def pruned_pipeline_name(class_name: str) -> str:

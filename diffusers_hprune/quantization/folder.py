@@ -20,13 +20,13 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import check_weight_files
 from diffusers_hprune.models import pruned_class_for
-from diffusers_hprune.pipelines.pruned import pruned_pipeline_name
+from diffusers_hprune.pipelines.pruned import check_pipeline_family, pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
 from diffusers_hprune.utils.checks import InputError, check_not_inside, read_text_file
 from diffusers_hprune.utils.fileio import atomic_directory, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 from diffusers_hprune.utils.plain_loading import record_fp32_default
-from diffusers_hprune.utils.untrusted import check_index_names
+from diffusers_hprune.utils.untrusted import check_model_index
 
 # Records of how a pipeline folder was made, copied into its quantised version.
 PROVENANCE_FILES = ("distill_summary.json",)
@@ -43,7 +43,7 @@ def _model_index(source: Path) -> dict:
     if not isinstance(index, dict):
         raise QuantizeError(f"{source / 'model_index.json'} is not a pipeline index (a JSON object); save the pipeline "
                             "again.")
-    return check_index_names(index, source, error=QuantizeError)
+    return check_model_index(index, source, error=QuantizeError)
 
 
 def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, *, skip_modules=None,
@@ -69,7 +69,8 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     if config.get("quantization_config"):
         raise QuantizeError(f"The transformer in {source} is already quantised; quantise the 16- or 32-bit model.")
     family = get_family(config)
-    pipeline_name = pruned_pipeline_name(index.get("_class_name", ""))
+    check_pipeline_family(index["_class_name"], config, source)
+    pipeline_name = pruned_pipeline_name(index["_class_name"])
     check_weight_files(source / "transformer", "transformer weights")  # pickles refused, damaged files named
     transformer = pruned_class_for(family).from_pretrained(source / "transformer", torch_dtype=dtype)
     transformer.to("cuda" if accelerator_available() else "cpu")

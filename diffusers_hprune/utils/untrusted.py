@@ -41,6 +41,30 @@ def check_index_names(index: dict, source: str | os.PathLike, *, error: type[Exc
     return index
 
 
+def check_model_index(index, source: str | os.PathLike, *, error: type[Exception] = InputError) -> dict:
+    """``index`` (a parsed ``model_index.json`` of the folder ``source``) when it is shaped as Diffusers writes it: an
+    object with a string ``_class_name``, each component a plain name mapped to ``[library, class]`` (two strings,
+    or two nulls for an absent optional component) whose folder exists. ``error`` naming the first fault otherwise,
+    before Diffusers reads it (it raises tracebacks on such files) or a command copies from it."""
+    where = Path(source) / "model_index.json"
+    if not isinstance(index, dict):
+        raise error(f"{where} is not a pipeline index (a JSON object); use a folder that save_pretrained wrote.")
+    if not isinstance(index.get("_class_name"), str):
+        raise error(f"{where} has no pipeline class (_class_name); use a folder that save_pretrained wrote.")
+    check_index_names(index, source, error=error)
+    for name, entry in index.items():
+        if name.startswith("_") or name == "auto_map":  # metadata (a remote-code export's AutoModel entry)
+            continue
+        if (not isinstance(entry, list) or len(entry) != 2
+                or not (all(isinstance(e, str) for e in entry) or entry == [None, None])):
+            raise error(f"{where}: the component {name!r} must be [library, class] (two strings, or two nulls for a "
+                        f"component left out), got {entry!r}; use a folder that save_pretrained wrote.")
+        if entry[0] is not None and not (Path(source) / name).is_dir():
+            raise error(f"{where} names the component {name!r}, but {Path(source) / name} is not there: the folder is "
+                        "incomplete. Download or save it again.")
+    return index
+
+
 def link_root(folder: str | os.PathLike) -> Path:
     """The folder that symbolic links below ``folder`` may point into (resolved).
 
@@ -97,4 +121,4 @@ def check_input_links(folder: str | os.PathLike, *, error: type[Exception] = Inp
     return Path(folder)
 
 
-__all__ = ["check_index_names", "check_input_links", "input_files", "link_root", "plain_name"]
+__all__ = ["check_index_names", "check_model_index", "check_input_links", "input_files", "link_root", "plain_name"]
