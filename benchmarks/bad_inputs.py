@@ -71,7 +71,7 @@ def build_workspace(ws: Path) -> None:
     plan = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.3).plan
     plan.save(ws / "plan.json")
     blocks = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.2,
-                       strategy="bk-sdm").plan
+                       strategy="koala", similarity=report.similarity).plan  # whole blocks (bk-sdm needs alignment)
     blocks.save(ws / "blocks-plan.json")
     (ws / "train.txt").write_text("\n".join(toy.prompts(split="train", n=8, seed=1)) + "\n", encoding="utf-8")
     (ws / "latin1.txt").write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
@@ -565,7 +565,104 @@ def cases() -> list[Case]:
     add("quantize", "`--out` inside the model folder", "quantize {case}/pruned --out {case}/pruned/q",
         setup=_copy("pruned"), phrase="inside")
     add("quantize", "a folder that is no pipeline", "quantize {ws}/cache --out {case}/q", phrase="pipeline")
+    _untrusted_cases(add)
     return out
+
+
+def _teacher_copy(edit=None):
+    """``case/home/repo/pipe``: the SD3 toy as a downloaded folder, beside a secret (``case/home/token``) and a
+    ``case/home/.ssh/authorized_keys`` that nothing may change; ``edit(pipe)`` damages it."""
+    def setup(folder: Path):
+        home = folder / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "authorized_keys").write_text("my key\n")
+        (home / "token").write_text("hf_secret\n")
+        shutil.copytree(W(folder) / "teacher", home / "repo" / "pipe")
+        if edit:
+            edit(home / "repo" / "pipe")
+    return setup
+
+
+def _index_edit(change):
+    def edit(pipe: Path):
+        index = json.loads((pipe / "model_index.json").read_text())
+        change(index)
+        (pipe / "model_index.json").write_text(json.dumps(index))
+    return edit
+
+
+def _config_edit(**fields):
+    def edit(pipe: Path):
+        config = json.loads((pipe / "transformer" / "config.json").read_text())
+        (pipe / "transformer" / "config.json").write_text(json.dumps({**config, **fields}))
+    return edit
+
+
+def _untrusted_cases(add) -> None:
+    """Issue 32: folders, names and files the user did not write; outputs that collide with inputs."""
+    pipe = "{case}/home/repo/pipe"
+    traversal = _teacher_copy(_index_edit(lambda i: i.update({"../../.ssh": ["diffusers", "AutoencoderKL"]})))
+    for command, argv in [("quantize", f"quantize {pipe} --out {{case}}/home/q"),
+                          ("export", f"export {pipe} --out {{case}}/home/x"),
+                          ("evaluate", f"evaluate {pipe} --n 1 --no-cost")]:
+        add(command, "a model_index.json key `../../.ssh` (a path out of the folder)", argv, setup=traversal,
+            phrase="is not a plain name")
+    link = _teacher_copy(lambda p: (p / "tokenizer" / "notes.txt").symlink_to(p.parent.parent / "token"))
+    add("export", "a symbolic link to a secret outside the folder", f"export {pipe} --out {{case}}/home/x",
+        setup=link, phrase="symbolic link")
+    add("quantize", "a symbolic link to a secret outside the folder", f"quantize {pipe} --out {{case}}/home/q",
+        setup=link, phrase="symbolic link")
+    add("quantize", "`--overwrite` with an --out that holds the input", f"quantize {pipe} --out {{case}}/home "
+        "--overwrite", setup=_teacher_copy(), phrase="holds MODEL")
+    add("export", "`--overwrite` with an --out that holds the input", f"export {pipe} --out {{case}}/home/repo "
+        "--overwrite", setup=_teacher_copy(), phrase="holds FOLDER")
+    add("compress", "an --out that holds the model", f"compress {pipe} --out {{case}}/home --prompts "
+        "{ws}/train.txt", setup=_teacher_copy(), phrase="holds MODEL")
+    add("plan", "`--out` is the analysis", "plan {case}/analysis.json --ratio 0.3 --out {case}/analysis.json",
+        setup=_copy("analysis.json"), phrase="same path as ANALYSIS")
+    add("evaluate", "`--out` inside the model (its model_index.json)", f"evaluate {pipe} --n 1 --no-cost --out "
+        f"{pipe}/model_index.json", setup=_teacher_copy(), phrase="inside MODEL")
+    add("evaluate", "`--out` and `--grid` the same file", "evaluate sd3 --n 1 --no-cost --out {case}/g.png --grid "
+        "{case}/g.png", phrase="same file")
+    add("evaluate", "`--grid` without an image suffix", "evaluate sd3 --n 1 --no-cost --grid {case}/grid",
+        phrase="must end in .png")
+    add("budget", "a plan naming block 3 as \"3\" and \"03\"", "budget sd3 --plan {case}/plan.json",
+        setup=_plan_with(removed_components={"3": ["ff"], "03": ["attn"]}), phrase="names block 3 twice")
+
+    def duplicate_key(folder: Path):
+        text = (W(folder) / "plan.json").read_text()
+        data = json.loads(text)
+        body = json.dumps({k: v for k, v in data.items() if k != "removed_blocks"})
+        (folder / "plan.json").write_text(body[:-1] + ', "removed_blocks": [1], "removed_blocks": [2]}')
+    add("budget", "a plan with a key given twice", "budget sd3 --plan {case}/plan.json", setup=duplicate_key,
+        phrase="twice in one object")
+    add("plan", "an analysis whose similarities are all NaN (KOALA)", "plan {case}/analysis.json --ratio 0.2 "
+        "--strategy koala --out {case}/p.json",
+        setup=_analysis_with(lambda d: d.update(similarity=[{"block": i, "cosine": float("nan")} for i in range(12)])),
+        phrase="cosine must be a finite number")
+    add("evaluate", "`/dev/zero` as the prompt file", "evaluate sd3 --prompts /dev/zero --no-cost",
+        phrase="not a regular file")
+    add("evaluate", "a 20,000-character prompt line", "evaluate sd3 --prompts {case}/long.txt --no-cost",
+        setup=lambda f: (f / "long.txt").write_text("a red circle " * 1600 + "\n"), phrase="characters, more than")
+    add("evaluate", "a free-form prompt on a toy (ShapeEval)", "evaluate sd3 --prompts {case}/free.txt --no-cost",
+        setup=lambda f: (f / "free.txt").write_text("a photo of a cat\n"), phrase="not in the toy grammar")
+    add("analyze", "a free-form prompt with --metric shapeeval", "analyze sd3 --metric shapeeval --prompts "
+        "{case}/free.txt --out {case}/a.json", setup=lambda f: (f / "free.txt").write_text("a photo of a cat\n"),
+        phrase="not in the toy grammar")
+    for value in ("100000000", "12.5", "-5"):
+        for command, argv in [("inspect", f"inspect {pipe}"), ("analyze", f"analyze {pipe} --out {{case}}/a.json "
+                                                                          "--n-prompts 1")]:
+            add(command, f"`num_layers` {value} in the transformer config", argv,
+                setup=_teacher_copy(_config_edit(num_layers=json.loads(value))), phrase="num_layers must be an integer")
+    flux_class = _teacher_copy(_index_edit(lambda i: i.update(_class_name="FluxPipeline")))
+    no_vae = _teacher_copy(lambda p: shutil.rmtree(p / "vae"))
+    for command, argv in [("quantize", f"quantize {pipe} --out {{case}}/home/q"),
+                          ("export", f"export {pipe} --out {{case}}/home/x"),
+                          ("evaluate", f"evaluate {pipe} --n 1 --no-cost")]:
+        add(command, "a FLUX pipeline class around SD3 parts", argv, setup=flux_class, phrase="is not for its sd3")
+        add(command, "a model_index.json naming a missing vae/", argv, setup=no_vae, phrase="names the component 'vae'")
+    add("distill", "`--mixed_precision fp16` on a machine without a GPU",
+        lambda f: distill_args(W(f), f / "o", "--mixed_precision", "fp16"), phrase="needs a CUDA GPU")
 
 
 def main() -> int:
