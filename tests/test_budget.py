@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -192,3 +193,16 @@ def test_distill_command_refuses_a_run_that_would_not_fit_before_writing(tmp_pat
                  str(tmp_path / "plan.json"), "--output_dir", str(out), "--max_train_steps", "1"])
     assert code == 2 and "distillation stage would need" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was loaded or written
+
+
+def test_a_copy_of_a_toy_folder_is_budgeted_at_the_size_it_can_draw(tmp_path, capsys):
+    """Issue 32: `hprune budget` on any copy of a toy folder was a traceback (Height (256) cannot be greater than
+    pos_embed_max_size): without a profile the budget assumed 1024 px, beyond what the SD3 toy can draw."""
+    copy = tmp_path / "toy-copy"
+    shutil.copytree(toy.model_path("sd3"), copy)
+    assert main(["budget", str(copy), "--ratio", "0.3"]) == 0
+    assert "64x64" in capsys.readouterr().out  # 16 position patches x patch 2 x VAE 2
+    assert main(["budget", str(copy), "--ratio", "0.3", "--resolution", "512"]) == 2
+    assert "draws at most 64x64 pixels" in capsys.readouterr().err
+    with pytest.raises(BudgetError, match="inference_resolution 128 is larger"):
+        predict(str(copy), ratio=0.3, options=BudgetOptions(inference_resolution=128))

@@ -198,7 +198,13 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     original = inspect_transformer(config)
     parts = pipeline_parts(model, family.name) if isinstance(model, str) else pipeline_parts(None, family.name)
     notes = [n for n in [assumed] if n] + parts.notes
-    resolution = options.resolution or (profile.resolution if profile else 1024)
+    largest = _largest_resolution(config, parts)
+    resolution = options.resolution or (profile.resolution if profile else min(1024, largest or 1024))
+    for flag, value in (("--resolution", resolution), ("inference_resolution", options.inference_resolution)):
+        if largest and value and value > largest:
+            raise BudgetError(f"{model} draws at most {largest}x{largest} pixels (pos_embed_max_size "
+                              f"{config['pos_embed_max_size']} x patch {config.get('patch_size', 2)} x VAE "
+                              f"{parts.vae_scale_factor}); {flag} {value} is larger. Give {flag} {largest} or less.")
     max_len = profile.max_sequence_length if profile else 256
     steps = options.steps or (profile.num_inference_steps if profile else 28)
     cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument == "guidance_scale"
@@ -213,6 +219,13 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     return Budget(str(model) if not isinstance(model, dict) else config.get("_name_or_path", "config"),
                   profile.display_name if profile else "unknown (pipeline defaults)", plan_text,
                   inventory.removed_fraction, options, stages, notes)
+
+
+def _largest_resolution(config: dict, parts) -> int | None:
+    """The largest image side an SD3 transformer can draw (its cropped position embedding); None when unbounded."""
+    if not config.get("pos_embed_max_size"):
+        return None
+    return int(config["pos_embed_max_size"]) * int(config.get("patch_size") or 2) * parts.vae_scale_factor
 
 
 def _is_toy_name(model) -> bool:
@@ -411,7 +424,8 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     max_len = o.inference_max_sequence_length or (paper if profile is None or not profile.name.startswith("toy")
                                                   else profile.max_sequence_length)
     dtype = torch.bfloat16 if o.device == "cuda" else torch.float32
-    resolution = o.inference_resolution or (profile.resolution if profile else 1024)
+    largest = _largest_resolution(ctx.config, ctx.parts)
+    resolution = o.inference_resolution or (profile.resolution if profile else min(1024, largest or 1024))
     shapes = ctx.shapes(1, resolution, max_len)
     tokens = family.text_tokens(max_len, ctx.parts.clip_length)
     sixteen_part = unquantized_bytes(ctx.meta(ctx.plan))
