@@ -10,12 +10,18 @@ map is in docs/layout.md.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from diffusers_hprune.utils.quiet import quiet_third_party_notices as _quiet
 from diffusers_hprune.utils.quiet import running_as_cli as _running_as_cli
 
 if _running_as_cli():
     _quiet()
+
+from diffusers_hprune.utils.nf4_cpu import import_bitsandbytes as _import_bitsandbytes  # noqa: E402
+
+if importlib.util.find_spec("bitsandbytes") is not None:  # before Diffusers imports it: no Hub code at import
+    _import_bitsandbytes()
 
 from diffusers import DiffusionPipeline, ModelMixin  # noqa: E402, F401  (Diffusers' loader looks these up here)
 

@@ -20,6 +20,7 @@ import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.quantization import quantize
+from diffusers_hprune.quantization.folder import quantize_pipeline
 from diffusers_hprune.utils.nf4_cpu import dequantize_4bit, install_cpu_dequantize, keep_cpu_layout
 
 SHAPES = [(864, 96), (96, 864), (10, 100), (256, 256), (7,)]
@@ -186,3 +187,17 @@ def test_cpu_dequantize_bytes_traced_on_meta_equal_a_real_cpu_dequantisation():
     assert torch.equal(out, torch.ops.bitsandbytes.dequantize_4bit(packed, state.absmax, 64, "nf4", list(shape),
                                                                     torch.float32))  # what the operator computes
     assert cpu_dequantize_bytes(shape) == counter.peak > 4 * math.prod(shape)  # more than its output
+
+
+def test_loading_an_nf4_folder_fetches_no_hub_kernel_and_says_nothing_of_it(tmp_path):
+    """Issue 32: bitsandbytes 0.50 downloads kernels-community code at import on AVX512-BF16 processors and logs
+    "Failed to load CPU gemm_4bit_forward from kernels-community" to every user of a CPU NF4 model. The project's
+    import of it blocks that (the layers it would serve are kept off that path: keep_cpu_layout)."""
+    folder = quantize_pipeline(toy.model_path("sd3"), tmp_path / "nf4")
+    code = ("import sys, diffusers_hprune\nfrom diffusers import DiffusionPipeline\n"
+            "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+            "print('OK', type(pipe.transformer).__name__)")
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK HierarchicalPrunedSD3Transformer2DModel" in result.stdout
+    assert "kernels-community" not in result.stderr and "gemm_4bit" not in result.stderr, result.stderr[-2000:]

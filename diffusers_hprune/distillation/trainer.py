@@ -84,6 +84,7 @@ from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
     compute_in_fp32_on_cpu,
     cpu_nf4_loading,
+    import_bitsandbytes,
     keep_cpu_layout,
 )
 from diffusers_hprune.utils.nf4_settings import default_compute_dtype, nf4_config
@@ -1039,9 +1040,7 @@ def _optimizer(config: DistillConfig, groups, lora_config, say):
     for g in groups:
         say(f"  {g.name}: lr {g.lr:.3g} (m = {g.multiplier:.3g}), {g.numel:,} parameters")
     if config.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
+        optimizer_cls = import_bitsandbytes().optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls([g.as_dict() for g in groups], lr=config.learning_rate, weight_decay=config.adam_weight_decay)

@@ -25,7 +25,12 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.nf4_cpu import compute_in_fp32_on_cpu, install_cpu_dequantize, keep_cpu_layout
+from diffusers_hprune.utils.nf4_cpu import (
+    compute_in_fp32_on_cpu,
+    import_bitsandbytes,
+    install_cpu_dequantize,
+    keep_cpu_layout,
+)
 from diffusers_hprune.utils.nf4_settings import default_compute_dtype, nf4_config
 
 
@@ -34,8 +39,7 @@ class QuantizeError(HPruneError):
 
 
 def is_quantized(transformer: torch.nn.Module) -> bool:
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     if getattr(transformer.config, "quantization_config", None):
         return True
     return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in transformer.modules())

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -47,6 +49,41 @@ from diffusers_hprune.utils.live_memory import LiveTensorBytes
 
 _lock = threading.Lock()
 _library = None  # the torch.library.Library holding our CPU kernel, once installed
+_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropHubKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _HUB_KERNEL_NOTICE not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """``bitsandbytes``, imported without fetching code from the Hugging Face Hub.
+
+    On a processor with AVX512-BF16, importing bitsandbytes 0.50 calls ``kernels.get_kernel`` to download
+    and run ``kernels-community/quantization-bitsandbytes`` (a CPU matmul for the re-packed layout that
+    :func:`keep_cpu_layout` keeps off every layer anyway), and logs a warning when that fails, as it does
+    offline or without trust: a network request and, where it succeeds, Hub code run at import. While this
+    imports bitsandbytes, ``kernels`` cannot be imported (bitsandbytes falls back to its own kernels, as it
+    does without the package) and that one warning is dropped. Once imported, bitsandbytes is returned as it is.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notice = _DropHubKernelNotice()
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+    logger.addFilter(notice)
+    try:
+        import bitsandbytes
+    finally:
+        logger.removeFilter(notice)
+        if kernels is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = kernels
+    return bitsandbytes
 
 
 @functools.cache
@@ -154,7 +191,7 @@ def install_cpu_dequantize() -> bool:
     with _lock:
         if _library is not None:
             return True
-        import bitsandbytes  # noqa: F401  (registers its own kernels first, so ours comes after them)
+        import_bitsandbytes()  # registers its own kernels first, so ours comes after them
 
         library = torch.library.Library("bitsandbytes", "IMPL")
         try:
@@ -177,8 +214,7 @@ def keep_cpu_layout(model: torch.nn.Module) -> int:
 
     Returns how many layers were excluded.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     excluded = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -194,8 +230,7 @@ def compute_in_fp32_on_cpu(model: torch.nn.Module) -> int:
     layers compute in float32, as before that dtype was recorded: CPU bf16 matmuls are slow on
     most processors and change the numbers a CPU run gives.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     changed = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
