@@ -13,10 +13,11 @@ import shutil
 import pytest
 from helpers import MIXED_PLANS, folder_state, tiny_pipeline
 
-from diffusers_hprune import prune_pipeline, toy
+from diffusers_hprune import PrunePlan, prune_pipeline, toy
 from diffusers_hprune.cli import main
 from diffusers_hprune.hub.export import ExportError, check_export, export_folder
 from diffusers_hprune.hub.push import exported
+from diffusers_hprune.quantization.folder import quantize_pipeline
 from diffusers_hprune.utils.checks import InputError
 from diffusers_hprune.utils.fileio import copy_files
 from diffusers_hprune.utils.untrusted import input_files, link_root, plain_name
@@ -165,3 +166,21 @@ def test_a_missing_component_folder_and_invalid_json_are_named(home, capsys):
     (pipe / "model_index.json").write_text("{not json")
     assert main(["evaluate", str(pipe), "--n", "1", "--no-cost"]) == 2
     assert "model_index.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_inspect_names_the_folder_given_its_quantisation_and_a_stock_exports_original_blocks(tmp_path, capsys):
+    """Issue 32: `hprune inspect` headed a quantised folder with another folder's name (_name_or_path), gave bf16
+    sizes for NF4, and called a stock export's kept blocks the original model."""
+    plan = PrunePlan(removed_blocks=[1, 3], family="sd3", num_blocks=4)
+    source = tmp_path / "pruned"
+    prune_pipeline(tiny_pipeline("sd3"), plan).save_pretrained(source)
+    stock = export_folder(source, tmp_path / "stock", format="stock")
+    assert main(["inspect", str(stock)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{stock}:") and "4 blocks" in out
+    assert [line.split()[3] for line in out.splitlines() if line[:1].isdigit()] == ["kept", "removed", "kept",
+                                                                                    "removed"]
+    nf4 = quantize_pipeline(toy.model_path("sd3"), tmp_path / "nf4")
+    assert main(["inspect", str(nf4)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{nf4}:") and "MB@nf4" in out and "MB@bf16" not in out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from diffusers_hprune.families.inventory import BUILTIN_CONFIGS, format_inventory, inspect_transformer
 from diffusers_hprune.families.sizes import DTYPES
+from diffusers_hprune.hub.folders import folder_format, folder_plan
 
 
 def register(subparsers) -> None:
@@ -22,16 +24,25 @@ def register(subparsers) -> None:
         help="a transformer config.json, a transformer or pipeline folder, a Hub repo id, or a built-in config: "
         + ", ".join(BUILTIN_CONFIGS),
     )
-    p.add_argument("--dtype", choices=DTYPES, default="bf16",
-                   help="weight dtype for sizes (default bf16; nf4 = 4-bit weights with double quantisation)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="weight dtype for sizes (default: nf4 for a 4-bit folder, else bf16; nf4 = 4-bit weights "
+                   "with double quantisation)")
     p.add_argument("--json", action="store_true", help="print the inventory as JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    inventory = inspect_transformer(args.source)
+    source = args.source
+    folder = Path(source)
+    if folder.is_dir() and folder_format(folder) == "stock":
+        # a stock export holds the kept blocks renumbered; its side file has the original model and the plan
+        config, plan = folder_plan(folder)
+        source = {**config, "prune_plan": plan.to_dict()}
+    inventory = inspect_transformer(source)
+    inventory.name = str(args.source)
     if args.json:
         print(json.dumps(inventory.to_dict(), indent=2))
     else:
-        print(format_inventory(inventory, dtype=args.dtype))
+        quantized = (inventory.config.get("quantization_config") or {}).get("load_in_4bit")
+        print(format_inventory(inventory, dtype=args.dtype or ("nf4" if quantized else "bf16")))
     return 0

@@ -252,7 +252,8 @@ def inspect_transformer(source: Any) -> TransformerInventory:
         params = sum(p.numel() for p in source.parameters())
     else:
         config = load_transformer_config(source)
-        name = str(config.get("_name_or_path", source if isinstance(source, (str, os.PathLike)) else ""))
+        # the source as given: a saved config's _name_or_path names the folder it was first loaded from
+        name = str(source) if isinstance(source, (str, os.PathLike)) else str(config.get("_name_or_path", ""))
         params = None
     family = get_family(config)
     original = build_on_meta(config, pruned=False)
