@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import fill_hf_cache, folder_state
+from helpers import fill_hf_cache, folder_state, tiny_pipeline
 
 from diffusers_hprune import PrunePlan, prune_pipeline, toy
 from diffusers_hprune.cli import main
-from diffusers_hprune.hub import CardError, write_model_card
+from diffusers_hprune.hub import CardError, export_folder, write_model_card
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,36 @@ def test_the_card_says_how_the_distillation_ran(tmp_path):
     made = card[card.index("## How it was made"):]
     assert ("Distillation: 2000 steps, mixed precision bf16 (teacher nf4, frozen parts bfloat16, trained weights "
             "float32), 8 processes (MULTI_GPU).") in made
+
+
+def _run_card_snippet(folder: Path) -> subprocess.CompletedProcess:
+    """The first Python block of ``folder/README.md``, run as it is in a fresh process (from another folder)."""
+    card = (folder / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    return subprocess.run([sys.executable, "-c", code + "\nprint('SNIPPET OK', image.size)\n"], capture_output=True,
+                          text=True, timeout=600, cwd=folder.parent.parent,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+
+
+@pytest.mark.parametrize("plan", [
+    PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4),  # stock export
+    PrunePlan(removed_blocks=[1], removed_components={2: ["ff_context"]}, family="sd3", num_blocks=4),  # remote
+])
+def test_every_cards_loading_snippet_runs_for_the_folder_it_is_written_into(plan, tmp_path):
+    """Issue 32: the card of a local folder (a compress output) showed the Hub snippet (trust_remote_code, AutoModel),
+    which fails for the folder it sits in, and an export's card named the source folder, failing beside the export."""
+    folder = tmp_path / "runs" / "pruned"
+    prune_pipeline(tiny_pipeline("sd3"), plan).save_pretrained(folder)
+    write_model_card(folder, base_model="stabilityai/stable-diffusion-3.5-large")
+    card = (folder / "README.md").read_text()
+    assert "import diffusers_hprune" in card and f'from_pretrained("{folder}"' in card
+    result = _run_card_snippet(folder)
+    assert "SNIPPET OK" in result.stdout, result.stderr[-3000:]
+    export = export_folder(folder, tmp_path / "runs" / "export")
+    card = (export / "README.md").read_text()
+    assert f'from_pretrained("{export}"' in card and str(folder) not in card.split("## How to use")[1]
+    assert "import diffusers_hprune" not in card
+    result = _run_card_snippet(export)
+    assert "SNIPPET OK" in result.stdout, result.stderr[-3000:]
+    named = export_folder(folder, tmp_path / "runs" / "named", repo_id="someone/pruned")
+    assert 'from_pretrained("someone/pruned"' in (named / "README.md").read_text()

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     group.add_argument("--format", choices=FORMATS, help="stock or remote (default: stock when the plan removes "
                        "whole blocks only, remote otherwise)")
     p.add_argument("--base-model", help="write a new model card into the export, naming this base model (Hub id)")
-    p.add_argument("--repo-id", help="with --base-model: the repository the card's loading code names")
+    p.add_argument("--repo-id", help="the repository the card's loading code names (default: OUT itself, where the "
+                   "snippet then loads it from)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     check_not_inside(args.out, args.folder, "--out", "FOLDER")
     refuse_pickled(Path(args.folder) / "transformer", "transformer weights")  # the export rewrites them
-    out = export_folder(args.folder, args.out, format=args.format, overwrite=args.overwrite)
+    out = export_folder(args.folder, args.out, format=args.format, overwrite=args.overwrite, repo_id=args.repo_id)
     if args.base_model:
         write_model_card(out, base_model=args.base_model, repo_id=args.repo_id)
     _, plan = folder_plan(out)

@@ -138,7 +138,7 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized,
         plan_words=plan.describe() if not plan.is_empty else "Nothing (an unpruned model).",
         plan_table=_plan_table(plan) if not plan.is_empty else "", pruned=not plan.is_empty,
-        cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo),
+        cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo_id),
     )
 
 
@@ -157,11 +157,13 @@ def _distillation_line(summary: dict | None) -> str:
     return words + "."
 
 
-def usage_section(folder: str | os.PathLike, repo_id: str) -> str:
+def usage_section(folder: str | os.PathLike, repo_id: str | None) -> str:
     """The card's "How to use" text for the pipeline folder ``folder`` as it is published under ``repo_id``.
 
     It shows the loading code for the folder's export format (``hprune export``; a folder not
-    exported yet is described as ``hprune push`` would export it by default).
+    exported yet is described as ``hprune push`` would export it by default). Without ``repo_id``,
+    for a folder that is no export: the code that loads the folder itself, where it is (after
+    ``import diffusers_hprune``); for an export: the code that loads it from ``folder``.
     """
     import jinja2
 
@@ -170,8 +172,11 @@ def usage_section(folder: str | os.PathLike, repo_id: str) -> str:
     family = get_family(config)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     specs = family.block_specs(config)
+    export_format = folder_format(folder)
+    load_format = export_format or (default_format(plan) if repo_id else "local")
     return jinja2.Template(USAGE.read_text(encoding="utf-8"), keep_trailing_newline=False).render(
-        load_format=folder_format(folder) or default_format(plan), repo_id=repo_id, torch_dtype="torch.bfloat16",
+        load_format=load_format, export_format=default_format(plan), repo_id=repo_id or str(folder),
+        torch_dtype="torch.bfloat16",
         quantized=bool(config.get("quantization_config")), base_class=family.base_class_name,
         pipeline_class=stock_pipeline_name(index.get("_class_name", "")), family=family.display_name,
         kept_blocks=len(specs) - len(plan.removed_blocks), total_blocks=len(specs), plan_file=PLAN_FILE,
@@ -179,13 +184,15 @@ def usage_section(folder: str | os.PathLike, repo_id: str) -> str:
     ).strip()
 
 
-def rewrite_usage(card: str, folder: str | os.PathLike) -> str:
-    """``card`` (a README.md) with its "How to use" section rendered again for ``folder`` (an export of it).
-
-    The repository id is the one the section names; a card without the section gets it at the end.
+def rewrite_usage(card: str, folder: str | os.PathLike, repo_id: str | None = None) -> str:
+    """``card`` (a README.md) with its "How to use" section rendered again for ``folder`` (an export of it) as it is
+    published under ``repo_id`` (default: the Hub id the section names, else ``folder`` itself, where the snippet
+    then loads it from). A card without the section gets it at the end.
     """
     named = re.search(r'from_pretrained\(\s*"([^"]+)"', card)
-    repo_id = named.group(1) if named else Path(folder).name
+    if repo_id is None and named and "/" in named.group(1) and not Path(named.group(1)).exists() \
+            and named.group(1).count("/") == 1 and not named.group(1).startswith((".", "/")):
+        repo_id = named.group(1)  # a Hub id the card was written for
     section = f"{USAGE_HEADING}\n\n{usage_section(folder, repo_id)}\n\n"
     start = card.find(USAGE_HEADING + "\n")
     if start < 0:

@@ -126,7 +126,7 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
 
 
 def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, repo_id: str | None = None) -> Path:
     """Write the pipeline folder ``folder`` to ``out`` in ``format`` (default: :func:`default_format`).
 
     The files a pipeline needs are copied (:data:`COMPONENT_SUFFIXES` in component folders,
@@ -191,7 +191,11 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
         record_fp32_default(tmp)  # a plain from_pretrained(repo) loads one dtype
         if (folder / "README.md").is_file():
             card = (folder / "README.md").read_text(encoding="utf-8")
-            (tmp / "README.md").write_text(rewrite_usage(card, tmp), encoding="utf-8")
+            # the snippet loads the export where it is published: repo_id, the Hub id the card names, else `out`
+            usage = rewrite_usage(card, tmp, repo_id)
+            if repo_id is None and str(tmp) in usage:
+                usage = usage.replace(str(tmp), str(out))
+            (tmp / "README.md").write_text(usage, encoding="utf-8")
     return out
 
 

@@ -77,7 +77,7 @@ def check_pipeline_folder(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def exported(folder: str | os.PathLike, format: str | None = None) -> Iterator[Path]:
+def exported(folder: str | os.PathLike, format: str | None = None, repo_id: str | None = None) -> Iterator[Path]:
     """``folder`` exported for the Hub (:func:`export_folder`) in a temporary folder beside it, removed afterwards.
 
     A folder that is an export already is used as it is.
@@ -89,7 +89,7 @@ def exported(folder: str | os.PathLike, format: str | None = None) -> Iterator[P
         return
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
     try:
-        yield export_folder(folder, scratch / folder.name, format=format)
+        yield export_folder(folder, scratch / folder.name, format=format, repo_id=repo_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # only what exported() wrote
 
@@ -112,7 +112,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     check_repo_id(repo_id)
     check_pipeline_folder(folder)
     token = require_token(token)
-    with exported(folder, format) as export:
+    with exported(folder, format, repo_id) as export:
         if card is not None:
             card(export)
         if not (export / "README.md").is_file():
