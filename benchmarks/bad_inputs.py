@@ -661,6 +661,10 @@ def _untrusted_cases(add) -> None:
                           ("evaluate", f"evaluate {pipe} --n 1 --no-cost")]:
         add(command, "a FLUX pipeline class around SD3 parts", argv, setup=flux_class, phrase="is not for its sd3")
         add(command, "a model_index.json naming a missing vae/", argv, setup=no_vae, phrase="names the component 'vae'")
+    add("budget", "a copy of the SD3 toy's folder (no profile)", f"budget {pipe} --ratio 0.3", expect="ok",
+        setup=_teacher_copy(), check=lambda f: "64x64" in (f / ".stdout").read_text())
+    add("budget", "`--resolution` beyond what the SD3 toy draws", f"budget {pipe} --ratio 0.3 --resolution 512",
+        setup=_teacher_copy(), phrase="draws at most 64x64 pixels")
     add("distill", "`--mixed_precision fp16` on a machine without a GPU",
         lambda f: distill_args(W(f), f / "o", "--mixed_precision", "fp16"), phrase="needs a CUDA GPU")
 
