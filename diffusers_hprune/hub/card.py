@@ -184,20 +184,21 @@ def usage_section(folder: str | os.PathLike, repo_id: str | None) -> str:
     ).strip()
 
 
-def rewrite_usage(card: str, folder: str | os.PathLike, repo_id: str | None = None) -> str:
+def rewrite_usage(card: str, folder: str | os.PathLike, repo_id: str | None = None,
+                  where: str | os.PathLike | None = None) -> str:
     """``card`` (a README.md) with its "How to use" section rendered again for ``folder`` (an export of it) as it is
-    published under ``repo_id`` (default: the Hub id the section names, else ``folder`` itself, where the snippet
-    then loads it from). A card without the section gets it at the end.
+    published under ``repo_id``; by default under the Hub id (``ORG/NAME``) the section names, else from ``where``
+    (default ``folder``), the path the snippet then loads it from. A card without the section gets it at the end.
     """
-    named = re.search(r'from_pretrained\(\s*"([^"]+)"', card)
-    if repo_id is None and named and "/" in named.group(1) and not Path(named.group(1)).exists() \
-            and named.group(1).count("/") == 1 and not named.group(1).startswith((".", "/")):
-        repo_id = named.group(1)  # a Hub id the card was written for
-    section = f"{USAGE_HEADING}\n\n{usage_section(folder, repo_id)}\n\n"
     start = card.find(USAGE_HEADING + "\n")
+    following = card.find("\n## ", start + len(USAGE_HEADING)) if start >= 0 else -1
+    old = card[start:following if following >= 0 else len(card)] if start >= 0 else ""
+    named = re.search(r'from_pretrained\(\s*"([^"]+)"', old)
+    if repo_id is None:  # a local folder's snippet (after `import diffusers_hprune`) names a path, not a repository
+        repo_id = named.group(1) if named and "import diffusers_hprune" not in old else str(where or folder)
+    section = f"{USAGE_HEADING}\n\n{usage_section(folder, repo_id)}\n\n"
     if start < 0:
         return card.rstrip("\n") + "\n\n" + section
-    following = card.find("\n## ", start + len(USAGE_HEADING))
     return card[:start] + section + (card[following + 1:] if following >= 0 else "")
 
 

@@ -192,10 +192,7 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
         if (folder / "README.md").is_file():
             card = (folder / "README.md").read_text(encoding="utf-8")
             # the snippet loads the export where it is published: repo_id, the Hub id the card names, else `out`
-            usage = rewrite_usage(card, tmp, repo_id)
-            if repo_id is None and str(tmp) in usage:
-                usage = usage.replace(str(tmp), str(out))
-            (tmp / "README.md").write_text(usage, encoding="utf-8")
+            (tmp / "README.md").write_text(rewrite_usage(card, tmp, repo_id, where=out), encoding="utf-8")
     return out
 
 

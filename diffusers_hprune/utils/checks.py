@@ -200,8 +200,8 @@ def check_apart(output: str | os.PathLike, output_flag: str, *others: tuple[str 
     """Refuse an output that is, lies inside, or holds any of ``others`` (``(path, flag)``; ``None`` or a path that
     does not exist, e.g. a Hub id, is skipped), checked before any work.
 
-    Writing into an input would change it, and ``--overwrite`` of a folder that holds an input would delete it;
-    two outputs on one path would overwrite each other. Links are resolved, so a link to the input is the input.
+    Writing into an input would change it, and ``--overwrite`` of a folder that holds an input would delete it.
+    Links are resolved, so a link to the input is the input.
     """
     out = Path(output).resolve()
     for other, flag in others:
@@ -241,7 +241,7 @@ def refuse_pickled(folder: str | os.PathLike, what: str = "weights") -> None:
 
 
 __all__ = [
-    "MAX_PROMPT_CHARS", "MAX_TEXT_BYTES", "InputError", "boolean", "check_apart", "check_bool", "check_not_inside", "check_number", "check_output_file",
-    "check_output_folder", "finite_float", "fraction", "nonnegative_float", "nonnegative_int", "positive_float",
+    "MAX_PROMPT_CHARS", "MAX_TEXT_BYTES", "InputError", "boolean", "check_apart", "check_bool", "check_not_inside",
+    "check_number", "check_output_file", "check_output_folder", "finite_float", "fraction", "nonnegative_float", "nonnegative_int", "positive_float",
     "positive_int", "prompt_lines", "read_text_file", "refuse_pickled",
 ]
