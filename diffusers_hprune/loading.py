@@ -57,7 +57,9 @@ def check_weight_files(folder: str | os.PathLike, what: str = "weights") -> None
 
 
 def check_pipeline_weights(folder: str | os.PathLike) -> None:
-    """``check_weight_files`` for every component folder of the pipeline folder ``folder``."""
+    """Check the pipeline folder ``folder`` before Diffusers reads it: its ``model_index.json`` (``check_model_index``:
+    shape, plain component names, component folders present), its transformer config's sizes, an SD3 / FLUX
+    pipeline class of its transformer's family, and ``check_weight_files`` for every component folder."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         return  # not a pipeline folder: Diffusers says so when it loads
@@ -73,7 +75,7 @@ def check_pipeline_weights(folder: str | os.PathLike) -> None:
         config = load_transformer_config(folder)  # sizes bounded before Diffusers builds the model (num_layers 1e8)
         if index["_class_name"] in KNOWN_PIPELINES:
             check_pipeline_family(index["_class_name"], config, folder)
-    for name, entry in index.items() if isinstance(index, dict) else ():
+    for name, entry in index.items():
         if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():
             check_weight_files(folder / name, f"{name} weights")
 

@@ -41,7 +41,7 @@ from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
-from diffusers_hprune.utils.untrusted import check_index_names, check_model_index, input_files
+from diffusers_hprune.utils.untrusted import check_model_index, input_files
 
 #: Files of a pipeline folder an export leaves out (training leftovers, old custom-code files).
 LEFT_OUT = ("checkpoint-*", ".*", "data-cache", "logs", "validation", "*.tmp", "hprune_*_pipeline.py")
@@ -62,18 +62,24 @@ def _left_out(relative: Path) -> bool:
     return relative.suffix.lower() not in (COMPONENT_SUFFIXES if len(relative.parts) > 1 else TOP_SUFFIXES)
 
 
-def _copy_config(source: Path, target: Path) -> None:
-    """Copy a component's JSON file without ``auto_map`` (code the source's author named, not the project)."""
+def _with_auto_map(path: Path) -> dict[str, Any] | None:
+    """A component's JSON file that names code in ``auto_map`` (its author's, not the project's), else None."""
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
-        data = None
-    if isinstance(data, dict) and "auto_map" in data:
-        data.pop("auto_map")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(target, data)
-    else:
+        return None
+    return data if isinstance(data, dict) and "auto_map" in data else None
+
+
+def _copy_config(source: Path, target: Path) -> None:
+    """Copy a component's JSON file without ``auto_map``."""
+    data = _with_auto_map(source)
+    if data is None:
         _copy(source, target)
+        return
+    data.pop("auto_map")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(target, data)
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -204,10 +210,7 @@ def check_export(folder: str | os.PathLike) -> Path:
     ``hprune push`` uploads such a folder as it is, so this runs before anything goes up.
     """
     folder = Path(folder)
-    index = read_json(folder / "model_index.json")
-    if not isinstance(index, dict):
-        raise ExportError(f"{folder / 'model_index.json'} is not a pipeline index (a JSON object); export again.")
-    check_index_names(index, folder, error=ExportError)
+    check_model_index(read_json(folder / "model_index.json"), folder, error=ExportError)
     ours = {f"transformer/{MODULE_NAME}.py"} if folder_format(folder) == "remote" else set()
     stray = []
     for path in input_files(folder, error=ExportError):
@@ -216,13 +219,9 @@ def check_export(folder: str | os.PathLike) -> Path:
             continue  # hidden files are not uploaded (push's IGNORE_PATTERNS)
         if _left_out(relative):
             stray.append(relative.as_posix())
-        elif relative.suffix == ".json" and len(relative.parts) > 1 and relative.parts[0] != "transformer":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(data, dict) and "auto_map" in data:
-                stray.append(f"{relative.as_posix()} (auto_map)")
+        elif (relative.suffix == ".json" and len(relative.parts) > 1 and relative.parts[0] != "transformer"
+              and _with_auto_map(path) is not None):
+            stray.append(f"{relative.as_posix()} (auto_map)")
     if stray:
         raise ExportError(f"{folder} holds what an export of diffusers-hprune never writes: {', '.join(stray[:8])}"
                           f"{' ...' if len(stray) > 8 else ''}. Nothing was uploaded; export the folder it was made "
