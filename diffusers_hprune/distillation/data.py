@@ -161,14 +161,16 @@ def _generation(pipe, spec: DataSpec) -> dict:
     return generation
 
 
-def data_identity(pipe, spec: DataSpec) -> dict:
+def data_identity(pipe, spec: DataSpec, components: str | None = None) -> dict:
     """What the training data depends on, by content: the options (not the prompt file's name), its lines, the drawing.
 
-    Part of a distillation run's identity: a run resumed on other data is another run.
+    Part of a distillation run's identity: a run resumed on other data is another run. ``components``: the
+    pipeline's :func:`components_fingerprint` when the caller has it (under several processes only the main one
+    holds the text encoders, so it is computed there and handed to every process).
     """
     options = {k: v for k, v in asdict(spec).items() if k not in ("prompts", "held_out")}
     return {**options, "prompt_lines": prompt_lines_digest(spec), "held_out": sorted(spec.held_out),
-            "generation": _generation(pipe, spec), "components": components_fingerprint(pipe)}
+            "generation": _generation(pipe, spec), "components": components or components_fingerprint(pipe)}
 
 
 def _damaged_cache_file(path: Path) -> tuple[str, str] | None:
@@ -198,10 +200,12 @@ def _load_cache(path: Path):
                         "encodes the data again) and try again.") from None
 
 
-def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, progress: bool = True):
+def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, progress: bool = True,
+                         components: str | None = None):
     """Encode (and for data-free, draw) the training samples once; returns ``(datasets.Dataset, path)``.
 
-    Call on one process; the others load the returned path after a barrier.
+    Call on one process; the others load the returned path after a barrier, with the same ``components`` (the
+    main process's :func:`components_fingerprint`: theirs lack the text encoders, so their key would differ).
     """
     import datasets
     from tqdm.auto import tqdm
@@ -209,7 +213,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     spec.check()
     family = get_family(pipe.transformer)
     generation = _generation(pipe, spec)
-    key = cache_key(spec, fingerprint(pipe.transformer), generation, components_fingerprint(pipe))
+    key = cache_key(spec, fingerprint(pipe.transformer), generation, components or components_fingerprint(pipe))
     max_len = generation.pop("max_sequence_length")
     path = Path(cache_dir) / key
     if (path / "dataset_info.json").is_file():

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import torch
 
-from diffusers_hprune.contributions import ContributionReport, fingerprint
+from diffusers_hprune.contributions import ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.distillation import validation
 from diffusers_hprune.distillation.data import (
     DataSpec,
@@ -72,6 +72,7 @@ from diffusers_hprune.utils.checks import (
 from diffusers_hprune.utils.distributed import (
     DRAW_SECONDS_PER_STEP,
     PRECISIONS,
+    from_main_process,
     launched_on_cpu,
     launched_with_deepspeed,
     lone_work_timeout,
@@ -521,8 +522,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     say(pwp.summary())
     use_sg, lora_config, groups, off_the_loss = _trainable_groups(config, models, pwp, say)
     _own_trainable_copies(models.student)
-    identity = _run_identity(models, groups, config, data=data_identity(models.pipe, spec), use_sg=use_sg,
-                             processes=accelerator.num_processes)
+    # the text encoders and VAE are the main process's alone: their digest is computed there and handed to all
+    components = from_main_process(lambda: components_fingerprint(models.pipe))
+    identity = _run_identity(models, groups, config, data=data_identity(models.pipe, spec, components),
+                             use_sg=use_sg, processes=accelerator.num_processes)
     if models.report is not None and models.report.fingerprint != identity["teacher"]:
         say(f"note: {config.analysis} was measured on other weights of this architecture ({models.report.model}, "
             f"fingerprint {models.report.fingerprint}; the teacher's is {identity['teacher']}): SGDistill's rates come "
@@ -533,7 +536,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             "Analyse the teacher itself (`hprune analyze`) if that is not meant.")
     _prepare_output_dir(config, output_dir, resume_path, identity, accelerator, say)
     optimizer = _optimizer(config, groups, lora_config, say)
-    dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say)
+    dataset = _training_data(accelerator, models.pipe, spec, config, output_dir, say, components)
 
     group_records = [{"name": g.name, "lr": g.lr, "numel": g.numel} for g in groups]
     run = _Run.prepare(config, accelerator, models, optimizer, groups, dataset, identity, output_dir)
@@ -1046,18 +1049,18 @@ def _optimizer(config: DistillConfig, groups, lora_config, say):
     return optimizer_cls([g.as_dict() for g in groups], lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
 
-def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: Path, say):
+def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: Path, say, components: str):
     """The training samples, encoded once by the main process into the cache, then loaded by every process."""
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
     if accelerator.is_main_process:
         with components_on(pipe, accelerator.device):  # then back on the CPU: steps need only the cached embeddings
-            build_training_cache(pipe, spec, cache_dir, progress=config.progress)
+            build_training_cache(pipe, spec, cache_dir, progress=config.progress, components=components)
             if config.validation_steps:  # encoded now: no text encoder comes back to the device mid-training
                 validation.encode_validation_prompts(pipe, get_family(pipe.transformer), config.validation_prompts,
                                                      _validation_settings(pipe, config), output_dir)
     accelerator.wait_for_everyone()
-    dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False)
+    dataset, cache_path = build_training_cache(pipe, spec, cache_dir, progress=False, components=components)
     say(f"training data: {len(dataset)} samples cached in {cache_path}")
     return dataset
 

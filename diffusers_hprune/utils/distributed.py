@@ -69,6 +69,18 @@ def process_state(timeout: timedelta | None = None):
     return PartialState(cpu=launched_on_cpu(), timeout=timeout or MIN_TIMEOUT)
 
 
+def from_main_process(compute):
+    """``compute()`` on the main process, its (picklable) result handed to every process; plain ``compute()`` in a
+    single process. For what only the main process can compute (it alone holds the text encoders)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    value = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def end_processes() -> None:
     """The last step of a multi-process run: every rank arrives, then the process group is torn down once.
 
