@@ -193,13 +193,16 @@ def tiny_unet():
 def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` (a command, or an ``accelerate launch`` and its ranks) as the leader of a process group of its own.
 
-    On timeout every process of the group gets SIGABRT first, so that Python's fault handler
-    (``PYTHONFAULTHANDLER``, set here) writes each one's stack to the captured stderr, then SIGKILL,
-    and the test fails with that output: a hang names where it hangs, and no process outlives the
-    test. (``subprocess.run(timeout=...)`` kills only the child, then waits for the pipes, which a
-    grandchild still holds open: a hang would hang the test.) A rank still alive after the launcher
-    returned also fails the test (and is killed).
+    On timeout every descendant (torchrun starts each rank in a session of its own, outside the
+    group) and the group get SIGABRT first, so that Python's fault handler (``PYTHONFAULTHANDLER``,
+    set here) writes each one's stack to the captured stderr, then SIGKILL, and the test fails with
+    that output: a hang names where it hangs, and no process outlives the test. Reading the output
+    never waits without a bound (``subprocess.run(timeout=...)`` kills only the child, then waits for
+    pipes that a rank still holds open: a hang would hang the test). A rank still alive after the
+    launcher returned also fails the test (and is killed).
     """
+    import psutil
+
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -211,21 +214,38 @@ def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedP
             return False
         return True
 
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    def signal_all(sig, processes) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGABRT)  # each Python process dumps its threads' stacks
+            os.killpg(proc.pid, sig)
+        for p in processes:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+
+    descendants: dict[int, psutil.Process] = {}  # every process the launcher started, seen while it ran
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=min(1.0, max(0.1, end - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(psutil.Error):
+                descendants.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+            if time.monotonic() < end:
+                continue
+        descendants = list(descendants.values())
+        signal_all(signal.SIGABRT, descendants)  # each Python process dumps its threads' stacks
         try:
             out, err = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()  # everything read since the start
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # a rank the launcher left behind
-        pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... did not end within {timeout} s; its whole process group was "
-                    f"killed (SIGABRT, then SIGKILL). Last output, with each process's stacks:\n{err[-12000:]}")
+            signal_all(signal.SIGKILL, descendants)
+            try:
+                out, err = proc.communicate(timeout=30)  # everything read since the start
+            except subprocess.TimeoutExpired:
+                out, err = "", "(the output could not be read: a process outside the group holds it)"
+        signal_all(signal.SIGKILL, descendants)  # a rank the launcher left behind
+        pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... did not end within {timeout} s; it and every process it "
+                    f"started were killed (SIGABRT, then SIGKILL). Last output, with each process's stacks:\n"
+                    f"{err[-12000:]}")
     deadline = time.monotonic() + 10  # ranks that exited may take a moment to be reaped
     while group_alive() and time.monotonic() < deadline:
         time.sleep(0.2)

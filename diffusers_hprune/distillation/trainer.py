@@ -567,6 +567,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     }
     _save_student(run, models, lora_config, summary, say)
     accelerator.wait_for_everyone()  # every rank reaches the teardown together, after the main one saved
+    # The prepared student is freed here, while every rank is alive: DDP's reducer holds the process group, and
+    # freed only when distill() returned (after end_training destroyed the group), gloo's destructor could wait
+    # forever for a rank that had exited (seen in CI: rank 1 left joining a gloo thread).
+    del run
+    accelerator.free_memory()  # Accelerate's own references to the prepared student and optimizer; collected
     accelerator.end_training()  # trackers finished, process group destroyed once
     return summary
 
