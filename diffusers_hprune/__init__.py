@@ -41,6 +41,7 @@ from diffusers_hprune.utils.errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from diffusers_hprune.utils.registration import after_import as _after_import  # noqa: E402
+from diffusers_hprune.utils.registration import guard_lora_loading as _guard_lora_loading  # noqa: E402
 from diffusers_hprune.utils.registration import register_lazily as _register_lazily  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -70,6 +71,8 @@ _SUBPACKAGES = ("analysis", "commands", "compress", "contributions", "demo", "di
 _register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
 # AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.
 _after_import("diffusers.pipelines.auto_pipeline", "diffusers_hprune.pipelines")
+# A base-model LoRA loaded into a stock export (renumbered blocks) is refused with the command that converts it.
+_guard_lora_loading("diffusers_hprune.hub.lora_guard")
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ removed parts vanish with them, and a sliced layer's update loses the columns it
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import torch
 from helpers import MIXED_PLANS, tiny_pipeline
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, prune_transformer
-from diffusers_hprune.utils.errors import PlanError
+from diffusers_hprune.families.base import adapter_layers
+from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
 CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")
 PROMPT = "a red circle left of a blue square"
@@ -152,13 +154,19 @@ def test_convert_lora_for_a_stock_export(family, tmp_path, capsys):
         loaded.set_progress_bar_config(disable=True)
         return loaded
 
-    # The base model's LoRA as it is: its adapters go to other blocks, wrongly shaped (an error) or not (wrong image).
+    # The base model's LoRA as it is would put its adapters on other blocks (stock Diffusers: a wrong image or a
+    # size mismatch); with diffusers_hprune imported it is refused, naming the command that converts it.
     unconverted = stock()
-    try:
+    before = _image(unconverted)
+    with pytest.raises(CheckpointMismatchError, match=r"made for a model with more blocks.* The LoRA has adapters for (single_)?transformer_blocks\.\d.*"
+                       rf"hprune convert-lora LORA --to {re.escape(str(export))} --out"):
         unconverted.load_lora_weights(tmp_path / "lora")
-        assert np.abs(_image(unconverted) - expected).max() > 1e-2
-    except (RuntimeError, ValueError) as e:
-        assert "size mismatch" in str(e)
+    assert not adapter_layers(unconverted.transformer)  # refused before anything was loaded
+    np.testing.assert_array_equal(_image(unconverted), before)
+    alone = DiffusionPipeline.from_pretrained(export, transformer=type(unconverted.transformer).from_pretrained(
+        export, subfolder="transformer"))  # the side file is found from the pipeline folder too
+    with pytest.raises(CheckpointMismatchError, match="hprune convert-lora"):
+        alone.load_lora_weights(tmp_path / "lora")
 
     out = tmp_path / "lora-for-export.safetensors"
     assert main(["convert-lora", str(tmp_path / "lora"), "--to", str(export), "--out", str(out)]) == 0

@@ -18,6 +18,7 @@ loadable base classes through that module's namespace. So:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -89,4 +90,24 @@ def after_import(name: str, then: str) -> None:
         sys.meta_path.insert(0, _AfterImport(name, then))
 
 
-__all__ = ["after_import", "register", "register_lazily"]
+def guard_lora_loading(check: str) -> None:
+    """Make Diffusers' ``PeftAdapterMixin.load_lora_adapter`` call ``<check>.check_lora(model, state_dict, prefix)``
+    (``check``: a module path, imported on the first LoRA load) before it loads a LoRA given as a state dict,
+    which is how ``pipe.load_lora_weights`` gives it. Once per process; the method is otherwise unchanged."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_lora_adapter
+    if getattr(original, "hprune_checks", None) == check:
+        return
+
+    @functools.wraps(original)
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+            importlib.import_module(check).check_lora(self, pretrained_model_name_or_path_or_dict, prefix)
+        return original(self, pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+
+    load_lora_adapter.hprune_checks = check
+    PeftAdapterMixin.load_lora_adapter = load_lora_adapter
+
+
+__all__ = ["after_import", "guard_lora_loading", "register", "register_lazily"]
