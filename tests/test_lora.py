@@ -209,3 +209,47 @@ def test_base_lora_on_a_remote_export_without_the_package(lora, tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(np.load(out), _reference(family, folder), atol=1e-4)
+
+
+def test_convert_lora_refuses_loras_it_cannot_convert(tmp_path, capsys):
+    """A LoRA for another (deeper) model, damaged adapter metadata or a wrongly shaped text modulation: one clear
+    error each, and nothing written."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from diffusers_hprune.cli import main
+    from diffusers_hprune.hub import export_folder
+
+    prune_pipeline(_pipe("sd3"), STOCK_PLANS["sd3"]).save_pretrained(tmp_path / "pruned")
+    export = export_folder(tmp_path / "pruned", tmp_path / "export", format="stock")
+    pair = {"lora_A.weight": torch.zeros(4, 32), "lora_B.weight": torch.zeros(32, 4)}
+
+    def lora(name, modules, metadata=None, extra=None):
+        tensors = {f"transformer.{m}.{k}": v.clone() for m in modules for k, v in pair.items()}
+        save_file({**tensors, **(extra or {})}, str(tmp_path / name), metadata=metadata)
+        return str(tmp_path / name)
+
+    good = "transformer_blocks.0.attn.to_q"
+    cases = {
+        "deeper": (lora("deeper.safetensors", [good, "transformer_blocks.12.attn.to_q"]),
+                   r"adapters for transformer_blocks\.12, which the base model \(4 transformer_blocks\) does not have"),
+        "no index": (lora("noindex.safetensors", [good, "transformer_blocks.x.attn.to_q"]),
+                     r"adapters for transformer_blocks\.x, which the base model"),
+        "metadata not JSON": (lora("badjson.safetensors", [good], {"lora_adapter_metadata": "{not json"}),
+                              "lora_adapter_metadata is not JSON"),
+        "metadata a list": (lora("list.safetensors", [good], {"lora_adapter_metadata": "[1, 2]"}),
+                            "lora_adapter_metadata is a JSON list"),
+        "target_modules not names": (
+            lora("names.safetensors", [good], {"lora_adapter_metadata": json.dumps({"target_modules": [1, None]})}),
+            "target_modules that are not all names"),
+        "modulation rows": (lora("rows.safetensors", [good], extra={
+            "transformer.transformer_blocks.2.norm1_context.linear.lora_B.weight": torch.zeros(5, 4),
+            "transformer.transformer_blocks.2.norm1_context.linear.lora_A.weight": torch.zeros(4, 32)}),
+            r"has shape \(5, 4\); an SD3 block's text modulation has 6 chunks"),
+    }
+    for what, (path, message) in cases.items():
+        out = tmp_path / f"out-{what}.safetensors"
+        assert main(["convert-lora", path, "--to", str(export), "--out", str(out)]) == 2, what
+        assert re.search(message, capsys.readouterr().err), what
+        assert not out.exists() and not list(tmp_path.glob(".out-*")), what

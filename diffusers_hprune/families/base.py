@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.errors import PlanError
+from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
 BLOCK = "block"
 """Pseudo-component name for a whole block (used by analysis reports and plans)."""
@@ -462,6 +462,29 @@ class ModelFamily:
             out[new] = tensor
         return out
 
+    def check_lora_blocks(self, lora: Mapping[str, Any], config: Mapping[str, Any], prefix: str = "") -> None:
+        """Raise :class:`CheckpointMismatchError` when a key of ``lora`` (under ``prefix``) names a block that
+        the model of ``config`` does not have (an index beyond its count, or no index): the LoRA was made for
+        another model."""
+        blocks = {spec.path for spec in self.block_specs(config)}
+        heads = tuple(self.block_count_keys)
+        foreign = set()
+        for key in lora:
+            name = _without_prefix(key, prefix)[1]
+            head, _, rest = name.partition(".")
+            if head in heads:
+                path = f"{head}.{rest.split('.', 1)[0]}" if rest else head
+                if path not in blocks:
+                    foreign.add(path)
+        if foreign:
+            shown = sorted(foreign)
+            listed = ", ".join(shown[:3]) + (f", ... ({len(shown) - 3} more)" if len(shown) > 3 else "")
+            counts = ", ".join(f"{int(config.get(key, 0) or 0)} {head}" for head, key in self.block_count_keys.items())
+            raise CheckpointMismatchError(
+                f"The LoRA has adapters for {listed}, which the base model ({counts}) does not have: it was made "
+                "for another model. Use a LoRA made for this export's base model."
+            )
+
     def stock_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
                               prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
         """A LoRA for the unpruned model, for the stock export of ``plan`` (whole blocks removed, the rest renumbered).
@@ -471,6 +494,7 @@ class ModelFamily:
         and the dropped module paths (original names).
         """
         self.check_stock_exportable(plan)
+        self.check_lora_blocks(lora, config, prefix)
         kept, dropped = self.prune_lora_state_dict(lora, config, plan, prefix=prefix)
         rename = self.stock_renamer(config, plan)
         out = {}

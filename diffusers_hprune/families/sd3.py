@@ -17,7 +17,7 @@ from torch import nn
 from diffusers_hprune.families.base import BlockSpec, ModelFamily
 from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.errors import PlanError
+from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
 # What a context_pre_only block lacks: it has no text-stream output.
 _TEXT_OUTPUT = ("ff_context.", "norm2_context.", "attn.to_add_out.")
@@ -156,7 +156,13 @@ class SD3Family(ModelFamily):
                     dropped.append(module)
                 del out[key]
             elif key.startswith(block + "norm1_context.linear.lora_B."):
-                out[key] = _stock_last_modulation(out[key])
+                rows = out[key]
+                if rows.ndim != 2 or rows.shape[0] % 6:
+                    raise CheckpointMismatchError(
+                        f"The LoRA's {key} has shape {tuple(rows.shape)}; an SD3 block's text modulation has 6 "
+                        "chunks of rows (a 2-D lora_B with a multiple of 6 rows). The LoRA is damaged or made for "
+                        "another model.")
+                out[key] = _stock_last_modulation(rows)
         return out, dropped
 
     def encode_text(self, pipe, prompts, max_sequence_length):

@@ -39,6 +39,7 @@ from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_not_inside
+from diffusers_hprune.utils.errors import CheckpointMismatchError
 from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
 from diffusers_hprune.utils.untrusted import check_model_index, input_files
@@ -261,11 +262,21 @@ def _rename_metadata(metadata: dict[str, str], family, config, plan) -> dict[str
     """The LoRA's adapter config (``lora_adapter_metadata``) with full module names renumbered and removed ones dropped."""
     if "lora_adapter_metadata" not in metadata:
         return metadata
-    adapter = json.loads(metadata["lora_adapter_metadata"])
+    try:
+        adapter = json.loads(metadata["lora_adapter_metadata"])
+    except ValueError as e:
+        raise ExportError(f"The LoRA's lora_adapter_metadata is not JSON ({e}); the file is damaged. Save the LoRA "
+                          "again (save_lora_weights), or remove that metadata entry.") from None
+    if not isinstance(adapter, dict):
+        raise ExportError(f"The LoRA's lora_adapter_metadata is a JSON {type(adapter).__name__}, not the adapter "
+                          "config (a JSON object) that save_lora_weights writes; save the LoRA again.")
     rename = family.stock_renamer(config, plan)
     for key, value in list(adapter.items()):
         field = key.rsplit(".", 1)[-1]
         if field == "target_modules" and isinstance(value, list):
+            if not all(isinstance(n, str) for n in value):
+                raise ExportError(f"The LoRA's adapter metadata lists target_modules that are not all names: "
+                                  f"{value[:5]!r}; save the LoRA again.")
             adapter[key] = [n for n in map(rename, value) if n is not None]
         elif field in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
             adapter[key] = {new: v for k, v in value.items() if (new := rename(k)) is not None}
@@ -295,7 +306,12 @@ def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; choose another --out or pass --overwrite.")
-    side = read_json(_side_file(export))
+    side_file = _side_file(export)
+    side = read_json(side_file)
+    if not (isinstance(side, dict) and isinstance(side.get("original_config"), dict)
+            and isinstance(side.get("plan"), dict)):
+        raise ExportError(f"{side_file} lacks the original_config and plan objects that `hprune export` writes; "
+                          "export the pruned folder again.")
     config, plan = side["original_config"], PrunePlan.from_dict(side["plan"])
     family = get_family(config)
     try:
@@ -307,7 +323,10 @@ def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, 
     prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
     ours = {k: v for k, v in tensors.items() if not prefix or k.startswith(prefix)}
     others = {k: v for k, v in tensors.items() if k not in ours}  # text encoders: not touched
-    converted, dropped = family.stock_lora_state_dict(ours, config, plan, prefix=prefix)
+    try:
+        converted, dropped = family.stock_lora_state_dict(ours, config, plan, prefix=prefix)
+    except CheckpointMismatchError as e:
+        raise ExportError(f"Cannot convert {source} for {export}: {e}") from None
     if not converted:
         raise ExportError(f"None of the LoRA's {len(ours)} transformer adapters is in a block the export keeps; "
                           "nothing to write.")
