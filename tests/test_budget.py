@@ -206,3 +206,22 @@ def test_a_copy_of_a_toy_folder_is_budgeted_at_the_size_it_can_draw(tmp_path, ca
     assert "draws at most 64x64 pixels" in capsys.readouterr().err
     with pytest.raises(BudgetError, match="inference_resolution 128 is larger"):
         predict(str(copy), ratio=0.3, options=BudgetOptions(inference_resolution=128))
+
+
+@pytest.mark.parametrize("damage", ["empty", "huge header", "vae config a list"])
+def test_budget_on_a_damaged_folder_is_a_clear_error(damage, tmp_path, capsys):
+    """Issue 32: a 0-byte or oversized-header safetensors file was a struct.error or MemoryError traceback."""
+    copy = tmp_path / "toy-copy"
+    shutil.copytree(toy.model_path("sd3"), copy)
+    weights = next((copy / "vae").glob("*.safetensors"))
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "huge header":
+        weights.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    else:
+        (copy / "vae" / "config.json").write_text("[1, 2]")
+    assert main(["budget", str(copy), "--ratio", "0.3"]) == 2
+    err = capsys.readouterr().err
+    expected = "is a JSON list, not an object" if damage == "vae config a list" else (
+        f"The vae weights file {weights} is damaged")
+    assert expected in err and "Traceback" not in err

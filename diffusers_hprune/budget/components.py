@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers_hprune.loading import TEXT_ENCODERS, pipeline_folder
+from diffusers_hprune.loading import TEXT_ENCODERS, check_pipeline_weights, check_weight_files, pipeline_folder
+from diffusers_hprune.utils.checks import InputError, read_text_file
 
 # Parameter counts of the published components (the safetensors headers of the Hub checkpoints).
 CLIP_L = 123_650_304  # CLIPTextModelWithProjection, ViT-L/14 (FLUX's CLIPTextModel: 123,060,480)
@@ -55,7 +56,9 @@ class PipelineParts:
 
 
 def safetensors_sizes(folder: Path) -> tuple[int, int]:
-    """``(elements, bytes)`` of every tensor in the ``*.safetensors`` files of ``folder``, from their headers alone."""
+    """``(elements, bytes)`` of every tensor in the ``*.safetensors`` files of ``folder``, from their headers alone
+    (each file opened by safetensors first: a damaged or foreign one is a :class:`WeightFileError`)."""
+    check_weight_files(folder, f"{folder.name} weights")
     total = nbytes = 0
     for file in sorted(folder.glob("*.safetensors")):
         with open(file, "rb") as f:
@@ -72,6 +75,19 @@ def safetensors_sizes(folder: Path) -> tuple[int, int]:
     return total, nbytes
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(read_text_file(path, what))
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"The {what} {path} is not valid JSON ({e}); download or save the pipeline again.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"The {what} {path} is a JSON {type(data).__name__}, not an object; download or save the "
+                         "pipeline again.")
+    return data
+
+
 def pipeline_parts(model, family: str) -> PipelineParts:
     """The components beside the transformer of ``model`` (folder, cached Hub id, toy name or built-in name)."""
     folder = pipeline_folder(model) if isinstance(model, (str, Path)) else None
@@ -79,6 +95,7 @@ def pipeline_parts(model, family: str) -> PipelineParts:
         return PipelineParts(dict(PUBLISHED_PARAMS[family]), dict(PUBLISHED_VAE[family]),
                              {k: 2 * v for k, v in PUBLISHED_PARAMS[family].items()},
                              notes=["text encoders and VAE: the published sizes of the family's components"])
+    check_pipeline_weights(folder)  # model_index.json, config sizes, every weights file opens: before reading them
     params, stored = {}, {}
     for name in (*TEXT_ENCODERS, "vae", "transformer"):
         if (folder / name).is_dir():
@@ -86,11 +103,15 @@ def pipeline_parts(model, family: str) -> PipelineParts:
             stored[name] = nbytes
             if name != "transformer":
                 params[name] = numel
-    vae_config = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    vae_config = _json_object(folder / "vae" / "config.json", "VAE config")
+    if not (isinstance(vae_config.get("block_out_channels"), list) and 0 < len(vae_config["block_out_channels"]) <= 8):
+        raise InputError(f"{folder / 'vae' / 'config.json'} has no block_out_channels list (1 to 8 entries) as an "
+                         "AutoencoderKL config has; download or save the pipeline again.")
     clip_length = 77
     tokenizer = folder / "tokenizer" / "tokenizer_config.json"
     if tokenizer.is_file():
-        clip_length = int(json.loads(tokenizer.read_text(encoding="utf-8")).get("model_max_length", 77))
+        length = _json_object(tokenizer, "tokenizer config").get("model_max_length", 77)
+        clip_length = length if isinstance(length, int) and 0 < length <= 4096 else 77
     return PipelineParts(params, vae_config, stored, clip_length, str(folder))
 
 
