@@ -81,6 +81,7 @@ from diffusers_hprune.utils.distributed import (
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.float64 import float64
+from diffusers_hprune.utils.interrupts import uninterrupted
 from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
     compute_in_fp32_on_cpu,
@@ -235,7 +236,7 @@ STAGE_FILES = ("hprune_stage.json", "hprune_stage_started.json")
 #: What an interrupted run leaves in OUTPUT_DIR, removed at the next start (nothing else is): folders of a pipeline
 #: being saved or a checkpoint being written, and files of a JSON file being replaced (``atomic_write_json``).
 LEFTOVER_FOLDER = re.compile(r"\.pipeline\.[a-z0-9_]+|\.checkpoint-\d+\.tmp")
-LEFTOVER_FILE = re.compile(r"\.(hprune_run|distill_summary|plan)\.json\.[a-z0-9_]+\.tmp")
+LEFTOVER_FILE = re.compile(r"\.(hprune_run|distill_summary|plan)\.json\.(?:[A-Za-z0-9-]+-\d+\.)?[a-z0-9_]+\.tmp")
 
 
 class _StepSampler:
@@ -487,11 +488,15 @@ def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = Non
                 shutil.rmtree(component)
                 copy_files(teacher_folder / component.name, component, root=teacher_folder)
         record_fp32_default(tmp)  # the copied encoders' configs too: a plain from_pretrained loads one dtype
-        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
-            target = output_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
+        # A folder with model_index.json looks complete: the old one goes first, the new one comes last, and
+        # SIGTERM / Ctrl-C wait until every component is in place.
+        with uninterrupted():
+            (output_dir / "model_index.json").unlink(missing_ok=True)
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+                target = output_dir / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1411,18 +1416,24 @@ def _checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, ide
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        safetensors_user_modes(tmp)  # the weights Accelerate saved (safetensors writes 0600 whatever the umask)
-        atomic_write_json(tmp / RUN_FILE, identity)
-        atomic_write_json(tmp / PROGRESS_FILE, progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        if limit:
-            for old in _own_checkpoints(output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            safetensors_user_modes(tmp)  # the weights Accelerate saved (safetensors writes 0600 whatever the umask)
+            atomic_write_json(tmp / RUN_FILE, identity)
+            atomic_write_json(tmp / PROGRESS_FILE, progress)
+            with uninterrupted():  # the old checkpoint or the new one, never neither
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+    except BaseException:  # a full disk, a signal: no half-written checkpoint stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process and limit:
+        for old in _own_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -28,6 +28,7 @@ MODULES = (
     "diffusers_hprune.utils.errors",
     "diffusers_hprune.utils.checks",
     "diffusers_hprune.utils.untrusted",
+    "diffusers_hprune.utils.interrupts",
     "diffusers_hprune.utils.fileio",
     "diffusers_hprune.plan",
     "diffusers_hprune.families.base",

@@ -1,16 +1,27 @@
-"""Atomic file output: readers never see a half-written file."""
+"""Atomic file output: readers never see a half-written file, and what a stopped command wrote goes.
+
+Every output is written under a hidden scratch name beside it, ``.<name>.<host>-<pid>.<random>.tmp``
+(``.<name>.<host>-<pid>.old`` for the output an ``--overwrite`` replaces), and renamed into place
+when complete. An error, Ctrl-C or SIGTERM (:mod:`diffusers_hprune.utils.interrupts`) removes the
+scratch; what a killed process (SIGKILL, power loss) left is removed by the next write of the same
+output on the same host, once no process of that id runs (:func:`remove_stale_scratch`). Nothing
+else beside an output is touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.utils.interrupts import uninterrupted
 from diffusers_hprune.utils.untrusted import input_files
 
 
@@ -44,11 +55,50 @@ def safetensors_user_modes(folder: str | os.PathLike) -> None:
             with_user_mode(path)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _scratch_prefix(path: Path) -> str:
+    """The start of the scratch names of ``path`` written by this process: ``.<name>.<host>-<pid>.``."""
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_scratch(path: str | os.PathLike) -> list[Path]:
+    """Remove the scratch files and folders of ``path`` (see the module's text) that a process of this host left
+    and that no longer runs; returns them. Names of any other form are never touched."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_host())}-(\d+)\.(?:[A-Za-z0-9_]+\.tmp(?:\.[A-Za-z0-9]+)?|old)")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (mode as ``open`` gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_scratch(path)
+    fd, tmp = tempfile.mkstemp(prefix=_scratch_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with_user_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -79,17 +129,23 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output folder or pass overwrite=True (--overwrite).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = with_user_mode(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_scratch(path)
+    tmp = with_user_mode(tempfile.mkdtemp(prefix=_scratch_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        with uninterrupted():  # the old output or the new one in place, never neither
+            if path.exists() or path.is_symlink():
+                old = path.with_name(f"{_scratch_prefix(path)}old")
+                os.replace(path, old)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:  # what --overwrite replaced: a folder, or a file where the folder now is
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -102,7 +158,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to (e.g. ``savefig``); renamed to ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    remove_stale_scratch(path)
+    fd, tmp = tempfile.mkstemp(prefix=_scratch_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     with_user_mode(tmp)
     try:
