@@ -188,7 +188,7 @@ import json, sys, torch
 {imports}
 from diffusers import DiffusionPipeline
 folder, device, steps, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 if device == "cuda" and not getattr(pipe.transformer.config, "quantization_config", None):
     pipe.to(device)
 elif device == "cuda":

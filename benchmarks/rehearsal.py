@@ -133,7 +133,7 @@ def _stage(stage: str, spec: dict) -> None:
         ContributionReport.expected_keys = lambda self: [k for k in original(self) if k in keep]
         analyze(spec["model"], spec["out"], n_prompts=spec["prompts"], batch_size=spec["batch"],
                 eval_steps=spec["eval_steps"], height=spec["resolution"], width=spec["resolution"],
-                torch_dtype=_dtype(spec["precision"]), progress=False)
+                dtype=_dtype(spec["precision"]), progress=False)
     elif stage == "distill":
         from diffusers_hprune.distillation.trainer import DistillConfig, distill
 
@@ -152,7 +152,7 @@ def _stage(stage: str, spec: dict) -> None:
         family = get_family(config)
         dtype = _dtype(spec["precision"])
         # on a GPU bitsandbytes' loader puts the model there; its inputs follow it, in the dtype it computes in
-        model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer", torch_dtype=dtype).eval()
+        model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer", dtype=dtype).eval()
         device = next(model.parameters()).device
         r = spec["resolution"]
         shapes = Shapes(1, r, r, spec["max_sequence_length"], 77, 8)

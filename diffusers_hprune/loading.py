@@ -208,8 +208,8 @@ def pipeline_folder(model) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
-def load_pipeline(model, device, torch_dtype, **components):
-    """``(pipeline, name)``: ``model`` (a pipeline, folder, cached Hub id or toy name) in ``torch_dtype`` on ``device``.
+def load_pipeline(model, device, dtype, **components):
+    """``(pipeline, name)``: ``model`` (a pipeline, folder, cached Hub id or toy name) in ``dtype`` on ``device``.
 
     ``components`` replace the pipeline's own (e.g. an already loaded transformer); with
     ``device=None`` nothing is moved.
@@ -223,7 +223,7 @@ def load_pipeline(model, device, torch_dtype, **components):
     if local is not None:  # pickles and damaged files are refused before Diffusers reads any of them
         check_pipeline_weights(local)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, **components)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **components)
     except (OSError, ValueError) as e:
         raise PipelineLoadError(
             f"Could not load the pipeline {name!r} ({type(e).__name__}: {e}). Pass a pipeline folder, a Hub repo id "

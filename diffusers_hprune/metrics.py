@@ -137,6 +137,26 @@ DEFAULT_METRIC = "image_fidelity"
 ALIGNMENT_METRICS = {"toy": "shapeeval", "model": "clip_score"}
 
 
+TORCHMETRICS = "1.7"
+"""The oldest torchmetrics the optional metrics work with (CLIPScore takes a model loader from 1.7)."""
+
+
+def _require_torchmetrics(what: str, alternative: str = "") -> None:
+    """Raise :class:`MetricError` unless torchmetrics >= :data:`TORCHMETRICS` is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        found = version("torchmetrics")
+    except PackageNotFoundError:
+        found = None
+    if found is None or Version(found) < Version(TORCHMETRICS):
+        has = f"torchmetrics {found} is installed" if found else "torchmetrics is not installed"
+        raise MetricError(f"{what} needs torchmetrics>={TORCHMETRICS} ({has}): pip install "
+                          f"'diffusers-hprune[metrics]'{' ' + alternative if alternative else ''}.")
+
+
 def _pixels(images):
     import numpy as np
 
@@ -149,9 +169,8 @@ def _pixels(images):
 def _image_fidelity(measure: str = "mse"):
     if measure not in ("mse", "ssim"):
         raise MetricError(f"image_fidelity measures 'mse' or 'ssim', not {measure!r} (--metric-arg measure=mse).")
-    if measure == "ssim" and importlib.util.find_spec("torchmetrics") is None:
-        raise MetricError("image_fidelity with measure=ssim needs torchmetrics: pip install torchmetrics "
-                          "(or use measure=mse).")
+    if measure == "ssim":
+        _require_torchmetrics("image_fidelity with measure=ssim", "(or use measure=mse)")
 
     def mse(images, references) -> float:
         import numpy as np
@@ -183,8 +202,7 @@ def _shapeeval(images, prompts) -> float:
 @register_metric("clip_score", factory=True, alignment=True,
                  description="torchmetrics CLIPScore with a locally available CLIP model (option model=PATH_OR_ID)")
 def _clip_score(model: str = "openai/clip-vit-base-patch16"):
-    if importlib.util.find_spec("torchmetrics") is None:
-        raise MetricError("The clip_score metric needs torchmetrics: pip install torchmetrics.")
+    _require_torchmetrics("The clip_score metric")
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 

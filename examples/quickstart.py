@@ -30,7 +30,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.model:
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+        pipe = DiffusionPipeline.from_pretrained(args.model, dtype=torch.bfloat16)
     else:
         from diffusers_hprune.toy.components import tiny_sd3_pipeline
 
@@ -49,7 +49,7 @@ def main(argv=None):
     print("pruned:", pruned.prune_plan.describe())
     pruned.save_pretrained(args.output)
 
-    reloaded = DiffusionPipeline.from_pretrained(args.output, torch_dtype=pruned.transformer.dtype)
+    reloaded = DiffusionPipeline.from_pretrained(args.output, dtype=pruned.transformer.dtype)
     size = {"height": args.size, "width": args.size} if args.size else {}
     image = reloaded(args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), **size).images[0]
     image.save(f"{args.output}/sample.png")

@@ -27,7 +27,7 @@ def _real_like(inputs: dict) -> dict:
 def _toy_transformer(family: str):
     folder = toy.model_path(family)
     config = load_transformer_config(folder)
-    model = get_family(config).base_class.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    model = get_family(config).base_class.from_pretrained(folder / "transformer", dtype=torch.float32)
     return config, model.eval()
 
 

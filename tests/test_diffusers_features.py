@@ -212,7 +212,7 @@ def test_pipeline_save_pretrained_passes_variant_shard_size_and_serialization_to
     variant = tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors"
     with safe_open(str(variant), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
-    loaded = DiffusionPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16).transformer
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16).transformer
     assert type(loaded).__name__ == type(pipe.transformer).__name__
     for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

@@ -180,7 +180,7 @@ def test_export_folders_describe_their_format(exports, family):
     assert sorted(blocks.values()) == sorted(kept) and (stock / "transformer" / PLAN_FILE).is_file()
     assert not (stock / "checkpoint-10").exists()  # training leftovers stay home
     card = (stock / "README.md").read_text()
-    assert f'DiffusionPipeline.from_pretrained("someone/{family}-stock", torch_dtype=torch.bfloat16)' in card
+    assert f'DiffusionPipeline.from_pretrained("someone/{family}-stock", dtype=torch.bfloat16)' in card
     assert "trust_remote_code" not in card and "import diffusers_hprune" not in card
     assert "pip install diffusers-hprune" not in card and "not on PyPI" in card
     assert f"hprune convert-lora LORA.safetensors --to\nsomeone/{family}-stock" in card  # blocks renumbered

@@ -1,4 +1,4 @@
-"""A plain `DiffusionPipeline.from_pretrained(folder)`, no torch_dtype, generates for every folder the project writes.
+"""A plain `DiffusionPipeline.from_pretrained(folder)`, no dtype, generates for every folder the project writes.
 
 Diffusers builds the transformer and VAE in fp32; Transformers 5 builds text encoders in the dtype
 their config records. Folders written from a 16-bit pipeline record fp32 for the text encoders,
@@ -79,7 +79,7 @@ def test_saved_16_bit_pruned_pipeline_loads_plain_and_keeps_asked_dtypes(tmp_pat
     plain = DiffusionPipeline.from_pretrained(tmp_path / "pruned")
     assert {c.dtype for c in plain.components.values() if hasattr(c, "dtype")} == {torch.float32}
     assert plain("a red circle", **CALL).images.shape[0] == 1
-    asked = DiffusionPipeline.from_pretrained(tmp_path / "pruned", torch_dtype=torch.bfloat16)
+    asked = DiffusionPipeline.from_pretrained(tmp_path / "pruned", dtype=torch.bfloat16)
     assert {c.dtype for c in asked.components.values() if hasattr(c, "dtype")} == {torch.bfloat16}
 
 
@@ -110,11 +110,11 @@ def test_every_written_folder_loads_plain_in_a_fresh_process(tmp_path):
     loaded = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [entry["folder"] for entry in loaded] == [f for f, _ in folders]
     assert all(entry["dtypes"] == ["torch.float32"] for entry in loaded), loaded
-    # The same image as the folder loaded here with torch_dtype=torch.float32 asked for explicitly.
+    # The same image as the folder loaded here with dtype=torch.float32 asked for explicitly.
     from diffusers import DiffusionPipeline
 
     for k, (folder, remote) in enumerate(folders):
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, trust_remote_code=remote)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote)
         pipe.set_progress_bar_config(disable=True)
         image = pipe("a red circle", generator=torch.Generator().manual_seed(0), **CALL).images
         np.testing.assert_allclose(np.load(tmp_path / "images" / f"{k}.npy"), image, atol=1e-5, err_msg=folder)

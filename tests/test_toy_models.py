@@ -21,7 +21,7 @@ def test_shipped_pipeline_loads_with_stock_diffusers_and_matches_reference(famil
     from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
     reference = json.loads(REFERENCE.read_text())[family]
-    pipe = DiffusionPipeline.from_pretrained(toy.model_path(family), torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(toy.model_path(family), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe) is {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
     image = pipe(reference["prompt"], generator=torch.Generator().manual_seed(reference["seed"]),
@@ -36,7 +36,7 @@ import json, sys
 import numpy as np, torch
 from diffusers import DiffusionPipeline
 path, family, out = sys.argv[1:]
-pipe = DiffusionPipeline.from_pretrained(path)  # no torch_dtype: what a user of stock Diffusers types
+pipe = DiffusionPipeline.from_pretrained(path)  # no dtype: what a user of stock Diffusers types
 pipe.set_progress_bar_config(disable=True)
 dtypes = sorted({str(m.dtype) for m in pipe.components.values() if isinstance(m, torch.nn.Module)})
 reference = json.load(open(REFERENCE))[family]
@@ -96,7 +96,7 @@ def test_training_script_smoke(tmp_path, monkeypatch):
         assert images[0].size == (32, 32)
         from diffusers import DiffusionPipeline
 
-        plain = DiffusionPipeline.from_pretrained(out)  # no torch_dtype: one dtype for every component
+        plain = DiffusionPipeline.from_pretrained(out)  # no dtype: one dtype for every component
         assert {m.dtype for m in plain.components.values() if isinstance(m, torch.nn.Module)} == {torch.float32}
         assert toy.generate(plain, ["a red circle"], num_inference_steps=2)[0].size == (32, 32)
 
@@ -173,3 +173,19 @@ def test_evaluate_refuses_mismatched_or_unknown_inputs(capsys):
     assert "compare a student with its own teacher" in capsys.readouterr().err
     assert main(["evaluate", "sd3", "--n", "2", "--metric", "nonsense", "--no-cost"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_the_library_loads_pipelines_without_deprecation_warnings(tmp_path):
+    """Issue 32: `torch_dtype` (deprecated for `dtype` in Diffusers 0.40) reached library users as a FutureWarning."""
+    import warnings
+
+    from diffusers_hprune.loading import load_pipeline
+    from diffusers_hprune.quantization import quantize_pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        toy.load_pipeline("sd3")
+        load_pipeline("flux", None, torch.float32)
+        quantize_pipeline(toy.model_path("sd3"), tmp_path / "nf4")
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and "torch.jit" not in str(w.message)] == []

@@ -199,7 +199,7 @@ def analyze(
     pairs: bool = False,
     method: str = "cached",
     overwrite: bool = False,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
     cache_device: str | torch.device | None = None,
     max_cache_bytes: int | None = None,
     progress: bool = True,
@@ -229,7 +229,7 @@ def analyze(
             model's outputs for every entry. The latter two are for verification and benchmarks
             and give the same numbers.
         overwrite: start again, replacing an existing ``out`` of other settings.
-        torch_dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
+        dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
         cache_device: where the cached block outputs live (default: with the model; ``"cpu"``
             keeps them in host memory, for large models at high resolution).
         max_cache_bytes: refuse (``AnalysisError``, before the cache is built past its first call)
@@ -246,9 +246,9 @@ def analyze(
     metric_def = get_metric(metric)
     metric = canonical_name(metric)
     scorer = metric_def.build(**dict(metric_options or {}))
-    if torch_dtype is None:
-        torch_dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
-    pipe, model_name = load_pipeline(model, state.device, torch_dtype)
+    if dtype is None:
+        dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
+    pipe, model_name = load_pipeline(model, state.device, dtype)
     transformer = pipe.transformer
     family = get_family(transformer)
     plan = getattr(transformer, "prune_plan", None)
@@ -292,7 +292,7 @@ def analyze(
         transformer_config=json.loads(json.dumps(config, default=str)),
         metric={"name": metric, "options": dict(metric_options or {})},
         calibration={"prompts": prompts, "seeds": seeds, "generation": gen_kwargs, "eval_steps": steps,
-                     "batch_size": batch_size, "dtype": str(torch_dtype).removeprefix("torch.")},
+                     "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")},
         pairs=pairs,
     )
     if alignment_metric is not None:

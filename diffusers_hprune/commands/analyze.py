@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts, seed=args.seed, num_inference_steps=args.steps, eval_steps=args.eval_steps,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,
-        torch_dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
         max_cache_bytes=args.max_cache_bytes,
     )
 

@@ -856,7 +856,7 @@ def _load_nf4_transformer(folder: Path, dtype: torch.dtype):
     quant = nf4_config(family.default_nf4_skip_modules, compute)
     with cpu_nf4_loading():
         model = family.base_class.from_pretrained(folder, subfolder="transformer", quantization_config=quant,
-                                                  torch_dtype=dtype)
+                                                  dtype=dtype)
     if not accelerator_available():
         keep_cpu_layout(model)
         compute_in_fp32_on_cpu(model)

@@ -312,7 +312,7 @@ def load_student_beside(teacher, folder: str | os.PathLike):
     config = load_transformer_config(folder)
     check_weight_files(folder / "transformer", "transformer weights")
     dtype = compute_dtype(teacher.transformer)
-    transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", torch_dtype=dtype)
+    transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", dtype=dtype)
     if not config.get("quantization_config"):
         transformer.to(next(teacher.transformer.parameters()).device)
     student = with_pruned_transformer(teacher, transformer)

@@ -176,7 +176,7 @@ def usage_section(folder: str | os.PathLike, repo_id: str | None) -> str:
     load_format = export_format or (default_format(plan) if repo_id else "local")
     return jinja2.Template(USAGE.read_text(encoding="utf-8"), keep_trailing_newline=False).render(
         load_format=load_format, export_format=default_format(plan), repo_id=repo_id or str(folder),
-        torch_dtype="torch.bfloat16",
+        dtype="torch.bfloat16",
         quantized=bool(config.get("quantization_config")), base_class=family.base_class_name,
         pipeline_class=stock_pipeline_name(index.get("_class_name", "")), family=family.display_name,
         kept_blocks=len(specs) - len(plan.removed_blocks), total_blocks=len(specs), plan_file=PLAN_FILE,

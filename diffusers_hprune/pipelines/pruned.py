@@ -55,7 +55,7 @@ class _PrunedPipelineMixin:
         return self.transformer.prune_plan
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``DiffusionPipeline.save_pretrained``; the folder then also loads without ``torch_dtype``
+        """``DiffusionPipeline.save_pretrained``; the folder then also loads without ``dtype``
         (its Transformers components record fp32 as their default dtype, like Diffusers' own models)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         record_fp32_default(save_directory)

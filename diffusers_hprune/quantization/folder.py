@@ -53,7 +53,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
 
     The transformer's linear weights become NF4; its other parameters (norms, biases, the skip
     list) are stored in ``dtype`` (16-bit by default: W4A16). Loading casts them to the
-    ``torch_dtype`` asked for. The other components are copied as they are (their files, not
+    ``dtype`` asked for. The other components are copied as they are (their files, not
     reloaded). The folder is written next to its final place and renamed into it when complete.
     Returns ``output_dir``.
     """
@@ -72,7 +72,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     check_pipeline_family(index["_class_name"], config, source)
     pipeline_name = pruned_pipeline_name(index["_class_name"])
     check_weight_files(source / "transformer", "transformer weights")  # pickles refused, damaged files named
-    transformer = pruned_class_for(family).from_pretrained(source / "transformer", torch_dtype=dtype)
+    transformer = pruned_class_for(family).from_pretrained(source / "transformer", dtype=dtype)
     transformer.to("cuda" if accelerator_available() else "cpu")
     quantized = quantize(transformer, skip_modules=skip_modules, compute_dtype=compute_dtype)
     with atomic_directory(output_dir, overwrite=True) as tmp:
@@ -87,7 +87,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
         index.update({"_class_name": pipeline_name, "_diffusers_version": diffusers.__version__,
                       "transformer": ["diffusers_hprune", type(quantized).__name__]})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        record_fp32_default(tmp)  # the folder also loads without torch_dtype
+        record_fp32_default(tmp)  # the folder also loads without dtype
         for record in PROVENANCE_FILES:  # how the source was made travels with it (the model card reads it)
             if (source / record).is_file():
                 shutil.copyfile(source / record, tmp / record)

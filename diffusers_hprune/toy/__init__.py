@@ -88,7 +88,7 @@ def load_pipeline(family_or_path: str | Path = "sd3", dtype=None):
     from diffusers import DiffusionPipeline
 
     path = model_path(family_or_path) if str(family_or_path) in FAMILIES else Path(family_or_path)
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

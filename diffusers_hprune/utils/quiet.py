@@ -2,8 +2,8 @@
 
 On a CPU machine, importing Diffusers' SD3/FLUX modules makes bitsandbytes log that its
 optional CPU kernel package is missing (4-bit still works without it) and transformers log
-that torchvision is missing (the PIL image processors serve instead); Diffusers warns that
-``torch_dtype`` is being renamed. The ``hprune`` command drops exactly these messages, before
+that torchvision is missing (the PIL image processors serve instead). The ``hprune`` command
+drops exactly these messages, before
 the package imports Diffusers. Library users keep their own logging untouched.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 _DROPPED = ("requires torchvision (not installed)",)
@@ -34,4 +33,3 @@ def quiet_third_party_notices() -> None:
     transformers_logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _DropNotices) for f in transformers_logger.filters):
         transformers_logger.addFilter(_DropNotices())
-    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
