@@ -261,6 +261,56 @@ def test_exports_load_without_the_package(exports, tmp_path, family):
         np.testing.assert_allclose(image, expected, atol=1e-5)
 
 
+SWAPPING = """
+import json, sys
+sys.modules["diffusers_hprune"] = None  # stock Diffusers and the export's own modeling code only
+import numpy as np, torch
+import diffusers
+from diffusers import AutoModel, DiffusionPipeline
+export, family, call, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+prefix = {"sd3": "StableDiffusion3", "flux": "Flux"}[family]
+pipe = DiffusionPipeline.from_pretrained(export, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+reference = pipe(prompt, generator=torch.Generator().manual_seed(0), **call).images
+out = {}
+for kind in ("Img2Img", "Inpaint"):
+    cls = getattr(diffusers, prefix + kind + "Pipeline")
+    try:
+        cls.from_pipe(pipe)
+        out[kind + " plain"] = "ok"
+    except ValueError as e:
+        out[kind + " plain"] = "transformer" in str(e) and "expected" in str(e)
+    swapped = cls.from_pipe(pipe, transformer=pipe.transformer)  # the documented way
+    out[kind] = swapped.transformer is pipe.transformer
+t = AutoModel.from_pretrained(export, subfolder="transformer", trust_remote_code=True)
+try:
+    DiffusionPipeline.from_pretrained(export, transformer=t, trust_remote_code=True)
+    out["transformer=t"] = "ok"
+except ValueError as e:
+    out["transformer=t"] = "is not one of the libraries" in str(e)
+later = DiffusionPipeline.from_pretrained(export, transformer=None, trust_remote_code=True)
+later.transformer = t
+later.set_progress_bar_config(disable=True)
+image = later(prompt, generator=torch.Generator().manual_seed(0), **call).images
+out["set later"] = float(np.abs(image - reference).max())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
+def test_remote_export_component_swapping_with_stock_diffusers(exports, tmp_path, family):
+    """What docs/sharing.md says of a remote export's component swapping with stock Diffusers alone: from_pipe
+    needs the transformer passed, from_pretrained(transformer=t) is refused by Diffusers, setting it works."""
+    _, export, _, _ = exports[family, "remote"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", SWAPPING, str(export), family, json.dumps(CALL), PROMPT],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"Img2Img plain": True, "Img2Img": True, "Inpaint plain": True, "Inpaint": True,
+                   "transformer=t": True, "set later": 0.0}, out
+
+
 @pytest.mark.slow  # fresh processes from an offline Hub cache: CI's second step
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_exports_load_by_repo_id_from_an_offline_cache(exports, tmp_path, family):
