@@ -35,10 +35,13 @@ def side_file_of(model) -> Path | None:
     name = str(getattr(model, "config", {}).get("_name_or_path", "") or "")
     if not name:
         return None
-    for candidate in (Path(name) / PLAN_FILE, Path(name) / "transformer" / PLAN_FILE):
-        if candidate.is_file():
-            return candidate
-    if Path(name).exists():
+    try:
+        for candidate in (Path(name) / PLAN_FILE, Path(name) / "transformer" / PLAN_FILE):
+            if candidate.is_file():
+                return candidate
+        if Path(name).exists():
+            return None
+    except OSError:  # a name no file system takes (too long, say): not a folder
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
