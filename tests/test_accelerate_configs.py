@@ -27,5 +27,10 @@ def test_shipped_accelerate_configs_parse(name, distributed_type):
         assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
         # one unit per block class of _no_split_modules; size-based wrapping would shard FLUX's ff.net (a ModuleList)
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        # the installed Accelerate knows FSDP2 (1.6 and newer; pyproject's lower bound), as a GPU launch needs
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+        assert plugin.fsdp_version == 2
     if distributed_type == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2

@@ -106,7 +106,7 @@ def test_unknown_and_unavailable_metrics(sd3_pipeline, tmp_path):
 
 
 def test_clip_score_with_a_local_model(tmp_path):
-    pytest.importorskip("torchmetrics")
+    pytest.importorskip("torchmetrics", minversion="1.7")
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from diffusers_hprune.toy.components import build_clip_tokenizer

@@ -75,7 +75,7 @@ def test_the_cache_serves_the_first_step_bit_for_bit(family, request):
 
 
 def test_ssim_measure_and_bad_options(sd3_pipeline):
-    pytest.importorskip("torchmetrics")
+    pytest.importorskip("torchmetrics", minversion="1.7")
     score = get_metric("image_fidelity").build(measure="ssim")
     images = _draw(sd3_pipeline, ["a red circle"], [0])
     assert score(images, images) == pytest.approx(1.0)
@@ -85,6 +85,29 @@ def test_ssim_measure_and_bad_options(sd3_pipeline):
         get_metric("image_fidelity").build(measure="psnr")
     with pytest.raises(MetricError, match="as many images as references"):
         get_metric("image_fidelity").build()(images, images + images)
+
+
+@pytest.mark.parametrize("installed", [None, "1.4.0"])
+def test_metrics_that_need_torchmetrics_name_the_version_they_need(installed, monkeypatch):
+    import importlib.metadata
+
+    from diffusers_hprune.metrics import TORCHMETRICS, MetricError
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name != "torchmetrics":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    has = f"torchmetrics {installed} is installed" if installed else "torchmetrics is not installed"
+    with pytest.raises(MetricError, match=rf"needs torchmetrics>={TORCHMETRICS} \({has}\).*diffusers-hprune\[metrics\]"):
+        get_metric("clip_score").build()
+    with pytest.raises(MetricError, match=r"measure=ssim needs torchmetrics.*or use measure=mse"):
+        get_metric("image_fidelity").build(measure="ssim")
 
 
 def test_alignment_dp_is_measured_on_the_ablated_images(sd3_pipeline, tmp_path):
