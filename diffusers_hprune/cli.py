@@ -60,8 +60,9 @@ def describe_os_error(e: BaseException, output: str | os.PathLike | None = None)
     command's ``output``, since the file an error names may be the one being copied from)."""
     if disk_full(e):
         where = f" holding {output}" if output else ""
-        return (f"no space left on the device{where} (or the user's quota is used up); nothing was left there. Free "
-                "some space or write elsewhere, then run the command again.")
+        return (f"no space left on the device{where} (or the user's quota is used up); no partial output was left "
+                "there (a distillation keeps the checkpoints it finished). Free some space or write elsewhere, then "
+                "run the command again.")
     if isinstance(e, UnicodeError):
         return f"a file is not UTF-8 text ({e}); save it as UTF-8 and try again."
     name = getattr(e, "filename", None)

@@ -370,3 +370,27 @@ def test_fp16_without_a_gpu_is_one_clear_error(setup, tmp_path, capsys, monkeypa
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert "needs a CUDA GPU" in _refused(_args(setup, tmp_path / "out2"), capsys)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(setup, tmp_path, capsys, monkeypatch):
+    """Issue 32: distill on a full disk left OUT/hprune_run.json behind. A run that made OUT and fails before its
+    first checkpoint removes it; a folder that existed before (a compress stage's) is never removed."""
+    from safetensors import SafetensorError
+
+    import diffusers_hprune.distillation.trainer as trainer
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(trainer, "_save_pipeline", full)
+    out = tmp_path / "new"
+    assert main(_args(setup, out, "--checkpointing_steps", "0")) == 2
+    assert f"no space left on the device holding {out}" in capsys.readouterr().err
+    assert not out.exists()
+    existing = tmp_path / "stage"
+    existing.mkdir()
+    assert main(_args(setup, existing, "--checkpointing_steps", "0")) == 2
+    assert existing.is_dir()
+    kept = tmp_path / "with-checkpoint"
+    assert main(_args(setup, kept)) == 2  # checkpoints at steps 2 and 4 are written before the final save fails
+    assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

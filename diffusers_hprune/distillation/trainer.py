@@ -512,9 +512,26 @@ def distill(config: DistillConfig) -> dict[str, Any]:
 
     config.check()
     output_dir = _checked_output_dir(config)
+    created = not output_dir.exists()
     spec = _checked_data_spec(config)
     plan = PrunePlan.load(config.plan)
     accelerator = _accelerator(config, output_dir, _process_timeout(config, spec, plan))  # every RNG seeded
+    try:
+        return _distill(config, output_dir, spec, plan, accelerator)
+    except BaseException:
+        if created and accelerator.is_main_process:
+            _remove_unfinished(output_dir)
+        raise
+
+
+def _remove_unfinished(output_dir: Path) -> None:
+    """A run that made ``output_dir`` and failed (a full disk, an error, SIGTERM) before its first checkpoint leaves
+    nothing: the folder holds only its own bookkeeping then. With a checkpoint, everything stays (for resuming)."""
+    if output_dir.is_dir() and not any(_checkpoint_step(p) is not None for p in output_dir.iterdir()):
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _distill(config: DistillConfig, output_dir: Path, spec, plan: PrunePlan, accelerator) -> dict[str, Any]:
     say = accelerator.print
     # Accelerate's precision (the flag, else the launch config's) is the run's from here on.
     config = replace(config, mixed_precision=_checked_precision(accelerator.mixed_precision),
