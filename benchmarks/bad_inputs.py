@@ -9,7 +9,15 @@ run, pruned and quantised folders. A case ends as
 - **traceback**: an exception escaped;
 - **wrong**: a bad input accepted (exit 0), or a valid one that gave a wrong result or was refused;
 - **files lost**: a file that existed before the case changed or disappeared (for error cases any
-  change; for accepted ones any change outside the outputs the case names).
+  change; for accepted ones any change outside the outputs the case names);
+- **leftovers**: a hidden scratch file or folder (``.*.tmp``, ``.*.old``, ``.pipeline.*``) stayed in
+  the case folder after the command ended, or a full disk kept anything at all;
+- **not run**: a fault this machine cannot make (mounting a small tmpfs needs root).
+
+Faults: a **full disk** (the output on a 300 KiB tmpfs mounted for the case) must be one clear error
+naming the output, with nothing left on that disk; **SIGTERM** is sent to a fresh ``hprune`` process
+the moment its first scratch entry appears beside the output, and must end it with exit 143, no
+scratch left and no output that looks complete (a ``model_index.json``) without its weights.
 
     python benchmarks/bad_inputs.py            # ~10 min on 2 CPU cores; rewrites its BENCHMARKS.md section
     python benchmarks/bad_inputs.py --list     # the cases, without running them
@@ -24,7 +32,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, update_section  # noqa: E402
 
-OUTCOMES = ("clear error", "handled", "traceback", "wrong", "files lost")
+OUTCOMES = ("clear error", "handled", "traceback", "wrong", "files lost", "leftovers", "not run")
+SCRATCH = re.compile(r"\..+\.(tmp|old)(\.[A-Za-z0-9]+)?|\.pipeline\.[a-z0-9_]+|\.checkpoint-\d+\.tmp")
 
 
 @dataclass
@@ -52,6 +63,8 @@ class Case:
     setup: Callable[[Path], None] | None = None  # prepares the case folder (copies, damage)
     writes: tuple[str, ...] = ()  # paths (relative to the case folder) an accepted case may change
     env: dict = field(default_factory=dict)  # run in a fresh process with these variables
+    fault: str | None = None  # "disk full" (the output on folder/small, a small tmpfs) or "sigterm"
+    signal_on: str = ".*"  # sigterm: sent when a scratch entry whose name matches this appears
 
 
 # -- the workspace: real inputs, built once ----------------------------------------------------------
@@ -73,6 +86,10 @@ def build_workspace(ws: Path) -> None:
     blocks = make_plan(report.contributions(), inspect_transformer(pipe.transformer), ratio=0.2,
                        strategy="koala", similarity=report.similarity).plan  # whole blocks (bk-sdm needs alignment)
     blocks.save(ws / "blocks-plan.json")
+    from diffusers_hprune.hub.export import export_folder
+
+    prune_pipeline(toy.load_pipeline("sd3"), blocks).save_pretrained(ws / "blocks-pruned")
+    export_folder(ws / "blocks-pruned", ws / "stock", format="stock")
     (ws / "train.txt").write_text("\n".join(toy.prompts(split="train", n=8, seed=1)) + "\n", encoding="utf-8")
     (ws / "latin1.txt").write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
     prune_pipeline(pipe, plan).save_pretrained(ws / "pruned")
@@ -106,6 +123,49 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     """``(outcome, detail)`` of one case, run in ``folder`` (which holds a link to the workspace)."""
+    if case.fault == "disk full" and not _mount_small(folder / "small"):
+        return "not run", "cannot mount a tmpfs here (needs root)"
+    try:
+        return _run_case(case, ws, folder)
+    finally:
+        if case.fault == "disk full":
+            subprocess.run(["umount", str(folder / "small")], capture_output=True)
+
+
+def _mount_small(path: Path) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _scratch_left(folder: Path) -> list[str]:
+    found = []
+    for p in folder.rglob("*"):
+        if "ws" in p.relative_to(folder).parts[:1]:
+            continue
+        if SCRATCH.fullmatch(p.name):
+            found.append(str(p.relative_to(folder)))
+    return found
+
+
+def _terminated(argv: list[str], folder: Path, when: str) -> tuple[int, str, bool]:
+    """Run ``hprune argv`` in a fresh process and SIGTERM it when a scratch entry matching ``when`` appears in
+    ``folder``."""
+    proc = subprocess.Popen([sys.executable, "-m", "diffusers_hprune", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    sent = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(re.fullmatch(when, Path(p).name) for p in _scratch_left(folder)):
+            proc.send_signal(signal.SIGTERM)
+            sent = True
+            break
+        time.sleep(0.002)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, err, sent
+
+
+def _run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     from diffusers_hprune.cli import main
 
     if case.setup:
@@ -114,6 +174,22 @@ def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     argv = case.argv(folder)
     err, out = io.StringIO(), io.StringIO()
     code, crashed = None, None
+    if case.fault == "sigterm":
+        code, text, sent = _terminated(argv, folder, case.signal_on)
+        if not sent:
+            return "not run", f"exit {code} before a scratch entry matching {case.signal_on!r} was seen"
+        left = _scratch_left(folder)
+        if "Traceback (most recent call last)" in text and code != 128 + signal.SIGTERM:
+            return "traceback", text.strip().splitlines()[-1][:160]
+        if left:
+            return "leftovers", ", ".join(left[:3])
+        half = [str(p.parent.relative_to(folder)) for p in folder.rglob("model_index.json")
+                if "ws" not in p.relative_to(folder).parts[:1] and not list(p.parent.glob("transformer/*.safetensors"))]
+        if half:
+            return "wrong", f"{half[0]} has model_index.json but no transformer weights"
+        if code not in (0, 128 + signal.SIGTERM):
+            return "wrong", f"exit {code} after SIGTERM"
+        return "handled", f"exit {code}, nothing left"
     if case.env:
         proc = subprocess.run([sys.executable, "-m", "diffusers_hprune", *argv], capture_output=True, text=True,
                               env={**os.environ, **case.env}, timeout=600)
@@ -138,6 +214,11 @@ def run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
         return "traceback", crashed[:160]
     if lost:
         return "files lost", ", ".join(lost[:3])
+    left = _scratch_left(folder)
+    if case.fault == "disk full" and (folder / "small").is_dir():
+        left += [str(p.relative_to(folder)) for p in (folder / "small").iterdir()]
+    if left:
+        return "leftovers", ", ".join(sorted(set(left))[:3])
     if case.expect == "error":
         if code == 0:
             return "wrong", "accepted (exit 0)"
@@ -668,6 +749,105 @@ def _untrusted_cases(add) -> None:
     add("distill", "`--mixed_precision fp16` on a machine without a GPU",
         lambda f: distill_args(W(f), f / "o", "--mixed_precision", "fp16"), phrase="needs a CUDA GPU")
 
+    # LoRAs that convert-lora cannot convert (a traceback each before).
+    for what, lora, phrase in [
+        ("a LoRA for a deeper model (block 12 of the 12-block toy)", {"blocks": [0, 12]}, "does not have"),
+        ("a LoRA whose block has no index", {"names": ["transformer_blocks.x.attn.to_q"]}, "does not have"),
+        ("adapter metadata that is not JSON", {"metadata": "{not json"}, "is not JSON"),
+        ("adapter metadata that is a JSON list", {"metadata": "[1, 2]"}, "is a JSON list"),
+        ("adapter metadata whose target_modules are not names", {"metadata": '{"target_modules": [1, null]}'},
+         "not all names"),
+        ("an SD3 text-modulation lora_B of 5 rows", {"rows": 5}, "6 chunks"),
+    ]:
+        rows = "rows" in lora  # the new last block's modulation is cut: an export without the original last block
+        add("convert-lora", what, "convert-lora {case}/lora.safetensors --to "
+            + ("{case}/stock" if rows else "{ws}/stock") + " --out {case}/l.safetensors",
+            setup=_chain((lambda spec: lambda f: _write_lora(f / "lora.safetensors", **spec))(lora),
+                         *([_stock_without_last_block] if rows else [])), phrase=phrase)
+    for what, damage in [("a 0-byte", b""), ("an oversized-header", (2**62).to_bytes(8, "little") + b"{}")]:
+        add("budget", f"{what} safetensors file in a copy of the toy", f"budget {pipe} --ratio 0.3",
+            setup=_teacher_copy((lambda d: lambda p: next((p / "vae").glob("*.safetensors")).write_bytes(d))(damage)),
+            phrase="is damaged")
+
+    # Outputs that are, or hold, an input (every command that writes a file or a folder).
+    add("plan", "`--out` the analysis it reads", "plan {case}/analysis.json --ratio 0.3 --out {case}/analysis.json",
+        setup=_copy("analysis.json"))
+    add("evaluate", "`--out` a file of the student folder",
+        "evaluate sd3 {case}/pruned --n 2 --no-cost --out {case}/pruned/model_index.json", setup=_copy("pruned"))
+    add("analyze", "`--out` a file of the model folder, `--overwrite`",
+        "analyze {case}/pruned --out {case}/pruned/model_index.json --overwrite", setup=_copy("pruned"))
+    add("convert-lora", "`--out` the LoRA it reads, `--overwrite`",
+        "convert-lora {case}/lora.safetensors --to {ws}/stock --out {case}/lora.safetensors --overwrite",
+        setup=lambda f: _write_lora(f / "lora.safetensors", blocks=[0, 1, 2, 3]))
+    add("compress", "`--out` holding the model it compresses",
+        "compress {case}/m/teacher --out {case}/m", setup=_copy("teacher", "m/teacher"))
+
+    def linked_out(f: Path) -> None:  # --out is a link to a folder of the user's
+        (f / "mine").mkdir()
+        (f / "mine" / "keep.txt").write_text("the user's\n")
+        (f / "out").symlink_to(f / "mine")
+
+    def link_replaced(f: Path) -> bool:
+        return (f / "mine" / "keep.txt").read_text() == "the user's\n" and (f / "out").is_dir() \
+            and not (f / "out").is_symlink() and (f / "out" / "model_index.json").is_file()
+    for command in ("quantize", "export"):
+        add(command, "`--out` a symbolic link to a folder of the user's, `--overwrite` (the link is replaced, "
+            "the folder it names untouched)", f"{command} {{ws}}/pruned --out {{case}}/out --overwrite",
+            expect="ok", setup=linked_out, check=link_replaced, writes=("out",))
+
+    # Faults: a full disk, SIGTERM while writing.
+    for command, argv in [("quantize", "quantize {ws}/pruned --out {case}/small/q"),
+                          ("export", "export {ws}/pruned --out {case}/small/x"),
+                          ("convert-lora", "convert-lora {case}/lora.safetensors --to {ws}/stock "
+                                           "--out {case}/small/l.safetensors")]:
+        add(command, "a full disk under --out", argv, fault="disk full", phrase="no space left on the device holding",
+            setup=(lambda f: _write_lora(f / "lora.safetensors", blocks=[0, 1, 2, 3], size=400_000))
+            if command == "convert-lora" else None)
+    add("distill", "a full disk under --output_dir", lambda f: distill_args(W(f), f / "small" / "o"),
+        fault="disk full", phrase="no space left on the device holding")
+    for command, argv in [("quantize", "quantize {ws}/pruned --out {case}/q"),
+                          ("export", "export {ws}/pruned --out {case}/x"),
+                          ("quantize", "quantize {ws}/pruned --out {case}/old --overwrite")]:
+        add(command, "SIGTERM while writing" + (" over an old output (--overwrite)" if "old" in argv else ""), argv,
+            fault="sigterm", expect="ok", setup=_copy("nf4", "old") if "old" in argv else None,
+            writes=("old", "q", "x"))
+    add("distill", "SIGTERM while writing a checkpoint or the final pipeline",
+        lambda f: distill_args(W(f), f / "o", "--max_train_steps", "2", "--checkpointing_steps", "1"),
+        fault="sigterm", expect="ok", writes=("o",), signal_on=r"\.checkpoint-2\.tmp|\.pipeline\..+")
+
+
+def _stock_without_last_block(folder: Path) -> None:
+    """``case/stock``: a stock export of the SD3 toy without its last block (its new last block is cut)."""
+    from diffusers_hprune import PrunePlan, toy
+    from diffusers_hprune.hub.export import export_folder
+    from diffusers_hprune.pipelines.pruned import prune_pipeline
+
+    pipe = toy.load_pipeline("sd3")
+    n = pipe.transformer.config.num_layers
+    prune_pipeline(pipe, PrunePlan(removed_blocks=[n - 1], family="sd3", num_blocks=n)).save_pretrained(folder / "p")
+    export_folder(folder / "p", folder / "stock", format="stock")
+
+
+def _write_lora(path: Path, *, blocks=(0,), names=(), metadata=None, rows=None, size=None) -> None:
+    """A LoRA for the SD3 toy in Diffusers' format: ``to_q`` adapters of ``blocks`` (and of the module ``names``),
+    ``metadata`` as its lora_adapter_metadata, ``rows``: block 10's text-modulation lora_B of that many rows; ``size``:
+    pad with an adapter of about that many bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    modules = [f"transformer_blocks.{i}.attn.to_q" for i in blocks] + list(names)
+    tensors = {}
+    for m in modules:
+        tensors[f"transformer.{m}.lora_A.weight"] = torch.zeros(4, 32)
+        tensors[f"transformer.{m}.lora_B.weight"] = torch.zeros(32, 4)
+    if rows:
+        tensors["transformer.transformer_blocks.10.norm1_context.linear.lora_B.weight"] = torch.zeros(rows, 4)
+        tensors["transformer.transformer_blocks.10.norm1_context.linear.lora_A.weight"] = torch.zeros(4, 32)
+    if size:
+        tensors["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"] = torch.zeros(size // 16, 4)
+        tensors["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": metadata} if metadata else None)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -717,10 +897,10 @@ def main() -> int:
         totals.update(c)
     rows.append(["**all**", sum(totals.values()), *(totals[o] for o in OUTCOMES)])
     table = markdown_table(["command", "inputs tried", *OUTCOMES], rows)
-    bad = [(c, o, d) for c, o, d in results if o not in ("clear error", "handled")]
+    bad = [(c, o, d) for c, o, d in results if o not in ("clear error", "handled", "not run")]
     body = (f"Each bad input or fault run as `hprune ...` on real files (the SD3 toy, its analysis and plans, a "
             f"finished distillation, pruned and NF4 folders), {time.perf_counter() - started:.0f} s in all. "
-            "Goal: no traceback, no wrong result, no file lost.\n\n" + table + "\n")
+            "Goal: no traceback, no wrong result, no file lost, nothing left behind by a fault.\n\n" + table + "\n")
     if bad:
         body += "\nNot yet right:\n\n" + "\n".join(f"- {c.command} {c.what}: {o} ({d})" for c, o, d in bad) + "\n"
     print()

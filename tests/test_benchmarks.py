@@ -165,6 +165,13 @@ def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
     assert outcome(lambda argv: 0, expect="ok", check=lambda f: False) == "wrong"
     assert outcome(refuse, expect="ok") == "wrong"
     assert outcome(delete) == "files lost"
+
+    def leave_scratch(argv):
+        (folder / ".out.host-1.ab_12.tmp").mkdir()
+        print("hprune x: error: no space left on the device holding out", file=sys.stderr)
+        return 2
+
+    assert outcome(leave_scratch) == "leftovers"  # a clear error, but its scratch stayed
     names = [(c.command, c.what) for c in bad.cases()]
     assert len(names) == len(set(names)) >= 100  # every case is told apart in the table
 
