@@ -122,3 +122,31 @@ def test_safetensors_disk_full_error_is_recognised(monkeypatch, tmp_path, capsys
     assert main(["quantize", str(toy.model_path("sd3")), "--out", str(out)]) == 2
     assert f"no space left on the device holding {out}" in capsys.readouterr().err
     assert _scratch(tmp_path) == [] and not out.exists()
+
+
+SWAP = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from diffusers_hprune.utils import fileio
+    from diffusers_hprune.utils.interrupts import raise_on_termination
+    raise_on_termination()
+    real = os.replace
+    def replace(a, b):  # SIGTERM arrives in the middle of the swap, after the old output moved away
+        real(a, b)
+        if str(b).endswith(".old"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    fileio.os.replace = replace
+    out = Path(sys.argv[1])
+    with fileio.atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+""")
+
+
+def test_sigterm_during_the_overwrite_swap_waits_and_leaves_the_new_output_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", SWAP, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # the swap finished before the signal acted
+    assert _scratch(tmp_path) == []  # and the old output it replaced is gone

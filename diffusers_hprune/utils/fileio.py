@@ -143,14 +143,16 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
                 old = path.with_name(f"{_scratch_prefix(path)}old")
                 os.replace(path, old)
             os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:  # what --overwrite replaced: a folder, or a file where the folder now is
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    finally:  # also when a signal held during the swap is raised as it ends
+        if os.path.lexists(tmp):  # the swap did not happen
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and os.path.lexists(old):
+            if not os.path.lexists(path):
+                os.replace(old, path)  # the new output did not arrive: the old one goes back
+            elif old.is_dir() and not old.is_symlink():  # what --overwrite replaced: a folder, or a file, or a link
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
