@@ -55,13 +55,20 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigterm_while_writing_removes_the_scratch_and_keeps_the_old_output(tmp_path):
+def _overwrite_in_a_child(script: str, tmp_path: Path) -> list[str]:
+    """Run ``script`` (which overwrites ``out``, an old output holding old.txt) in a child that gets SIGTERM; assert
+    it ended with exit 143, and return what ``out`` holds then."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert _scratch(tmp_path) == [] and sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_sigterm_while_writing_removes_the_scratch_and_keeps_the_old_output(tmp_path):
+    assert _overwrite_in_a_child(CHILD, tmp_path) == ["old.txt"]
+    assert _scratch(tmp_path) == []
 
 
 def test_a_signal_inside_uninterrupted_waits_for_the_block_to_end():
@@ -143,10 +150,5 @@ SWAP = textwrap.dedent("""
 
 
 def test_sigterm_during_the_overwrite_swap_waits_and_leaves_the_new_output_only(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    proc = subprocess.run([sys.executable, "-c", SWAP, str(out)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # the swap finished before the signal acted
+    assert _overwrite_in_a_child(SWAP, tmp_path) == ["new.txt"]  # the swap finished before the signal acted
     assert _scratch(tmp_path) == []  # and the old output it replaced is gone
