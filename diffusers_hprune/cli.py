@@ -92,11 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except HPruneError as e:
         print(f"hprune {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeError) as e:  # the net under the checks made where inputs enter
-        print(f"hprune {args.command}: error: {describe_os_error(e, _output_of(args))}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not disk_full(e):  # safetensors' SafetensorError for a full disk
+    except Exception as e:  # the net under the checks made where inputs enter (and safetensors' full-disk error)
+        if not (isinstance(e, (OSError, UnicodeError)) or disk_full(e)):
             raise
         print(f"hprune {args.command}: error: {describe_os_error(e, _output_of(args))}", file=sys.stderr)
         return 2
