@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from diffusers_hprune.compress.config import HPruneConfig
-from diffusers_hprune.compress.run import compress, holds_something_else
+from diffusers_hprune.compress.run import RUN_CONFIG, compress, holds_something_else
 
 DEMO_MODEL = "sd3"
 # Settings from the toy measurements (BENCHMARKS.md "toy-ablation-curve-sd3", "sgdistill-floor-sd3"): the HPP + PWP +
@@ -46,15 +46,19 @@ def run_demo(out_dir: str | os.PathLike = "hprune-demo", overrides: dict | None 
     """Run ``compress`` on the SD3 toy into ``out_dir`` with :data:`DEMO_CONFIG` (``overrides`` on top).
 
     A folder left by an earlier demo continues where it stopped (finished stages are skipped);
-    a folder holding anything else is refused unless ``overwrite``.
+    ``overwrite`` deletes it first. A folder holding anything else is refused, with or without ``overwrite``
+    (those are the user's files).
     """
 
     out = Path(out_dir)
-    if holds_something_else(out) and not overwrite:
-        raise DemoFolderError(f"{out} already exists and is not an hprune run folder; choose another --out, "
-                              "or pass --overwrite to replace it.")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if holds_something_else(out):
+        raise DemoFolderError(f"{out} already exists and is not an hprune run folder (no {RUN_CONFIG}); "
+                              + ("--overwrite replaces only a run folder, and would delete its files. " if overwrite
+                                 else "") + "Choose another --out, or move those files away first.")
+    if overwrite and out.is_symlink():
+        out.unlink()  # the link is replaced; the run folder it names is left as it is
+    elif overwrite and out.exists():
+        shutil.rmtree(out)  # an earlier run's folder
     config = replace(DEMO_CONFIG, **(overrides or {}))
     return compress(DEMO_MODEL, out, config, progress=progress, say=say)
 

@@ -64,6 +64,9 @@ def test_demo_refuses_a_folder_that_is_not_a_run_and_keeps_it(tmp_path, capsys):
     assert main(["demo", "--out", str(out)]) == 2
     assert "not an hprune run folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 2  # --overwrite deleted the folder before
+    assert "--overwrite replaces only a run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)

@@ -216,6 +216,13 @@ def test_export_refusals(exports, tmp_path):
     with pytest.raises(ExportError, match="is a folder that holds FOLDER"):  # --overwrite would delete the source
         export_folder(source, source.parent, overwrite=True)
     assert (source / "model_index.json").is_file()
+    mine = tmp_path / "mine"  # a folder of the user's, mistyped as --out: --overwrite must not delete it
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    with pytest.raises(ExportError, match="holds files that are not a pipeline folder .'thesis.tex'"):
+        export_folder(source, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    export_folder(source, export, overwrite=True)  # an earlier export (a pipeline folder) is replaced
     assert main(["export", str(source), "--out", str(tmp_path / "z"), "--stock"]) == 2
     assert not (tmp_path / "z").exists()
 

@@ -138,6 +138,12 @@ def test_bad_input(tmp_path, capsys):
     assert main(["quantize", str(first), "--out", str(tmp_path / "twice")]) == 2
     assert "already quantised" in capsys.readouterr().err
     assert sorted(p.name for p in first.rglob("*")) == before and not (tmp_path / "twice").exists()
+    mine = tmp_path / "mine"  # a folder of the user's, mistyped as --out: --overwrite must not delete it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["quantize", str(toy.model_path("sd3")), "--out", str(mine), "--overwrite"]) == 2
+    assert "holds files that are not a pipeline folder ('notes.txt')" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folder left
 
 

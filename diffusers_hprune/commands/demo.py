@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--ratio", type=ratio, help="fraction of the transformer's parameters to remove (default 0.3)")
     p.add_argument("--quantize", choices=["nf4", "none"], help="quantise the result (default nf4)")
     p.add_argument("--no-distill", action="store_true", help="skip distillation (HPP alone)")
-    p.add_argument("--overwrite", action="store_true", help="delete the output folder first and start over")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run's output folder first and start over (a folder holding anything else is refused)")
 
     add_config_flags(p, defaults=DEMO_CONFIG)
     p.set_defaults(func=run)

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--base-model", help="write a new model card into the export, naming this base model (Hub id)")
     p.add_argument("--repo-id", help="the repository the card's loading code names (default: OUT itself, where the "
                    "snippet then loads it from)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is a pipeline folder (an earlier output); a folder holding anything else is refused")
     p.set_defaults(func=run)
 
 

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                    "quantised on a CPU; on a CPU they compute in fp32)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="storage dtype of the transformer's parameters that stay unquantised (default bf16)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is a pipeline folder (an earlier output); a folder holding anything else is refused")
     p.set_defaults(func=run)
 
 
