@@ -120,6 +120,37 @@ def test_an_export_carries_no_code_and_no_foreign_auto_map(tmp_path):
     assert check_export(out) == out
 
 
+@pytest.mark.parametrize("fmt", ["stock", "remote"])
+def test_an_export_drops_the_transformers_foreign_auto_map(tmp_path, fmt):
+    """The transformer's config is rewritten by the export: an ``auto_map`` its author put there went along into a
+    stock export."""
+    source = tmp_path / "pruned"
+    plan = PrunePlan(removed_blocks=[3], family="flux", num_blocks=MIXED_PLANS["flux"].num_blocks)
+    prune_pipeline(tiny_pipeline("flux"), plan).save_pretrained(source)
+    config = json.loads((source / "transformer" / "config.json").read_text())
+    (source / "transformer" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.M"}}))
+    out = export_folder(source, tmp_path / "export", format=fmt)
+    written = json.loads((out / "transformer" / "config.json").read_text())
+    assert written.get("auto_map") == ({"AutoModel": "hprune_transformer." + config["_class_name"]} if fmt == "remote"
+                                       else None)
+    assert check_export(out) == out
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_a_truncated_weights_file_is_named_not_copied(tmp_path, capsys, component):
+    """Issue 32: `export --format remote` exited 0 on a truncated transformer file (copied as it was), and
+    `quantize` copied a truncated text encoder."""
+    source = _pruned(tmp_path)
+    weights = next((source / component).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for argv in (["export", source, "--format", "remote", "--out", tmp_path / "x"],
+                 ["quantize", source, "--out", tmp_path / "q"]):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert f"{weights} is damaged" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "q").exists()
+
+
 def test_push_refuses_an_export_that_holds_what_an_export_never_writes(tmp_path):
     source = _pruned(tmp_path)
     out = export_folder(source, tmp_path / "export", format="remote")

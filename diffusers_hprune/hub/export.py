@@ -36,6 +36,7 @@ from diffusers_hprune.hub.folders import (
     read_json,
 )
 from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
+from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_not_inside, check_replaceable
@@ -156,8 +157,10 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
         raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
                           "made from.")
     config, plan = folder_plan(folder)
+    config.pop("auto_map", None)  # its author's code; a remote export writes the project's own
     family = get_family(config)
     check_pipeline_family(index["_class_name"], config, folder)
+    check_pipeline_weights(folder)  # a truncated file is named, not copied into the export
     format = format or default_format(plan)
     if format not in FORMATS:
         raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from diffusers_hprune.hub.export import check_export, export_folder
 from diffusers_hprune.hub.folders import folder_format
-from diffusers_hprune.utils.checks import refuse_pickled
+from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.utils.errors import HPruneError
 
 #: Patterns (``fnmatch``, as ``upload_folder`` takes them) left out of the upload.
@@ -72,7 +72,7 @@ def check_pipeline_folder(folder: str | os.PathLike) -> Path:
     if not (folder / "model_index.json").is_file():
         raise PushError(f"{folder} is not a pipeline folder (no model_index.json); push the folder that "
                         "`hprune distill`, `hprune quantize`, `hprune compress` or `save_pretrained` wrote.")
-    refuse_pickled(folder / "transformer", "transformer weights")  # the export rewrites them: safetensors only
+    check_pipeline_weights(folder)  # safetensors only, none damaged: nothing broken is uploaded
     return folder
 
 

@@ -18,7 +18,7 @@ import torch
 
 from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import load_transformer_config
-from diffusers_hprune.loading import check_weight_files
+from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
@@ -72,7 +72,7 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     family = get_family(config)
     check_pipeline_family(index["_class_name"], config, source)
     pipeline_name = pruned_pipeline_name(index["_class_name"])
-    check_weight_files(source / "transformer", "transformer weights")  # pickles refused, damaged files named
+    check_pipeline_weights(source)  # pickles refused, damaged files named (the other components are copied as they are)
     transformer = pruned_class_for(family).from_pretrained(source / "transformer", dtype=dtype)
     transformer.to("cuda" if accelerator_available() else "cpu")
     quantized = quantize(transformer, skip_modules=skip_modules, compute_dtype=compute_dtype)
