@@ -2,9 +2,11 @@
 
 Each case runs ``hprune ...`` (in this process, or in a fresh one where the environment matters)
 in a workspace of real files: the toy pipelines, an analysis, plans, a finished distillation
-run, pruned and quantised folders. A case ends as
+run, pruned and quantised folders. Cases of the command ``library`` make the calls a Diffusers user
+makes instead (``save_pretrained(variant=...)``, ``load_lora_weights``). A case ends as
 
-- **clear error**: exit code 2 with one ``hprune CMD: error: ...`` (or argparse) message, no traceback;
+- **clear error**: exit code 2 with one ``hprune CMD: error: ...`` (or argparse) message, no traceback (for
+  a library call: one of the package's errors, ``HPruneError``, with its message);
 - **handled**: a valid input that the command accepted and got right (checked per case);
 - **traceback**: an exception escaped;
 - **wrong**: a bad input accepted (exit 0), or a valid one that gave a wrong result or was refused;
@@ -21,7 +23,7 @@ scratch left and no output that looks complete (a ``model_index.json``) without 
 
     python benchmarks/bad_inputs.py            # ~10 min on 2 CPU cores; rewrites its BENCHMARKS.md section
     python benchmarks/bad_inputs.py --list     # the cases, without running them
-    python benchmarks/bad_inputs.py -k distill # only cases whose command or text contains "distill"
+    python benchmarks/bad_inputs.py -k distill # only cases whose command or text contains "distill" (-k again: or)
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Case:
     env: dict = field(default_factory=dict)  # run in a fresh process with these variables
     fault: str | None = None  # "disk full" (the output on folder/small, a small tmpfs) or "sigterm"
     signal_on: str = ".*"  # sigterm: sent when a scratch entry whose name matches this appears
+    call: Callable[[Path], bool] | None = None  # a library call instead of `hprune argv`: its result is the check
 
 
 # -- the workspace: real inputs, built once ----------------------------------------------------------
@@ -171,9 +174,11 @@ def _run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     if case.setup:
         case.setup(folder)
     before = snapshot(ws), snapshot(folder)
-    argv = case.argv(folder)
+    argv = case.argv(folder) if case.argv else []
     err, out = io.StringIO(), io.StringIO()
     code, crashed = None, None
+    if case.call is not None:
+        return _run_call(case, ws, folder, before)
     if case.fault == "sigterm":
         code, text, sent = _terminated(argv, folder, case.signal_on)
         if not sent:
@@ -232,6 +237,34 @@ def _run_case(case: Case, ws: Path, folder: Path) -> tuple[str, str]:
     if case.check and not case.check(folder):
         return "wrong", "accepted, but the result is wrong"
     return "handled", "ok"
+
+
+def _run_call(case: Case, ws: Path, folder: Path, before: tuple[dict, dict]) -> tuple[str, str]:
+    """A library call as a Diffusers user makes it: the package's errors (``HPruneError``) are its clear errors,
+    anything else is a traceback; a call that returns gives its own check (True: right)."""
+    from diffusers_hprune.utils.errors import HPruneError
+
+    quiet = io.StringIO()
+    result, message = None, None
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            result = case.call(folder)
+    except HPruneError as e:
+        message = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - what a user would see as a traceback
+        return "traceback", f"{type(e).__name__}: {e}"[:160]
+    lost = _lost(before[0], snapshot(ws), ()) + _lost(before[1], snapshot(folder), case.writes)
+    if lost:
+        return "files lost", ", ".join(lost[:3])
+    if case.expect == "error":
+        if message is None:
+            return "wrong", "accepted"
+        if case.phrase is None or _norm(case.phrase) in _norm(message):
+            return "clear error", message[:200]
+        return "wrong", f"message {message[:160]!r} (wanted {case.phrase!r})"
+    if message is not None:
+        return "wrong", f"valid call refused: {message[:160]}"
+    return ("handled", "ok") if result else ("wrong", "accepted, but the result is wrong")
 
 
 def _norm(text: str) -> str:
@@ -337,7 +370,7 @@ def cases() -> list[Case]:
     out: list[Case] = []
 
     def add(command, what, argv, **kw):
-        out.append(Case(command, what, argv if callable(argv) else _fixed(argv), **kw))
+        out.append(Case(command, what, argv if argv is None or callable(argv) else _fixed(argv), **kw))
 
     # Numbers and spellings refused where they enter (argparse or the config), per command.
     numeric = {
@@ -647,6 +680,7 @@ def cases() -> list[Case]:
         setup=_copy("pruned"), phrase="inside")
     add("quantize", "a folder that is no pipeline", "quantize {ws}/cache --out {case}/q", phrase="pipeline")
     _untrusted_cases(add)
+    _issue_32_cases(add)
     return out
 
 
@@ -816,6 +850,201 @@ def _untrusted_cases(add) -> None:
         fault="sigterm", expect="ok", writes=("o",), signal_on=r"\.checkpoint-2\.tmp|\.pipeline\..+")
 
 
+def _issue_32_cases(add) -> None:
+    """The rest of issue 32's list: what push, an export, a changed text encoder, prompt separators, a mistyped
+    --overwrite and Diffusers-style library calls do with what a user or a download hands them."""
+    pipe = "{case}/home/repo/pipe"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}
+    traversal = _teacher_copy(_index_edit(lambda i: i.update({"../../.ssh": ["diffusers", "AutoencoderKL"]})))
+    link = _teacher_copy(lambda p: (p / "tokenizer" / "notes.txt").symlink_to(p.parent.parent / "token"))
+    add("push", "a model_index.json key `../../.ssh` (a path out of the folder)", f"push {pipe} --repo-id me/model",
+        setup=traversal, env=offline, phrase="is not a plain name")
+    add("push", "a symbolic link to a secret outside the folder", f"push {pipe} --repo-id me/model", setup=link,
+        env=offline, phrase="symbolic link")
+
+    def evil(folder: Path) -> None:  # a pruned folder whose author added code, and auto_map entries naming it
+        shutil.copytree(W(folder) / "blocks-pruned", folder / "evil")
+        for name in ("pipeline.py", "transformer/modeling.py", "tokenizer/evil.py"):
+            (folder / "evil" / name).write_text("import os\n")
+        for component in ("transformer", "text_encoder", "vae"):
+            config = folder / "evil" / component / "config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoModel": "evil.M"}}))
+
+    def clean(folder: Path) -> bool:
+        x = folder / "x"
+        return not list(x.rglob("*.py")) and not any("auto_map" in json.loads(c.read_text())
+                                                      for c in x.glob("*/config.json")) and (x / "model_index.json").is_file()
+    add("export", "a folder with an author's `.py` files and `auto_map` entries (the stock export has neither)",
+        "export {case}/evil --out {case}/x", setup=evil, expect="ok", writes=("x",), check=clean)
+    for fmt in ("remote", "stock"):
+        add("export", f"`--format {fmt}` of a folder with truncated transformer weights",
+            f"export {{case}}/blocks-pruned --format {fmt} --out {{case}}/x",
+            setup=_chain(_copy("blocks-pruned"), _truncate("blocks-pruned/transformer/diffusion_pytorch_model.safetensors")),
+            phrase="is damaged")
+    add("quantize", "a truncated text encoder (copied as it is before)", "quantize {case}/pruned --out {case}/q",
+        setup=_chain(_copy("pruned"), _truncate("pruned/text_encoder/model.safetensors")), phrase="is damaged")
+
+    # Fingerprints: a changed text encoder is other weights.
+    analyze_args = f"analyze {pipe} --n-prompts 2 --eval-steps 1 --out {{case}}/a.json"
+
+    def analysed_then_changed(folder: Path) -> None:
+        _teacher_copy()(folder)
+        _cli(_fixed(analyze_args)(folder))
+        _change_text_encoder(folder / "home/repo/pipe")
+    add("analyze", "the same analysis again after the text encoder changed (its entries were reused)", analyze_args,
+        setup=analysed_then_changed, phrase="components")
+
+    def distilled_then_changed(folder: Path) -> None:
+        _teacher_copy()(folder)
+        _cli(distill_args(W(folder), folder / "d1", "--max_train_steps", "1", teacher=folder / "home/repo/pipe",
+                          cache=folder / "cache"))
+        _change_text_encoder(folder / "home/repo/pipe")
+    add("distill", "a run after the text encoder changed (the teacher's training cache was reused)",
+        lambda f: distill_args(W(f), f / "d2", "--max_train_steps", "1", teacher=f / "home/repo/pipe", cache=f / "cache"),
+        setup=distilled_then_changed, expect="ok", writes=("d2", "cache"),
+        check=lambda f: len([p for p in (f / "cache").iterdir() if not p.name.startswith(".")]) == 2
+        and (f / "d2/model_index.json").is_file())
+
+    # Prompt files: a form feed or U+2028 inside a line is part of the prompt (it split one prompt into three).
+    for name, sep in (("a form feed", "\f"), ("U+2028", "\u2028")):
+        add("evaluate", f"{name} inside a prompt line (one prompt, not in the toy grammar)",
+            "evaluate sd3 --prompts {case}/p.txt --no-cost",
+            setup=(lambda c: lambda f: (f / "p.txt").write_text(f"a red circle{c}a blue square\n"))(sep),
+            phrase="not in the toy grammar")
+    for command, argv in (("analyze", "analyze sd3 --prompts {case}/long.txt --out {case}/a.json"),
+                          ("distill", None)):
+        add(command, "a 20,000-character prompt line",
+            argv or (lambda f: distill_args(W(f), f / "D", prompts=f / "long.txt")),
+            setup=lambda f: (f / "long.txt").write_text("a red circle " * 1600 + "\n"), phrase="characters, more than")
+    add("plan", "`/dev/zero` as the analysis", "plan /dev/zero --ratio 0.3 --out {case}/p.json",
+        phrase="not a regular file")
+    add("distill", "`/dev/zero` as `--prompts`", lambda f: distill_args(W(f), f / "D", prompts=Path("/dev/zero")),
+        phrase="not a regular file")
+    add("compress", "free-form prompts on a toy (a traceback after 6 minutes before)",
+        "compress sd3 --out {case}/c --prompts {case}/free.txt",
+        setup=lambda f: (f / "free.txt").write_text("a photo of a cat\na dog on a sofa\na bowl of fruit\n"),
+        phrase="not in the toy grammar")
+    for what, text, phrase in (("not JSON", "{not json", "is not valid JSON"),
+                               ("a JSON list", "[1, 2]", "is not a pipeline index"),
+                               ("a component that is not [library, class]", None, "must be [library, class]"),
+                               ("no `_class_name`", None, "has no pipeline class")):
+        def broken(pipe_dir: Path, text=text, what=what):
+            index = json.loads((pipe_dir / "model_index.json").read_text())
+            if what.startswith("a component"):
+                index["vae"] = "AutoencoderKL"
+            elif what.startswith("no "):
+                index.pop("_class_name")
+            (pipe_dir / "model_index.json").write_text(text if text is not None else json.dumps(index))
+        add("evaluate", f"a model_index.json that is {what}" if text else f"a model_index.json with {what}",
+            f"evaluate {pipe} --n 1 --no-cost", setup=_teacher_copy(broken), phrase=phrase)
+
+    # What inspect says of a folder.
+    add("inspect", "an NF4 folder (its own name, NF4 sizes)", "inspect {ws}/nf4", expect="ok",
+        check=lambda f: (f / ".stdout").read_text().startswith(f"{W(f) / 'nf4'}:") and "MB@nf4" in (f / ".stdout").read_text())
+    add("inspect", "a stock export (the original blocks, from its side file)", "inspect {ws}/stock", expect="ok",
+        check=lambda f: "(12 blocks): removes blocks" in (f / ".stdout").read_text())
+
+    # --overwrite on a folder of the user's (a mistyped --out): refused, nothing deleted.
+    for command, argv, phrase in (("quantize", "quantize {ws}/pruned --out {case}/U --overwrite", "holds files that are not"),
+                                  ("export", "export {ws}/blocks-pruned --out {case}/U --overwrite", "holds files that are not"),
+                                  ("demo", "demo --out {case}/U --overwrite", "not an hprune run folder")):
+        add(command, "`--overwrite` with an --out that holds the user's files (it was deleted)", argv,
+            setup=_user_files, phrase=phrase)
+    add("distill", "`--output_dir` that holds the teacher, `--overwrite`",
+        lambda f: distill_args(W(f), f / "m", "--overwrite", teacher=f / "m" / "teacher"),
+        setup=_copy("teacher", "m/teacher"), phrase="holds --teacher")
+
+    # Library calls, as a Diffusers user makes them.
+    add("library", "`save_pretrained(d)` then `.to(fp16).save_pretrained(d, variant='fp16')` (the fp32 weights were "
+        "overwritten)", None, expect="ok", writes=("p",), call=_saved_with_variant)
+    add("library", "`save_pretrained(d, max_shard_size='100KB')` (ignored by the pruned transformer)", None,
+        expect="ok", writes=("p",), call=_saved_in_shards)
+    for family in ("sd3", "flux"):
+        add("library", f"a base-model LoRA loaded into a {family} stock export (FLUX: silently onto renumbered blocks)",
+            None, call=(lambda fam: lambda f: _lora_into_stock_export(f, fam))(family), writes=("p", "stock"),
+            phrase="hprune convert-lora")
+
+
+def _cli(argv: list[str]) -> None:
+    from diffusers_hprune.cli import main
+
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        if main(argv) != 0:
+            raise SystemExit(f"a case's setup failed: hprune {' '.join(argv)}:\n{quiet.getvalue()}")
+
+
+def _change_text_encoder(pipe_dir: Path) -> None:
+    """Scale one tensor of the folder's first text encoder (as a fine-tuned encoder would differ)."""
+    from safetensors.torch import load_file, save_file
+
+    path = pipe_dir / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.5 + 0.01
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _pruned_toy():
+    from diffusers_hprune import PrunePlan, toy
+    from diffusers_hprune.pipelines.pruned import prune_pipeline
+
+    return prune_pipeline(toy.load_pipeline("sd3"), PrunePlan(removed_blocks=[9], family="sd3", num_blocks=12))
+
+
+def _first_dtype(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_slice(sorted(f.keys())[0]).get_dtype()
+
+
+def _saved_with_variant(folder: Path) -> bool:
+    import torch
+
+    pipe, d = _pruned_toy(), folder / "p"
+    pipe.save_pretrained(d)
+    pipe.to(torch.float16).save_pretrained(d, variant="fp16")
+    t = d / "transformer"
+    return (_first_dtype(t / "diffusion_pytorch_model.safetensors") == "F32"
+            and _first_dtype(t / "diffusion_pytorch_model.fp16.safetensors") == "F16")
+
+
+def _saved_in_shards(folder: Path) -> bool:
+    _pruned_toy().save_pretrained(folder / "p", max_shard_size="100KB")
+    t = folder / "p" / "transformer"
+    return (t / "diffusion_pytorch_model.safetensors.index.json").is_file() and len(list(t.glob("*.safetensors"))) > 1
+
+
+def _lora_into_stock_export(folder: Path, family: str) -> bool:
+    """Prune the toy's last block, export it stock, and load a LoRA made for the base model with an adapter in that
+    block: the guard must refuse it, naming `hprune convert-lora`."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from diffusers_hprune import PrunePlan, toy
+    from diffusers_hprune.hub.export import export_folder
+    from diffusers_hprune.pipelines.pruned import prune_pipeline
+
+    base = toy.load_pipeline(family)
+    config = base.transformer.config
+    single = family == "flux"
+    n = config.num_layers + (config.num_single_layers if single else 0)
+    prune_pipeline(base, PrunePlan(removed_blocks=[n - 1], family=family, num_blocks=n)).save_pretrained(folder / "p")
+    export_folder(folder / "p", folder / "stock", format="stock")
+    last = f"single_transformer_blocks.{config.num_single_layers - 1}" if single else f"transformer_blocks.{n - 1}"
+    dim = config.num_attention_heads * config.attention_head_dim
+    tensors = {}
+    for module in ("transformer_blocks.0.attn.to_q", f"{last}.attn.to_q"):
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.zeros(4, dim)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.zeros(dim, 4)
+    save_file(tensors, str(folder / "lora.safetensors"))
+    pipe = DiffusionPipeline.from_pretrained(folder / "stock")
+    pipe.load_lora_weights(str(folder / "lora.safetensors"))
+    return True
+
+
 def _stock_without_last_block(folder: Path) -> None:
     """``case/stock``: a stock export of the SD3 toy without its last block (its new last block is cut)."""
     from diffusers_hprune import PrunePlan, toy
@@ -852,12 +1081,13 @@ def _write_lora(path: Path, *, blocks=(0,), names=(), metadata=None, rows=None, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true", help="list the cases without running them")
-    parser.add_argument("-k", help="only cases whose command or description contains this")
+    parser.add_argument("-k", action="append", help="only cases whose command or description contains this (given "
+                        "several times: any of them)")
     parser.add_argument("--workspace", help="keep the workspace here (default: a temporary folder)")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args()
 
-    selected = [c for c in cases() if not args.k or args.k in c.command or args.k in c.what]
+    selected = [c for c in cases() if not args.k or any(k in c.command or k in c.what for k in args.k)]
     if args.list:
         for c in selected:
             print(f"{c.command:<10} {c.expect:<6} {c.what}")
