@@ -172,6 +172,25 @@ def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
         return 2
 
     assert outcome(leave_scratch) == "leftovers"  # a clear error, but its scratch stayed
+
+    from diffusers_hprune.utils.errors import HPruneError
+
+    def called(call, expect="error", phrase=None):  # a library call, as a Diffusers user makes it
+        return bad.run_case(bad.Case("library", "y", None, expect=expect, phrase=phrase, call=call), ws, folder)[0]
+
+    def refuses(f):
+        raise HPruneError("this LoRA needs `hprune convert-lora`")
+
+    def breaks(f):
+        raise RuntimeError("size mismatch")
+
+    assert called(refuses, phrase="hprune convert-lora") == "clear error"
+    assert called(refuses, phrase="something else") == "wrong"
+    assert called(breaks) == "traceback"  # not one of the package's errors: what a user sees as a traceback
+    assert called(lambda f: True) == "wrong"  # a bad input accepted
+    assert called(lambda f: True, expect="ok") == "handled"
+    assert called(lambda f: False, expect="ok") == "wrong"
+    assert called(refuses, expect="ok") == "wrong"
     names = [(c.command, c.what) for c in bad.cases()]
     assert len(names) == len(set(names)) >= 100  # every case is told apart in the table
 
