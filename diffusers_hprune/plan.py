@@ -148,10 +148,6 @@ class PrunePlan:
         removed = set(self.removed_blocks)
         return [i for i in range(self.num_blocks) if i not in removed]
 
-    def components_removed_from(self, index: int) -> list[str]:
-        """Component names removed from block ``index`` (empty for kept-whole and removed blocks)."""
-        return list(self.removed_components.get(index, []))
-
     def first_pruned_block(self) -> int | None:
         """The lowest block index touched by the plan, or ``None`` for an empty plan."""
         touched = set(self.removed_blocks) | set(self.removed_components)

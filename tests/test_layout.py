@@ -54,3 +54,20 @@ def test_no_module_of_the_package_imports_the_package_inside_a_function():
     """Imports of the project's own modules sit at module level (import-linter sees them and the layers order them);
     the only lazy loads are the PEP 562 ``__getattr__`` of the root package and of quantization, which use importlib."""
     assert [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _function_level_imports(path)] == []
+
+
+def test_every_public_name_of_the_package_root_resolves_to_its_definition():
+    """``from diffusers_hprune import analyze, make_plan, distill, DistillConfig, ...``: each name of ``__all__``
+    loads on first use from the module that defines it. (``compress`` is not among them yet: the sub-package of
+    that name would shadow the function once imported.)"""
+    import diffusers_hprune
+    from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.distillation.trainer import DistillConfig, distill
+    from diffusers_hprune.planning import make_plan
+
+    stages = {"analyze": analyze, "make_plan": make_plan, "distill": distill, "DistillConfig": DistillConfig}
+    assert set(stages) <= set(diffusers_hprune.__all__)
+    for name, value in stages.items():
+        assert getattr(diffusers_hprune, name) is value
+    for name in diffusers_hprune.__all__:
+        assert getattr(diffusers_hprune, name) is not None, name

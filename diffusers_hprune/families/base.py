@@ -50,10 +50,6 @@ class BlockSpec:
     context_pre_only: bool = False
     modulations: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    @property
-    def local_index(self) -> int:
-        return int(self.path.rsplit(".", 1)[1])
-
 
 class ModelFamily:
     """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
