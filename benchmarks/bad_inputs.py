@@ -885,7 +885,7 @@ def _issue_32_cases(add) -> None:
         setup=_chain(_copy("pruned"), _truncate("pruned/text_encoder/model.safetensors")), phrase="is damaged")
 
     # Fingerprints: a changed text encoder is other weights.
-    analyze_args = f"analyze {pipe} --n-prompts 2 --eval-steps 1 --out {{case}}/a.json"
+    analyze_args = f"analyze {pipe} --metric velocity --n-prompts 2 --steps 4 --eval-steps 1 --height 32 --width 32 --out {{case}}/a.json"
 
     def analysed_then_changed(folder: Path) -> None:
         _teacher_copy()(folder)
