@@ -9,7 +9,7 @@ import torch
 from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.families.sizes import format_bytes
 from diffusers_hprune.quantization.folder import quantize_pipeline
-from diffusers_hprune.utils.checks import check_output_folder
+from diffusers_hprune.utils.checks import check_not_inside, check_output_folder, check_replaceable
 
 
 def register(subparsers) -> None:
@@ -36,6 +36,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")  # before the transformer is loaded and quantised
+    if args.overwrite:  # replaces a pipeline folder (an earlier output), never the model or a folder of the user's
+        check_not_inside(args.out, args.model, "--out", "MODEL")
+        check_replaceable(args.out, "--out")
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     out = quantize_pipeline(args.model, args.out, skip_modules=args.skip_modules,
                             compute_dtype=dtypes[args.compute_dtype], dtype=dtypes[args.dtype],

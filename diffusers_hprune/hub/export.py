@@ -39,7 +39,7 @@ from diffusers_hprune.hub.remote_code import MODULE_NAME, modeling_source
 from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, stock_pipeline_name
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.checks import InputError, check_not_inside, check_replaceable
+from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.errors import CheckpointMismatchError
 from diffusers_hprune.utils.fileio import atomic_directory, atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
@@ -170,7 +170,6 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
         check_not_inside(out, folder, "--out", "FOLDER")  # nor around it: --overwrite would delete it
         if out.exists() and not overwrite:
             raise ExportError(f"{out} exists; choose another --out or pass --overwrite.")
-        check_replaceable(out, "--out")  # --overwrite replaces a pipeline folder, never the user's files
     except InputError as e:
         raise ExportError(str(e)) from None
     pipeline = stock_pipeline_name(index.get("_class_name", ""))

@@ -22,7 +22,7 @@ from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, pruned_pipeline_name
 from diffusers_hprune.quantization.nf4 import QuantizeError, quantize
-from diffusers_hprune.utils.checks import InputError, check_not_inside, check_replaceable, read_text_file
+from diffusers_hprune.utils.checks import InputError, check_not_inside, read_text_file
 from diffusers_hprune.utils.fileio import atomic_directory, copy_files, safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import accelerator_available
 from diffusers_hprune.utils.plain_loading import record_fp32_default
@@ -64,7 +64,6 @@ def quantize_pipeline(source: str | os.PathLike, output_dir: str | os.PathLike, 
     check_not_inside(output_dir, source, "--out", "MODEL")
     if output_dir.exists() and not overwrite:
         raise QuantizeError(f"{output_dir} exists; choose another --out or pass --overwrite.")
-    check_replaceable(output_dir, "--out")  # --overwrite replaces a pipeline folder, never the user's files
     index = _model_index(source)
     config = load_transformer_config(source)
     if config.get("quantization_config"):
