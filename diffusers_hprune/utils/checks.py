@@ -196,22 +196,21 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def check_replaceable(path: str | os.PathLike, flag: str = "--out", *, marker: str = "model_index.json",
-                      kind: str = "a pipeline folder") -> None:
-    """Before ``--overwrite`` replaces the folder ``path``: refuse one that holds files and is not ``kind`` (it has
-    no ``marker``), so a mistyped ``--out`` (a home folder, a project) never loses the user's files.
+def check_replaceable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Before ``--overwrite`` replaces the folder ``path``: refuse one that holds files and is no pipeline folder (no
+    ``model_index.json``), so a mistyped ``--out`` (a home folder, a project) never loses the user's files.
 
-    An empty folder or ``kind`` is replaced; a link is replaced as a link (the folder it names is kept).
+    An empty folder or a pipeline folder is replaced; a link is replaced as a link (the folder it names is kept).
     """
     path = Path(path)
-    if path.is_symlink() or not path.is_dir() or (path / marker).is_file():
+    if path.is_symlink() or not path.is_dir() or (path / "model_index.json").is_file():
         return
     entries = sorted(entry.name for entry in path.iterdir())
     if entries:
         shown = ", ".join(repr(name) for name in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise InputError(f"{flag} {path} holds files that are not {kind} ({shown}): --overwrite replaces only "
-                         f"{kind} (one with {marker}), and would delete them. Choose another {flag}, or move those "
-                         "files away first.")
+        raise InputError(f"{flag} {path} holds files that are not a pipeline folder ({shown}): --overwrite replaces "
+                         "only a pipeline folder (one with model_index.json), and would delete them. Choose another "
+                         f"{flag}, or move those files away first.")
 
 
 def check_apart(output: str | os.PathLike, output_flag: str, *others: tuple[str | os.PathLike | None, str]) -> None:
