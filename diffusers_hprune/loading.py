@@ -24,6 +24,7 @@ from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.pipelines.pruned import KNOWN_PIPELINES, check_pipeline_family
 from diffusers_hprune.profiles import generation_kwargs
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file, refuse_pickled
+from diffusers_hprune.utils.compat import execution_device
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.untrusted import check_model_index
 
@@ -174,7 +175,7 @@ def swapped_transformer(pipe, transformer):
 
 def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None):
     images = []
-    device = pipe._execution_device
+    device = execution_device(pipe)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device).manual_seed(s) for s in seeds[start : start + batch_size]]

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from torch.utils import _pytree as pytree
 
 from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks, loss_terms
 from diffusers_hprune.distillation.pwp import apply_pwp
@@ -24,6 +23,7 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.families.inventory import build_on_meta
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.compat import tree_leaves
 from diffusers_hprune.utils.live_memory import LiveTensorBytes, fused_attention_on_meta
 
 
@@ -75,7 +75,7 @@ def meta_inputs(model: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> d
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _nbytes(value) -> int:

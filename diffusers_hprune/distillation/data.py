@@ -32,6 +32,7 @@ from diffusers_hprune.contributions import components_fingerprint, fingerprint
 from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
+from diffusers_hprune.utils.compat import execution_device
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import with_user_mode
 
@@ -227,7 +228,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
         chunks = range(0, len(prompts), spec.batch_size)
         for start in tqdm(chunks, desc="teacher draws the training latents", disable=not progress):
             chunk = prompts[start : start + spec.batch_size]
-            gens = [torch.Generator(pipe._execution_device).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
+            gens = [torch.Generator(execution_device(pipe)).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
             out = pipe(chunk, generator=gens, output_type="latent", max_sequence_length=max_len, **generation).images
             height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
             width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from diffusers_hprune.plan import PrunePlan
+from diffusers_hprune.utils.compat import register_block_streams
 from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
 BLOCK = "block"
@@ -296,14 +297,7 @@ class ModelFamily:
         keeps this in a private registry (``diffusers.hooks._helpers``); without it, a hook stops
         with "Model class ... not registered". Called when a pruned model is built.
         """
-        try:
-            from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-        except ImportError:  # a Diffusers without the hooks: nothing to register with
-            return
-        for cls in self.pruned_block_classes():
-            if cls not in TransformerBlockRegistry._registry:
-                TransformerBlockRegistry.register(cls, TransformerBlockMetadata(return_hidden_states_index=1,
-                                                                                return_encoder_hidden_states_index=0))
+        register_block_streams(self.pruned_block_classes(), text_index=0, image_index=1)
 
     # -- LoRAs made for the unpruned model ---------------------------------------------------
     def sliced_layers(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, tuple[int, list[slice], int]]:

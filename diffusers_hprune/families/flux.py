@@ -22,6 +22,12 @@ from torch import nn
 
 from diffusers_hprune.families.base import BlockSpec, ModelFamily, gated, match_batch, plain_layer_norm
 from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.utils.compat import (
+    flux_latent_image_ids,
+    flux_pack_latents,
+    flux_unpack_latents,
+    mark_packed_rows,
+)
 
 _DOUBLE_SUBMODULES = {
     "attn": ("attn",),
@@ -72,7 +78,7 @@ class PrunedFluxSingleTransformerBlock(nn.Module):
             new = nn.Linear(columns.stop - columns.start, dim, bias=True, device="meta")
             new.weight = nn.Parameter(old.weight[:, columns].contiguous(), requires_grad=old.weight.requires_grad)
             new.bias = old.bias
-            new._tp_packed_row_blocks = [columns.stop - columns.start]
+            mark_packed_rows(new, [columns.stop - columns.start])
             self.proj_out = new
 
     def extra_repr(self) -> str:
@@ -177,11 +183,9 @@ class FluxFamily(ModelFamily):
     def denoiser_inputs(self, transformer, latents, sigmas, text, guidance_scale=None):
         # FLUX takes packed 2x2 latent patches with position ids, and the timestep in [0, 1]
         # (the model scales it by 1000); FLUX.1-dev also takes the distilled guidance scale.
-        from diffusers import FluxPipeline
-
         b, c, h, w = latents.shape
-        packed = FluxPipeline._pack_latents(latents, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        packed = flux_pack_latents(latents)
+        img_ids = flux_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
         embeds = text["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
@@ -192,15 +196,11 @@ class FluxFamily(ModelFamily):
                 "pooled_projections": text["pooled_projections"], "img_ids": img_ids, "txt_ids": txt_ids}
 
     def denoiser_output(self, output, latents):
-        from diffusers import FluxPipeline
-
         _, _, h, w = latents.shape
-        return FluxPipeline._unpack_latents(output, h, w, 1)  # height/width in latent pixels: scale factor 1
+        return flux_unpack_latents(output, h, w, 1)  # height/width in latent pixels: scale factor 1
 
     def pipeline_latents(self, pipe, latents, height, width):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return flux_unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
 FLUX = FluxFamily()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffusers_hprune.families.base import gated, match_batch, modulate, plain_layer_norm
+from diffusers_hprune.utils.compat import feed_forward_chunking
 
 
 class PrunedDualStreamBlock(nn.Module):
@@ -32,8 +33,7 @@ class PrunedDualStreamBlock(nn.Module):
         self.attn2 = None if "attn" in removed else getattr(block, "attn2", None)
         self.ff = None if "ff" in removed else block.ff
         self.ff_context = None if "ff_context" in removed else getattr(block, "ff_context", None)
-        self._chunk_size = getattr(block, "_chunk_size", None)
-        self._chunk_dim = getattr(block, "_chunk_dim", 0)
+        self._chunk_size, self._chunk_dim = feed_forward_chunking(block)
 
     def set_chunk_feed_forward(self, chunk_size: int | None, dim: int = 0) -> None:
         self._chunk_size = chunk_size
@@ -45,9 +45,12 @@ class PrunedDualStreamBlock(nn.Module):
     def _feed_forward(self, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._chunk_size is None:
             return ff(x)
-        from diffusers.models.attention import _chunked_feed_forward
-
-        return _chunked_feed_forward(ff, x, self._chunk_dim, self._chunk_size)
+        size = x.shape[self._chunk_dim]
+        if size % self._chunk_size:
+            raise ValueError(f"Feed-forward chunking: the dimension to chunk has {size} entries, not a multiple of the "
+                             f"chunk size {self._chunk_size}; give `set_chunk_feed_forward` a chunk size that divides it.")
+        chunks = x.chunk(size // self._chunk_size, dim=self._chunk_dim)
+        return torch.cat([ff(chunk) for chunk in chunks], dim=self._chunk_dim)
 
     def _forward(self, hidden_states, encoder_hidden_states, temb, attention_kwargs):
         encoder_hidden_states = match_batch(encoder_hidden_states, hidden_states)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from diffusers_hprune.families import get_family
+from diffusers_hprune.utils.compat import persistent_buffer
 from diffusers_hprune.utils.errors import UnsupportedModelError
 
 DTYPES = ("fp32", "bf16", "fp16", "nf4")
@@ -78,7 +79,7 @@ def _stored_tensors(model, skip_modules):
                                                                                                         skip_modules)
             yield p.numel(), quantizable, None
         for bname, b in module.named_buffers(recurse=False):
-            if b is None or bname in module._non_persistent_buffers_set:
+            if b is None or not persistent_buffer(module, bname):
                 continue
             yield b.numel(), False, None if b.is_floating_point() else b.element_size()
 

@@ -26,6 +26,7 @@ MODULE_NAME = "hprune_transformer"
 #: The package modules the pruned transformer classes need, each after the ones it imports.
 MODULES = (
     "diffusers_hprune.utils.errors",
+    "diffusers_hprune.utils.compat",
     "diffusers_hprune.utils.checks",
     "diffusers_hprune.utils.untrusted",
     "diffusers_hprune.utils.interrupts",
@@ -146,3 +147,4 @@ def modeling_source() -> str:
 
 
 __all__ = ["MODULES", "MODULE_NAME", "RemoteCodeError", "modeling_source"]
+

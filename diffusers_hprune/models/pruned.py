@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,12 @@ from diffusers_hprune.families import get_family
 from diffusers_hprune.families.base import refuse_adapters
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import refuse_pickled
+from diffusers_hprune.utils.compat import (
+    UNUSED_WEIGHTS_LOGGER,
+    UnusedWeightsNotice,
+    is_shape_mismatch,
+    shape_mismatches,
+)
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
 from diffusers_hprune.utils.fileio import safetensors_user_modes
 from diffusers_hprune.utils.nf4_cpu import (
@@ -39,37 +44,24 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def _shape_problems(message: str) -> str:
+def _shape_problems(error: BaseException) -> str:
     """The key and shapes named in one of Diffusers' shape-mismatch errors."""
-    found = re.findall(r"(\S+) expected shape (torch\.Size\(\[[^]]*\]\)), but got (torch\.Size\(\[[^]]*\]\))", message)
-    found = [f"{k} (file {got}, plan needs {want})" for k, want, got in found]
-    found += [
-        f"{k} (file {got}, plan needs {want})"
-        for k, got, want in re.findall(r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^]]*\]\)) from "
-                                       r"checkpoint, the shape in current model is (torch\.Size\(\[[^]]*\]\))", message)
-    ]
-    found = [f"{k.split(' (file')[0]} (the file marks it removed: a zero-size marker; the plan keeps it)"
-             if "(file torch.Size([0])," in k else k for k in found]
-    return "; ".join(found) or message
+    found = [f"{key} (the file marks it removed: a zero-size marker; the plan keeps it)" if file == "torch.Size([0])"
+             else f"{key} (file {file}, plan needs {want})" for key, file, want in shape_mismatches(error)]
+    return "; ".join(found) or str(error)
 
 
 _PRUNED_CLASSES: dict[str, type] = {}
 
 
-class _DropUnusedWeightsNotice(logging.Filter):
-    """Diffusers' "weights ... were not used" notice, which the removal markers would raise on every load.
+@contextlib.contextmanager
+def _markers_not_reported():
+    """Without Diffusers' "weights ... were not used" notice, which the removal markers would raise on every load.
 
     The pruned classes check unexpected keys themselves (and raise for any that is no marker).
     """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "were not used when initializing HierarchicalPruned" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _markers_not_reported():
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    notice = _DropUnusedWeightsNotice()
+    log = logging.getLogger(UNUSED_WEIGHTS_LOGGER)
+    notice = UnusedWeightsNotice("HierarchicalPruned")
     log.addFilter(notice)
     try:
         yield
@@ -77,13 +69,12 @@ def _markers_not_reported():
         log.removeFilter(notice)
 
 
-def _add_removal_markers(module, state_dict, prefix, local_metadata):
+def _add_removal_markers(module, state_dict, prefix, local_metadata) -> None:
     """State-dict hook: while ``save_pretrained`` runs, a zero-size tensor under each removed part's name."""
     if getattr(module, "_saving_markers", False) and prefix == "":
         dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
         for key in module.family.removal_markers(module.config, module.prune_plan):
             state_dict[key] = torch.empty(0, dtype=dtype)
-    return state_dict
 
 
 def pruned_class_for(family) -> type:
@@ -132,7 +123,7 @@ class HierarchicalPrunedMixin:
         family.apply_plan(self, plan)
         # Store the normalised plan, so the saved config.json says exactly what the weights hold.
         self.register_to_config(prune_plan=plan.to_dict())
-        self._register_state_dict_hook(_add_removal_markers)
+        self.register_state_dict_post_hook(_add_removal_markers)
 
     @_with_signature_of(ModelMixin.save_pretrained)
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -229,13 +220,11 @@ class HierarchicalPrunedMixin:
                     pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
                 )
         except (RuntimeError, ValueError) as e:
-            # Diffusers reports a shape mismatch as RuntimeError("size mismatch ...") or,
-            # when loading onto the meta device, ValueError("... expected shape ...").
-            if "size mismatch" not in str(e) and "expected shape" not in str(e):
+            if not is_shape_mismatch(e):
                 raise
             raise CheckpointMismatchError(
                 f"The weights at {pretrained_model_name_or_path} do not match the prune plan in its config.json: "
-                f"keys with other shapes: {_shape_problems(str(e))}. The config and the weights come from different "
+                f"keys with other shapes: {_shape_problems(e)}. The config and the weights come from different "
                 "models; save the pruned model again with `save_pretrained`, or restore the config.json that came "
                 "with these weights."
             ) from None

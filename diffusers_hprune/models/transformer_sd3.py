@@ -9,6 +9,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.cache_utils import CacheMixin
 
 from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
+from diffusers_hprune.utils.compat import cache_context_set
 from diffusers_hprune.utils.registration import register
 
 
@@ -76,22 +77,10 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
         around each transformer call and StableDiffusion3Pipeline does not (SD3 runs both
         classifier-free-guidance branches in one batch, so one context serves every call).
         """
-        if self.is_cache_enabled and not _cache_context_set(self):
+        if self.is_cache_enabled and not cache_context_set(self):
             with self.cache_context("cond"):
                 return super().forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
-
-
-def _cache_context_set(model) -> bool:
-    """Whether a cache context is set on any of ``model``'s stateful hooks (mirrors Diffusers' own setter)."""
-    from diffusers.hooks.hooks import HookRegistry, StateManager
-
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    for child in (registry, *registry._get_child_registries()):
-        for hook in child.hooks.values():
-            if any(isinstance(a, StateManager) and a._context is not None for a in vars(hook).values()):
-                return True
-    return False
 
 
 register(HierarchicalPrunedSD3Transformer2DModel)

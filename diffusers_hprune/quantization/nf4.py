@@ -24,6 +24,7 @@ import torch
 from diffusers_hprune.families import get_family
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.compat import quantize_in_place
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.nf4_cpu import (
     compute_in_fp32_on_cpu,
@@ -76,9 +77,7 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
         QuantizeError: the model is already quantised, or a skip-list name is not a module of it.
         UnsupportedModelError: not an SD3 or FLUX transformer.
     """
-    from accelerate.utils import set_module_tensor_to_device
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
-
 
     install_cpu_dequantize()
     family = get_family(transformer)
@@ -89,26 +88,10 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
     if not isinstance(transformer, pruned_class_for(family)):
         transformer = prune_transformer(transformer, family.empty_plan(transformer.config))
     device = next(transformer.parameters()).device
-    dtype = next(transformer.parameters()).dtype
     config = nf4_config(skip, compute_dtype)
     quantizer = BnB4BitDiffusersQuantizer(config, pre_quantized=False)
-    state = transformer.state_dict()
-    buffers = dict(transformer.named_buffers())
-    quantizer._process_model_before_weight_loading(transformer, device_map=None, keep_in_fp32_modules=[])
-    for name, value in state.items():
-        if quantizer.check_if_quantized_param(transformer, value, name, state):
-            quantizer.create_quantized_param(transformer, value, name, device, state)
-        else:
-            set_module_tensor_to_device(transformer, name, device, value=value)
-    for name, value in buffers.items():  # non-persistent buffers are not in the state dict
-        module_path, _, buffer_name = name.rpartition(".")
-        module = transformer.get_submodule(module_path) if module_path else transformer
-        if module._buffers.get(buffer_name) is not None and module._buffers[buffer_name].device.type == "meta":
-            module._buffers[buffer_name] = value
-    quantizer._process_model_after_weight_loading(transformer)
-    transformer.hf_quantizer = quantizer
+    quantize_in_place(quantizer, transformer, device)
     transformer.register_to_config(quantization_config=config)
-    transformer._pre_quantization_dtype = dtype
     keep_cpu_layout(transformer)
     if compute_dtype is None:
         compute_in_fp32_on_cpu(transformer)  # bf16 is recorded for the GPUs; here it computes as before

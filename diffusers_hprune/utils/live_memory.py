@@ -23,13 +23,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffusers_hprune.utils.compat import TorchDispatchMode, meta_flash_attention, storage_identity, tree_leaves
 
 
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity of the tensor's storage, valid on every device (the meta device included)."""
-    return tensor.untyped_storage()._cdata
+    return storage_identity(tensor)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -41,7 +41,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __init__(self, exclude: Iterable = ()):
         super().__init__()
-        self.known = {storage_key(t) for t in pytree.tree_leaves(list(exclude)) if isinstance(t, torch.Tensor)}
+        self.known = {storage_key(t) for t in tree_leaves(list(exclude)) if isinstance(t, torch.Tensor)}
         self.live: dict[int, list[int]] = {}  # storage key -> [bytes, tensors alive on it]
         self.current = self.peak = 0
 
@@ -59,16 +59,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in pytree.tree_leaves(out):
+        for tensor in tree_leaves(out):
             if not isinstance(tensor, torch.Tensor):
                 continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            if key in self.known or not storage.nbytes():
+            key, nbytes = storage_identity(tensor), tensor.untyped_storage().nbytes()
+            if key in self.known or not nbytes:
                 continue
             entry = self.live.get(key)
             if entry is None:
-                self.live[key] = entry = [storage.nbytes(), 0]
+                self.live[key] = entry = [nbytes, 0]
                 self.current += entry[0]
                 self.peak = max(self.peak, self.current)
             entry[1] += 1
@@ -87,8 +86,7 @@ def fused_attention_on_meta() -> Iterator[None]:
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if query.device.type == "meta" and attn_mask is None and not enable_gqa:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, scale=scale)[0]
+            return meta_flash_attention(query, key, value, dropout_p, is_causal, scale)
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
 

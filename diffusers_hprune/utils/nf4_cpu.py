@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from diffusers_hprune.utils.compat import bitsandbytes_generic_dequantize
 from diffusers_hprune.utils.live_memory import LiveTensorBytes
 
 _lock = threading.Lock()
@@ -129,15 +130,6 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     return out.view(*shape).to(dtype)
 
 
-def _bitsandbytes_generic():
-    """bitsandbytes' processor-independent 4-bit dequantisation, or None where this bitsandbytes lacks it."""
-    try:
-        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    except ImportError:
-        return None
-    return _dequantize_4bit_compute
-
-
 @functools.cache
 def _code_on(quant_type: str, device: str) -> torch.Tensor:
     return _code(quant_type).to(device)
@@ -158,7 +150,7 @@ def _cpu_kernel(generic):
 def cpu_dequantize(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
                    dtype: torch.dtype) -> torch.Tensor:
     """The computation :func:`install_cpu_dequantize` installs as the CPU kernel, callable directly (meta tensors too)."""
-    return _cpu_kernel(_bitsandbytes_generic())(A, absmax, blocksize, quant_type, shape, dtype)
+    return _cpu_kernel(bitsandbytes_generic_dequantize())(A, absmax, blocksize, quant_type, shape, dtype)
 
 
 def cpu_dequantize_bytes(shape: Sequence[int], quant_type: str = "nf4", blocksize: int = 64) -> int:
@@ -197,7 +189,7 @@ def install_cpu_dequantize() -> bool:
         try:
             with warnings.catch_warnings():  # torch says it overrides bitsandbytes' kernel: that is the point
                 warnings.simplefilter("ignore")
-                library.impl("dequantize_4bit", _cpu_kernel(_bitsandbytes_generic()), "CPU")
+                library.impl("dequantize_4bit", _cpu_kernel(bitsandbytes_generic_dequantize()), "CPU")
         except RuntimeError as e:
             warnings.warn(
                 f"diffusers-hprune could not replace bitsandbytes' CPU 4-bit dequantisation kernel ({e}). On a "
