@@ -159,123 +159,132 @@ def make_plan(
         alignment: block index -> dP of a text-image alignment score (``bk-sdm`` only;
             :meth:`ContributionReport.alignment_contributions`).
     """
+    _check_target(ratio, memory_bytes, weight_dtype)
+    chosen = get_strategy(strategy)
+    family = inventory.family
+    alpha = 0.0 if not chosen.position_weight else family.default_alpha if alpha is None else alpha
+    removal = _Removal(inventory, weight_dtype, ratio, memory_bytes)
+    if removal.done():
+        raise PlanError(f"The model already fits ({format_bytes(removal.total_bytes)} at {weight_dtype} <= budget); "
+                        "nothing to prune.")
+    stage_two = chosen.components and removal.target > r_thres
+    block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two, alignment))
+    blocks_only = ratio is not None and not stage_two  # a ratio met by whole blocks: the set nearest it
+    if blocks_only:
+        block_order = nearest_block_set(block_order, {b.spec.index: b.params for b in inventory.blocks},
+                                        removal.total, ratio, removal.n - 1)
+    removal.whole_blocks(block_order, limit=r_thres if stage_two else None, until_done=not blocks_only)
+    if stage_two and not removal.done():
+        removal.components(contributions, alpha)
+    removal.check_reached(blocks_only, strategy)
+    plan = PrunePlan(
+        removed_blocks=sorted(removal.blocks),
+        removed_components={i: sorted(c) for i, c in removal.parts.items() if c},
+        family=family.name,
+        num_blocks=removal.n,
+        metadata=dict(metadata or {}, strategy=strategy, alpha=alpha, r_thres=r_thres,
+                      target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
+                      target_fraction=round(removal.target, 6),
+                      achieved_ratio=round(removal.params / removal.total, 6)),
+    )
+    return PlanOutcome(plan, removal.params, removal.total, removal.total_bytes - removal.bytes, weight_dtype,
+                       removal.order)
+
+
+def _check_target(ratio: float | None, memory_bytes: int | None, weight_dtype: str) -> None:
     if (ratio is None) == (memory_bytes is None):
         raise PlanError("Give exactly one target: a ratio (--ratio) or a memory budget (--memory).")
     if ratio is not None and not 0 < ratio < 1:
         raise PlanError(f"The target ratio must lie in (0, 1), got {ratio}; e.g. 0.2 removes 20 % of the parameters.")
     if weight_dtype not in DTYPES:
         raise PlanError(f"Unknown weight dtype {weight_dtype!r}; choose one of {', '.join(DTYPES)}.")
-    chosen = get_strategy(strategy)
-    family = inventory.family
-    alpha = family.default_alpha if alpha is None else alpha
-    if not chosen.position_weight:
-        alpha = 0.0
-    n = len(inventory.blocks)
-    total = inventory.original_params
-    total_bytes = inventory.original_bytes[weight_dtype]
-    sizes = {b.spec.index: b.nbytes[weight_dtype] for b in inventory.blocks}
-    # What is removed so far: parameters and bytes (at weight_dtype) travel together.
-    removed_b = 0
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise PlanError(f"The memory budget must be positive, got {memory_bytes} bytes.")
 
-    if ratio is not None:
-        def done(removed: int) -> bool:
-            return removed / total >= ratio
 
-        target = ratio
-    else:
-        if memory_bytes <= 0:
-            raise PlanError(f"The memory budget must be positive, got {memory_bytes} bytes.")
+class _Removal:
+    """What a plan removes so far, in parameters and in bytes at the weight dtype, and whether the target is met."""
 
-        def done(removed: int) -> bool:
-            return total_bytes - removed_b <= memory_bytes
+    def __init__(self, inventory: TransformerInventory, weight_dtype: str, ratio: float | None,
+                 memory_bytes: int | None):
+        self.inventory, self.weight_dtype, self.ratio, self.memory_bytes = inventory, weight_dtype, ratio, memory_bytes
+        self.n = len(inventory.blocks)
+        self.total = inventory.original_params
+        self.total_bytes = inventory.original_bytes[weight_dtype]
+        self.sizes = {b.spec.index: b.nbytes[weight_dtype] for b in inventory.blocks}
+        self.params = self.bytes = 0
+        self.blocks: set[int] = set()
+        self.parts: dict[int, set[str]] = {}
+        self.order: list[tuple[int, str]] = []
+        if ratio is not None:
+            self.target = ratio
+        else:
+            self.target = 1 - memory_bytes / self.total_bytes
+            floor = self.total_bytes - sum(s[BLOCK] for s in self.sizes.values())
+            if memory_bytes < floor:
+                raise PlanError(
+                    f"No plan fits {format_bytes(memory_bytes)} at {weight_dtype}: the embeddings and output layers "
+                    f"alone take {format_bytes(floor)} and at least one block must stay; raise the budget or choose "
+                    "a smaller weight dtype (--weight-dtype nf4)."
+                )
 
-        target = 1 - memory_bytes / total_bytes
-        floor = total_bytes - sum(s[BLOCK] for s in sizes.values())
-        if memory_bytes < floor:
-            raise PlanError(
-                f"No plan fits {format_bytes(memory_bytes)} at {weight_dtype}: the embeddings and output layers "
-                f"alone take {format_bytes(floor)} and at least one block must stay; raise the budget or choose "
-                "a smaller weight dtype (--weight-dtype nf4)."
-            )
-    if done(0):
-        raise PlanError(
-            f"The model already fits ({format_bytes(total_bytes)} at {weight_dtype} <= budget); nothing to prune."
-        )
+    def done(self) -> bool:
+        if self.ratio is not None:
+            return self.params / self.total >= self.ratio
+        return self.total_bytes - self.bytes <= self.memory_bytes
 
-    stage_two = chosen.components and target > r_thres
-    block_order = chosen.rank_blocks(RankingInputs(contributions, inventory, similarity, alpha, stage_two, alignment))
-    blocks_only = ratio is not None and not stage_two  # a ratio met by whole blocks: the set nearest it
-    if blocks_only:
-        block_order = nearest_block_set(block_order, {b.spec.index: b.params for b in inventory.blocks}, total,
-                                        ratio, n - 1)
+    def _block_left(self, i: int) -> int:
+        b = self.inventory.blocks[i]
+        return b.params - sum(b.components[c] for c in self.parts.get(i, ()))
 
-    removed_blocks: set[int] = set()
-    removed_components: dict[int, set[str]] = {}
-    order: list[tuple[int, str]] = []
-    removed = 0
-    stage_one_limit = r_thres if stage_two else None
+    def whole_blocks(self, block_order: list[int], *, limit: float | None, until_done: bool) -> None:
+        """Stage one: whole blocks in ``block_order`` until the target (``until_done``), or until the next would
+        pass ``limit`` (a fraction of the parameters), never the last block."""
+        for i in block_order:
+            if (until_done and self.done()) or len(self.blocks) == self.n - 1:
+                break
+            size = self.inventory.blocks[i].params
+            if limit is not None and (self.params + size) / self.total > limit:
+                break
+            self.blocks.add(i)
+            self.order.append((i, BLOCK))
+            self.params += size
+            self.bytes += self.sizes[i][BLOCK]
 
-    def block_left(i: int) -> int:
-        b = inventory.blocks[i]
-        return b.params - sum(b.components[c] for c in removed_components.get(i, ()))
-
-    for i in block_order:
-        if (done(removed) and not blocks_only) or len(removed_blocks) == n - 1:
-            break
-        size = inventory.blocks[i].params
-        if stage_one_limit is not None and (removed + size) / total > stage_one_limit:
-            break
-        removed_blocks.add(i)
-        order.append((i, BLOCK))
-        removed += size
-        removed_b += sizes[i][BLOCK]
-
-    if not done(removed) and stage_one_limit is not None:
-        candidates = [
-            (i, c)
-            for i in range(n)
-            if i not in removed_blocks
-            for c in inventory.blocks[i].spec.components
-        ]
+    def components(self, contributions: Mapping[tuple[int, str], float], alpha: float) -> None:
+        """Stage two: components of the remaining blocks by prunability until the target."""
+        n, family = self.n, self.inventory.family
+        candidates = [(i, c) for i in range(n) if i not in self.blocks for c in self.inventory.blocks[i].spec.components]
         candidates.sort(key=lambda k: (-prunability(contributions[k], k[0], n, alpha), -k[0]))
         for i, c in candidates:
-            if done(removed):
+            if self.done():
                 break
-            if i in removed_blocks or c in removed_components.get(i, ()):
+            if i in self.blocks or c in self.parts.get(i, ()):
                 continue  # a whole block gone, or a modulation that went with its last reader
-            spec = inventory.blocks[i].spec
-            gone = removed_components.setdefault(i, set())
+            spec = self.inventory.blocks[i].spec
+            gone = self.parts.setdefault(i, set())
             if c in spec.branches and set(spec.branches) <= gone | {c}:
-                if len(removed_blocks) == n - 1:
+                if len(self.blocks) == n - 1:
                     continue  # never remove the last block
-                removed += block_left(i)
-                removed_b += sizes[i][BLOCK] - sum(sizes[i][g] for g in gone)
-                removed_blocks.add(i)
-                del removed_components[i]
-                order.append((i, BLOCK))
+                self.params += self._block_left(i)
+                self.bytes += self.sizes[i][BLOCK] - sum(self.sizes[i][g] for g in gone)
+                self.blocks.add(i)
+                del self.parts[i]
+                self.order.append((i, BLOCK))
                 continue
             # A modulation left without a reader goes with it (family.check_plan removes it too).
             for part in (c, *family.unread_modulations(spec, gone | {c})):
                 gone.add(part)
-                removed += inventory.blocks[i].components[part]
-                removed_b += sizes[i][part]
-                order.append((i, part))
+                self.params += self.inventory.blocks[i].components[part]
+                self.bytes += self.sizes[i][part]
+                self.order.append((i, part))
 
-    short = removed / total < ratio - BUDGET_TOLERANCE if blocks_only else not done(removed)
-    if short and (not blocks_only or len(removed_blocks) == n - 1):
-        what = f"{ratio:.0%} of the parameters" if ratio is not None else format_bytes(memory_bytes)
-        raise PlanError(
-            f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
-            f"{removed / total:.1%}); lower the target or choose the hierarchical strategy."
-        )
-    plan = PrunePlan(
-        removed_blocks=sorted(removed_blocks),
-        removed_components={i: sorted(c) for i, c in removed_components.items() if c},
-        family=family.name,
-        num_blocks=n,
-        metadata=dict(metadata or {}, strategy=strategy, alpha=alpha, r_thres=r_thres,
-                      target_ratio=ratio, memory_bytes=memory_bytes, weight_dtype=weight_dtype,
-                      target_fraction=round(target, 6), achieved_ratio=round(removed / total, 6)),
-    )
-    return PlanOutcome(plan, removed, total, total_bytes - removed_b, weight_dtype, order)
+    def check_reached(self, blocks_only: bool, strategy: str) -> None:
+        short = self.params / self.total < self.ratio - BUDGET_TOLERANCE if blocks_only else not self.done()
+        if short and (not blocks_only or len(self.blocks) == self.n - 1):
+            what = f"{self.ratio:.0%} of the parameters" if self.ratio is not None else format_bytes(self.memory_bytes)
+            raise PlanError(
+                f"Cannot reach {what} with strategy {strategy!r} without removing every block (reached "
+                f"{self.params / self.total:.1%}); lower the target or choose the hierarchical strategy."
+            )
 
