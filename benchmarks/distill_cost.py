@@ -7,8 +7,8 @@ cached training data for every mode. Each mode runs in a fresh process twice: on
 optimizer steps and once for 0 steps (the same set-up: teacher, student, LoRA wrapping, data). The
 peak resident memory (VmHWM) of the first minus that of the second is what training itself added:
 gradients, optimizer state and activations. Beside it, the computed gradients + optimizer state of
-the mode (diffusers_hprune.distillation.budget). Computed figures for SD3.5 Large Turbo and
-FLUX.1-schnell: ``benchmarks/distill_memory.py``.
+the mode, as ``hprune budget`` counts them (``diffusers_hprune.budget``). What every mode needs for
+SD3.5 Large Turbo and FLUX.1-schnell: ``hprune budget MODEL --ratio 0.3 [flags]``.
 
 ``--teacher_4bit`` needs CUDA (Diffusers' bitsandbytes loader) and is not measured on a CPU.
 """
@@ -66,7 +66,8 @@ def main(argv=None):
 
     from diffusers_hprune import toy
     from diffusers_hprune.analysis import analyze
-    from diffusers_hprune.distillation.budget import training_memory
+    from diffusers_hprune.budget import optimizer_state_bytes
+    from diffusers_hprune.budget.traces import Shapes, step_trace
     from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 
@@ -91,11 +92,12 @@ def main(argv=None):
         trained = run_child(dict(spec, max_train_steps=args.steps))
         if trained["steps"] != args.steps:
             raise SystemExit(f"{mode}: ran {trained['steps']} steps, not {args.steps}")
-        m = training_memory(config, plan, lora_rank=options.get("lora_rank", 0),
-                            adam_8bit=options.get("use_8bit_adam", False))
+        trainable = step_trace(config, plan, Shapes(batch=1, height=64, width=64, max_sequence_length=16),
+                               torch.float32, lora_rank=options.get("lora_rank", 0)).trainable
+        computed = 4 * trainable + optimizer_state_bytes(trainable, options.get("use_8bit_adam", False))
         extra = (trained["peak_kib"] - setup["peak_kib"]) / 1024
         speed = trained["steps"] / trained["seconds"]
-        measured[mode] = {"speed": speed, "extra": extra, "computed": (m.gradients + m.optimizer) / 2**20}
+        measured[mode] = {"speed": speed, "extra": extra, "computed": computed / 2**20}
         rows.append([mode, trained["trainable"], f"{speed:.2f}", f"{setup['peak_kib'] / 1024:.0f}",
                      f"{trained['peak_kib'] / 1024:.0f}", f"{extra:+.0f}", f"{measured[mode]['computed']:.1f}"])
         print(" | ".join(map(str, rows[-1])), flush=True)
@@ -112,7 +114,7 @@ def main(argv=None):
         f"The added memory of full weights + AdamW is {full['extra'] / full['computed']:.1f}x its computed gradients "
         "+ optimizer state: on this toy, activations and allocator slack are most of it, so the modes that shrink "
         "weights and optimizer state (LoRA, 8-bit AdamW, an NF4 teacher) show their effect on the real models, "
-        "where those are gigabytes (section 'Distillation memory per low-memory mode').",
+        "where those are gigabytes (`hprune budget`, README's 'Will it fit?').",
     ]
     bf16 = measured["full weights, AdamW, bf16 mixed precision"]
     notes.append(f"bf16 autocast runs at {bf16['speed'] / full['speed']:.2f}x the speed of fp32 on this CPU (not "

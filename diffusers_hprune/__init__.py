@@ -49,7 +49,7 @@ __version__ = "0.1.0.dev0"
 # public name -> the module that defines it, imported on first use
 _LAZY = {
     "DistillConfig": "diffusers_hprune.distillation.trainer",
-    "HPruneConfig": "diffusers_hprune.compress.config",
+    "HPruneConfig": "diffusers_hprune.compression.config",
     "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedFluxPipeline": "diffusers_hprune.pipelines",
@@ -59,6 +59,7 @@ _LAZY = {
     "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.models",
     "analyze": "diffusers_hprune.analysis",
+    "compress": "diffusers_hprune.compression",
     "distill": "diffusers_hprune.distillation.trainer",
     "inspect_transformer": "diffusers_hprune.families.inventory",
     "load_transformer_config": "diffusers_hprune.families.inventory",
@@ -68,9 +69,9 @@ _LAZY = {
     "quantize": "diffusers_hprune.quantization",
     "quantize_pipeline": "diffusers_hprune.quantization",
 }
-_SUBPACKAGES = ("analysis", "commands", "compress", "contributions", "demo", "distillation", "evaluation", "families",
-                "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "profiles", "pruning",
-                "quantization", "toy", "utils")
+_SUBPACKAGES = ("analysis", "budget", "commands", "compression", "contributions", "demo", "distillation", "evaluation",
+                "families", "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "profiles",
+                "pruning", "quantization", "toy", "utils")
 
 _register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
 # AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.
@@ -113,6 +114,7 @@ __all__ = [
     "PrunePlan",
     "UnsupportedModelError",
     "analyze",
+    "compress",
     "distill",
     "family_names",
     "get_family",

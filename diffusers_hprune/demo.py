@@ -14,8 +14,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from diffusers_hprune.compress.config import HPruneConfig
-from diffusers_hprune.compress.run import RUN_CONFIG, compress, holds_something_else
+from diffusers_hprune.compression.config import HPruneConfig
+from diffusers_hprune.compression.run import RUN_CONFIG, compress, holds_something_else
 
 DEMO_MODEL = "sd3"
 # Settings from the toy measurements (BENCHMARKS.md "toy-ablation-curve-sd3", "sgdistill-floor-sd3"): the HPP + PWP +

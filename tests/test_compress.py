@@ -12,7 +12,7 @@ import time
 import pytest
 
 from diffusers_hprune.cli import main
-from diffusers_hprune.compress.config import ConfigError, HPruneConfig
+from diffusers_hprune.compression.config import ConfigError, HPruneConfig
 
 SMALL = ["--metric", "velocity", "--analysis-prompts", "2", "--eval-steps", "2", "--train-prompts", "16",
          "--train-batch-size", "4",
@@ -113,7 +113,7 @@ def test_compress_continues_after_being_killed_during_distillation(tmp_path, cap
 
 
 def test_evaluation_prompts_are_never_training_prompts():
-    from diffusers_hprune.compress import CompressError, split_prompts
+    from diffusers_hprune.compression import CompressError, split_prompts
 
     prompts = [f"prompt {k}" for k in range(12)] + ["prompt 3"]  # a repeated line is one prompt
     train, held, source = split_prompts(prompts, None, 50)
@@ -133,7 +133,7 @@ def test_evaluation_prompts_are_never_training_prompts():
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
 def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path, monkeypatch):
     from diffusers_hprune import toy
-    from diffusers_hprune.compress import run
+    from diffusers_hprune.compression import run
 
     shared = []
     real_evaluate = run.evaluate_pipelines
@@ -163,3 +163,59 @@ def test_compress_with_a_prompt_file_evaluates_on_held_out_prompts(tmp_path, mon
     summary = json.loads((out / "summary.json").read_text())["prompts"]
     assert summary["evaluation"] == len(evaluated) and "held out of --prompts" in summary["evaluation_source"]
     assert shared == [True]
+
+
+def _another(value):
+    """A different value of an option's type (bools flip, numbers grow, None becomes a number, strings change)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if value is None:
+        return 3
+    if isinstance(value, list):
+        return [*value, "another"]
+    return f"{value}-another"
+
+
+def test_every_distillation_option_that_changes_the_result_keys_the_distillation_stage():
+    """compress redoes its distillation stage exactly when the trained weights could differ: every DistillConfig
+    option is classified, and each one that changes the result (not an input identified by content, nor
+    bookkeeping) changes the stage's key. A new option left unclassified fails here."""
+    from dataclasses import fields, replace
+
+    from diffusers_hprune.compression.run import distill_stage_inputs
+    from diffusers_hprune.distillation import trainer
+
+    groups = {"identity": trainer.IDENTITY_OPTIONS, "budget": trainer.BUDGET_OPTIONS, "data": trainer.DATA_OPTIONS,
+              "inputs": trainer.INPUT_OPTIONS, "bookkeeping": trainer.BOOKKEEPING_OPTIONS}
+    classified = [name for group in groups.values() for name in group]
+    assert sorted(classified) == sorted(f.name for f in fields(trainer.DistillConfig)), "classify every option once"
+    base = HPruneConfig().distill_config(teacher="sd3", plan="p.json", output_dir="out")
+    key = distill_stage_inputs(base, "plan-key", ["a red circle"])
+    for name in trainer.IDENTITY_OPTIONS + trainer.BUDGET_OPTIONS + trainer.DATA_OPTIONS:
+        changed = replace(base, **{name: _another(getattr(base, name))})
+        assert distill_stage_inputs(changed, "plan-key", ["a red circle"]) != key, name
+    for name in trainer.INPUT_OPTIONS + trainer.BOOKKEEPING_OPTIONS:  # identified by content, or no effect
+        changed = replace(base, **{name: _another(getattr(base, name))})
+        assert distill_stage_inputs(changed, "plan-key", ["a red circle"]) == key, name
+    assert distill_stage_inputs(base, "other-plan", ["a red circle"]) != key
+    assert distill_stage_inputs(base, "plan-key", ["a blue square"]) != key
+
+
+def test_the_run_config_gives_the_distillation_every_setting_it_shares():
+    from dataclasses import fields
+
+    from diffusers_hprune.distillation.trainer import DistillConfig
+
+    shared = {f.name for f in fields(HPruneConfig)} & {f.name for f in fields(DistillConfig)}
+    assert {"learning_rate", "max_train_steps", "lora_rank", "mixed_precision", "seed", "r_thres"} <= shared
+    config = HPruneConfig(learning_rate=3e-4, max_train_steps=7, max_train_minutes=2.0, train_batch_size=2,
+                          checkpointing_steps=3, pwp=False, sgdistill=False, lora_rank=4, gradient_checkpointing=True,
+                          mixed_precision="bf16", seed=5, r_thres=0.5)
+    distill = config.distill_config(teacher="sd3", plan="p.json", output_dir="out", checkpoints_total_limit=2)
+    for name in shared:
+        assert getattr(distill, name) == getattr(config, name), name
+    assert (distill.teacher, distill.plan, distill.output_dir, distill.checkpoints_total_limit) == (
+        "sd3", "p.json", "out", 2)
+    assert {getattr(config, n) for n in shared} != {getattr(HPruneConfig(), n) for n in shared}  # not the defaults

@@ -174,25 +174,26 @@ def test_training_steps_change_only_trainable_parameters(sd3_pipeline):
     assert losses[-1] < losses[0]
 
 
-def test_training_memory_matches_the_real_student(sd3_pipeline):
-    from diffusers_hprune.distillation.budget import training_memory
+def test_the_budgets_training_state_matches_the_real_student(sd3_pipeline):
+    """``hprune budget`` counts the distillation's trainable parameters, gradients and optimizer state on the meta
+    device; they are the real student's under PWP, with full weights and with LoRA adapters."""
+    from diffusers_hprune.budget import optimizer_state_bytes
+    from diffusers_hprune.budget.traces import Shapes, step_trace
 
     plan = PrunePlan(removed_blocks=[2], removed_components={3: ["ff"]}, family="sd3", num_blocks=4)
     config = dict(sd3_pipeline.transformer.config, _class_name="SD3Transformer2DModel")
     student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
     pwp = apply_pwp(student)
-    full = training_memory(config, plan)
-    assert full.trainable_params == pwp.trainable_params
-    buffers = sum(b.numel() for b in student.buffers())  # SD3's positional-embedding table, stored with the weights
-    assert buffers > 0
-    assert full.student_weights == 4 * (sum(p.numel() for p in student.parameters()) + buffers)
-    assert full.gradients == 4 * pwp.trainable_params and full.optimizer == 8 * pwp.trainable_params
-    assert full.teacher == 2 * (sum(p.numel() for p in sd3_pipeline.transformer.parameters()) + buffers)
-    lora = training_memory(config, plan, lora_rank=4, teacher_4bit=True, adam_8bit=True)
+    shapes = Shapes(batch=1, height=32, width=32, max_sequence_length=16)
+    full = step_trace(config, plan, shapes, torch.float32)
+    assert full.trainable == pwp.trainable_params > 0
+    assert optimizer_state_bytes(full.trainable) == 8 * pwp.trainable_params
+    assert optimizer_state_bytes(full.trainable, use_8bit_adam=True) == 2 * full.trainable + 8 * -(-full.trainable // 2048)
+    lora = step_trace(config, plan, shapes, torch.float32, lora_rank=4)
     linears = [m for path in pwp.trainable_modules for m in student.get_submodule(path).modules()
                if isinstance(m, torch.nn.Linear)]
-    assert lora.trainable_params == sum(4 * (m.in_features + m.out_features) for m in linears)
-    assert lora.teacher < full.teacher and lora.total < full.total
+    assert lora.trainable == sum(4 * (m.in_features + m.out_features) for m in linears)
+    assert lora.trainable < full.trainable and lora.gradients < full.gradients
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux-schnell", "flux-dev"])

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +252,14 @@ def _load_without_package(tmp_path, source, kind, env=None, commit=None):
     result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_the_committed_modeling_file_is_what_an_export_uploads():
+    """pipelines/hprune_transformer.py is the code a Hub user runs with trust_remote_code=True, readable in the
+    repository: it must be exactly what this version's export writes."""
+    committed = Path(__file__).resolve().parents[1] / "pipelines" / "hprune_transformer.py"
+    assert committed.read_text(encoding="utf-8") == modeling_source(), (
+        "pipelines/hprune_transformer.py is stale: run `python pipelines/generate.py` and commit the result")
 
 
 @pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])

@@ -14,7 +14,7 @@ from helpers import folder_state
 from diffusers_hprune import PlanError, PrunePlan, toy
 from diffusers_hprune.analysis import synthetic_report
 from diffusers_hprune.cli import main
-from diffusers_hprune.compress.config import ConfigError, HPruneConfig
+from diffusers_hprune.compression.config import ConfigError, HPruneConfig
 from diffusers_hprune.contributions import AnalysisError, ContributionReport
 from diffusers_hprune.distillation.data import DataError, read_prompts
 from diffusers_hprune.utils.checks import MAX_PROMPT_CHARS, MAX_TEXT_BYTES

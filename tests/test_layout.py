@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,17 +58,44 @@ def test_no_module_of_the_package_imports_the_package_inside_a_function():
 
 
 def test_every_public_name_of_the_package_root_resolves_to_its_definition():
-    """``from diffusers_hprune import analyze, make_plan, distill, DistillConfig, ...``: each name of ``__all__``
-    loads on first use from the module that defines it. (``compress`` is not among them yet: the sub-package of
-    that name would shadow the function once imported.)"""
+    """``from diffusers_hprune import analyze, make_plan, distill, DistillConfig, compress, ...``: each name of
+    ``__all__`` loads on first use from the module that defines it, and ``compress`` stays the function after its
+    sub-package (``diffusers_hprune.compression``) is imported."""
     import diffusers_hprune
     from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.compression.run import compress
     from diffusers_hprune.distillation.trainer import DistillConfig, distill
     from diffusers_hprune.planning import make_plan
 
-    stages = {"analyze": analyze, "make_plan": make_plan, "distill": distill, "DistillConfig": DistillConfig}
+    stages = {"analyze": analyze, "make_plan": make_plan, "distill": distill, "DistillConfig": DistillConfig,
+              "compress": compress}
     assert set(stages) <= set(diffusers_hprune.__all__)
     for name, value in stages.items():
         assert getattr(diffusers_hprune, name) is value
+    assert callable(diffusers_hprune.compress) and diffusers_hprune.compression.compress is compress
     for name in diffusers_hprune.__all__:
         assert getattr(diffusers_hprune, name) is not None, name
+
+
+def _modules_in_layout_doc() -> set[str]:
+    """The module files docs/layout.md's tree names: ``pkg/`` starts a package, ``  name.py`` lines belong to it."""
+    text = (PACKAGE.parent / "docs" / "layout.md").read_text(encoding="utf-8")
+    tree = text.split("```\n")[1]
+    named, package = set(), ""
+    for line in tree.splitlines():
+        if re.match(r"^[\w]+/\s", line + " "):
+            package = line.split("/")[0] + "/"
+        elif match := re.match(r"^  ([\w]+\.py)\s", line + " "):
+            named.add(package + match.group(1))
+        elif match := re.match(r"^([\w]+\.py)\s", line + " "):
+            package = ""
+            named.add(match.group(1))
+    return named
+
+
+def test_the_layout_doc_names_every_module_of_the_package():
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    modules = {m for m in modules if not m.endswith("/__init__.py")}  # a package's own line stands for it
+    named = _modules_in_layout_doc()
+    assert modules - named == set(), "modules docs/layout.md does not name"
+    assert named - modules == set(), "docs/layout.md names modules that do not exist"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from diffusers_hprune.analysis import analyze
-from diffusers_hprune.compress.run import STAMP, STARTED, _Stages
+from diffusers_hprune.compression.run import STAMP, STARTED, _Stages
 
 SMALL = dict(metric="velocity", n_prompts=2, eval_steps=1, progress=False)
 

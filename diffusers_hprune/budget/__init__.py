@@ -6,6 +6,14 @@ the transformer read from the pipeline folder or taken from the published models
 (:mod:`.components`). ``benchmarks/rehearsal.py`` checks the predictions against measured peaks.
 """
 
-from diffusers_hprune.budget.stages import CARDS_GIB, Budget, BudgetError, BudgetOptions, StageBudget, predict
+from diffusers_hprune.budget.stages import (
+    CARDS_GIB,
+    Budget,
+    BudgetError,
+    BudgetOptions,
+    StageBudget,
+    optimizer_state_bytes,
+    predict,
+)
 
-__all__ = ["CARDS_GIB", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict"]
+__all__ = ["CARDS_GIB", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "optimizer_state_bytes", "predict"]

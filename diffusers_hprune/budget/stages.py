@@ -331,6 +331,14 @@ def _analysis(ctx: _Context) -> StageBudget:
     return StageBudget("analysis", device, host, notes)
 
 
+def optimizer_state_bytes(trainable: int, use_8bit_adam: bool = False) -> int:
+    """AdamW's state for ``trainable`` parameters: two fp32 moments, or bitsandbytes' two 8-bit moments plus one
+    fp32 scale per block of 2048 values for each."""
+    if use_8bit_adam:
+        return 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)
+    return 8 * trainable
+
+
 def _distillation(ctx: _Context) -> StageBudget:
     o = ctx.options
     w = _MIXED[o.mixed_precision] if o.device == "cuda" else torch.float32
@@ -349,13 +357,10 @@ def _distillation(ctx: _Context) -> StageBudget:
         student = {f"student ({wname} kept weights)": base, "student (fp32 trainable copies)": 4 * trainable}
     else:
         student = {"student (fp32 trainable copies; the rest shares the teacher's)": 4 * trainable}
-    if o.use_8bit_adam:
-        optimizer = {"optimizer state (8-bit AdamW)": 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)}
-        temporaries = 0
-    else:
-        optimizer = {"optimizer state (AdamW, 2 x fp32)": 8 * trainable}
-        # foreach AdamW on CUDA: one fp32 temporary per parameter group; the CPU loop: two of the largest tensor
-        temporaries = 4 * step.largest_group if o.device == "cuda" else 8 * step.largest_param
+    optimizer = {"optimizer state (8-bit AdamW)" if o.use_8bit_adam else "optimizer state (AdamW, 2 x fp32)":
+                 optimizer_state_bytes(trainable, o.use_8bit_adam)}
+    # foreach AdamW on CUDA: one fp32 temporary per parameter group; the CPU loop: two of the largest tensor
+    temporaries = 0 if o.use_8bit_adam else 4 * step.largest_group if o.device == "cuda" else 8 * step.largest_param
     step_peak = step.peak
     if nb == 2:  # fp32 gradients of the fp32 trainable copies, and autocast's 16-bit copies of them
         step_peak += (4 - nb) * trainable + nb * trainable
@@ -459,4 +464,5 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
     return out
 
 
-__all__ = ["CARDS_GIB", "STAGES", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "predict"]
+__all__ = ["CARDS_GIB", "STAGES", "Budget", "BudgetError", "BudgetOptions", "StageBudget", "optimizer_state_bytes",
+           "predict"]

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes, ratio
-from diffusers_hprune.compress.config import HPruneConfig
-from diffusers_hprune.compress.run import compress
+from diffusers_hprune.compression.config import HPruneConfig
+from diffusers_hprune.compression.run import compress
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.hub.push import check_repo_id
 from diffusers_hprune.utils.checks import check_apart, check_output_folder

@@ -11,7 +11,7 @@ import argparse
 import re
 from dataclasses import MISSING, fields
 
-from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.utils.checks import (
     boolean,
     finite_float,

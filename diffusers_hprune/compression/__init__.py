@@ -4,8 +4,8 @@
 :mod:`.run` chains the stages and makes the run resumable.
 """
 
-from diffusers_hprune.compress.config import ConfigError, HPruneConfig
-from diffusers_hprune.compress.run import (
+from diffusers_hprune.compression.config import ConfigError, HPruneConfig
+from diffusers_hprune.compression.run import (
     RUN_CONFIG,
     CompressError,
     compress,

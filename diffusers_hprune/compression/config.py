@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from diffusers_hprune.distillation.trainer import DistillConfig
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names
@@ -107,6 +108,14 @@ class HPruneConfig:
         _number("learning_rate", self.learning_rate, minimum=0, exclusive_minimum=True)
         if self.max_train_minutes is not None:
             _number("max_train_minutes", self.max_train_minutes, minimum=0, exclusive_minimum=True)
+
+    def distill_config(self, **options: Any) -> DistillConfig:
+        """The distillation this run's settings describe: every :class:`DistillConfig` option that this config also
+        has (the same name means the same setting), then ``options`` (the paths: teacher, plan, analysis, output_dir,
+        prompts, cache_dir; and what the run decides itself)."""
+        own = {f.name for f in fields(self)}
+        shared = {f.name: getattr(self, f.name) for f in fields(DistillConfig) if f.name in own}
+        return DistillConfig(**{**shared, **options})
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}

@@ -17,12 +17,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
-from diffusers_hprune.compress.config import HPruneConfig
+from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.distillation import trainer
 from diffusers_hprune.distillation.data import held_out_prompts
@@ -195,26 +196,20 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     final, key = stages.run(3, "pruned", {"plan": k2}, do_prune)
 
     if config.distill:
-        distill_settings = {k: getattr(config, k) for k in (
-            "train_prompts", "max_train_steps", "max_train_minutes", "learning_rate", "train_batch_size", "pwp",
-            "sgdistill", "lora_rank", "gradient_checkpointing", "mixed_precision", "seed", "r_thres")}
+        prompt_file = out / "train_prompts.txt"
+        distillation = config.distill_config(
+            teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), prompts=str(prompt_file),
+            cache_dir=str(out / "data-cache"), output_dir=str(out / "4-distilled"), checkpoints_total_limit=2,
+            resume_from_checkpoint="latest", progress=progress)
 
         def do_distill(folder: Path) -> None:
-            prompt_file = out / "train_prompts.txt"
             prompt_file.write_text("\n".join(train_prompts) + "\n", encoding="utf-8")
             teacher.release()  # distill loads its own teacher: never two copies in memory
-            trainer.distill(DistillConfig(  # through the module: whatever trainer.distill is when the stage runs
-                teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), output_dir=str(folder),
-                prompts=str(prompt_file), cache_dir=str(out / "data-cache"), max_train_steps=config.max_train_steps,
-                max_train_minutes=config.max_train_minutes, learning_rate=config.learning_rate,
-                train_batch_size=config.train_batch_size, checkpointing_steps=config.checkpointing_steps,
-                checkpoints_total_limit=2, pwp=config.pwp, sgdistill=config.sgdistill, lora_rank=config.lora_rank,
-                gradient_checkpointing=config.gradient_checkpointing, mixed_precision=config.mixed_precision,
-                seed=config.seed, r_thres=config.r_thres, resume_from_checkpoint="latest", progress=progress,
-            ))
+            # through the module: whatever trainer.distill is when the stage runs
+            trainer.distill(replace(distillation, output_dir=str(folder)))
 
-        final, key = stages.run(4, "distilled", {"plan": k2, "prompts": _digest(train_prompts), **distill_settings},
-                                do_distill, keep_partial=True)
+        final, key = stages.run(4, "distilled", distill_stage_inputs(distillation, k2, train_prompts), do_distill,
+                                keep_partial=True)
 
     if config.quantize:
         source = final
@@ -251,6 +246,12 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     atomic_write_json(out / "summary.json", summary)
     say(format_summary(summary))
     return summary
+
+
+def distill_stage_inputs(distillation: DistillConfig, plan_key: str, train_prompts: list[str]) -> dict[str, Any]:
+    """What the distillation stage's result depends on: the plan stage's key (which covers the teacher and the
+    analysis), the training prompts' contents and every option that changes the trained weights."""
+    return {"plan": plan_key, "prompts": _digest(train_prompts), **distillation.result_settings()}
 
 
 def split_prompts(prompts: list[str] | None, eval_prompts: list[str] | None, n_eval: int, *,

@@ -69,6 +69,7 @@ from diffusers_hprune.utils.checks import (
     check_number,
     check_output_folder,
 )
+from diffusers_hprune.utils.compat import forget_other_precision
 from diffusers_hprune.utils.distributed import (
     DRAW_SECONDS_PER_STEP,
     PRECISIONS,
@@ -156,6 +157,12 @@ class DistillConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def result_settings(self) -> dict[str, Any]:
+        """The options that change the trained weights, by value (:data:`IDENTITY_OPTIONS`, :data:`BUDGET_OPTIONS`,
+        :data:`DATA_OPTIONS`): what a stage running this distillation keys its result by, beside its inputs'
+        contents (:data:`INPUT_OPTIONS`). :data:`BOOKKEEPING_OPTIONS` change nothing the run produces."""
+        return {name: getattr(self, name) for name in IDENTITY_OPTIONS + BUDGET_OPTIONS + DATA_OPTIONS}
+
     def check(self) -> None:
         """Refuse values no run can use, before anything is loaded: a DistillError naming the option and its bounds.
 
@@ -230,6 +237,17 @@ IDENTITY_OPTIONS = (
     "sensitivity_floor", "sensitivity_eps", "binary_freeze", "r_thres", "lora_rank", "lora_alpha", "mixed_precision",
     "teacher_4bit",
 )
+#: Options that change the result but not what a checkpoint must share: the step budget (extending a run is legitimate).
+BUDGET_OPTIONS = ("max_train_steps", "max_train_minutes")
+#: Options that choose the training data by value (the data itself is identified by content: ``data.data_identity``).
+DATA_OPTIONS = ("image_column", "caption_column", "resolution", "teacher_steps", "guidance_scale", "max_samples")
+#: Inputs named by path or Hub id: identified by what they hold (weights, plan, analysis, data), never by the name.
+INPUT_OPTIONS = ("teacher", "plan", "analysis", "prompts", "train_data_dir", "dataset_name", "dataset_config_name",
+                 "data_files")
+#: Options that leave the trained weights as they are: where the run goes, memory, checkpoints, drawings, logs.
+BOOKKEEPING_OPTIONS = ("output_dir", "cache_dir", "gradient_checkpointing", "checkpointing_steps",
+                       "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps", "validation_prompts",
+                       "report_to", "process_timeout_minutes", "overwrite", "progress")
 #: What ``hprune compress`` keeps in the stage folder it gives as OUTPUT_DIR (its stage bookkeeping): a folder holding
 #: only these is an empty one.
 STAGE_FILES = ("hprune_stage.json", "hprune_stage_started.json")
@@ -656,7 +674,7 @@ def _accelerator(config: DistillConfig, output_dir: Path, timeout):
     if precision == "fp16" and not torch.cuda.is_available():  # Accelerate raises a bare ValueError for it
         raise DistillError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast with its gradient scaler); on this "
                            "machine without one use --mixed_precision bf16 or no (or change the launch config).")
-    _forget_other_precision(precision)
+    forget_other_precision(precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -746,19 +764,6 @@ def _sample_count(spec: DataSpec) -> int:
     else:
         count = UNKNOWN_DATASET_SAMPLES
     return min(count, spec.max_samples) if spec.max_samples else count
-
-
-def _forget_other_precision(mixed_precision: str) -> None:
-    """An earlier run in this process (a second ``distill`` call, say in a notebook) with another precision: forget it.
-
-    Accelerate keeps the precision process-wide and refuses another one ("restart your runtime");
-    the process group (``PartialState``) stays.
-    """
-    from accelerate.state import AcceleratorState
-
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _checked_data_spec(config: DistillConfig):
