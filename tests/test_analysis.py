@@ -285,10 +285,10 @@ def test_a_block_output_cache_above_its_bound_is_refused_before_it_is_built(sd3_
 def test_only_the_evaluated_steps_inputs_are_kept_and_where_the_cache_lives(sd3_pipeline, monkeypatch):
     """The drawing records the transformer's inputs at the evaluated steps only (before: every step's, on the GPU for
     the whole run), copied to the cache's device; the entries are what they were."""
-    from diffusers_hprune.analysis import runner
+    from diffusers_hprune.analysis import measurement
 
     kept = []
-    original = runner.record_transformer_calls
+    original = measurement.record_transformer_calls
 
     def spying(*args, **kwargs):
         context = original(*args, **kwargs)
@@ -303,7 +303,7 @@ def test_only_the_evaluated_steps_inputs_are_kept_and_where_the_cache_lives(sd3_
 
         return Spy()
 
-    monkeypatch.setattr(runner, "record_transformer_calls", spying)
+    monkeypatch.setattr(measurement, "record_transformer_calls", spying)
     on_cpu = analyze(sd3_pipeline, cache_device="cpu", **SMALL)
     calls, device = kept[-1]
     steps, batches = SMALL["num_inference_steps"], 1  # 2 prompts in one batch

@@ -37,30 +37,20 @@ from typing import Any
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.analysis.ablation import (
-    BlockCache,
-    BlockCounter,
-    entry_plan,
-    naive_outputs,
-    normalised_error,
-    record_transformer_calls,
-    served_calls,
-)
+from diffusers_hprune.analysis.ablation import BlockCounter
+from diffusers_hprune.analysis.measurement import Measurement, base_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.families import BLOCK, get_family
 from diffusers_hprune.families.inventory import load_transformer_config
-from diffusers_hprune.loading import generate, generation_settings, is_toy, load_pipeline, swapped_transformer
+from diffusers_hprune.loading import generation_settings, is_toy, load_pipeline
 from diffusers_hprune.metrics import (
     ALIGNMENT_METRICS,
     DEFAULT_METRIC,
-    OUTPUT,
-    REFERENCE,
     canonical_name,
     get_metric,
     metric_names,
 )
 from diffusers_hprune.profiles import identify
-from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.distributed import DRAW_SECONDS_PER_STEP, lone_work_timeout, process_state
 from diffusers_hprune.utils.errors import HPruneError
 
@@ -249,56 +239,105 @@ def analyze(
     if dtype is None:
         dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
     pipe, model_name = load_pipeline(model, state.device, dtype)
-    transformer = pipe.transformer
-    family = get_family(transformer)
+    _refuse_pruned(pipe.transformer, model_name)
+    alignment_metric, align_scorer = _alignment_scorer(alignment_metric, alignment_options, is_toy(pipe))
+    prompts = _calibration_prompts(prompts, n_prompts, seed, is_toy(pipe))
+    gen_kwargs = generation_settings(pipe, num_inference_steps, height, width, guidance_scale)
+    report = _new_report(pipe, model_name, {"name": metric, "options": dict(metric_options or {})}, prompts, seed,
+                         gen_kwargs, eval_step_indices(gen_kwargs["num_inference_steps"], eval_steps), batch_size,
+                         dtype, pairs)
+    if alignment_metric is not None:
+        report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
+                            "baseline_score": None, "blocks": {}}
+    out = Path(out) if out is not None else None
+    _resume(report, out, overwrite, state)
+    reused = len(report.entries)
+    mine = _entries_to_measure(report)[state.process_index :: state.num_processes]
+    part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
+    counter = BlockCounter()
+    started = time.perf_counter()
+    need_similarity = len(report.similarity) < report.num_blocks
+    need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
+    cache_bytes = 0
+    if mine or report.baseline_score is None or need_similarity or need_alignment_base:
+        measurement = Measurement(pipe, report, metric_def, scorer, align_scorer, method, batch_size, counter)
+        measurement.draw_full_model(cache_device, max_cache_bytes)
+        cache_bytes = measurement.cache.nbytes
+        bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))
+        for key in bar:
+            measurement.record(key)
+            bar.set_postfix_str(f"block {key[0]} {key[1]}")
+            if part is not None:
+                report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+                report.save(part)
+    if metric_def.alignment and not report.alignment:  # the main metric is an alignment score: bk-sdm ranks by it
+        report.alignment = {"metric": dict(report.metric), "baseline_score": report.baseline_score,
+                            "blocks": {i: dict(v) for (i, c), v in report.entries.items() if c == BLOCK}}
+    report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
+                  "cache_bytes": cache_bytes, "computed_entries": len(mine), "block_evaluations": counter.count,
+                  "seconds": round(time.perf_counter() - started, 3)}
+    return report if out is None else _merged_result(report, out, part, state)
+
+
+def _refuse_pruned(transformer, model_name: str) -> None:
     plan = getattr(transformer, "prune_plan", None)
     if plan is not None and not plan.is_empty:
         raise AnalysisError(
             f"{model_name} is already pruned ({plan.describe()}); analyse the original model, whose contributions the "
             "planner needs."
         )
-    fam = is_toy(pipe)
+
+
+def _alignment_scorer(alignment_metric: str | None, options: Mapping[str, Any] | None, toy_model: bool):
+    """(the alignment metric's name, its scorer), or (None, None) when none is asked for."""
     if alignment_metric == "auto":
-        alignment_metric = ALIGNMENT_METRICS["toy" if fam else "model"]
-    align_def = align_scorer = None
-    if alignment_metric is not None:
-        align_def = get_metric(alignment_metric)
-        alignment_metric = canonical_name(alignment_metric)
-        if not align_def.alignment:
-            raise AnalysisError(
-                f"--alignment-metric {alignment_metric} is not a text-image alignment score; choose one of "
-                f"{', '.join(n for n in metric_names() if get_metric(n).alignment)}."
-            )
-        align_scorer = align_def.build(**dict(alignment_options or {}))
+        alignment_metric = ALIGNMENT_METRICS["toy" if toy_model else "model"]
+    if alignment_metric is None:
+        return None, None
+    align_def = get_metric(alignment_metric)
+    alignment_metric = canonical_name(alignment_metric)
+    if not align_def.alignment:
+        raise AnalysisError(
+            f"--alignment-metric {alignment_metric} is not a text-image alignment score; choose one of "
+            f"{', '.join(n for n in metric_names() if get_metric(n).alignment)}."
+        )
+    return alignment_metric, align_def.build(**dict(options or {}))
+
+
+def _calibration_prompts(prompts: Sequence[str] | None, n_prompts: int, seed: int, toy_model: bool) -> list[str]:
     if prompts is None:
         if n_prompts < 1:
             raise AnalysisError(f"--n-prompts must be at least 1, got {n_prompts}.")
-        prompts = toy.prompts(split="train", n=n_prompts, seed=seed) if fam else list(
+        prompts = toy.prompts(split="train", n=n_prompts, seed=seed) if toy_model else list(
             itertools.islice(itertools.cycle(DEFAULT_PROMPTS), n_prompts))
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise AnalysisError("The calibration prompt list is empty; give at least one prompt.")
-    seeds = [seed + k for k in range(len(prompts))]
-    gen_kwargs = generation_settings(pipe, num_inference_steps, height, width, guidance_scale)
-    steps = eval_step_indices(gen_kwargs["num_inference_steps"], eval_steps)
-    config = {k: v for k, v in dict(transformer.config).items() if k != "prune_plan"}
-    config["_class_name"] = family.base_class_name  # absent from models built in code
-    report = ContributionReport(
+    return prompts
+
+
+def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: int, gen_kwargs: dict,
+                steps: list[int], batch_size: int, dtype: torch.dtype, pairs: bool) -> ContributionReport:
+    """An empty report of this model, metric and calibration (what a resumed run must share)."""
+    transformer = pipe.transformer
+    family = get_family(transformer)
+    config = base_config(transformer)
+    return ContributionReport(
         family=family.name,
         num_blocks=family.num_blocks(config),
         model=model_name,
         fingerprint=fingerprint(transformer),
         components=components_fingerprint(pipe),  # text encoders, VAE, tokenizers, scheduler change the images too
         transformer_config=json.loads(json.dumps(config, default=str)),
-        metric={"name": metric, "options": dict(metric_options or {})},
-        calibration={"prompts": prompts, "seeds": seeds, "generation": gen_kwargs, "eval_steps": steps,
-                     "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")},
+        metric=metric,
+        calibration={"prompts": prompts, "seeds": [seed + k for k in range(len(prompts))], "generation": gen_kwargs,
+                     "eval_steps": steps, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")},
         pairs=pairs,
     )
-    if alignment_metric is not None:
-        report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
-                            "baseline_score": None, "blocks": {}}
-    out = Path(out) if out is not None else None
+
+
+def _resume(report: ContributionReport, out: Path | None, overwrite: bool, state) -> None:
+    """Fill ``report`` with the entries ``out`` and its part files already hold for the same settings."""
     stale = _read_known(report, out, overwrite, state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:  # --overwrite: the part files of other settings go; `out` is replaced at the end
@@ -306,128 +345,20 @@ def analyze(
             if path != out:
                 path.unlink(missing_ok=True)
     state.wait_for_everyone()
-    reused = len(report.entries)
+
+
+def _entries_to_measure(report: ContributionReport) -> list[tuple[int, str]]:
+    """The entries still missing, in the report's order; whole blocks whose alignment dP is missing too."""
     todo = [k for k in report.expected_keys() if k not in report.entries]
     if report.alignment:  # whole blocks whose alignment dP is missing (their main entry may be there)
         todo += [(i, BLOCK) for i in range(report.num_blocks)
                  if i not in report.alignment["blocks"] and (i, BLOCK) not in todo]
         todo.sort(key=report.expected_keys().index)
-    mine = todo[state.process_index :: state.num_processes]
-    part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
-    counter = BlockCounter()
-    started = time.perf_counter()
-    need_similarity = len(report.similarity) < report.num_blocks
-    need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
-    cache_bytes = 0
+    return todo
 
-    if mine or report.baseline_score is None or need_similarity or need_alignment_base:
-        # The full model draws the calibration images; the inputs of its calls at the evaluated steps are recorded
-        # (the others are not kept), where the block cache lives.
-        step = [0]
-        wanted = set(steps)
-        call_steps = []
 
-        def on_step(i):
-            step[0] = i
-
-        def tag(module, args, kwargs):
-            call_steps.append(step[0])
-
-        with torch.no_grad(), record_transformer_calls(transformer, keep=lambda: step[0] in wanted,
-                                                       device=cache_device) as selected:
-            handle = transformer.register_forward_pre_hook(tag, with_kwargs=True)
-            try:
-                images = generate(pipe, prompts, seeds, gen_kwargs, batch_size, on_step)
-            finally:
-                handle.remove()
-        # The ablated model's first-step calls see exactly the full model's inputs: the cache serves them
-        # (k: the call's number in a drawing of every prompt; j: its place among the recorded calls).
-        first_step = [(c.step, j) for j, c in enumerate(selected) if call_steps[c.step] == 0]
-        report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
-        cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter,
-                                 max_bytes=max_cache_bytes)
-        cache_bytes = cache.nbytes
-        report.similarity.update(cache.similarity)
-        if metric_def.kind == OUTPUT:
-            references = [c.output for c in selected]
-            if report.baseline_score is None:
-                # Removing nothing: through the cache (no block runs) or through the whole model.
-                base = (cache.ablated_outputs(family.empty_plan(config), counter) if method == "cached"
-                        else naive_outputs(transformer, family.empty_plan(config), selected, counter))
-                report.baseline_score = 0.0 - normalised_error(base, references)
-        elif report.baseline_score is None:
-            report.baseline_score = float(scorer(images, images if metric_def.kind == REFERENCE else prompts))
-        if need_alignment_base:
-            report.alignment["baseline_score"] = float(align_scorer(images, prompts))
-
-        def ablated_images(entry):
-            """The final images of the model without ``entry``, from the calibration noise and prompts."""
-            ablated = prune_transformer(transformer, entry)
-            served = {}
-            if method == "cached":
-                outputs = cache.ablated_outputs(entry, counter, calls=[j for _, j in first_step])
-                served = {k: out for (k, _), out in zip(first_step, outputs)}
-            counter.attach(ablated)
-            try:
-                with swapped_transformer(pipe, ablated), served_calls(ablated, served):
-                    return generate(pipe, prompts, seeds, gen_kwargs, batch_size)
-            finally:
-                counter.detach()
-
-        def measure(key) -> tuple[float | None, float | None]:
-            """(P without ``key``, the alignment score without it): each None when not asked for."""
-            i, c = key
-            entry = entry_plan(family, config, i, tuple(c.split("+")))
-            main = key not in report.entries
-            align = bool(report.alignment) and c == BLOCK and i not in report.alignment["blocks"]
-            score = None
-            images_without = None
-            if main and metric_def.kind == OUTPUT:
-                if method == "cached":
-                    score = 0.0 - normalised_error(cache.ablated_outputs(entry, counter), references)
-                else:
-                    outputs = naive_outputs(transformer, entry, selected, counter)
-                    refs = references
-                    if method == "scratch":  # P(original) and P(ablated) each computed from scratch
-                        refs = naive_outputs(transformer, family.empty_plan(config), selected, counter)
-                    score = 0.0 - normalised_error(outputs, refs)
-            elif main:
-                images_without = ablated_images(entry)
-                if metric_def.kind == REFERENCE:
-                    refs = images
-                    if method == "scratch":
-                        refs = generate(pipe, prompts, seeds, gen_kwargs, batch_size)
-                    score = float(scorer(images_without, refs))
-                else:
-                    score = float(scorer(images_without, prompts))
-            alignment = None
-            if align:
-                images_without = images_without if images_without is not None else ablated_images(entry)
-                alignment = float(align_scorer(images_without, prompts))
-            return score, alignment
-
-        bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))
-        for key in bar:
-            score, alignment = measure(key)
-            if score is not None:
-                report.entries[key] = {"score": score, "delta": report.baseline_score - score}
-            if alignment is not None:
-                report.alignment["blocks"][key[0]] = {
-                    "score": alignment, "delta": report.alignment["baseline_score"] - alignment}
-            bar.set_postfix_str(f"block {key[0]} {key[1]}")
-            if part is not None:
-                report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
-                report.save(part)
-
-    if metric_def.alignment and not report.alignment:  # the main metric is an alignment score: bk-sdm ranks by it
-        report.alignment = {"metric": dict(report.metric), "baseline_score": report.baseline_score,
-                            "blocks": {i: dict(v) for (i, c), v in report.entries.items() if c == BLOCK}}
-    seconds = time.perf_counter() - started
-    report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
-                  "cache_bytes": cache_bytes,
-                  "computed_entries": len(mine), "block_evaluations": counter.count, "seconds": round(seconds, 3)}
-    if out is None:
-        return report
+def _merged_result(report: ContributionReport, out: Path, part: Path, state) -> ContributionReport:
+    """Every process's part merged into ``out`` (by the main process); the parts go once it is complete."""
     report.save(part)
     state.wait_for_everyone()
     if state.is_main_process:

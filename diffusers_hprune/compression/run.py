@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,114 +138,174 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     prompts, or the last distinct lines of ``prompts``, held out of training (:func:`split_prompts`).
     Evaluation never sees a training prompt; ``summary.json`` says where its prompts came from.
     """
-
     config = config or HPruneConfig()
     out = Path(out)
     if holds_something_else(out):
         raise CompressError(f"{out} exists and is not an hprune compress run folder; choose another --out "
                             "(nothing was written).")
-    is_toy = str(model) in toy.FAMILIES
-    if prompts is None and not is_toy:
-        raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
-    toy_split = {}
-    if prompts is None:  # the toys' own training and held-out prompts
-        toy_split = {"toy_train": toy.prompts(split="train"),
-                     "toy_held_out": toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed)}
-    train_pool, eval_pool, eval_source = split_prompts(prompts, eval_prompts, config.eval_prompts, **toy_split)
-    train_prompts = [train_pool[k % len(train_pool)] for k in range(config.train_prompts)]
-    eval_prompts = eval_pool[: config.eval_prompts]
-    if is_toy:  # ShapeEval scores the evaluation prompts at the end: checked now, not after every stage
-        toy.check_prompts(eval_prompts, eval_source)
+    chosen = _Prompts.choose(model, config, prompts, eval_prompts)
     out.mkdir(parents=True, exist_ok=True)  # after every check of the inputs: a refusal writes nothing
     config.save(out / RUN_CONFIG)
-    stages = _Stages(out, say)
-    teacher = _Teacher(model)
-    base = {"model": str(model), "teacher": fingerprint(teacher.pipe.transformer),
-            "components": components_fingerprint(teacher.pipe)}
-
-    analysis_path = out / "1-analysis" / "analysis.json"
-    # bk-sdm ranks by an alignment score of the final images: measured with the analysis when it is the strategy.
-    alignment = "auto" if config.strategy == "bk-sdm" else None
-    _, k1 = stages.run(1, "analysis", {**base, "metric": config.metric, "n": config.analysis_prompts,
-                                       "eval_steps": config.eval_steps, "seed": config.seed,
-                                       **({"alignment": alignment} if alignment else {})},
-                       lambda d: analyze(teacher.pipe, analysis_path, metric=config.metric,
-                                         n_prompts=config.analysis_prompts, eval_steps=config.eval_steps,
-                                         seed=config.seed, progress=progress, alignment_metric=alignment),
-                       keep_partial=True)  # analyze resumes from its finished entries
-
-    plan_path = out / "2-plan" / "plan.json"
-
-    def do_plan(folder: Path) -> None:
-        report = ContributionReport.load(analysis_path)
-        outcome = make_plan(report.contributions(), inspect_transformer(teacher.pipe.transformer), ratio=config.ratio,
-                            memory_bytes=config.memory, weight_dtype=config.weight_dtype, alpha=config.alpha,
-                            r_thres=config.r_thres, strategy=config.strategy, similarity=report.similarity or None,
-                            alignment=report.alignment_contributions(),
-                            metadata={"source": "hprune compress", "analysis": str(analysis_path)})
-        outcome.plan.save(plan_path)
-        say(outcome.summary())
-
-    plan_settings = {k: getattr(config, k) for k in ("ratio", "memory", "weight_dtype", "alpha", "r_thres", "strategy")}
-    _, k2 = stages.run(2, "plan", {"analysis": k1, **plan_settings}, do_plan)
-    plan = PrunePlan.load(plan_path)
-
-    def do_prune(folder: Path) -> None:
-        prune_pipeline(teacher.pipe, plan).save_pretrained(folder)
-
-    final, key = stages.run(3, "pruned", {"plan": k2}, do_prune)
-
+    run = _Run(model, out, config, chosen, _Stages(out, say), _Teacher(model), progress, say)
+    run.analysis()
+    run.plan()
+    run.prune()
     if config.distill:
-        prompt_file = out / "train_prompts.txt"
-        distillation = config.distill_config(
-            teacher=str(model), plan=str(plan_path), analysis=str(analysis_path), prompts=str(prompt_file),
-            cache_dir=str(out / "data-cache"), output_dir=str(out / "4-distilled"), checkpoints_total_limit=2,
-            resume_from_checkpoint="latest", progress=progress)
-
-        def do_distill(folder: Path) -> None:
-            prompt_file.write_text("\n".join(train_prompts) + "\n", encoding="utf-8")
-            teacher.release()  # distill loads its own teacher: never two copies in memory
-            # through the module: whatever trainer.distill is when the stage runs
-            trainer.distill(replace(distillation, output_dir=str(folder)))
-
-        final, key = stages.run(4, "distilled", distill_stage_inputs(distillation, k2, train_prompts), do_distill,
-                                keep_partial=True)
-
+        run.distill()
     if config.quantize:
-        source = final
-        final, key = stages.run(5, "quantized", {"from": key},
-                                lambda d: quantize_pipeline(source, d, overwrite=True))
-
-    evaluation = out / "6-evaluation"
-
-    def do_evaluate(folder: Path) -> None:
-        # loaded after the teacher's turn, around the teacher's text encoders and VAE (its own are the same files)
-        result = evaluate_pipelines(
-            {"teacher": teacher.pipe, "student": lambda: load_student_beside(teacher.pipe, final)}, eval_prompts,
-            seed=config.seed,
-            metrics=[FIDELITY] + (["shapeeval"] if is_toy else []), latency_repeats=config.latency_repeats,
-            grid=folder / "grid.png",
-        )
-        atomic_write_json(folder / "metrics.json", result)
-
-    stages.run(6, "evaluation", {"model": key, "n": config.eval_prompts, "seed": config.seed,
-                                 "prompts": _digest(eval_prompts)}, do_evaluate)
-    metrics = json.loads((evaluation / "metrics.json").read_text())
-
-    commands = [f"hprune compress {model} --out {out} {_flags(config)}".strip()]
-    name = f"toy-{model}" if is_toy else str(model).rstrip("/").split("/")[-1]
-    write_model_card(final, base_model=f"the diffusers-hprune toy {str(model).upper()} pipeline" if is_toy else str(model),
-                     evaluation=metrics, grid=evaluation / "grid.png", repo_id=push, license=license,
-                     commands=commands, model_name=push.split("/")[-1] if push else f"{name}-hprune")
-    summary = {"model": str(model), "out": str(out), "final": str(final), "stages": stages.rows,
+        run.quantize()
+    metrics = run.evaluate()
+    run.write_card(metrics, push, license)
+    summary = {"model": str(model), "out": str(out), "final": str(run.final), "stages": run.stages.rows,
                "metrics": metrics["models"],
-               "prompts": {"training_distinct": len(set(train_pool)), "evaluation": len(eval_prompts),
-                           "evaluation_source": eval_source}}
+               "prompts": {"training_distinct": len(set(chosen.train_pool)), "evaluation": len(chosen.evaluation),
+                           "evaluation_source": chosen.eval_source}}
     if push:
-        summary["pushed"] = push_folder(final, push, private=private)
+        summary["pushed"] = push_folder(run.final, push, private=private)
     atomic_write_json(out / "summary.json", summary)
     say(format_summary(summary))
     return summary
+
+
+@dataclass
+class _Prompts:
+    """The training and evaluation prompts of a run, which share no prompt, and where the evaluation ones came from."""
+
+    training: list[str]
+    evaluation: list[str]
+    train_pool: list[str]
+    eval_source: str
+
+    @classmethod
+    def choose(cls, model: str, config: HPruneConfig, prompts: list[str] | None,
+               eval_prompts: list[str] | None) -> _Prompts:
+        is_toy = str(model) in toy.FAMILIES
+        if prompts is None and not is_toy:
+            raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
+        toy_split = {}
+        if prompts is None:  # the toys' own training and held-out prompts
+            toy_split = {"toy_train": toy.prompts(split="train"),
+                         "toy_held_out": toy.prompts(split="heldout", n=config.eval_prompts, seed=config.seed)}
+        train_pool, eval_pool, eval_source = split_prompts(prompts, eval_prompts, config.eval_prompts, **toy_split)
+        training = [train_pool[k % len(train_pool)] for k in range(config.train_prompts)]
+        evaluation = eval_pool[: config.eval_prompts]
+        if is_toy:  # ShapeEval scores the evaluation prompts at the end: checked now, not after every stage
+            toy.check_prompts(evaluation, eval_source)
+        return cls(training, evaluation, train_pool, eval_source)
+
+
+@dataclass
+class _Run:
+    """One compress run: each stage a method, in the order :func:`compress` calls them; each keys its result by
+    the previous stage's key and its own settings (``_Stages.run``)."""
+
+    model: str
+    out: Path
+    config: HPruneConfig
+    prompts: _Prompts
+    stages: _Stages
+    teacher: _Teacher
+    progress: bool
+    say: Callable[[str], None]
+    keys: dict[str, str] = field(default_factory=dict)
+    final: Path | None = None
+
+    @property
+    def is_toy(self) -> bool:
+        return str(self.model) in toy.FAMILIES
+
+    @property
+    def analysis_path(self) -> Path:
+        return self.out / "1-analysis" / "analysis.json"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.out / "2-plan" / "plan.json"
+
+    def analysis(self) -> None:
+        config, pipe = self.config, self.teacher.pipe
+        base = {"model": str(self.model), "teacher": fingerprint(pipe.transformer),
+                "components": components_fingerprint(pipe)}
+        # bk-sdm ranks by an alignment score of the final images: measured with the analysis when it is the strategy.
+        alignment = "auto" if config.strategy == "bk-sdm" else None
+        inputs = {**base, "metric": config.metric, "n": config.analysis_prompts, "eval_steps": config.eval_steps,
+                  "seed": config.seed, **({"alignment": alignment} if alignment else {})}
+        _, self.keys["analysis"] = self.stages.run(
+            1, "analysis", inputs,
+            lambda d: analyze(self.teacher.pipe, self.analysis_path, metric=config.metric,
+                              n_prompts=config.analysis_prompts, eval_steps=config.eval_steps, seed=config.seed,
+                              progress=self.progress, alignment_metric=alignment),
+            keep_partial=True)  # analyze resumes from its finished entries
+
+    def plan(self) -> None:
+        config = self.config
+
+        def do_plan(folder: Path) -> None:
+            report = ContributionReport.load(self.analysis_path)
+            outcome = make_plan(report.contributions(), inspect_transformer(self.teacher.pipe.transformer),
+                                ratio=config.ratio, memory_bytes=config.memory, weight_dtype=config.weight_dtype,
+                                alpha=config.alpha, r_thres=config.r_thres, strategy=config.strategy,
+                                similarity=report.similarity or None, alignment=report.alignment_contributions(),
+                                metadata={"source": "hprune compress", "analysis": str(self.analysis_path)})
+            outcome.plan.save(self.plan_path)
+            self.say(outcome.summary())
+
+        settings = {k: getattr(config, k) for k in ("ratio", "memory", "weight_dtype", "alpha", "r_thres", "strategy")}
+        _, self.keys["plan"] = self.stages.run(2, "plan", {"analysis": self.keys["analysis"], **settings}, do_plan)
+
+    def prune(self) -> None:
+        plan = PrunePlan.load(self.plan_path)
+        self.final, self.keys["model"] = self.stages.run(
+            3, "pruned", {"plan": self.keys["plan"]},
+            lambda folder: prune_pipeline(self.teacher.pipe, plan).save_pretrained(folder))
+
+    def distill(self) -> None:
+        prompt_file = self.out / "train_prompts.txt"
+        distillation = self.config.distill_config(
+            teacher=str(self.model), plan=str(self.plan_path), analysis=str(self.analysis_path),
+            prompts=str(prompt_file), cache_dir=str(self.out / "data-cache"), output_dir=str(self.out / "4-distilled"),
+            checkpoints_total_limit=2, resume_from_checkpoint="latest", progress=self.progress)
+
+        def do_distill(folder: Path) -> None:
+            prompt_file.write_text("\n".join(self.prompts.training) + "\n", encoding="utf-8")
+            self.teacher.release()  # distill loads its own teacher: never two copies in memory
+            # through the module: whatever trainer.distill is when the stage runs
+            trainer.distill(replace(distillation, output_dir=str(folder)))
+
+        inputs = distill_stage_inputs(distillation, self.keys["plan"], self.prompts.training)
+        self.final, self.keys["model"] = self.stages.run(4, "distilled", inputs, do_distill, keep_partial=True)
+
+    def quantize(self) -> None:
+        source = self.final
+        self.final, self.keys["model"] = self.stages.run(5, "quantized", {"from": self.keys["model"]},
+                                                         lambda d: quantize_pipeline(source, d, overwrite=True))
+
+    def evaluate(self) -> dict:
+        config, final = self.config, self.final
+
+        def do_evaluate(folder: Path) -> None:
+            # loaded after the teacher's turn, around the teacher's text encoders and VAE (its own are the same files)
+            result = evaluate_pipelines(
+                {"teacher": self.teacher.pipe, "student": lambda: load_student_beside(self.teacher.pipe, final)},
+                self.prompts.evaluation, seed=config.seed,
+                metrics=[FIDELITY] + (["shapeeval"] if self.is_toy else []), latency_repeats=config.latency_repeats,
+                grid=folder / "grid.png",
+            )
+            atomic_write_json(folder / "metrics.json", result)
+
+        inputs = {"model": self.keys["model"], "n": config.eval_prompts, "seed": config.seed,
+                  "prompts": _digest(self.prompts.evaluation)}
+        folder, _ = self.stages.run(6, "evaluation", inputs, do_evaluate)
+        return json.loads((folder / "metrics.json").read_text())
+
+    def write_card(self, metrics: dict, push: str | None, license: str | None) -> None:
+        model, evaluation = self.model, self.out / "6-evaluation"
+        commands = [f"hprune compress {model} --out {self.out} {_flags(self.config)}".strip()]
+        name = f"toy-{model}" if self.is_toy else str(model).rstrip("/").split("/")[-1]
+        base_model = f"the diffusers-hprune toy {str(model).upper()} pipeline" if self.is_toy else str(model)
+        write_model_card(self.final, base_model=base_model, evaluation=metrics, grid=evaluation / "grid.png",
+                         repo_id=push, license=license, commands=commands,
+                         model_name=push.split("/")[-1] if push else f"{name}-hprune")
 
 
 def distill_stage_inputs(distillation: DistillConfig, plan_key: str, train_prompts: list[str]) -> dict[str, Any]:

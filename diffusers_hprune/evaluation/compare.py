@@ -154,37 +154,10 @@ def evaluate_pipelines(
                                  ("--warmup", warmup, 0), ("--grid-size", grid_size, 1), ("--seed", seed, 0)):
         check_number(name, value, kind=int, minimum=minimum, error=EvaluationError)
     names = list(models)
-    loaded: dict[str, Any] = {}
-
-    def pipeline(name):
-        """The pipeline of ``name``; one given as a function is loaded now, the other transformers off the GPU first,
-        and computes where the reference does."""
-        if name not in loaded:
-            value = models[name]
-            if hasattr(value, "components"):
-                loaded[name] = value
-            else:
-                for other in loaded.values():
-                    _park([other.transformer], _device_of(other.transformer))
-                loaded[name] = value()
-                for module in _modules(loaded[name]):
-                    if not _is_4bit(module) and _device_of(module) != device:
-                        module.to(device)
-        return loaded[name]
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reference = pipeline(names[0])
-    device = _device_of(reference.transformer)
+    pipelines = _Pipelines(models)
+    reference = pipelines.get(names[0])
     family = get_family(reference.transformer)
-    scorers = {}
-    for metric in metrics:
-        if metric == FIDELITY:
-            continue
-        spec = get_metric(metric)
-        if spec.kind != IMAGE:
-            raise EvaluationError(f"The {metric} metric scores an ablation inside the analysis, not images; use "
-                                  f"{FIDELITY!r} (student vs teacher images) or an image metric here.")
-        scorers[metric] = spec.build(**(metric_options or {}).get(metric, {}))
+    scorers = _image_scorers(metrics, metric_options)
     kwargs = generation_settings(reference, num_inference_steps, height, width, guidance_scale)
     seeds = [seed + k for k in range(len(prompts))]
     result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {}}
@@ -194,40 +167,82 @@ def evaluate_pipelines(
                              guidance_scale=guidance_scale, seed=seed)  # no size given: the model's own
     images = {}
     for name in names:
-        pipe = pipeline(name)
+        pipe = pipelines.get(name)
         other = get_family(pipe.transformer)
         if other is not family:
             raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
                                   "compare a student with its own teacher.")
-        _park_others(list(loaded.values()), pipe)
+        _park_others(list(pipelines.loaded.values()), pipe)
         images[name] = generate(pipe, prompts, seeds, kwargs, batch_size)
         entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
-                                 "prune_plan": _plan_text(pipe.transformer), "metrics": {}}
-        for metric, scorer in scorers.items():
-            if metric == "shapeeval":  # the whole breakdown: overall, per category, per attribute
-                entry["metrics"][metric] = toy.shapeeval(images[name], prompts)
-            else:
-                entry["metrics"][metric] = float(scorer(images[name], prompts))
+                                 "prune_plan": _plan_text(pipe.transformer),
+                                 "metrics": _scores(scorers, images[name], prompts)}
         if cost:
-            dtype = compute_dtype(pipe.transformer)
-            device = next(pipe.transformer.parameters()).device
-            own = {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
-                   for k, v in inputs.items()}
-            entry.update(_cost(pipe, own, latency_repeats, warmup))
+            entry.update(_cost(pipe, _inputs_for(pipe, inputs), latency_repeats, warmup))
         result["models"][name] = entry
-    if len(names) > 1:
-        base = result["models"][names[0]]
-        for name in names[1:]:
-            entry = result["models"][name]
-            if FIDELITY in metrics or not metrics:
-                entry["fidelity"] = {"psnr_db": psnr(images[name], images[names[0]]),
-                                     "ssim": ssim(images[name], images[names[0]])}
-            entry["relative"] = _relative(entry, base)
+    for name in names[1:]:
+        entry = result["models"][name]
+        if FIDELITY in metrics or not metrics:
+            entry["fidelity"] = {"psnr_db": psnr(images[name], images[names[0]]),
+                                 "ssim": ssim(images[name], images[names[0]])}
+        entry["relative"] = _relative(entry, result["models"][names[0]])
     if grid is not None:
         k = max(1, min(grid_size, len(prompts)))
         toy.save_grid([im for name in names for im in images[name][:k]], grid, columns=k)
         result["grid"] = str(grid)
     return result
+
+
+class _Pipelines:
+    """The pipelines to evaluate, each loaded when its turn comes: one given as a function is called then, with the
+    other transformers off the GPU first, and computes where the reference (the first) does."""
+
+    def __init__(self, models: dict[str, Any]):
+        self.models, self.loaded = models, {}
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def get(self, name: str):
+        if name not in self.loaded:
+            value = self.models[name]
+            if hasattr(value, "components"):
+                self.loaded[name] = value
+            else:
+                for other in self.loaded.values():
+                    _park([other.transformer], _device_of(other.transformer))
+                self.loaded[name] = value()
+                for module in _modules(self.loaded[name]):
+                    if not _is_4bit(module) and _device_of(module) != self.device:
+                        module.to(self.device)
+            if len(self.loaded) == 1:  # the reference: the others compute where it does
+                self.device = _device_of(self.loaded[name].transformer)
+        return self.loaded[name]
+
+
+def _image_scorers(metrics, metric_options: dict[str, dict] | None) -> dict[str, Any]:
+    """metric name -> its scorer, for the image metrics asked for (fidelity compares pipelines instead)."""
+    scorers = {}
+    for metric in metrics:
+        if metric == FIDELITY:
+            continue
+        spec = get_metric(metric)
+        if spec.kind != IMAGE:
+            raise EvaluationError(f"The {metric} metric scores an ablation inside the analysis, not images; use "
+                                  f"{FIDELITY!r} (student vs teacher images) or an image metric here.")
+        scorers[metric] = spec.build(**(metric_options or {}).get(metric, {}))
+    return scorers
+
+
+def _scores(scorers: dict[str, Any], images, prompts: list[str]) -> dict[str, Any]:
+    """Every image metric of one pipeline's images; ShapeEval with its whole breakdown (per category, attribute)."""
+    return {metric: toy.shapeeval(images, prompts) if metric == "shapeeval" else float(scorer(images, prompts))
+            for metric, scorer in scorers.items()}
+
+
+def _inputs_for(pipe, inputs: dict) -> dict:
+    """The reference's transformer inputs on this pipeline's device, floating ones in its compute dtype."""
+    dtype = compute_dtype(pipe.transformer)
+    device = next(pipe.transformer.parameters()).device
+    return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
 def _plan_text(transformer) -> str:

@@ -84,92 +84,107 @@ def _colours(plan, specs):
 def write_report(report: ContributionReport, out_dir: str | os.PathLike, plan: PrunePlan | None = None,
                  alpha: float | None = None) -> list[Path]:
     """Write the figures and the table into ``out_dir``; returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     family = report.model_family
-    specs = family.block_specs(report.transformer_config)
     if plan is not None:
         plan = family.check_plan(plan, report.transformer_config)
     alpha = family.default_alpha if alpha is None else alpha
-    deltas = report.contributions(pairs=True)
-    out_dir = Path(out_dir)
-    written = []
-    n = len(specs)
-    x = np.arange(n)
-    model = Path(report.model).name if Path(report.model).exists() else report.model  # a local path: its folder
-    title = f"{model} ({family.display_name}), metric {report.metric['name']}"
+    figures = _Figures(report, Path(out_dir), plan)
+    figures.blocks(alpha)
+    figures.heatmap(list(family.component_names), "components.png", "dP per component", "viridis", marks=True)
+    pair_names = sorted({c for (_, c) in figures.deltas if "+" in c})
+    if pair_names:
+        figures.heatmap(pair_names, "pairs.png", "dP of removing two components together", "magma", marks=False)
+    if report.similarity:
+        figures.similarity()
+    return figures.written + [atomic_write_text(Path(out_dir) / "table.txt", format_table(report, plan, alpha))]
 
-    def save(fig, name):
-        path = out_dir / name
+
+class _Figures:
+    """The figures of one analysis (matplotlib, without a display), each written atomically into ``out_dir``."""
+
+    def __init__(self, report: ContributionReport, out_dir: Path, plan: PrunePlan | None):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        self.plt, self.np = plt, np
+        self.report, self.out_dir, self.plan = report, out_dir, plan
+        family = report.model_family
+        self.specs = family.block_specs(report.transformer_config)
+        self.deltas = report.contributions(pairs=True)
+        self.n = len(self.specs)
+        self.x = np.arange(self.n)
+        self.colours = _colours(plan, self.specs)
+        model = Path(report.model).name if Path(report.model).exists() else report.model  # a local path: its folder
+        self.title = f"{model} ({family.display_name}), metric {report.metric['name']}"
+        self.written: list[Path] = []
+
+    def _save(self, fig, name: str) -> None:
+        path = self.out_dir / name
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        self.plt.close(fig)
+        self.written.append(path)
 
-    # whole blocks
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, n * 0.35), 6), sharex=True)
-    block_d = [deltas.get((s.index, BLOCK), np.nan) for s in specs]
-    colours = _colours(plan, specs)
-    axes[0].bar(x, block_d, color=colours)
-    axes[0].set_ylabel("dP (remove block)")
-    axes[0].set_title(title)
-    scores = [prunability(d, i, n, alpha) if np.isfinite(d) else np.nan for i, d in enumerate(block_d)]
-    axes[1].bar(x, scores, color=colours)
-    axes[1].set_ylabel(f"Score = -|dP|/W_pos (alpha={alpha:g})")
-    axes[1].set_xlabel("block (execution order)")
-    axes[1].set_xticks(x, [str(i) for i in x], fontsize=7)
-    if plan is not None:
-        from matplotlib.patches import Patch
+    def _block_axis(self, ax) -> None:
+        ax.set_xlabel("block (execution order)")
+        ax.set_xticks(self.x, [str(i) for i in self.x], fontsize=7)
 
-        axes[0].legend(handles=[Patch(color="tab:red", label="removed block"), Patch(color="tab:orange",
-                       label="components removed"), Patch(color="tab:blue", label="kept")], fontsize=7)
-    save(fig, "blocks.png")
+    def blocks(self, alpha: float) -> None:
+        """dP of removing each whole block, and the Score planning ranks by."""
+        np, n = self.np, self.n
+        fig, axes = self.plt.subplots(2, 1, figsize=(max(6, n * 0.35), 6), sharex=True)
+        block_d = [self.deltas.get((s.index, BLOCK), np.nan) for s in self.specs]
+        axes[0].bar(self.x, block_d, color=self.colours)
+        axes[0].set_ylabel("dP (remove block)")
+        axes[0].set_title(self.title)
+        scores = [prunability(d, i, n, alpha) if np.isfinite(d) else np.nan for i, d in enumerate(block_d)]
+        axes[1].bar(self.x, scores, color=self.colours)
+        axes[1].set_ylabel(f"Score = -|dP|/W_pos (alpha={alpha:g})")
+        self._block_axis(axes[1])
+        if self.plan is not None:
+            from matplotlib.patches import Patch
 
-    def heatmap(rows: list[str], name: str, what: str, cmap: str, marks: bool) -> None:
-        grid = np.full((len(rows), n), np.nan)
-        for r, c in enumerate(rows):
-            for s in specs:
-                if (s.index, c) in deltas:
-                    grid[r, s.index] = deltas[(s.index, c)]
-        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 1 + 0.45 * len(rows)))
-        finite = grid[np.isfinite(grid)]
-        log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
+            axes[0].legend(handles=[Patch(color="tab:red", label="removed block"), Patch(color="tab:orange",
+                           label="components removed"), Patch(color="tab:blue", label="kept")], fontsize=7)
+        self._save(fig, "blocks.png")
+
+    def heatmap(self, rows: list[str], name: str, what: str, cmap: str, marks: bool) -> None:
+        """dP of each row's removal (a component, or a pair) in every block; a log scale over a wide range."""
         from matplotlib.colors import LogNorm
 
+        np, plan, deltas = self.np, self.plan, self.deltas
+        grid = np.full((len(rows), self.n), np.nan)
+        for r, c in enumerate(rows):
+            for s in self.specs:
+                if (s.index, c) in deltas:
+                    grid[r, s.index] = deltas[(s.index, c)]
+        fig, ax = self.plt.subplots(figsize=(max(6, self.n * 0.35), 1 + 0.45 * len(rows)))
+        finite = grid[np.isfinite(grid)]
+        log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 100
         im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=LogNorm() if log else None)
         fig.colorbar(im, ax=ax, label="dP (log scale)" if log else "dP")
         ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 8 else None)
-        ax.set_xticks(x, [str(i) for i in x], fontsize=7)
-        ax.set_xlabel("block (execution order)")
-        ax.set_title(f"{what} - {title}", fontsize=9)
+        self._block_axis(ax)
+        ax.set_title(f"{what} - {self.title}", fontsize=9)
         if marks and plan is not None:
             for r, c in enumerate(rows):
-                for s in specs:
+                for s in self.specs:
                     if (s.index, c) in deltas and (_status(plan, s.index, c) == "removed"
                                                    or s.index in plan.removed_blocks):
                         ax.plot(s.index, r, marker="x", color="red", markersize=8, mew=2)
-        save(fig, name)
+        self._save(fig, name)
 
-    heatmap(list(family.component_names), "components.png", "dP per component", "viridis", marks=True)
-    pair_names = sorted({c for (_, c) in deltas if "+" in c})
-    if pair_names:
-        heatmap(pair_names, "pairs.png", "dP of removing two components together", "magma", marks=False)
-
-    # similarity
-    if report.similarity:
-        fig, ax = plt.subplots(figsize=(max(6, n * 0.35), 3))
-        ax.bar(x, [report.similarity.get(s.index, np.nan) for s in specs], color=colours)
+    def similarity(self) -> None:
+        """Each block's input/output cosine similarity (what koala ranks by)."""
+        similarity = self.report.similarity
+        fig, ax = self.plt.subplots(figsize=(max(6, self.n * 0.35), 3))
+        ax.bar(self.x, [similarity.get(s.index, self.np.nan) for s in self.specs], color=self.colours)
         ax.set_ylabel("cos(input, output)")
-        ax.set_xlabel("block (execution order)")
-        ax.set_xticks(x, [str(i) for i in x], fontsize=7)
-        lo = np.nanmin(list(report.similarity.values()))
+        self._block_axis(ax)
+        lo = self.np.nanmin(list(similarity.values()))
         ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-        ax.set_title(f"block input/output similarity (koala ranks by it) - {title}", fontsize=9)
-        save(fig, "similarity.png")
-
-    written.append(atomic_write_text(out_dir / "table.txt", format_table(report, plan, alpha)))
-    return written
+        ax.set_title(f"block input/output similarity (koala ranks by it) - {self.title}", fontsize=9)
+        self._save(fig, "similarity.png")

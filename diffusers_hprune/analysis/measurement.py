@@ -1,0 +1,148 @@
+"""One analysis's measurements: the full model draws the calibration prompts once (its block outputs cached), then
+each entry's score without it (``velocity`` from the cache, image metrics from the ablated model's drawings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusers_hprune.analysis.ablation import (
+    BlockCache,
+    BlockCounter,
+    entry_plan,
+    naive_outputs,
+    normalised_error,
+    record_transformer_calls,
+    served_calls,
+)
+from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.families import BLOCK, get_family
+from diffusers_hprune.loading import generate, swapped_transformer
+from diffusers_hprune.metrics import OUTPUT, REFERENCE
+from diffusers_hprune.pruning.surgery import prune_transformer
+
+
+def base_config(transformer) -> dict[str, Any]:
+    """The transformer's config as the unpruned model's (``_class_name`` is absent from models built in code)."""
+    config = {k: v for k, v in dict(transformer.config).items() if k != "prune_plan"}
+    config["_class_name"] = get_family(transformer).base_class_name
+    return config
+
+
+class Measurement:
+    """The full model's drawing of the calibration prompts (its block outputs cached) and each entry's score."""
+
+    def __init__(self, pipe, report: ContributionReport, metric_def, scorer, align_scorer, method: str,
+                 batch_size: int, counter: BlockCounter):
+        self.pipe, self.transformer, self.report = pipe, pipe.transformer, report
+        self.family = get_family(self.transformer)
+        self.config = base_config(self.transformer)
+        self.metric_def, self.scorer, self.align_scorer = metric_def, scorer, align_scorer
+        self.method, self.batch_size, self.counter = method, batch_size, counter
+        calibration = report.calibration
+        self.prompts, self.seeds, self.gen_kwargs = calibration["prompts"], calibration["seeds"], calibration["generation"]
+        self.steps = calibration["eval_steps"]
+
+    def _generate(self, on_step=None):
+        return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step)
+
+    def draw_full_model(self, cache_device, max_cache_bytes: int | None) -> None:
+        """The full model draws the calibration images; the inputs of its calls at the evaluated steps are recorded
+        (the others are not kept) where the block cache lives; the baseline scores and block similarities follow."""
+        transformer, report, counter = self.transformer, self.report, self.counter
+        step, wanted, call_steps = [0], set(self.steps), []
+
+        def on_step(i):
+            step[0] = i
+
+        def tag(module, args, kwargs):
+            call_steps.append(step[0])
+
+        with torch.no_grad(), record_transformer_calls(transformer, keep=lambda: step[0] in wanted,
+                                                       device=cache_device) as selected:
+            handle = transformer.register_forward_pre_hook(tag, with_kwargs=True)
+            try:
+                self.images = self._generate(on_step)
+            finally:
+                handle.remove()
+        self.selected = selected
+        # The ablated model's first-step calls see exactly the full model's inputs: the cache serves them
+        # (k: the call's number in a drawing of every prompt; j: its place among the recorded calls).
+        self.first_step = [(c.step, j) for j, c in enumerate(selected) if call_steps[c.step] == 0]
+        report.timesteps = sorted({float(c.kwargs["timestep"].flatten()[0]) for c in selected}, reverse=True)
+        self.cache = BlockCache.build(transformer, selected, cache_device=cache_device, counter=counter,
+                                      max_bytes=max_cache_bytes)
+        report.similarity.update(self.cache.similarity)
+        self.references = [c.output for c in selected] if self.metric_def.kind == OUTPUT else None
+        if report.baseline_score is None:
+            report.baseline_score = self._baseline()
+        if report.alignment and report.alignment["baseline_score"] is None:
+            report.alignment["baseline_score"] = float(self.align_scorer(self.images, self.prompts))
+
+    def _baseline(self) -> float:
+        if self.metric_def.kind == OUTPUT:  # removing nothing: through the cache (no block runs) or the whole model
+            empty = self.family.empty_plan(self.config)
+            base = (self.cache.ablated_outputs(empty, self.counter) if self.method == "cached"
+                    else naive_outputs(self.transformer, empty, self.selected, self.counter))
+            return 0.0 - normalised_error(base, self.references)
+        return float(self.scorer(self.images, self.images if self.metric_def.kind == REFERENCE else self.prompts))
+
+    def ablated_images(self, entry):
+        """The final images of the model without ``entry``, from the calibration noise and prompts."""
+        ablated = prune_transformer(self.transformer, entry)
+        served = {}
+        if self.method == "cached":
+            outputs = self.cache.ablated_outputs(entry, self.counter, calls=[j for _, j in self.first_step])
+            served = {k: out for (k, _), out in zip(self.first_step, outputs)}
+        self.counter.attach(ablated)
+        try:
+            with swapped_transformer(self.pipe, ablated), served_calls(ablated, served):
+                return self._generate()
+        finally:
+            self.counter.detach()
+
+    def _output_score(self, entry) -> float:
+        if self.method == "cached":
+            return 0.0 - normalised_error(self.cache.ablated_outputs(entry, self.counter), self.references)
+        outputs = naive_outputs(self.transformer, entry, self.selected, self.counter)
+        refs = self.references
+        if self.method == "scratch":  # P(original) and P(ablated) each computed from scratch
+            refs = naive_outputs(self.transformer, self.family.empty_plan(self.config), self.selected, self.counter)
+        return 0.0 - normalised_error(outputs, refs)
+
+    def measure(self, key) -> tuple[float | None, float | None]:
+        """(P without ``key``, the alignment score without it): each None when not asked for."""
+        i, c = key
+        report = self.report
+        entry = entry_plan(self.family, self.config, i, tuple(c.split("+")))
+        main = key not in report.entries
+        align = bool(report.alignment) and c == BLOCK and i not in report.alignment["blocks"]
+        score = images_without = None
+        if main and self.metric_def.kind == OUTPUT:
+            score = self._output_score(entry)
+        elif main:
+            images_without = self.ablated_images(entry)
+            if self.metric_def.kind == REFERENCE:
+                refs = self._generate() if self.method == "scratch" else self.images
+                score = float(self.scorer(images_without, refs))
+            else:
+                score = float(self.scorer(images_without, self.prompts))
+        alignment = None
+        if align:
+            images_without = images_without if images_without is not None else self.ablated_images(entry)
+            alignment = float(self.align_scorer(images_without, self.prompts))
+        return score, alignment
+
+    def record(self, key) -> None:
+        """Measure ``key`` and put its score (and alignment score) into the report."""
+        score, alignment = self.measure(key)
+        report = self.report
+        if score is not None:
+            report.entries[key] = {"score": score, "delta": report.baseline_score - score}
+        if alignment is not None:
+            report.alignment["blocks"][key[0]] = {
+                "score": alignment, "delta": report.alignment["baseline_score"] - alignment}
+
+
+__all__ = ["Measurement", "base_config"]
