@@ -48,7 +48,7 @@ __version__ = "0.1.0.dev0"
 
 # public name -> the module that defines it, imported on first use
 _LAZY = {
-    "DistillConfig": "diffusers_hprune.distillation.trainer",
+    "DistillConfig": "diffusers_hprune.distillation.settings",
     "HPruneConfig": "diffusers_hprune.compression.config",
     "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.pipelines",
     "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.pipelines",

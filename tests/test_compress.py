@@ -185,7 +185,7 @@ def test_every_distillation_option_that_changes_the_result_keys_the_distillation
     from dataclasses import fields, replace
 
     from diffusers_hprune.compression.run import distill_stage_inputs
-    from diffusers_hprune.distillation import trainer
+    from diffusers_hprune.distillation import settings as trainer
 
     groups = {"identity": trainer.IDENTITY_OPTIONS, "budget": trainer.BUDGET_OPTIONS, "data": trainer.DATA_OPTIONS,
               "inputs": trainer.INPUT_OPTIONS, "bookkeeping": trainer.BOOKKEEPING_OPTIONS}

@@ -223,7 +223,7 @@ def test_lora_with_gradient_checkpointing_is_merged_into_the_saved_model(setup):
 
     from diffusers_hprune import prune_transformer
     from diffusers_hprune.distillation import apply_pwp
-    from diffusers_hprune.distillation.trainer import _lora_config
+    from diffusers_hprune.distillation.models import _lora_config
 
     base, plans = setup
     analysis, plan_path, plan = plans["sd3"]
@@ -360,7 +360,8 @@ def test_8bit_adam_and_tensorboard_logging(setup):
 def test_validation_prompts_are_given_or_held_out_of_training(setup, tmp_path, capsys):
     from diffusers_hprune.distillation.arguments import add_distill_arguments, config_from_args
     from diffusers_hprune.distillation.data import DataSpec, build_training_cache
-    from diffusers_hprune.distillation.trainer import DistillConfig, DistillError, _held_out_for_validation
+    from diffusers_hprune.distillation.launch import _held_out_for_validation
+    from diffusers_hprune.distillation.trainer import DistillConfig, DistillError
 
     base, plans = setup
     lines = (base / "prompts.txt").read_text().splitlines()  # 8 distinct prompts

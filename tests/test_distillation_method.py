@@ -239,7 +239,7 @@ def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
 def test_sgdistill_follows_the_target_ratio_not_the_achieved_one():
     """Algorithm 1: ``if r >= r_thres`` with r the target. Whole-block plans land near, not at, their target."""
     from diffusers_hprune import toy
-    from diffusers_hprune.distillation.trainer import sgdistill_ratio
+    from diffusers_hprune.distillation.models import sgdistill_ratio
     from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 

@@ -103,9 +103,9 @@ def test_the_layout_doc_names_every_module_of_the_package():
 
 MAX_FUNCTION_LINES = 80  # from `def` to the last line, the docstring not counted
 MAX_MODULE_LINES = 500
-#: Modules still over MAX_MODULE_LINES, and the most lines each may have until it is split (issue 33: the trainer
-#: along its seams; the family mechanics with the per-family folders). The ceilings only come down.
-OVERSIZED_MODULES = {"distillation/trainer.py": 1477, "families/base.py": 589}
+#: Modules still over MAX_MODULE_LINES, and the most lines each may have until it is split (issue 33: the family
+#: mechanics, with the per-family folders). The ceilings only come down.
+OVERSIZED_MODULES = {"families/base.py": 589}
 
 
 def _code_lines(node: ast.AST) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from diffusers_hprune.budget.stages import CUDA_RESERVE, GIB, BudgetError, BudgetOptions, predict
 from diffusers_hprune.distillation.data import read_prompts
-from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.utils.distributed import local_device_index, resolved_mixed_precision
 from diffusers_hprune.utils.errors import HPruneError
 

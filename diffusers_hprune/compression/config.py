@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names

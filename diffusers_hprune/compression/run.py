@@ -27,7 +27,7 @@ from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.distillation import trainer
 from diffusers_hprune.distillation.data import held_out_prompts
-from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.evaluation.compare import (
     FIDELITY,
     evaluate_pipelines,
@@ -264,7 +264,8 @@ class _Run:
         distillation = self.config.distill_config(
             teacher=str(self.model), plan=str(self.plan_path), analysis=str(self.analysis_path),
             prompts=str(prompt_file), cache_dir=str(self.out / "data-cache"), output_dir=str(self.out / "4-distilled"),
-            checkpoints_total_limit=2, resume_from_checkpoint="latest", progress=self.progress)
+            checkpoints_total_limit=2, resume_from_checkpoint="latest", progress=self.progress,
+            keep_files=(STAMP, STARTED))
 
         def do_distill(folder: Path) -> None:
             prompt_file.write_text("\n".join(self.prompts.training) + "\n", encoding="utf-8")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from diffusers_hprune.distillation.trainer import DistillConfig
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.utils.checks import (
     finite_float,
     fraction,
