@@ -219,3 +219,19 @@ def test_the_run_config_gives_the_distillation_every_setting_it_shares():
     assert (distill.teacher, distill.plan, distill.output_dir, distill.checkpoints_total_limit) == (
         "sd3", "p.json", "out", 2)
     assert {getattr(config, n) for n in shared} != {getattr(HPruneConfig(), n) for n in shared}  # not the defaults
+
+
+def test_the_budget_check_of_compress_sees_the_runs_settings():
+    """hprune compress checks the predicted peak with the options its stages will run with (derived, not retyped)."""
+    from diffusers_hprune.budget import BudgetOptions
+
+    config = HPruneConfig(lora_rank=4, gradient_checkpointing=True, mixed_precision="fp16", train_batch_size=2,
+                          pwp=False, sgdistill=False, r_thres=0.5, train_prompts=40, analysis_prompts=3, eval_steps=2)
+    distillation = config.distillation_budget()
+    for name in ("lora_rank", "gradient_checkpointing", "mixed_precision", "train_batch_size", "pwp", "sgdistill",
+                 "r_thres"):
+        assert getattr(distillation, name) == getattr(config, name) != getattr(BudgetOptions(), name), name
+    assert distillation.train_samples == 40
+    assert config.distillation_budget(["a", "b", "c"]).train_samples == 3
+    analysis = config.analysis_budget()
+    assert (analysis.analysis_prompts, analysis.eval_steps) == (3, 2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes, ratio
 from diffusers_hprune.compression.config import HPruneConfig
@@ -58,14 +57,9 @@ def run(args: argparse.Namespace) -> int:
     eval_prompts = read_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
     config = HPruneConfig(**values)
     if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
-        check_fits("analysis", args.model, options=BudgetOptions(analysis_prompts=config.analysis_prompts,
-                                                                 eval_steps=config.eval_steps))
+        check_fits("analysis", args.model, options=config.analysis_budget())
         if config.distill:
-            check_fits("distillation", args.model, options=BudgetOptions(
-                mixed_precision=config.mixed_precision, train_batch_size=config.train_batch_size,
-                lora_rank=config.lora_rank, gradient_checkpointing=config.gradient_checkpointing, pwp=config.pwp,
-                sgdistill=config.sgdistill, r_thres=config.r_thres,
-                train_samples=len(prompts) if prompts else config.train_prompts), ratio=config.ratio)
+            check_fits("distillation", args.model, options=config.distillation_budget(prompts), ratio=config.ratio)
     compress(args.model, args.out, config, prompts=prompts, eval_prompts=eval_prompts, push=args.push,
              private=args.private, license=args.license)
     return 0

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from diffusers_hprune.budget import BudgetOptions
+from diffusers_hprune.budget.fit import distill_options
 from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.metrics import DEFAULT_METRIC
@@ -116,6 +118,16 @@ class HPruneConfig:
         own = {f.name for f in fields(self)}
         shared = {f.name: getattr(self, f.name) for f in fields(DistillConfig) if f.name in own}
         return DistillConfig(**{**shared, **options})
+
+    def analysis_budget(self) -> BudgetOptions:
+        """What ``hprune budget`` needs to know of this run's analysis."""
+        return BudgetOptions(analysis_prompts=self.analysis_prompts, eval_steps=self.eval_steps)
+
+    def distillation_budget(self, prompts: list[str] | None = None) -> BudgetOptions:
+        """What ``hprune budget`` needs to know of this run's distillation (:meth:`distill_config`, as
+        ``hprune distill`` would be given it), drawing one sample per prompt given, else ``train_prompts``."""
+        samples = len(prompts) if prompts else self.train_prompts
+        return distill_options(self.distill_config(teacher="", plan="", output_dir="", max_samples=samples))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
