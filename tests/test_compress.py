@@ -185,18 +185,18 @@ def test_every_distillation_option_that_changes_the_result_keys_the_distillation
     from dataclasses import fields, replace
 
     from diffusers_hprune.compression.run import distill_stage_inputs
-    from diffusers_hprune.distillation import settings as trainer
+    from diffusers_hprune.distillation import settings
 
-    groups = {"identity": trainer.IDENTITY_OPTIONS, "budget": trainer.BUDGET_OPTIONS, "data": trainer.DATA_OPTIONS,
-              "inputs": trainer.INPUT_OPTIONS, "bookkeeping": trainer.BOOKKEEPING_OPTIONS}
+    groups = {"identity": settings.IDENTITY_OPTIONS, "budget": settings.BUDGET_OPTIONS, "data": settings.DATA_OPTIONS,
+              "inputs": settings.INPUT_OPTIONS, "bookkeeping": settings.BOOKKEEPING_OPTIONS}
     classified = [name for group in groups.values() for name in group]
-    assert sorted(classified) == sorted(f.name for f in fields(trainer.DistillConfig)), "classify every option once"
+    assert sorted(classified) == sorted(f.name for f in fields(settings.DistillConfig)), "classify every option once"
     base = HPruneConfig().distill_config(teacher="sd3", plan="p.json", output_dir="out")
     key = distill_stage_inputs(base, "plan-key", ["a red circle"])
-    for name in trainer.IDENTITY_OPTIONS + trainer.BUDGET_OPTIONS + trainer.DATA_OPTIONS:
+    for name in settings.IDENTITY_OPTIONS + settings.BUDGET_OPTIONS + settings.DATA_OPTIONS:
         changed = replace(base, **{name: _another(getattr(base, name))})
         assert distill_stage_inputs(changed, "plan-key", ["a red circle"]) != key, name
-    for name in trainer.INPUT_OPTIONS + trainer.BOOKKEEPING_OPTIONS:  # identified by content, or no effect
+    for name in settings.INPUT_OPTIONS + settings.BOOKKEEPING_OPTIONS:  # identified by content, or no effect
         changed = replace(base, **{name: _another(getattr(base, name))})
         assert distill_stage_inputs(changed, "plan-key", ["a red circle"]) == key, name
     assert distill_stage_inputs(base, "other-plan", ["a red circle"]) != key

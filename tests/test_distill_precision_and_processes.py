@@ -164,6 +164,7 @@ def test_ddp_gradients_are_views_of_the_buckets_and_the_timeout_is_sized(base, t
 
     from diffusers_hprune.distillation import trainer
     from diffusers_hprune.distillation.data import DataSpec
+    from diffusers_hprune.utils.distributed import DRAW_SECONDS_PER_STEP
 
     config = trainer.DistillConfig(teacher="sd3", plan=str(base / "plan.json"), output_dir=str(tmp_path),
                                    prompts=str(base / "prompts.txt"), mixed_precision="no")
@@ -176,7 +177,7 @@ def test_ddp_gradients_are_views_of_the_buckets_and_the_timeout_is_sized(base, t
     (tmp_path / "p.txt").write_text("a prompt\n" * 600)
     flux_plan = PrunePlan(family="flux", num_blocks=57, removed_blocks=list(range(40, 57)))
     sized = trainer._process_timeout(flux, DataSpec(prompts=flux.prompts), flux_plan)
-    assert sized >= timedelta(seconds=2 * (600 * 4 * trainer.DRAW_SECONDS_PER_STEP))
+    assert sized >= timedelta(seconds=2 * (600 * 4 * DRAW_SECONDS_PER_STEP))
     given = trainer.DistillConfig(teacher="sd3", plan="p", output_dir="o", prompts=flux.prompts,
                                   process_timeout_minutes=90)
     assert trainer._process_timeout(given, DataSpec(prompts=flux.prompts), flux_plan) == timedelta(minutes=90)
