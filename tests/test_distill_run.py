@@ -561,3 +561,25 @@ def test_sgdistill_switches_on_the_target_ratio(setup, tmp_path, capsys):
         assert ("plain distillation" in printed) is (not expected)
         if not expected:
             assert f"plan target ratio {target:.1%} < r_thres {r_thres:.0%}" in printed
+
+
+def test_the_data_spec_takes_every_data_option_of_the_config(tmp_path):
+    """The training data is described by the config's own options, by name (not retyped): each one set differently
+    from its default arrives in the DataSpec."""
+    from dataclasses import fields
+
+    from diffusers_hprune.distillation.data import DataSpec
+    from diffusers_hprune.distillation.launch import _checked_data_spec
+    from diffusers_hprune.distillation.settings import DistillConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n", encoding="utf-8")
+    config = DistillConfig(teacher="sd3", plan="p.json", output_dir=str(tmp_path / "out"), prompts=str(prompts),
+                           image_column="img", caption_column="cap", resolution=64, teacher_steps=3,
+                           guidance_scale=1.5, max_samples=7, seed=9)
+    spec = _checked_data_spec(config)
+    shared = {f.name for f in fields(DataSpec)} & {f.name for f in fields(DistillConfig)}
+    assert {"prompts", "image_column", "caption_column", "resolution", "teacher_steps", "guidance_scale",
+            "max_samples", "seed"} <= shared
+    for name in shared:
+        assert getattr(spec, name) == getattr(config, name), name

@@ -3,6 +3,7 @@ another, and the training data the options describe."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -156,13 +157,8 @@ def _sample_count(spec: DataSpec) -> int:
 def _checked_data_spec(config: DistillConfig):
     """The training data the options describe, and the option combinations refused before any loading."""
 
-    spec = DataSpec(
-        prompts=config.prompts, train_data_dir=config.train_data_dir, dataset_name=config.dataset_name,
-        dataset_config_name=config.dataset_config_name, data_files=config.data_files,
-        image_column=config.image_column, caption_column=config.caption_column, resolution=config.resolution,
-        teacher_steps=config.teacher_steps, guidance_scale=config.guidance_scale, max_samples=config.max_samples,
-        seed=config.seed,
-    )
+    options = {f.name for f in fields(DistillConfig)}  # the data options are the config's own, by name
+    spec = DataSpec(**{f.name: getattr(config, f.name) for f in fields(DataSpec) if f.name in options})
     spec.check()
     if config.prompts:
         read_prompts(config.prompts)  # readable, UTF-8, with prompts: said now, not after loading the teacher
