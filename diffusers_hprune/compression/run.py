@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,10 @@ class _Stages:
         self.out, self.say = out, say
         self.rows: list[tuple[str, str, float]] = []
 
+    def folder(self, number: int, name: str) -> Path:
+        """Where stage ``number`` (``name``) writes: ``OUT/<number>-<name>``."""
+        return self.out / f"{number}-{name}"
+
     def run(self, number: int, name: str, inputs: Any, work: Callable[[Path], None], keep_partial: bool = False):
         """Run ``work(folder)`` unless the stamp in ``folder`` matches ``inputs``; returns (folder, key).
 
@@ -75,7 +79,7 @@ class _Stages:
         an empty folder; with ``keep_partial`` an interrupted stage of the same key keeps what it wrote
         (its checkpoints or finished entries) and the stage's own code resumes from it.
         """
-        folder = self.out / f"{number}-{name}"
+        folder = self.folder(number, name)
         key = _key(inputs)
         stamp, started = folder / STAMP, folder / STARTED
         if _stage_key(stamp) == key:
@@ -216,11 +220,11 @@ class _Run:
 
     @property
     def analysis_path(self) -> Path:
-        return self.out / "1-analysis" / "analysis.json"
+        return self.stages.folder(1, "analysis") / "analysis.json"
 
     @property
     def plan_path(self) -> Path:
-        return self.out / "2-plan" / "plan.json"
+        return self.stages.folder(2, "plan") / "plan.json"
 
     def analysis(self) -> None:
         config, pipe = self.config, self.teacher.pipe
@@ -263,15 +267,14 @@ class _Run:
         prompt_file = self.out / "train_prompts.txt"
         distillation = self.config.distill_config(
             teacher=str(self.model), plan=str(self.plan_path), analysis=str(self.analysis_path),
-            prompts=str(prompt_file), cache_dir=str(self.out / "data-cache"), output_dir=str(self.out / "4-distilled"),
-            checkpoints_total_limit=2, resume_from_checkpoint="latest", progress=self.progress,
+            prompts=str(prompt_file), cache_dir=str(self.out / "data-cache"),
+            output_dir=str(self.stages.folder(4, "distilled")), checkpoints_total_limit=2, resume_from_checkpoint="latest", progress=self.progress,
             keep_files=(STAMP, STARTED))
 
         def do_distill(folder: Path) -> None:
             prompt_file.write_text("\n".join(self.prompts.training) + "\n", encoding="utf-8")
             self.teacher.release()  # distill loads its own teacher: never two copies in memory
-            # through the module: whatever trainer.distill is when the stage runs
-            trainer.distill(replace(distillation, output_dir=str(folder)))
+            trainer.distill(distillation)  # through the module: whatever trainer.distill is when the stage runs
 
         inputs = distill_stage_inputs(distillation, self.keys["plan"], self.prompts.training)
         self.final, self.keys["model"] = self.stages.run(4, "distilled", inputs, do_distill, keep_partial=True)
@@ -300,7 +303,7 @@ class _Run:
         return json.loads((folder / "metrics.json").read_text())
 
     def write_card(self, metrics: dict, push: str | None, license: str | None) -> None:
-        model, evaluation = self.model, self.out / "6-evaluation"
+        model, evaluation = self.model, self.stages.folder(6, "evaluation")
         commands = [f"hprune compress {model} --out {self.out} {_flags(self.config)}".strip()]
         name = f"toy-{model}" if self.is_toy else str(model).rstrip("/").split("/")[-1]
         base_model = f"the diffusers-hprune toy {str(model).upper()} pipeline" if self.is_toy else str(model)
