@@ -240,8 +240,7 @@ def _scores(scorers: dict[str, Any], images, prompts: list[str]) -> dict[str, An
 
 def _inputs_for(pipe, inputs: dict) -> dict:
     """The reference's transformer inputs on this pipeline's device, floating ones in its compute dtype."""
-    dtype = compute_dtype(pipe.transformer)
-    device = next(pipe.transformer.parameters()).device
+    dtype, device = compute_dtype(pipe.transformer), _device_of(pipe.transformer)
     return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
