@@ -28,9 +28,9 @@ import torch
 from _report import markdown_table, update_section
 
 from diffusers_hprune.analysis import analyze
+from diffusers_hprune.architecture import BLOCK, get_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import component_keys
-from diffusers_hprune.families import BLOCK, get_family
-from diffusers_hprune.families.inventory import load_transformer_config
 
 
 def analytic_counts(config) -> tuple[int, int, int]:

@@ -75,8 +75,8 @@ def build_workspace(ws: Path) -> None:
     """Analysis, plans, prompts, a finished distillation run and pruned / NF4 folders of the SD3 toy."""
     from diffusers_hprune import toy
     from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.cli import main
-    from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.pipelines.pruned import prune_pipeline
     from diffusers_hprune.planning import make_plan
     from diffusers_hprune.quantization.folder import quantize_pipeline

@@ -66,9 +66,9 @@ def main(argv=None):
 
     from diffusers_hprune import toy
     from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.budget import optimizer_state_bytes
     from diffusers_hprune.budget.traces import Shapes, step_trace
-    from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 
     out = Path(args.out)

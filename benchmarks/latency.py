@@ -33,9 +33,9 @@ from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_transformer, toy  # noqa: E402
 from diffusers_hprune.analysis import synthetic_report  # noqa: E402
+from diffusers_hprune.architecture import get_family  # noqa: E402
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config  # noqa: E402
 from diffusers_hprune.evaluation.measure import step_inputs  # noqa: E402
-from diffusers_hprune.families import get_family  # noqa: E402
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
 SCALED = {"num_attention_heads": 4, "attention_head_dim": 64}

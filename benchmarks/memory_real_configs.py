@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune.analysis import synthetic_report  # noqa: E402
-from diffusers_hprune.families import get_family  # noqa: E402
-from diffusers_hprune.families.inventory import build_on_meta, inspect_transformer  # noqa: E402
-from diffusers_hprune.families.sizes import model_weight_bytes, unquantized_bytes  # noqa: E402
+from diffusers_hprune.architecture import get_family  # noqa: E402
+from diffusers_hprune.architecture.inventory import build_on_meta, inspect_transformer  # noqa: E402
+from diffusers_hprune.architecture.sizes import model_weight_bytes, unquantized_bytes  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
 # The paper's Table 1 / Table 3 (peak memory of the transformer during a step, measured on an A100).

@@ -4,7 +4,7 @@
 
 The analysis is SYNTHETIC (`hprune analyze CONFIG --synthetic`: later blocks matter less, as in
 the paper), so the plans show what the planner does with the real parameter layout, not which
-blocks of the real models matter. Weight bytes are analytic (diffusers_hprune.families.sizes): bf16,
+blocks of the real models matter. Weight bytes are analytic (diffusers_hprune.architecture.sizes): bf16,
 and NF4 with double quantisation for the linear weights of the blocks (embedders, norm_out and
 proj_out stay 16-bit).
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, update_section
 
 from diffusers_hprune.analysis import synthetic_report
-from diffusers_hprune.families.inventory import inspect_transformer
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.planning import make_plan
 
 

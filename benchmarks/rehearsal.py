@@ -54,7 +54,7 @@ def build(name: str, root: Path) -> Path:
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.architecture.inventory import load_transformer_config
     from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae
 
     spec = MODELS[name]
@@ -101,9 +101,9 @@ def _warm_up(spec: dict) -> None:
     import torch
 
     from diffusers_hprune import toy
+    from diffusers_hprune.architecture import get_family
+    from diffusers_hprune.architecture.inventory import load_transformer_config
     from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
-    from diffusers_hprune.families import get_family
-    from diffusers_hprune.families.inventory import load_transformer_config
     from diffusers_hprune.quantization import quantize
 
     config = load_transformer_config(spec["family_config"])
@@ -120,7 +120,7 @@ def _warm_up(spec: dict) -> None:
 def _stage(stage: str, spec: dict) -> None:
     import torch
 
-    from diffusers_hprune.families import get_family
+    from diffusers_hprune.architecture import get_family
 
     if stage == "analyze":
         from diffusers_hprune.analysis import analyze
@@ -144,8 +144,8 @@ def _stage(stage: str, spec: dict) -> None:
 
         quantize_pipeline(spec["source"], spec["out"], overwrite=True)
     elif stage == "inference":
+        from diffusers_hprune.architecture.inventory import load_transformer_config
         from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
-        from diffusers_hprune.families.inventory import load_transformer_config
         from diffusers_hprune.models import pruned_class_for
 
         config = load_transformer_config(spec["model"])
@@ -207,9 +207,9 @@ def run_child(stage: str, spec: dict, device: str) -> int:
 # -- the rehearsal -------------------------------------------------------------------------------
 def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[str]]:
     from diffusers_hprune.analysis import synthetic_report
+    from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.budget import BudgetOptions, predict
     from diffusers_hprune.contributions import ContributionReport
-    from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 
     folder = build(name, root)

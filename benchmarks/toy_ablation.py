@@ -55,12 +55,12 @@ from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
+from diffusers_hprune.architecture.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.contributions import ContributionReport  # noqa: E402
 from diffusers_hprune.distillation.sgdistill import default_eps  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
 from diffusers_hprune.evaluation.measure import logical_params, stored_bytes  # noqa: E402
-from diffusers_hprune.families.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.metrics import DEFAULT_METRIC  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 from diffusers_hprune.quantization import quantize  # noqa: E402

@@ -26,8 +26,8 @@ from _report import markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
+from diffusers_hprune.architecture.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
-from diffusers_hprune.families.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 from diffusers_hprune.utils.fileio import atomic_write_json  # noqa: E402
 

@@ -25,7 +25,8 @@ if importlib.util.find_spec("bitsandbytes") is not None:  # before Diffusers imp
 
 from diffusers import DiffusionPipeline, ModelMixin  # noqa: E402, F401  (Diffusers' loader looks these up here)
 
-from diffusers_hprune.families import (  # noqa: E402  (the registry, which plans check names against)
+from diffusers_hprune import families as _families  # noqa: E402, F401  (registers the built-in families)
+from diffusers_hprune.architecture import (  # noqa: E402  (the registry, which plans check names against)
     BLOCK,
     BlockSpec,
     ModelFamily,
@@ -50,32 +51,32 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "DistillConfig": "diffusers_hprune.distillation.settings",
     "HPruneConfig": "diffusers_hprune.compression.config",
-    "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedFluxPipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedFluxTransformer2DModel": "diffusers_hprune.models",
-    "HierarchicalPrunedSD3Img2ImgPipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedSD3InpaintPipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.pipelines",
-    "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.models",
+    "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.families.flux.pipelines",
+    "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.families.flux.pipelines",
+    "HierarchicalPrunedFluxPipeline": "diffusers_hprune.families.flux.pipelines",
+    "HierarchicalPrunedFluxTransformer2DModel": "diffusers_hprune.families.flux.transformer",
+    "HierarchicalPrunedSD3Img2ImgPipeline": "diffusers_hprune.families.sd3.pipelines",
+    "HierarchicalPrunedSD3InpaintPipeline": "diffusers_hprune.families.sd3.pipelines",
+    "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.families.sd3.pipelines",
+    "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.families.sd3.transformer",
     "analyze": "diffusers_hprune.analysis",
     "compress": "diffusers_hprune.compression",
     "distill": "diffusers_hprune.distillation.trainer",
-    "inspect_transformer": "diffusers_hprune.families.inventory",
-    "load_transformer_config": "diffusers_hprune.families.inventory",
+    "inspect_transformer": "diffusers_hprune.architecture.inventory",
+    "load_transformer_config": "diffusers_hprune.architecture.inventory",
     "make_plan": "diffusers_hprune.planning",
     "prune_pipeline": "diffusers_hprune.pipelines",
     "prune_transformer": "diffusers_hprune.pruning",
     "quantize": "diffusers_hprune.quantization",
     "quantize_pipeline": "diffusers_hprune.quantization",
 }
-_SUBPACKAGES = ("analysis", "budget", "commands", "compression", "contributions", "demo", "distillation", "evaluation",
+_SUBPACKAGES = ("analysis", "architecture", "budget", "commands", "compression", "contributions", "demo", "distillation", "evaluation",
                 "families", "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "profiles",
                 "pruning", "quantization", "toy", "utils")
 
 _register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
 # AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.
-_after_import("diffusers.pipelines.auto_pipeline", "diffusers_hprune.pipelines")
+_after_import("diffusers.pipelines.auto_pipeline", "diffusers_hprune.pipelines.auto")
 # A base-model LoRA loaded into a stock export (renumbered blocks) is refused with the command that converts it.
 _guard_lora_loading("diffusers_hprune.hub.lora_guard")
 

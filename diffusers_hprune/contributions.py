@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffusers_hprune.families import BLOCK, ModelFamily, get_family
+from diffusers_hprune.architecture import BLOCK, ModelFamily, get_family
 from diffusers_hprune.plan import MAX_BLOCKS
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file
 from diffusers_hprune.utils.errors import HPruneError

@@ -14,10 +14,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from diffusers_hprune import toy
 from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.compression.run import RUN_CONFIG, compress, holds_something_else
 
-DEMO_MODEL = "sd3"
+DEMO_MODEL = toy.DEMO_TOY
 # Settings from the toy measurements (BENCHMARKS.md "toy-ablation-curve-sd3", "sgdistill-floor-sd3"): the HPP + PWP +
 # SGDistill student's ShapeEval stops rising at about 400 steps of batch 8 (200 -> 400 -> 800: 0.528, 0.536, 0.528),
 # the analysis uses the 8 calibration prompts those plans came from, and 200 held-out prompts (as there) make the

@@ -20,8 +20,8 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from diffusers_hprune import toy
-from diffusers_hprune.families.inventory import load_transformer_config
-from diffusers_hprune.pipelines.pruned import KNOWN_PIPELINES, check_pipeline_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
+from diffusers_hprune.pipelines.pruned import check_pipeline_family, known_pipeline
 from diffusers_hprune.profiles import generation_kwargs
 from diffusers_hprune.utils.checks import InputError, check_number, read_text_file, refuse_pickled
 from diffusers_hprune.utils.compat import execution_device
@@ -74,7 +74,7 @@ def check_pipeline_weights(folder: str | os.PathLike) -> None:
     check_model_index(index, folder)  # its shape, and no "../x" component Diffusers would read outside the folder
     if (folder / "transformer" / "config.json").is_file():
         config = load_transformer_config(folder)  # sizes bounded before Diffusers builds the model (num_layers 1e8)
-        if index["_class_name"] in KNOWN_PIPELINES:
+        if known_pipeline(index["_class_name"]):
             check_pipeline_family(index["_class_name"], config, folder)
     for name, entry in index.items():
         if not name.startswith("_") and isinstance(entry, list) and (folder / name).is_dir():

@@ -27,13 +27,13 @@ PLAN_FORMAT_VERSION = 1
 #: that a corrupt or hostile file cannot make anything that loops or allocates per block run away.
 MAX_BLOCKS = 10_000
 
-# family name -> its component vocabulary, as the family registry (diffusers_hprune.families, a layer
+# family name -> its component vocabulary, as the family registry (diffusers_hprune.architecture, a layer
 # above this module) reports it. A plan checks its names against it; the structure itself stays the family's.
 _family_vocabularies: Callable[[], Mapping[str, Sequence[str]]] = dict
 
 
 def use_family_registry(vocabularies: Callable[[], Mapping[str, Sequence[str]]]) -> None:
-    """Called once by :mod:`diffusers_hprune.families`: where plans look up family names and components."""
+    """Called once by :mod:`diffusers_hprune.architecture`: where plans look up family names and components."""
     global _family_vocabularies
     _family_vocabularies = vocabularies
 
@@ -46,7 +46,7 @@ class PrunePlan:
         removed_blocks: global indices of blocks removed whole (the block becomes the identity).
         removed_components: block index -> canonical component names removed from that block
             (e.g. ``{12: ["ff_context"], 30: ["attn", "norm1"]}``); see DESIGN.md section 5.
-        family: the model family the plan was made for (``"sd3"`` or ``"flux"``).
+        family: the name of the model family the plan was made for (a registered family, e.g. SD3's or FLUX's).
         num_blocks: the number of blocks of the transformer the plan was made for.
         metadata: free-form provenance (strategy, target ratio, ...); saved, never interpreted.
 

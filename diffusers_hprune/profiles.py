@@ -24,8 +24,8 @@ from pathlib import PurePath
 from typing import Any
 
 from diffusers_hprune import toy
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import BUILTIN_CONFIGS, load_transformer_config
+from diffusers_hprune.architecture import family_names, get_family
+from diffusers_hprune.architecture.inventory import builtin_configs, load_transformer_config
 from diffusers_hprune.utils.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -74,30 +74,27 @@ def _toy_profile(family: str) -> GenerationProfile:
                              argument, kwargs["max_sequence_length"], kwargs["height"], extra)
 
 
-# The model cards' settings (Hugging Face model cards of each repository, diffusers usage examples).
+def _published_profiles() -> list[GenerationProfile]:
+    """The profile of every published model of every registered family (``ModelFamily.published_models``)."""
+    return [GenerationProfile(name, **settings) for family in family_names()
+            for name, settings in get_family(family).published_models.items()]
+
+
+#: Profile name -> profile: the published models of the built-in families, then the toys.
 PROFILES: dict[str, GenerationProfile] = {p.name: p for p in (
-    GenerationProfile("sd3.5-large-turbo", "Stable Diffusion 3.5 Large Turbo",
-                      ("stabilityai/stable-diffusion-3.5-large-turbo",), 4, 0.0, "guidance_scale", 256, 1024),
-    GenerationProfile("sd3.5-large", "Stable Diffusion 3.5 Large", ("stabilityai/stable-diffusion-3.5-large",),
-                      28, 3.5, "guidance_scale", 256, 1024),
-    GenerationProfile("sd3.5-medium", "Stable Diffusion 3.5 Medium", ("stabilityai/stable-diffusion-3.5-medium",),
-                      40, 4.5, "guidance_scale", 256, 1024),
-    GenerationProfile("sd3-medium", "Stable Diffusion 3 Medium", ("stabilityai/stable-diffusion-3-medium-diffusers",
-                                                                 "stabilityai/stable-diffusion-3-medium"),
-                      28, 7.0, "guidance_scale", 256, 1024),
-    GenerationProfile("flux.1-schnell", "FLUX.1 [schnell]", ("black-forest-labs/FLUX.1-schnell",),
-                      4, 0.0, "guidance_scale", 256, 1024),
-    GenerationProfile("flux.1-dev", "FLUX.1 [dev]", ("black-forest-labs/FLUX.1-dev",),
-                      50, 3.5, "guidance_scale", 512, 1024),
-    _toy_profile("sd3"),
-    _toy_profile("flux"),
+    *_published_profiles(),
+    *(_toy_profile(name) for name in toy.FAMILIES),
 )}
+
+
+def _profiles() -> dict[str, GenerationProfile]:
+    """:data:`PROFILES` and the published models of families registered after it was built."""
+    return {**PROFILES, **{p.name: p for p in _published_profiles() if p.name not in PROFILES}}
+
 
 # Config entries that tell the shipped architectures apart (the rest are shared or names).
 _SIGNATURE = ("_class_name", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
               "joint_attention_dim", "qk_norm", "dual_attention_layers", "guidance_embeds")
-# A config that matches one of these is assumed to be the first model named (the others share it).
-_SAME_ARCHITECTURE = {"sd3.5-large": ("sd3.5-large", "sd3.5-large-turbo")}
 
 
 def _names(model: Any) -> list[str]:
@@ -122,7 +119,7 @@ def _by_name(name: str) -> GenerationProfile | None:
         return PROFILES["toy-" + family]
     text = name.strip().rstrip("/").lower()
     base = text.split("/")[-1]
-    for profile in PROFILES.values():
+    for profile in _profiles().values():
         ids = {r.lower() for r in profile.repo_ids}
         if text in ids or base in {profile.name} | {r.split("/")[-1] for r in ids}:
             return profile
@@ -141,10 +138,16 @@ def _signature(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def _shipped_signatures() -> dict[str, tuple[str, dict[str, Any]]]:
-    """Built-in config name -> (family, signature), read from the shipped files once."""
-    configs = {name: load_transformer_config(name) for name in BUILTIN_CONFIGS}
+def _shipped_signatures(families: tuple[str, ...]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Built-in config name -> (family, signature), read from the shipped files once per set of families."""
+    configs = {name: load_transformer_config(name) for name in builtin_configs()}
     return {name: (get_family(config).name, _signature(config)) for name, config in configs.items()}
+
+
+def _same_architecture(name: str, family: str) -> tuple[str, ...]:
+    """The published models whose built-in config is ``name``'s file (e.g. SD3.5 Large and Large Turbo)."""
+    files = get_family(family).builtin_configs
+    return tuple(other for other, file in files.items() if file == files[name]) if name in files else (name,)
 
 
 def _by_config(model: Any) -> tuple[GenerationProfile, str] | None:
@@ -157,10 +160,12 @@ def _by_config(model: Any) -> tuple[GenerationProfile, str] | None:
     except UnsupportedModelError:
         return None
     signature = _signature(config)
-    for name, (shipped_family, shipped) in _shipped_signatures().items():
+    profiles = _profiles()
+    for name, (shipped_family, shipped) in _shipped_signatures(family_names()).items():
         if shipped_family == family and signature == shipped:
-            names = _SAME_ARCHITECTURE.get(name, (name,))
-            return PROFILES[names[0]], " and ".join(names) if len(names) > 1 else ""
+            names = tuple(n for n in _same_architecture(name, family) if n in profiles)
+            if names:
+                return profiles[names[0]], " and ".join(names) if len(names) > 1 else ""
     return None
 
 

@@ -901,13 +901,13 @@ PLAN_FORMAT_VERSION = 1
 #: that a corrupt or hostile file cannot make anything that loops or allocates per block run away.
 MAX_BLOCKS = 10_000
 
-# family name -> its component vocabulary, as the family registry (diffusers_hprune.families, a layer
+# family name -> its component vocabulary, as the family registry (diffusers_hprune.architecture, a layer
 # above this module) reports it. A plan checks its names against it; the structure itself stays the family's.
 _family_vocabularies: Callable[[], Mapping[str, Sequence[str]]] = dict
 
 
 def use_family_registry(vocabularies: Callable[[], Mapping[str, Sequence[str]]]) -> None:
-    """Called once by :mod:`diffusers_hprune.families`: where plans look up family names and components."""
+    """Called once by :mod:`diffusers_hprune.architecture`: where plans look up family names and components."""
     global _family_vocabularies
     _family_vocabularies = vocabularies
 
@@ -920,7 +920,7 @@ class PrunePlan:
         removed_blocks: global indices of blocks removed whole (the block becomes the identity).
         removed_components: block index -> canonical component names removed from that block
             (e.g. ``{12: ["ff_context"], 30: ["attn", "norm1"]}``); see DESIGN.md section 5.
-        family: the model family the plan was made for (``"sd3"`` or ``"flux"``).
+        family: the name of the model family the plan was made for (a registered family, e.g. SD3's or FLUX's).
         num_blocks: the number of blocks of the transformer the plan was made for.
         metadata: free-form provenance (strategy, target ratio, ...); saved, never interpreted.
 
@@ -1151,265 +1151,27 @@ def _json_type(value: Any) -> str:
     return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
 
 
-# ------------------------ diffusers_hprune.families.base ------------------------
+# ------------------------ diffusers_hprune.architecture.checkpoints ------------------------
 
-"""What every model family module provides, and the mechanics they share.
+"""How a family's checkpoints are named: the pruned state dict, the removal markers, the stock export's
+renumbered names, and LoRAs made for the unpruned model.
 
-A family module (``sd3.py``, ``flux.py``) is the ONE place that knows a model
-family's structure: which blocks exist in which order, which components each
-block has, which parameters each component owns, and how each is removed. Every
-other stage (planning, analysis, distillation, quantisation, reports) asks the
-family object instead of naming modules itself.
+:class:`CheckpointLayout` is a part of :class:`~diffusers_hprune.architecture.base.ModelFamily`; its methods
+read only the family's structure (``block_specs``, ``component_submodules``, ``shared_parameter_slices``).
 """
 
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 
-BLOCK = "block"
-"""Pseudo-component name for a whole block (used by analysis reports and plans)."""
 
+class CheckpointLayout:
+    """The checkpoint side of a model family (mixed into ``ModelFamily``)."""
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """One transformer block, as the method sees it.
-
-    Attributes:
-        index: global execution-order index (FLUX: double blocks first, then single blocks).
-        path: module path inside the transformer, e.g. ``"single_transformer_blocks.3"``.
-        kind: ``"joint"`` (SD3 JointTransformerBlock), ``"double"`` or ``"single"`` (FLUX).
-        components: canonical names of the removable components of this block.
-        branches: the subset of ``components`` that are residual branches; a block
-            with every branch removed is the identity and counts as a removed block.
-        dual_attention: SD3.5 dual-attention block (``attn`` then covers ``attn`` and ``attn2``).
-        context_pre_only: SD3 last block (no text-stream output, no ``ff_context``).
-        modulations: ``(modulation, the branches that read it)`` for each AdaLN modulation of the
-            block: a modulation whose every reader is removed computes nothing that is used, and a
-            plan removes it too (:meth:`ModelFamily.unread_modulations`).
-    """
-
-    index: int
-    path: str
-    kind: str
-    components: tuple[str, ...]
-    branches: tuple[str, ...]
-    dual_attention: bool = False
-    context_pre_only: bool = False
-    modulations: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-
-class ModelFamily:
-    """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
-
-    name: str = ""
-    display_name: str = ""
     base_class_name: str = ""
-    pruned_class_name: str = ""
-    component_names: tuple[str, ...] = ()
-    default_alpha: float = 0.0
-    """Position-weight alpha the paper used for this family (DESIGN.md section 6, step 2)."""
-    input_modules: tuple[str, ...] = ()
-    """Top-level modules that run before the first block (embedders)."""
-    output_modules: tuple[str, ...] = ("norm_out", "proj_out")
-    """Top-level modules that run after the last block."""
-    nf4_skip_modules: tuple[str, ...] | None = None
-    """Modules kept in 16-bit when quantising to NF4 (default: the input and output modules).
-
-    Diffusers' bitsandbytes loader matches these names at any depth (a linear layer whose
-    own name is listed is skipped wherever it sits), so a family lists only names that do
-    not also occur inside its blocks.
-    """
-
-    @property
-    def default_nf4_skip_modules(self) -> tuple[str, ...]:
-        return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
-
-    negative_prompt_default: str | None = None
-    """The negative prompt the family's pipeline encodes itself when its guidance needs one and none is given
-    (SD3: the empty prompt); ``None`` when it then draws without (FLUX's true CFG needs a negative prompt)."""
-
-    text_has_clip_tokens: bool = False
-    """True when the transformer's text stream holds the CLIP tokens before the T5 tokens (SD3)."""
-
-    def text_tokens(self, max_sequence_length: int, clip_length: int = 77) -> int:
-        """Tokens of the transformer's text stream for a T5 length (SD3: CLIP's ``clip_length`` + T5's)."""
-        return max_sequence_length + (clip_length if self.text_has_clip_tokens else 0)
-
-    def latent_channels(self, config: Mapping[str, Any]) -> int:
-        """Channels of the VAE latents the transformer denoises (before any patch packing)."""
-        return int(config["in_channels"])
-
-    # -- identification -------------------------------------------------------
-    @property
-    def base_class(self) -> type:
-        import diffusers
-
-        return getattr(diffusers, self.base_class_name)
-
-    def matches(self, obj: Any) -> bool:
-        """True for a transformer instance/class of this family or a config naming one."""
-        if isinstance(obj, Mapping):
-            return obj.get("_class_name") in (self.base_class_name, self.pruned_class_name)
-        cls = obj if isinstance(obj, type) else type(obj)
-        return issubclass(cls, self.base_class)
-
-    # -- structure --------------------------------------------------------------
-    def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
-        """Every block in execution order, derived from the transformer config alone."""
-        raise NotImplementedError
-
-    def component_submodules(self, spec: BlockSpec, component: str) -> tuple[str, ...]:
-        """Submodule names (relative to the block) whose parameters belong wholly to ``component``."""
-        raise NotImplementedError
-
-    def shared_parameter_slices(self, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> dict[str, tuple[int, slice]]:
-        """Parameters that a component owns only a slice of: name (relative to the block) -> (dim, slice)."""
-        return {}
-
-    def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
-        """A module replacing ``block`` with the ``removed`` components gone (adopts the kept submodules)."""
-        raise NotImplementedError
-
-    def num_blocks(self, config: Mapping[str, Any]) -> int:
-        return len(self.block_specs(config))
-
-    # -- denoising: how the family's pipelines feed the transformer --------------------
-    def encode_text(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
-        """Text conditioning of ``prompts`` with the pipeline's encoders: ``prompt_embeds``, ``pooled_projections``."""
-        raise NotImplementedError
-
-    def denoiser_inputs(self, transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
-                        text: Mapping[str, torch.Tensor], guidance_scale: float | None = None) -> dict[str, Any]:
-        """Transformer keyword arguments for noisy ``latents`` (``B, C, H, W``, the VAE's scaled latent space)
-        at noise levels ``sigmas`` (``B``, in [0, 1]), in the family's own conventions."""
-        raise NotImplementedError
-
-    def denoiser_output(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """The transformer's prediction in the shape of ``latents`` (``B, C, H, W``)."""
-        return output
-
-    def pipeline_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Latents a pipeline returned with ``output_type="latent"``, as ``B, C, H, W``."""
-        return latents
-
-    # -- parameter accounting -----------------------------------------------------
-    def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
-        """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""
-        return sum(n for _, n, _ in self.component_parameters(block, spec, component, config))
-
-    def component_parameters(
-        self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]
-    ) -> list[tuple[str, int, bool]]:
-        """``(name, numel, is_linear_weight)`` of every parameter (or slice of one) that ``component`` owns.
-
-        Names are relative to the block; a slice keeps the name of its parameter. The
-        flag tells the memory estimates which parameters 4-bit quantisation would pack.
-        """
-        if component == BLOCK:
-            return _parameters_of(block, "")
-        out = []
-        for sub in self.component_submodules(spec, component):
-            module = getattr(block, sub, None)
-            if module is not None:
-                out += _parameters_of(module, sub + ".")
-        params = dict(block.named_parameters())
-        for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
-            owner = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            linear = isinstance(owner, nn.Linear) and name.endswith(".weight")
-            out.append((name, params[name].narrow(dim, sl.start, sl.stop - sl.start).numel(), linear))
-        return out
-
-    # -- plans ------------------------------------------------------------------------
-    def empty_plan(self, config: Mapping[str, Any]) -> PrunePlan:
-        return PrunePlan(family=self.name, num_blocks=self.num_blocks(config))
-
-    def check_plan(self, plan: PrunePlan, config: Mapping[str, Any]) -> PrunePlan:
-        """Validate ``plan`` against a concrete config and return its normalised form.
-
-        Raises :class:`PlanError` when the plan was made for another family or block
-        count, or names a component a block does not have. A block whose residual
-        branches are all removed is the identity, so it is moved to ``removed_blocks``; a
-        modulation whose every reader is removed is removed with them
-        (:meth:`unread_modulations`): it holds weights that no longer change the output and
-        would never get a gradient in training.
-        """
-        if plan.family != self.name:
-            raise PlanError(
-                f"This prune plan was made for the {plan.family!r} family but the model is a {self.display_name} "
-                f"({self.name!r}) transformer; make a plan for this model (e.g. `hprune plan` on its analysis)."
-            )
-        specs = self.block_specs(config)
-        if plan.num_blocks != len(specs):
-            raise PlanError(
-                f"This prune plan was made for a {plan.family} transformer with {plan.num_blocks} blocks, but the "
-                f"model has {len(specs)} blocks; make a plan for this model."
-            )
-        removed_blocks = set(plan.removed_blocks)
-        components: dict[int, list[str]] = {}
-        for index, names in plan.removed_components.items():
-            spec = specs[index]
-            invalid = [n for n in names if n not in spec.components]
-            if invalid:
-                raise PlanError(
-                    f"Block {index} ({spec.path}, a {spec.kind} block) has no component(s) {invalid}; "
-                    f"its components are {', '.join(spec.components)}."
-                )
-            if set(spec.branches) <= set(names):
-                removed_blocks.add(index)
-            else:
-                components[index] = [*names, *self.unread_modulations(spec, names)]
-        normalised = PrunePlan(
-            removed_blocks=sorted(removed_blocks),
-            removed_components=components,
-            family=plan.family,
-            num_blocks=plan.num_blocks,
-            metadata=plan.metadata,
-        )
-        return normalised
-
-    @staticmethod
-    def unread_modulations(spec: BlockSpec, removed) -> list[str]:
-        """The modulations of ``spec`` that ``removed`` leaves without a reader, not yet in ``removed``.
-
-        E.g. a dual-stream block without ``attn`` and ``ff_context``: nothing reads the text
-        modulation ``norm1_context`` any more.
-        """
-        return [m for m in _unread(spec, removed) if m not in set(removed)]
-
-    def unread_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
-        """Module paths of the removed modulations that no kept branch of their block reads (``plan`` normalised).
-
-        Their weights change nothing in the output: a checkpoint saved before plans listed such a
-        modulation (it holds its weights) loads without them and computes the same images.
-        """
-        out = []
-        for spec in self.block_specs(config):
-            removed = plan.removed_components.get(spec.index, ())
-            for m in _unread(spec, removed):
-                if m in removed:
-                    out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, m)]
-        return out
-
-    # -- surgery ------------------------------------------------------------------------
-    def block_modules(self, model: nn.Module) -> list[nn.Module]:
-        """The block modules of ``model`` in execution order."""
-        return [model.get_submodule(spec.path) for spec in self.block_specs(model.config)]
-
-    def apply_plan(self, model: nn.Module, plan: PrunePlan) -> None:
-        """Replace, in place, the removed blocks and components of ``model`` (plan already checked)."""
-        for spec in self.block_specs(model.config):
-            if spec.index in plan.removed_blocks:
-                block = model.get_submodule(spec.path)
-                model.set_submodule(spec.path, RemovedBlock(context_pre_only=getattr(block, "context_pre_only", False)))
-            elif spec.index in plan.removed_components:
-                block = model.get_submodule(spec.path)
-                removed = frozenset(plan.removed_components[spec.index])
-                model.set_submodule(spec.path, self.pruned_block(block, spec, removed))
 
     def prune_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]
@@ -1435,20 +1197,6 @@ class ModelFamily:
                 tensor = _remove_slices(tensor, slices[key])
             out[key] = tensor
         return out
-
-    # -- Diffusers' hooks and regional compilation ---------------------------------------------
-    def pruned_block_classes(self) -> tuple[type, ...]:
-        """The block classes a pruned model of this family may hold besides the stock ones."""
-        return (RemovedBlock,)
-
-    def register_with_diffusers_hooks(self) -> None:
-        """Tell Diffusers' cache hooks (First Block Cache, TaylorSeer, ...) how the pruned blocks return their streams.
-
-        Like the stock SD3 and FLUX blocks, every pruned block returns ``(text, image)``. Diffusers
-        keeps this in a private registry (``diffusers.hooks._helpers``); without it, a hook stops
-        with "Model class ... not registered". Called when a pruned model is built.
-        """
-        register_block_streams(self.pruned_block_classes(), text_index=0, image_index=1)
 
     # -- LoRAs made for the unpruned model ---------------------------------------------------
     def sliced_layers(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, tuple[int, list[slice], int]]:
@@ -1644,6 +1392,330 @@ class ModelFamily:
             out[head + rename(name)] = tensor
         return out, dropped
 
+
+def _without_prefix(key: str, prefix: str) -> tuple[str, str]:
+    """``(prefix, rest)`` when ``key`` starts with ``prefix`` (e.g. ``"transformer."``), else ``("", key)``."""
+    return (prefix, key[len(prefix):]) if prefix and key.startswith(prefix) else ("", key)
+
+
+def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:
+    """``tensor`` without the given (dim, slice) parts, all along one dimension."""
+    dim = parts[0][0]
+    removed = set()
+    for d, sl in parts:
+        assert d == dim, "slices of one parameter must share a dimension"
+        removed.update(range(sl.start, sl.stop))
+    keep = [i for i in range(tensor.shape[dim]) if i not in removed]
+    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
+    return tensor.index_select(dim, index).contiguous()
+
+
+# ------------------------ diffusers_hprune.architecture.base ------------------------
+
+"""What every model family provides, and the mechanics they share.
+
+A family's folder (``diffusers_hprune/families/sd3/``, ``families/flux/``) is the ONE place that
+knows the family: which blocks exist in which order, which components each block has, which
+parameters each component owns, how each is removed, its pruned model and pipeline classes, its
+published pipeline's components (for the memory budget) and its part of the remote code. Every
+other stage (planning, analysis, distillation, quantisation, budget, reports) asks the family
+object instead of naming modules itself.
+"""
+
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+BLOCK = "block"
+"""Pseudo-component name for a whole block (used by analysis reports and plans)."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One transformer block, as the method sees it.
+
+    Attributes:
+        index: global execution-order index (FLUX: double blocks first, then single blocks).
+        path: module path inside the transformer, e.g. ``"single_transformer_blocks.3"``.
+        kind: ``"joint"`` (SD3 JointTransformerBlock), ``"double"`` or ``"single"`` (FLUX).
+        components: canonical names of the removable components of this block.
+        branches: the subset of ``components`` that are residual branches; a block
+            with every branch removed is the identity and counts as a removed block.
+        dual_attention: SD3.5 dual-attention block (``attn`` then covers ``attn`` and ``attn2``).
+        context_pre_only: SD3 last block (no text-stream output, no ``ff_context``).
+        modulations: ``(modulation, the branches that read it)`` for each AdaLN modulation of the
+            block: a modulation whose every reader is removed computes nothing that is used, and a
+            plan removes it too (:meth:`ModelFamily.unread_modulations`).
+    """
+
+    index: int
+    path: str
+    kind: str
+    components: tuple[str, ...]
+    branches: tuple[str, ...]
+    dual_attention: bool = False
+    context_pre_only: bool = False
+    modulations: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+class ModelFamily(CheckpointLayout):
+    """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
+
+    name: str = ""
+    display_name: str = ""
+    base_class_name: str = ""
+    pruned_class_name: str = ""
+    component_names: tuple[str, ...] = ()
+    default_alpha: float = 0.0
+    """Position-weight alpha the paper used for this family (DESIGN.md section 6, step 2)."""
+    input_modules: tuple[str, ...] = ()
+    """Top-level modules that run before the first block (embedders)."""
+    output_modules: tuple[str, ...] = ("norm_out", "proj_out")
+    """Top-level modules that run after the last block."""
+    nf4_skip_modules: tuple[str, ...] | None = None
+    """Modules kept in 16-bit when quantising to NF4 (default: the input and output modules).
+
+    Diffusers' bitsandbytes loader matches these names at any depth (a linear layer whose
+    own name is listed is skipped wherever it sits), so a family lists only names that do
+    not also occur inside its blocks.
+    """
+
+    @property
+    def default_nf4_skip_modules(self) -> tuple[str, ...]:
+        return self.nf4_skip_modules if self.nf4_skip_modules is not None else self.input_modules + self.output_modules
+
+    negative_prompt_default: str | None = None
+    """The negative prompt the family's pipeline encodes itself when its guidance needs one and none is given
+    (SD3: the empty prompt); ``None`` when it then draws without (FLUX's true CFG needs a negative prompt)."""
+
+    text_has_clip_tokens: bool = False
+    """True when the transformer's text stream holds the CLIP tokens before the T5 tokens (SD3)."""
+
+    def text_tokens(self, max_sequence_length: int, clip_length: int = 77) -> int:
+        """Tokens of the transformer's text stream for a T5 length (SD3: CLIP's ``clip_length`` + T5's)."""
+        return max_sequence_length + (clip_length if self.text_has_clip_tokens else 0)
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """Channels of the VAE latents the transformer denoises (before any patch packing)."""
+        return int(config["in_channels"])
+
+    # -- the family's folder: its classes, configs and published pipeline -----------------------
+    model_module: str = ""
+    """The module that defines the pruned transformer class (``pruned_class_name``); imported on first use."""
+    pipeline_module: str = ""
+    """The module whose ``PIPELINES`` maps each task (``"text2image"``, ``"image2image"``, ``"inpaint"``) to
+    ``(stock pipeline class, pruned pipeline class)``; imported on first use. Empty: the family has no pipelines."""
+    auto_pipeline_name: str = ""
+    """The pruned pipelines' model type in Diffusers' ``AutoPipelineFor*`` tables (e.g. ``hprune-flux``)."""
+    builtin_configs: Mapping[str, str] = {}
+    """Published transformer configs the family ships: name (``hprune budget sd3.5-large``) -> a file in the
+    ``configs`` folder beside the family's module."""
+    published_components: Mapping[str, int] = {}
+    """Parameter count of each component of the family's published pipeline besides the transformer (text
+    encoders, ``vae``): what the memory budget assumes when no pipeline folder is at hand."""
+    published_vae_config: Mapping[str, Any] = {}
+    """The published pipeline's VAE config (the budget's default, as ``published_components``)."""
+    published_models: Mapping[str, Mapping[str, Any]] = {}
+    """Name -> how each published model of the family is meant to be called (its model card's settings):
+    ``display_name``, ``repo_ids``, ``num_inference_steps``, ``guidance_scale``, ``guidance_argument``,
+    ``max_sequence_length``, ``resolution`` (``profiles.GenerationProfile``). A name that is also in
+    ``builtin_configs`` is recognised by its config too; models sharing one config file share an architecture."""
+    guidance_is_cfg: bool = False
+    """True when the pipeline's ``guidance_scale`` runs classifier-free guidance (two transformer passes a step)."""
+    paper_max_sequence_length: int = 256
+    """The T5 length of the paper's protocol for this family: the budget's default for inference."""
+
+    @property
+    def folder_package(self) -> str:
+        """The package of the family's folder (where its ``configs`` live): the package of its class's module."""
+        return type(self).__module__.rpartition(".")[0]
+
+    # -- identification -------------------------------------------------------
+    @property
+    def base_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.base_class_name)
+
+    def matches(self, obj: Any) -> bool:
+        """True for a transformer instance/class of this family or a config naming one."""
+        if isinstance(obj, Mapping):
+            return obj.get("_class_name") in (self.base_class_name, self.pruned_class_name)
+        cls = obj if isinstance(obj, type) else type(obj)
+        return issubclass(cls, self.base_class)
+
+    # -- structure --------------------------------------------------------------
+    def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
+        """Every block in execution order, derived from the transformer config alone."""
+        raise NotImplementedError
+
+    def component_submodules(self, spec: BlockSpec, component: str) -> tuple[str, ...]:
+        """Submodule names (relative to the block) whose parameters belong wholly to ``component``."""
+        raise NotImplementedError
+
+    def shared_parameter_slices(self, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> dict[str, tuple[int, slice]]:
+        """Parameters that a component owns only a slice of: name (relative to the block) -> (dim, slice)."""
+        return {}
+
+    def pruned_block(self, block: nn.Module, spec: BlockSpec, removed: frozenset[str]) -> nn.Module:
+        """A module replacing ``block`` with the ``removed`` components gone (adopts the kept submodules)."""
+        raise NotImplementedError
+
+    def num_blocks(self, config: Mapping[str, Any]) -> int:
+        return len(self.block_specs(config))
+
+    # -- denoising: how the family's pipelines feed the transformer --------------------
+    def encode_text(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Text conditioning of ``prompts`` with the pipeline's encoders: ``prompt_embeds``, ``pooled_projections``."""
+        raise NotImplementedError
+
+    def denoiser_inputs(self, transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                        text: Mapping[str, torch.Tensor], guidance_scale: float | None = None) -> dict[str, Any]:
+        """Transformer keyword arguments for noisy ``latents`` (``B, C, H, W``, the VAE's scaled latent space)
+        at noise levels ``sigmas`` (``B``, in [0, 1]), in the family's own conventions."""
+        raise NotImplementedError
+
+    def denoiser_output(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's prediction in the shape of ``latents`` (``B, C, H, W``)."""
+        return output
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents a pipeline returned with ``output_type="latent"``, as ``B, C, H, W``."""
+        return latents
+
+    # -- parameter accounting -----------------------------------------------------
+    def component_numel(self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]) -> int:
+        """Parameters held by ``component`` of the (unpruned) ``block``; works on the meta device."""
+        return sum(n for _, n, _ in self.component_parameters(block, spec, component, config))
+
+    def component_parameters(
+        self, block: nn.Module, spec: BlockSpec, component: str, config: Mapping[str, Any]
+    ) -> list[tuple[str, int, bool]]:
+        """``(name, numel, is_linear_weight)`` of every parameter (or slice of one) that ``component`` owns.
+
+        Names are relative to the block; a slice keeps the name of its parameter. The
+        flag tells the memory estimates which parameters 4-bit quantisation would pack.
+        """
+        if component == BLOCK:
+            return _parameters_of(block, "")
+        out = []
+        for sub in self.component_submodules(spec, component):
+            module = getattr(block, sub, None)
+            if module is not None:
+                out += _parameters_of(module, sub + ".")
+        params = dict(block.named_parameters())
+        for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
+            owner = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+            linear = isinstance(owner, nn.Linear) and name.endswith(".weight")
+            out.append((name, params[name].narrow(dim, sl.start, sl.stop - sl.start).numel(), linear))
+        return out
+
+    # -- plans ------------------------------------------------------------------------
+    def empty_plan(self, config: Mapping[str, Any]) -> PrunePlan:
+        return PrunePlan(family=self.name, num_blocks=self.num_blocks(config))
+
+    def check_plan(self, plan: PrunePlan, config: Mapping[str, Any]) -> PrunePlan:
+        """Validate ``plan`` against a concrete config and return its normalised form.
+
+        Raises :class:`PlanError` when the plan was made for another family or block
+        count, or names a component a block does not have. A block whose residual
+        branches are all removed is the identity, so it is moved to ``removed_blocks``; a
+        modulation whose every reader is removed is removed with them
+        (:meth:`unread_modulations`): it holds weights that no longer change the output and
+        would never get a gradient in training.
+        """
+        if plan.family != self.name:
+            raise PlanError(
+                f"This prune plan was made for the {plan.family!r} family but the model is a {self.display_name} "
+                f"({self.name!r}) transformer; make a plan for this model (e.g. `hprune plan` on its analysis)."
+            )
+        specs = self.block_specs(config)
+        if plan.num_blocks != len(specs):
+            raise PlanError(
+                f"This prune plan was made for a {plan.family} transformer with {plan.num_blocks} blocks, but the "
+                f"model has {len(specs)} blocks; make a plan for this model."
+            )
+        removed_blocks = set(plan.removed_blocks)
+        components: dict[int, list[str]] = {}
+        for index, names in plan.removed_components.items():
+            spec = specs[index]
+            invalid = [n for n in names if n not in spec.components]
+            if invalid:
+                raise PlanError(
+                    f"Block {index} ({spec.path}, a {spec.kind} block) has no component(s) {invalid}; "
+                    f"its components are {', '.join(spec.components)}."
+                )
+            if set(spec.branches) <= set(names):
+                removed_blocks.add(index)
+            else:
+                components[index] = [*names, *self.unread_modulations(spec, names)]
+        normalised = PrunePlan(
+            removed_blocks=sorted(removed_blocks),
+            removed_components=components,
+            family=plan.family,
+            num_blocks=plan.num_blocks,
+            metadata=plan.metadata,
+        )
+        return normalised
+
+    @staticmethod
+    def unread_modulations(spec: BlockSpec, removed) -> list[str]:
+        """The modulations of ``spec`` that ``removed`` leaves without a reader, not yet in ``removed``.
+
+        E.g. a dual-stream block without ``attn`` and ``ff_context``: nothing reads the text
+        modulation ``norm1_context`` any more.
+        """
+        return [m for m in _unread(spec, removed) if m not in set(removed)]
+
+    def unread_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
+        """Module paths of the removed modulations that no kept branch of their block reads (``plan`` normalised).
+
+        Their weights change nothing in the output: a checkpoint saved before plans listed such a
+        modulation (it holds its weights) loads without them and computes the same images.
+        """
+        out = []
+        for spec in self.block_specs(config):
+            removed = plan.removed_components.get(spec.index, ())
+            for m in _unread(spec, removed):
+                if m in removed:
+                    out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, m)]
+        return out
+
+    # -- surgery ------------------------------------------------------------------------
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The block modules of ``model`` in execution order."""
+        return [model.get_submodule(spec.path) for spec in self.block_specs(model.config)]
+
+    def apply_plan(self, model: nn.Module, plan: PrunePlan) -> None:
+        """Replace, in place, the removed blocks and components of ``model`` (plan already checked)."""
+        for spec in self.block_specs(model.config):
+            if spec.index in plan.removed_blocks:
+                block = model.get_submodule(spec.path)
+                model.set_submodule(spec.path, RemovedBlock(context_pre_only=getattr(block, "context_pre_only", False)))
+            elif spec.index in plan.removed_components:
+                block = model.get_submodule(spec.path)
+                removed = frozenset(plan.removed_components[spec.index])
+                model.set_submodule(spec.path, self.pruned_block(block, spec, removed))
+
+    # -- Diffusers' hooks and regional compilation ---------------------------------------------
+    def pruned_block_classes(self) -> tuple[type, ...]:
+        """The block classes a pruned model of this family may hold besides the stock ones."""
+        return (RemovedBlock,)
+
+    def register_with_diffusers_hooks(self) -> None:
+        """Tell Diffusers' cache hooks (First Block Cache, TaylorSeer, ...) how the pruned blocks return their streams.
+
+        Like the stock SD3 and FLUX blocks, every pruned block returns ``(text, image)``. Diffusers
+        keeps this in a private registry (``diffusers.hooks._helpers``); without it, a hook stops
+        with "Model class ... not registered". Called when a pruned model is built.
+        """
+        register_block_streams(self.pruned_block_classes(), text_index=0, image_index=1)
+
 def adapter_layers(model: nn.Module) -> list[str]:
     """Module paths of ``model`` that hold (unfused or fused but not unloaded) PEFT adapter layers."""
     try:
@@ -1671,11 +1743,6 @@ def _unread(spec: BlockSpec, removed) -> list[str]:
     return [m for m, readers in spec.modulations if set(readers) <= gone]
 
 
-def _without_prefix(key: str, prefix: str) -> tuple[str, str]:
-    """``(prefix, rest)`` when ``key`` starts with ``prefix`` (e.g. ``"transformer."``), else ``("", key)``."""
-    return (prefix, key[len(prefix):]) if prefix and key.startswith(prefix) else ("", key)
-
-
 def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:
     out = []
     for module_name, sub in module.named_modules():
@@ -1683,18 +1750,6 @@ def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]
             name = f"{prefix}{module_name}.{pname}" if module_name else f"{prefix}{pname}"
             out.append((name, p.numel(), isinstance(sub, nn.Linear) and pname == "weight"))
     return out
-
-
-def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:
-    """``tensor`` without the given (dim, slice) parts, all along one dimension."""
-    dim = parts[0][0]
-    removed = set()
-    for d, sl in parts:
-        assert d == dim, "slices of one parameter must share a dimension"
-        removed.update(range(sl.start, sl.stop))
-    keep = [i for i in range(tensor.shape[dim]) if i not in removed]
-    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
-    return tensor.index_select(dim, index).contiguous()
 
 
 class RemovedBlock(nn.Module):
@@ -1740,7 +1795,7 @@ def gated(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return x if gate is None else gate.unsqueeze(1) * x
 
 
-# ------------------------ diffusers_hprune.families.mmdit ------------------------
+# ------------------------ diffusers_hprune.architecture.mmdit ------------------------
 
 """The dual-stream MMDiT block with removable components.
 
@@ -1855,7 +1910,110 @@ class PrunedDualStreamBlock(nn.Module):
         return encoder_hidden_states, hidden_states
 
 
-# ------------------------ diffusers_hprune.families.sd3 ------------------------
+# ------------------------ diffusers_hprune.architecture.published ------------------------
+
+"""Parameter counts and configs of published components that several families' pipelines share.
+
+Counted from the safetensors headers of the Hub checkpoints. A family's folder says which of them its
+published pipeline holds (``ModelFamily.published_components``, ``published_vae_config``); the memory
+budget uses them when no pipeline folder is at hand.
+"""
+
+
+CLIP_L = 123_650_304  # CLIPTextModelWithProjection, ViT-L/14
+CLIP_L_TEXT_MODEL = 123_060_480  # CLIPTextModel, ViT-L/14 (no projection)
+CLIP_G = 694_659_840 + 1280 * 1280  # OpenCLIP ViT-bigG/14 text model + projection
+T5_XXL = 4_762_310_656  # T5EncoderModel, t5-v1_1-xxl
+VAE_16_CHANNELS = 83_653_863  # AutoencoderKL of VAE_16_CHANNELS_LAYOUT
+
+#: The 16-channel AutoencoderKL of SD3 / SD3.5 and FLUX.1 (each family sets its own scaling and shift).
+VAE_16_CHANNELS_LAYOUT = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3,
+    "out_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
+    "mid_block_add_attention": True, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024,
+}
+
+
+# ------------------------ diffusers_hprune.architecture ------------------------
+
+"""Model-family registry, and what every family shares (``base``, ``checkpoints``, ``mmdit``, ``inventory``, ``sizes``).
+
+``get_family(x)`` accepts a family name, a transformer (instance or class) or a
+transformer config dict and returns the family object; unsupported inputs get an
+error that lists the supported families. The built-in families (``diffusers_hprune/families/sd3``,
+``families/flux``) register themselves when ``diffusers_hprune`` is imported, before any
+lookup; ``register_family`` adds another one.
+"""
+
+
+from collections.abc import Mapping
+from typing import Any
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a model family (a :class:`ModelFamily` instance with a ``name``) to the registry; returns it.
+
+    Raises:
+        UnsupportedModelError: not a ``ModelFamily``, no name, or a family of that name is registered already.
+    """
+    if not isinstance(family, ModelFamily):
+        raise UnsupportedModelError(
+            f"register_family takes a ModelFamily instance, got {type(family).__name__}; subclass "
+            "diffusers_hprune.ModelFamily and register an instance of it.")
+    if not family.name:
+        raise UnsupportedModelError(f"{type(family).__name__} has no `name`; set the class attribute `name`.")
+    if family.name in _FAMILIES:
+        known = _FAMILIES[family.name]
+        raise UnsupportedModelError(
+            f"A model family named {family.name!r} is registered already ({known.display_name or type(known).__name__}"
+            "); give the new family another name.")
+    _FAMILIES[family.name] = family
+    return family
+
+
+use_family_registry(lambda: {name: family.component_names for name, family in _FAMILIES.items()})
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+def _supported() -> str:
+    return "; ".join(f"{f.name} ({f.display_name}: {f.base_class_name})" for f in _FAMILIES.values())
+
+
+def get_family(obj: Any) -> ModelFamily:
+    """The family of a name (``ModelFamily.name``), a transformer instance or class, a config dict, or a family object.
+
+    A transformer whose class several families match (a family registered for a subclass of another family's
+    class) belongs to the family of the most derived class.
+    """
+    if isinstance(obj, ModelFamily):
+        return obj
+    if isinstance(obj, str):
+        if obj in _FAMILIES:
+            return _FAMILIES[obj]
+        raise UnsupportedModelError(f"Unknown model family {obj!r}. Supported families: {_supported()}.")
+    found = [family for family in _FAMILIES.values() if family.matches(obj)]
+    if len(found) == 1 or (found and isinstance(obj, Mapping)):
+        return found[0]
+    if found:
+        return max(found, key=lambda family: len(family.base_class.__mro__))
+    if isinstance(obj, Mapping):
+        what = f"a config with _class_name {obj.get('_class_name')!r}"
+    else:
+        what = f"a {(obj if isinstance(obj, type) else type(obj)).__name__}"
+    raise UnsupportedModelError(
+        f"diffusers-hprune cannot prune {what}. Supported families: {_supported()}. "
+        "Pass the `transformer` of a StableDiffusion3Pipeline or FluxPipeline."
+    )
+
+
+# ------------------------ diffusers_hprune.families.sd3.structure ------------------------
 
 """Stable Diffusion 3 family: SD3 Medium, SD3.5 Large / Large Turbo, SD3.5 Medium.
 
@@ -1910,6 +2068,35 @@ class SD3Family(ModelFamily):
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
     block_count_keys = {"transformer_blocks": "num_layers"}
+    model_module = "diffusers_hprune.families.sd3.transformer"
+    pipeline_module = "diffusers_hprune.families.sd3.pipelines"
+    auto_pipeline_name = "hprune-stable-diffusion-3"
+    builtin_configs = {"sd3-medium": "sd3-medium.json", "sd3.5-large": "sd3.5-large.json",
+                       "sd3.5-large-turbo": "sd3.5-large.json", "sd3.5-medium": "sd3.5-medium.json"}
+    published_components = {"text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "text_encoder_3": T5_XXL,
+                            "vae": VAE_16_CHANNELS}
+    published_vae_config = dict(VAE_16_CHANNELS_LAYOUT, scaling_factor=1.5305, shift_factor=0.0609)
+    # The model cards' settings (the Hugging Face model card of each repository, its Diffusers example).
+    published_models = {
+        "sd3.5-large-turbo": dict(display_name="Stable Diffusion 3.5 Large Turbo",
+                                  repo_ids=("stabilityai/stable-diffusion-3.5-large-turbo",), num_inference_steps=4,
+                                  guidance_scale=0.0, guidance_argument="guidance_scale", max_sequence_length=256,
+                                  resolution=1024),
+        "sd3.5-large": dict(display_name="Stable Diffusion 3.5 Large", repo_ids=("stabilityai/stable-diffusion-3.5-large",),
+                            num_inference_steps=28, guidance_scale=3.5, guidance_argument="guidance_scale",
+                            max_sequence_length=256, resolution=1024),
+        "sd3.5-medium": dict(display_name="Stable Diffusion 3.5 Medium",
+                             repo_ids=("stabilityai/stable-diffusion-3.5-medium",), num_inference_steps=40,
+                             guidance_scale=4.5, guidance_argument="guidance_scale", max_sequence_length=256,
+                             resolution=1024),
+        "sd3-medium": dict(display_name="Stable Diffusion 3 Medium",
+                           repo_ids=("stabilityai/stable-diffusion-3-medium-diffusers",
+                                     "stabilityai/stable-diffusion-3-medium"),
+                           num_inference_steps=28, guidance_scale=7.0, guidance_argument="guidance_scale",
+                           max_sequence_length=256, resolution=1024),
+    }
+    guidance_is_cfg = True  # StableDiffusion3Pipeline batches the unconditional and the conditional pass
+    paper_max_sequence_length = 256  # 77 CLIP + 256 T5 tokens
     marker_parameters = {"attn": "attn.to_q.weight", "ff": "ff.net.0.proj.weight",
                          "ff_context": "ff_context.net.0.proj.weight", "norm1": "norm1.linear.weight",
                          "norm1_context": "norm1_context.linear.weight"}
@@ -2035,7 +2222,7 @@ class SD3Family(ModelFamily):
 SD3 = SD3Family()
 
 
-# ------------------------ diffusers_hprune.families.flux ------------------------
+# ------------------------ diffusers_hprune.families.flux.structure ------------------------
 
 """FLUX.1 family: FLUX.1-schnell, FLUX.1-dev (and any block counts in tiny configs).
 
@@ -2155,6 +2342,22 @@ class FluxFamily(ModelFamily):
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
+    model_module = "diffusers_hprune.families.flux.transformer"
+    pipeline_module = "diffusers_hprune.families.flux.pipelines"
+    auto_pipeline_name = "hprune-flux"
+    builtin_configs = {"flux.1-schnell": "flux.1-schnell.json", "flux.1-dev": "flux.1-dev.json"}
+    published_components = {"text_encoder": CLIP_L_TEXT_MODEL, "text_encoder_2": T5_XXL, "vae": VAE_16_CHANNELS}
+    published_vae_config = dict(VAE_16_CHANNELS_LAYOUT, scaling_factor=0.3611, shift_factor=0.1159)
+    paper_max_sequence_length = 512  # FluxPipeline's T5 length
+    # The model cards' settings (the Hugging Face model card of each repository, its Diffusers example).
+    published_models = {
+        "flux.1-schnell": dict(display_name="FLUX.1 [schnell]", repo_ids=("black-forest-labs/FLUX.1-schnell",),
+                               num_inference_steps=4, guidance_scale=0.0, guidance_argument="guidance_scale",
+                               max_sequence_length=256, resolution=1024),
+        "flux.1-dev": dict(display_name="FLUX.1 [dev]", repo_ids=("black-forest-labs/FLUX.1-dev",),
+                           num_inference_steps=50, guidance_scale=3.5, guidance_argument="guidance_scale",
+                           max_sequence_length=512, resolution=1024),
+    }
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_double = int(config.get("num_layers", 19))
@@ -2238,73 +2441,26 @@ FLUX = FluxFamily()
 
 # ------------------------ diffusers_hprune.families ------------------------
 
-"""Model-family registry: the one place each family's structure is known.
+"""The built-in model families, one folder each, registered here (one line per family).
 
-``get_family(x)`` accepts a family name, a transformer (instance or class) or a
-transformer config dict and returns the family object; unsupported inputs get an
-error that lists the supported families. The built-in families (SD3, FLUX) are
-registered when this module is imported; ``register_family`` adds another one.
+Each folder holds everything the package knows of its family:
+
+- ``structure.py``: the family object (its blocks and components, how each is removed, the pruned blocks,
+  its published pipeline's components for the memory budget, which of its modules the classes below live in);
+- ``transformer.py``: the pruned transformer class (a Diffusers ``ModelMixin``);
+- ``pipelines.py``: the pruned pipelines (text-to-image, img2img, inpainting);
+- ``configs/``: the published transformer configs (``hprune budget sd3.5-large``).
+
+``structure.py`` is imported here, with ``import diffusers_hprune``; the model and pipeline classes load on
+first use. A family from outside the package does the same with its own objects: subclass
+:class:`~diffusers_hprune.ModelFamily`, call :func:`~diffusers_hprune.register_family`, and subclass
+``HierarchicalPrunedMixin`` (and ``PrunedPipelineMixin``) for its classes.
 """
 
-
-from collections.abc import Mapping
-from typing import Any
-
-
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    """Add a model family (a :class:`ModelFamily` instance with a ``name``) to the registry; returns it.
-
-    Raises:
-        UnsupportedModelError: not a ``ModelFamily``, no name, or a family of that name is registered already.
-    """
-    if not isinstance(family, ModelFamily):
-        raise UnsupportedModelError(
-            f"register_family takes a ModelFamily instance, got {type(family).__name__}; subclass "
-            "diffusers_hprune.ModelFamily and register an instance of it.")
-    if not family.name:
-        raise UnsupportedModelError(f"{type(family).__name__} has no `name`; set the class attribute `name`.")
-    if family.name in _FAMILIES:
-        known = _FAMILIES[family.name]
-        raise UnsupportedModelError(
-            f"A model family named {family.name!r} is registered already ({known.display_name or type(known).__name__}"
-            "); give the new family another name.")
-    _FAMILIES[family.name] = family
-    return family
 
 
 register_family(SD3)
 register_family(FLUX)
-use_family_registry(lambda: {name: family.component_names for name, family in _FAMILIES.items()})
-
-
-def family_names() -> tuple[str, ...]:
-    return tuple(_FAMILIES)
-
-
-def _supported() -> str:
-    return "; ".join(f"{f.name} ({f.display_name}: {f.base_class_name})" for f in _FAMILIES.values())
-
-
-def get_family(obj: Any) -> ModelFamily:
-    """The family of a name (``"sd3"``), a transformer instance or class, or a config dict."""
-    if isinstance(obj, str):
-        if obj in _FAMILIES:
-            return _FAMILIES[obj]
-        raise UnsupportedModelError(f"Unknown model family {obj!r}. Supported families: {_supported()}.")
-    for family in _FAMILIES.values():
-        if family.matches(obj):
-            return family
-    if isinstance(obj, Mapping):
-        what = f"a config with _class_name {obj.get('_class_name')!r}"
-    else:
-        what = f"a {(obj if isinstance(obj, type) else type(obj)).__name__}"
-    raise UnsupportedModelError(
-        f"diffusers-hprune cannot prune {what}. Supported families: {_supported()}. "
-        "Pass the `transformer` of a StableDiffusion3Pipeline or FluxPipeline."
-    )
 
 
 # ------------------------ diffusers_hprune.utils.live_memory ------------------------
@@ -2717,6 +2873,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -2772,10 +2929,15 @@ def pruned_class_for(family) -> type:
     """The pruned transformer class of a family (a :class:`ModelFamily` or its name).
 
     Every subclass of :class:`HierarchicalPrunedMixin` that names a ``family_name`` is
-    registered when it is defined, so a family added from outside the package brings its
-    own pruned class by subclassing the mixin.
+    registered when it is defined; a family's class not defined yet is imported from the
+    family's ``model_module``. A family added from outside the package brings its own pruned
+    class by subclassing the mixin.
     """
     name = family if isinstance(family, str) else family.name
+    if name not in _PRUNED_CLASSES:
+        module = get_family(name).model_module if isinstance(family, str) else family.model_module
+        if module:
+            import_module(module)  # defining the class registers it
     try:
         return _PRUNED_CLASSES[name]
     except KeyError:
@@ -2947,7 +3109,7 @@ class HierarchicalPrunedMixin:
         return (model, info) if output_loading_info else model
 
 
-# ------------------------ diffusers_hprune.models.transformer_sd3 ------------------------
+# ------------------------ diffusers_hprune.families.sd3.transformer ------------------------
 
 """``HierarchicalPrunedSD3Transformer2DModel``: an SD3/SD3.5 transformer whose config carries its prune plan."""
 
@@ -2977,7 +3139,7 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
             ``SD3Transformer2DModel``.
     """
 
-    family_name = "sd3"
+    family_name = SD3.name
     _no_split_modules = ["JointTransformerBlock", "PrunedJointTransformerBlock", "RemovedBlock"]
     # compile_repeated_blocks(): every block class a pruned model holds (a removed block computes nothing)
     _repeated_blocks = ["JointTransformerBlock", "PrunedJointTransformerBlock"]
@@ -3030,7 +3192,7 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
         return super().forward(*args, **kwargs)
 
 
-# ------------------------ diffusers_hprune.models.transformer_flux ------------------------
+# ------------------------ diffusers_hprune.families.flux.transformer ------------------------
 
 """``HierarchicalPrunedFluxTransformer2DModel``: a FLUX.1 transformer whose config carries its prune plan."""
 
@@ -3055,7 +3217,7 @@ class HierarchicalPrunedFluxTransformer2DModel(HierarchicalPrunedMixin, FluxTran
             model. All other arguments are those of ``FluxTransformer2DModel``.
     """
 
-    family_name = "flux"
+    family_name = FLUX.name
     _no_split_modules = [
         "FluxTransformerBlock",
         "FluxSingleTransformerBlock",

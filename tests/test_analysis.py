@@ -255,7 +255,7 @@ def test_analysis_file_errors(tmp_path, sd3_pipeline):
     bad.write_text(json.dumps(data))
     with pytest.raises(AnalysisError, match="corrupt"):
         ContributionReport.load(bad)
-    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.architecture.inventory import load_transformer_config
 
     with pytest.raises(AnalysisError, match="made for a sd3 model.*FLUX"):
         report.check_model(load_transformer_config("flux.1-schnell"))

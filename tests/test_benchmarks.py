@@ -22,7 +22,7 @@ def _script(name: str):
 
 @pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
 def test_protocol_count_agrees_with_the_per_call_count(name):
-    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.architecture.inventory import load_transformer_config
 
     cost = _script("analysis_cost")
     config = load_transformer_config(name)
@@ -47,8 +47,8 @@ def test_protocol_count_agrees_with_the_per_call_count(name):
 
 @pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
 def test_latency_scaled_config_keeps_every_block_at_width_256(name):
-    from diffusers_hprune.families import get_family
-    from diffusers_hprune.families.inventory import build_on_meta, load_transformer_config
+    from diffusers_hprune.architecture import get_family
+    from diffusers_hprune.architecture.inventory import build_on_meta, load_transformer_config
 
     latency = _script("latency")
     full = load_transformer_config(name)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from diffusers_hprune import toy
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.budget import BudgetError, BudgetOptions, predict
 from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_inputs, meta_transformer, step_peak, step_trace
 from diffusers_hprune.cli import main
 from diffusers_hprune.commands.budget import format_budget
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.live_memory import LiveTensorBytes

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline
-from diffusers_hprune.families import RemovedBlock
+from diffusers_hprune.architecture import RemovedBlock
 
 CALL = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=16, output_type="np")
 PROMPT = "a red circle left of a blue square"

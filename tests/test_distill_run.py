@@ -14,8 +14,8 @@ from helpers import imagefolder, run_process_group
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.cli import main
-from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.planning import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,8 +479,8 @@ def test_teacher_4bit_is_quantised_as_it_loads_and_the_student_read_from_the_fil
     import diffusers
 
     from diffusers_hprune import PrunePlan, get_family, prune_transformer
+    from diffusers_hprune.architecture.inventory import load_transformer_config
     from diffusers_hprune.distillation import trainer
-    from diffusers_hprune.families.inventory import load_transformer_config
     from diffusers_hprune.utils.nf4_settings import nf4_config
 
     base, plans = setup

@@ -20,8 +20,8 @@ from helpers import folder_state
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.cli import main
-from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.planning import make_plan
 
 

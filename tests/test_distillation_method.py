@@ -199,7 +199,7 @@ def test_the_budgets_training_state_matches_the_real_student(sd3_pipeline):
 @pytest.mark.parametrize("kind", ["sd3", "flux-schnell", "flux-dev"])
 def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
     """The family's denoiser_inputs (packing, ids, timestep scale, dev guidance) match a pipeline step."""
-    from diffusers_hprune.families import get_family
+    from diffusers_hprune.architecture import get_family
     from diffusers_hprune.toy.components import tiny_flux_pipeline, tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(seed=0) if kind == "sd3" else tiny_flux_pipeline(seed=0, guidance_embeds=kind == "flux-dev")
@@ -239,8 +239,8 @@ def test_training_inputs_are_what_the_pipeline_gives_its_transformer(kind):
 def test_sgdistill_follows_the_target_ratio_not_the_achieved_one():
     """Algorithm 1: ``if r >= r_thres`` with r the target. Whole-block plans land near, not at, their target."""
     from diffusers_hprune import toy
+    from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.distillation.models import sgdistill_ratio
-    from diffusers_hprune.families.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan
 
     inventory = inspect_transformer(toy.model_path("sd3") / "transformer")

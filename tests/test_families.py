@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from diffusers_hprune import BLOCK, get_family, inspect_transformer, load_transformer_config
+from diffusers_hprune.architecture.inventory import build_on_meta
 from diffusers_hprune.cli import main
-from diffusers_hprune.families.inventory import build_on_meta
 
 EXPECTED_TOTALS = {"sd3.5-large": 8_056_627_520, "flux.1-schnell": 11_891_178_560}
 
@@ -123,7 +123,7 @@ def test_block_counts_match_component_sums_on_meta():
 
 
 REGISTER_FIRST = """
-from diffusers_hprune.families import ModelFamily, family_names, get_family, register_family
+from diffusers_hprune.architecture import ModelFamily, family_names, get_family, register_family
 
 class Other(ModelFamily):
     name = "other"
@@ -146,7 +146,7 @@ def test_a_family_from_outside_the_package_is_found_and_duplicates_are_refused(m
     """A third family, defined here: found by name, by config and by a transformer of its class; names are unique."""
     from diffusers import DiTTransformer2DModel
 
-    from diffusers_hprune import ModelFamily, UnsupportedModelError, families, family_names
+    from diffusers_hprune import ModelFamily, UnsupportedModelError, architecture, family_names
 
     class DiTFamily(ModelFamily):
         name = "dit"
@@ -155,18 +155,18 @@ def test_a_family_from_outside_the_package_is_found_and_duplicates_are_refused(m
         pruned_class_name = "PrunedDiT"
         component_names = ("attn", "ff")
 
-    monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))  # undone after the test
+    monkeypatch.setattr(architecture, "_FAMILIES", dict(architecture._FAMILIES))  # undone after the test
     with pytest.raises(UnsupportedModelError, match="takes a ModelFamily instance"):
-        families.register_family(DiTFamily)  # the class, not an instance
-    family = families.register_family(DiTFamily())
+        architecture.register_family(DiTFamily)  # the class, not an instance
+    family = architecture.register_family(DiTFamily())
     assert family_names() == ("sd3", "flux", "dit")
     assert get_family("dit") is family and get_family({"_class_name": "DiTTransformer2DModel"}) is family
     model = DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=8, in_channels=4, num_layers=1,
                                   sample_size=4, patch_size=2, num_embeds_ada_norm=10)
     assert get_family(model) is family
     with pytest.raises(UnsupportedModelError, match="'sd3' is registered already"):
-        families.register_family(type(get_family("sd3"))())
+        architecture.register_family(type(get_family("sd3"))())
     with pytest.raises(UnsupportedModelError, match="'dit' is registered already"):
-        families.register_family(DiTFamily())
+        architecture.register_family(DiTFamily())
     with pytest.raises(UnsupportedModelError, match="dit \\(DiT: DiTTransformer2DModel\\)"):
         get_family("unknown")  # the error lists every family, the new one too

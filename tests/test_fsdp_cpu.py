@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     from diffusers_hprune import toy
     from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
     from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks, loss_terms
-    from diffusers_hprune.families import get_family
+    from diffusers_hprune.architecture import get_family
     from diffusers_hprune.models import pruned_class_for
     from diffusers_hprune.plan import PrunePlan
     from diffusers_hprune.pruning.surgery import prune_transformer
@@ -91,8 +91,8 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_fsdp2_shards_the_pruned_student_and_gathers_a_loadable_state_dict(tmp_path):
     from diffusers_hprune import toy
-    from diffusers_hprune.families import get_family
-    from diffusers_hprune.families.inventory import load_transformer_config
+    from diffusers_hprune.architecture import get_family
+    from diffusers_hprune.architecture.inventory import load_transformer_config
     from diffusers_hprune.plan import PrunePlan
 
     config = load_transformer_config(toy.model_path("sd3"))

@@ -11,8 +11,8 @@ import torch
 
 from diffusers_hprune import BLOCK, PrunePlan, prune_pipeline
 from diffusers_hprune.analysis import analyze
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.contributions import ContributionReport
-from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.metrics import DEFAULT_METRIC, get_metric, register_metric
 from diffusers_hprune.planning import make_plan
 

@@ -15,7 +15,7 @@ import torch
 from helpers import MIXED_PLANS, tiny_pipeline
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, prune_transformer
-from diffusers_hprune.families.base import adapter_layers
+from diffusers_hprune.architecture.base import adapter_layers
 from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
 CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffusers_hprune import toy
+from diffusers_hprune.architecture.sizes import model_weight_bytes
 from diffusers_hprune.evaluation.measure import (
     MeasureError,
     logical_params,
@@ -16,7 +17,6 @@ from diffusers_hprune.evaluation.measure import (
     step_memory,
     stored_bytes,
 )
-from diffusers_hprune.families.sizes import model_weight_bytes
 from diffusers_hprune.quantization import quantize
 
 
@@ -62,7 +62,7 @@ def test_nf4_student_runs_on_the_same_inputs():
 def test_unquantized_bytes_counts_what_nf4_leaves_in_16_bit():
     import torch.nn as nn
 
-    from diffusers_hprune.families.sizes import nf4_weight_bytes, unquantized_bytes
+    from diffusers_hprune.architecture.sizes import nf4_weight_bytes, unquantized_bytes
 
     model = nn.Module()
     model.block = nn.Linear(64, 64)  # weight quantised; bias 16-bit

@@ -128,7 +128,7 @@ def test_the_loading_path_supersedes_a_faulty_cpu_kernel(tmp_path):
         "w = torch.randn(864, 96)\n"
         "p, s = F.quantize_4bit(w, blocksize=64, quant_type='nf4')\n"
         "faulty_error = float((F.dequantize_4bit(p, s) - w).norm() / w.norm())\n"
-        "from diffusers_hprune.models import HierarchicalPrunedSD3Transformer2DModel as C\n"
+        "from diffusers_hprune import HierarchicalPrunedSD3Transformer2DModel as C\n"
         f"m = C.from_pretrained({str(tmp_path / 'q')!r})\n"
         "layer = m.transformer_blocks[0].norm1.linear\n"
         "fixed_error = float((F.dequantize_4bit(p, s) - w).norm() / w.norm())\n"

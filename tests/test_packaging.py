@@ -42,7 +42,8 @@ def test_the_license_is_an_spdx_expression():
 def test_data_files_are_installed():
     for template in ("model_card.md", "usage.md"):
         assert (files("diffusers_hprune.hub") / "templates" / template).is_file()
-    assert (files("diffusers_hprune.families") / "configs" / "sd3.5-large.json").is_file()
+    assert (files("diffusers_hprune.families.sd3") / "configs" / "sd3.5-large.json").is_file()
+    assert (files("diffusers_hprune.families.flux") / "configs" / "flux.1-schnell.json").is_file()
     # No hand-written custom code: pipelines/ holds the generated modeling file (a copy for review, kept current by
     # tests/test_export.py) and the script that writes it.
     assert sorted(p.name for p in (ROOT / "pipelines").glob("*.py")) == ["generate.py", "hprune_transformer.py"]

@@ -9,10 +9,10 @@ import pytest
 
 from diffusers_hprune import PrunePlan
 from diffusers_hprune.analysis import synthetic_report
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.cli import main
 from diffusers_hprune.commands.options import parse_bytes
 from diffusers_hprune.contributions import ContributionReport
-from diffusers_hprune.families.inventory import inspect_transformer
 
 
 @pytest.fixture(scope="module")

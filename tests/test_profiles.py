@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from diffusers_hprune import toy
-from diffusers_hprune.families.inventory import build_on_meta, load_transformer_config
+from diffusers_hprune.architecture.inventory import build_on_meta, load_transformer_config
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.profiles import PROFILES, generation_kwargs, identify
 

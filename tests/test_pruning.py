@@ -14,7 +14,7 @@ from diffusers_hprune import (
     get_family,
     prune_transformer,
 )
-from diffusers_hprune.families import RemovedBlock
+from diffusers_hprune.architecture import RemovedBlock
 
 # Tiny SD3: 4 blocks, 0 and 1 dual-attention (SD3.5 Medium style), 3 is context_pre_only.
 SD3_CASES = [(i, c) for i in (0, 2, 3) for c in ("attn", "ff", "ff_context", "norm1", "norm1_context") if (i, c) != (3, "ff_context")]

@@ -13,8 +13,8 @@ from helpers import transformer_inputs
 from safetensors import safe_open
 
 from diffusers_hprune import PrunePlan, prune_transformer, toy
+from diffusers_hprune.architecture.sizes import model_weight_bytes
 from diffusers_hprune.cli import main
-from diffusers_hprune.families.sizes import model_weight_bytes
 from diffusers_hprune.quantization import QuantizeError, is_quantized, quantize, quantize_pipeline
 
 QUANT_STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
@@ -53,7 +53,7 @@ def test_round_trip_in_a_fresh_process(toy_transformer, tmp_path):
     torch.save({"inputs": inputs}, tmp_path / "inputs.pt")
     code = (
         "import torch, diffusers_hprune\n"
-        f"from diffusers_hprune.models import {type(q).__name__} as C\n"
+        f"from diffusers_hprune import {type(q).__name__} as C\n"
         f"m = C.from_pretrained({str(tmp_path / 'q')!r})\n"
         f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})['inputs']\n"
         "with torch.no_grad():\n"
@@ -112,7 +112,7 @@ def test_quantized_pipeline_loads_on_cpu_and_draws(tmp_path):
 
 
 def test_pruned_transformer_keeps_its_plan(tmp_path):
-    from diffusers_hprune.models import HierarchicalPrunedFluxTransformer2DModel
+    from diffusers_hprune import HierarchicalPrunedFluxTransformer2DModel
 
     original = toy.load_pipeline("flux").transformer
     plan = PrunePlan(removed_blocks=[9], removed_components={2: ["ff_context"]}, family="flux", num_blocks=12)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusers_hprune.architecture import BLOCK, RemovedBlock, get_family
 from diffusers_hprune.contributions import AnalysisError
-from diffusers_hprune.families import BLOCK, RemovedBlock, get_family
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.float64 import float64

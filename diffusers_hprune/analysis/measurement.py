@@ -16,8 +16,8 @@ from diffusers_hprune.analysis.ablation import (
     record_transformer_calls,
     served_calls,
 )
+from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.contributions import ContributionReport
-from diffusers_hprune.families import BLOCK, get_family
 from diffusers_hprune.loading import generate, swapped_transformer
 from diffusers_hprune.metrics import OUTPUT, REFERENCE
 from diffusers_hprune.pruning.surgery import prune_transformer

@@ -39,9 +39,9 @@ import torch
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.ablation import BlockCounter
 from diffusers_hprune.analysis.measurement import Measurement, base_config
+from diffusers_hprune.architecture import BLOCK, get_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
-from diffusers_hprune.families import BLOCK, get_family
-from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import generation_settings, is_toy, load_pipeline
 from diffusers_hprune.metrics import (
     ALIGNMENT_METRICS,

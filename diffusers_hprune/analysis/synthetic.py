@@ -6,9 +6,9 @@ import itertools
 import json
 import math
 
+from diffusers_hprune.architecture import BLOCK, get_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import ContributionReport, architecture_hash
-from diffusers_hprune.families import BLOCK, get_family
-from diffusers_hprune.families.inventory import load_transformer_config
 
 # Relative weight of each component's dP in a synthetic analysis (modulations and attention
 # matter most, the text-stream MLP least), loosely following the paper's Fig. 8.

@@ -3,9 +3,9 @@
 A pipeline folder (a toy, a downloaded model, one the project wrote) is read exactly: the
 parameter count of every component from its safetensors headers (no weights are read), the VAE
 config, the CLIP tokenizer's length. A built-in name or an uncached Hub id gets the published
-components of its family: SD3 / SD3.5 take CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders
-(with projections) and the T5 v1.1 XXL encoder; FLUX.1 takes CLIP ViT-L/14 and T5 v1.1 XXL;
-both take a 16-channel VAE of the same layout.
+components of its family (``ModelFamily.published_components`` and ``published_vae_config``, in
+the family's folder: e.g. SD3 / SD3.5 take CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders
+with projections and the T5 v1.1 XXL encoder).
 """
 
 from __future__ import annotations
@@ -16,26 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.base import ModelFamily
 from diffusers_hprune.loading import TEXT_ENCODERS, check_pipeline_weights, check_weight_files, pipeline_folder
 from diffusers_hprune.utils.checks import InputError, read_text_file
-
-# Parameter counts of the published components (the safetensors headers of the Hub checkpoints).
-CLIP_L = 123_650_304  # CLIPTextModelWithProjection, ViT-L/14 (FLUX's CLIPTextModel: 123,060,480)
-CLIP_G = 694_659_840 + 1280 * 1280  # OpenCLIP ViT-bigG/14 text model + projection
-T5_XXL = 4_762_310_656  # T5EncoderModel, t5-v1_1-xxl
-VAE = 83_653_863
-PUBLISHED_PARAMS = {
-    "sd3": {"text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "text_encoder_3": T5_XXL, "vae": VAE},
-    "flux": {"text_encoder": 123_060_480, "text_encoder_2": T5_XXL, "vae": VAE},
-}
-_VAE_LAYOUT = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3,
-    "out_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
-    "mid_block_add_attention": True, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024,
-}
-PUBLISHED_VAE = {"sd3": dict(_VAE_LAYOUT, scaling_factor=1.5305, shift_factor=0.0609),
-                 "flux": dict(_VAE_LAYOUT, scaling_factor=0.3611, shift_factor=0.1159)}
 
 
 @dataclass
@@ -88,13 +72,27 @@ def _json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def pipeline_parts(model, family: str) -> PipelineParts:
+def pipeline_parts(model, family: ModelFamily | str) -> PipelineParts:
     """The components beside the transformer of ``model`` (folder, cached Hub id, toy name or built-in name)."""
     folder = pipeline_folder(model) if isinstance(model, (str, Path)) else None
     if folder is None or not (folder / "model_index.json").is_file():
-        return PipelineParts(dict(PUBLISHED_PARAMS[family]), dict(PUBLISHED_VAE[family]),
-                             {k: 2 * v for k, v in PUBLISHED_PARAMS[family].items()},
-                             notes=["text encoders and VAE: the published sizes of the family's components"])
+        return published_parts(get_family(family))
+    return _folder_parts(folder)
+
+
+def published_parts(family: ModelFamily) -> PipelineParts:
+    """The components of the family's published pipeline, as its folder declares them."""
+    if not family.published_components or not family.published_vae_config:
+        raise InputError(f"The {family.name} family declares no published pipeline components (its "
+                         "published_components and published_vae_config are empty), so the budget needs a pipeline "
+                         "folder: give one whose model_index.json lists the text encoders and the VAE.")
+    return PipelineParts(dict(family.published_components), dict(family.published_vae_config),
+                         {k: 2 * v for k, v in family.published_components.items()},
+                         notes=["text encoders and VAE: the published sizes of the family's components"])
+
+
+def _folder_parts(folder: Path) -> PipelineParts:
+    """The components of a pipeline folder, from its files' headers and configs."""
     check_pipeline_weights(folder)  # model_index.json, config sizes, every weights file opens: before reading them
     params, stored = {}, {}
     for name in (*TEXT_ENCODERS, "vae", "transformer"):
@@ -115,4 +113,4 @@ def pipeline_parts(model, family: str) -> PipelineParts:
     return PipelineParts(params, vae_config, stored, clip_length, str(folder))
 
 
-__all__ = ["PUBLISHED_PARAMS", "PUBLISHED_VAE", "PipelineParts", "pipeline_parts", "safetensors_sizes"]
+__all__ = ["PipelineParts", "pipeline_parts", "published_parts", "safetensors_sizes"]

@@ -17,11 +17,11 @@ import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import eval_step_indices, synthetic_report
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
+from diffusers_hprune.architecture.sizes import is_skipped, unquantized_bytes
 from diffusers_hprune.budget.components import PipelineParts, pipeline_parts
 from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_transformer, step_trace, vae_decode_trace
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.families.sizes import is_skipped, unquantized_bytes
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 from diffusers_hprune.profiles import identify
@@ -196,7 +196,7 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     plan, plan_text = _plan_for(config, plan, ratio)
     inventory = inspect_transformer(dict(config, prune_plan=plan.to_dict()))
     original = inspect_transformer(config)
-    parts = pipeline_parts(model, family.name) if isinstance(model, str) else pipeline_parts(None, family.name)
+    parts = pipeline_parts(model, family) if isinstance(model, str) else pipeline_parts(None, family)
     notes = [n for n in [assumed] if n] + parts.notes
     largest = _largest_resolution(config, parts)
     resolution = options.resolution or (profile.resolution if profile else min(1024, largest or 1024))
@@ -208,7 +208,7 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     max_len = profile.max_sequence_length if profile else 256
     steps = options.steps or (profile.num_inference_steps if profile else 28)
     cfg = bool(profile and profile.guidance_scale > 1 and profile.guidance_argument == "guidance_scale"
-               and not config.get("guidance_embeds") and family.name == "sd3")
+               and not config.get("guidance_embeds") and family.guidance_is_cfg)
     ctx = _Context(config, plan, inventory, original, parts, options, resolution, max_len, steps, cfg)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -425,7 +425,7 @@ def _quantisation(ctx: _Context) -> StageBudget:
 def _inference(ctx: _Context, profile) -> list[StageBudget]:
     o = ctx.options
     family = get_family(ctx.config)
-    paper = 512 if family.name == "flux" else 256  # the paper's protocol: 77 + 256 tokens for SD3.5, 512 for FLUX
+    paper = family.paper_max_sequence_length  # the paper's protocol: 77 + 256 tokens for SD3.5, 512 for FLUX
     max_len = o.inference_max_sequence_length or (paper if profile is None or not profile.name.startswith("toy")
                                                   else profile.max_sequence_length)
     dtype = torch.bfloat16 if o.device == "cuda" else torch.float32

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import build_on_meta
 from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks, loss_terms
 from diffusers_hprune.distillation.pwp import apply_pwp
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import build_on_meta
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.compat import tree_leaves

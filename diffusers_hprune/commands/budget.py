@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffusers_hprune.architecture.inventory import builtin_configs
 from diffusers_hprune.budget import CARDS_GIB, Budget, BudgetOptions, predict
 from diffusers_hprune.budget.stages import GIB
 from diffusers_hprune.commands.options import ratio
-from diffusers_hprune.families.inventory import BUILTIN_CONFIGS
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import nonnegative_int, positive_int
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "Activations are traced through the real modules on the meta device. Docs: docs/budget.md.",
     )
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
-                   help="a built-in config (" + ", ".join(BUILTIN_CONFIGS) + "), a toy (sd3, flux), a pipeline or "
+                   help="a built-in config (" + ", ".join(builtin_configs()) + "), a toy (sd3, flux), a pipeline or "
                    "transformer folder, a config.json, or a Hub repo id in the local cache")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=ratio, default=None,

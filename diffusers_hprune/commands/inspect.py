@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusers_hprune.families.inventory import BUILTIN_CONFIGS, format_inventory, inspect_transformer
-from diffusers_hprune.families.sizes import DTYPES
+from diffusers_hprune.architecture.inventory import builtin_configs, format_inventory, inspect_transformer
+from diffusers_hprune.architecture.sizes import DTYPES
 from diffusers_hprune.hub.folders import folder_format, folder_plan
 
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "source",
         metavar="CONFIG_OR_FOLDER",
         help="a transformer config.json, a transformer or pipeline folder, a Hub repo id, or a built-in config: "
-        + ", ".join(BUILTIN_CONFIGS),
+        + ", ".join(builtin_configs()),
     )
     p.add_argument("--dtype", choices=DTYPES,
                    help="weight dtype for sizes (default: nf4 for a 4-bit folder, else bf16; nf4 = 4-bit weights "

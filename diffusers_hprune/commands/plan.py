@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from diffusers_hprune.architecture.inventory import inspect_transformer
+from diffusers_hprune.architecture.sizes import DTYPES
 from diffusers_hprune.commands.options import parse_bytes
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, describe_keys
-from diffusers_hprune.families.inventory import inspect_transformer
-from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.planning.hpp import DEFAULT_R_THRES, make_plan
 from diffusers_hprune.planning.strategies import strategy_names
 from diffusers_hprune.utils.checks import check_apart, check_output_file, finite_float, fraction

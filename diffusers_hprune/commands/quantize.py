@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.families.sizes import format_bytes
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
+from diffusers_hprune.architecture.sizes import format_bytes
 from diffusers_hprune.quantization.folder import quantize_pipeline
 from diffusers_hprune.utils.checks import check_not_inside, check_output_folder, check_replaceable
 

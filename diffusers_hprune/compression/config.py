@@ -7,10 +7,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from diffusers_hprune.architecture.sizes import DTYPES
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import distill_options
 from diffusers_hprune.distillation.settings import DistillConfig
-from diffusers_hprune.families.sizes import DTYPES
 from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names
 from diffusers_hprune.utils.checks import InputError, check_bool, check_number, read_text_file

@@ -23,6 +23,7 @@ from typing import Any
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.contributions import ContributionReport, components_fingerprint, fingerprint
 from diffusers_hprune.distillation import trainer
@@ -35,7 +36,6 @@ from diffusers_hprune.evaluation.compare import (
     load_student_beside,
     overall_score,
 )
-from diffusers_hprune.families.inventory import inspect_transformer
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.push import push_folder
 from diffusers_hprune.pipelines.pruned import prune_pipeline

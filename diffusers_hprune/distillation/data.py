@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.contributions import components_fingerprint, fingerprint
-from diffusers_hprune.families import get_family
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
 from diffusers_hprune.utils.compat import execution_device

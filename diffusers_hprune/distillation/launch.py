@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.distillation import validation
 from diffusers_hprune.distillation.data import DataSpec, build_training_cache, held_out_prompts, read_prompts
 from diffusers_hprune.distillation.settings import DistillConfig, DistillError
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.loading import components_on, generation_settings
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.utils.compat import forget_other_precision

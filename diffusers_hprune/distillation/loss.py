@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 
 
 class BlockFeatures(contextlib.AbstractContextManager):

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.contributions import ContributionReport
 from diffusers_hprune.distillation.reach import parameters_off_the_loss
 from diffusers_hprune.distillation.settings import DistillConfig, DistillError, weight_dtype
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.loading import TEXT_ENCODERS, load_pipeline, pipeline_folder, pixel_multiple
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan

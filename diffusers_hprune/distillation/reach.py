@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks
-from diffusers_hprune.families import get_family
 
 
 def probe_inputs(student: nn.Module, dtype: torch.dtype, device) -> dict:

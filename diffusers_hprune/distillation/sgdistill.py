@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from diffusers_hprune.families import BLOCK, get_family
+from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.utils.errors import PlanError
 
 

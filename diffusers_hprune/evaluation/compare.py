@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from diffusers_hprune import toy
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.evaluation.measure import (
     compute_dtype,
     logical_params,
@@ -28,8 +30,6 @@ from diffusers_hprune.evaluation.measure import (
     step_memory,
     stored_bytes,
 )
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import load_transformer_config
 from diffusers_hprune.loading import check_weight_files, generate, generation_settings, load_pipeline, pipeline_folder
 from diffusers_hprune.metrics import IMAGE, get_metric
 from diffusers_hprune.models import pruned_class_for

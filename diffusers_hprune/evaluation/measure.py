@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.live_memory import LiveTensorBytes

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.evaluation.compare import overall_score
-from diffusers_hprune.families import get_family
 from diffusers_hprune.hub.folders import PLAN_FILE, FolderError, default_format, folder_format, folder_plan
 from diffusers_hprune.hub.remote_code import MODULE_NAME
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name

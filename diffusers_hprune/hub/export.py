@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.hub.card import rewrite_usage
 from diffusers_hprune.hub.folders import (
     FORMATS,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.hub.remote_code import MODULE_NAME
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import HPruneError

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.hub.folders import PLAN_FILE, FolderError, read_json
 from diffusers_hprune.utils.errors import CheckpointMismatchError, UnsupportedModelError
 

@@ -18,13 +18,15 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from diffusers_hprune.architecture import family_names, get_family
 from diffusers_hprune.utils.errors import HPruneError
 
 #: The file name (and module name) of the modeling code in an exported ``transformer/`` folder.
 MODULE_NAME = "hprune_transformer"
 
-#: The package modules the pruned transformer classes need, each after the ones it imports.
-MODULES = (
+_PACKAGE = "diffusers_hprune"
+# What every family's classes need, before the families' structure modules and after them.
+_SHARED_STRUCTURE = (
     "diffusers_hprune.utils.errors",
     "diffusers_hprune.utils.compat",
     "diffusers_hprune.utils.checks",
@@ -32,18 +34,29 @@ MODULES = (
     "diffusers_hprune.utils.interrupts",
     "diffusers_hprune.utils.fileio",
     "diffusers_hprune.plan",
-    "diffusers_hprune.families.base",
-    "diffusers_hprune.families.mmdit",
-    "diffusers_hprune.families.sd3",
-    "diffusers_hprune.families.flux",
-    "diffusers_hprune.families",
-    "diffusers_hprune.utils.live_memory",
-    "diffusers_hprune.utils.nf4_cpu",
-    "diffusers_hprune.models.pruned",
-    "diffusers_hprune.models.transformer_sd3",
-    "diffusers_hprune.models.transformer_flux",
+    "diffusers_hprune.architecture.checkpoints",
+    "diffusers_hprune.architecture.base",
+    "diffusers_hprune.architecture.mmdit",
+    "diffusers_hprune.architecture.published",
+    "diffusers_hprune.architecture",
 )
-_PACKAGE = "diffusers_hprune"
+_REGISTRATION = "diffusers_hprune.families"  # registers the built-in families (one line each)
+_SHARED_MODEL = ("diffusers_hprune.utils.live_memory", "diffusers_hprune.utils.nf4_cpu", "diffusers_hprune.models.pruned")
+
+
+def _modules() -> tuple[str, ...]:
+    """The package modules the pruned transformer classes need, each after the ones it imports: the shared ones,
+    then each built-in family's structure module (the one that defines its family object), the registration,
+    the shared model code, then each family's model module (``ModelFamily.model_module``). A family registered
+    from outside the package is not joined: its own package is not part of this file."""
+    families = [get_family(name) for name in family_names()]
+    builtin = [f for f in families if type(f).__module__.startswith(_PACKAGE + ".")]
+    return (*_SHARED_STRUCTURE, *(type(f).__module__ for f in builtin), _REGISTRATION, *_SHARED_MODEL,
+            *(f.model_module for f in builtin))
+
+
+#: The package modules joined into the modeling file, in order.
+MODULES = _modules()
 _DROPPED_CALLS = {"register"}  # utils.registration.register: attaches a class to the diffusers module
 
 

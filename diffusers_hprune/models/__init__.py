@@ -1,8 +1,9 @@
-"""Pruned transformer classes (Diffusers ``ModelMixin`` subclasses), as Diffusers' own ``models/``."""
+"""What the pruned transformer classes share (Diffusers ``ModelMixin`` subclasses), as Diffusers' own ``models/``.
+
+Each family's pruned transformer class lives in its folder (``diffusers_hprune/families/<family>/transformer.py``);
+the built-in ones are also public names of ``diffusers_hprune`` itself.
+"""
 
 from diffusers_hprune.models.pruned import HierarchicalPrunedMixin, pruned_class_for
-from diffusers_hprune.models.transformer_flux import HierarchicalPrunedFluxTransformer2DModel
-from diffusers_hprune.models.transformer_sd3 import HierarchicalPrunedSD3Transformer2DModel
 
-__all__ = ["HierarchicalPrunedFluxTransformer2DModel", "HierarchicalPrunedMixin", "HierarchicalPrunedSD3Transformer2DModel",
-           "pruned_class_for"]
+__all__ = ["HierarchicalPrunedMixin", "pruned_class_for"]

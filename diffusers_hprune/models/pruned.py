@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.base import refuse_adapters
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.base import refuse_adapters
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import refuse_pickled
 from diffusers_hprune.utils.compat import (
@@ -81,10 +82,15 @@ def pruned_class_for(family) -> type:
     """The pruned transformer class of a family (a :class:`ModelFamily` or its name).
 
     Every subclass of :class:`HierarchicalPrunedMixin` that names a ``family_name`` is
-    registered when it is defined, so a family added from outside the package brings its
-    own pruned class by subclassing the mixin.
+    registered when it is defined; a family's class not defined yet is imported from the
+    family's ``model_module``. A family added from outside the package brings its own pruned
+    class by subclassing the mixin.
     """
     name = family if isinstance(family, str) else family.name
+    if name not in _PRUNED_CLASSES:
+        module = get_family(name).model_module if isinstance(family, str) else family.model_module
+        if module:
+            import_module(module)  # defining the class registers it
     try:
         return _PRUNED_CLASSES[name]
     except KeyError:

@@ -1,13 +1,14 @@
-"""Pipelines that hold a pruned transformer (as Diffusers' own ``pipelines/``), and ``prune_pipeline``."""
+"""What the pipelines holding a pruned transformer share (as Diffusers' own ``pipelines/``), and ``prune_pipeline``.
+
+Each family's pipeline classes live in its folder (``diffusers_hprune/families/<family>/pipelines.py``);
+the built-in ones are also public names of ``diffusers_hprune`` itself.
+"""
 
 from diffusers_hprune.pipelines.pruned import (
-    PIPELINES,
-    HierarchicalPrunedFluxImg2ImgPipeline,
-    HierarchicalPrunedFluxInpaintPipeline,
-    HierarchicalPrunedFluxPipeline,
-    HierarchicalPrunedSD3Img2ImgPipeline,
-    HierarchicalPrunedSD3InpaintPipeline,
-    HierarchicalPrunedSD3Pipeline,
+    PrunedPipelineMixin,
+    family_pipelines,
+    known_pipeline,
+    pipeline_pairs,
     prune_pipeline,
     pruned_pipeline_name,
     register_auto_pipelines,
@@ -15,7 +16,5 @@ from diffusers_hprune.pipelines.pruned import (
     with_pruned_transformer,
 )
 
-__all__ = ["PIPELINES", "HierarchicalPrunedFluxImg2ImgPipeline", "HierarchicalPrunedFluxInpaintPipeline",
-           "HierarchicalPrunedFluxPipeline", "HierarchicalPrunedSD3Img2ImgPipeline", "HierarchicalPrunedSD3InpaintPipeline",
-           "HierarchicalPrunedSD3Pipeline", "prune_pipeline", "pruned_pipeline_name", "register_auto_pipelines",
-           "stock_pipeline_name", "with_pruned_transformer"]
+__all__ = ["PrunedPipelineMixin", "family_pipelines", "known_pipeline", "pipeline_pairs", "prune_pipeline",
+           "pruned_pipeline_name", "register_auto_pipelines", "stock_pipeline_name", "with_pruned_transformer"]

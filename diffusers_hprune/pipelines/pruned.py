@@ -1,31 +1,28 @@
-"""Pipelines that hold a pruned transformer, and the helper that prunes a whole pipeline."""
+"""What every pipeline holding a pruned transformer shares, the pipelines of every registered family, and
+the helper that prunes a whole pipeline.
+
+Each family's pruned pipelines live in its folder (``ModelFamily.pipeline_module``); this module finds them
+through the family registry, so it names no family.
+"""
 
 from __future__ import annotations
 
 import functools
+from importlib import import_module
 from typing import Union, get_type_hints
 
-from diffusers import (
-    DiffusionPipeline,
-    FluxImg2ImgPipeline,
-    FluxInpaintPipeline,
-    FluxPipeline,
-    StableDiffusion3Img2ImgPipeline,
-    StableDiffusion3InpaintPipeline,
-    StableDiffusion3Pipeline,
-)
+from diffusers import DiffusionPipeline
 
-from diffusers_hprune.families import get_family
-from diffusers_hprune.models import HierarchicalPrunedFluxTransformer2DModel, HierarchicalPrunedSD3Transformer2DModel
+from diffusers_hprune.architecture import family_names, get_family
+from diffusers_hprune.architecture.base import ModelFamily
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.errors import UnsupportedModelError
 from diffusers_hprune.utils.fileio import safetensors_user_modes
 from diffusers_hprune.utils.plain_loading import record_fp32_default
-from diffusers_hprune.utils.registration import register
 
 
-class _PrunedPipelineMixin:
+class PrunedPipelineMixin:
     """What every pruned pipeline adds to its stock pipeline.
 
     ``__init__`` is the stock one, with its ``transformer`` type hint widened to the pruned
@@ -62,89 +59,58 @@ class _PrunedPipelineMixin:
         safetensors_user_modes(save_directory)  # the text encoders' and VAE's weights too (safetensors writes 0600)
 
 
-class HierarchicalPrunedSD3Pipeline(_PrunedPipelineMixin, StableDiffusion3Pipeline):
-    """``StableDiffusion3Pipeline`` whose transformer is a ``HierarchicalPrunedSD3Transformer2DModel``.
-
-    Everything else (text encoders, VAE, scheduler, ``__call__``) is the stock pipeline.
-    After ``import diffusers_hprune``, ``DiffusionPipeline.from_pretrained`` returns this class
-    for folders and Hub repos saved from it.
-    """
-
-    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
+def family_pipelines(family: ModelFamily) -> dict[str, tuple[type, type]]:
+    """Task (``"text2image"``, ``"image2image"``, ``"inpaint"``) -> ``(stock pipeline, pruned pipeline)`` of a family
+    (imported from its ``pipeline_module`` on first use); empty for a family without pipelines."""
+    return dict(import_module(family.pipeline_module).PIPELINES) if family.pipeline_module else {}
 
 
-class HierarchicalPrunedSD3Img2ImgPipeline(_PrunedPipelineMixin, StableDiffusion3Img2ImgPipeline):
-    """``StableDiffusion3Img2ImgPipeline`` with a pruned transformer (``from_pipe(pruned)``, ``AutoPipelineForImage2Image``)."""
-
-    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
-
-
-class HierarchicalPrunedSD3InpaintPipeline(_PrunedPipelineMixin, StableDiffusion3InpaintPipeline):
-    """``StableDiffusion3InpaintPipeline`` with a pruned transformer (``from_pipe(pruned)``, ``AutoPipelineForInpainting``)."""
-
-    pruned_transformer_class = HierarchicalPrunedSD3Transformer2DModel
+def pipeline_pairs() -> list[tuple[type, type]]:
+    """``(stock pipeline, pruned pipeline)`` of every task of every registered family."""
+    return [pair for name in family_names() for pair in family_pipelines(get_family(name)).values()]
 
 
-class HierarchicalPrunedFluxPipeline(_PrunedPipelineMixin, FluxPipeline):
-    """``FluxPipeline`` whose transformer is a ``HierarchicalPrunedFluxTransformer2DModel``."""
-
-    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
-
-
-class HierarchicalPrunedFluxImg2ImgPipeline(_PrunedPipelineMixin, FluxImg2ImgPipeline):
-    """``FluxImg2ImgPipeline`` with a pruned transformer."""
-
-    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
-
-
-class HierarchicalPrunedFluxInpaintPipeline(_PrunedPipelineMixin, FluxInpaintPipeline):
-    """``FluxInpaintPipeline`` with a pruned transformer."""
-
-    pruned_transformer_class = HierarchicalPrunedFluxTransformer2DModel
-
-
-PIPELINES = {  # stock pipeline -> its pruned version
-    StableDiffusion3Pipeline: HierarchicalPrunedSD3Pipeline,
-    StableDiffusion3Img2ImgPipeline: HierarchicalPrunedSD3Img2ImgPipeline,
-    StableDiffusion3InpaintPipeline: HierarchicalPrunedSD3InpaintPipeline,
-    FluxPipeline: HierarchicalPrunedFluxPipeline,
-    FluxImg2ImgPipeline: HierarchicalPrunedFluxImg2ImgPipeline,
-    FluxInpaintPipeline: HierarchicalPrunedFluxInpaintPipeline,
-}
-register(*PIPELINES.values())
-#: The names of the pipeline classes that hold an SD3 or FLUX transformer (stock and pruned).
-KNOWN_PIPELINES = frozenset(cls.__name__ for pair in PIPELINES.items() for cls in pair)
+def known_pipeline(class_name: str) -> bool:
+    """True for the name of a pipeline class (stock or pruned) that holds a transformer of a registered family."""
+    return any(class_name in (stock.__name__, pruned.__name__) for stock, pruned in pipeline_pairs())
 
 
 def register_auto_pipelines() -> None:
     """Add the pruned pipelines to Diffusers' ``AutoPipelineFor*`` tables, as a model type of their own.
 
     ``AutoPipelineForImage2Image.from_pipe(pruned)`` then gives the pruned img2img pipeline, and
-    ``AutoPipelineForText2Image.from_pretrained(pruned_folder)`` the pruned text-to-image one.
+    ``AutoPipelineForText2Image.from_pretrained(pruned_folder)`` the pruned text-to-image one. Runs when
+    Diffusers loads those tables (``diffusers_hprune.pipelines.auto``); a family registered after that
+    calls it again.
     """
     from diffusers.pipelines import auto_pipeline as auto
 
     tables = {"text2image": auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, "image2image": auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
               "inpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING}
-    for key, classes in (("hprune-stable-diffusion-3", (HierarchicalPrunedSD3Pipeline, HierarchicalPrunedSD3Img2ImgPipeline,
-                                                         HierarchicalPrunedSD3InpaintPipeline)),
-                         ("hprune-flux", (HierarchicalPrunedFluxPipeline, HierarchicalPrunedFluxImg2ImgPipeline,
-                                          HierarchicalPrunedFluxInpaintPipeline))):
-        for table, cls in zip(tables.values(), classes):
-            table[key] = cls
-
-
-register_auto_pipelines()
+    for name in family_names():
+        family = get_family(name)
+        for task, (_, pruned) in family_pipelines(family).items():
+            if family.auto_pipeline_name and task in tables:
+                tables[task][family.auto_pipeline_name] = pruned
 
 
 def _pipeline_pair(class_name: str) -> tuple[type, type]:
-    for base, pruned in PIPELINES.items():
+    pairs = pipeline_pairs()
+    for base, pruned in pairs:
         if class_name in (base.__name__, pruned.__name__):
             return base, pruned
-    supported = ", ".join(b.__name__ for b in PIPELINES)
     raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline, so "
-                                f"it cannot hold a pruned transformer; supported pipelines: {supported} and their "
-                                "pruned versions.")
+                                f"it cannot hold a pruned transformer; supported pipelines: {_supported(pairs)} and "
+                                "their pruned versions.")
+
+
+def _supported(pairs) -> str:
+    return ", ".join(b.__name__ for b, _ in pairs)
+
+
+def _pruned_version(pipeline: DiffusionPipeline) -> type | None:
+    """The pruned pipeline class for ``pipeline`` (an instance of a stock pipeline or of a subclass of one)."""
+    return next((pruned for base, pruned in pipeline_pairs() if isinstance(pipeline, base)), None)
 
 
 def check_pipeline_family(class_name: str, transformer_config, source) -> None:
@@ -175,9 +141,8 @@ def prune_pipeline(pipeline: DiffusionPipeline, plan: PrunePlan) -> DiffusionPip
     ``pipeline``, not copied; the pruned transformer shares its kept weights with the
     original one (see :func:`prune_transformer`).
     """
-    target = next((pruned for base, pruned in PIPELINES.items() if isinstance(pipeline, base)), None)
-    if target is None:
-        supported = ", ".join(b.__name__ for b in PIPELINES)
+    if _pruned_version(pipeline) is None:
+        supported = _supported(pipeline_pairs())
         raise UnsupportedModelError(
             f"prune_pipeline cannot prune a {type(pipeline).__name__}; supported pipelines: {supported} "
             "(and their subclasses). For other pipelines prune the transformer with `prune_transformer`."
@@ -190,7 +155,7 @@ def with_pruned_transformer(pipeline: DiffusionPipeline, transformer) -> Diffusi
 
     Used to wrap a distilled student: the text encoders, tokenizers, VAE and scheduler are shared.
     """
-    target = next((pruned for base, pruned in PIPELINES.items() if isinstance(pipeline, base)), None)
+    target = _pruned_version(pipeline)
     if target is None or getattr(transformer, "prune_plan", None) is None:
         raise UnsupportedModelError(
             f"Cannot wrap a {type(transformer).__name__} in a pruned {type(pipeline).__name__}; pass a pruned "

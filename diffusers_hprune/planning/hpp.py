@@ -32,9 +32,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from diffusers_hprune.families import BLOCK
-from diffusers_hprune.families.inventory import TransformerInventory
-from diffusers_hprune.families.sizes import DTYPES, format_bytes
+from diffusers_hprune.architecture import BLOCK
+from diffusers_hprune.architecture.inventory import TransformerInventory
+from diffusers_hprune.architecture.sizes import DTYPES, format_bytes
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning.strategies import RankingInputs, get_strategy, prunability
 from diffusers_hprune.utils.errors import PlanError

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from diffusers_hprune.architecture import BLOCK
 from diffusers_hprune.contributions import ContributionReport
-from diffusers_hprune.families import BLOCK
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning.strategies import prunability
 from diffusers_hprune.utils.fileio import atomic_path, atomic_write_text

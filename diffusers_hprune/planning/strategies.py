@@ -21,8 +21,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from diffusers_hprune.families import BLOCK
-from diffusers_hprune.families.inventory import TransformerInventory
+from diffusers_hprune.architecture import BLOCK
+from diffusers_hprune.architecture.inventory import TransformerInventory
 from diffusers_hprune.utils.errors import PlanError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from accelerate import init_empty_weights
 
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.base import refuse_adapters
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.base import refuse_adapters
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import PlanError

@@ -16,8 +16,8 @@ from pathlib import Path
 import diffusers
 import torch
 
-from diffusers_hprune.families import get_family
-from diffusers_hprune.families.inventory import load_transformer_config
+from diffusers_hprune.architecture import get_family
+from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.loading import check_pipeline_weights
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, pruned_pipeline_name

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pruning.surgery import prune_transformer
 from diffusers_hprune.utils.compat import quantize_in_place

@@ -21,6 +21,8 @@ from diffusers_hprune.toy.shapeeval import detect_objects, score_image, shapeeva
 from diffusers_hprune.utils.checks import InputError
 
 FAMILIES = ("sd3", "flux")
+#: The toy `hprune demo` compresses.
+DEMO_TOY = "sd3"
 
 _GENERATION = {
     "sd3": dict(height=32, width=32, num_inference_steps=20, guidance_scale=5.0, max_sequence_length=10),
@@ -136,6 +138,7 @@ def evaluate_pipeline(pipe, n: int = 200, seed: int = 0, split: str = "heldout",
 
 __all__ = [
     "CATEGORIES",
+    "DEMO_TOY",
     "FAMILIES",
     "check_prompts",
     "detect_objects",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.toy import dataset as D
 from diffusers_hprune.toy import evaluate_pipeline, load_pipeline
 from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae

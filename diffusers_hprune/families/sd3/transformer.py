@@ -8,6 +8,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.cache_utils import CacheMixin
 
+from diffusers_hprune.families.sd3.structure import SD3
 from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
 from diffusers_hprune.utils.compat import cache_context_set
 from diffusers_hprune.utils.registration import register
@@ -30,7 +31,7 @@ class HierarchicalPrunedSD3Transformer2DModel(HierarchicalPrunedMixin, SD3Transf
             ``SD3Transformer2DModel``.
     """
 
-    family_name = "sd3"
+    family_name = SD3.name
     _no_split_modules = ["JointTransformerBlock", "PrunedJointTransformerBlock", "RemovedBlock"]
     # compile_repeated_blocks(): every block class a pruned model holds (a removed block computes nothing)
     _repeated_blocks = ["JointTransformerBlock", "PrunedJointTransformerBlock"]

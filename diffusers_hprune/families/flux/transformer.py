@@ -7,6 +7,7 @@ from typing import Any
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 
+from diffusers_hprune.families.flux.structure import FLUX
 from diffusers_hprune.models.pruned import HierarchicalPrunedMixin
 from diffusers_hprune.utils.registration import register
 
@@ -24,7 +25,7 @@ class HierarchicalPrunedFluxTransformer2DModel(HierarchicalPrunedMixin, FluxTran
             model. All other arguments are those of ``FluxTransformer2DModel``.
     """
 
-    family_name = "flux"
+    family_name = FLUX.name
     _no_split_modules = [
         "FluxTransformerBlock",
         "FluxSingleTransformerBlock",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from diffusers_hprune.families import get_family
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.utils.compat import persistent_buffer
 from diffusers_hprune.utils.errors import UnsupportedModelError
 

@@ -11,14 +11,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 
-from diffusers_hprune.families import BLOCK, BlockSpec, ModelFamily, get_family
-from diffusers_hprune.families.sizes import (
+from diffusers_hprune.architecture import BLOCK, BlockSpec, ModelFamily, family_names, get_family
+from diffusers_hprune.architecture.sizes import (
     BYTES_PER_PARAM,
     DTYPES,
     format_bytes,
@@ -30,15 +31,16 @@ from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, read_text_file
 from diffusers_hprune.utils.errors import UnsupportedModelError
 
-# Public transformer configs shipped with the package (name -> file in diffusers_hprune/families/configs).
-BUILTIN_CONFIGS = {
-    "sd3-medium": "sd3-medium.json",
-    "sd3.5-large": "sd3.5-large.json",
-    "sd3.5-large-turbo": "sd3.5-large.json",
-    "sd3.5-medium": "sd3.5-medium.json",
-    "flux.1-schnell": "flux.1-schnell.json",
-    "flux.1-dev": "flux.1-dev.json",
-}
+
+def builtin_configs() -> dict[str, Traversable]:
+    """The published transformer configs the registered families ship: name -> the file (in the ``configs`` folder
+    of the family's folder; e.g. ``sd3.5-large-turbo`` -> ``families/sd3/configs/sd3.5-large.json``)."""
+    out = {}
+    for family_name in family_names():
+        family = get_family(family_name)
+        for name, file in family.builtin_configs.items():
+            out[name] = resources.files(family.folder_package) / "configs" / file
+    return out
 
 
 #: Bounds of a transformer config's sizes (inclusive), checked before anything is built or counted from it. The
@@ -87,16 +89,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_transformer_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """A transformer config from a built-in name, a ``config.json``, a model or pipeline folder, or a Hub repo id.
 
-    Built-in names: ``sd3-medium``, ``sd3.5-large``, ``sd3.5-large-turbo``, ``sd3.5-medium``,
+    Built-in names (:func:`builtin_configs`): ``sd3-medium``, ``sd3.5-large``, ``sd3.5-large-turbo``, ``sd3.5-medium``,
     ``flux.1-schnell``, ``flux.1-dev``. A repo id reads only ``transformer/config.json``
     (from the local Hugging Face cache when offline).
     """
     if isinstance(source, Mapping):
         return dict(source)
     text = str(source)
-    if text in BUILTIN_CONFIGS:
-        ref = resources.files("diffusers_hprune.families") / "configs" / BUILTIN_CONFIGS[text]
-        return json.loads(ref.read_text(encoding="utf-8"))
+    configs = builtin_configs()
+    if text in configs:
+        return json.loads(configs[text].read_text(encoding="utf-8"))
     path = Path(text)
     if path.is_file():
         return _read_json(path)
@@ -127,7 +129,7 @@ def load_transformer_config(source: str | os.PathLike | Mapping[str, Any]) -> di
                 ) from None
     raise UnsupportedModelError(
         f"{text!r} is not a config file, a model or pipeline folder, a Hub repo id or a built-in config; "
-        f"built-in configs: {', '.join(BUILTIN_CONFIGS)}."
+        f"built-in configs: {', '.join(configs)}."
     )
 
 
@@ -160,7 +162,7 @@ class BlockInventory:
     removed: bool = False
     removed_components: tuple[str, ...] = ()
     nbytes: dict[str, dict[str, int]] = field(default_factory=dict)
-    """dtype -> {"block" or component -> weight bytes} (see :mod:`diffusers_hprune.families.sizes`)."""
+    """dtype -> {"block" or component -> weight bytes} (see :mod:`diffusers_hprune.architecture.sizes`)."""
 
     @property
     def status(self) -> str:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusers_hprune.families.base import BlockSpec, ModelFamily
-from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.architecture.base import BlockSpec, ModelFamily
+from diffusers_hprune.architecture.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.architecture.published import CLIP_G, CLIP_L, T5_XXL, VAE_16_CHANNELS, VAE_16_CHANNELS_LAYOUT
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
 
@@ -56,6 +57,35 @@ class SD3Family(ModelFamily):
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
     block_count_keys = {"transformer_blocks": "num_layers"}
+    model_module = "diffusers_hprune.families.sd3.transformer"
+    pipeline_module = "diffusers_hprune.families.sd3.pipelines"
+    auto_pipeline_name = "hprune-stable-diffusion-3"
+    builtin_configs = {"sd3-medium": "sd3-medium.json", "sd3.5-large": "sd3.5-large.json",
+                       "sd3.5-large-turbo": "sd3.5-large.json", "sd3.5-medium": "sd3.5-medium.json"}
+    published_components = {"text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "text_encoder_3": T5_XXL,
+                            "vae": VAE_16_CHANNELS}
+    published_vae_config = dict(VAE_16_CHANNELS_LAYOUT, scaling_factor=1.5305, shift_factor=0.0609)
+    # The model cards' settings (the Hugging Face model card of each repository, its Diffusers example).
+    published_models = {
+        "sd3.5-large-turbo": dict(display_name="Stable Diffusion 3.5 Large Turbo",
+                                  repo_ids=("stabilityai/stable-diffusion-3.5-large-turbo",), num_inference_steps=4,
+                                  guidance_scale=0.0, guidance_argument="guidance_scale", max_sequence_length=256,
+                                  resolution=1024),
+        "sd3.5-large": dict(display_name="Stable Diffusion 3.5 Large", repo_ids=("stabilityai/stable-diffusion-3.5-large",),
+                            num_inference_steps=28, guidance_scale=3.5, guidance_argument="guidance_scale",
+                            max_sequence_length=256, resolution=1024),
+        "sd3.5-medium": dict(display_name="Stable Diffusion 3.5 Medium",
+                             repo_ids=("stabilityai/stable-diffusion-3.5-medium",), num_inference_steps=40,
+                             guidance_scale=4.5, guidance_argument="guidance_scale", max_sequence_length=256,
+                             resolution=1024),
+        "sd3-medium": dict(display_name="Stable Diffusion 3 Medium",
+                           repo_ids=("stabilityai/stable-diffusion-3-medium-diffusers",
+                                     "stabilityai/stable-diffusion-3-medium"),
+                           num_inference_steps=28, guidance_scale=7.0, guidance_argument="guidance_scale",
+                           max_sequence_length=256, resolution=1024),
+    }
+    guidance_is_cfg = True  # StableDiffusion3Pipeline batches the unconditional and the conditional pass
+    paper_max_sequence_length = 256  # 77 CLIP + 256 T5 tokens
     marker_parameters = {"attn": "attn.to_q.weight", "ff": "ff.net.0.proj.weight",
                          "ff_context": "ff_context.net.0.proj.weight", "norm1": "norm1.linear.weight",
                          "norm1_context": "norm1_context.linear.weight"}

@@ -1,10 +1,11 @@
-"""What every model family module provides, and the mechanics they share.
+"""What every model family provides, and the mechanics they share.
 
-A family module (``sd3.py``, ``flux.py``) is the ONE place that knows a model
-family's structure: which blocks exist in which order, which components each
-block has, which parameters each component owns, and how each is removed. Every
-other stage (planning, analysis, distillation, quantisation, reports) asks the
-family object instead of naming modules itself.
+A family's folder (``diffusers_hprune/families/sd3/``, ``families/flux/``) is the ONE place that
+knows the family: which blocks exist in which order, which components each block has, which
+parameters each component owns, how each is removed, its pruned model and pipeline classes, its
+published pipeline's components (for the memory budget) and its part of the remote code. Every
+other stage (planning, analysis, distillation, quantisation, budget, reports) asks the family
+object instead of naming modules itself.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusers_hprune.architecture.checkpoints import CheckpointLayout
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.compat import register_block_streams
-from diffusers_hprune.utils.errors import CheckpointMismatchError, PlanError
+from diffusers_hprune.utils.errors import PlanError
 
 BLOCK = "block"
 """Pseudo-component name for a whole block (used by analysis reports and plans)."""
@@ -52,7 +54,7 @@ class BlockSpec:
     modulations: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-class ModelFamily:
+class ModelFamily(CheckpointLayout):
     """Structure knowledge of one model family. Subclasses fill in the class attributes and hooks."""
 
     name: str = ""
@@ -92,6 +94,37 @@ class ModelFamily:
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         """Channels of the VAE latents the transformer denoises (before any patch packing)."""
         return int(config["in_channels"])
+
+    # -- the family's folder: its classes, configs and published pipeline -----------------------
+    model_module: str = ""
+    """The module that defines the pruned transformer class (``pruned_class_name``); imported on first use."""
+    pipeline_module: str = ""
+    """The module whose ``PIPELINES`` maps each task (``"text2image"``, ``"image2image"``, ``"inpaint"``) to
+    ``(stock pipeline class, pruned pipeline class)``; imported on first use. Empty: the family has no pipelines."""
+    auto_pipeline_name: str = ""
+    """The pruned pipelines' model type in Diffusers' ``AutoPipelineFor*`` tables (e.g. ``hprune-flux``)."""
+    builtin_configs: Mapping[str, str] = {}
+    """Published transformer configs the family ships: name (``hprune budget sd3.5-large``) -> a file in the
+    ``configs`` folder beside the family's module."""
+    published_components: Mapping[str, int] = {}
+    """Parameter count of each component of the family's published pipeline besides the transformer (text
+    encoders, ``vae``): what the memory budget assumes when no pipeline folder is at hand."""
+    published_vae_config: Mapping[str, Any] = {}
+    """The published pipeline's VAE config (the budget's default, as ``published_components``)."""
+    published_models: Mapping[str, Mapping[str, Any]] = {}
+    """Name -> how each published model of the family is meant to be called (its model card's settings):
+    ``display_name``, ``repo_ids``, ``num_inference_steps``, ``guidance_scale``, ``guidance_argument``,
+    ``max_sequence_length``, ``resolution`` (``profiles.GenerationProfile``). A name that is also in
+    ``builtin_configs`` is recognised by its config too; models sharing one config file share an architecture."""
+    guidance_is_cfg: bool = False
+    """True when the pipeline's ``guidance_scale`` runs classifier-free guidance (two transformer passes a step)."""
+    paper_max_sequence_length: int = 256
+    """The T5 length of the paper's protocol for this family: the budget's default for inference."""
+
+    @property
+    def folder_package(self) -> str:
+        """The package of the family's folder (where its ``configs`` live): the package of its class's module."""
+        return type(self).__module__.rpartition(".")[0]
 
     # -- identification -------------------------------------------------------
     @property
@@ -260,31 +293,6 @@ class ModelFamily:
                 removed = frozenset(plan.removed_components[spec.index])
                 model.set_submodule(spec.path, self.pruned_block(block, spec, removed))
 
-    def prune_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        """The state dict of the pruned model, from the state dict of the unpruned one (plan already checked).
-
-        Keys of removed parts are dropped; parameters shared between components are
-        sliced to the kept parts. Kept keys keep their original block indices.
-        """
-        drop = tuple(path + "." for path in self.removed_module_paths(config, plan))
-        slices: dict[str, list[tuple[int, slice]]] = {}
-        for spec in self.block_specs(config):
-            if spec.index in plan.removed_blocks:
-                continue
-            for component in plan.removed_components.get(spec.index, []):
-                for name, part in self.shared_parameter_slices(spec, component, config).items():
-                    slices.setdefault(f"{spec.path}.{name}", []).append(part)
-        out = {}
-        for key, tensor in state_dict.items():
-            if key.startswith(drop):
-                continue
-            if key in slices:
-                tensor = _remove_slices(tensor, slices[key])
-            out[key] = tensor
-        return out
-
     # -- Diffusers' hooks and regional compilation ---------------------------------------------
     def pruned_block_classes(self) -> tuple[type, ...]:
         """The block classes a pruned model of this family may hold besides the stock ones."""
@@ -298,200 +306,6 @@ class ModelFamily:
         with "Model class ... not registered". Called when a pruned model is built.
         """
         register_block_streams(self.pruned_block_classes(), text_index=0, image_index=1)
-
-    # -- LoRAs made for the unpruned model ---------------------------------------------------
-    def sliced_layers(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, tuple[int, list[slice], int]]:
-        """Linear layers the plan slices: module path -> (weight dim, removed slices, full size along it).
-
-        FLUX single-stream blocks without ``attn`` or ``mlp`` keep only some input columns of
-        their ``proj_out``.
-        """
-        out = {}
-        for spec in self.block_specs(config):
-            if spec.index in plan.removed_blocks:
-                continue
-            for component in plan.removed_components.get(spec.index, []):
-                for name, (dim, sl) in self.shared_parameter_slices(spec, component, config).items():
-                    if not name.endswith(".weight"):
-                        continue
-                    full = max(part.stop for other in spec.components
-                               for n, (_, part) in self.shared_parameter_slices(spec, other, config).items() if n == name)
-                    path = f"{spec.path}.{name[: -len('.weight')]}"
-                    entry = out.setdefault(path, (dim, [], full))
-                    entry[1].append(sl)
-        return out
-
-    def removed_module_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
-        """Module paths the plan removes: whole blocks, and the submodules of removed components."""
-        out = []
-        for spec in self.block_specs(config):
-            if spec.index in plan.removed_blocks:
-                out.append(spec.path)
-                continue
-            for component in plan.removed_components.get(spec.index, []):
-                out += [f"{spec.path}.{sub}" for sub in self.component_submodules(spec, component)]
-        return out
-
-    def prune_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
-                              prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
-        """A LoRA (Diffusers' format) for the unpruned model, made to fit the model pruned by ``plan``.
-
-        Adapters of removed blocks and components are dropped; the ``lora_A`` of a sliced layer
-        loses the input columns its weight lost (the LoRA's update ``B @ A`` is then the base
-        model's update with those columns cut, so adding it to the pruned model equals adding
-        it to the base model and pruning afterwards). Keys may carry ``prefix`` (e.g.
-        ``"transformer."``). Returns the state dict and the dropped module paths. A ``lora_A``
-        already cut to the pruned width is left as it is.
-        """
-        removed = self.removed_module_paths(config, plan)
-        sliced = self.sliced_layers(config, plan)
-        out, dropped = {}, []
-        for key, tensor in lora.items():
-            module, sep, rest = _without_prefix(key, prefix)[1].partition(".lora_")
-            if sep and any(module == path or module.startswith(path + ".") for path in removed):
-                if module not in dropped:
-                    dropped.append(module)
-                continue
-            if sep and module in sliced:
-                dim, parts, full = sliced[module]
-                side = {1: "A", 0: "B"}[dim]  # input columns live in lora_A, output rows in lora_B
-                if rest.startswith(side + ".") and tensor.shape[dim] == full:
-                    tensor = _remove_slices(tensor, [(dim, sl) for sl in parts])
-            out[key] = tensor
-        return out, dropped
-
-    # -- markers: what a stock class handed a pruned checkpoint trips over --------------------
-    marker_parameters: Mapping[str, str] = {}
-    """Component -> the name (relative to the block) of one parameter it owns in the stock block."""
-
-    def removal_markers(self, config: Mapping[str, Any], plan: PrunePlan) -> list[str]:
-        """One stock parameter name per removed block and per removed component.
-
-        A pruned checkpoint stores a zero-size tensor under each of them. The pruned classes
-        ignore these; a stock class built from the same config expects a full-size tensor
-        there and stops with a shape error, instead of filling the removed parts with random
-        weights.
-        """
-        out = []
-        for spec in self.block_specs(config):
-            if spec.index in plan.removed_blocks:
-                out.append(f"{spec.path}.{self.marker_parameters[spec.components[0]]}")
-            for component in plan.removed_components.get(spec.index, []):
-                out.append(f"{spec.path}.{self.marker_parameters[component]}")
-        return out
-
-    # -- export to the stock class --------------------------------------------------------
-    block_count_keys: Mapping[str, str] = {}
-    """Block list (module path) -> the config key that counts its blocks, e.g. ``{"transformer_blocks": "num_layers"}``."""
-
-    def check_stock_exportable(self, plan: PrunePlan) -> None:
-        """Raise :class:`PlanError` unless ``plan`` removes whole blocks only (what a stock class can hold)."""
-        if plan.removed_components:
-            parts = "; ".join(f"block {i}: {', '.join(c)}" for i, c in sorted(plan.removed_components.items()))
-            raise PlanError(
-                f"This plan removes components inside blocks ({parts}); the stock {self.base_class_name} cannot "
-                "hold such blocks. Export without --stock (the folder then carries its modeling code for "
-                "`trust_remote_code=True`), or make a plan that removes whole blocks only."
-            )
-
-    def stock_block_paths(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, str]:
-        """Kept block path -> its path in the stock model, where the removed blocks are gone and the rest renumbered."""
-        kept: dict[str, int] = {}
-        out = {}
-        for spec in self.block_specs(config):
-            if spec.index in plan.removed_blocks:
-                continue
-            prefix = spec.path.rsplit(".", 1)[0]
-            out[spec.path] = f"{prefix}.{kept.get(prefix, 0)}"
-            kept[prefix] = kept.get(prefix, 0) + 1
-        return out
-
-    def stock_config(self, config: Mapping[str, Any], plan: PrunePlan) -> dict[str, Any]:
-        """The stock class's ``config.json`` for the pruned model: the block counts reduced, no prune plan."""
-        self.check_stock_exportable(plan)
-        paths = self.stock_block_paths(config, plan)
-        out = {k: v for k, v in config.items() if k not in ("prune_plan", "_name_or_path")}
-        out["_class_name"] = self.base_class_name
-        for prefix, key in self.block_count_keys.items():
-            out[key] = sum(1 for p in paths if p.rsplit(".", 1)[0] == prefix)
-        return out
-
-    def stock_renamer(self, config: Mapping[str, Any], plan: PrunePlan):
-        """A function taking a module path or parameter name of the pruned model to its name in the stock
-        export (``None`` for one in a removed block; names outside the block lists unchanged)."""
-        paths = self.stock_block_paths(config, plan)
-        prefixes = tuple(prefix + "." for prefix in self.block_count_keys)
-
-        def rename(name: str) -> str | None:
-            if not name.startswith(prefixes):
-                return name
-            head, index, *rest = name.split(".", 2)
-            new = paths.get(f"{head}.{index}")
-            return None if new is None else ".".join([new, *rest])
-
-        return rename
-
-    def stock_state_dict(self, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                         plan: PrunePlan) -> dict[str, torch.Tensor]:
-        """The pruned model's weights (``state_dict``, or any part of it) under the stock model's names.
-
-        Block keys are renumbered; keys of removed blocks must not occur (a pruned model has none).
-        Works on 4-bit state dicts too (bitsandbytes' extra keys follow their weight's name).
-        """
-        self.check_stock_exportable(plan)
-        rename = self.stock_renamer(config, plan)
-        markers = set(self.removal_markers(config, plan))
-        out = {}
-        for key, tensor in state_dict.items():
-            if key in markers and tensor.numel() == 0:
-                continue  # the removed block is gone from the stock model: no marker needed
-            new = rename(key)
-            if new is None:
-                raise PlanError(f"The weights hold {key}, a key of a block the plan removes; the weights and "
-                                "the plan come from different models.")
-            out[new] = tensor
-        return out
-
-    def check_lora_blocks(self, lora: Mapping[str, Any], config: Mapping[str, Any], prefix: str = "") -> None:
-        """Raise :class:`CheckpointMismatchError` when a key of ``lora`` (under ``prefix``) names a block that
-        the model of ``config`` does not have (an index beyond its count, or no index): the LoRA was made for
-        another model."""
-        blocks = {spec.path for spec in self.block_specs(config)}
-        heads = tuple(self.block_count_keys)
-        foreign = set()
-        for key in lora:
-            name = _without_prefix(key, prefix)[1]
-            head, _, rest = name.partition(".")
-            if head in heads:
-                path = f"{head}.{rest.split('.', 1)[0]}" if rest else head
-                if path not in blocks:
-                    foreign.add(path)
-        if foreign:
-            shown = sorted(foreign)
-            listed = ", ".join(shown[:3]) + (f", ... ({len(shown) - 3} more)" if len(shown) > 3 else "")
-            counts = ", ".join(f"{int(config.get(key, 0) or 0)} {head}" for head, key in self.block_count_keys.items())
-            raise CheckpointMismatchError(
-                f"The LoRA has adapters for {listed}, which the base model ({counts}) does not have: it was made "
-                "for another model. Use a LoRA made for this export's base model."
-            )
-
-    def stock_lora_state_dict(self, lora: Mapping[str, torch.Tensor], config: Mapping[str, Any], plan: PrunePlan,
-                              prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
-        """A LoRA for the unpruned model, for the stock export of ``plan`` (whole blocks removed, the rest renumbered).
-
-        Stock Diffusers applies a LoRA by module names, so a base-model LoRA on a stock export would
-        land in the wrong blocks; this one lands where the base model's did. Returns the state dict
-        and the dropped module paths (original names).
-        """
-        self.check_stock_exportable(plan)
-        self.check_lora_blocks(lora, config, prefix)
-        kept, dropped = self.prune_lora_state_dict(lora, config, plan, prefix=prefix)
-        rename = self.stock_renamer(config, plan)
-        out = {}
-        for key, tensor in kept.items():
-            head, name = _without_prefix(key, prefix)
-            out[head + rename(name)] = tensor
-        return out, dropped
 
 def adapter_layers(model: nn.Module) -> list[str]:
     """Module paths of ``model`` that hold (unfused or fused but not unloaded) PEFT adapter layers."""
@@ -520,11 +334,6 @@ def _unread(spec: BlockSpec, removed) -> list[str]:
     return [m for m, readers in spec.modulations if set(readers) <= gone]
 
 
-def _without_prefix(key: str, prefix: str) -> tuple[str, str]:
-    """``(prefix, rest)`` when ``key`` starts with ``prefix`` (e.g. ``"transformer."``), else ``("", key)``."""
-    return (prefix, key[len(prefix):]) if prefix and key.startswith(prefix) else ("", key)
-
-
 def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]]:
     out = []
     for module_name, sub in module.named_modules():
@@ -532,18 +341,6 @@ def _parameters_of(module: nn.Module, prefix: str) -> list[tuple[str, int, bool]
             name = f"{prefix}{module_name}.{pname}" if module_name else f"{prefix}{pname}"
             out.append((name, p.numel(), isinstance(sub, nn.Linear) and pname == "weight"))
     return out
-
-
-def _remove_slices(tensor: torch.Tensor, parts: list[tuple[int, slice]]) -> torch.Tensor:
-    """``tensor`` without the given (dim, slice) parts, all along one dimension."""
-    dim = parts[0][0]
-    removed = set()
-    for d, sl in parts:
-        assert d == dim, "slices of one parameter must share a dimension"
-        removed.update(range(sl.start, sl.stop))
-    keep = [i for i in range(tensor.shape[dim]) if i not in removed]
-    index = torch.tensor(keep, dtype=torch.long, device=tensor.device)
-    return tensor.index_select(dim, index).contiguous()
 
 
 class RemovedBlock(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffusers_hprune.families.base import gated, match_batch, modulate, plain_layer_norm
+from diffusers_hprune.architecture.base import gated, match_batch, modulate, plain_layer_norm
 from diffusers_hprune.utils.compat import feed_forward_chunking
 
 

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusers_hprune.families.base import BlockSpec, ModelFamily, gated, match_batch, plain_layer_norm
-from diffusers_hprune.families.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.architecture.base import BlockSpec, ModelFamily, gated, match_batch, plain_layer_norm
+from diffusers_hprune.architecture.mmdit import PrunedDualStreamBlock
+from diffusers_hprune.architecture.published import CLIP_L_TEXT_MODEL, T5_XXL, VAE_16_CHANNELS, VAE_16_CHANNELS_LAYOUT
 from diffusers_hprune.utils.compat import (
     flux_latent_image_ids,
     flux_pack_latents,
@@ -125,6 +126,22 @@ class FluxFamily(ModelFamily):
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
+    model_module = "diffusers_hprune.families.flux.transformer"
+    pipeline_module = "diffusers_hprune.families.flux.pipelines"
+    auto_pipeline_name = "hprune-flux"
+    builtin_configs = {"flux.1-schnell": "flux.1-schnell.json", "flux.1-dev": "flux.1-dev.json"}
+    published_components = {"text_encoder": CLIP_L_TEXT_MODEL, "text_encoder_2": T5_XXL, "vae": VAE_16_CHANNELS}
+    published_vae_config = dict(VAE_16_CHANNELS_LAYOUT, scaling_factor=0.3611, shift_factor=0.1159)
+    paper_max_sequence_length = 512  # FluxPipeline's T5 length
+    # The model cards' settings (the Hugging Face model card of each repository, its Diffusers example).
+    published_models = {
+        "flux.1-schnell": dict(display_name="FLUX.1 [schnell]", repo_ids=("black-forest-labs/FLUX.1-schnell",),
+                               num_inference_steps=4, guidance_scale=0.0, guidance_argument="guidance_scale",
+                               max_sequence_length=256, resolution=1024),
+        "flux.1-dev": dict(display_name="FLUX.1 [dev]", repo_ids=("black-forest-labs/FLUX.1-dev",),
+                           num_inference_steps=50, guidance_scale=3.5, guidance_argument="guidance_scale",
+                           max_sequence_length=512, resolution=1024),
+    }
 
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
         num_double = int(config.get("num_layers", 19))

@@ -1,0 +1,1 @@
+"""FLUX.1 (schnell, dev): see ``structure.py``."""
