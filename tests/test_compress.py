@@ -203,6 +203,44 @@ def test_every_distillation_option_that_changes_the_result_keys_the_distillation
     assert distill_stage_inputs(base, "plan-key", ["a blue square"]) != key
 
 
+def test_every_run_setting_keys_the_stages_whose_result_it_changes():
+    """Every HPruneConfig field is classified: keyed by the stages it changes (the analysis, the plan, the
+    evaluation, or the distillation through distill_config), a choice of which stages run, or unkeyed. Changing a
+    keyed field changes its stages' keys; a new field left unclassified fails here."""
+    from dataclasses import fields, replace
+
+    from diffusers_hprune.compression import config as run_config
+    from diffusers_hprune.compression.run import distill_stage_inputs
+    from diffusers_hprune.distillation import settings
+
+    distillation = set(settings.IDENTITY_OPTIONS + settings.BUDGET_OPTIONS + settings.DATA_OPTIONS)
+    shared = {f.name for f in fields(settings.DistillConfig)}
+    stage_keyed = {**run_config.ANALYSIS_KEY, **run_config.PLAN_KEY, **run_config.EVALUATION_KEY}
+    classified = (set(stage_keyed) | {"train_prompts"} | set(run_config.STAGE_CHOICES) | set(run_config.UNKEYED)
+                  | ({f.name for f in fields(HPruneConfig)} & shared))
+    assert classified == {f.name for f in fields(HPruneConfig)}, "classify every setting"
+
+    base = HPruneConfig()
+
+    def keys(config: HPruneConfig) -> tuple:
+        paths = dict(teacher="sd3", plan="p.json", output_dir="out")
+        prompts = ["a red circle"] * config.train_prompts
+        return (config.analysis_settings(), config.plan_settings(), config.evaluation_settings(),
+                distill_stage_inputs(config.distill_config(**paths), "plan-key", prompts))
+
+    for name in sorted(set(stage_keyed) | {"train_prompts"} | (distillation & {f.name for f in fields(HPruneConfig)})):
+        changed = {"metric": {"metric": "velocity"}, "weight_dtype": {"weight_dtype": "fp16"},
+                   "strategy": {"strategy": "bk-sdm"}, "mixed_precision": {"mixed_precision": "bf16"},
+                   "r_thres": {"r_thres": 0.5}, "memory": {"ratio": None, "memory": 4_000_000_000},
+                   "ratio": {"ratio": 0.2}}.get(name, {name: _another(getattr(base, name))})
+        assert keys(replace(base, **changed)) != keys(base), name
+    for name in run_config.UNKEYED + ("gradient_checkpointing", "checkpointing_steps"):  # no stage's result changes
+        assert keys(replace(base, **{name: _another(getattr(base, name))})) == keys(base), name
+    # the analysis and evaluation keys keep the names they always had: the folders of earlier runs resume
+    assert base.analysis_settings() == {"metric": base.metric, "n": 8, "eval_steps": 4, "seed": 0}
+    assert base.evaluation_settings() == {"n": 50, "seed": 0}
+
+
 def test_the_run_config_gives_the_distillation_every_setting_it_shares():
     from dataclasses import fields
 

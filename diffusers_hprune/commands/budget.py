@@ -11,6 +11,7 @@ from diffusers_hprune.budget.stages import GIB
 from diffusers_hprune.commands.options import ratio
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import nonnegative_int, positive_int
+from diffusers_hprune.utils.distributed import PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-processes", type=positive_int, default=1,
                    help="processes of `accelerate launch` (DDP; default 1)")
     d = p.add_argument_group("distillation (the flags of `hprune distill`)")
-    d.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
+    d.add_argument("--mixed-precision", choices=PRECISIONS, default="bf16",
                    help="weight dtype of teacher and frozen student parts (default bf16; `distill` takes the launch "
                    "config's, else no)")
     d.add_argument("--train-batch-size", type=positive_int, default=4,

@@ -14,6 +14,7 @@ from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names
 from diffusers_hprune.utils.checks import InputError, check_bool, check_number, read_text_file
+from diffusers_hprune.utils.distributed import PRECISIONS
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
@@ -39,6 +40,20 @@ def _number(name: str, value, *, kind: type = float, what: str | None = None, **
     except ConfigError as e:
         detail = f"{name} must be {what}, got {value!r}." if what else str(e)
         raise ConfigError(f"{detail} Set it in the --config file or with --{name.replace('_', '-')}.") from None
+
+
+#: The settings that change each stage's result, as the stage keys them: field -> its name in the stage's key (the
+#: names the keys have always had, so the folders of earlier runs keep theirs). The distillation stage keys the
+#: fields it shares with DistillConfig through ``distill_config().result_settings()``, and ``train_prompts``
+#: through the prompts' digest.
+ANALYSIS_KEY = {"metric": "metric", "analysis_prompts": "n", "eval_steps": "eval_steps", "seed": "seed"}
+PLAN_KEY = {"ratio": "ratio", "memory": "memory", "weight_dtype": "weight_dtype", "alpha": "alpha",
+            "r_thres": "r_thres", "strategy": "strategy"}
+EVALUATION_KEY = {"eval_prompts": "n", "seed": "seed"}
+#: Settings that choose whether a stage runs (a stage that runs is keyed as above).
+STAGE_CHOICES = ("distill", "quantize")
+#: Settings that key no stage: how often a measurement repeats (the evaluation keeps the latency it measured first).
+UNKEYED = ("latency_repeats",)
 
 
 @dataclass
@@ -99,7 +114,7 @@ class HPruneConfig:
         for name, minimum in _INTS.items():
             _number(name, getattr(self, name), kind=int, minimum=minimum)
         for name, choices in (("weight_dtype", DTYPES), ("strategy", strategy_names()),
-                              ("mixed_precision", ("no", "fp16", "bf16"))):
+                              ("mixed_precision", PRECISIONS)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if not isinstance(self.metric, str) or not self.metric:
@@ -118,6 +133,18 @@ class HPruneConfig:
         own = {f.name for f in fields(self)}
         shared = {f.name: getattr(self, f.name) for f in fields(DistillConfig) if f.name in own}
         return DistillConfig(**{**shared, **options})
+
+    def analysis_settings(self) -> dict[str, Any]:
+        """What the analysis stage's result depends on among these settings (:data:`ANALYSIS_KEY`)."""
+        return {key: getattr(self, name) for name, key in ANALYSIS_KEY.items()}
+
+    def plan_settings(self) -> dict[str, Any]:
+        """What the plan stage's result depends on among these settings (:data:`PLAN_KEY`)."""
+        return {key: getattr(self, name) for name, key in PLAN_KEY.items()}
+
+    def evaluation_settings(self) -> dict[str, Any]:
+        """What the evaluation stage's result depends on among these settings (:data:`EVALUATION_KEY`)."""
+        return {key: getattr(self, name) for name, key in EVALUATION_KEY.items()}
 
     def analysis_budget(self) -> BudgetOptions:
         """What ``hprune budget`` needs to know of this run's analysis."""
@@ -161,4 +188,4 @@ class HPruneConfig:
         return cls.from_dict(data)
 
 
-__all__ = ["ConfigError", "HPruneConfig"]
+__all__ = ["ANALYSIS_KEY", "EVALUATION_KEY", "PLAN_KEY", "STAGE_CHOICES", "UNKEYED", "ConfigError", "HPruneConfig"]

@@ -232,8 +232,7 @@ class _Run:
                 "components": components_fingerprint(pipe)}
         # bk-sdm ranks by an alignment score of the final images: measured with the analysis when it is the strategy.
         alignment = "auto" if config.strategy == "bk-sdm" else None
-        inputs = {**base, "metric": config.metric, "n": config.analysis_prompts, "eval_steps": config.eval_steps,
-                  "seed": config.seed, **({"alignment": alignment} if alignment else {})}
+        inputs = {**base, **config.analysis_settings(), **({"alignment": alignment} if alignment else {})}
         _, self.keys["analysis"] = self.stages.run(
             1, "analysis", inputs,
             lambda d: analyze(self.teacher.pipe, self.analysis_path, metric=config.metric,
@@ -254,8 +253,8 @@ class _Run:
             outcome.plan.save(self.plan_path)
             self.say(outcome.summary())
 
-        settings = {k: getattr(config, k) for k in ("ratio", "memory", "weight_dtype", "alpha", "r_thres", "strategy")}
-        _, self.keys["plan"] = self.stages.run(2, "plan", {"analysis": self.keys["analysis"], **settings}, do_plan)
+        inputs = {"analysis": self.keys["analysis"], **config.plan_settings()}
+        _, self.keys["plan"] = self.stages.run(2, "plan", inputs, do_plan)
 
     def prune(self) -> None:
         plan = PrunePlan.load(self.plan_path)
@@ -297,8 +296,7 @@ class _Run:
             )
             atomic_write_json(folder / "metrics.json", result)
 
-        inputs = {"model": self.keys["model"], "n": config.eval_prompts, "seed": config.seed,
-                  "prompts": _digest(self.prompts.evaluation)}
+        inputs = {"model": self.keys["model"], **config.evaluation_settings(), "prompts": _digest(self.prompts.evaluation)}
         folder, _ = self.stages.run(6, "evaluation", inputs, do_evaluate)
         return json.loads((folder / "metrics.json").read_text())
 

@@ -18,6 +18,7 @@ from diffusers_hprune.utils.checks import (
     positive_float,
     positive_int,
 )
+from diffusers_hprune.utils.distributed import PRECISIONS
 
 
 def _add(parser, name, **kwargs):
@@ -56,7 +57,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "max_grad_norm", type=nonnegative_float, default=d.max_grad_norm, help="gradient clipping (0: none)")
     _add(g, "adam_weight_decay", type=nonnegative_float, default=d.adam_weight_decay)
     _add(g, "use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
-    _add(g, "mixed_precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision,
+    _add(g, "mixed_precision", choices=PRECISIONS, default=d.mixed_precision,
          help="weights of the teacher and the frozen parts, and the autocast of the student (the trainable copies "
          "stay float32); default: the launch config's (`accelerate launch`), else no")
     _add(g, "seed", type=nonnegative_int, default=d.seed)
