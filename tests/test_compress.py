@@ -241,6 +241,33 @@ def test_every_run_setting_keys_the_stages_whose_result_it_changes():
     assert base.evaluation_settings() == {"n": 50, "seed": 0}
 
 
+def test_settings_declared_in_several_places_share_one_default():
+    """HPruneConfig, DistillConfig, BudgetOptions and DataSpec each name some of the same settings; their defaults
+    come from one place (DistillConfig's), so they cannot drift apart. The differences are deliberate, listed
+    here with their reason."""
+    from dataclasses import MISSING, fields
+
+    from diffusers_hprune.budget import BudgetOptions
+    from diffusers_hprune.distillation.data import DataSpec
+    from diffusers_hprune.distillation.settings import DistillConfig
+
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    deliberate = {
+        (HPruneConfig, DistillConfig): {"checkpointing_steps",  # compress checkpoints every 200 steps
+                                        "mixed_precision"},  # distill: None, the launch config's; compress has none
+        (HPruneConfig, BudgetOptions): {"mixed_precision"},  # the budget assumes bf16, what a GPU run should use
+        (DistillConfig, BudgetOptions): {"mixed_precision"},
+        (DistillConfig, DataSpec): set(),
+    }
+    for (a, b), differ in deliberate.items():
+        left, right = defaults(a), defaults(b)
+        shared = set(left) & set(right)
+        assert differ <= shared, (a.__name__, b.__name__)
+        assert {n for n in shared if left[n] != right[n]} == differ, (a.__name__, b.__name__)
+
+
 def test_the_run_config_gives_the_distillation_every_setting_it_shares():
     from dataclasses import fields
 

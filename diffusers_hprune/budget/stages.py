@@ -22,6 +22,7 @@ from diffusers_hprune.architecture.inventory import inspect_transformer, load_tr
 from diffusers_hprune.architecture.sizes import is_skipped, unquantized_bytes
 from diffusers_hprune.budget.components import PipelineParts, pipeline_parts
 from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_transformer, step_trace, vae_decode_trace
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 from diffusers_hprune.profiles import identify
@@ -46,15 +47,16 @@ class BudgetOptions:
     device: str = "cuda"  # what the stages run on: "cuda" or "cpu"
     resolution: int | None = None  # analysis, training data and training (default: the model's profile)
     # distillation
-    mixed_precision: str = "bf16"
-    train_batch_size: int = 4
-    lora_rank: int = 0
-    teacher_4bit: bool = False
-    use_8bit_adam: bool = False
-    gradient_checkpointing: bool = False
-    pwp: bool = True
-    sgdistill: bool = True
-    r_thres: float = 0.25
+    mixed_precision: str = "bf16"  # what the stages should run in on a GPU (`hprune distill` takes the launch config's)
+    # the distillation's own flags take its defaults (one source: DistillConfig)
+    train_batch_size: int = DistillConfig.train_batch_size
+    lora_rank: int = DistillConfig.lora_rank
+    teacher_4bit: bool = DistillConfig.teacher_4bit
+    use_8bit_adam: bool = DistillConfig.use_8bit_adam
+    gradient_checkpointing: bool = DistillConfig.gradient_checkpointing
+    pwp: bool = DistillConfig.pwp
+    sgdistill: bool = DistillConfig.sgdistill
+    r_thres: float = DistillConfig.r_thres
     train_samples: int = 1000
     cache_batch_size: int = 8
     num_processes: int = 1

@@ -69,7 +69,7 @@ class HPruneConfig:
     memory: int | None = None
     weight_dtype: str = "bf16"
     alpha: float | None = None
-    r_thres: float = 0.25
+    r_thres: float = DistillConfig.r_thres  # the settings the distillation shares take its defaults (one source)
     strategy: str = "hierarchical"
     # contribution analysis
     metric: str = DEFAULT_METRIC
@@ -78,21 +78,21 @@ class HPruneConfig:
     # distillation
     distill: bool = True
     train_prompts: int = 600
-    max_train_steps: int = 1000
-    max_train_minutes: float | None = None
-    learning_rate: float = 1e-4
-    train_batch_size: int = 4
-    checkpointing_steps: int = 200
-    pwp: bool = True
-    sgdistill: bool = True
-    lora_rank: int = 0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
+    max_train_steps: int = DistillConfig.max_train_steps
+    max_train_minutes: float | None = DistillConfig.max_train_minutes
+    learning_rate: float = DistillConfig.learning_rate
+    train_batch_size: int = DistillConfig.train_batch_size
+    checkpointing_steps: int = 200  # compress checkpoints its distillation every 200 steps (`hprune distill`: 500)
+    pwp: bool = DistillConfig.pwp
+    sgdistill: bool = DistillConfig.sgdistill
+    lora_rank: int = DistillConfig.lora_rank
+    gradient_checkpointing: bool = DistillConfig.gradient_checkpointing
+    mixed_precision: str = "no"  # a compress run has no launch config to take it from (DistillConfig's None)
     # quantisation and evaluation
     quantize: bool = True
     eval_prompts: int = 50
     latency_repeats: int = 10
-    seed: int = 0
+    seed: int = DistillConfig.seed
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.memory is None:

@@ -30,6 +30,7 @@ import torch
 
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.contributions import components_fingerprint, fingerprint
+from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.loading import generation_settings
 from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
 from diffusers_hprune.utils.compat import execution_device
@@ -50,13 +51,13 @@ class DataSpec:
     dataset_name: str | None = None
     dataset_config_name: str | None = None
     data_files: str | None = None
-    image_column: str = "image"
-    caption_column: str = "text"
+    image_column: str = DistillConfig.image_column  # the options DistillConfig has take its defaults (one source)
+    caption_column: str = DistillConfig.caption_column
     resolution: int | None = None
     teacher_steps: int | None = None
     guidance_scale: float | None = None
     max_samples: int | None = None
-    seed: int = 0
+    seed: int = DistillConfig.seed
     batch_size: int = 8
     held_out: tuple[str, ...] = ()
     """Prompts left out of training (drawn for validation instead)."""
