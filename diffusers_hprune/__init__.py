@@ -51,14 +51,6 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "DistillConfig": "diffusers_hprune.distillation.settings",
     "HPruneConfig": "diffusers_hprune.compression.config",
-    "HierarchicalPrunedFluxImg2ImgPipeline": "diffusers_hprune.families.flux.pipelines",
-    "HierarchicalPrunedFluxInpaintPipeline": "diffusers_hprune.families.flux.pipelines",
-    "HierarchicalPrunedFluxPipeline": "diffusers_hprune.families.flux.pipelines",
-    "HierarchicalPrunedFluxTransformer2DModel": "diffusers_hprune.families.flux.transformer",
-    "HierarchicalPrunedSD3Img2ImgPipeline": "diffusers_hprune.families.sd3.pipelines",
-    "HierarchicalPrunedSD3InpaintPipeline": "diffusers_hprune.families.sd3.pipelines",
-    "HierarchicalPrunedSD3Pipeline": "diffusers_hprune.families.sd3.pipelines",
-    "HierarchicalPrunedSD3Transformer2DModel": "diffusers_hprune.families.sd3.transformer",
     "analyze": "diffusers_hprune.analysis",
     "compress": "diffusers_hprune.compression",
     "distill": "diffusers_hprune.distillation.trainer",
@@ -74,7 +66,11 @@ _SUBPACKAGES = ("analysis", "architecture", "budget", "commands", "compression",
                 "families", "hub", "loading", "metrics", "models", "pipelines", "plan", "planning", "profiles",
                 "pruning", "quantization", "toy", "utils")
 
-_register_lazily({name: module for name, module in _LAZY.items() if name.startswith("HierarchicalPruned")})
+# Each built-in family's pruned transformer and pipeline classes (ModelFamily.class_modules): public names here, and
+# found by Diffusers on the `diffusers` module (a model_index.json names them) before their modules are imported.
+_FAMILY_CLASSES = {name: module for family in family_names() for name, module in get_family(family).class_modules().items()}
+_LAZY.update(_FAMILY_CLASSES)
+_register_lazily(_FAMILY_CLASSES)
 # AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.
 _after_import("diffusers.pipelines.auto_pipeline", "diffusers_hprune.pipelines.auto")
 # A base-model LoRA loaded into a stock export (renumbered blocks) is refused with the command that converts it.

@@ -170,3 +170,22 @@ def test_a_family_from_outside_the_package_is_found_and_duplicates_are_refused(m
         architecture.register_family(DiTFamily())
     with pytest.raises(UnsupportedModelError, match="dit \\(DiT: DiTTransformer2DModel\\)"):
         get_family("unknown")  # the error lists every family, the new one too
+
+
+def test_each_family_names_the_classes_its_modules_define():
+    """Diffusers finds a family's classes by the names the family declares, before their modules are imported: the
+    declared names must be the classes its model and pipeline modules define, under the public names too."""
+    import diffusers
+
+    import diffusers_hprune
+    from diffusers_hprune import family_names
+    from diffusers_hprune.models import pruned_class_for
+    from diffusers_hprune.pipelines import family_pipelines
+
+    for name in family_names():
+        family = get_family(name)
+        pipelines = sorted(pruned.__name__ for _, pruned in family_pipelines(family).values())
+        assert sorted(family.pipeline_class_names) == pipelines, name
+        assert pruned_class_for(family).__name__ == family.pruned_class_name, name
+        for cls_name in family.class_modules():
+            assert getattr(diffusers, cls_name) is getattr(diffusers_hprune, cls_name), cls_name

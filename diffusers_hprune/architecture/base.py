@@ -101,6 +101,8 @@ class ModelFamily(CheckpointLayout):
     pipeline_module: str = ""
     """The module whose ``PIPELINES`` maps each task (``"text2image"``, ``"image2image"``, ``"inpaint"``) to
     ``(stock pipeline class, pruned pipeline class)``; imported on first use. Empty: the family has no pipelines."""
+    pipeline_class_names: tuple[str, ...] = ()
+    """The pruned pipeline classes ``pipeline_module`` defines: Diffusers finds them by name before it is imported."""
     auto_pipeline_name: str = ""
     """The pruned pipelines' model type in Diffusers' ``AutoPipelineFor*`` tables (e.g. ``hprune-flux``)."""
     builtin_configs: Mapping[str, str] = {}
@@ -120,6 +122,11 @@ class ModelFamily(CheckpointLayout):
     """True when the pipeline's ``guidance_scale`` runs classifier-free guidance (two transformer passes a step)."""
     paper_max_sequence_length: int = 256
     """The T5 length of the paper's protocol for this family: the budget's default for inference."""
+
+    def class_modules(self) -> dict[str, str]:
+        """The family's pruned classes by name -> the module that defines each (imported on first use)."""
+        out = {self.pruned_class_name: self.model_module} if self.model_module and self.pruned_class_name else {}
+        return out | {name: self.pipeline_module for name in self.pipeline_class_names if self.pipeline_module}
 
     @property
     def folder_package(self) -> str:

@@ -128,6 +128,8 @@ class FluxFamily(ModelFamily):
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
     model_module = "diffusers_hprune.families.flux.transformer"
     pipeline_module = "diffusers_hprune.families.flux.pipelines"
+    pipeline_class_names = ("HierarchicalPrunedFluxPipeline", "HierarchicalPrunedFluxImg2ImgPipeline",
+                            "HierarchicalPrunedFluxInpaintPipeline")
     auto_pipeline_name = "hprune-flux"
     builtin_configs = {"flux.1-schnell": "flux.1-schnell.json", "flux.1-dev": "flux.1-dev.json"}
     published_components = {"text_encoder": CLIP_L_TEXT_MODEL, "text_encoder_2": T5_XXL, "vae": VAE_16_CHANNELS}

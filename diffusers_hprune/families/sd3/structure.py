@@ -59,6 +59,8 @@ class SD3Family(ModelFamily):
     block_count_keys = {"transformer_blocks": "num_layers"}
     model_module = "diffusers_hprune.families.sd3.transformer"
     pipeline_module = "diffusers_hprune.families.sd3.pipelines"
+    pipeline_class_names = ("HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Img2ImgPipeline",
+                            "HierarchicalPrunedSD3InpaintPipeline")
     auto_pipeline_name = "hprune-stable-diffusion-3"
     builtin_configs = {"sd3-medium": "sd3-medium.json", "sd3.5-large": "sd3.5-large.json",
                        "sd3.5-large-turbo": "sd3.5-large.json", "sd3.5-medium": "sd3.5-medium.json"}
