@@ -1510,6 +1510,8 @@ class ModelFamily(CheckpointLayout):
     pipeline_module: str = ""
     """The module whose ``PIPELINES`` maps each task (``"text2image"``, ``"image2image"``, ``"inpaint"``) to
     ``(stock pipeline class, pruned pipeline class)``; imported on first use. Empty: the family has no pipelines."""
+    pipeline_class_names: tuple[str, ...] = ()
+    """The pruned pipeline classes ``pipeline_module`` defines: Diffusers finds them by name before it is imported."""
     auto_pipeline_name: str = ""
     """The pruned pipelines' model type in Diffusers' ``AutoPipelineFor*`` tables (e.g. ``hprune-flux``)."""
     builtin_configs: Mapping[str, str] = {}
@@ -1529,6 +1531,11 @@ class ModelFamily(CheckpointLayout):
     """True when the pipeline's ``guidance_scale`` runs classifier-free guidance (two transformer passes a step)."""
     paper_max_sequence_length: int = 256
     """The T5 length of the paper's protocol for this family: the budget's default for inference."""
+
+    def class_modules(self) -> dict[str, str]:
+        """The family's pruned classes by name -> the module that defines each (imported on first use)."""
+        out = {self.pruned_class_name: self.model_module} if self.model_module and self.pruned_class_name else {}
+        return out | {name: self.pipeline_module for name in self.pipeline_class_names if self.pipeline_module}
 
     @property
     def folder_package(self) -> str:
@@ -2070,6 +2077,8 @@ class SD3Family(ModelFamily):
     block_count_keys = {"transformer_blocks": "num_layers"}
     model_module = "diffusers_hprune.families.sd3.transformer"
     pipeline_module = "diffusers_hprune.families.sd3.pipelines"
+    pipeline_class_names = ("HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Img2ImgPipeline",
+                            "HierarchicalPrunedSD3InpaintPipeline")
     auto_pipeline_name = "hprune-stable-diffusion-3"
     builtin_configs = {"sd3-medium": "sd3-medium.json", "sd3.5-large": "sd3.5-large.json",
                        "sd3.5-large-turbo": "sd3.5-large.json", "sd3.5-medium": "sd3.5-medium.json"}
@@ -2344,6 +2353,8 @@ class FluxFamily(ModelFamily):
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
     model_module = "diffusers_hprune.families.flux.transformer"
     pipeline_module = "diffusers_hprune.families.flux.pipelines"
+    pipeline_class_names = ("HierarchicalPrunedFluxPipeline", "HierarchicalPrunedFluxImg2ImgPipeline",
+                            "HierarchicalPrunedFluxInpaintPipeline")
     auto_pipeline_name = "hprune-flux"
     builtin_configs = {"flux.1-schnell": "flux.1-schnell.json", "flux.1-dev": "flux.1-dev.json"}
     published_components = {"text_encoder": CLIP_L_TEXT_MODEL, "text_encoder_2": T5_XXL, "vae": VAE_16_CHANNELS}
