@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.export import export_folder
 from diffusers_hprune.hub.folders import FORMATS, folder_format, folder_plan
-from diffusers_hprune.utils.checks import check_not_inside, check_output_folder, check_replaceable, refuse_pickled
+from diffusers_hprune.utils.checks import check_not_inside, check_output_folder, check_replaceable
 
 
 def register(subparsers) -> None:
@@ -42,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     check_not_inside(args.out, args.folder, "--out", "FOLDER")
     if args.overwrite:
         check_replaceable(args.out, "--out")  # a pipeline folder, never a folder of the user's files
-    refuse_pickled(Path(args.folder) / "transformer", "transformer weights")  # the export rewrites them
     out = export_folder(args.folder, args.out, format=args.format, overwrite=args.overwrite, repo_id=args.repo_id)
     if args.base_model:
         write_model_card(out, base_model=args.base_model, repo_id=args.repo_id)

@@ -67,12 +67,14 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def check_pipeline_folder(folder: str | os.PathLike) -> Path:
+def check_pipeline_folder(folder: str | os.PathLike, *, weights: bool = True) -> Path:
+    """``folder`` as a Path when it is a pipeline folder; with ``weights``, its weight files checked too."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise PushError(f"{folder} is not a pipeline folder (no model_index.json); push the folder that "
                         "`hprune distill`, `hprune quantize`, `hprune compress` or `save_pretrained` wrote.")
-    check_pipeline_weights(folder)  # safetensors only, none damaged: nothing broken is uploaded
+    if weights:
+        check_pipeline_weights(folder)  # safetensors only, none damaged: nothing broken is uploaded
     return folder
 
 
@@ -82,9 +84,10 @@ def exported(folder: str | os.PathLike, format: str | None = None, repo_id: str 
 
     A folder that is an export already is used as it is.
     """
-    folder = check_pipeline_folder(folder)
+    folder = check_pipeline_folder(folder, weights=False)  # export_folder checks the weights as it reads them
     already = folder_format(folder)
     if already is not None and format in (None, already):
+        check_pipeline_weights(folder)
         yield check_export(folder)  # uploaded as it is: only what an export writes
         return
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
