@@ -10,7 +10,7 @@ from typing import Any
 from diffusers_hprune.architecture.sizes import DTYPES
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import distill_options
-from diffusers_hprune.distillation.settings import DistillConfig
+from diffusers_hprune.distillation.settings import DistillationSettings, DistillConfig
 from diffusers_hprune.metrics import DEFAULT_METRIC
 from diffusers_hprune.planning.strategies import strategy_names
 from diffusers_hprune.utils.checks import InputError, check_bool, check_number, read_text_file
@@ -57,7 +57,7 @@ UNKEYED = ("latency_repeats",)
 
 
 @dataclass
-class HPruneConfig:
+class HPruneConfig(DistillationSettings):
     """Every setting of ``hprune compress`` (analysis, HPP, distillation, quantisation, evaluation).
 
     One target: ``ratio`` (fraction of the transformer's parameters to remove; 0.3 when neither
@@ -69,7 +69,6 @@ class HPruneConfig:
     memory: int | None = None
     weight_dtype: str = "bf16"
     alpha: float | None = None
-    r_thres: float = DistillConfig.r_thres  # the settings the distillation shares take its defaults (one source)
     strategy: str = "hierarchical"
     # contribution analysis
     metric: str = DEFAULT_METRIC
@@ -78,21 +77,14 @@ class HPruneConfig:
     # distillation
     distill: bool = True
     train_prompts: int = 600
-    max_train_steps: int = DistillConfig.max_train_steps
-    max_train_minutes: float | None = DistillConfig.max_train_minutes
-    learning_rate: float = DistillConfig.learning_rate
-    train_batch_size: int = DistillConfig.train_batch_size
+    # (and DistillationSettings', shared with `hprune distill`: max_train_steps, max_train_minutes, learning_rate,
+    # train_batch_size, seed, pwp, sgdistill, r_thres, gradient_checkpointing, lora_rank)
     checkpointing_steps: int = 200  # compress checkpoints its distillation every 200 steps (`hprune distill`: 500)
-    pwp: bool = DistillConfig.pwp
-    sgdistill: bool = DistillConfig.sgdistill
-    lora_rank: int = DistillConfig.lora_rank
-    gradient_checkpointing: bool = DistillConfig.gradient_checkpointing
     mixed_precision: str = "no"  # a compress run has no launch config to take it from (DistillConfig's None)
     # quantisation and evaluation
     quantize: bool = True
     eval_prompts: int = 50
     latency_repeats: int = 10
-    seed: int = DistillConfig.seed
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.memory is None:

@@ -18,9 +18,30 @@ class DistillError(HPruneError):
     """Distillation options that cannot work together, or inputs that do not match."""
 
 
+@dataclass(kw_only=True)
+class DistillationSettings:
+    """The distillation settings that ``hprune compress`` (``HPruneConfig``) and ``hprune distill``
+    (:class:`DistillConfig`) both have: declared once, here, with their defaults. Keyword-only."""
+
+    # optimisation
+    max_train_steps: int = 1000
+    max_train_minutes: float | None = None
+    learning_rate: float = 1e-4
+    train_batch_size: int = 4
+    seed: int = 0
+    # the method
+    pwp: bool = True
+    sgdistill: bool = True
+    r_thres: float = 0.25
+    # low memory
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+
+
 @dataclass
-class DistillConfig:
-    """Every option of a distillation run (the command-line flags, with dashes or underscores)."""
+class DistillConfig(DistillationSettings):
+    """Every option of a distillation run (the command-line flags, with dashes or underscores); the ones
+    ``hprune compress`` shares come from :class:`DistillationSettings`."""
 
     teacher: str
     plan: str
@@ -39,31 +60,22 @@ class DistillConfig:
     guidance_scale: float | None = None
     max_samples: int | None = None
     cache_dir: str | None = None
-    # optimisation
-    max_train_steps: int = 1000
-    max_train_minutes: float | None = None
-    learning_rate: float = 1e-4
-    train_batch_size: int = 4
+    # optimisation (and DistillationSettings': max_train_steps, max_train_minutes, learning_rate, train_batch_size,
+    # seed)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 0.0
     use_8bit_adam: bool = False
     mixed_precision: str | None = None  # None: the launch config's (ACCELERATE_MIXED_PRECISION), else "no"
-    seed: int = 0
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    # the method
+    # the method (and DistillationSettings': pwp, sgdistill, r_thres)
     lambda_feat: float = 1.0
     lambda_task: float = 0.0
-    pwp: bool = True
-    sgdistill: bool = True
     sensitivity_floor: float = 0.2  # measured: BENCHMARKS.md "sgdistill-floor-sd3"
     sensitivity_eps: float | None = None
     binary_freeze: bool = False
-    r_thres: float = 0.25
-    # low memory
-    gradient_checkpointing: bool = False
-    lora_rank: int = 0
+    # low memory (and DistillationSettings': gradient_checkpointing, lora_rank)
     lora_alpha: float | None = None
     teacher_4bit: bool = False
     # bookkeeping
