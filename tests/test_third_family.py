@@ -14,6 +14,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
 
 from diffusers_hprune import (
+    ModelFamily,
     PrunePlan,
     architecture,
     get_family,
@@ -98,6 +99,16 @@ def _inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"hidden_states": torch.randn(1, 4, 8, 8, generator=g),
             "encoder_hidden_states": torch.randn(1, 6, 32, generator=g),
             "pooled_projections": torch.randn(1, 64, generator=g), "timestep": torch.tensor([500.0])}
+
+
+def test_a_family_whose_class_diffusers_lacks_does_not_stop_the_lookup_of_others(third):
+    class Unlisted(ThirdFamily):
+        name = "unlisted"
+        base_class_name = "NoSuchTransformer2DModel"
+        base_class = ModelFamily.base_class  # the default: Diffusers' class of that name, which does not exist
+
+    register_family(Unlisted())
+    assert get_family(_model()) is third and get_family(SD3Transformer2DModel) is get_family("sd3")
 
 
 def test_the_registry_finds_the_third_family_before_the_family_of_its_base_class(third):

@@ -136,6 +136,8 @@ class ModelFamily(CheckpointLayout):
     # -- identification -------------------------------------------------------
     @property
     def base_class(self) -> type:
+        """The stock transformer class, Diffusers' ``base_class_name``; a family of a class Diffusers does not
+        define (one from another package) overrides this property to return it."""
         import diffusers
 
         return getattr(diffusers, self.base_class_name)
@@ -145,7 +147,11 @@ class ModelFamily(CheckpointLayout):
         if isinstance(obj, Mapping):
             return obj.get("_class_name") in (self.base_class_name, self.pruned_class_name)
         cls = obj if isinstance(obj, type) else type(obj)
-        return issubclass(cls, self.base_class)
+        try:
+            base = self.base_class
+        except AttributeError:  # a class Diffusers does not have, and the family does not give: no model is of it
+            return False
+        return isinstance(cls, type) and issubclass(cls, base)
 
     # -- structure --------------------------------------------------------------
     def block_specs(self, config: Mapping[str, Any]) -> list[BlockSpec]:
