@@ -34,6 +34,7 @@ from diffusers_hprune.architecture import (  # noqa: E402  (the registry, which 
     get_family,
     register_family,
 )
+from diffusers_hprune.architecture import registered_families as _registered_families  # noqa: E402
 from diffusers_hprune.plan import PrunePlan  # noqa: E402
 from diffusers_hprune.utils.errors import (  # noqa: E402
     CheckpointMismatchError,
@@ -68,7 +69,7 @@ _SUBPACKAGES = ("analysis", "architecture", "budget", "commands", "compression",
 
 # Each built-in family's pruned transformer and pipeline classes (ModelFamily.class_modules): public names here, and
 # found by Diffusers on the `diffusers` module (a model_index.json names them) before their modules are imported.
-_FAMILY_CLASSES = {name: module for family in family_names() for name, module in get_family(family).class_modules().items()}
+_FAMILY_CLASSES = {name: module for family in _registered_families() for name, module in family.class_modules().items()}
 _LAZY.update(_FAMILY_CLASSES)
 _register_lazily(_FAMILY_CLASSES)
 # AutoPipelineFor* find the pruned pipelines in their tables: filled when Diffusers loads those tables.

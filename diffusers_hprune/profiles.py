@@ -24,7 +24,7 @@ from pathlib import PurePath
 from typing import Any
 
 from diffusers_hprune import toy
-from diffusers_hprune.architecture import family_names, get_family
+from diffusers_hprune.architecture import family_names, get_family, registered_families
 from diffusers_hprune.architecture.inventory import builtin_configs, load_transformer_config
 from diffusers_hprune.utils.errors import UnsupportedModelError
 
@@ -76,8 +76,8 @@ def _toy_profile(family: str) -> GenerationProfile:
 
 def _published_profiles() -> list[GenerationProfile]:
     """The profile of every published model of every registered family (``ModelFamily.published_models``)."""
-    return [GenerationProfile(name, **settings) for family in family_names()
-            for name, settings in get_family(family).published_models.items()]
+    return [GenerationProfile(name, **settings) for family in registered_families()
+            for name, settings in family.published_models.items()]
 
 
 #: Profile name -> profile: the published models of the built-in families, then the toys.

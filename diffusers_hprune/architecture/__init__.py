@@ -47,6 +47,11 @@ def family_names() -> tuple[str, ...]:
     return tuple(_FAMILIES)
 
 
+def registered_families() -> tuple[ModelFamily, ...]:
+    """Every registered family object, in the order they were registered."""
+    return tuple(_FAMILIES.values())
+
+
 def _supported() -> str:
     return "; ".join(f"{f.name} ({f.display_name}: {f.base_class_name})" for f in _FAMILIES.values())
 
@@ -78,4 +83,5 @@ def get_family(obj: Any) -> ModelFamily:
     )
 
 
-__all__ = ["BLOCK", "BlockSpec", "ModelFamily", "RemovedBlock", "family_names", "get_family", "register_family"]
+__all__ = ["BLOCK", "BlockSpec", "ModelFamily", "RemovedBlock", "family_names", "get_family", "register_family",
+           "registered_families"]

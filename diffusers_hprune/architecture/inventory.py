@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 
-from diffusers_hprune.architecture import BLOCK, BlockSpec, ModelFamily, family_names, get_family
+from diffusers_hprune.architecture import BLOCK, BlockSpec, ModelFamily, get_family, registered_families
 from diffusers_hprune.architecture.sizes import (
     BYTES_PER_PARAM,
     DTYPES,
@@ -36,8 +36,7 @@ def builtin_configs() -> dict[str, Traversable]:
     """The published transformer configs the registered families ship: name -> the file (in the ``configs`` folder
     of the family's folder; e.g. ``sd3.5-large-turbo`` -> ``families/sd3/configs/sd3.5-large.json``)."""
     out = {}
-    for family_name in family_names():
-        family = get_family(family_name)
+    for family in registered_families():
         for name, file in family.builtin_configs.items():
             out[name] = resources.files(family.folder_package) / "configs" / file
     return out

@@ -18,7 +18,7 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from diffusers_hprune.architecture import family_names, get_family
+from diffusers_hprune.architecture import registered_families
 from diffusers_hprune.utils.errors import HPruneError
 
 #: The file name (and module name) of the modeling code in an exported ``transformer/`` folder.
@@ -49,8 +49,7 @@ def _modules() -> tuple[str, ...]:
     then each built-in family's structure module (the one that defines its family object), the registration,
     the shared model code, then each family's model module (``ModelFamily.model_module``). A family registered
     from outside the package is not joined: its own package is not part of this file."""
-    families = [get_family(name) for name in family_names()]
-    builtin = [f for f in families if type(f).__module__.startswith(_PACKAGE + ".")]
+    builtin = [f for f in registered_families() if type(f).__module__.startswith(_PACKAGE + ".")]
     return (*_SHARED_STRUCTURE, *(type(f).__module__ for f in builtin), _REGISTRATION, *_SHARED_MODEL,
             *(f.model_module for f in builtin))
 

@@ -13,7 +13,7 @@ from typing import Union, get_type_hints
 
 from diffusers import DiffusionPipeline
 
-from diffusers_hprune.architecture import family_names, get_family
+from diffusers_hprune.architecture import get_family, registered_families
 from diffusers_hprune.architecture.base import ModelFamily
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
@@ -67,12 +67,17 @@ def family_pipelines(family: ModelFamily) -> dict[str, tuple[type, type]]:
 
 def pipeline_pairs() -> list[tuple[type, type]]:
     """``(stock pipeline, pruned pipeline)`` of every task of every registered family."""
-    return [pair for name in family_names() for pair in family_pipelines(get_family(name)).values()]
+    return [pair for family in registered_families() for pair in family_pipelines(family).values()]
 
 
 def known_pipeline(class_name: str) -> bool:
     """True for the name of a pipeline class (stock or pruned) that holds a transformer of a registered family."""
-    return any(class_name in (stock.__name__, pruned.__name__) for stock, pruned in pipeline_pairs())
+    return _named_pair(class_name, pipeline_pairs()) is not None
+
+
+def _named_pair(class_name: str, pairs) -> tuple[type, type] | None:
+    """The ``(stock, pruned)`` pair of ``pairs`` that has a class named ``class_name``."""
+    return next((pair for pair in pairs if class_name in (pair[0].__name__, pair[1].__name__)), None)
 
 
 def register_auto_pipelines() -> None:
@@ -87,8 +92,7 @@ def register_auto_pipelines() -> None:
 
     tables = {"text2image": auto.AUTO_TEXT2IMAGE_PIPELINES_MAPPING, "image2image": auto.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
               "inpaint": auto.AUTO_INPAINT_PIPELINES_MAPPING}
-    for name in family_names():
-        family = get_family(name)
+    for family in registered_families():
         for task, (_, pruned) in family_pipelines(family).items():
             if family.auto_pipeline_name and task in tables:
                 tables[task][family.auto_pipeline_name] = pruned
@@ -96,9 +100,9 @@ def register_auto_pipelines() -> None:
 
 def _pipeline_pair(class_name: str) -> tuple[type, type]:
     pairs = pipeline_pairs()
-    for base, pruned in pairs:
-        if class_name in (base.__name__, pruned.__name__):
-            return base, pruned
+    pair = _named_pair(class_name, pairs)
+    if pair is not None:
+        return pair
     raise UnsupportedModelError(f"A {class_name or 'pipeline without _class_name'} is not an SD3 or FLUX pipeline, so "
                                 f"it cannot hold a pruned transformer; supported pipelines: {_supported(pairs)} and "
                                 "their pruned versions.")
