@@ -13,22 +13,24 @@ rehearsal's full-depth reduced-width models and the full-size configs:
    weights, float32 trainable copies and the CUDA device.
 2. ``teacher-4bit-flux-slices``: `--teacher_4bit` quantised by Diffusers' GPU loader, a FLUX plan that slices
    single blocks' proj_out both ways; the saved student loads and draws.
-3. ``lora-8bit-checkpointing``: LoRA + bitsandbytes' 8-bit AdamW (its CUDA kernels) + gradient checkpointing;
+3. ``qlora-flux-slices``: the QLoRA student (`--teacher_4bit --lora_rank 8`, 8-bit AdamW, gradient checkpointing)
+   on the GPU-quantised FLUX teacher with sliced single blocks; the transformer is saved in the weight dtype.
+4. ``lora-8bit-checkpointing``: LoRA + bitsandbytes' 8-bit AdamW (its CUDA kernels) + gradient checkpointing;
    the checkpoint holds 8-bit optimizer state.
-4. ``ddp-launch-config``: issue 31's plan under `accelerate launch --config_file multi_gpu.yaml` (bf16 from the
+5. ``ddp-launch-config``: issue 31's plan under `accelerate launch --config_file multi_gpu.yaml` (bf16 from the
    config, no flag) on two GPUs: every trainable parameter gets a gradient, both ranks end identical.
-5. ``fsdp2``: the shipped FSDP2 config through the trainer (bf16, LoRA, gradient checkpointing, validation on every
+6. ``fsdp2``: the shipped FSDP2 config through the trainer (bf16, LoRA, gradient checkpointing, validation on every
    process), on one GPU or two; the checksum is the saved model's. 8-bit AdamW is refused under it.
-6. ``deepspeed-zero2``: the shipped ZeRO-2 config (needs the `deepspeed` package: skipped without it); 8-bit
+7. ``deepspeed-zero2``: the shipped ZeRO-2 config (needs the `deepspeed` package: skipped without it); 8-bit
    AdamW is refused under it.
-7. ``nf4-stock-diffusers``: a whole-block student quantised on the GPU (`hprune quantize`), exported
+8. ``nf4-stock-diffusers``: a whole-block student quantised on the GPU (`hprune quantize`), exported
    (`hprune export`), loaded by stock Diffusers in a process that never imports diffusers_hprune, drawn on the GPU.
-8. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`).
-9. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
+9. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`).
+10. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
    `hprune budget --device cuda` (section "rehearsal-gpu").
-10. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
+11. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
 
-``--only NAME ...`` runs some; ``--device cpu`` runs 1-3 and 7 through the CPU paths (the others need CUDA and
+``--only NAME ...`` runs some; ``--device cpu`` runs 1-4 and 8 through the CPU paths (the others need CUDA and
 say so), which is how the script itself is tested (tests/test_benchmarks.py).
 """
 
@@ -237,6 +239,28 @@ def teacher_4bit_flux_slices(ctx: Context) -> str:
     return f"{summary['plan']}; teacher nf4; drawn by {drawn['transformer']}"
 
 
+def qlora_flux_slices(ctx: Context) -> str:
+    """The QLoRA student (--teacher_4bit --lora_rank) on the FLUX toy with sliced single blocks, bf16, 8-bit AdamW and
+    gradient checkpointing: its base is the GPU-quantised teacher's own layers; the saved transformer is bf16."""
+    from safetensors import safe_open
+
+    out = ctx.work / "qlora"
+    hprune(ctx, distill_args(ctx, "flux", "flux", out, "--teacher_4bit", "--lora_rank", "8", "--use_8bit_adam",
+                             "--gradient_checkpointing"))
+    summary = summary_of(out)
+    check_run(summary, ctx)
+    expect(summary["teacher_dtype"] == "nf4" and summary["trainable_dtype"] == "float32",
+           f"teacher {summary['teacher_dtype']}, trained {summary['trainable_dtype']}")
+    dtypes = set()
+    for file in (out / "transformer").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            dtypes |= {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    expect(dtypes == {summary["frozen_dtype"].replace("bfloat16", "BF16").replace("float32", "F32")},
+           f"saved dtypes {sorted(dtypes)}, weight dtype {summary['frozen_dtype']}")
+    drawn = draw(ctx, out)
+    return f"{summary['plan']}; adapters over the NF4 teacher; saved {sorted(dtypes)}; drawn by {drawn['transformer']}"
+
+
 def lora_8bit_checkpointing(ctx: Context) -> str:
     import torch
 
@@ -361,6 +385,7 @@ def _tail(proc) -> str:
 CHECKS = {
     "validation-bf16": validation_bf16,
     "teacher-4bit-flux-slices": teacher_4bit_flux_slices,
+    "qlora-flux-slices": qlora_flux_slices,
     "lora-8bit-checkpointing": lora_8bit_checkpointing,
     "ddp-launch-config": ddp_launch_config,
     "fsdp2": fsdp2,

@@ -354,8 +354,13 @@ def _distillation(ctx: _Context) -> StageBudget:
                ctx.original.nbytes("nf4" if o.teacher_4bit else wname)}
     if o.teacher_4bit:  # each 4-bit layer dequantises its weight for its matmul
         teacher["teacher (one weight dequantised for its matmul)"] = _nf4_working_bytes(ctx.meta(None), o.device)
-    if o.teacher_4bit:  # no 16-bit teacher to share with: the student holds every kept weight
-        base = ctx.inventory.nbytes(wname) - (0 if o.lora_rank else trainable * nb)
+    if o.teacher_4bit and o.lora_rank:  # the QLoRA student: its base is the NF4 teacher's own layers
+        student = {"student (fp32 adapters; its base is the NF4 teacher's own layers)": 4 * trainable}
+        sliced = _sliced_layer_bytes(ctx, nb)
+        if sliced:
+            student[f"student (sliced layers' own {wname} copies)"] = sliced
+    elif o.teacher_4bit:  # full weights: no 16-bit teacher to share with, the student holds every kept weight
+        base = ctx.inventory.nbytes(wname) - trainable * nb
         student = {f"student ({wname} kept weights)": base, "student (fp32 trainable copies)": 4 * trainable}
     else:
         student = {"student (fp32 trainable copies; the rest shares the teacher's)": 4 * trainable}
@@ -381,8 +386,11 @@ def _distillation(ctx: _Context) -> StageBudget:
         ("training", {**teacher, **student, **optimizer,
                       f"step: activations, block features, gradients (batch {o.train_batch_size})": step_bytes},
          dict(encoders)),
+        # written one shard at a time in the weight dtype, one layer merged (fp32) at a time
         ("saving", {**teacher, **student, **optimizer}, {**encoders,
-                                                          "trained student (fp32, gathered)": ctx.inventory.nbytes("fp32")}),
+                                                          f"trained student (one {wname} shard)": _shard_bytes(
+                                                              ctx.inventory.nbytes(wname)),
+                                                          "one layer merged (fp32)": 4 * _largest_weight(ctx)}),
     ]
     if o.validation:  # between steps (gradients freed): the VAE comes to the device; the prompts come encoded
         val_batch = o.validation_prompts * (2 if ctx.cfg else 1)
@@ -408,15 +416,36 @@ def _distillation(ctx: _Context) -> StageBudget:
     return StageBudget("distillation", device, host, notes)
 
 
+#: Diffusers' default ``max_shard_size`` (10GB), which ``hprune distill`` writes with too.
+SHARD_BYTES = 10 * 10**9
+
+
+def _shard_bytes(total: int) -> int:
+    return min(total, SHARD_BYTES)
+
+
+def _largest_weight(ctx: _Context) -> int:
+    """Parameters of the pruned model's largest tensor (the save merges one layer at a time, in fp32)."""
+    return max(p.numel() for p in ctx.meta(ctx.plan).parameters())
+
+
+def _sliced_layer_bytes(ctx: _Context, nb: int) -> int:
+    """Bytes of the layers the plan slices (a FLUX single block's ``proj_out``), which the QLoRA student holds as
+    16-bit copies of their own: packed 4-bit codes cannot be cut by column."""
+    family = get_family(ctx.config)
+    model = ctx.meta(ctx.plan)
+    return sum(model.get_submodule(path).weight.numel() * nb for path in family.sliced_layers(ctx.config, ctx.plan))
+
+
 def _quantisation(ctx: _Context) -> StageBudget:
     o = ctx.options
     sixteen = ctx.inventory.nbytes("bf16")
     nf4 = ctx.inventory.nbytes("nf4")
-    stored = ctx.inventory.nbytes("fp32")  # `hprune distill` saves the student in fp32
-    shard = min(stored, 10 * 10**9)  # Diffusers' default max_shard_size: one shard mapped at a time
+    saved = "fp32" if o.device != "cuda" or _MIXED[o.mixed_precision] == torch.float32 else "bf16"
+    shard = _shard_bytes(ctx.inventory.nbytes(saved))  # `hprune distill` saves in its weight dtype; one shard mapped
     phases = [
         ("loading", {}, {"transformer (bf16 weights)": sixteen,
-                         "transformer (one fp32 checkpoint shard, mapped while loading)": shard,
+                         f"transformer (one {saved} checkpoint shard, mapped while loading)": shard,
                          **ctx.constructor_buffers(ctx.plan)}),
         ("quantising", {"transformer (bf16 weights)": sixteen, "transformer (NF4 weights)": nf4}, {}),
     ]

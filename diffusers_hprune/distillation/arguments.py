@@ -84,7 +84,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     _add(g, "lora_rank", type=int, default=0, help="train LoRA adapters of this rank instead of full weights "
          "(merged into the saved model); 0 = full weights")
     _add(g, "lora_alpha", type=positive_float, help="LoRA scaling (default: the rank)")
-    _add(g, "teacher_4bit", action="store_true", help="load the teacher in NF4 (CUDA only)")
+    _add(g, "teacher_4bit", action="store_true", help="load the teacher in NF4, quantised as it loads; with "
+         "--lora_rank the student's base is the NF4 teacher's own layers (QLoRA)")
     g = parser.add_argument_group("bookkeeping")
     _add(g, "checkpointing_steps", type=nonnegative_int, default=d.checkpointing_steps,
          help="save a resumable checkpoint every N steps (0: never)")

@@ -17,6 +17,7 @@ second run with the same settings loads it instead of recomputing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import torch
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.contributions import components_fingerprint, fingerprint
 from diffusers_hprune.distillation.settings import DistillConfig
-from diffusers_hprune.loading import generation_settings
+from diffusers_hprune.loading import ENCODERS, TEXT_ENCODERS, components_on, generation_settings
 from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
 from diffusers_hprune.utils.compat import execution_device
 from diffusers_hprune.utils.errors import HPruneError
@@ -203,11 +204,14 @@ def _load_cache(path: Path):
 
 
 def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, progress: bool = True,
-                         components: str | None = None):
+                         components: str | None = None, device=None):
     """Encode (and for data-free, draw) the training samples once; returns ``(datasets.Dataset, path)``.
 
     Call on one process; the others load the returned path after a barrier, with the same ``components`` (the
     main process's :func:`components_fingerprint`: theirs lack the text encoders, so their key would differ).
+    ``device``: where the text encoders and VAE compute, each only while it does (the teacher already is there):
+    for data-free drawing every prompt is encoded first and the text encoders go back to the CPU before the teacher
+    draws, beside the VAE alone. ``None`` leaves every component where it is.
     """
     import datasets
     from tqdm.auto import tqdm
@@ -226,22 +230,36 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
         prompts = [p for p in read_prompts(spec.prompts) if p not in set(spec.held_out)]
         if spec.max_samples:
             prompts = prompts[: spec.max_samples]
-        chunks = range(0, len(prompts), spec.batch_size)
-        for start in tqdm(chunks, desc="teacher draws the training latents", disable=not progress):
-            chunk = prompts[start : start + spec.batch_size]
-            gens = [torch.Generator(execution_device(pipe)).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
-            out = pipe(chunk, generator=gens, output_type="latent", max_sequence_length=max_len, **generation).images
-            height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
-            width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
-            latents = family.pipeline_latents(pipe, out, height, width).float()
-            _add(records, family, pipe, chunk, latents, max_len)
+        chunks = [prompts[start : start + spec.batch_size] for start in range(0, len(prompts), spec.batch_size)]
+        with _on(pipe, device, TEXT_ENCODERS):
+            texts = [_encoded(family, pipe, chunk, max_len, generation) for chunk in
+                     tqdm(chunks, desc="encoding the prompts", disable=not progress)]
+        drawing = _without_text_encoders(pipe)
+        with _on(drawing, device, ("vae",)):  # where FLUX's pipeline takes its device from
+            start = 0
+            for chunk, text in tqdm(list(zip(chunks, texts)), desc="teacher draws the training latents",
+                                    disable=not progress):
+                where = execution_device(drawing)
+                gens = [torch.Generator(where).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
+                embeds = {k: v.to(where) for k, v in text.items()}
+                settings = {k: v for k, v in generation.items() if k != "negative_prompt"}  # it comes encoded
+                out = drawing(generator=gens, output_type="latent", max_sequence_length=max_len, **embeds,
+                              **settings).images
+                height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+                width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
+                latents = family.pipeline_latents(pipe, out, height, width).float()
+                _add(records, chunk, latents, text)
+                start += len(chunk)
     else:
         ds = _load_image_dataset(spec)
         resolution = spec.resolution or generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
-        for start in tqdm(range(0, len(ds), spec.batch_size), desc="encoding training images", disable=not progress):
-            rows = ds[start : start + spec.batch_size]
-            latents = _encode_images(pipe, rows[spec.image_column], resolution)
-            _add(records, family, pipe, [str(c) for c in rows[spec.caption_column]], latents, max_len)
+        with _on(pipe, device, ENCODERS):
+            for start in tqdm(range(0, len(ds), spec.batch_size), desc="encoding training images",
+                              disable=not progress):
+                rows = ds[start : start + spec.batch_size]
+                latents = _encode_images(pipe, rows[spec.image_column], resolution)
+                captions = [str(c) for c in rows[spec.caption_column]]
+                _add(records, captions, latents, _encoded(family, pipe, captions, max_len, None))
     dataset = datasets.Dataset.from_dict(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = with_user_mode(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
@@ -253,11 +271,38 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     return _load_cache(path), path
 
 
+def _on(pipe, device, names):
+    return components_on(pipe, device, names) if device is not None else contextlib.nullcontext(pipe)
+
+
+def _without_text_encoders(pipe):
+    """``pipe``'s pipeline class around its components without the text encoders (the prompts come encoded)."""
+    components = {name: (None if name in TEXT_ENCODERS else value) for name, value in pipe.components.items()}
+    drawing = type(pipe)(**components)
+    drawing.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return drawing
+
+
 @torch.no_grad()
-def _add(records, family, pipe, prompts, latents, max_len):
+def _encoded(family, pipe, prompts: list[str], max_len: int, generation: dict | None) -> dict[str, torch.Tensor]:
+    """The text conditioning of ``prompts`` as pipeline arguments: ``prompt_embeds`` and ``pooled_prompt_embeds``,
+    and (with ``generation``, for drawing) the negative prompt's: the one ``generation`` names, else the family's
+    default (what the pipeline would encode for its guidance). On the CPU."""
     text = family.encode_text(pipe, prompts, max_len)
+    out = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_projections"]}
+    negative = None if generation is None else generation.get("negative_prompt", family.negative_prompt_default)
+    if negative is not None:  # what the pipeline would encode for its guidance
+        # one row per prompt, as SD3's pipeline encodes it (FLUX's encodes one row and broadcasts it, which its
+        # own checks refuse for given embeddings: the same values, its guidance branch batched like the prompts')
+        empty = family.encode_text(pipe, [negative] * len(prompts), max_len)
+        out.update(negative_prompt_embeds=empty["prompt_embeds"],
+                   negative_pooled_prompt_embeds=empty["pooled_projections"])
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def _add(records, prompts, latents, text):
     for k in range(len(prompts)):
         records["latents"].append(latents[k].cpu().numpy())
-        records["prompt_embeds"].append(text["prompt_embeds"][k].float().cpu().numpy())
-        records["pooled_projections"].append(text["pooled_projections"][k].float().cpu().numpy())
+        records["prompt_embeds"].append(text["prompt_embeds"][k].float().numpy())
+        records["pooled_projections"].append(text["pooled_prompt_embeds"][k].float().numpy())
         records["prompt"].append(prompts[k])

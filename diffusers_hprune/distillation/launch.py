@@ -14,7 +14,7 @@ from diffusers_hprune.architecture.inventory import inspect_transformer, load_tr
 from diffusers_hprune.distillation import validation
 from diffusers_hprune.distillation.data import DataSpec, build_training_cache, held_out_prompts, read_prompts
 from diffusers_hprune.distillation.settings import DistillConfig, DistillError
-from diffusers_hprune.loading import components_on, generation_settings
+from diffusers_hprune.loading import TEXT_ENCODERS, components_on, generation_settings
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.utils.compat import forget_other_precision
 from diffusers_hprune.utils.distributed import (
@@ -82,6 +82,13 @@ def _accelerator(config: DistillConfig, output_dir: Path, timeout):
                            "sharded (DTensor) parameters FSDP2 trains. Drop --use_8bit_adam (FSDP already shards the "
                            "optimizer state across the GPUs), or launch with DDP "
                            "(examples/accelerate_configs/multi_gpu.yaml) or DeepSpeed to use it.")
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and config.teacher_4bit and config.lora_rank:
+        raise DistillError(f"--teacher_4bit with --lora_rank (the QLoRA student) does not run under "
+                           f"{'FSDP' if accelerator.distributed_type == DistributedType.FSDP else 'DeepSpeed'}: the "
+                           "student's base is the NF4 teacher's own packed 4-bit layers, which cannot be sharded. "
+                           "Launch with DDP (examples/accelerate_configs/multi_gpu.yaml; each GPU holds the NF4 "
+                           "teacher once and trains only the adapters), or drop --teacher_4bit.")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if config.use_8bit_adam:
             raise DistillError("--use_8bit_adam is not supported under DeepSpeed: ZeRO partitions the optimizer state "
@@ -189,9 +196,11 @@ def _training_data(accelerator, pipe, spec, config: DistillConfig, output_dir: P
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "data-cache"
     if accelerator.is_main_process:
-        with components_on(pipe, accelerator.device):  # then back on the CPU: steps need only the cached embeddings
-            build_training_cache(pipe, spec, cache_dir, progress=config.progress, components=components)
-            if config.validation_steps:  # encoded now: no text encoder comes back to the device mid-training
+        # each encoder on the device only while it computes, then back on the CPU: steps need only the cache
+        build_training_cache(pipe, spec, cache_dir, progress=config.progress, components=components,
+                             device=accelerator.device)
+        if config.validation_steps:  # encoded now: no text encoder comes back to the device mid-training
+            with components_on(pipe, accelerator.device, TEXT_ENCODERS):
                 validation.encode_validation_prompts(pipe, get_family(pipe.transformer), config.validation_prompts,
                                                      _validation_settings(pipe, config), output_dir)
     accelerator.wait_for_everyone()

@@ -1,12 +1,9 @@
-"""Teacher and student of a distillation: loading them (16-bit or NF4 teacher, LoRA adapters), the trainable parameter
-groups (PWP, SGDistill), and the trained student as it is saved (adapters merged)."""
+"""Teacher and student of a distillation: loading them (16-bit or NF4 teacher, the QLoRA student, LoRA adapters) and
+the trainable parameter groups (PWP, SGDistill). The trained student as it is saved: :mod:`.saving`."""
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import torch
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.distillation.qlora import shared_nf4_student
 from diffusers_hprune.distillation.reach import parameters_off_the_loss
 from diffusers_hprune.distillation.settings import DistillConfig, DistillError, weight_dtype
 from diffusers_hprune.distillation.sgdistill import sgdistill_param_groups
@@ -23,9 +21,7 @@ from diffusers_hprune.loading import TEXT_ENCODERS, load_pipeline, pipeline_fold
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
-from diffusers_hprune.utils.fileio import copy_files
 from diffusers_hprune.utils.float64 import float64
-from diffusers_hprune.utils.interrupts import uninterrupted
 from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
     compute_in_fp32_on_cpu,
@@ -34,7 +30,6 @@ from diffusers_hprune.utils.nf4_cpu import (
     keep_cpu_layout,
 )
 from diffusers_hprune.utils.nf4_settings import default_compute_dtype, nf4_config
-from diffusers_hprune.utils.plain_loading import record_fp32_default
 
 
 def _plan_ratio(plan, config) -> float:
@@ -80,62 +75,6 @@ def _lora_config(student, trainable_paths: list[str], rank: int, alpha: float | 
     if not targets:
         raise DistillError("LoRA found no linear layer in the trainable part of the student.")
     return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
-
-
-def _final_student(accelerator, student, family, lora_config):
-    """The trained student as a plain fp32 module on the main process (``None`` elsewhere), LoRA merged.
-
-    ``accelerator.get_state_dict`` runs on every process: under FSDP / DeepSpeed it gathers the
-    sharded weights into full tensors on the main process; under DDP it is the module's own
-    state dict. The weights go into a fresh module of the student's class and plan (built
-    without allocating weights), so nothing depends on how the training wrapper holds them.
-    """
-    from accelerate import init_empty_weights
-
-    state = accelerator.get_state_dict(student)
-    if not accelerator.is_main_process:
-        return None
-    inner = accelerator.unwrap_model(student)
-    config = {k: v for k, v in inner.config.items() if not k.startswith("_")}
-    with init_empty_weights():
-        final = pruned_class_for(family).from_config(config)
-        if lora_config is not None:
-            final.add_adapter(copy.deepcopy(lora_config))
-    final.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True,
-                          assign=True)
-    final.to(torch.float32)
-    if lora_config is not None:
-        final.fuse_lora()
-        final.unload_lora()
-    return final.requires_grad_(False).eval()
-
-
-def _save_pipeline(pipeline, output_dir: Path, teacher_folder: Path | None = None) -> None:
-    """Write the pipeline's files into ``output_dir`` (which also holds checkpoints); ``model_index.json`` last.
-
-    The components other than the transformer are the teacher's: with the teacher's folder at
-    hand they are its files, copied (their bytes and dtypes as published), not re-saved from
-    memory in the dtype they were loaded in.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=output_dir))
-    try:
-        pipeline.save_pretrained(tmp)
-        for component in sorted(p for p in tmp.iterdir() if p.is_dir() and p.name != "transformer"):
-            if teacher_folder is not None and (teacher_folder / component.name).is_dir():
-                shutil.rmtree(component)
-                copy_files(teacher_folder / component.name, component, root=teacher_folder)
-        record_fp32_default(tmp)  # the copied encoders' configs too: a plain from_pretrained loads one dtype
-        # A folder with model_index.json looks complete: the old one goes first, the new one comes last, and
-        # SIGTERM / Ctrl-C wait until every component is in place.
-        with uninterrupted():
-            (output_dir / "model_index.json").unlink(missing_ok=True)
-            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
-                target = output_dir / entry.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(entry, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -244,7 +183,9 @@ def _student_from_files(folder: Path, plan, dtype: torch.dtype, device):
 
 
 def _nf4_teacher_and_student(config: DistillConfig, plan, device, main: bool = True):
-    """``--teacher_4bit``: the NF4 teacher loaded directly, the student from the kept tensors of the files."""
+    """``--teacher_4bit``: the NF4 teacher loaded directly. With ``--lora_rank`` the student is the QLoRA student over
+    the teacher's own 4-bit layers (:func:`~.qlora.shared_nf4_student`); with full weights it is read, in the weight
+    dtype, from the kept tensors of the files."""
     folder = pipeline_folder(config.teacher)
     if folder is None:
         raise DistillError(f"--teacher_4bit reads the teacher's files; {config.teacher!r} is no pipeline folder, toy "
@@ -253,7 +194,10 @@ def _nf4_teacher_and_student(config: DistillConfig, plan, device, main: bool = T
     teacher = _load_nf4_transformer(folder, dtype)
     pipe, _ = load_pipeline(folder, None, dtype, transformer=teacher,  # the text encoders stay on the CPU
                             **_without_text_encoders(main))
-    student = _student_from_files(folder / "transformer", plan, dtype, device)
+    if config.lora_rank:
+        student = shared_nf4_student(teacher, plan, dtype)
+    else:
+        student = _student_from_files(folder / "transformer", plan, dtype, device)
     return pipe, str(config.teacher), student
 
 

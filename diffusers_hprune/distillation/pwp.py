@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from diffusers_hprune.architecture import get_family
+from diffusers_hprune.distillation.qlora import logical_numel
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import PlanError
 
@@ -60,17 +61,18 @@ def apply_pwp(student: nn.Module, enabled: bool = True) -> PWPResult:
     result = PWPResult(first_pruned=first)
     for path, before in groups:
         module = student.get_submodule(path)
-        n = sum(p.numel() for p in module.parameters())
+        n = sum(logical_numel(p) for p in module.parameters())
         frozen = enabled and before
         for p in module.parameters():
-            p.requires_grad_(not frozen)
+            if p.is_floating_point():  # the packed codes of a QLoRA student's 4-bit layers never train
+                p.requires_grad_(not frozen)
         if frozen:
             result.frozen_modules.append(path)
             result.frozen_params += n
         else:
             result.trainable_modules.append(path)
             result.trainable_params += n
-    covered = sum(p.numel() for path, _ in groups for p in student.get_submodule(path).parameters())
-    if covered != sum(p.numel() for p in student.parameters()):
+    covered = sum(logical_numel(p) for path, _ in groups for p in student.get_submodule(path).parameters())
+    if covered != sum(logical_numel(p) for p in student.parameters()):
         raise RuntimeError("PWP did not cover every parameter of the student; the family's module lists are stale.")
     return result

@@ -20,6 +20,7 @@ and student, their parameter groups, the saved student) and :mod:`.launch` (Acce
 from __future__ import annotations
 
 import pickle
+import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +42,6 @@ from diffusers_hprune.distillation.launch import (
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.models import (
     _check_resolution,
-    _final_student,
     _full,
     _gradient_record,
     _Models,
@@ -50,7 +50,6 @@ from diffusers_hprune.distillation.models import (
     _precision_record,
     _rank_checksums,
     _resharded,
-    _save_pipeline,
     _teacher_and_student,
     _trainable_groups,
 )
@@ -68,6 +67,14 @@ from diffusers_hprune.distillation.run_folder import (
     _resume_point,
     _run_identity,
 )
+from diffusers_hprune.distillation.saving import (
+    empty_twin,
+    final_student,
+    saved_tensors,
+    staging_folder,
+    write_transformer,
+)
+from diffusers_hprune.distillation.saving import save_pipeline as _save_pipeline
 from diffusers_hprune.distillation.settings import DistillConfig, DistillError, _checked_precision, weight_dtype
 from diffusers_hprune.loading import pipeline_folder
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
@@ -414,22 +421,39 @@ def _without_gradient(run: _Run) -> list[str]:
 
 
 def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -> None:
-    """The trained student (LoRA merged) as a pruned pipeline in output_dir, with plan.json and the summary."""
+    """The trained student (LoRA merged) as a pruned pipeline in output_dir, with plan.json and the summary.
 
-    finite = torch.tensor(all(bool(torch.isfinite(p.detach()).all()) for p in run.inner.parameters()))
+    Written in the weight dtype, one shard at a time (:mod:`.saving`): every process walks the student (gathers
+    are collective), the main one writes.
+    """
+    from accelerate.utils import DistributedType
+
+    finite = torch.tensor(all(bool(torch.isfinite(p.detach()).all()) for p in run.inner.parameters()
+                              if p.is_floating_point()))
     if not _all_finite(run.accelerator, torch.where(finite, 0.0, torch.nan)):  # every process refuses, together
         raise DistillError("The trained weights hold values that are not finite: nothing was saved (the checkpoints "
                            "stay). Lower --learning_rate or --max_grad_norm and start a new run (--overwrite, or "
                            "another --output_dir).")
-    final = _final_student(run.accelerator, run.student, run.family, lora_config)
-    if run.accelerator.is_main_process:
-        student_pipe = with_pruned_transformer(run.pipe, final)
-        student_pipe.to("cpu")
-        _save_pipeline(student_pipe, run.output_dir, pipeline_folder(models.teacher_name))
-        models.plan.save(run.output_dir / "plan.json")
-        atomic_write_json(run.output_dir / SUMMARY_FILE, summary)
-        say(f"distilled {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; saved the pruned pipeline to "
-            f"{run.output_dir}")
+    main = run.accelerator.is_main_process
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:  # ZeRO partitions: Accelerate gathers it whole
+        final = final_student(run.accelerator, run.student, run.family, lora_config)
+        tensors = saved_tensors(final, run.weight_dtype) if main else iter(())
+    else:
+        tensors = saved_tensors(run.inner, run.weight_dtype)
+    twin = empty_twin(run.inner, run.family)
+    staging = staging_folder(run.output_dir) if main else None
+    try:
+        write_transformer(staging / "transformer" if main else None, twin, tensors, run.weight_dtype)
+        if main:
+            _save_pipeline(with_pruned_transformer(run.pipe, twin), staging, run.output_dir,
+                           pipeline_folder(models.teacher_name))
+            models.plan.save(run.output_dir / "plan.json")
+            atomic_write_json(run.output_dir / SUMMARY_FILE, summary)
+            say(f"distilled {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; saved the pruned pipeline "
+                f"({str(run.weight_dtype).removeprefix('torch.')}) to {run.output_dir}")
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @torch.no_grad()
