@@ -376,12 +376,15 @@ def _distillation(ctx: _Context) -> StageBudget:
     draw = forward_trace(ctx.config, None, ctx.shapes(gen_batch), w)
     sample = (draw.inputs // max(gen_batch, 1)) * 4 // nb  # one sample's latents and text, stored in fp32
     encoders = ctx.component_bytes(nb)
+    text_encoders = {k: v for k, v in encoders.items() if k != "vae (weights)"}
     records = {f"cached samples ({o.train_samples}, fp32, in host memory until written)": sample * o.train_samples}
     phases = [
         # The 16-bit teacher loads on the host and then moves; the NF4 one is quantised onto the GPU as it loads.
         ("loading", dict(teacher) if o.teacher_4bit else {},
          ctx.loading(nb, transformer=None if o.teacher_4bit else (ctx.original.nbytes(wname), ctx.transformer_files()))),
-        ("drawing the training data", {**teacher, **student, **encoders,
+        # every prompt is encoded first; the text encoders leave the device before the teacher draws beside the VAE
+        ("encoding the prompts", {**teacher, **student, **text_encoders}, {}),
+        ("drawing the training data", {**teacher, **student, "vae (weights)": encoders["vae (weights)"],
                                        f"activations (teacher call, batch {gen_batch})": draw.peak}, records),
         ("training", {**teacher, **student, **optimizer,
                       f"step: activations, block features, gradients (batch {o.train_batch_size})": step_bytes},
