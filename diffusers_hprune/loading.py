@@ -20,6 +20,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from diffusers_hprune import toy
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.pipelines.pruned import check_pipeline_family, known_pipeline
 from diffusers_hprune.profiles import generation_kwargs
@@ -173,10 +174,52 @@ def swapped_transformer(pipe, transformer):
         pipe.transformer = original
 
 
-def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None):
+def without_text_encoders(pipe):
+    """``pipe``'s pipeline class around its components without the text encoders: it draws from encoded prompts
+    (:func:`prompt_embeddings`) and computes where its transformer (SD3) or VAE (FLUX) is."""
+    components = {name: (None if name in TEXT_ENCODERS else value) for name, value in pipe.components.items()}
+    drawing = type(pipe)(**components)
+    drawing.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return drawing
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe, prompts: list[str], max_sequence_length: int, negative: str | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """``prompts`` encoded with the pipeline's text encoders (wherever they are), as pipeline call arguments:
+    ``prompt_embeds``, ``pooled_prompt_embeds`` and, for a ``negative`` prompt, ``negative_prompt_embeds`` and
+    ``negative_pooled_prompt_embeds`` (one row per prompt, as SD3's pipeline encodes it; FLUX's encodes one row and
+    broadcasts it, the same values). On the CPU."""
+    family = get_family(pipe.transformer)
+    text = family.encode_text(pipe, list(prompts), max_sequence_length)
+    out = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_projections"]}
+    if negative is not None:
+        empty = family.encode_text(pipe, [negative] * len(prompts), max_sequence_length)
+        out.update(negative_prompt_embeds=empty["prompt_embeds"],
+                   negative_pooled_prompt_embeds=empty["pooled_projections"])
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def call_default(pipe, name: str, fallback=None):
+    """The default of the pipeline call's argument ``name`` (e.g. ``max_sequence_length``: 256 for SD3, 512 for
+    FLUX), or ``fallback`` where its ``__call__`` has none."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def negative_prompt(pipe, kwargs: dict) -> str | None:
+    """The negative prompt a drawing with ``kwargs`` encodes: the one they name, else the family's default."""
+    return kwargs.get("negative_prompt", get_family(pipe.transformer).negative_prompt_default)
+
+
+def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None, embeds=None):
+    """Draw ``prompts`` with ``seeds`` in batches of ``batch_size``; ``embeds`` (one :func:`prompt_embeddings` per
+    batch) instead of the prompts for a pipeline without text encoders (the negative prompt comes encoded too)."""
     images = []
     device = execution_device(pipe)
-    for start in range(0, len(prompts), batch_size):
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device).manual_seed(s) for s in seeds[start : start + batch_size]]
         extra = {}
@@ -188,7 +231,12 @@ def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None):
                 return {}
 
             extra["callback_on_step_end"] = callback
-        images += pipe(chunk, generator=generators, **kwargs, **extra).images
+        if embeds is None:
+            images += pipe(chunk, generator=generators, **kwargs, **extra).images
+        else:
+            settings = {key: v for key, v in kwargs.items() if key != "negative_prompt"}
+            given = {key: v.to(device) for key, v in embeds[k].items()}
+            images += pipe(generator=generators, **settings, **given, **extra).images
     return images
 
 

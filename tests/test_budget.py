@@ -165,7 +165,7 @@ def test_budget_command_prints_a_table_and_json(capsys, tmp_path):
 
 def test_a_stage_that_would_not_fit_is_refused_with_the_flags_that_fit():
     from diffusers_hprune.budget import fit
-    from diffusers_hprune.budget.stages import CUDA_RESERVE
+    from diffusers_hprune.budget.terms import CUDA_RESERVE
 
     config = load_transformer_config(toy.model_path("sd3"))
     plan = PrunePlan(family="sd3", num_blocks=get_family(config).num_blocks(config), removed_blocks=[9, 10])
@@ -182,7 +182,7 @@ def test_a_stage_that_would_not_fit_is_refused_with_the_flags_that_fit():
 @pytest.mark.slow
 def test_distill_command_refuses_a_run_that_would_not_fit_before_writing(tmp_path, capsys, monkeypatch):
     from diffusers_hprune.budget import fit
-    from diffusers_hprune.budget.stages import CUDA_RESERVE
+    from diffusers_hprune.budget.terms import CUDA_RESERVE
 
     config = load_transformer_config(toy.model_path("sd3"))
     plan = PrunePlan(family="sd3", num_blocks=get_family(config).num_blocks(config), removed_blocks=[9, 10])
@@ -225,3 +225,60 @@ def test_budget_on_a_damaged_folder_is_a_clear_error(damage, tmp_path, capsys):
     expected = "is a JSON list, not an object" if damage == "vae config a list" else (
         f"The vae weights file {weights} is damaged")
     assert expected in err and "Traceback" not in err
+
+
+def test_the_qlora_student_holds_only_its_adapters_and_sliced_copies():
+    """Issue 34: with --teacher-4bit --lora-rank the student's base is the NF4 teacher's own layers: its terms are
+    the fp32 adapters and, for a plan that slices FLUX's proj_out, those layers' own 16-bit copies; with full weights
+    and an NF4 teacher it still holds every kept weight. The prompts are encoded before the teacher draws."""
+    config = load_transformer_config(toy.model_path("flux"))
+    fam = get_family(config)
+    first_single = int(config["num_layers"])
+    sliced = PrunePlan(family="flux", num_blocks=fam.num_blocks(config), removed_components={first_single: ["attn"]})
+    whole = PrunePlan(family="flux", num_blocks=fam.num_blocks(config), removed_blocks=[first_single])
+    qlora = BudgetOptions(teacher_4bit=True, lora_rank=4, mixed_precision="bf16")
+    d = predict("flux", sliced, options=qlora, stages=("distillation",)).stage("distillation").device
+    assert not any("kept weights" in k for k in d)
+    assert any(k.startswith("student (fp32 adapters") for k in d)
+    # FLUX's single block: proj_out maps [attention (inner) | MLP (4 x inner)] to inner; without attn the MLP columns
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    assert d["student (sliced layers' own bf16 copies)"] == inner * 4 * inner * 2
+    unsliced = predict("flux", whole, options=qlora, stages=("distillation",)).stage("distillation").device
+    assert not any("sliced" in k for k in unsliced)
+    full = predict("flux", whole, options=BudgetOptions(teacher_4bit=True, mixed_precision="bf16"),
+                   stages=("distillation",)).stage("distillation").device
+    assert any("kept weights" in k for k in full)
+
+
+def test_gpu_memory_names_each_stages_flags_for_that_gpu(capsys):
+    """`hprune budget --gpu-memory SIZE`: per stage, the flags of its command with which it fits (none when it fits
+    as given), its peak with them, and whether it fits; in --json too. A card's GB are read as GiB."""
+    from diffusers_hprune.budget import fit
+    from diffusers_hprune.budget.terms import CUDA_RESERVE, GIB
+    from diffusers_hprune.commands.options import card_memory
+
+    assert card_memory("24GB") == card_memory("24") == card_memory("24GiB") == 24 * GIB
+    assert card_memory("16384MB") == 16 * GIB
+    for bad in ("0GB", "24 apples", "-3"):
+        with pytest.raises(Exception, match="GPU's memory"):
+            card_memory(bad)
+    options = BudgetOptions(train_batch_size=4, mixed_precision="no")  # the first remedy is then bf16
+    given = predict("sd3", ratio=0.3, options=options).stage("distillation").device_peak
+    roomy = fit.fit_stage("distillation", "sd3", None, options, capacity=given + CUDA_RESERVE, ratio=0.3)
+    assert roomy.flags == () and roomy.fits and roomy.device_peak == given
+    tight = fit.fit_stage("distillation", "sd3", None, options, capacity=given + CUDA_RESERVE - 1, ratio=0.3)
+    assert tight.flags[0] == "--mixed_precision bf16" and tight.device_peak < given
+    assert tight.fits == (tight.device_peak + CUDA_RESERVE <= tight.capacity)
+    tiny = fit.fit_stage("analysis", "sd3", None, options, capacity=CUDA_RESERVE + 1, ratio=0.3)
+    assert not tiny.fits and tiny.flags == ("--cache-device cpu", "--batch-size 1")
+
+    assert main(["budget", "sd3", "--ratio", "0.3", "--gpu-memory", "1GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stages = data["gpu_memory"]["stages"]
+    assert data["gpu_memory"]["capacity"] == GIB and set(stages) == {s["stage"] for s in data["stages"]}
+    assert stages["analysis"]["flags"][0] == "--cache-device cpu"
+    assert main(["budget", "sd3", "--ratio", "0.3", "--gpu-memory", "80GB"]) == 0
+    text = capsys.readouterr().out
+    assert "On one GPU with 80.0 GiB" in text and "nothing more" in text and "NOT" not in text
+    assert main(["budget", "sd3", "--device", "cpu", "--gpu-memory", "24GB"]) == 2
+    assert "--gpu-memory fits the stages to a GPU" in capsys.readouterr().err

@@ -233,3 +233,78 @@ def test_the_qlora_student_trains_under_two_processes(tmp_path):
     assert lines, draw.stderr[-3000:]
     drawn = json.loads(lines[-1][len("RESULT "):])
     assert all(drawn[folder]["finite"] and drawn[folder]["std"] > 0 for folder, _ in saved)
+
+
+class _DeviceLog:
+    """Which pipeline components are on the training device (inside ``components_on``), seen at every transformer
+    forward (a global forward pre-hook: the teacher, the student, the ablated models)."""
+
+    def __init__(self, monkeypatch, *modules):
+        import contextlib
+
+        from diffusers_hprune import loading
+
+        self.on: set[str] = set()
+        self.ever: set[str] = set()  # every component that was on the device at some point
+        self.calls: list[tuple[str, frozenset]] = []
+        real = loading.components_on
+
+        @contextlib.contextmanager
+        def recorded(pipe, device, names=loading.ENCODERS):
+            present = {n for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)}
+            self.on |= present
+            self.ever |= present
+            try:
+                with real(pipe, device, names) as p:
+                    yield p
+            finally:
+                self.on -= present
+
+        for module in modules:
+            monkeypatch.setattr(module, "components_on", recorded)
+
+        def hook(module, args):
+            if type(module).__name__.endswith("Transformer2DModel"):
+                self.calls.append((type(module).__name__, frozenset(self.on)))
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_the_text_encoders_are_off_the_device_whenever_a_transformer_runs(tmp_path, monkeypatch):
+    """Issue 34, item 2: in distillation (the teacher drawing the data, the training steps, validation) and in the
+    analysis (the full model's drawing, the ablations), no text encoder is on the device while a transformer runs;
+    they were there to encode (the prompts first), and the VAE comes only where it decodes or sets FLUX's device."""
+    from diffusers_hprune import analyze
+    from diffusers_hprune.analysis import measurement
+    from diffusers_hprune.distillation import data, launch
+    from diffusers_hprune.loading import TEXT_ENCODERS
+
+    log = _DeviceLog(monkeypatch, data, launch, measurement)
+    try:
+        _plan("flux").save(tmp_path / "plan.json")
+        (tmp_path / "prompts.txt").write_text("\n".join(toy.prompts(split="train", n=6, seed=1)) + "\n")
+        code = main(["distill", "--teacher", "flux", "--plan", str(tmp_path / "plan.json"), "--prompts",
+                     str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+                     "--train_batch_size", "2", "--max_samples", "4", "--teacher_steps", "2", "--no-sgdistill",
+                     "--no-progress", "--checkpointing_steps", "0", "--validation_steps", "2",
+                     "--validation_prompt", "a red circle"])
+        assert code == 0
+        distill_calls, distill_encoders = list(log.calls), set(log.ever)
+        analyze("sd3", tmp_path / "analysis.json", metric="image_fidelity", n_prompts=2, eval_steps=1,
+                num_inference_steps=2, progress=False)
+    finally:
+        log.close()
+    analysis_calls = log.calls[len(distill_calls):]
+    teacher = [on for name, on in distill_calls if not name.startswith("HierarchicalPruned")]
+    student = [on for name, on in distill_calls if name.startswith("HierarchicalPruned")]
+    assert teacher and student and analysis_calls
+    for on in teacher + student + [on for _, on in analysis_calls]:
+        assert not on & set(TEXT_ENCODERS), on
+    assert any(on == {"vae"} for on in teacher)  # drawing the data: the VAE (FLUX's pipeline device) alone
+    # the text encoders did come to the device, to encode: FLUX's two in distillation, SD3's three in the analysis
+    assert distill_encoders >= {"text_encoder", "text_encoder_2"}
+    assert log.ever >= set(TEXT_ENCODERS)
+

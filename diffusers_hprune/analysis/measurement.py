@@ -3,6 +3,7 @@ each entry's score without it (``velocity`` from the cache, image metrics from t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -18,7 +19,16 @@ from diffusers_hprune.analysis.ablation import (
 )
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.contributions import ContributionReport
-from diffusers_hprune.loading import generate, swapped_transformer
+from diffusers_hprune.loading import (
+    TEXT_ENCODERS,
+    call_default,
+    components_on,
+    generate,
+    negative_prompt,
+    prompt_embeddings,
+    swapped_transformer,
+    without_text_encoders,
+)
 from diffusers_hprune.metrics import OUTPUT, REFERENCE
 from diffusers_hprune.pruning.surgery import prune_transformer
 
@@ -30,12 +40,33 @@ def base_config(transformer) -> dict[str, Any]:
     return config
 
 
+def encoded_pipeline(pipe, report: ContributionReport, batch_size: int, device=None):
+    """``(drawing pipeline, embeddings)``: the calibration prompts encoded once, per batch of ``batch_size``, and
+    ``pipe``'s pipeline without its text encoders, which draws from them.
+
+    With ``device``, the text encoders compute there alone (then go back to the CPU), and only afterwards the
+    transformer and the VAE move there: the text encoders (T5-XXL: 8.9 GiB) are never on the device beside the
+    transformer. Without it every component stays where it is.
+    """
+    calibration = report.calibration
+    prompts, kwargs = calibration["prompts"], calibration["generation"]
+    max_len = int(kwargs.get("max_sequence_length", call_default(pipe, "max_sequence_length", 256)))
+    negative = negative_prompt(pipe, kwargs)
+    with components_on(pipe, device, TEXT_ENCODERS) if device is not None else contextlib.nullcontext():
+        embeds = [prompt_embeddings(pipe, prompts[start : start + batch_size], max_len, negative)
+                  for start in range(0, len(prompts), batch_size)]
+    if device is not None:
+        pipe.transformer.to(device)
+        pipe.vae.to(device)
+    return without_text_encoders(pipe), embeds
+
+
 class Measurement:
     """The full model's drawing of the calibration prompts (its block outputs cached) and each entry's score."""
 
     def __init__(self, pipe, report: ContributionReport, metric_def, scorer, align_scorer, method: str,
-                 batch_size: int, counter: BlockCounter):
-        self.pipe, self.transformer, self.report = pipe, pipe.transformer, report
+                 batch_size: int, counter: BlockCounter, embeds: list[dict] | None = None):
+        self.pipe, self.transformer, self.report, self.embeds = pipe, pipe.transformer, report, embeds
         self.family = get_family(self.transformer)
         self.config = base_config(self.transformer)
         self.metric_def, self.scorer, self.align_scorer = metric_def, scorer, align_scorer
@@ -45,7 +76,8 @@ class Measurement:
         self.steps = calibration["eval_steps"]
 
     def _generate(self, on_step=None):
-        return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step)
+        return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step,
+                        embeds=self.embeds)
 
     def draw_full_model(self, cache_device, max_cache_bytes: int | None) -> None:
         """The full model draws the calibration images; the inputs of its calls at the evaluated steps are recorded

@@ -38,7 +38,7 @@ import torch
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.ablation import BlockCounter
-from diffusers_hprune.analysis.measurement import Measurement, base_config
+from diffusers_hprune.analysis.measurement import Measurement, base_config, encoded_pipeline
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
@@ -238,7 +238,7 @@ def analyze(
     scorer = metric_def.build(**dict(metric_options or {}))
     if dtype is None:
         dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
-    pipe, model_name = load_pipeline(model, state.device, dtype)
+    pipe, model_name = load_pipeline(model, None, dtype)  # on the CPU until its prompts are encoded (see below)
     _refuse_pruned(pipe.transformer, model_name)
     alignment_metric, align_scorer = _alignment_scorer(alignment_metric, alignment_options, is_toy(pipe))
     prompts = _calibration_prompts(prompts, n_prompts, seed, is_toy(pipe))
@@ -260,7 +260,10 @@ def analyze(
     need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
     cache_bytes = 0
     if mine or report.baseline_score is None or need_similarity or need_alignment_base:
-        measurement = Measurement(pipe, report, metric_def, scorer, align_scorer, method, batch_size, counter)
+        # the text encoders and the transformer never on the device together; a pipeline object stays where it is
+        drawing, embeds = encoded_pipeline(pipe, report, batch_size, None if pipe is model else state.device)
+        measurement = Measurement(drawing, report, metric_def, scorer, align_scorer, method, batch_size, counter,
+                                  embeds=embeds)
         measurement.draw_full_model(cache_device, max_cache_bytes)
         cache_bytes = measurement.cache.nbytes
         bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))

@@ -9,11 +9,12 @@ order below) with which the budget fits.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from diffusers_hprune.budget.stages import CUDA_RESERVE, GIB, BudgetError, BudgetOptions, predict
+from diffusers_hprune.budget.stages import BudgetError, BudgetOptions, predict
+from diffusers_hprune.budget.terms import CUDA_RESERVE, GIB
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.utils.distributed import local_device_index, resolved_mixed_precision
@@ -66,6 +67,53 @@ def distill_options(config: DistillConfig) -> BudgetOptions:
         r_thres=config.r_thres, train_samples=max(samples, 1), steps=config.teacher_steps)
 
 
+@dataclass(frozen=True)
+class StageFit:
+    """How one stage fits a GPU of ``capacity`` bytes: the flags it needs beyond those given (the stage command's
+    own flags, the first of its :data:`REMEDIES` taken cumulatively with which it fits), the options with them, its
+    predicted peak with them, and whether that fits (peak plus 1 GiB within the capacity)."""
+
+    stage: str
+    capacity: int
+    given_peak: int
+    flags: tuple[str, ...]
+    options: BudgetOptions
+    device_peak: int
+
+    @property
+    def fits(self) -> bool:
+        return self.device_peak + CUDA_RESERVE <= self.capacity
+
+    def to_dict(self) -> dict:
+        return {"flags": list(self.flags), "device_peak": self.device_peak, "fits": self.fits,
+                "given_peak": self.given_peak}
+
+
+def fit_stage(stage: str, model, plan=None, options: BudgetOptions | None = None, *, capacity: int,
+              ratio: float | None = None) -> StageFit:
+    """The flags with which ``stage`` (``analysis``, ``distillation``, ``quantisation``, or a budget row's name such
+    as ``inference (pruned, NF4)``) fits ``capacity`` bytes: none when it fits as given; else its remedies one after
+    another until it fits (or all of them, when even they do not suffice: then ``fits`` is false)."""
+    options = options or BudgetOptions()
+    kind = stage.split(" (")[0]
+
+    def peak(opts: BudgetOptions) -> int:
+        return predict(model, plan, ratio=ratio, options=opts, stages=(kind,)).stage(stage).device_peak
+
+    given = after = peak(options)
+    flags, tried = [], options
+    if given + CUDA_RESERVE > capacity:
+        for label, changes in REMEDIES.get(kind, []):
+            if all(getattr(tried, k) == v for k, v in changes.items()):
+                continue
+            tried = replace(tried, **changes)
+            flags.append(label)
+            after = peak(tried)
+            if after + CUDA_RESERVE <= capacity:
+                break
+    return StageFit(stage, capacity, given, tuple(flags), tried, after)
+
+
 def check_fits(stage: str, model, plan=None, options: BudgetOptions | None = None, *, ratio: float | None = None,
                capacity: int | None = None) -> None:
     """Raise ``BudgetError`` when ``stage``'s predicted peak (plus 1 GiB) exceeds the GPU's memory.
@@ -75,27 +123,18 @@ def check_fits(stage: str, model, plan=None, options: BudgetOptions | None = Non
     capacity = gpu_memory() if capacity is None else capacity
     if capacity is None:
         return
-    options = options or BudgetOptions()
-    need = predict(model, plan, ratio=ratio, options=options, stages=(stage,)).stage(stage).device_peak
-    if need + CUDA_RESERVE <= capacity:
+    fit = fit_stage(stage, model, plan, options, capacity=capacity, ratio=ratio)
+    if not fit.flags and fit.fits:
         return
-    flags, tried, fix = [], options, None
-    for label, changes in REMEDIES.get(stage, []):
-        if all(getattr(tried, k) == v for k, v in changes.items()):
-            continue
-        tried = replace(tried, **changes)
-        flags.append(label)
-        after = predict(model, plan, ratio=ratio, options=tried, stages=(stage,)).stage(stage).device_peak
-        if after + CUDA_RESERVE <= capacity:
-            fix = (flags, after)
-            break
-    advice = (f"With {' '.join(fix[0])} it would need about {fix[1] / GIB:.1f} GiB: add {'these flags' if len(fix[0]) > 1 else 'this flag'}."
-              if fix else f"Even with {' '.join(flags)} it would not fit; use a larger GPU or a smaller plan/resolution."
+    flags = fit.flags
+    advice = (f"With {' '.join(flags)} it would need about {fit.device_peak / GIB:.1f} GiB: add "
+              f"{'these flags' if len(flags) > 1 else 'this flag'}." if fit.fits
+              else f"Even with {' '.join(flags)} it would not fit; use a larger GPU or a smaller plan/resolution."
               if flags else "Use a larger GPU or a smaller resolution.")
     raise BudgetError(
-        f"The {stage} stage would need about {need / GIB:.1f} GiB on the GPU (predicted by `hprune budget`, plus "
-        f"1 GiB of CUDA context), but this GPU has {capacity / GIB:.1f} GiB. {advice} `hprune budget` shows every "
+        f"The {stage} stage would need about {fit.given_peak / GIB:.1f} GiB on the GPU (predicted by `hprune budget`, "
+        f"plus 1 GiB of CUDA context), but this GPU has {capacity / GIB:.1f} GiB. {advice} `hprune budget` shows every "
         "term; --no-budget-check runs anyway.")
 
 
-__all__ = ["REMEDIES", "check_fits", "distill_options", "gpu_memory"]
+__all__ = ["REMEDIES", "StageFit", "check_fits", "distill_options", "fit_stage", "gpu_memory"]

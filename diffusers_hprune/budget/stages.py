@@ -19,20 +19,25 @@ from diffusers_hprune import toy
 from diffusers_hprune.analysis import eval_step_indices, synthetic_report
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
-from diffusers_hprune.architecture.sizes import is_skipped, unquantized_bytes
+from diffusers_hprune.architecture.sizes import unquantized_bytes
 from diffusers_hprune.budget.components import PipelineParts, pipeline_parts
+from diffusers_hprune.budget.terms import (
+    CARDS_GIB,
+    DTYPE_BYTES,
+    GIB,
+    StageBudget,
+    nf4_working_bytes,
+    optimizer_state_bytes,
+    peak_phase,
+    shard_bytes,
+)
 from diffusers_hprune.budget.traces import Shapes, forward_trace, meta_transformer, step_trace, vae_decode_trace
 from diffusers_hprune.distillation.settings import DistillConfig
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 from diffusers_hprune.profiles import identify
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.nf4_cpu import cpu_dequantize_bytes
 
-GIB = 2**30
-CARDS_GIB = (24, 48, 80)
-CUDA_RESERVE = GIB  # CUDA context and allocator slack, on top of the predicted peak
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 _MIXED = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -87,33 +92,6 @@ class BudgetOptions:
 
 
 @dataclass
-class StageBudget:
-    """One stage's predicted peak: the terms alive at the device's peak and at the host's peak (bytes)."""
-
-    stage: str
-    device: dict[str, int]
-    host: dict[str, int]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def device_peak(self) -> int:
-        return sum(self.device.values())
-
-    @property
-    def host_peak(self) -> int:
-        return sum(self.host.values())
-
-    def fits(self) -> dict[int, bool]:
-        """Card size (GiB) -> whether the device peak, plus 1 GiB of CUDA context and slack, fits it."""
-        return {gib: self.device_peak + CUDA_RESERVE <= gib * GIB for gib in CARDS_GIB}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "device_peak": self.device_peak, "host_peak": self.host_peak,
-                "device": dict(self.device), "host": dict(self.host),
-                "fits": {f"{k} GB": v for k, v in self.fits().items()}, "notes": list(self.notes)}
-
-
-@dataclass
 class Budget:
     """Every stage's budget for one model, plan and set of options."""
 
@@ -137,21 +115,6 @@ class Budget:
                 "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes)}
 
 
-def _merge_on_cpu(options: BudgetOptions, device: dict[str, int], host: dict[str, int]) -> tuple[dict, dict]:
-    """On a CPU the device is the host: one column."""
-    if options.device == "cpu":
-        return {**device, **{k: v for k, v in host.items() if k not in device}}, {}
-    return device, host
-
-
-def _peak_phase(options: BudgetOptions, phases: list[tuple[str, dict[str, int], dict[str, int]]]):
-    """The phase with the largest device peak, and the one with the largest host peak."""
-    merged = [(name, *_merge_on_cpu(options, d, h)) for name, d, h in phases]
-    dev = max(merged, key=lambda p: sum(p[1].values()))
-    host = max(merged, key=lambda p: sum(p[2].values()))
-    return dev, host
-
-
 def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tuple[PrunePlan, str]:
     family = get_family(config)
     if plan is not None:
@@ -162,18 +125,6 @@ def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tupl
     outcome = make_plan(report.contributions(), inspect_transformer(config), ratio=ratio)
     return outcome.plan, (f"a {ratio:.0%} HPP plan from a synthetic analysis (later blocks matter less; which blocks "
                           "go changes little in the bytes): " + outcome.plan.describe())
-
-
-def _nf4_working_bytes(model: torch.nn.Module, device: str) -> int:
-    """One quantised linear weight of ``model`` (on meta) dequantised for its matmul, the largest: its 16-bit copy on a
-    GPU; on a CPU what the CPU dequantisation holds at once (traced: int32 codes beside their fp32 values)."""
-    skip = get_family(model).default_nf4_skip_modules
-    shapes = [tuple(m.weight.shape) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)]
-    if not shapes:
-        return 0
-    largest = max(shapes, key=math.prod)
-    return cpu_dequantize_bytes(largest) if device == "cpu" else 2 * math.prod(largest)
 
 
 STAGES = ("analysis", "distillation", "quantisation", "inference")
@@ -304,8 +255,11 @@ def _analysis(ctx: _Context) -> StageBudget:
     fwd = forward_trace(ctx.config, None, ctx.shapes(call_batch), dtype)
     decode = vae_decode_trace(ctx.parts.vae_config, batch, ctx.resolution, ctx.resolution, dtype)
     selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
+    encoders = ctx.component_bytes(nb)
+    text = {k: v for k, v in encoders.items() if k != "vae (weights)"}
+    # the prompts are encoded first, the transformer still on the host; then the text encoders leave the device
     pipeline = {"transformer (weights)": ctx.original.nbytes("fp32" if nb == 4 else "bf16"),
-                **ctx.component_bytes(nb)}
+                "vae (weights)": encoders["vae (weights)"]}
     # the inputs of the compared steps' calls are kept where the block cache lives
     recorded = {"recorded transformer inputs (compared steps)": fwd.inputs * selected}
     cache = {"block-output cache": fwd.block_outputs * selected}
@@ -319,26 +273,19 @@ def _analysis(ctx: _Context) -> StageBudget:
     kept_device, kept_host = placed({**recorded, **cache})
     phases = [
         ("loading", {}, ctx.loading(nb, transformer=(pipeline["transformer (weights)"], ctx.transformer_files()))),
+        ("encoding the prompts", dict(text), dict(pipeline)),
         ("drawing the calibration images", {**pipeline, **drawn_device,
                                             "activations (transformer call or VAE decode)": max(fwd.peak, decode)},
-         drawn_host),
+         {**text, **drawn_host}),
         ("cache and ablations", {**pipeline, **kept_device, **outputs,
-                                 "activations (transformer call)": fwd.peak}, kept_host),
+                                 "activations (transformer call)": fwd.peak}, {**text, **kept_host}),
     ]
-    (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
+    (dev_phase, device, _), (host_phase, _, host) = peak_phase(o.device, phases)
     notes = [f"device peak while {dev_phase}", f"{o.analysis_prompts} prompts, batch {batch}, {ctx.steps} steps, "
              f"{selected} recorded calls cached, {ctx.resolution}px, {str(dtype).removeprefix('torch.')}"]
     if o.device == "cuda":
         notes.append(f"host peak while {host_phase}")
     return StageBudget("analysis", device, host, notes)
-
-
-def optimizer_state_bytes(trainable: int, use_8bit_adam: bool = False) -> int:
-    """AdamW's state for ``trainable`` parameters: two fp32 moments, or bitsandbytes' two 8-bit moments plus one
-    fp32 scale per block of 2048 values for each."""
-    if use_8bit_adam:
-        return 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)
-    return 8 * trainable
 
 
 def _distillation(ctx: _Context) -> StageBudget:
@@ -353,7 +300,7 @@ def _distillation(ctx: _Context) -> StageBudget:
     teacher = {"teacher (NF4 weights)" if o.teacher_4bit else f"teacher ({wname} weights)":
                ctx.original.nbytes("nf4" if o.teacher_4bit else wname)}
     if o.teacher_4bit:  # each 4-bit layer dequantises its weight for its matmul
-        teacher["teacher (one weight dequantised for its matmul)"] = _nf4_working_bytes(ctx.meta(None), o.device)
+        teacher["teacher (one weight dequantised for its matmul)"] = nf4_working_bytes(ctx.meta(None), o.device)
     if o.teacher_4bit and o.lora_rank:  # the QLoRA student: its base is the NF4 teacher's own layers
         student = {"student (fp32 adapters; its base is the NF4 teacher's own layers)": 4 * trainable}
         sliced = _sliced_layer_bytes(ctx, nb)
@@ -391,7 +338,7 @@ def _distillation(ctx: _Context) -> StageBudget:
          dict(encoders)),
         # written one shard at a time in the weight dtype, one layer merged (fp32) at a time
         ("saving", {**teacher, **student, **optimizer}, {**encoders,
-                                                          f"trained student (one {wname} shard)": _shard_bytes(
+                                                          f"trained student (one {wname} shard)": shard_bytes(
                                                               ctx.inventory.nbytes(wname)),
                                                           "one layer merged (fp32)": 4 * _largest_weight(ctx)}),
     ]
@@ -402,7 +349,7 @@ def _distillation(ctx: _Context) -> StageBudget:
         phases.append(("validation", {**teacher, **student, **optimizer, "VAE (weights)": ctx.parts.params["vae"] * nb,
                                       f"activations (student call or VAE decode, {o.validation_prompts} prompts)":
                                       drawing}, dict(encoders)))
-    (dev_phase, device, _), (host_phase, _, host) = _peak_phase(o, phases)
+    (dev_phase, device, _), (host_phase, _, host) = peak_phase(o.device, phases)
     mode = ", ".join(filter(None, [f"LoRA r={o.lora_rank}" if o.lora_rank else "full weights",
                                    "8-bit AdamW" if o.use_8bit_adam else "AdamW",
                                    "NF4 teacher" if o.teacher_4bit else f"{wname} teacher",
@@ -417,14 +364,6 @@ def _distillation(ctx: _Context) -> StageBudget:
                          "main process's; each other process loads no text encoder (it reads the cache): "
                          f"{sum(others.values()) / GIB:.1f} GiB while loading")
     return StageBudget("distillation", device, host, notes)
-
-
-#: Diffusers' default ``max_shard_size`` (10GB), which ``hprune distill`` writes with too.
-SHARD_BYTES = 10 * 10**9
-
-
-def _shard_bytes(total: int) -> int:
-    return min(total, SHARD_BYTES)
 
 
 def _largest_weight(ctx: _Context) -> int:
@@ -445,14 +384,14 @@ def _quantisation(ctx: _Context) -> StageBudget:
     sixteen = ctx.inventory.nbytes("bf16")
     nf4 = ctx.inventory.nbytes("nf4")
     saved = "fp32" if o.device != "cuda" or _MIXED[o.mixed_precision] == torch.float32 else "bf16"
-    shard = _shard_bytes(ctx.inventory.nbytes(saved))  # `hprune distill` saves in its weight dtype; one shard mapped
+    shard = shard_bytes(ctx.inventory.nbytes(saved))  # `hprune distill` saves in its weight dtype; one shard mapped
     phases = [
         ("loading", {}, {"transformer (bf16 weights)": sixteen,
                          f"transformer (one {saved} checkpoint shard, mapped while loading)": shard,
                          **ctx.constructor_buffers(ctx.plan)}),
         ("quantising", {"transformer (bf16 weights)": sixteen, "transformer (NF4 weights)": nf4}, {}),
     ]
-    (dev_phase, device, _), (_, _, host) = _peak_phase(o, phases)
+    (dev_phase, device, _), (_, _, host) = peak_phase(o.device, phases)
     return StageBudget("quantisation", device, host, [f"device peak while {dev_phase}"])
 
 
@@ -488,11 +427,11 @@ def _inference(ctx: _Context, profile) -> list[StageBudget]:
         act = activations[pruned]
         device = {"transformer (weights)": weights, "activations (one call)": act}
         if nf4:
-            device["one weight dequantised for its matmul"] = _nf4_working_bytes(ctx.meta(ctx.plan), o.device)
+            device["one weight dequantised for its matmul"] = nf4_working_bytes(ctx.meta(ctx.plan), o.device)
         loading = {"transformer (checkpoint files, mapped while loading)": files, **ctx.constructor_buffers(plan)}
         if converted:
             loading["transformer (converted weights)"] = converted
-        (_, device, _), (_, _, host) = _peak_phase(o, [("loading", {}, loading), ("one call", device, {})])
+        (_, device, _), (_, _, host) = peak_phase(o.device, [("loading", {}, loading), ("one call", device, {})])
         out.append(StageBudget(label, device, host, [
             f"transformer only, batch 1, {resolution}x{resolution}, {tokens} text tokens"]))
     return out

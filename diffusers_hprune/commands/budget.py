@@ -6,9 +6,10 @@ import argparse
 import json
 
 from diffusers_hprune.architecture.inventory import builtin_configs
-from diffusers_hprune.budget import CARDS_GIB, Budget, BudgetOptions, predict
-from diffusers_hprune.budget.stages import GIB
-from diffusers_hprune.commands.options import ratio
+from diffusers_hprune.budget import CARDS_GIB, Budget, BudgetError, BudgetOptions, predict
+from diffusers_hprune.budget.fit import StageFit, fit_stage
+from diffusers_hprune.budget.terms import GIB
+from diffusers_hprune.commands.options import card_memory, ratio
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import nonnegative_int, positive_int
 from diffusers_hprune.utils.distributed import PRECISIONS
@@ -57,6 +58,9 @@ def register(subparsers) -> None:
     a.add_argument("--eval-steps", type=positive_int, default=4, help="denoising steps cached and compared (default 4)")
     a.add_argument("--cache-device", choices=("cpu",), default=None,
                    help="keep the block-output cache in host memory (default: beside the model)")
+    p.add_argument("--gpu-memory", type=card_memory, metavar="SIZE",
+                   help="a GPU's memory (e.g. 24GB, read as GiB like the card's label): for every stage, the flags of "
+                   "its command with which it fits that GPU, and its peak with them")
     p.add_argument("--json", action="store_true", help="print the figures as JSON (bytes per stage and term)")
     p.set_defaults(func=run)
 
@@ -92,8 +96,37 @@ def format_budget(budget: Budget) -> str:
     return "\n".join(lines)
 
 
+def stage_fits(args: argparse.Namespace, budget: Budget, plan) -> list[StageFit]:
+    """Every stage of ``budget`` fitted to ``--gpu-memory``: its command's flags with which it fits."""
+    return [fit_stage(s.stage, args.model, plan, budget.options, capacity=args.gpu_memory, ratio=args.ratio)
+            for s in budget.stages]
+
+
+def format_fits(fits: list[StageFit]) -> str:
+    """The stages' flags for one GPU, as ``hprune budget --gpu-memory`` prints them."""
+    capacity = fits[0].capacity
+    lines = ["", f"On one GPU with {capacity / GIB:.1f} GiB (peak plus 1 GiB within it), each stage's command needs:"]
+    for fit in fits:
+        flags = " ".join(fit.flags) if fit.flags else "nothing more"
+        verdict = "fits" if fit.fits else "does NOT fit even so"
+        lines.append(f"  {fit.stage:34} {flags}: {fit.device_peak / GIB:.2f} GiB, {verdict}")
+    if not all(f.fits for f in fits):
+        lines.append("A stage that does not fit needs a larger GPU, a smaller plan or resolution, or (analysis) fewer "
+                     "prompts per batch; `hprune budget` with those flags shows every term.")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     plan = PrunePlan.load(args.plan) if args.plan else None
+    if args.gpu_memory is not None and args.device != "cuda":
+        raise BudgetError("--gpu-memory fits the stages to a GPU: use it with --device cuda (the default).")
     budget = predict(args.model, plan, ratio=args.ratio, options=options_from(args))
-    print(json.dumps(budget.to_dict(), indent=2) if args.json else format_budget(budget))
+    fits = stage_fits(args, budget, plan) if args.gpu_memory is not None else None
+    if args.json:
+        out = budget.to_dict()
+        if fits is not None:
+            out["gpu_memory"] = {"capacity": args.gpu_memory, "stages": {f.stage: f.to_dict() for f in fits}}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_budget(budget) + (format_fits(fits) if fits is not None else ""))
     return 0

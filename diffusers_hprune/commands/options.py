@@ -44,6 +44,18 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def card_memory(text: str) -> int:
+    """A GPU's memory as cards are sold: ``"24GB"`` is 24 GiB (a card's GB are binary), as are ``"24"`` and
+    ``"24GiB"``; ``"16384MB"`` is 16 GiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = (m.group(2).lower() if m else "").removesuffix("b").removesuffix("i")
+    scale = {"": 2**30, "g": 2**30, "m": 2**20, "t": 2**40}.get(unit)
+    if not m or scale is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a GPU's memory; write e.g. 24GB or 16GB (a card's "
+                                         "GB, read as GiB)")
+    return int(float(m.group(1)) * scale)
+
+
 def ratio(text: str) -> float:
     """A fraction of the parameters to remove: a number strictly between 0 and 1."""
     value = finite_float(text)

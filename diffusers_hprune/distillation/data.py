@@ -32,7 +32,15 @@ import torch
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.contributions import components_fingerprint, fingerprint
 from diffusers_hprune.distillation.settings import DistillConfig
-from diffusers_hprune.loading import ENCODERS, TEXT_ENCODERS, components_on, generation_settings
+from diffusers_hprune.loading import (
+    ENCODERS,
+    TEXT_ENCODERS,
+    components_on,
+    generation_settings,
+    negative_prompt,
+    prompt_embeddings,
+    without_text_encoders,
+)
 from diffusers_hprune.utils.checks import InputError, prompt_lines, read_text_file
 from diffusers_hprune.utils.compat import execution_device
 from diffusers_hprune.utils.errors import HPruneError
@@ -232,9 +240,9 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
             prompts = prompts[: spec.max_samples]
         chunks = [prompts[start : start + spec.batch_size] for start in range(0, len(prompts), spec.batch_size)]
         with _on(pipe, device, TEXT_ENCODERS):
-            texts = [_encoded(family, pipe, chunk, max_len, generation) for chunk in
+            texts = [prompt_embeddings(pipe, chunk, max_len, negative_prompt(pipe, generation)) for chunk in
                      tqdm(chunks, desc="encoding the prompts", disable=not progress)]
-        drawing = _without_text_encoders(pipe)
+        drawing = without_text_encoders(pipe)
         with _on(drawing, device, ("vae",)):  # where FLUX's pipeline takes its device from
             start = 0
             for chunk, text in tqdm(list(zip(chunks, texts)), desc="teacher draws the training latents",
@@ -259,7 +267,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
                 rows = ds[start : start + spec.batch_size]
                 latents = _encode_images(pipe, rows[spec.image_column], resolution)
                 captions = [str(c) for c in rows[spec.caption_column]]
-                _add(records, captions, latents, _encoded(family, pipe, captions, max_len, None))
+                _add(records, captions, latents, prompt_embeddings(pipe, captions, max_len))
     dataset = datasets.Dataset.from_dict(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = with_user_mode(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
@@ -273,31 +281,6 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
 
 def _on(pipe, device, names):
     return components_on(pipe, device, names) if device is not None else contextlib.nullcontext(pipe)
-
-
-def _without_text_encoders(pipe):
-    """``pipe``'s pipeline class around its components without the text encoders (the prompts come encoded)."""
-    components = {name: (None if name in TEXT_ENCODERS else value) for name, value in pipe.components.items()}
-    drawing = type(pipe)(**components)
-    drawing.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return drawing
-
-
-@torch.no_grad()
-def _encoded(family, pipe, prompts: list[str], max_len: int, generation: dict | None) -> dict[str, torch.Tensor]:
-    """The text conditioning of ``prompts`` as pipeline arguments: ``prompt_embeds`` and ``pooled_prompt_embeds``,
-    and (with ``generation``, for drawing) the negative prompt's: the one ``generation`` names, else the family's
-    default (what the pipeline would encode for its guidance). On the CPU."""
-    text = family.encode_text(pipe, prompts, max_len)
-    out = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_projections"]}
-    negative = None if generation is None else generation.get("negative_prompt", family.negative_prompt_default)
-    if negative is not None:  # what the pipeline would encode for its guidance
-        # one row per prompt, as SD3's pipeline encodes it (FLUX's encodes one row and broadcasts it, which its
-        # own checks refuse for given embeddings: the same values, its guidance branch batched like the prompts')
-        empty = family.encode_text(pipe, [negative] * len(prompts), max_len)
-        out.update(negative_prompt_embeds=empty["prompt_embeds"],
-                   negative_pooled_prompt_embeds=empty["pooled_projections"])
-    return {k: v.detach().cpu() for k, v in out.items()}
 
 
 def _add(records, prompts, latents, text):

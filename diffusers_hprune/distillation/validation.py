@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.loading import TEXT_ENCODERS, components_on
+from diffusers_hprune.loading import TEXT_ENCODERS, components_on, prompt_embeddings
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_path, with_user_mode
@@ -39,13 +39,8 @@ def encode_validation_prompts(pipe, family, prompts: list[str], settings: dict, 
     from safetensors.torch import save_file
 
     max_len = int(settings.get("max_sequence_length", 256))
-    text = family.encode_text(pipe, list(prompts), max_len)
-    tensors = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_projections"]}
     negative = settings.get("negative_prompt", family.negative_prompt_default)
-    if negative is not None:
-        empty = family.encode_text(pipe, [str(negative)] * len(prompts), max_len)
-        tensors.update(negative_prompt_embeds=empty["prompt_embeds"],
-                       negative_pooled_prompt_embeds=empty["pooled_projections"])
+    tensors = prompt_embeddings(pipe, list(prompts), max_len, None if negative is None else str(negative))
     path = Path(output_dir) / FOLDER / EMBEDS_FILE
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
