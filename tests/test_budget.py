@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -282,3 +283,57 @@ def test_gpu_memory_names_each_stages_flags_for_that_gpu(capsys):
     assert "On one GPU with 80.0 GiB" in text and "nothing more" in text and "NOT" not in text
     assert main(["budget", "sd3", "--device", "cpu", "--gpu-memory", "24GB"]) == 2
     assert "--gpu-memory fits the stages to a GPU" in capsys.readouterr().err
+
+
+def test_the_cache_goes_to_host_memory_only_where_the_budget_says_it_must(tmp_path, capsys, monkeypatch):
+    """Issue 34, item 2: without --cache-device the analysis keeps its block-output cache beside the model where the
+    budget says that fits the GPU, else in host memory, and says so (no flag the user must know)."""
+    from diffusers_hprune.budget import fit
+    from diffusers_hprune.budget.terms import CUDA_RESERVE
+
+    options = BudgetOptions(analysis_prompts=2, analysis_batch_size=2, eval_steps=1)
+    beside = predict("sd3", options=options, stages=("analysis",)).stage("analysis").device_peak
+    host = predict("sd3", options=replace(options, cache_device="cpu"), stages=("analysis",)).stage("analysis")
+    assert host.device_peak < beside
+    assert fit.cache_placement("sd3", options, capacity=beside + CUDA_RESERVE) is None
+    assert fit.cache_placement("sd3", options, capacity=beside + CUDA_RESERVE - 1) == "cpu"
+    monkeypatch.setattr(fit, "gpu_memory", lambda: None)  # no GPU: the cache stays with the model (the host)
+    assert fit.cache_placement("sd3", options) is None
+
+    monkeypatch.setattr(fit, "gpu_memory", lambda: host.device_peak + CUDA_RESERVE)  # fits only with the cache out
+    from diffusers_hprune.commands import analyze as command
+
+    class Called(Exception):
+        pass
+
+    def analyze(*args, **kwargs):  # where the command would start the analysis: what it was given
+        raise Called(kwargs["cache_device"])
+
+    monkeypatch.setattr(command, "analyze", analyze)
+    with pytest.raises(Called) as called:
+        main(["analyze", "sd3", "--out", str(tmp_path / "a.json"), "--n-prompts", "2", "--batch-size", "2",
+              "--eval-steps", "1"])
+    assert called.value.args == ("cpu",)
+    assert "block-output cache: in host memory" in capsys.readouterr().out
+
+
+def test_compress_fits_every_stage_to_the_gpu_it_is_given(capsys):
+    """`hprune compress --gpu-memory SIZE`: the distillation flags and the analysis placement with which every stage
+    fits are applied to the run's settings (and printed); a GPU too small for a stage even so is refused."""
+    from diffusers_hprune.budget.terms import CUDA_RESERVE, GIB
+    from diffusers_hprune.commands.compress import fitted_to_gpu
+    from diffusers_hprune.compression.config import HPruneConfig
+
+    config = HPruneConfig(mixed_precision="no", train_batch_size=4, analysis_prompts=2, train_prompts=4)
+    roomy, placement = fitted_to_gpu("sd3", config, None, 80 * GIB)
+    assert roomy == config and placement == {}
+    need = predict("sd3", ratio=0.3, options=config.distillation_budget(), stages=("distillation",)).stage(
+        "distillation").device_peak
+    tight, _ = fitted_to_gpu("sd3", config, None, need + CUDA_RESERVE - 1)
+    assert tight.mixed_precision == "bf16" and tight != config
+    after = predict("sd3", ratio=0.3, options=tight.distillation_budget(), stages=("distillation",)).stage(
+        "distillation").device_peak
+    assert after + CUDA_RESERVE <= need + CUDA_RESERVE - 1
+    assert "distillation: --mixed_precision bf16" in capsys.readouterr().out
+    with pytest.raises(BudgetError, match="does not fit a GPU of"):
+        fitted_to_gpu("sd3", config, None, CUDA_RESERVE + 1)

@@ -114,6 +114,17 @@ def fit_stage(stage: str, model, plan=None, options: BudgetOptions | None = None
     return StageFit(stage, capacity, given, tuple(flags), tried, after)
 
 
+def cache_placement(model, options: BudgetOptions, capacity: int | None = None) -> str | None:
+    """Where the analysis keeps its block-output cache when the user does not say: ``"cpu"`` (host memory) when the
+    budget says the analysis fits this GPU only with it there, else ``None`` (beside the model, the faster). Without
+    a GPU (``capacity`` None and no CUDA) the cache stays with the model (the host)."""
+    capacity = gpu_memory() if capacity is None else capacity
+    if capacity is None or options.cache_device == "cpu":
+        return options.cache_device
+    fit = fit_stage("analysis", model, None, options, capacity=capacity)
+    return "cpu" if "--cache-device cpu" in fit.flags else None
+
+
 def check_fits(stage: str, model, plan=None, options: BudgetOptions | None = None, *, ratio: float | None = None,
                capacity: int | None = None) -> None:
     """Raise ``BudgetError`` when ``stage``'s predicted peak (plus 1 GiB) exceeds the GPU's memory.
@@ -137,4 +148,4 @@ def check_fits(stage: str, model, plan=None, options: BudgetOptions | None = Non
         "term; --no-budget-check runs anyway.")
 
 
-__all__ = ["REMEDIES", "StageFit", "check_fits", "distill_options", "fit_stage", "gpu_memory"]
+__all__ = ["REMEDIES", "StageFit", "cache_placement", "check_fits", "distill_options", "fit_stage", "gpu_memory"]

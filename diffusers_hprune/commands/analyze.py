@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import diffusers
 import torch
@@ -11,7 +12,7 @@ from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
 from diffusers_hprune.budget import BudgetOptions
-from diffusers_hprune.budget.fit import check_fits
+from diffusers_hprune.budget.fit import cache_placement, check_fits
 from diffusers_hprune.commands.options import add_generation_flags, metric_args, parse_bytes
 from diffusers_hprune.loading import check_image_size, pixel_multiple
 from diffusers_hprune.metrics import DEFAULT_METRIC, metric_names
@@ -66,8 +67,9 @@ def register(subparsers) -> None:
                    "slower; for verification and benchmarks)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--cache-device", help="where cached block outputs live (default: with the model; 'cpu' for "
-                   "large models at high resolution)")
+    p.add_argument("--cache-device", help="where cached block outputs live: 'cpu' (host memory), or the model's "
+                   "device; default: the model's device where `hprune budget` says the analysis fits this GPU with "
+                   "them there, else 'cpu' (said when chosen)")
     p.add_argument("--max-cache-bytes", type=parse_bytes, metavar="SIZE",
                    help="refuse a block-output cache above SIZE (e.g. 20GB), before it is built (default: no bound)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT (and its OUT.parts/) of other settings or a damaged one; finished "
@@ -98,11 +100,17 @@ def run(args: argparse.Namespace) -> int:
                 args.alignment_metric == "auto" and args.model in toy.FAMILIES):  # before any work, not at the end
             toy.check_prompts(prompts, args.prompts)
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
+    options = BudgetOptions(analysis_prompts=len(prompts) if prompts else args.n_prompts,
+                            analysis_batch_size=args.batch_size, eval_steps=args.eval_steps, steps=args.steps,
+                            cache_device="cpu" if args.cache_device == "cpu" else None, resolution=args.height)
+    if args.cache_device is None and args.dtype in (None, "bfloat16"):  # chosen by the budget (no-op without CUDA)
+        args.cache_device = cache_placement(args.model, options)
+        if args.cache_device == "cpu":
+            options = replace(options, cache_device="cpu")
+            print("block-output cache: in host memory (`hprune budget`: beside the model the analysis would not fit "
+                  "this GPU); --cache-device cuda keeps it there anyway")
     if args.budget_check and args.dtype in (None, "bfloat16"):  # before any weight is loaded (no-op without CUDA)
-        check_fits("analysis", args.model, options=BudgetOptions(
-            analysis_prompts=len(prompts) if prompts else args.n_prompts, analysis_batch_size=args.batch_size,
-            eval_steps=args.eval_steps, cache_device="cpu" if args.cache_device == "cpu" else None, steps=args.steps,
-            resolution=args.height))
+        check_fits("analysis", args.model, options=options)
     report = analyze(
         args.model, args.out, metric=args.metric, metric_options=metric_args(args.metric_arg), prompts=prompts,
         alignment_metric=args.alignment_metric, alignment_options=metric_args(args.alignment_metric_arg),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
-from diffusers_hprune.budget.fit import check_fits
-from diffusers_hprune.commands.options import add_config_flags, config_overrides, parse_bytes, ratio
+from diffusers_hprune.budget import BudgetError
+from diffusers_hprune.budget.fit import cache_placement, check_fits, fit_stage
+from diffusers_hprune.budget.terms import GIB
+from diffusers_hprune.commands.options import add_config_flags, card_memory, config_overrides, parse_bytes, ratio
 from diffusers_hprune.compression.config import HPruneConfig
 from diffusers_hprune.compression.run import compress
 from diffusers_hprune.distillation.data import read_prompts
@@ -37,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--push", metavar="ORG/NAME", help="publish the result to the Hub")
     p.add_argument("--private", action="store_true")
     p.add_argument("--license", help="the base model's license id, for the card")
+    p.add_argument("--gpu-memory", type=card_memory, metavar="SIZE",
+                   help="fit every stage to one GPU of SIZE (e.g. 24GB, read as GiB like the card's label): the flags "
+                   "`hprune budget --gpu-memory` names for each stage are applied, and printed, before anything loads")
     p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
                    help="on a GPU, start even when `hprune budget` predicts a stage will not fit its memory")
     add_config_flags(p)
@@ -56,10 +61,45 @@ def run(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
     config = HPruneConfig(**values)
+    placement = {}
+    if args.gpu_memory is not None:  # before any weight is loaded
+        config, placement = fitted_to_gpu(args.model, config, prompts, args.gpu_memory)
+    analysis = replace(config.analysis_budget(), **{k: v for k, v in placement.items() if v is not None})
+    if "cache_device" not in placement:  # chosen by the budget for this GPU (a no-op without CUDA)
+        placement["cache_device"] = cache_placement(args.model, analysis)
+        analysis = replace(analysis, cache_device=placement["cache_device"])
     if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
-        check_fits("analysis", args.model, options=config.analysis_budget())
+        check_fits("analysis", args.model, options=analysis)
         if config.distill:
             check_fits("distillation", args.model, options=config.distillation_budget(prompts), ratio=config.ratio)
     compress(args.model, args.out, config, prompts=prompts, eval_prompts=eval_prompts, push=args.push,
-             private=args.private, license=args.license)
+             private=args.private, license=args.license, cache_device=placement.get("cache_device"),
+             analysis_batch_size=placement.get("analysis_batch_size") or 8)
     return 0
+
+
+def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> tuple[HPruneConfig, dict]:
+    """``config`` with the distillation flags, and the analysis's placement (``cache_device``,
+    ``analysis_batch_size``), with which every stage of the run fits one GPU of ``capacity`` bytes; printed.
+    A stage that does not fit even so is refused (``BudgetError``), naming what it would still need."""
+    stages = [("analysis", config.analysis_budget(), None)]
+    if config.distill:
+        stages.append(("distillation", config.distillation_budget(prompts), config.ratio))
+    stages.append(("quantisation", config.analysis_budget(), config.ratio))
+    print(f"fitting every stage to one GPU with {capacity / GIB:.1f} GiB (--gpu-memory):")
+    placement: dict = {}
+    for stage, options, target in stages:
+        fit = fit_stage(stage, model, None, options, capacity=capacity, ratio=target)
+        print(f"  {stage}: {' '.join(fit.flags) or 'as configured'}: {fit.device_peak / GIB:.2f} GiB")
+        if not fit.fits:
+            raise BudgetError(f"The {stage} stage does not fit a GPU of {capacity / GIB:.1f} GiB even with "
+                              f"{' '.join(fit.flags) or 'its settings'}: it needs about {fit.device_peak / GIB:.1f} "
+                              "GiB plus 1 GiB of CUDA context. Use a larger GPU or a smaller resolution; `hprune "
+                              "budget` shows every term.")
+        changed = {k: getattr(fit.options, k) for k in ("cache_device", "analysis_batch_size", "mixed_precision",
+                                                         "gradient_checkpointing", "train_batch_size",
+                                                         "use_8bit_adam", "lora_rank", "teacher_4bit")
+                   if getattr(fit.options, k) != getattr(options, k)}
+        placement.update({k: v for k, v in changed.items() if k in ("cache_device", "analysis_batch_size")})
+        config = replace(config, **{k: v for k, v in changed.items() if k not in placement})
+    return config, placement

@@ -27,7 +27,7 @@ class ConfigError(HPruneError):
 
 
 #: Fields that must be true or false (a JSON ``"false"`` is a string, and refused).
-_BOOLS = ("distill", "pwp", "sgdistill", "gradient_checkpointing", "quantize")
+_BOOLS = ("distill", "pwp", "sgdistill", "gradient_checkpointing", "use_8bit_adam", "teacher_4bit", "quantize")
 #: Integer fields and their least value (0: off).
 _INTS = {"analysis_prompts": 1, "eval_steps": 1, "train_prompts": 1, "max_train_steps": 1, "train_batch_size": 1,
          "eval_prompts": 1, "latency_repeats": 1, "checkpointing_steps": 0, "lora_rank": 0, "seed": 0}
@@ -78,7 +78,7 @@ class HPruneConfig(DistillationSettings):
     distill: bool = True
     train_prompts: int = 600
     # (and DistillationSettings', shared with `hprune distill`: max_train_steps, max_train_minutes, learning_rate,
-    # train_batch_size, seed, pwp, sgdistill, r_thres, gradient_checkpointing, lora_rank)
+    # train_batch_size, seed, pwp, sgdistill, r_thres, gradient_checkpointing, lora_rank, use_8bit_adam, teacher_4bit)
     checkpointing_steps: int = 200  # compress checkpoints its distillation every 200 steps (`hprune distill`: 500)
     mixed_precision: str = "no"  # a compress run has no launch config to take it from (DistillConfig's None)
     # quantisation and evaluation

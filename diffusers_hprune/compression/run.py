@@ -134,13 +134,16 @@ class _Teacher:
 def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = None, *,
              prompts: list[str] | None = None, eval_prompts: list[str] | None = None, push: str | None = None,
              private: bool = False,
-             license: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+             license: str | None = None, progress: bool = True, say: Callable[[str], None] = print,
+             cache_device: str | None = None, analysis_batch_size: int = 8) -> dict:
     """Compress ``model`` (a pipeline folder, cached Hub id, or toy name) into ``out``; returns the summary.
 
     ``prompts``: the data-free training prompts (default on the toys: their training prompts;
     required otherwise). ``eval_prompts``: the evaluation prompts; by default the toys' held-out
     prompts, or the last distinct lines of ``prompts``, held out of training (:func:`split_prompts`).
     Evaluation never sees a training prompt; ``summary.json`` says where its prompts came from.
+    ``cache_device`` and ``analysis_batch_size``: where the analysis keeps its block-output cache and how many
+    prompts it draws at once (memory, not the result: ``hprune compress --gpu-memory`` chooses them).
     """
     config = config or HPruneConfig()
     out = Path(out)
@@ -150,7 +153,8 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     chosen = _Prompts.choose(model, config, prompts, eval_prompts)
     out.mkdir(parents=True, exist_ok=True)  # after every check of the inputs: a refusal writes nothing
     config.save(out / RUN_CONFIG)
-    run = _Run(model, out, config, chosen, _Stages(out, say), _Teacher(model), progress, say)
+    run = _Run(model, out, config, chosen, _Stages(out, say), _Teacher(model), progress, say,
+               placement={"cache_device": cache_device, "batch_size": analysis_batch_size})
     run.analysis()
     run.plan()
     run.prune()
@@ -213,6 +217,7 @@ class _Run:
     say: Callable[[str], None]
     keys: dict[str, str] = field(default_factory=dict)
     final: Path | None = None
+    placement: dict = field(default_factory=dict)  # the analysis's cache_device and batch_size: same result
 
     @property
     def is_toy(self) -> bool:
@@ -237,7 +242,7 @@ class _Run:
             1, "analysis", inputs,
             lambda d: analyze(self.teacher.pipe, self.analysis_path, metric=config.metric,
                               n_prompts=config.analysis_prompts, eval_steps=config.eval_steps, seed=config.seed,
-                              progress=self.progress, alignment_metric=alignment),
+                              progress=self.progress, alignment_metric=alignment, **self.placement),
             keep_partial=True)  # analyze resumes from its finished entries
 
     def plan(self) -> None:

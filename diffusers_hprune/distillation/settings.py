@@ -36,6 +36,8 @@ class DistillationSettings:
     # low memory
     gradient_checkpointing: bool = False
     lora_rank: int = 0
+    use_8bit_adam: bool = False
+    teacher_4bit: bool = False
 
 
 @dataclass
@@ -65,7 +67,6 @@ class DistillConfig(DistillationSettings):
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 0.0
-    use_8bit_adam: bool = False
     mixed_precision: str | None = None  # None: the launch config's (ACCELERATE_MIXED_PRECISION), else "no"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -75,9 +76,8 @@ class DistillConfig(DistillationSettings):
     sensitivity_floor: float = 0.2  # measured: BENCHMARKS.md "sgdistill-floor-sd3"
     sensitivity_eps: float | None = None
     binary_freeze: bool = False
-    # low memory (and DistillationSettings': gradient_checkpointing, lora_rank)
+    # low memory (and DistillationSettings': gradient_checkpointing, lora_rank, use_8bit_adam, teacher_4bit)
     lora_alpha: float | None = None
-    teacher_4bit: bool = False
     # bookkeeping
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
