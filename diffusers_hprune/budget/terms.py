@@ -17,7 +17,7 @@ from diffusers_hprune.architecture.sizes import is_skipped
 from diffusers_hprune.utils.nf4_cpu import cpu_dequantize_bytes
 
 GIB = 2**30
-CARDS_GIB = (24, 48, 80)
+CARDS_GIB = (16, 24, 48, 80)
 CUDA_RESERVE = GIB  # CUDA context and allocator slack, on top of the predicted peak
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
