@@ -101,7 +101,8 @@ def test_live_tensor_peak_counts_what_a_step_holds_at_once():
 # -- one transformer on the GPU at a time; each model's own step peak (issue 31) --------------------------------------
 def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encoders(tmp_path, monkeypatch):
     """Before the student's turn the teacher's transformer leaves the GPU, and the student (loaded only then) is
-    built around the teacher's own text encoders and VAE: one T5 on the GPU, not two. The device is simulated: this
+    built around the teacher's own text encoders and VAE: one T5, not two, and on the GPU only to encode the
+    prompts, never while a transformer draws. The device is simulated: this
     machine has none, so `_device_of` reports what the `.to` calls made of each module."""
     import shutil
 
@@ -141,11 +142,12 @@ def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encode
         return original_generate(pipe, *args, **kwargs)
 
     monkeypatch.setattr(compare, "generate", generate)
-    loaded = []
+    loaded, students = [], []
 
     def student():
         loaded.append(list(events))  # the teacher has drawn and its transformer left the GPU before this
-        return compare.load_student(teacher, teacher_folder, student_folder)
+        students.append(compare.load_student(teacher, teacher_folder, student_folder))
+        return students[-1]
 
     result = compare.evaluate_pipelines({"teacher": teacher, "student": student}, ["a red circle"], cost=False,
                                         metrics=["fidelity"], num_inference_steps=2)
@@ -154,7 +156,12 @@ def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encode
     teacher_turn, student_turn = on_gpu
     assert "SD3Transformer2DModel" in teacher_turn and "HierarchicalPrunedSD3Transformer2DModel" not in teacher_turn
     assert "SD3Transformer2DModel" not in student_turn and "HierarchicalPrunedSD3Transformer2DModel" in student_turn
-    assert student_turn.count("T5EncoderModel") == 1 and "AutoencoderKL" in student_turn
+    assert students[0].text_encoder_3 is teacher.text_encoder_3  # the teacher's encoders: one T5, not two
+    # issue 34: the prompts are encoded first (the text encoders on the GPU for that), then drawn without them
+    assert "T5EncoderModel" not in teacher_turn and "T5EncoderModel" not in student_turn
+    # per pipeline: to the GPU to encode, to the CPU for the drawing, back where it was (the GPU) after it
+    assert events.count(("T5EncoderModel", "cuda:0")) == 4 and events.count(("T5EncoderModel", "cpu")) == 2
+    assert "AutoencoderKL" in student_turn
 
 
 def test_shares_components_compares_the_files_byte_for_byte(tmp_path):

@@ -30,7 +30,19 @@ from diffusers_hprune.evaluation.measure import (
     step_memory,
     stored_bytes,
 )
-from diffusers_hprune.loading import check_weight_files, generate, generation_settings, load_pipeline, pipeline_folder
+from diffusers_hprune.loading import (
+    TEXT_ENCODERS,
+    call_default,
+    check_weight_files,
+    components_on,
+    generate,
+    generation_settings,
+    load_pipeline,
+    negative_prompt,
+    pipeline_folder,
+    prompt_embeddings,
+    without_text_encoders,
+)
 from diffusers_hprune.metrics import IMAGE, get_metric
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines import with_pruned_transformer
@@ -117,6 +129,25 @@ def _park_others(loaded: list, current) -> None:
             _park([m for m in _modules(other) if id(m) not in keep], _device_of(current.transformer))
 
 
+def _draw(pipe, prompts, seeds, kwargs, batch_size) -> list:
+    """The prompts encoded first, per batch, with the text encoders on the transformer's device; then drawn from the
+    embeddings by the pipeline without its text encoders, which wait on the CPU meanwhile: no text encoder is on the
+    device while the transformer draws. Afterwards each text encoder is back where it was."""
+    max_len = int(kwargs.get("max_sequence_length", call_default(pipe, "max_sequence_length", 256)))
+    negative = negative_prompt(pipe, kwargs)
+    encoders = [m for m in (getattr(pipe, n, None) for n in TEXT_ENCODERS) if isinstance(m, torch.nn.Module)]
+    where = [_device_of(m) for m in encoders]
+    with components_on(pipe, _device_of(pipe.transformer), TEXT_ENCODERS):
+        embeds = [prompt_embeddings(pipe, list(prompts[start : start + batch_size]), max_len, negative)
+                  for start in range(0, len(prompts), batch_size)]
+    try:
+        return generate(without_text_encoders(pipe), prompts, seeds, kwargs, batch_size, embeds=embeds)
+    finally:
+        for module, device in zip(encoders, where):
+            if _device_of(module) != device:
+                module.to(device)
+
+
 def evaluate_pipelines(
     models: dict[str, Any],
     prompts: list[str],
@@ -173,7 +204,7 @@ def evaluate_pipelines(
             raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
                                   "compare a student with its own teacher.")
         _park_others(list(pipelines.loaded.values()), pipe)
-        images[name] = generate(pipe, prompts, seeds, kwargs, batch_size)
+        images[name] = _draw(pipe, prompts, seeds, kwargs, batch_size)
         entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
                                  "prune_plan": _plan_text(pipe.transformer),
                                  "metrics": _scores(scorers, images[name], prompts)}
@@ -210,8 +241,9 @@ class _Pipelines:
                 for other in self.loaded.values():
                     _park([other.transformer], _device_of(other.transformer))
                 self.loaded[name] = value()
-                for module in _modules(self.loaded[name]):
-                    if not _is_4bit(module) and _device_of(module) != self.device:
+                encoders = {id(getattr(self.loaded[name], n, None)) for n in TEXT_ENCODERS}
+                for module in _modules(self.loaded[name]):  # the text encoders come only to encode (_draw)
+                    if not _is_4bit(module) and id(module) not in encoders and _device_of(module) != self.device:
                         module.to(self.device)
             if len(self.loaded) == 1:  # the reference: the others compute where it does
                 self.device = _device_of(self.loaded[name].transformer)
