@@ -175,6 +175,16 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def assert_saved_folders_draw(saved: list[tuple[str, str]]) -> None:
+    """Every ``(folder, family)`` loads in a fresh process and draws a finite, non-blank image."""
+    draw = run_process_group([sys.executable, "-c", DRAW, json.dumps(saved)], timeout=RUN_TIMEOUT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, draw.stderr[-3000:]
+    drawn = json.loads(lines[-1][len("RESULT "):])
+    assert all(drawn[folder]["finite"] and drawn[folder]["std"] > 0 for folder, _ in saved)
+
+
 def _check_summary(summary: dict, processes: int) -> list[str]:
     """What a run must show (empty when it does)."""
     problems = []
@@ -351,10 +361,5 @@ def test_the_three_reproductions_of_issue_31_exit_0_and_leave_pipelines_that_loa
         proc = _launch(args, processes)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         saved.append((args[args.index("--output_dir") + 1], family))
-    draw = run_process_group([sys.executable, "-c", DRAW, json.dumps(saved)], timeout=RUN_TIMEOUT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, draw.stderr[-3000:]
-    drawn = json.loads(lines[-1][len("RESULT "):])
-    assert all(drawn[folder]["finite"] and drawn[folder]["std"] > 0 for folder, _ in saved)
+    assert_saved_folders_draw(saved)
     assert (base / "o1" / "validation" / "step-2.png").is_file()

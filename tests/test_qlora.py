@@ -207,11 +207,8 @@ def test_the_qlora_student_trains_under_two_processes(tmp_path):
     """Two DDP processes (gloo) train the QLoRA student in fp32 on SD3 plans the option matrix's NF4 + LoRA rows do
     not reach (a whole block and components; the last block gone with --lambda_feat 0): every adapter gets a
     gradient on both ranks, the ranks end identical, and the saved folder loads and draws."""
-    import os
-    import sys
 
-    from helpers import run_process_group
-    from test_option_matrix import DRAW, PLANS, RUN_TIMEOUT, _check_summary, _distill_args, _launch
+    from test_option_matrix import PLANS, _check_summary, _distill_args, _launch, assert_saved_folders_draw
 
     (tmp_path / "prompts.txt").write_text("\n".join(toy.prompts(split="train", n=6, seed=4)) + "\n")
     saved = []
@@ -227,12 +224,7 @@ def test_the_qlora_student_trains_under_two_processes(tmp_path):
         assert summary["processes"] == 2 and summary["teacher_dtype"] == "nf4"
         assert not _check_summary(summary, 2), _check_summary(summary, 2)
         saved.append((str(out), family))
-    draw = run_process_group([sys.executable, "-c", DRAW, json.dumps(saved)], timeout=RUN_TIMEOUT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = [x for x in draw.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, draw.stderr[-3000:]
-    drawn = json.loads(lines[-1][len("RESULT "):])
-    assert all(drawn[folder]["finite"] and drawn[folder]["std"] > 0 for folder, _ in saved)
+    assert_saved_folders_draw(saved)
 
 
 class _DeviceLog:
