@@ -12,6 +12,10 @@ each in a fresh process:
 
     analyze -> plan (30 %) -> distill (2 steps, batch 2) -> quantize (NF4) -> inference of the result
 
+and beside them the QLoRA student (issue 34: ``--teacher_4bit --lora_rank 8 --gradient_checkpointing``, its base
+the NF4 teacher's own layers) and the save of a trained student in bf16, one shard of at most 64 MiB at a time
+(``distillation.saving.write_transformer``: host memory bounded by one shard, not the model)
+
 and records each stage's peak: the growth of the process's peak resident size (``VmHWM`` after
 ``clear_refs``) over its size before the stage, on a CPU; ``torch.cuda.max_memory_allocated``
 with ``--device cuda``. Allocations of 128 KiB and more are mapped and unmapped directly
@@ -28,11 +32,13 @@ hour on two CPU cores. The 30 % plan therefore comes from a synthetic analysis o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,12 +123,36 @@ def _warm_up(spec: dict) -> None:
     del pipe
 
 
-def _stage(stage: str, spec: dict) -> None:
+SHARD = 64 * 2**20  # the shard size of the rehearsed save: a few shards for the reduced models
+
+
+def _prepare(stage: str, spec: dict):
+    """What a stage needs loaded before its measurement starts (the save: the trained student, in fp32)."""
+    if stage != "save":
+        return None
+    from diffusers_hprune.architecture import get_family
+    from diffusers_hprune.architecture.inventory import load_transformer_config
+    from diffusers_hprune.models import pruned_class_for
+
+    family = get_family(load_transformer_config(spec["model"]))
+    model = pruned_class_for(family).from_pretrained(Path(spec["model"]) / "transformer")
+    for tensor in list(model.parameters()) + list(model.buffers()):  # resident, as a trained student is: not pages
+        tensor.data = tensor.data.clone()  # of the mapped file, which the save would read in
+    gc.collect()
+    return model
+
+
+def _stage(stage: str, spec: dict, prepared=None) -> None:
     import torch
 
     from diffusers_hprune.architecture import get_family
 
-    if stage == "analyze":
+    if stage == "save":
+        from diffusers_hprune.distillation.saving import empty_twin, saved_tensors, write_transformer
+
+        write_transformer(Path(spec["out"]), empty_twin(prepared, get_family(prepared)),
+                          saved_tensors(prepared, torch.bfloat16), torch.bfloat16, max_shard_size=SHARD)
+    elif stage == "analyze":
         from diffusers_hprune.analysis import analyze
         from diffusers_hprune.contributions import ContributionReport
 
@@ -179,14 +209,15 @@ def child(stage: str, spec: dict, device: str) -> None:
 
     _warm_imports()
     _warm_up(spec)
+    prepared = _prepare(stage, spec)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        _stage(stage, spec)
+        _stage(stage, spec, prepared)
         peak = torch.cuda.max_memory_allocated()
     else:
         before = process_memory("VmRSS")
         reset_peak_rss()
-        _stage(stage, spec)
+        _stage(stage, spec, prepared)
         peak = process_memory("VmHWM") - before
     print("RESULT " + json.dumps({"peak": peak}), flush=True)
 
@@ -240,6 +271,16 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
         "analysis": str(analysis), "prompts": str(prompts), "max_train_steps": STEPS, "train_batch_size": BATCH,
         "resolution": resolution, "checkpointing_steps": 0, "progress": False, "overwrite": True,
         "sgdistill": False})
+    print(f"{name}: distill, the QLoRA student", flush=True)
+    qlora = {"lora_rank": 8, "teacher_4bit": True, "gradient_checkpointing": True}
+    measured["distillation (QLoRA)"] = run_stage("distill", {
+        "teacher": str(folder), "plan": str(work / "plan.json"), "output_dir": str(work / "distilled-qlora"),
+        "prompts": str(prompts), "max_train_steps": STEPS, "train_batch_size": BATCH, "resolution": resolution,
+        "checkpointing_steps": 0, "progress": False, "overwrite": True, "sgdistill": False, **qlora})
+    if device == "cpu":  # host memory: what the save holds
+        print(f"{name}: save in bf16, shards of {SHARD >> 20} MiB", flush=True)
+        measured["saving (bf16, one shard at a time)"] = run_stage("save", {"model": str(distilled),
+                                                                            "out": str(work / "saved")})
     print(f"{name}: quantize", flush=True)
     quantized = work / "quantized"
     measured["quantisation"] = run_stage("quantize", {"source": str(distilled), "out": str(quantized)})
@@ -251,9 +292,13 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
                             analysis_batch_size=BATCH, eval_steps=STEPS, sgdistill=False,
                             inference_resolution=resolution, inference_max_sequence_length=256)
     budget = predict(str(folder), plan, options=options)
+    predictions = {stage.stage: stage.device_peak for stage in budget.stages}
+    predictions["distillation (QLoRA)"] = predict(str(folder), plan, options=replace(options, **qlora),
+                                                  stages=("distillation",)).stage("distillation").device_peak
+    predictions["saving (bf16, one shard at a time)"] = _save_prediction(folder, plan)
     rows = []
     for stage, value in measured.items():
-        predicted = budget.stage(stage).device_peak
+        predicted = predictions[stage]
         diff = (value - predicted) / predicted
         rows.append([name, stage, f"{value / 2**20:.0f}", f"{predicted / 2**20:.0f}", f"{diff:+.1%}",
                      "yes" if abs(diff) <= TOLERANCE else "**no**"])
@@ -262,13 +307,22 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
     return rows
 
 
+def _save_prediction(folder: Path, plan) -> int:
+    """The save's host memory as the budget's saving phase counts it, with this rehearsal's shard size: one shard of
+    the bf16 student (a full-weights student: no adapter to merge)."""
+    from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
+
+    total = inspect_transformer(dict(load_transformer_config(folder), prune_plan=plan.to_dict())).nbytes("bf16")
+    return min(total, SHARD)
+
+
 def full_size_rows() -> list[list[str]]:
     from diffusers_hprune.budget import BudgetOptions, predict
 
     rows = []
     modes = [("full weights, AdamW", {}), ("full weights, AdamW, gradient checkpointing, batch 1",
                                            {"gradient_checkpointing": True, "train_batch_size": 1}),
-             ("LoRA r=64, NF4 teacher, gradient checkpointing, batch 1",
+             ("QLoRA r=64 (NF4 teacher's own layers), gradient checkpointing, batch 1",
               {"lora_rank": 64, "teacher_4bit": True, "gradient_checkpointing": True, "train_batch_size": 1})]
     for name in MODELS:
         for label, changes in modes:

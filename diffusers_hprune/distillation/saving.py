@@ -99,11 +99,14 @@ def saved_tensors(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple
 
 
 def empty_twin(module: torch.nn.Module, family) -> torch.nn.Module:
-    """A weightless (meta) plain pruned model of ``module``'s class and config: what the saved folder holds."""
+    """A weightless (meta) plain pruned model of ``module``'s class and config: what the saved folder holds.
+
+    Its buffers are on the meta device too: SD3's constructor would otherwise compute its positional table in host
+    memory (about 1.5 GB at SD3.5 Large's width, while the save is meant to hold one shard)."""
     from accelerate import init_empty_weights
 
     config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         return pruned_class_for(family).from_config(config)
 
 
