@@ -152,7 +152,11 @@ ENCODERS = (*TEXT_ENCODERS, "vae")
 @contextlib.contextmanager
 def components_on(pipe, device, names=ENCODERS):
     """The pipeline's components ``names`` (default: text encoders and VAE) on ``device`` within the block, on the
-    CPU after it (also when the block fails). Components the pipeline lacks or holds as ``None`` are skipped."""
+    CPU after it (also when the block fails). Components the pipeline lacks or holds as ``None`` are skipped; with
+    ``device=None`` nothing moves (every component stays where it is)."""
+    if device is None:
+        yield pipe
+        return
     modules = [getattr(pipe, name, None) for name in names]
     modules = [m for m in modules if isinstance(m, torch.nn.Module)]
     for m in modules:

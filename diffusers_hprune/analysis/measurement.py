@@ -3,7 +3,6 @@ each entry's score without it (``velocity`` from the cache, image metrics from t
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ def encoded_pipeline(pipe, report: ContributionReport, batch_size: int, device=N
     prompts, kwargs = calibration["prompts"], calibration["generation"]
     max_len = int(kwargs.get("max_sequence_length", call_default(pipe, "max_sequence_length", 256)))
     negative = negative_prompt(pipe, kwargs)
-    with components_on(pipe, device, TEXT_ENCODERS) if device is not None else contextlib.nullcontext():
+    with components_on(pipe, device, TEXT_ENCODERS):
         embeds = [prompt_embeddings(pipe, prompts[start : start + batch_size], max_len, negative)
                   for start in range(0, len(prompts), batch_size)]
     if device is not None:

@@ -17,7 +17,6 @@ second run with the same settings loads it instead of recomputing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -239,11 +238,11 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
         if spec.max_samples:
             prompts = prompts[: spec.max_samples]
         chunks = [prompts[start : start + spec.batch_size] for start in range(0, len(prompts), spec.batch_size)]
-        with _on(pipe, device, TEXT_ENCODERS):
+        with components_on(pipe, device, TEXT_ENCODERS):
             texts = [prompt_embeddings(pipe, chunk, max_len, negative_prompt(pipe, generation)) for chunk in
                      tqdm(chunks, desc="encoding the prompts", disable=not progress)]
         drawing = without_text_encoders(pipe)
-        with _on(drawing, device, ("vae",)):  # where FLUX's pipeline takes its device from
+        with components_on(drawing, device, ("vae",)):  # where FLUX's pipeline takes its device from
             start = 0
             for chunk, text in tqdm(list(zip(chunks, texts)), desc="teacher draws the training latents",
                                     disable=not progress):
@@ -261,7 +260,7 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     else:
         ds = _load_image_dataset(spec)
         resolution = spec.resolution or generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
-        with _on(pipe, device, ENCODERS):
+        with components_on(pipe, device, ENCODERS):
             for start in tqdm(range(0, len(ds), spec.batch_size), desc="encoding training images",
                               disable=not progress):
                 rows = ds[start : start + spec.batch_size]
@@ -277,10 +276,6 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _load_cache(path), path
-
-
-def _on(pipe, device, names):
-    return components_on(pipe, device, names) if device is not None else contextlib.nullcontext(pipe)
 
 
 def _add(records, prompts, latents, text):

@@ -21,6 +21,7 @@ from diffusers_hprune.loading import TEXT_ENCODERS, load_pipeline, pipeline_fold
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.pruning.surgery import prune_transformer
+from diffusers_hprune.utils.distributed import full_tensor
 from diffusers_hprune.utils.float64 import float64
 from diffusers_hprune.utils.nf4_cpu import (
     accelerator_available,
@@ -298,17 +299,12 @@ def _resharded(module) -> None:
             sub.reshard()
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a DTensor (a parameter sharded by FSDP2) gathered from every rank (call on every rank)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def _rank_checksums(run) -> dict:
     """Every rank must hold the same weights (DDP keeps them in step): each rank's weight sum, gathered.
 
     A parameter sharded by FSDP2 is gathered whole first, one at a time, so every rank sums the whole model.
     """
-    checksum = torch.tensor([sum(float(float64(_full(p.detach())).sum()) for p in run.inner.parameters())],
+    checksum = torch.tensor([sum(float(float64(full_tensor(p.detach())).sum()) for p in run.inner.parameters())],
                             device=run.accelerator.device, dtype=torch.float64)
     checksums = [float(c) for c in run.accelerator.gather(checksum).cpu()]
     return {"rank_checksums": checksums, "ranks_identical": len(set(checksums)) == 1}

@@ -27,6 +27,7 @@ import torch
 from diffusers_hprune.distillation.qlora import dequantized_weight
 from diffusers_hprune.distillation.settings import DistillError
 from diffusers_hprune.models import pruned_class_for
+from diffusers_hprune.utils.distributed import full_tensor
 from diffusers_hprune.utils.fileio import copy_files, with_user_mode
 from diffusers_hprune.utils.interrupts import uninterrupted
 from diffusers_hprune.utils.plain_loading import record_fp32_default
@@ -35,11 +36,6 @@ from diffusers_hprune.utils.plain_loading import record_fp32_default
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 MAX_SHARD_SIZE = "10GB"
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a DTensor (a parameter sharded by FSDP2) gathered from every rank (call on every rank)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _lora_layers() -> tuple[type, ...]:
@@ -55,19 +51,19 @@ def _merged(layer) -> torch.Tensor:
     NF4 where it is 4-bit). Each tensor is gathered whole first (on every rank)."""
     base = layer.get_base_layer()
     weight = dequantized_weight(base) if getattr(base.weight, "quant_state", None) is not None \
-        else _full(base.weight.detach()).float()
+        else full_tensor(base.weight.detach()).float()
     for adapter in layer.active_adapters:
         if adapter not in layer.lora_A:
             continue
-        a = _full(layer.lora_A[adapter].weight.detach()).float()
-        b = _full(layer.lora_B[adapter].weight.detach()).float()
+        a = full_tensor(layer.lora_A[adapter].weight.detach()).float()
+        b = full_tensor(layer.lora_B[adapter].weight.detach()).float()
         weight = weight + (b @ a) * layer.scaling[adapter]
     return weight
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A weight as it is written: floating point in ``dtype``, on the CPU, contiguous."""
-    tensor = _full(tensor.detach())
+    tensor = full_tensor(tensor.detach())
     return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
 
 

@@ -42,7 +42,6 @@ from diffusers_hprune.distillation.launch import (
 from diffusers_hprune.distillation.loss import BlockFeatures, distillation_loss, kept_blocks
 from diffusers_hprune.distillation.models import (
     _check_resolution,
-    _full,
     _gradient_record,
     _Models,
     _optimizer,
@@ -79,7 +78,7 @@ from diffusers_hprune.distillation.settings import DistillConfig, DistillError, 
 from diffusers_hprune.loading import pipeline_folder
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.plan import PrunePlan
-from diffusers_hprune.utils.distributed import from_main_process
+from diffusers_hprune.utils.distributed import from_main_process, full_tensor
 from diffusers_hprune.utils.fileio import atomic_write_json
 
 
@@ -396,7 +395,7 @@ def _micro_step(run: _Run, micro: int) -> dict:
             if norm is not None and accelerator.scaler is None and not _all_finite(accelerator, torch.as_tensor(norm)):
                 raise _NotFinite("gradient norm", float(norm))
             if norm is not None:  # before clipping; DeepSpeed clips inside its engine and reports none
-                parts["grad_norm"] = float(_full(torch.as_tensor(norm)))
+                parts["grad_norm"] = float(full_tensor(torch.as_tensor(norm)))
         run.optimizer.step()
         run.optimizer.zero_grad()
     return parts

@@ -15,6 +15,12 @@ MIN_TIMEOUT = timedelta(minutes=30)
 DRAW_SECONDS_PER_STEP = 2.0
 
 
+def full_tensor(tensor):
+    """``tensor`` whole: a DTensor (a parameter sharded by FSDP2) gathered from every rank (call it on every rank,
+    in the same order); any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def launched_on_cpu() -> bool:
     """True when ``accelerate launch`` started several processes on a machine without a GPU.
 
