@@ -434,15 +434,15 @@ def _save_student(run: _Run, models: _Models, lora_config, summary: dict, say) -
                            "stay). Lower --learning_rate or --max_grad_norm and start a new run (--overwrite, or "
                            "another --output_dir).")
     main = run.accelerator.is_main_process
-    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:  # ZeRO partitions: Accelerate gathers it whole
-        final = final_student(run.accelerator, run.student, run.family, lora_config)
-        tensors = saved_tensors(final, run.weight_dtype) if main else iter(())
-    else:
-        tensors = saved_tensors(run.inner, run.weight_dtype)
+    deepspeed = run.accelerator.distributed_type == DistributedType.DEEPSPEED
+    # ZeRO partitions every weight: Accelerate gathers the student whole (collective), then the main process walks it
+    final = final_student(run.accelerator, run.student, run.family, lora_config) if deepspeed else run.inner
     twin = empty_twin(run.inner, run.family)
     staging = staging_folder(run.output_dir) if main else None
     try:
-        write_transformer(staging / "transformer" if main else None, twin, tensors, run.weight_dtype)
+        if main or not deepspeed:  # the others walk the student only to join its gathers (FSDP2)
+            write_transformer(staging / "transformer" if main else None, twin,
+                              saved_tensors(final, run.weight_dtype), run.weight_dtype)
         if main:
             _save_pipeline(with_pruned_transformer(run.pipe, twin), staging, run.output_dir,
                            pipeline_folder(models.teacher_name))
