@@ -364,8 +364,11 @@ def main(argv=None) -> None:
         f"{args.resolution} images with an 8x-downsampling 16-channel VAE; "
         f"{'fp32 on the CPU' if args.device == 'cpu' else 'bf16 on ' + _gpu_name()}. "
         f"Stages: analysis (2 prompts, batch 2, {STEPS} cached steps; the block entries of three blocks), "
-        f"a 30 % plan, distillation ({STEPS} steps, batch {BATCH}, full weights, AdamW, PWP), NF4 quantisation, "
-        "one call of the NF4 transformer. Measured: "
+        f"a 30 % plan, distillation ({STEPS} steps, batch {BATCH}, full weights, AdamW, PWP), the QLoRA student "
+        f"(the same with `--teacher_4bit --lora_rank 8 --gradient_checkpointing`), "
+        + (f"the save of the distilled student in bf16 in shards of {SHARD >> 20} MiB (predicted: one shard, the "
+           "budget's saving phase), " if args.device == "cpu" else "")
+        + "NF4 quantisation, one call of the NF4 transformer. Measured: "
         + ("growth of the process's peak resident size during the stage, in a fresh process (allocations of 128 KiB "
            "and more mapped directly)" if args.device == "cpu" else
            "`torch.cuda.max_memory_allocated` during the stage, in a fresh process")
