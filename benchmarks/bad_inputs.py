@@ -393,10 +393,12 @@ def cases() -> list[Case]:
         "compress": ("compress sd3 --out {case}/c", [
             ("--pwp", "flase"), ("--sgdistill", "maybe"), ("--learning-rate", "nan"), ("--learning-rate", "-1"),
             ("--ratio", "2"), ("--max-train-steps", "0"), ("--train-batch-size", "0"), ("--eval-prompts", "0"),
-            ("--max-train-minutes", "-5"), ("--lora-rank", "-1"), ("--checkpointing-steps", "-1")]),
+            ("--max-train-minutes", "-5"), ("--lora-rank", "-1"), ("--checkpointing-steps", "-1"),
+            ("--gpu-memory", "-3"), ("--teacher-4bit", "maybe")]),
         "demo": ("demo --out {case}/d", [("--ratio", "0"), ("--pwp", "flase"), ("--max-train-minutes", "nan")]),
         "budget": ("budget sd3.5-large", [("--ratio", "nan"), ("--resolution", "0"), ("--train-batch-size", "0"),
-                                           ("--num-processes", "0"), ("--lora-rank", "-1"), ("--n-prompts", "0")]),
+                                           ("--num-processes", "0"), ("--lora-rank", "-1"), ("--n-prompts", "0"),
+                                           ("--gpu-memory", "0GB"), ("--gpu-memory", "apples")]),
         "toy-train": ("toy-train --out {case}/t", [("--minutes", "0"), ("--minutes", "nan")]),
     }
     for command, (base, flags) in numeric.items():
@@ -408,6 +410,12 @@ def cases() -> list[Case]:
             name = flag.split()[-1].lstrip("-")
             phrase = {"--height": "height", "--width": "width", "--metric": "metric"}.get(flag, name)
             add(command, f"`{flag} {value}`", argv, phrase=phrase)
+
+    # A GPU too small for a stage even with every remedy: refused before anything is loaded or written.
+    add("compress", "`--gpu-memory` too small for the analysis", "compress sd3 --out {case}/c --gpu-memory 1MB",
+        phrase="does not fit")
+    add("budget", "`--gpu-memory` with `--device cpu`", "budget sd3 --device cpu --gpu-memory 24GB",
+        phrase="--device cuda")
 
     # Text files that are not UTF-8, missing, or folders.
     add("analyze", "non-UTF-8 `--prompts`", "analyze sd3 --out {case}/a.json --prompts {ws}/latin1.txt", phrase="UTF-8")

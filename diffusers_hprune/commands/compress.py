@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB // 10 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> tuple[HPruneConfig, dict]:
     """``config`` with the distillation flags, and the analysis's placement (``cache_device``,
     ``analysis_batch_size``), with which every stage of the run fits one GPU of ``capacity`` bytes; printed.
@@ -86,15 +90,15 @@ def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> t
     if config.distill:
         stages.append(("distillation", config.distillation_budget(prompts), config.ratio))
     stages.append(("quantisation", config.analysis_budget(), config.ratio))
-    print(f"fitting every stage to one GPU with {capacity / GIB:.1f} GiB (--gpu-memory):")
+    print(f"fitting every stage to one GPU with {_size(capacity)} (--gpu-memory):")
     placement: dict = {}
     for stage, options, target in stages:
         fit = fit_stage(stage, model, None, options, capacity=capacity, ratio=target)
         print(f"  {stage}: {' '.join(fit.flags) or 'as configured'}: {fit.device_peak / GIB:.2f} GiB")
         if not fit.fits:
-            raise BudgetError(f"The {stage} stage does not fit a GPU of {capacity / GIB:.1f} GiB even with "
-                              f"{' '.join(fit.flags) or 'its settings'}: it needs about {fit.device_peak / GIB:.1f} "
-                              "GiB plus 1 GiB of CUDA context. Use a larger GPU or a smaller resolution; `hprune "
+            raise BudgetError(f"The {stage} stage does not fit a GPU of {_size(capacity)} even with "
+                              f"{' '.join(fit.flags) or 'its settings'}: it needs about {_size(fit.device_peak)} "
+                              "plus 1 GiB of CUDA context. Use a larger GPU or a smaller resolution; `hprune "
                               "budget` shows every term.")
         changed = {k: getattr(fit.options, k) for k in ("cache_device", "analysis_batch_size", "mixed_precision",
                                                          "gradient_checkpointing", "train_batch_size",
