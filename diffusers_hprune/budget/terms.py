@@ -14,6 +14,7 @@ import torch
 
 from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.sizes import is_skipped
+from diffusers_hprune.distillation.saving import MAX_SHARD_SIZE
 from diffusers_hprune.utils.nf4_cpu import cpu_dequantize_bytes
 
 GIB = 2**30
@@ -84,8 +85,8 @@ def optimizer_state_bytes(trainable: int, use_8bit_adam: bool = False) -> int:
     return 8 * trainable
 
 
-#: Diffusers' default ``max_shard_size`` (10GB), which ``hprune distill`` writes with too.
-SHARD_BYTES = 10 * 10**9
+#: The shard size ``hprune distill`` writes its student in (Diffusers' default ``max_shard_size``, 10GB).
+SHARD_BYTES = MAX_SHARD_SIZE
 
 
 def shard_bytes(total: int) -> int:

@@ -35,7 +35,7 @@ from diffusers_hprune.utils.plain_loading import record_fp32_default
 #: Diffusers' names for a model's weights files and their index, and its default shard size.
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-MAX_SHARD_SIZE = "10GB"
+MAX_SHARD_SIZE = 10 * 10**9  # "10GB"
 
 
 def _lora_layers() -> tuple[type, ...]:
