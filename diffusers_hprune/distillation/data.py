@@ -238,10 +238,14 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
         if spec.max_samples:
             prompts = prompts[: spec.max_samples]
         chunks = [prompts[start : start + spec.batch_size] for start in range(0, len(prompts), spec.batch_size)]
+        negative = negative_prompt(pipe, generation)
         with components_on(pipe, device, TEXT_ENCODERS):
-            texts = [prompt_embeddings(pipe, chunk, max_len, negative_prompt(pipe, generation)) for chunk in
+            texts = [prompt_embeddings(pipe, chunk, max_len, negative) for chunk in
                      tqdm(chunks, desc="encoding the prompts", disable=not progress)]
         drawing = without_text_encoders(pipe)
+        settings = {k: v for k, v in generation.items() if k != "negative_prompt"}  # it comes encoded
+        height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+        width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
         with components_on(drawing, device, ("vae",)):  # where FLUX's pipeline takes its device from
             start = 0
             for chunk, text in tqdm(list(zip(chunks, texts)), desc="teacher draws the training latents",
@@ -249,11 +253,8 @@ def build_training_cache(pipe, spec: DataSpec, cache_dir: str | os.PathLike, pro
                 where = execution_device(drawing)
                 gens = [torch.Generator(where).manual_seed(spec.seed + start + k) for k in range(len(chunk))]
                 embeds = {k: v.to(where) for k, v in text.items()}
-                settings = {k: v for k, v in generation.items() if k != "negative_prompt"}  # it comes encoded
                 out = drawing(generator=gens, output_type="latent", max_sequence_length=max_len, **embeds,
                               **settings).images
-                height = generation.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
-                width = generation.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
                 latents = family.pipeline_latents(pipe, out, height, width).float()
                 _add(records, chunk, latents, text)
                 start += len(chunk)

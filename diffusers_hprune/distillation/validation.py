@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.loading import TEXT_ENCODERS, components_on, prompt_embeddings
+from diffusers_hprune.loading import TEXT_ENCODERS, components_on, negative_prompt, prompt_embeddings
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_path, with_user_mode
@@ -39,7 +39,7 @@ def encode_validation_prompts(pipe, family, prompts: list[str], settings: dict, 
     from safetensors.torch import save_file
 
     max_len = int(settings.get("max_sequence_length", 256))
-    negative = settings.get("negative_prompt", family.negative_prompt_default)
+    negative = negative_prompt(pipe, settings)
     tensors = prompt_embeddings(pipe, list(prompts), max_len, None if negative is None else str(negative))
     path = Path(output_dir) / FOLDER / EMBEDS_FILE
     with atomic_path(path) as tmp:
