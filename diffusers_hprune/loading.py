@@ -218,9 +218,30 @@ def negative_prompt(pipe, kwargs: dict) -> str | None:
     return kwargs.get("negative_prompt", get_family(pipe.transformer).negative_prompt_default)
 
 
+@contextlib.contextmanager
+def sliced_decoding(pipe):
+    """Within the block the pipeline's VAE decodes a batch one image at a time (Diffusers' VAE slicing: the same
+    images, and the decode's memory that of one image whatever the batch); afterwards as it was."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "use_slicing") or vae.use_slicing:
+        yield pipe
+        return
+    vae.enable_slicing()
+    try:
+        yield pipe
+    finally:
+        vae.disable_slicing()
+
+
 def generate(pipe, prompts, seeds, kwargs, batch_size, on_step=None, embeds=None):
     """Draw ``prompts`` with ``seeds`` in batches of ``batch_size``; ``embeds`` (one :func:`prompt_embeddings` per
-    batch) instead of the prompts for a pipeline without text encoders (the negative prompt comes encoded too)."""
+    batch) instead of the prompts for a pipeline without text encoders (the negative prompt comes encoded too).
+    The VAE decodes one image at a time (:func:`sliced_decoding`)."""
+    with sliced_decoding(pipe):
+        return _generate(pipe, prompts, seeds, kwargs, batch_size, on_step, embeds)
+
+
+def _generate(pipe, prompts, seeds, kwargs, batch_size, on_step, embeds):
     images = []
     device = execution_device(pipe)
     for k, start in enumerate(range(0, len(prompts), batch_size)):

@@ -351,3 +351,21 @@ def test_recorded_inputs_kept_elsewhere_return_to_the_model_at_any_depth():
     call = RecordedCall(kwargs={"hidden_states": torch.ones(2), "joint_attention_kwargs": {"scale": torch.ones(1)}})
     transformer_output(Model(), call)
     assert seen == [("meta", "meta")]
+
+
+def test_a_pipeline_on_the_host_computes_on_the_process_device_after_encoding(sd3_pipeline, monkeypatch):
+    """`hprune compress` hands the analysis its teacher loaded on the host: like a model loaded by name, its prompts
+    are encoded on the process's device first and its transformer and VAE move there afterwards (a pipeline already
+    on an accelerator would stay where it is)."""
+    from diffusers_hprune.analysis import runner
+
+    devices = []
+    real = runner.encoded_pipeline
+
+    def spy(pipe, report, batch_size, device=None):
+        devices.append(device)
+        return real(pipe, report, batch_size, device)
+
+    monkeypatch.setattr(runner, "encoded_pipeline", spy)
+    analyze(sd3_pipeline, None, metric="velocity", n_prompts=1, eval_steps=1, num_inference_steps=2, progress=False)
+    assert devices == [torch.device("cpu")]  # this process's device (no GPU here), not None (stay where it is)

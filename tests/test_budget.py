@@ -337,3 +337,28 @@ def test_compress_fits_every_stage_to_the_gpu_it_is_given(capsys):
     assert "distillation: --mixed_precision bf16" in capsys.readouterr().out
     with pytest.raises(BudgetError, match="does not fit a GPU of"):
         fitted_to_gpu("sd3", config, None, CUDA_RESERVE + 1)
+
+
+def test_evaluation_holds_one_model_on_the_device_at_a_time():
+    """Issue 34: the evaluation stage (compress's last) encodes with the text encoders alone on the device, and each
+    transformer draws beside the VAE alone; the NF4 student (bitsandbytes keeps it on the GPU) is loaded only after the
+    teacher's turn; the VAE decodes one image at a time, so the decode term does not grow with the batch."""
+    def stage(**options):
+        return predict("sd3.5-large-turbo", ratio=0.3, options=BudgetOptions(**options),
+                       stages=("evaluation",)).stage("evaluation")
+
+    eight, one = stage(), stage(eval_batch_size=1)
+    for budget in (eight, one):
+        assert "device peak while the teacher drawing" in budget.notes
+        assert set(budget.device) == {"teacher transformer (bf16 weights)", "vae (weights)",
+                                      *[k for k in budget.device if k.startswith("activations (teacher call")]}
+        assert any(k.startswith("text_encoder") for k in budget.host)  # they wait on the host meanwhile
+
+    def activations(budget):
+        return next(v for k, v in budget.device.items() if k.startswith("activations"))
+
+    # at batch 1 the decode of one 1024 px image is the larger term; eight images are still decoded one at a time
+    assert activations(one) < activations(eight) < 8 * activations(one)
+    assert stage(quantize=False, eval_batch_size=1).device_peak == one.device_peak  # the teacher's turn is the peak
+    assert predict("sd3.5-large-turbo", ratio=0.3, stages=("evaluation",)).stage("evaluation").device_peak \
+        == eight.device_peak

@@ -142,6 +142,15 @@ def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encode
         return original_generate(pipe, *args, **kwargs)
 
     monkeypatch.setattr(compare, "generate", generate)
+    original_embeddings = compare.prompt_embeddings
+    encoding = []
+
+    def prompt_embeddings(pipe, *args, **kwargs):  # what the GPU holds while the prompts are encoded
+        encoding.append(sorted(type(m).__name__ for m in set(compare._modules(teacher) + compare._modules(pipe))
+                               if where.get(id(m), cuda) == cuda))
+        return original_embeddings(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "prompt_embeddings", prompt_embeddings)
     loaded, students = [], []
 
     def student():
@@ -159,8 +168,10 @@ def test_pipelines_are_evaluated_one_at_a_time_and_the_student_shares_the_encode
     assert students[0].text_encoder_3 is teacher.text_encoder_3  # the teacher's encoders: one T5, not two
     # issue 34: the prompts are encoded first (the text encoders on the GPU for that), then drawn without them
     assert "T5EncoderModel" not in teacher_turn and "T5EncoderModel" not in student_turn
-    # per pipeline: to the GPU to encode, to the CPU for the drawing, back where it was (the GPU) after it
-    assert events.count(("T5EncoderModel", "cuda:0")) == 4 and events.count(("T5EncoderModel", "cpu")) == 2
+    # one model on the GPU at a time: while each pipeline encodes, its text encoders are there alone
+    assert [set(names) for names in encoding] == [{"CLIPTextModelWithProjection", "T5EncoderModel"}] * 2
+    # per pipeline: to the GPU to encode, then to the CPU (where they stay while the transformer draws)
+    assert events.count(("T5EncoderModel", "cuda:0")) == 2 and events.count(("T5EncoderModel", "cpu")) == 2
     assert "AutoencoderKL" in student_turn
 
 
@@ -217,22 +228,44 @@ def test_the_teacher_leaves_the_gpu_before_the_student_draws():
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             shutil.rmtree(student_folder / name)
             shutil.copytree(teacher_folder / name, student_folder / name)
-        seen = {}
+        seen, students = {}, []
         generate = compare.generate
 
-        def spying(pipe, *args, **kwargs):
+        def spying(pipe, *args, **kwargs):  # while each draws: where the teacher's transformer and its T5 are
             seen[type(pipe.transformer).__name__] = (next(teacher.transformer.parameters()).device.type,
-                                                     pipe.text_encoder_3 is teacher.text_encoder_3)
+                                                     next(teacher.text_encoder_3.parameters()).device.type)
             return generate(pipe, *args, **kwargs)
+
+        def student():
+            students.append(compare.load_student(teacher, teacher_folder, student_folder))
+            return students[-1]
 
         compare.generate = spying
         try:
-            result = compare.evaluate_pipelines(
-                {"teacher": teacher, "student": lambda: compare.load_student(teacher, teacher_folder, student_folder)},
-                ["a red circle"], metrics=["fidelity"], num_inference_steps=2, latency_repeats=2, warmup=1)
+            result = compare.evaluate_pipelines({"teacher": teacher, "student": student}, ["a red circle"],
+                                                metrics=["fidelity"], num_inference_steps=2, latency_repeats=2,
+                                                warmup=1)
         finally:
             compare.generate = generate
-    assert seen["SD3Transformer2DModel"][0] == "cuda"
-    assert seen["HierarchicalPrunedSD3Transformer2DModel"] == ("cpu", True)
+    # loaded on the host, the teacher computes on the GPU; the T5 is on the CPU while either transformer draws
+    assert seen["SD3Transformer2DModel"] == ("cuda", "cpu")
+    assert seen["HierarchicalPrunedSD3Transformer2DModel"] == ("cpu", "cpu")
+    assert students[0].text_encoder_3 is teacher.text_encoder_3
     t, s = result["models"]["teacher"], result["models"]["student"]
     assert s["step_peak_bytes"] < t["step_peak_bytes"]
+
+
+def test_drawings_decode_one_image_at_a_time_and_leave_the_vae_as_it_was():
+    """The budget counts one image's VAE decode whatever the batch: `generate` (evaluation, analysis) decodes with
+    Diffusers' VAE slicing and leaves the VAE's setting as it found it."""
+    from diffusers_hprune.loading import generate
+
+    pipe = toy.load_pipeline("sd3")
+    batches = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    images = generate(pipe, prompts, [0, 1, 2], dict(toy.generation_kwargs("sd3"), num_inference_steps=2), 3)
+    assert len(images) == 3 and batches == [1, 1, 1] and pipe.vae.use_slicing is False
+    pipe.vae.enable_slicing()
+    generate(pipe, prompts[:2], [0, 1], dict(toy.generation_kwargs("sd3"), num_inference_steps=2), 2)
+    assert pipe.vae.use_slicing is True

@@ -197,7 +197,9 @@ def analyze(
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
 
     Args:
-        model: a pipeline, a pipeline folder or Hub repo id, or a toy name (``sd3``, ``flux``).
+        model: a pipeline, a pipeline folder or Hub repo id, or a toy name (``sd3``, ``flux``). A pipeline on an
+            accelerator computes where it is; one on the host (or loaded here) computes on this process's device:
+            its prompts are encoded there first, then its transformer and VAE move there (and stay).
         out: the ``analysis.json`` to write; also where a stopped run resumes from.
         metric: a name from :mod:`diffusers_hprune.metrics` (``image_fidelity`` (default), ``velocity``,
             ``shapeeval``, ``clip_score``, ``hpsv2``).
@@ -260,8 +262,8 @@ def analyze(
     need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
     cache_bytes = 0
     if mine or report.baseline_score is None or need_similarity or need_alignment_base:
-        # the text encoders and the transformer never on the device together; a pipeline object stays where it is
-        drawing, embeds = encoded_pipeline(pipe, report, batch_size, None if pipe is model else state.device)
+        # the text encoders and the transformer never on the device together (a pipeline on an accelerator stays put)
+        drawing, embeds = encoded_pipeline(pipe, report, batch_size, state.device if _on_host(pipe) else None)
         measurement = Measurement(drawing, report, metric_def, scorer, align_scorer, method, batch_size, counter,
                                   embeds=embeds)
         measurement.draw_full_model(cache_device, max_cache_bytes)
@@ -280,6 +282,12 @@ def analyze(
                   "cache_bytes": cache_bytes, "computed_entries": len(mine), "block_evaluations": counter.count,
                   "seconds": round(time.perf_counter() - started, 3)}
     return report if out is None else _merged_result(report, out, part, state)
+
+
+def _on_host(pipe) -> bool:
+    """Whether ``pipe``'s transformer is on the CPU: loaded here, or handed over there (``hprune compress``'s teacher),
+    it computes on this process's device once its prompts are encoded."""
+    return next(pipe.transformer.parameters()).device.type == "cpu"
 
 
 def _refuse_pruned(transformer, model_name: str) -> None:

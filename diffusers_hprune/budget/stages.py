@@ -76,6 +76,9 @@ class BudgetOptions:
     # inference of the result (the paper's protocol)
     inference_resolution: int | None = None  # default: the model's profile (1024 for SD3.5 and FLUX.1)
     inference_max_sequence_length: int | None = None  # default: 256 for SD3 (77 + 256 tokens), 512 for FLUX
+    # evaluation of the result beside its teacher (`hprune evaluate`, compress's last stage)
+    eval_batch_size: int = 8
+    quantize: bool = True  # the student compared is the NF4 one (compress quantises before it evaluates)
 
     def check(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -84,7 +87,7 @@ class BudgetOptions:
             raise BudgetError(f"--mixed-precision must be one of {', '.join(_MIXED)}, got {self.mixed_precision!r}.")
         for name in ("train_batch_size", "train_samples", "cache_batch_size", "num_processes", "analysis_prompts",
                      "validation_prompts",
-                     "analysis_batch_size", "eval_steps", "inference_resolution", "resolution"):
+                     "analysis_batch_size", "eval_steps", "inference_resolution", "resolution", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BudgetError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.lora_rank < 0:
@@ -127,12 +130,12 @@ def _plan_for(config: dict, plan: PrunePlan | None, ratio: float | None) -> tupl
                           "go changes little in the bytes): " + outcome.plan.describe())
 
 
-STAGES = ("analysis", "distillation", "quantisation", "inference")
+STAGES = ("analysis", "distillation", "quantisation", "evaluation", "inference")
 
 
 def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
             options: BudgetOptions | None = None, stages=STAGES) -> Budget:
-    """The budget of analysis, distillation, quantisation and inference of ``model`` under ``plan`` (or ``ratio``).
+    """The budget of analysis, distillation, quantisation, evaluation and inference of ``model`` under ``plan`` (or ``ratio``).
 
     ``model``: a built-in config name (``sd3.5-large-turbo``, ``flux.1-schnell``, ...), a toy
     name, a pipeline or transformer folder, a cached Hub id, or a config dict. ``stages``: the
@@ -167,7 +170,8 @@ def predict(model, plan: PrunePlan | None = None, *, ratio: float | None = None,
     if unknown:
         raise BudgetError(f"Unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
     built = {"analysis": lambda: [_analysis(ctx)], "distillation": lambda: [_distillation(ctx)],
-             "quantisation": lambda: [_quantisation(ctx)], "inference": lambda: _inference(ctx, profile)}
+             "quantisation": lambda: [_quantisation(ctx)], "evaluation": lambda: [_evaluation(ctx)],
+             "inference": lambda: _inference(ctx, profile)}
     stages = [s for name in STAGES if name in stages for s in built[name]()]
     return Budget(str(model) if not isinstance(model, dict) else config.get("_name_or_path", "config"),
                   profile.display_name if profile else "unknown (pipeline defaults)", plan_text,
@@ -253,7 +257,7 @@ def _analysis(ctx: _Context) -> StageBudget:
     call_batch = batch * (2 if ctx.cfg else 1)
     chunks = math.ceil(o.analysis_prompts / batch)
     fwd = forward_trace(ctx.config, None, ctx.shapes(call_batch), dtype)
-    decode = vae_decode_trace(ctx.parts.vae_config, batch, ctx.resolution, ctx.resolution, dtype)
+    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype)  # one image at a time
     selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
     encoders = ctx.component_bytes(nb)
     text = {k: v for k, v in encoders.items() if k != "vae (weights)"}
@@ -345,7 +349,7 @@ def _distillation(ctx: _Context) -> StageBudget:
     if o.validation:  # between steps (gradients freed): the VAE comes to the device; the prompts come encoded
         val_batch = o.validation_prompts * (2 if ctx.cfg else 1)
         drawing = max(forward_trace(ctx.config, ctx.plan, ctx.shapes(val_batch), w).peak,
-                      vae_decode_trace(ctx.parts.vae_config, o.validation_prompts, ctx.resolution, ctx.resolution, w))
+                      vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, w))
         phases.append(("validation", {**teacher, **student, **optimizer, "VAE (weights)": ctx.parts.params["vae"] * nb,
                                       f"activations (student call or VAE decode, {o.validation_prompts} prompts)":
                                       drawing}, dict(encoders)))
@@ -393,6 +397,43 @@ def _quantisation(ctx: _Context) -> StageBudget:
     ]
     (dev_phase, device, _), (_, _, host) = peak_phase(o.device, phases)
     return StageBudget("quantisation", device, host, [f"device peak while {dev_phase}"])
+
+
+def _evaluation(ctx: _Context) -> StageBudget:
+    """The student beside its teacher, one model on the device at a time (:mod:`diffusers_hprune.evaluation.compare`):
+    each pipeline's text encoders encode its prompts there alone and leave; its transformer and VAE come to draw
+    (the VAE decoding one image at a time) and go back to the host when the next pipeline's turn comes. The student
+    (compress evaluates the NF4 one, which bitsandbytes keeps on the GPU) loads after the teacher's turn."""
+    o = ctx.options
+    dtype = torch.bfloat16 if o.device == "cuda" else torch.float32
+    nb = DTYPE_BYTES[dtype]
+    wname = "fp32" if nb == 4 else "bf16"
+    call = ctx.shapes(o.eval_batch_size * (2 if ctx.cfg else 1))
+    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype)
+    parts = ctx.component_bytes(nb)
+    vae = {"vae (weights)": parts["vae (weights)"]}
+    text = {k: v for k, v in parts.items() if k != "vae (weights)"}
+    teacher = {f"teacher transformer ({wname} weights)": ctx.original.nbytes(wname)}
+    nf4 = o.quantize and o.device == "cuda"
+    student = {f"student transformer ({'NF4' if nf4 else wname} weights)": ctx.inventory.nbytes("nf4" if nf4 else wname)}
+    phases = [
+        ("loading", {}, ctx.loading(nb, transformer=(ctx.original.nbytes(wname), ctx.transformer_files()))),
+        ("encoding the teacher's prompts", dict(text), {**teacher, **vae}),
+        ("the teacher drawing", {**teacher, **vae, f"activations (teacher call, batch {o.eval_batch_size}, or one "
+                                 "VAE decode)": max(forward_trace(ctx.config, None, call, dtype).peak, decode)},
+         dict(text)),
+        ("encoding the student's prompts", {**text, **(student if nf4 else {})},
+         {**teacher, **vae, **({} if nf4 else student)}),
+        ("the student drawing", {**student, **vae, f"activations (student call, batch {o.eval_batch_size}, or one "
+                                 "VAE decode)": max(forward_trace(ctx.config, ctx.plan, call, dtype).peak, decode)},
+         {**text, **teacher}),
+    ]
+    (dev_phase, device, _), (host_phase, _, host) = peak_phase(o.device, phases)
+    notes = [f"device peak while {dev_phase}", f"{'NF4' if nf4 else wname} student, batch {o.eval_batch_size}, "
+             f"{ctx.resolution}px, {str(dtype).removeprefix('torch.')}; one model on the device at a time"]
+    if o.device == "cuda":
+        notes.append(f"host peak while {host_phase}")
+    return StageBudget("evaluation", device, host, notes)
 
 
 def _inference(ctx: _Context, profile) -> list[StageBudget]:

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         check_fits("analysis", args.model, options=analysis)
         if config.distill:
             check_fits("distillation", args.model, options=config.distillation_budget(prompts), ratio=config.ratio)
+        check_fits("evaluation", args.model, options=config.evaluation_budget(), ratio=config.ratio)
     compress(args.model, args.out, config, prompts=prompts, eval_prompts=eval_prompts, push=args.push,
              private=args.private, license=args.license, cache_device=placement.get("cache_device"),
              analysis_batch_size=placement.get("analysis_batch_size") or 8)
@@ -90,6 +91,7 @@ def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> t
     if config.distill:
         stages.append(("distillation", config.distillation_budget(prompts), config.ratio))
     stages.append(("quantisation", config.analysis_budget(), config.ratio))
+    stages.append(("evaluation", config.evaluation_budget(), config.ratio))
     print(f"fitting every stage to one GPU with {_size(capacity)} (--gpu-memory):")
     placement: dict = {}
     for stage, options, target in stages:

@@ -142,6 +142,11 @@ class HPruneConfig(DistillationSettings):
         """What ``hprune budget`` needs to know of this run's analysis."""
         return BudgetOptions(analysis_prompts=self.analysis_prompts, eval_steps=self.eval_steps)
 
+    def evaluation_budget(self) -> BudgetOptions:
+        """What ``hprune budget`` needs to know of this run's evaluation: the student it compares (NF4 unless
+        quantisation is off) and the drawing batch (evaluate_pipelines' default)."""
+        return BudgetOptions(quantize=self.quantize)
+
     def distillation_budget(self, prompts: list[str] | None = None) -> BudgetOptions:
         """What ``hprune budget`` needs to know of this run's distillation (:meth:`distill_config`, as
         ``hprune distill`` would be given it), drawing one sample per prompt given, else ``train_prompts``."""

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.architecture.inventory import inspect_transformer
@@ -123,6 +125,14 @@ class _Teacher:
         if self._pipe is None:
             self._pipe = load_for_evaluation(self.model)
         return self._pipe
+
+    def park(self) -> None:
+        """Every 16-bit module of the teacher back on the host (the analysis moved its transformer and VAE to the
+        device): the stages between compute on the host or load their own models."""
+        if self._pipe is not None:
+            for module in self._pipe.components.values():
+                if isinstance(module, torch.nn.Module) and not getattr(module, "hf_quantizer", None):
+                    module.to("cpu")
 
     def release(self) -> None:
         import gc
@@ -244,6 +254,7 @@ class _Run:
                               n_prompts=config.analysis_prompts, eval_steps=config.eval_steps, seed=config.seed,
                               progress=self.progress, alignment_metric=alignment, **self.placement),
             keep_partial=True)  # analyze resumes from its finished entries
+        self.teacher.park()  # pruning copies the kept weights: on the host, not beside the teacher on the GPU
 
     def plan(self) -> None:
         config = self.config

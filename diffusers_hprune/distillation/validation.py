@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffusers_hprune import toy
-from diffusers_hprune.loading import TEXT_ENCODERS, components_on, negative_prompt, prompt_embeddings
+from diffusers_hprune.loading import TEXT_ENCODERS, components_on, negative_prompt, prompt_embeddings, sliced_decoding
 from diffusers_hprune.pipelines.pruned import with_pruned_transformer
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_path, with_user_mode
@@ -89,7 +89,7 @@ def draw_validation(pipe, student, embeds: dict[str, torch.Tensor], settings: di
     kwargs = {k: v for k, v in settings.items() if k != "negative_prompt"}
     kwargs.update({k: v.to(device, dtype) for k, v in embeds.items()})
     try:
-        with components_on(drawing, device, ("vae",)), autocast or contextlib.nullcontext():
+        with components_on(drawing, device, ("vae",)), sliced_decoding(drawing), autocast or contextlib.nullcontext():
             generators = [torch.Generator(device).manual_seed(s) for s in seeds]
             images = drawing(generator=generators, **kwargs).images
     finally:

@@ -120,32 +120,42 @@ def _park(modules, device: torch.device) -> None:
             module.to("cpu")
 
 
-def _park_others(loaded: list, current) -> None:
-    """Move off the GPU every module of the pipelines in ``loaded`` other than ``current`` that ``current`` does not
+def _park_others(loaded: list, current, device: torch.device) -> None:
+    """Move off ``device`` every module of the pipelines in ``loaded`` other than ``current`` that ``current`` does not
     share (a student beside its teacher shares the text encoders and VAE): one transformer on the GPU at a time."""
     keep = {id(m) for m in _modules(current)}
     for other in loaded:
         if other is not current:
-            _park([m for m in _modules(other) if id(m) not in keep], _device_of(current.transformer))
+            _park([m for m in _modules(other) if id(m) not in keep], device)
 
 
-def _draw(pipe, prompts, seeds, kwargs, batch_size) -> list:
-    """The prompts encoded first, per batch, with the text encoders on the transformer's device; then drawn from the
-    embeddings by the pipeline without its text encoders, which wait on the CPU meanwhile: no text encoder is on the
-    device while the transformer draws. Afterwards each text encoder is back where it was."""
+def _encoders(pipe) -> list[torch.nn.Module]:
+    return [m for m in (getattr(pipe, n, None) for n in TEXT_ENCODERS) if isinstance(m, torch.nn.Module)]
+
+
+def _encode(pipe, prompts, kwargs, batch_size, device: torch.device, step: dict | None):
+    """``(embeddings per batch, step inputs or None)``: the prompts encoded on ``device`` by the text encoders alone
+    there (on an accelerator the pipeline's other modules leave it first, and the encoders go back to the CPU
+    afterwards); ``step``: the arguments of :func:`step_inputs`, whose text is encoded at the same time."""
     max_len = int(kwargs.get("max_sequence_length", call_default(pipe, "max_sequence_length", 256)))
     negative = negative_prompt(pipe, kwargs)
-    encoders = [m for m in (getattr(pipe, n, None) for n in TEXT_ENCODERS) if isinstance(m, torch.nn.Module)]
-    where = [_device_of(m) for m in encoders]
-    with components_on(pipe, _device_of(pipe.transformer), TEXT_ENCODERS):
+    encoders = {id(m) for m in _encoders(pipe)}
+    _park([m for m in _modules(pipe) if id(m) not in encoders], device)
+    with components_on(pipe, None if device.type == "cpu" else device, TEXT_ENCODERS):
         embeds = [prompt_embeddings(pipe, list(prompts[start : start + batch_size]), max_len, negative)
                   for start in range(0, len(prompts), batch_size)]
-    try:
-        return generate(without_text_encoders(pipe), prompts, seeds, kwargs, batch_size, embeds=embeds)
-    finally:
-        for module, device in zip(encoders, where):
-            if _device_of(module) != device:
-                module.to(device)
+        inputs = None if step is None else step_inputs(pipe, prompts[0], **step)
+    return embeds, inputs
+
+
+def _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, device: torch.device) -> list:
+    """The pipeline's transformer and VAE on ``device`` (4-bit ones stay where bitsandbytes put them), drawing from
+    the embeddings without its text encoders."""
+    encoders = {id(m) for m in _encoders(pipe)}
+    for module in _modules(pipe):
+        if id(module) not in encoders and not _is_4bit(module) and _device_of(module) != device:
+            module.to(device)
+    return generate(without_text_encoders(pipe), prompts, seeds, kwargs, batch_size, embeds=embeds)
 
 
 def evaluate_pipelines(
@@ -165,6 +175,7 @@ def evaluate_pipelines(
     warmup: int = 2,
     grid: str | os.PathLike | None = None,
     grid_size: int = 16,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Evaluate pipelines (``{"teacher": pipe, "student": pipe}`` or one of them) on ``prompts``.
 
@@ -172,9 +183,13 @@ def evaluate_pipelines(
     other one with it. ``grid``: a PNG with one row per pipeline, the first ``grid_size``
     prompts. Returns the result dictionary that ``hprune evaluate`` writes.
 
-    One pipeline computes at a time: a value may be a function returning the pipeline, called when its
-    turn comes; before each turn the modules of the other pipelines that this one does not share go to
-    the CPU (and stay there), so the GPU holds one transformer, not two (4-bit ones stay put).
+    Every pipeline computes on ``device`` (default: where the first one's transformer is; a first pipeline on the
+    host computes on the GPU when there is one), one model there at a time: a value may be a function returning
+    the pipeline, called when its turn comes; at each turn the modules of the other pipelines that this one does
+    not share go to the CPU (and stay there), then this pipeline's text encoders encode its prompts on the device
+    alone (its transformer and VAE wait on the CPU) and go back to the CPU, and only then its transformer and VAE
+    come to the device to draw, the VAE decoding one image at a time. 4-bit modules stay where bitsandbytes put
+    them. The budget's ``evaluation`` stage models this.
     """
 
     if not models:
@@ -185,7 +200,8 @@ def evaluate_pipelines(
                                  ("--warmup", warmup, 0), ("--grid-size", grid_size, 1), ("--seed", seed, 0)):
         check_number(name, value, kind=int, minimum=minimum, error=EvaluationError)
     names = list(models)
-    pipelines = _Pipelines(models)
+    reference = models[names[0]] if hasattr(models[names[0]], "components") else None
+    pipelines = _Pipelines(models, _compute_device(device, reference))
     reference = pipelines.get(names[0])
     family = get_family(reference.transformer)
     scorers = _image_scorers(metrics, metric_options)
@@ -193,9 +209,8 @@ def evaluate_pipelines(
     seeds = [seed + k for k in range(len(prompts))]
     result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {}}
     inputs = None
-    if cost:
-        inputs = step_inputs(reference, prompts[0], height=kwargs.get("height"), width=kwargs.get("width"),
-                             guidance_scale=guidance_scale, seed=seed)  # no size given: the model's own
+    # no size given: the model's own
+    step = dict(height=kwargs.get("height"), width=kwargs.get("width"), guidance_scale=guidance_scale, seed=seed)
     images = {}
     for name in names:
         pipe = pipelines.get(name)
@@ -203,8 +218,11 @@ def evaluate_pipelines(
         if other is not family:
             raise EvaluationError(f"{name} is a {other.display_name} pipeline but {names[0]} is {family.display_name}; "
                                   "compare a student with its own teacher.")
-        _park_others(list(pipelines.loaded.values()), pipe)
-        images[name] = _draw(pipe, prompts, seeds, kwargs, batch_size)
+        _park_others(list(pipelines.loaded.values()), pipe, pipelines.device)
+        embeds, first = _encode(pipe, prompts, kwargs, batch_size, pipelines.device,
+                                step if cost and inputs is None else None)
+        inputs = first if inputs is None else inputs
+        images[name] = _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, pipelines.device)
         entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
                                  "prune_plan": _plan_text(pipe.transformer),
                                  "metrics": _scores(scorers, images[name], prompts)}
@@ -224,29 +242,31 @@ def evaluate_pipelines(
     return result
 
 
+def _compute_device(device, reference) -> torch.device:
+    """Where the pipelines compute: ``device`` when given; else where the first pipeline's transformer is, unless
+    that is the host and there is a GPU (a pipeline loaded for evaluation waits on the host)."""
+    if device is not None:
+        return torch.device(device)
+    if reference is not None and _device_of(reference.transformer).type != "cpu":
+        return _device_of(reference.transformer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class _Pipelines:
     """The pipelines to evaluate, each loaded when its turn comes: one given as a function is called then, with the
-    other transformers off the GPU first, and computes where the reference (the first) does."""
+    other transformers off the GPU first."""
 
-    def __init__(self, models: dict[str, Any]):
-        self.models, self.loaded = models, {}
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, models: dict[str, Any], device: torch.device):
+        self.models, self.loaded, self.device = models, {}, device
 
     def get(self, name: str):
         if name not in self.loaded:
             value = self.models[name]
-            if hasattr(value, "components"):
-                self.loaded[name] = value
-            else:
+            if not hasattr(value, "components"):
                 for other in self.loaded.values():
-                    _park([other.transformer], _device_of(other.transformer))
-                self.loaded[name] = value()
-                encoders = {id(getattr(self.loaded[name], n, None)) for n in TEXT_ENCODERS}
-                for module in _modules(self.loaded[name]):  # the text encoders come only to encode (_draw)
-                    if not _is_4bit(module) and id(module) not in encoders and _device_of(module) != self.device:
-                        module.to(self.device)
-            if len(self.loaded) == 1:  # the reference: the others compute where it does
-                self.device = _device_of(self.loaded[name].transformer)
+                    _park([other.transformer], self.device)
+                value = value()
+            self.loaded[name] = value
         return self.loaded[name]
 
 
@@ -303,12 +323,14 @@ def _relative(entry: dict, base: dict) -> dict[str, float]:
 
 
 def load_for_evaluation(model: str | os.PathLike, device: str | None = None):
-    """A pipeline by folder, cached Hub id or toy name, in fp32 on the CPU (bf16 on a GPU)."""
+    """A pipeline by folder, cached Hub id or toy name, on the host in the dtype it computes in on ``device``
+    (default: the GPU when there is one): fp32 for the CPU, bf16 for a GPU. :func:`evaluate_pipelines` moves each
+    component to the device when it computes (a 4-bit transformer is where bitsandbytes put it)."""
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    pipe, _ = load_pipeline(model, device, dtype)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    pipe, _ = load_pipeline(model, None, dtype)
     return pipe
 
 
