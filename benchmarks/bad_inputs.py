@@ -394,11 +394,13 @@ def cases() -> list[Case]:
             ("--pwp", "flase"), ("--sgdistill", "maybe"), ("--learning-rate", "nan"), ("--learning-rate", "-1"),
             ("--ratio", "2"), ("--max-train-steps", "0"), ("--train-batch-size", "0"), ("--eval-prompts", "0"),
             ("--max-train-minutes", "-5"), ("--lora-rank", "-1"), ("--checkpointing-steps", "-1"),
-            ("--gpu-memory", "-3"), ("--teacher-4bit", "maybe")]),
+            ("--gpu-memory", "-3"), ("--teacher-4bit", "maybe"), ("--vae-tiling", "maybe"),
+            ("--eval-batch-size", "0")]),
         "demo": ("demo --out {case}/d", [("--ratio", "0"), ("--pwp", "flase"), ("--max-train-minutes", "nan")]),
         "budget": ("budget sd3.5-large", [("--ratio", "nan"), ("--resolution", "0"), ("--train-batch-size", "0"),
                                            ("--num-processes", "0"), ("--lora-rank", "-1"), ("--n-prompts", "0"),
-                                           ("--gpu-memory", "0GB"), ("--gpu-memory", "apples")]),
+                                           ("--gpu-memory", "0GB"), ("--gpu-memory", "apples"),
+                                           ("--eval-batch-size", "0")]),
         "toy-train": ("toy-train --out {case}/t", [("--minutes", "0"), ("--minutes", "nan")]),
     }
     for command, (base, flags) in numeric.items():

@@ -369,3 +369,25 @@ def test_a_pipeline_on_the_host_computes_on_the_process_device_after_encoding(sd
     monkeypatch.setattr(runner, "encoded_pipeline", spy)
     analyze(sd3_pipeline, None, metric="velocity", n_prompts=1, eval_steps=1, num_inference_steps=2, progress=False)
     assert devices == [torch.device("cpu")]  # this process's device (no GPU here), not None (stay where it is)
+
+
+def test_vae_tiling_is_part_of_the_calibration(sd3_pipeline, tmp_path, monkeypatch):
+    """--vae-tiling: every drawing of the analysis decodes in tiles, and the report's calibration says so, so an
+    analysis without it is another one (its images differ a little); without it the calibration is as before."""
+    from diffusers_hprune.analysis import measurement
+
+    tiled = []
+    real = measurement.generate
+
+    def spy(*args, **kwargs):
+        tiled.append(kwargs.get("tiled"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measurement, "generate", spy)
+    settings = dict(metric="velocity", n_prompts=1, eval_steps=1, num_inference_steps=2, progress=False)
+    report = analyze(sd3_pipeline, tmp_path / "a.json", vae_tiling=True, **settings)
+    assert report.calibration["vae_tile"] == 512 and tiled and set(tiled) == {True}
+    plain = analyze(sd3_pipeline, None, **settings)
+    assert "vae_tile" not in plain.calibration and report.settings() != plain.settings()
+    with pytest.raises(AnalysisError, match="--overwrite"):
+        analyze(sd3_pipeline, tmp_path / "a.json", **settings)

@@ -271,7 +271,7 @@ def test_gpu_memory_names_each_stages_flags_for_that_gpu(capsys):
     assert tight.flags[0] == "--mixed_precision bf16" and tight.device_peak < given
     assert tight.fits == (tight.device_peak + CUDA_RESERVE <= tight.capacity)
     tiny = fit.fit_stage("analysis", "sd3", None, options, capacity=CUDA_RESERVE + 1, ratio=0.3)
-    assert not tiny.fits and tiny.flags == ("--cache-device cpu", "--batch-size 1")
+    assert not tiny.fits and tiny.flags == ("--cache-device cpu", "--batch-size 1", "--vae-tiling")
 
     assert main(["budget", "sd3", "--ratio", "0.3", "--gpu-memory", "1GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -362,3 +362,54 @@ def test_evaluation_holds_one_model_on_the_device_at_a_time():
     assert stage(quantize=False, eval_batch_size=1).device_peak == one.device_peak  # the teacher's turn is the peak
     assert predict("sd3.5-large-turbo", ratio=0.3, stages=("evaluation",)).stage("evaluation").device_peak \
         == eight.device_peak
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_vae_decode_trace_on_meta_equals_the_real_decode(tiled):
+    """The budget's decode term is the real decode, on meta: whole, or in tiles as `--vae-tiling` sets them up
+    (`loading.sliced_decoding`; a 1024 px image decodes as 3 x 3 tiles of up to 512 px), at under a third of the memory
+    (FLUX's VAE: 0.38 GiB instead of 1.5)."""
+    from diffusers_hprune.budget.traces import vae_decode_trace
+    from diffusers_hprune.loading import sliced_decoding
+
+    pipe = toy.load_pipeline("sd3")
+    vae = pipe.vae.eval()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.randn(1, vae.config.latent_channels, 1024 // factor, 1024 // factor)
+    tiles = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: tiles.append(tuple(args[0].shape[-2:])))
+    counter = LiveTensorBytes([*vae.parameters(), *vae.buffers(), latents])
+    with torch.no_grad(), sliced_decoding(pipe, tiled), counter:
+        image = vae.decode(latents, return_dict=False)[0]
+    hook.remove()
+    assert image.shape[-2:] == (1024, 1024)
+    assert vae.use_tiling is False  # as it was
+    predicted = vae_decode_trace(dict(vae.config), 1, 1024, 1024, torch.float32, tiled=tiled)
+    assert predicted == counter.peak > 0
+    if tiled:
+        assert len(tiles) == 9 and max(tiles) == (512 // factor, 512 // factor)  # the last row and column: smaller
+        assert predicted * 3 < vae_decode_trace(dict(vae.config), 1, 1024, 1024, torch.float32)
+    else:
+        assert tiles == [(1024 // factor, 1024 // factor)]
+
+
+def test_every_stage_of_both_seed_models_fits_one_24_gb_gpu(capsys):
+    """Issue 34's goal, as the budget predicts it (1024 px, bf16, a 30 % plan): `hprune compress --gpu-memory 24GB`
+    finds flags with which every stage of SD3.5 Large Turbo and FLUX.1-schnell fits one 24 GB GPU (FLUX.1-schnell's
+    16-bit analysis and evaluation only with the VAE decoding in tiles, one prompt at a time), and the QLoRA
+    distillation of SD3.5 Large Turbo fits 16 GB."""
+    from diffusers_hprune.budget.terms import CUDA_RESERVE, GIB
+    from diffusers_hprune.commands.compress import fitted_to_gpu
+    from diffusers_hprune.compression.config import HPruneConfig
+
+    sd3, placement = fitted_to_gpu("sd3.5-large-turbo", HPruneConfig(), None, 24 * GIB)
+    assert placement == {"cache_device": "cpu"} and not sd3.vae_tiling and sd3.teacher_4bit and sd3.lora_rank == 64
+    flux, placement = fitted_to_gpu("flux.1-schnell", HPruneConfig(), None, 24 * GIB)
+    assert placement == {"cache_device": "cpu", "analysis_batch_size": 1}
+    assert flux.vae_tiling and flux.eval_batch_size == 1 and flux.teacher_4bit and flux.lora_rank == 64
+    printed = capsys.readouterr().out
+    assert "analysis: --cache-device cpu --batch-size 1 --vae-tiling" in printed
+    assert "evaluation: --batch-size 1:" in printed  # the analysis's --vae-tiling is the run's setting already
+    assert "compress runs with " in printed and "--vae-tiling true" in printed and "--eval-batch-size 1" in printed
+    qlora = predict("sd3.5-large-turbo", ratio=0.3, options=sd3.distillation_budget(), stages=("distillation",))
+    assert qlora.stage("distillation").device_peak + CUDA_RESERVE <= 16 * GIB

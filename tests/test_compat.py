@@ -10,6 +10,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
+from diffusers_hprune import toy
 from diffusers_hprune.utils import compat
 
 TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -226,3 +227,16 @@ def test_bitsandbytes_generic_dequantisation_is_ours():
     theirs = cpu_dequantize(packed, state.absmax, 64, "nf4", weight.shape, torch.float32)
     assert torch.equal(ours, theirs)
     assert (ours - weight).abs().max() < 0.5
+
+
+def test_vae_tile_settings_are_what_tiled_decoding_reads():
+    """`vae_tile_settings` / `set_vae_tile_settings`: AutoencoderKL's tiling switch and tile sizes (pixels, latents),
+    which `enable_tiling` does not take; its tiled decode cuts the latents by the latent size set."""
+    vae = toy.load_pipeline("sd3").vae
+    assert compat.vae_tile_settings(vae) == (False, vae.config.sample_size, vae.tile_latent_min_size)
+    compat.set_vae_tile_settings(vae, (True, 64, 32))
+    shapes = []
+    vae.decoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        vae.decode(torch.randn(1, vae.config.latent_channels, 64, 64))
+    assert compat.vae_tile_settings(vae) == (True, 64, 32) and max(shapes) == (32, 32) and len(shapes) > 1

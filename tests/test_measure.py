@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -269,3 +270,22 @@ def test_drawings_decode_one_image_at_a_time_and_leave_the_vae_as_it_was():
     pipe.vae.enable_slicing()
     generate(pipe, prompts[:2], [0, 1], dict(toy.generation_kwargs("sd3"), num_inference_steps=2), 2)
     assert pipe.vae.use_slicing is True
+
+
+def test_evaluate_vae_tiling_decodes_every_pipeline_in_tiles(tmp_path, monkeypatch):
+    """`hprune evaluate --vae-tiling`: every pipeline's drawings decode in tiles, and the result says so."""
+    from diffusers_hprune.cli import main
+    from diffusers_hprune.evaluation import compare
+
+    tiled = []
+    real = compare.generate
+
+    def spy(*args, **kwargs):
+        tiled.append(kwargs.get("tiled"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "generate", spy)
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "sd3", "sd3", "--n", "2", "--steps", "2", "--no-cost", "--vae-tiling",
+                 "--out", str(out)]) == 0
+    assert tiled == [True, True] and json.loads(out.read_text())["vae_tiling"] is True

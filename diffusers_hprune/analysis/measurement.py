@@ -76,7 +76,7 @@ class Measurement:
 
     def _generate(self, on_step=None):
         return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step,
-                        embeds=self.embeds)
+                        embeds=self.embeds, tiled="vae_tile" in self.report.calibration)
 
     def draw_full_model(self, cache_device, max_cache_bytes: int | None) -> None:
         """The full model draws the calibration images; the inputs of its calls at the evaluated steps are recorded

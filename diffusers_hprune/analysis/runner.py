@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.ablation import BlockCounter
@@ -42,7 +43,7 @@ from diffusers_hprune.analysis.measurement import Measurement, base_config, enco
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
-from diffusers_hprune.loading import generation_settings, is_toy, load_pipeline
+from diffusers_hprune.loading import VAE_TILE, generation_settings, is_toy, load_pipeline
 from diffusers_hprune.metrics import (
     ALIGNMENT_METRICS,
     DEFAULT_METRIC,
@@ -193,6 +194,7 @@ def analyze(
     cache_device: str | torch.device | None = None,
     max_cache_bytes: int | None = None,
     progress: bool = True,
+    vae_tiling: bool = False,
 ) -> ContributionReport:
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
 
@@ -224,11 +226,12 @@ def analyze(
         dtype: weights and activations (default float32 on CPU, bfloat16 on GPU).
         cache_device: where the cached block outputs live (default: with the model; ``"cpu"``
             keeps them in host memory, for large models at high resolution).
+        vae_tiling: decode every image in tiles (``loading.sliced_decoding``): a quarter of one 1024 px image's
+            decode memory, for a model that barely fits the GPU (FLUX.1-schnell on 24 GB). The images differ a
+            little from whole decodes, so it is part of the calibration (another analysis).
         max_cache_bytes: refuse (``AnalysisError``, before the cache is built past its first call)
             a block-output cache larger than this; ``None``: no bound. The size is reported either way.
     """
-    from tqdm.auto import tqdm
-
     if method not in METHODS:
         raise AnalysisError(f"Unknown analysis method {method!r}; choose one of {', '.join(METHODS)}.")
     state = process_state(shard_timeout(model, len(prompts) if prompts is not None else n_prompts,
@@ -247,7 +250,7 @@ def analyze(
     gen_kwargs = generation_settings(pipe, num_inference_steps, height, width, guidance_scale)
     report = _new_report(pipe, model_name, {"name": metric, "options": dict(metric_options or {})}, prompts, seed,
                          gen_kwargs, eval_step_indices(gen_kwargs["num_inference_steps"], eval_steps), batch_size,
-                         dtype, pairs)
+                         dtype, pairs, vae_tiling)
     if alignment_metric is not None:
         report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
                             "baseline_score": None, "blocks": {}}
@@ -328,8 +331,10 @@ def _calibration_prompts(prompts: Sequence[str] | None, n_prompts: int, seed: in
 
 
 def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: int, gen_kwargs: dict,
-                steps: list[int], batch_size: int, dtype: torch.dtype, pairs: bool) -> ContributionReport:
-    """An empty report of this model, metric and calibration (what a resumed run must share)."""
+                steps: list[int], batch_size: int, dtype: torch.dtype, pairs: bool,
+                vae_tiling: bool = False) -> ContributionReport:
+    """An empty report of this model, metric and calibration (what a resumed run must share; tiled decoding is
+    named only when on, so a report written before it existed is the same calibration)."""
     transformer = pipe.transformer
     family = get_family(transformer)
     config = base_config(transformer)
@@ -342,7 +347,8 @@ def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: i
         transformer_config=json.loads(json.dumps(config, default=str)),
         metric=metric,
         calibration={"prompts": prompts, "seeds": [seed + k for k in range(len(prompts))], "generation": gen_kwargs,
-                     "eval_steps": steps, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")},
+                     "eval_steps": steps, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+                     **({"vae_tile": VAE_TILE} if vae_tiling else {})},
         pairs=pairs,
     )
 

@@ -22,7 +22,9 @@ from diffusers_hprune.utils.errors import HPruneError
 
 # Each stage's memory-saving flags, tried one after another (each on top of the ones before).
 REMEDIES = {
-    "analysis": [("--cache-device cpu", {"cache_device": "cpu"}), ("--batch-size 1", {"analysis_batch_size": 1})],
+    "analysis": [("--cache-device cpu", {"cache_device": "cpu"}), ("--batch-size 1", {"analysis_batch_size": 1}),
+                 ("--vae-tiling", {"vae_tiling": True})],
+    "evaluation": [("--batch-size 1", {"eval_batch_size": 1}), ("--vae-tiling", {"vae_tiling": True})],
     "distillation": [
         ("--mixed_precision bf16", {"mixed_precision": "bf16"}),
         ("--gradient_checkpointing", {"gradient_checkpointing": True}),

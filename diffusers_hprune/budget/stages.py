@@ -76,6 +76,7 @@ class BudgetOptions:
     # inference of the result (the paper's protocol)
     inference_resolution: int | None = None  # default: the model's profile (1024 for SD3.5 and FLUX.1)
     inference_max_sequence_length: int | None = None  # default: 256 for SD3 (77 + 256 tokens), 512 for FLUX
+    vae_tiling: bool = False  # analysis and evaluation decode in tiles (--vae-tiling)
     # evaluation of the result beside its teacher (`hprune evaluate`, compress's last stage)
     eval_batch_size: int = 8
     quantize: bool = True  # the student compared is the NF4 one (compress quantises before it evaluates)
@@ -257,7 +258,8 @@ def _analysis(ctx: _Context) -> StageBudget:
     call_batch = batch * (2 if ctx.cfg else 1)
     chunks = math.ceil(o.analysis_prompts / batch)
     fwd = forward_trace(ctx.config, None, ctx.shapes(call_batch), dtype)
-    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype)  # one image at a time
+    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype,  # one image at a time
+                              o.vae_tiling)
     selected = len(eval_step_indices(ctx.steps, o.eval_steps)) * chunks
     encoders = ctx.component_bytes(nb)
     text = {k: v for k, v in encoders.items() if k != "vae (weights)"}
@@ -286,6 +288,7 @@ def _analysis(ctx: _Context) -> StageBudget:
     ]
     (dev_phase, device, _), (host_phase, _, host) = peak_phase(o.device, phases)
     notes = [f"device peak while {dev_phase}", f"{o.analysis_prompts} prompts, batch {batch}, {ctx.steps} steps, "
+             + ("VAE decoding in tiles, " if o.vae_tiling else "") +
              f"{selected} recorded calls cached, {ctx.resolution}px, {str(dtype).removeprefix('torch.')}"]
     if o.device == "cuda":
         notes.append(f"host peak while {host_phase}")
@@ -409,7 +412,7 @@ def _evaluation(ctx: _Context) -> StageBudget:
     nb = DTYPE_BYTES[dtype]
     wname = "fp32" if nb == 4 else "bf16"
     call = ctx.shapes(o.eval_batch_size * (2 if ctx.cfg else 1))
-    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype)
+    decode = vae_decode_trace(ctx.parts.vae_config, 1, ctx.resolution, ctx.resolution, dtype, o.vae_tiling)
     parts = ctx.component_bytes(nb)
     vae = {"vae (weights)": parts["vae (weights)"]}
     text = {k: v for k, v in parts.items() if k != "vae (weights)"}
@@ -430,7 +433,8 @@ def _evaluation(ctx: _Context) -> StageBudget:
     ]
     (dev_phase, device, _), (host_phase, _, host) = peak_phase(o.device, phases)
     notes = [f"device peak while {dev_phase}", f"{'NF4' if nf4 else wname} student, batch {o.eval_batch_size}, "
-             f"{ctx.resolution}px, {str(dtype).removeprefix('torch.')}; one model on the device at a time"]
+             f"{ctx.resolution}px, {str(dtype).removeprefix('torch.')}; one model on the device at a time"
+             + ("; VAE decoding in tiles" if o.vae_tiling else "")]
     if o.device == "cuda":
         notes.append(f"host peak while {host_phase}")
     return StageBudget("evaluation", device, host, notes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.inventory import build_on_meta
 from diffusers_hprune.distillation.loss import BlockFeatures, kept_blocks, loss_terms
 from diffusers_hprune.distillation.pwp import apply_pwp
+from diffusers_hprune.loading import sliced_decoding
 from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.compat import tree_leaves
@@ -186,8 +188,10 @@ def step_peak(teacher: torch.nn.Module, student: torch.nn.Module, inputs: dict, 
 
 
 @torch.no_grad()
-def vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Most bytes the VAE's ``decode`` of ``batch`` latents holds at once (the decoded images included)."""
+def vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, width: int, dtype: torch.dtype,
+                     tiled: bool = False) -> int:
+    """Most bytes the VAE's ``decode`` of ``batch`` latents holds at once (the decoded images included); ``tiled``:
+    decoded in tiles, as ``loading.sliced_decoding`` sets them up (the same code, run on meta)."""
     from diffusers import AutoencoderKL
 
     with init_empty_weights(include_buffers=True):
@@ -196,8 +200,9 @@ def vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, wid
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latents = torch.empty(batch, vae.config.latent_channels, height // factor, width // factor, device="meta",
                           dtype=dtype)
+    holder = SimpleNamespace(vae=vae)  # the one component sliced_decoding reads
     counter = LiveTensorBytes([*vae.parameters(), *vae.buffers(), latents])
-    with fused_attention_on_meta(), counter:
+    with fused_attention_on_meta(), sliced_decoding(holder, tiled), counter:
         out = vae.decode(latents, return_dict=False)[0]
     del out
     return counter.peak

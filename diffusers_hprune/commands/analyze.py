@@ -70,6 +70,10 @@ def register(subparsers) -> None:
     p.add_argument("--cache-device", help="where cached block outputs live: 'cpu' (host memory), or the model's "
                    "device; default: the model's device where `hprune budget` says the analysis fits this GPU with "
                    "them there, else 'cpu' (said when chosen)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode every image in 512 px tiles: a quarter of a 1024 px decode's memory, for a model that "
+                   "barely fits the GPU (FLUX.1-schnell on 24 GB); the images differ a little, so it is another "
+                   "analysis")
     p.add_argument("--max-cache-bytes", type=parse_bytes, metavar="SIZE",
                    help="refuse a block-output cache above SIZE (e.g. 20GB), before it is built (default: no bound)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT (and its OUT.parts/) of other settings or a damaged one; finished "
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
     options = BudgetOptions(analysis_prompts=len(prompts) if prompts else args.n_prompts,
                             analysis_batch_size=args.batch_size, eval_steps=args.eval_steps, steps=args.steps,
-                            cache_device="cpu" if args.cache_device == "cpu" else None, resolution=args.height)
+                            cache_device="cpu" if args.cache_device == "cpu" else None, resolution=args.height,
+                            vae_tiling=args.vae_tiling)
     if args.cache_device is None and args.dtype in (None, "bfloat16"):  # chosen by the budget (no-op without CUDA)
         args.cache_device = cache_placement(args.model, options)
         if args.cache_device == "cpu":
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,
         dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
-        max_cache_bytes=args.max_cache_bytes,
+        max_cache_bytes=args.max_cache_bytes, vae_tiling=args.vae_tiling,
     )
 
     if process_state().is_main_process:

@@ -58,6 +58,13 @@ def register(subparsers) -> None:
     a.add_argument("--eval-steps", type=positive_int, default=4, help="denoising steps cached and compared (default 4)")
     a.add_argument("--cache-device", choices=("cpu",), default=None,
                    help="keep the block-output cache in host memory (default: beside the model)")
+    a.add_argument("--vae-tiling", action="store_true",
+                   help="the analysis and the evaluation decode each image in tiles (a quarter of the decode memory)")
+    e = p.add_argument_group("evaluation (the flags of `hprune evaluate`, compress's last stage)")
+    e.add_argument("--eval-batch-size", type=positive_int, default=8,
+                   help="prompts per pipeline call (`hprune evaluate --batch-size`; default 8)")
+    e.add_argument("--no-quantize", dest="quantize", action="store_false",
+                   help="the evaluated student is 16-bit (`hprune compress --quantize none`), not NF4")
     p.add_argument("--gpu-memory", type=card_memory, metavar="SIZE",
                    help="a GPU's memory (e.g. 24GB, read as GiB like the card's label): for every stage, the flags of "
                    "its command with which it fits that GPU, and its peak with them")
@@ -73,6 +80,7 @@ def options_from(args: argparse.Namespace) -> BudgetOptions:
         train_samples=args.train_samples, num_processes=args.num_processes, analysis_prompts=args.n_prompts,
         analysis_batch_size=args.batch_size, eval_steps=args.eval_steps, cache_device=args.cache_device,
         validation=args.validation_prompts > 0, validation_prompts=max(args.validation_prompts, 1),
+        vae_tiling=args.vae_tiling, eval_batch_size=args.eval_batch_size, quantize=args.quantize,
     )
 
 

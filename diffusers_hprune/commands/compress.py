@@ -87,14 +87,16 @@ def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> t
     """``config`` with the distillation flags, and the analysis's placement (``cache_device``,
     ``analysis_batch_size``), with which every stage of the run fits one GPU of ``capacity`` bytes; printed.
     A stage that does not fit even so is refused (``BudgetError``), naming what it would still need."""
-    stages = [("analysis", config.analysis_budget(), None)]
+    given = config
+    stages = [("analysis", HPruneConfig.analysis_budget, None)]  # each with the flags the stages before it chose
     if config.distill:
-        stages.append(("distillation", config.distillation_budget(prompts), config.ratio))
-    stages.append(("quantisation", config.analysis_budget(), config.ratio))
-    stages.append(("evaluation", config.evaluation_budget(), config.ratio))
+        stages.append(("distillation", lambda c: c.distillation_budget(prompts), config.ratio))
+    stages.append(("quantisation", HPruneConfig.analysis_budget, config.ratio))
+    stages.append(("evaluation", HPruneConfig.evaluation_budget, config.ratio))
     print(f"fitting every stage to one GPU with {_size(capacity)} (--gpu-memory):")
     placement: dict = {}
-    for stage, options, target in stages:
+    for stage, budget_of, target in stages:
+        options = budget_of(config)
         fit = fit_stage(stage, model, None, options, capacity=capacity, ratio=target)
         print(f"  {stage}: {' '.join(fit.flags) or 'as configured'}: {fit.device_peak / GIB:.2f} GiB")
         if not fit.fits:
@@ -104,8 +106,13 @@ def fitted_to_gpu(model: str, config: HPruneConfig, prompts, capacity: int) -> t
                               "budget` shows every term.")
         changed = {k: getattr(fit.options, k) for k in ("cache_device", "analysis_batch_size", "mixed_precision",
                                                          "gradient_checkpointing", "train_batch_size",
-                                                         "use_8bit_adam", "lora_rank", "teacher_4bit")
+                                                         "use_8bit_adam", "lora_rank", "teacher_4bit", "vae_tiling",
+                                                         "eval_batch_size")
                    if getattr(fit.options, k) != getattr(options, k)}
         placement.update({k: v for k, v in changed.items() if k in ("cache_device", "analysis_batch_size")})
         config = replace(config, **{k: v for k, v in changed.items() if k not in placement})
+    settings = {k: v for k, v in asdict(config).items() if v != asdict(given)[k]}
+    if settings:  # as compress's own flags (the analysis's placement is compress's to choose: no flag)
+        print("  compress runs with " + " ".join(f"--{k.replace('_', '-')} {str(v).lower() if isinstance(v, bool) else v}"
+                                                  for k, v in settings.items()))
     return config, placement

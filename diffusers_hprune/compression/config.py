@@ -27,10 +27,12 @@ class ConfigError(HPruneError):
 
 
 #: Fields that must be true or false (a JSON ``"false"`` is a string, and refused).
-_BOOLS = ("distill", "pwp", "sgdistill", "gradient_checkpointing", "use_8bit_adam", "teacher_4bit", "quantize")
+_BOOLS = ("distill", "pwp", "sgdistill", "gradient_checkpointing", "use_8bit_adam", "teacher_4bit", "quantize",
+          "vae_tiling")
 #: Integer fields and their least value (0: off).
 _INTS = {"analysis_prompts": 1, "eval_steps": 1, "train_prompts": 1, "max_train_steps": 1, "train_batch_size": 1,
-         "eval_prompts": 1, "latency_repeats": 1, "checkpointing_steps": 0, "lora_rank": 0, "seed": 0}
+         "eval_prompts": 1, "latency_repeats": 1, "checkpointing_steps": 0, "lora_rank": 0, "seed": 0,
+         "eval_batch_size": 1}
 
 
 def _number(name: str, value, *, kind: type = float, what: str | None = None, **bounds) -> None:
@@ -46,14 +48,17 @@ def _number(name: str, value, *, kind: type = float, what: str | None = None, **
 #: names the keys have always had, so the folders of earlier runs keep theirs). The distillation stage keys the
 #: fields it shares with DistillConfig through ``distill_config().result_settings()``, and ``train_prompts``
 #: through the prompts' digest.
-ANALYSIS_KEY = {"metric": "metric", "analysis_prompts": "n", "eval_steps": "eval_steps", "seed": "seed"}
+ANALYSIS_KEY = {"metric": "metric", "analysis_prompts": "n", "eval_steps": "eval_steps", "seed": "seed",
+                "vae_tiling": "vae_tiling"}
 PLAN_KEY = {"ratio": "ratio", "memory": "memory", "weight_dtype": "weight_dtype", "alpha": "alpha",
             "r_thres": "r_thres", "strategy": "strategy"}
-EVALUATION_KEY = {"eval_prompts": "n", "seed": "seed"}
+EVALUATION_KEY = {"eval_prompts": "n", "seed": "seed", "vae_tiling": "vae_tiling"}
+#: Keyed settings a key names only when they are on: a key written before they existed is the same key.
+NAMED_WHEN_ON = ("vae_tiling",)
 #: Settings that choose whether a stage runs (a stage that runs is keyed as above).
 STAGE_CHOICES = ("distill", "quantize")
 #: Settings that key no stage: how often a measurement repeats (the evaluation keeps the latency it measured first).
-UNKEYED = ("latency_repeats",)
+UNKEYED = ("latency_repeats", "eval_batch_size")
 
 
 @dataclass
@@ -84,7 +89,9 @@ class HPruneConfig(DistillationSettings):
     # quantisation and evaluation
     quantize: bool = True
     eval_prompts: int = 50
+    eval_batch_size: int = 8  # prompts per pipeline call (evaluate_pipelines' default)
     latency_repeats: int = 10
+    vae_tiling: bool = False  # the analysis and the evaluation decode each image in tiles (for FLUX.1 on 24 GB)
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.memory is None:
@@ -126,9 +133,13 @@ class HPruneConfig(DistillationSettings):
         shared = {f.name: getattr(self, f.name) for f in fields(DistillConfig) if f.name in own}
         return DistillConfig(**{**shared, **options})
 
+    def _key(self, names: dict[str, str]) -> dict[str, Any]:
+        return {key: getattr(self, name) for name, key in names.items()
+                if name not in NAMED_WHEN_ON or getattr(self, name)}
+
     def analysis_settings(self) -> dict[str, Any]:
         """What the analysis stage's result depends on among these settings (:data:`ANALYSIS_KEY`)."""
-        return {key: getattr(self, name) for name, key in ANALYSIS_KEY.items()}
+        return self._key(ANALYSIS_KEY)
 
     def plan_settings(self) -> dict[str, Any]:
         """What the plan stage's result depends on among these settings (:data:`PLAN_KEY`)."""
@@ -136,16 +147,17 @@ class HPruneConfig(DistillationSettings):
 
     def evaluation_settings(self) -> dict[str, Any]:
         """What the evaluation stage's result depends on among these settings (:data:`EVALUATION_KEY`)."""
-        return {key: getattr(self, name) for name, key in EVALUATION_KEY.items()}
+        return self._key(EVALUATION_KEY)
 
     def analysis_budget(self) -> BudgetOptions:
         """What ``hprune budget`` needs to know of this run's analysis."""
-        return BudgetOptions(analysis_prompts=self.analysis_prompts, eval_steps=self.eval_steps)
+        return BudgetOptions(analysis_prompts=self.analysis_prompts, eval_steps=self.eval_steps,
+                             vae_tiling=self.vae_tiling)
 
     def evaluation_budget(self) -> BudgetOptions:
         """What ``hprune budget`` needs to know of this run's evaluation: the student it compares (NF4 unless
-        quantisation is off) and the drawing batch (evaluate_pipelines' default)."""
-        return BudgetOptions(quantize=self.quantize)
+        quantisation is off), the drawing batch and the VAE's tiles."""
+        return BudgetOptions(quantize=self.quantize, eval_batch_size=self.eval_batch_size, vae_tiling=self.vae_tiling)
 
     def distillation_budget(self, prompts: list[str] | None = None) -> BudgetOptions:
         """What ``hprune budget`` needs to know of this run's distillation (:meth:`distill_config`, as

@@ -252,7 +252,8 @@ class _Run:
             1, "analysis", inputs,
             lambda d: analyze(self.teacher.pipe, self.analysis_path, metric=config.metric,
                               n_prompts=config.analysis_prompts, eval_steps=config.eval_steps, seed=config.seed,
-                              progress=self.progress, alignment_metric=alignment, **self.placement),
+                              progress=self.progress, alignment_metric=alignment, vae_tiling=config.vae_tiling,
+                              **self.placement),
             keep_partial=True)  # analyze resumes from its finished entries
         self.teacher.park()  # pruning copies the kept weights: on the host, not beside the teacher on the GPU
 
@@ -308,7 +309,7 @@ class _Run:
                 {"teacher": self.teacher.pipe, "student": lambda: load_student_beside(self.teacher.pipe, final)},
                 self.prompts.evaluation, seed=config.seed,
                 metrics=[FIDELITY] + (["shapeeval"] if self.is_toy else []), latency_repeats=config.latency_repeats,
-                grid=folder / "grid.png",
+                grid=folder / "grid.png", batch_size=config.eval_batch_size, vae_tiling=config.vae_tiling,
             )
             atomic_write_json(folder / "metrics.json", result)
 

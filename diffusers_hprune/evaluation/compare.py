@@ -148,14 +148,14 @@ def _encode(pipe, prompts, kwargs, batch_size, device: torch.device, step: dict 
     return embeds, inputs
 
 
-def _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, device: torch.device) -> list:
+def _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, device: torch.device, tiled: bool = False) -> list:
     """The pipeline's transformer and VAE on ``device`` (4-bit ones stay where bitsandbytes put them), drawing from
     the embeddings without its text encoders."""
     encoders = {id(m) for m in _encoders(pipe)}
     for module in _modules(pipe):
         if id(module) not in encoders and not _is_4bit(module) and _device_of(module) != device:
             module.to(device)
-    return generate(without_text_encoders(pipe), prompts, seeds, kwargs, batch_size, embeds=embeds)
+    return generate(without_text_encoders(pipe), prompts, seeds, kwargs, batch_size, embeds=embeds, tiled=tiled)
 
 
 def evaluate_pipelines(
@@ -176,6 +176,7 @@ def evaluate_pipelines(
     grid: str | os.PathLike | None = None,
     grid_size: int = 16,
     device: str | torch.device | None = None,
+    vae_tiling: bool = False,
 ) -> dict[str, Any]:
     """Evaluate pipelines (``{"teacher": pipe, "student": pipe}`` or one of them) on ``prompts``.
 
@@ -189,7 +190,8 @@ def evaluate_pipelines(
     not share go to the CPU (and stay there), then this pipeline's text encoders encode its prompts on the device
     alone (its transformer and VAE wait on the CPU) and go back to the CPU, and only then its transformer and VAE
     come to the device to draw, the VAE decoding one image at a time. 4-bit modules stay where bitsandbytes put
-    them. The budget's ``evaluation`` stage models this.
+    them. ``vae_tiling``: every image decoded in tiles (``loading.sliced_decoding``). The budget's ``evaluation``
+    stage models this.
     """
 
     if not models:
@@ -207,7 +209,8 @@ def evaluate_pipelines(
     scorers = _image_scorers(metrics, metric_options)
     kwargs = generation_settings(reference, num_inference_steps, height, width, guidance_scale)
     seeds = [seed + k for k in range(len(prompts))]
-    result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {}}
+    result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {},
+                              **({"vae_tiling": True} if vae_tiling else {})}
     inputs = None
     # no size given: the model's own
     step = dict(height=kwargs.get("height"), width=kwargs.get("width"), guidance_scale=guidance_scale, seed=seed)
@@ -222,7 +225,7 @@ def evaluate_pipelines(
         embeds, first = _encode(pipe, prompts, kwargs, batch_size, pipelines.device,
                                 step if cost and inputs is None else None)
         inputs = first if inputs is None else inputs
-        images[name] = _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, pipelines.device)
+        images[name] = _draw(pipe, prompts, seeds, kwargs, batch_size, embeds, pipelines.device, vae_tiling)
         entry: dict[str, Any] = {"source": str(getattr(pipe, "name_or_path", "") or name),
                                  "prune_plan": _plan_text(pipe.transformer),
                                  "metrics": _scores(scorers, images[name], prompts)}
