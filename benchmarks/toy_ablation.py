@@ -4,6 +4,7 @@
                                       [--steps 400] [--samples 400] [--n-eval 200]
     python benchmarks/toy_ablation.py --curve "HPP + PWP + SGDistill" --curve-steps 200 400 800 1600 3200
     python benchmarks/toy_ablation.py --sgdistill 0:1 0.1:1 0.3:1 0:0.1
+    python benchmarks/toy_ablation.py --qlora 4 16 --ratios 0.3
 
 For each toy and target ratio, from one analysis of the toy (the default metric, with ShapeEval's
 whole-block dP as the alignment part that BK-SDM ranks by):
@@ -34,7 +35,9 @@ fraction ("removed").
 learning curve (section "toy-ablation-curve-<toy>"): the budget at which doubling changes the row by less
 than its seed spread is the converged budget. ``--sgdistill FLOOR:EPS_SCALE ...`` trains HPP + PWP +
 SGDistill at each ``--sensitivity-floor`` and eps (a multiple of the default, the median |dP|) at the
-first ratio and ``--steps`` (section "sgdistill-floor-<toy>").
+first ratio and ``--steps`` (section "sgdistill-floor-<toy>"). ``--qlora RANK ...`` trains HPP + PWP + SGDistill as the
+QLoRA student (``--teacher_4bit --lora_rank RANK``: adapters over the NF4 teacher's own weights) beside the same row
+with full weights, at the first ratio and ``--steps``, each with its NF4 form (section "toy-ablation-qlora-<ratio>").
 """
 
 from __future__ import annotations
@@ -433,6 +436,60 @@ def floor_study(args, out: Path) -> None:
         print(body)
 
 
+def qlora_study(args, out: Path) -> None:
+    """HPP + PWP + SGDistill with full weights and as the QLoRA student at each of ``args.qlora``'s ranks, the same
+    budget for each, every seed, each with its NF4 form; one section for both toys ("toy-ablation-qlora-<ratio>")."""
+    _, options = _row(FULL)
+    ratio = args.ratios[0]
+    rows = [("full weights", options)] + [(f"QLoRA, rank {r}", dict(options, teacher_4bit=True, lora_rank=r))
+                                          for r in sorted(args.qlora)]
+    lines, notes = [], []
+    for family in args.families:
+        fam = Family(family, args, out)
+        base = fam.original()
+        outcome, path = fam.plan(ratio, "hierarchical")
+        full_mean = full_nf4 = None
+        for label, opts in rows:
+            pairs = [fam.trained(f"{FULL}, {label}", outcome.plan, path, opts, seed, args.steps, nf4=True)
+                     for seed in args.seeds]
+            runs, nf4 = [p[0] for p in pairs], [p[1] for p in pairs]
+            overall, nf4_overall = [r["score"]["overall"] for r in runs], [r["score"]["overall"] for r in nf4]
+            mean = statistics.fmean(overall)
+            nf4_mean = statistics.fmean(nf4_overall)
+            full_mean, full_nf4 = (mean, nf4_mean) if full_mean is None else (full_mean, full_nf4)
+            teacher = base["score"]["overall"]
+            adapters = f"{runs[0]['trainable'] / base['params']:.1%}" if opts.get("lora_rank") else "-"
+            lines.append([family, label, f"{runs[0]['trainable']:,}", adapters, _fmt(overall),
+                          _fmt([r["psnr"] for r in runs], 2) + " dB", f"{mean / teacher:.1%}",
+                          f"{mean / full_mean:.1%}", _fmt(nf4_overall), _fmt([r["psnr"] for r in nf4], 2) + " dB",
+                          f"{nf4_mean / teacher:.1%}", f"{nf4_mean / full_nf4:.1%}",
+                          f"{nf4[0]['bytes'] / base['bytes']:.1%}",
+                          f"{(nf4[0]['bytes'] + 2 * runs[0]['trainable']) / base['bytes']:.1%}"
+                          if opts.get("lora_rank") else "-",
+                          f"{statistics.fmean(r['wall'] for r in runs) / 60:.1f}"])
+        notes.append(f"- {family} {ratio:.0%}: {outcome.plan.describe()}")
+    header = ["toy", "student", "trainable params", "adapters (of teacher)", "ShapeEval", "PSNR", "of teacher",
+              "of full weights", "NF4 ShapeEval", "NF4 PSNR", "NF4 of teacher", "NF4 of full weights", "NF4 bytes",
+              "NF4 base + adapters bytes", "wall minutes"]
+    body = (markdown_table(header, lines)
+            + f"\n\nHPP + PWP + SGDistill at {ratio:.0%}; every row {args.steps} optimizer steps, batch {args.batch}, "
+            f"learning rate {args.lr}, {args.samples} teacher drawings, seeds {', '.join(map(str, args.seeds))} "
+            f"(mean ± sample std over seeds); ShapeEval on {args.n_eval} held-out prompts, PSNR against the teacher's "
+            "images. QLoRA: `--teacher_4bit --lora_rank R` (the student's base is the NF4 teacher's own kept layers, "
+            "only the adapters of the trainable components train); the saved student has the adapters merged into its "
+            "weights (float32 here: the function the trained student computed). NF4: the saved student's transformer "
+            "quantised to NF4 (W4A16). Of full weights: the row's mean as a share of the full-weight row's mean "
+            "(NF4 columns: of the full-weight row's NF4 mean; issue 34's goal: the QLoRA student keeps >= 95 % of it). Bytes: "
+            "of the teacher's fp32 transformer. NF4 base + adapters: the other way to publish a QLoRA student, its NF4 "
+            "base as trained plus the adapters in bf16, which computes what the merged student computes (its "
+            "ShapeEval is the merged row's): counted as the NF4 row's bytes plus 2 bytes per adapter parameter. Wall "
+            "minutes: data, training, saving and scoring of one seed. Plans:\n\n" + "\n".join(notes) + "\n")
+    name = f"toy-ablation-qlora-{round(ratio * 100):d}"
+    update_section(name, f"The QLoRA student beside full-weight distillation on the {' and '.join(args.families)} "
+                   f"toy{'s' if len(args.families) > 1 else ''} at {ratio:.0%} (issue 34)", body)
+    print(body)
+
+
 def section_name(ratios: list[float]) -> str:
     """The BENCHMARKS.md section (and plot) of a table at ``ratios``: one per set of ratios, so a run at 20 % keeps the
     30 % table ("toy-ablation-20", "toy-ablation-30", "toy-ablation-20-30")."""
@@ -455,6 +512,8 @@ def main(argv=None):
     parser.add_argument("--sgdistill", nargs="+", metavar="FLOOR:EPS_SCALE",
                         help="compare SGDistill settings instead (first ratio): floor and eps as a multiple of the "
                         "default eps (the median |dP|), e.g. 0.1:1")
+    parser.add_argument("--qlora", nargs="+", type=int, metavar="RANK",
+                        help="compare the QLoRA student at these LoRA ranks with full weights instead (first ratio)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -467,6 +526,8 @@ def main(argv=None):
         return learning_curve(args, out)
     if args.sgdistill:
         return floor_study(args, out)
+    if args.qlora:
+        return qlora_study(args, out)
     measured = {family: run_family(family, args, out) for family in args.families}
     lines, plots, notes = [], {}, []
     for family, m in measured.items():
