@@ -25,7 +25,8 @@ rehearsal's full-depth reduced-width models and the full-size configs:
    AdamW is refused under it.
 8. ``nf4-stock-diffusers``: a whole-block student quantised on the GPU (`hprune quantize`), exported
    (`hprune export`), loaded by stock Diffusers in a process that never imports diffusers_hprune, drawn on the GPU.
-9. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`).
+9. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`; the
+   teacher, loaded on the host, draws on the GPU with its T5 on the CPU, then the student alone).
 10. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
    `hprune budget --device cuda` (section "rehearsal-gpu").
 11. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").

@@ -254,3 +254,17 @@ def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedP
         pytest.fail(f"a process of {' '.join(map(str, cmd[:6]))} ... outlived its launcher; killed it. "
                     f"Last output:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def record_keyword(monkeypatch, module, name: str, keyword: str) -> list:
+    """Wrap ``module.name`` (a function) so that every call records its keyword argument ``keyword`` (None when not
+    given) and then runs as before; returns the list the calls fill."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get(keyword))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

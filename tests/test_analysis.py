@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import run_process_group
+from helpers import record_keyword, run_process_group
 
 from diffusers_hprune import BLOCK
 from diffusers_hprune.analysis import analyze
@@ -376,14 +376,7 @@ def test_vae_tiling_is_part_of_the_calibration(sd3_pipeline, tmp_path, monkeypat
     analysis without it is another one (its images differ a little); without it the calibration is as before."""
     from diffusers_hprune.analysis import measurement
 
-    tiled = []
-    real = measurement.generate
-
-    def spy(*args, **kwargs):
-        tiled.append(kwargs.get("tiled"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(measurement, "generate", spy)
+    tiled = record_keyword(monkeypatch, measurement, "generate", "tiled")
     settings = dict(metric="velocity", n_prompts=1, eval_steps=1, num_inference_steps=2, progress=False)
     report = analyze(sd3_pipeline, tmp_path / "a.json", vae_tiling=True, **settings)
     assert report.calibration["vae_tile"] == 512 and tiled and set(tiled) == {True}

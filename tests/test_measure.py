@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import record_keyword
 
 from diffusers_hprune import toy
 from diffusers_hprune.architecture.sizes import model_weight_bytes
@@ -277,14 +278,7 @@ def test_evaluate_vae_tiling_decodes_every_pipeline_in_tiles(tmp_path, monkeypat
     from diffusers_hprune.cli import main
     from diffusers_hprune.evaluation import compare
 
-    tiled = []
-    real = compare.generate
-
-    def spy(*args, **kwargs):
-        tiled.append(kwargs.get("tiled"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compare, "generate", spy)
+    tiled = record_keyword(monkeypatch, compare, "generate", "tiled")
     out = tmp_path / "metrics.json"
     assert main(["evaluate", "sd3", "sd3", "--n", "2", "--steps", "2", "--no-cost", "--vae-tiling",
                  "--out", str(out)]) == 0
