@@ -283,3 +283,24 @@ def test_evaluate_vae_tiling_decodes_every_pipeline_in_tiles(tmp_path, monkeypat
     assert main(["evaluate", "sd3", "sd3", "--n", "2", "--steps", "2", "--no-cost", "--vae-tiling",
                  "--out", str(out)]) == 0
     assert tiled == [True, True] and json.loads(out.read_text())["vae_tiling"] is True
+
+
+def test_evaluate_checks_the_budget_before_loading(tmp_path, monkeypatch, capsys):
+    """`hprune evaluate MODEL STUDENT` on a GPU too small for the evaluation stops before loading anything, naming
+    the flags with which it would fit (or that none do); --no-budget-check runs anyway."""
+    from diffusers_hprune import PrunePlan, prune_pipeline
+    from diffusers_hprune.budget import fit
+    from diffusers_hprune.budget.terms import CUDA_RESERVE
+    from diffusers_hprune.cli import main
+    from diffusers_hprune.commands import evaluate as command
+
+    student = tmp_path / "student"
+    prune_pipeline(toy.load_pipeline("sd3"), PrunePlan(family="sd3", num_blocks=12, removed_blocks=[10])) \
+        .save_pretrained(student)
+    loaded = record_keyword(monkeypatch, command, "load_for_evaluation", "device")
+    monkeypatch.setattr(fit, "gpu_memory", lambda: CUDA_RESERVE + 1024)  # a GPU too small for anything
+    assert main(["evaluate", "sd3", str(student), "--n", "1", "--steps", "1", "--no-cost"]) == 2
+    err = capsys.readouterr().err
+    assert "The evaluation stage would need about" in err and "--batch-size 1 --vae-tiling" in err and not loaded
+    assert main(["evaluate", "sd3", str(student), "--n", "1", "--steps", "1", "--no-cost", "--no-budget-check"]) == 0
+    assert loaded

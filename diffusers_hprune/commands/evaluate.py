@@ -7,6 +7,9 @@ from pathlib import Path
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import DEFAULT_PROMPTS
+from diffusers_hprune.architecture.inventory import load_transformer_config
+from diffusers_hprune.budget import BudgetOptions
+from diffusers_hprune.budget.fit import check_fits
 from diffusers_hprune.commands.options import add_generation_flags, metric_args
 from diffusers_hprune.distillation.data import read_prompts
 from diffusers_hprune.evaluation.compare import (
@@ -17,7 +20,9 @@ from diffusers_hprune.evaluation.compare import (
     overall_score,
 )
 from diffusers_hprune.loading import check_image_size, is_toy, pixel_multiple
+from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_apart, check_output_file, nonnegative_int, positive_int
+from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
 
 
@@ -45,6 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("--latency-repeats", type=positive_int, default=10, help="timed denoising steps (default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-cost", action="store_true", help="skip the memory and latency measurements")
+    p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
+                   help="on a GPU, start even when `hprune budget` predicts the evaluation will not fit its memory")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode every image in 512 px tiles (a quarter of a 1024 px decode's memory; the images differ "
                    "a little from whole decodes, the same way for every pipeline)")
@@ -55,6 +62,24 @@ def register(subparsers) -> None:
 
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _check_fits(args: argparse.Namespace) -> None:
+    """A student beside its original teacher: stop before loading when `hprune budget`'s evaluation stage would not
+    fit this GPU, naming the flags (`--batch-size 1`, `--vae-tiling`) with which it would. Anything else (one
+    pipeline, an unreadable config: the loading says what is wrong) is not checked."""
+    if not args.student:
+        return
+    try:
+        student, teacher = load_transformer_config(args.student), load_transformer_config(
+            toy.model_path(args.model) if args.model in toy.FAMILIES else args.model)
+    except (HPruneError, OSError, ValueError):
+        return
+    if not student.get("prune_plan") or teacher.get("prune_plan"):
+        return
+    options = BudgetOptions(eval_batch_size=args.batch_size, vae_tiling=args.vae_tiling, resolution=args.height,
+                            quantize=bool(student.get("quantization_config")))
+    check_fits("evaluation", args.model, PrunePlan.from_dict(student["prune_plan"]), options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.grid).resolve() == Path(args.out).resolve():
             raise InputError(f"--out and --grid are the same file ({args.out}); give each its own path.")
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)
+    if args.budget_check:  # before any weight is loaded (a no-op without CUDA)
+        _check_fits(args)
     reference = load_for_evaluation(args.model)
     models = {"teacher" if args.student else "model": reference}
     if args.student:  # loaded when its turn comes, beside the teacher's encoders when they are the same files
