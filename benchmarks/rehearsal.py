@@ -10,7 +10,7 @@ one does (tiny channel counts), stored in bf16 as the published checkpoints are.
 generation profile (4 steps, no guidance). Then it runs the stages through the package's own API,
 each in a fresh process:
 
-    analyze -> plan (30 %) -> distill (2 steps, batch 2) -> quantize (NF4) -> inference of the result
+    analyze -> plan (30 %) -> distill (2 steps, batch 2) -> quantize (NF4) -> evaluate -> inference of the result
 
 and beside them the QLoRA student (issue 34: ``--teacher_4bit --lora_rank 8 --gradient_checkpointing``, its base
 the NF4 teacher's own layers) and the save of a trained student in bf16, one shard of at most 64 MiB at a time
@@ -173,6 +173,14 @@ def _stage(stage: str, spec: dict, prepared=None) -> None:
         from diffusers_hprune.quantization import quantize_pipeline
 
         quantize_pipeline(spec["source"], spec["out"], overwrite=True)
+    elif stage == "evaluate":
+        from diffusers_hprune.evaluation.compare import evaluate_pipelines, load_for_evaluation, load_student
+
+        teacher = load_for_evaluation(spec["teacher"], "cuda" if spec["precision"] == "bf16" else "cpu")
+        r = spec["resolution"]
+        evaluate_pipelines({"teacher": teacher, "student": lambda: load_student(teacher, spec["teacher"], spec["model"])},
+                           PROMPTS[: spec["batch"]], num_inference_steps=STEPS, height=r, width=r,
+                           batch_size=spec["batch"], cost=False, metrics=["fidelity"])
     elif stage == "inference":
         from diffusers_hprune.architecture.inventory import load_transformer_config
         from diffusers_hprune.budget.traces import Shapes, meta_inputs, meta_transformer
@@ -284,13 +292,17 @@ def rehearse(name: str, root: Path, resolution: int, device: str) -> list[list[s
     print(f"{name}: quantize", flush=True)
     quantized = work / "quantized"
     measured["quantisation"] = run_stage("quantize", {"source": str(distilled), "out": str(quantized)})
+    print(f"{name}: evaluate (the teacher, then the distilled student; one model on the device at a time)", flush=True)
+    measured["evaluation"] = run_stage("evaluate", {"teacher": str(folder), "model": str(distilled), "batch": BATCH,
+                                                    "resolution": resolution})
     print(f"{name}: inference", flush=True)
     measured["inference (pruned, NF4)"] = run_stage("inference", {"model": str(quantized), "resolution": resolution,
                                                                   "max_sequence_length": 256})
     options = BudgetOptions(device=device, resolution=resolution, mixed_precision=precision, train_batch_size=BATCH,
                             train_samples=len(PROMPTS), analysis_prompts=BATCH,
                             analysis_batch_size=BATCH, eval_steps=STEPS, sgdistill=False,
-                            inference_resolution=resolution, inference_max_sequence_length=256)
+                            inference_resolution=resolution, inference_max_sequence_length=256,
+                            eval_batch_size=BATCH, quantize=False)
     budget = predict(str(folder), plan, options=options)
     predictions = {stage.stage: stage.device_peak for stage in budget.stages}
     predictions["distillation (QLoRA)"] = predict(str(folder), plan, options=replace(options, **qlora),
@@ -320,19 +332,26 @@ def full_size_rows() -> list[list[str]]:
     from diffusers_hprune.budget import BudgetOptions, predict
 
     rows = []
-    modes = [("full weights, AdamW", {}), ("full weights, AdamW, gradient checkpointing, batch 1",
-                                           {"gradient_checkpointing": True, "train_batch_size": 1}),
+    every = None  # the first mode gives every stage; the others only the stages they change
+    modes = [("-", {}, every),
+             ("full weights, AdamW, gradient checkpointing, batch 1",
+              {"gradient_checkpointing": True, "train_batch_size": 1}, ("distillation",)),
              ("QLoRA r=64 (NF4 teacher's own layers), gradient checkpointing, batch 1",
-              {"lora_rank": 64, "teacher_4bit": True, "gradient_checkpointing": True, "train_batch_size": 1})]
+              {"lora_rank": 64, "teacher_4bit": True, "gradient_checkpointing": True, "train_batch_size": 1},
+              ("distillation",)),
+             ("one prompt at a time, the VAE in tiles (--batch-size 1 --vae-tiling; analysis --cache-device cpu)",
+              {"cache_device": "cpu", "analysis_batch_size": 1, "eval_batch_size": 1, "vae_tiling": True},
+              ("analysis", "evaluation"))]
     for name in MODELS:
-        for label, changes in modes:
+        for label, changes, stages in modes:
             budget = predict(name, ratio=0.3, options=BudgetOptions(**changes))
             for stage in budget.stages:
-                if stage.stage != "distillation" and label != modes[0][0]:
+                if stages is not None and stage.stage not in stages:
                     continue
                 fits = ", ".join(f"{g} GB" for g, ok in stage.fits().items() if ok) or "none"
-                rows.append([name, stage.stage, label if stage.stage == "distillation" else "-",
-                             f"{stage.device_peak / 2**30:.2f}", f"{stage.host_peak / 2**30:.2f}", fits])
+                shown = "full weights, AdamW" if stage.stage == "distillation" and stages is None else label
+                rows.append([name, stage.stage, shown, f"{stage.device_peak / 2**30:.2f}",
+                             f"{stage.host_peak / 2**30:.2f}", fits])
         print(f"{name}: full-size budget done", flush=True)
     return rows
 
@@ -368,13 +387,14 @@ def main(argv=None) -> None:
         f"(the same with `--teacher_4bit --lora_rank 8 --gradient_checkpointing`), "
         + (f"the save of the distilled student in bf16 in shards of {SHARD >> 20} MiB (predicted: one shard, the "
            "budget's saving phase), " if args.device == "cpu" else "")
-        + "NF4 quantisation, one call of the NF4 transformer. Measured: "
+        + f"NF4 quantisation, the evaluation of the distilled (16-bit) student beside its teacher ({BATCH} prompts, "
+        f"batch {BATCH}, {STEPS} steps), one call of the NF4 transformer. Measured: "
         + ("growth of the process's peak resident size during the stage, in a fresh process (allocations of 128 KiB "
            "and more mapped directly)" if args.device == "cpu" else
            "`torch.cuda.max_memory_allocated` during the stage, in a fresh process")
         + f"; predicted: `hprune budget` for the same folder, plan and options (`--device {args.device}`).\n\n"
         "The full-size budget (`hprune budget MODEL --ratio 0.3`, bf16 on a GPU, 1024 x 1024):\n\n"
-        + markdown_table(["model", "stage", "distillation mode", "GPU peak (GiB)", "host RAM (GiB)", "fits"], full)
+        + markdown_table(["model", "stage", "mode", "GPU peak (GiB)", "host RAM (GiB)", "fits"], full)
         + "\n"
     )
     print(body)
