@@ -85,6 +85,18 @@ def persistent_buffer(module: torch.nn.Module, name: str) -> bool:
 # -- Diffusers -----------------------------------------------------------------------------------------------------
 
 
+def vae_tile_settings(vae) -> tuple[bool, int, int]:
+    """``(tiling on, tile size in pixels, tile size in latents)`` of a Diffusers ``AutoencoderKL`` (its
+    ``use_tiling``, ``tile_sample_min_size`` and ``tile_latent_min_size``: ``enable_tiling`` takes no size, and its
+    tile is the VAE's sample size, 1024 px for SD3's and FLUX's, so a 1024 px image would not be tiled)."""
+    return vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
+
+
+def set_vae_tile_settings(vae, settings: tuple[bool, int, int]) -> None:
+    """Set what :func:`vae_tile_settings` reads."""
+    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = settings
+
+
 def execution_device(pipe) -> torch.device:
     """The device a pipeline computes on, model offload included (``DiffusionPipeline._execution_device``)."""
     return pipe._execution_device
