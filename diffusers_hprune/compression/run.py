@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.architecture.inventory import inspect_transformer
@@ -37,6 +35,7 @@ from diffusers_hprune.evaluation.compare import (
     load_for_evaluation,
     load_student_beside,
     overall_score,
+    to_host,
 )
 from diffusers_hprune.hub.card import write_model_card
 from diffusers_hprune.hub.push import push_folder
@@ -130,9 +129,7 @@ class _Teacher:
         """Every 16-bit module of the teacher back on the host (the analysis moved its transformer and VAE to the
         device): the stages between compute on the host or load their own models."""
         if self._pipe is not None:
-            for module in self._pipe.components.values():
-                if isinstance(module, torch.nn.Module) and not getattr(module, "hf_quantizer", None):
-                    module.to("cpu")
+            to_host(self._pipe)
 
     def release(self) -> None:
         import gc

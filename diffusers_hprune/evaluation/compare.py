@@ -120,6 +120,13 @@ def _park(modules, device: torch.device) -> None:
             module.to("cpu")
 
 
+def to_host(pipe) -> None:
+    """Every module of ``pipe`` on the CPU, but 4-bit ones (they stay where bitsandbytes put them)."""
+    for module in _modules(pipe):
+        if not _is_4bit(module):
+            module.to("cpu")
+
+
 def _park_others(loaded: list, current, device: torch.device) -> None:
     """Move off ``device`` every module of the pipelines in ``loaded`` other than ``current`` that ``current`` does not
     share (a student beside its teacher shares the text encoders and VAE): one transformer on the GPU at a time."""
@@ -392,4 +399,4 @@ def load_student_beside(teacher, folder: str | os.PathLike):
 
 
 __all__ = ["EvaluationError", "evaluate_pipelines", "load_for_evaluation", "load_student", "load_student_beside",
-           "overall_score", "psnr", "shares_components", "ssim"]
+           "overall_score", "psnr", "shares_components", "ssim", "to_host"]
