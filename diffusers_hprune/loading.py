@@ -225,7 +225,8 @@ VAE_TILE = 512
 @contextlib.contextmanager
 def sliced_decoding(pipe, tiled: bool = False):
     """Within the block the pipeline's VAE decodes a batch one image at a time (Diffusers' VAE slicing: the same
-    images, and the decode's memory that of one image whatever the batch); ``tiled``: each image in overlapping
+    images up to rounding, as some CPUs' kernels sum a batch of one in another order than a batch of several, and the
+    decode's memory that of one image whatever the batch); ``tiled``: each image in overlapping
     tiles of :data:`VAE_TILE` pixels as well (Diffusers' VAE tiling: about a quarter of one 1024 px image's decode
     memory; the tiles are blended, so the images differ a little from whole ones). Afterwards as it was."""
     vae = getattr(pipe, "vae", None)

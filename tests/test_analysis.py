@@ -17,6 +17,7 @@ from diffusers_hprune import BLOCK
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.analysis.ablation import entry_plan, naive_outputs, normalised_error, record_transformer_calls
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, component_keys, components_fingerprint
+from diffusers_hprune.loading import sliced_decoding
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
 # The machinery (cache, resume, shards) on the fast velocity metric; image metrics: tests/test_image_fidelity.py.
@@ -85,8 +86,10 @@ def test_image_metric_and_registry(sd3_pipeline):
     assert report.metric == {"name": "test_brightness", "options": {}}
     # The unpruned score is that of the images the pipeline draws with the recorded seeds.
     gen = report.calibration["generation"]
-    images = sd3_pipeline(report.calibration["prompts"],
-                          generator=[torch.Generator().manual_seed(s) for s in report.calibration["seeds"]], **gen).images
+    with sliced_decoding(sd3_pipeline):  # as the analysis decodes: one image at a time
+        images = sd3_pipeline(report.calibration["prompts"],
+                              generator=[torch.Generator().manual_seed(s) for s in report.calibration["seeds"]],
+                              **gen).images
     assert report.baseline_score == brightness(images, report.calibration["prompts"])
     assert all(v["delta"] == pytest.approx(report.baseline_score - v["score"]) for v in report.entries.values())
     assert any(v["delta"] != 0 for v in report.entries.values())

@@ -13,6 +13,7 @@ from diffusers_hprune import BLOCK, PrunePlan, prune_pipeline
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.contributions import ContributionReport
+from diffusers_hprune.loading import sliced_decoding
 from diffusers_hprune.metrics import DEFAULT_METRIC, get_metric, register_metric
 from diffusers_hprune.planning import make_plan
 
@@ -34,8 +35,11 @@ def _two_block_pipeline():
 
 
 def _draw(pipe, prompts, seeds):
+    """The final images as the analysis draws them: the VAE decodes one image at a time (a batched decode may round
+    differently on some CPUs' kernels)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, generator=generators, **GEN).images
+    with sliced_decoding(pipe):
+        return pipe(prompts, generator=generators, **GEN).images
 
 
 def _mse(images, references):
