@@ -1184,6 +1184,19 @@ class CheckpointLayout:
     """The checkpoint side of a model family (mixed into ``ModelFamily``)."""
 
     base_class_name: str = ""
+    original_layout_module: str = ""
+    """The module whose ``LAYOUT`` (an ``architecture.original.OriginalLayout``) is the family's authors' key layout,
+    for single-file and GGUF exports; imported on first use (the generated modeling file names it only). Empty: the
+    family has none."""
+
+    @property
+    def original_layout(self):
+        """The family's ``OriginalLayout`` (``original_layout_module``'s ``LAYOUT``), ``None`` when it has none."""
+        if not self.original_layout_module:
+            return None
+        import importlib
+
+        return importlib.import_module(self.original_layout_module).LAYOUT
 
     def prune_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]
@@ -2098,6 +2111,7 @@ class SD3Family(ModelFamily):
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
     block_count_keys = {"transformer_blocks": "num_layers"}
+    original_layout_module = "diffusers_hprune.families.sd3.original_layout"
     model_module = "diffusers_hprune.families.sd3.transformer"
     pipeline_module = "diffusers_hprune.families.sd3.pipelines"
     pipeline_class_names = ("HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Img2ImgPipeline",
@@ -2374,6 +2388,7 @@ class FluxFamily(ModelFamily):
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
+    original_layout_module = "diffusers_hprune.families.flux.original_layout"
     model_module = "diffusers_hprune.families.flux.transformer"
     pipeline_module = "diffusers_hprune.families.flux.pipelines"
     pipeline_class_names = ("HierarchicalPrunedFluxPipeline", "HierarchicalPrunedFluxImg2ImgPipeline",

@@ -20,6 +20,19 @@ class CheckpointLayout:
     """The checkpoint side of a model family (mixed into ``ModelFamily``)."""
 
     base_class_name: str = ""
+    original_layout_module: str = ""
+    """The module whose ``LAYOUT`` (an ``architecture.original.OriginalLayout``) is the family's authors' key layout,
+    for single-file and GGUF exports; imported on first use (the generated modeling file names it only). Empty: the
+    family has none."""
+
+    @property
+    def original_layout(self):
+        """The family's ``OriginalLayout`` (``original_layout_module``'s ``LAYOUT``), ``None`` when it has none."""
+        if not self.original_layout_module:
+            return None
+        import importlib
+
+        return importlib.import_module(self.original_layout_module).LAYOUT
 
     def prune_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], plan: PrunePlan, config: Mapping[str, Any]

@@ -13,15 +13,21 @@ anything is written, created or uploaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from diffusers_hprune.architecture import get_family
 from diffusers_hprune.hub.export import check_export, export_folder
-from diffusers_hprune.hub.folders import folder_format
+from diffusers_hprune.hub.file_card import write_file_card
+from diffusers_hprune.hub.folders import folder_format, folder_plan, read_json
+from diffusers_hprune.hub.gguf_file import export_gguf
+from diffusers_hprune.hub.single_file import FILE_FORMATS, export_single_file
 from diffusers_hprune.loading import check_pipeline_weights
+from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.utils.errors import HPruneError
 
 #: Patterns (``fnmatch``, as ``upload_folder`` takes them) left out of the upload.
@@ -79,28 +85,63 @@ def check_pipeline_folder(folder: str | os.PathLike, *, weights: bool = True) ->
 
 
 @contextlib.contextmanager
-def exported(folder: str | os.PathLike, format: str | None = None, repo_id: str | None = None) -> Iterator[Path]:
+def exported(folder: str | os.PathLike, format: str | None = None, repo_id: str | None = None, *,
+             quant: str | None = None, dtype: str | None = None, base_model: str | None = None,
+             license: str | None = None) -> Iterator[Path]:
     """``folder`` exported for the Hub (:func:`export_folder`) in a temporary folder beside it, removed afterwards.
 
-    A folder that is an export already is used as it is.
+    A folder that is an export already is used as it is. A file format (:data:`FILE_FORMATS`) exports the transformer
+    as one file (``NAME.safetensors`` / ``NAME-QUANT.gguf``, NAME from ``repo_id``) beside ``transformer/config.json``
+    (its stock Diffusers config, what ``from_single_file(config=repo_id, subfolder="transformer")`` reads) and a
+    model card naming ``base_model`` (required: the card says where the other components come from).
     """
     folder = check_pipeline_folder(folder, weights=False)  # export_folder checks the weights as it reads them
     already = folder_format(folder)
-    if already is not None and format in (None, already):
+    if format not in FILE_FORMATS and already is not None and format in (None, already):
         check_pipeline_weights(folder)
         yield check_export(folder)  # uploaded as it is: only what an export writes
         return
+    if format in FILE_FORMATS and not base_model:
+        raise PushError(f"--format {format} needs --base-model ID: the card of a single file names the pipeline its "
+                        "text encoders and VAE come from. Nothing was written or uploaded.")
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
     try:
-        yield export_folder(folder, scratch / folder.name, format=format, repo_id=repo_id)
+        if format not in FILE_FORMATS:
+            yield export_folder(folder, scratch / folder.name, format=format, repo_id=repo_id)
+            return
+        yield _file_export(folder, scratch / folder.name, format, repo_id, quant=quant, dtype=dtype,
+                           base_model=base_model, license=license)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # only what exported() wrote
 
 
+def _file_export(folder: Path, out: Path, format: str, repo_id: str | None, *, quant, dtype, base_model,
+                 license) -> Path:
+    name = (repo_id or folder.name).split("/")[-1]
+    out.mkdir()
+    if format == "gguf":
+        quant = quant or "Q8_0"
+        file, _ = export_gguf(folder, out / f"{name}-{quant}.gguf", quant=quant, progress=False)
+    else:
+        file = export_single_file(folder, out / f"{name}.safetensors", dtype=dtype)
+    config, plan = folder_plan(folder)
+    (out / "transformer").mkdir()
+    stock = get_family(config).stock_config(config, plan)
+    (out / "transformer" / "config.json").write_text(json.dumps(stock, indent=2, sort_keys=True) + "\n",
+                                                     encoding="utf-8")
+    pipeline = stock_pipeline_name(read_json(folder / "model_index.json")["_class_name"])
+    write_file_card(out, file_name=file.name, config=config, plan=plan, pipeline_class=pipeline,
+                    base_model=base_model, repo_id=repo_id or name, quant=quant if format == "gguf" else None,
+                    license=license)
+    return out
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-                commit_message: str | None = None, api=None, format: str | None = None, card=None) -> str:
-    """Export ``folder`` (``format``: ``stock``, ``remote`` or the plan's default), create ``repo_id`` if
-    needed and upload the export in one commit; returns the commit URL.
+                commit_message: str | None = None, api=None, format: str | None = None, card=None,
+                file_options: dict | None = None) -> str:
+    """Export ``folder`` (``format``: ``stock``, ``remote``, ``single-file``, ``gguf`` or the plan's default), create
+    ``repo_id`` if needed and upload the export in one commit; returns the commit URL. ``file_options``: for a file
+    format, :func:`exported`'s ``quant``, ``dtype``, ``base_model`` (required) and ``license``.
 
     ``card``: called with the exported folder before the upload (``hprune push --base-model``
     writes the model card there). ``folder`` itself is left as it is.
@@ -115,7 +156,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     check_repo_id(repo_id)
     check_pipeline_folder(folder)
     token = require_token(token)
-    with exported(folder, format, repo_id) as export:
+    with exported(folder, format, repo_id, **(file_options or {})) as export:
         if card is not None:
             card(export)
         if not (export / "README.md").is_file():

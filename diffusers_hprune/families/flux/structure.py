@@ -126,6 +126,7 @@ class FluxFamily(ModelFamily):
     # The single-stream blocks' projections are also named proj_out: listing it would keep
     # 1.8 B parameters of FLUX.1 in 16-bit. The top-level proj_out (3072 x 64) is quantised.
     nf4_skip_modules = ("time_text_embed", "context_embedder", "x_embedder", "norm_out")
+    original_layout_module = "diffusers_hprune.families.flux.original_layout"
     model_module = "diffusers_hprune.families.flux.transformer"
     pipeline_module = "diffusers_hprune.families.flux.pipelines"
     pipeline_class_names = ("HierarchicalPrunedFluxPipeline", "HierarchicalPrunedFluxImg2ImgPipeline",

@@ -57,6 +57,7 @@ class SD3Family(ModelFamily):
     default_alpha = 0.55
     input_modules = ("pos_embed", "time_text_embed", "context_embedder")
     block_count_keys = {"transformer_blocks": "num_layers"}
+    original_layout_module = "diffusers_hprune.families.sd3.original_layout"
     model_module = "diffusers_hprune.families.sd3.transformer"
     pipeline_module = "diffusers_hprune.families.sd3.pipelines"
     pipeline_class_names = ("HierarchicalPrunedSD3Pipeline", "HierarchicalPrunedSD3Img2ImgPipeline",
