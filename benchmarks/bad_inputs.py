@@ -683,6 +683,22 @@ def cases() -> list[Case]:
     add("inspect", "a folder that does not exist", "inspect {case}/nothing", phrase="nothing")
     add("export", "`--stock` on a plan with component removal", "export {ws}/pruned --stock --out {case}/x",
         phrase="components")
+    for fmt, target in (("single-file", "x.safetensors"), ("gguf", "x.gguf")):
+        add("export", f"`--format {fmt}` on a plan with component removal",
+            f"export {{ws}}/pruned --format {fmt} --out {{case}}/{target}", phrase="--format remote")
+        add("export", f"`--format {fmt}` with an `--out` of another suffix",
+            f"export {{ws}}/blocks-pruned --format {fmt} --out {{case}}/x.bin", phrase="must end in")
+        add("export", f"`--format {fmt}` with an `--out` that is a folder",
+            f"export {{ws}}/blocks-pruned --format {fmt} --out {{case}}/{target}", setup=_existing(target),
+            phrase="is a folder")
+        add("export", f"`--format {fmt}` `--overwrite` of a file the project did not write",
+            f"export {{ws}}/blocks-pruned --format {fmt} --out {{case}}/{target} --overwrite",
+            setup=(lambda o: lambda f: (f / o).write_bytes(b"the user's file"))(target),
+            phrase="not a file diffusers-hprune wrote")
+    add("export", "`--quant` on a pipeline-folder export", "export {ws}/blocks-pruned --quant Q4_0 --out {case}/x",
+        phrase="--quant applies to --format gguf only")
+    add("push", "`--format gguf` without `--base-model`", "push {ws}/blocks-pruned --repo-id me/x --format gguf "
+        "--token hf_x", phrase="needs --base-model")
     add("evaluate", "truncated student weights", "evaluate sd3 {case}/pruned --n 2 --no-cost",
         setup=_chain(_copy("pruned"), _truncate("pruned/transformer/diffusion_pytorch_model.safetensors")),
         phrase="damaged")
@@ -886,9 +902,9 @@ def _issue_32_cases(add) -> None:
                                                       for c in x.glob("*/config.json")) and (x / "model_index.json").is_file()
     add("export", "a folder with an author's `.py` files and `auto_map` entries (the stock export has neither)",
         "export {case}/evil --out {case}/x", setup=evil, expect="ok", writes=("x",), check=clean)
-    for fmt in ("remote", "stock"):
+    for fmt, target in (("remote", "x"), ("stock", "x"), ("single-file", "x.safetensors"), ("gguf", "x.gguf")):
         add("export", f"`--format {fmt}` of a folder with truncated transformer weights",
-            f"export {{case}}/blocks-pruned --format {fmt} --out {{case}}/x",
+            f"export {{case}}/blocks-pruned --format {fmt} --out {{case}}/{target}",
             setup=_chain(_copy("blocks-pruned"), _truncate("blocks-pruned/transformer/diffusion_pytorch_model.safetensors")),
             phrase="is damaged")
     add("quantize", "a truncated text encoder (copied as it is before)", "quantize {case}/pruned --out {case}/q",
