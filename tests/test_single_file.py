@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -211,6 +212,15 @@ def test_flux_single_file_at_full_width(tmp_path):
     info, image = _read_back(tmp_path, file, stock)
     assert info["transformer"] == "FluxTransformer2DModel" and not info["package_importable"]
     np.testing.assert_allclose(image, expected, atol=1e-5)
+    # The same tensors as GGUF Q8_0, through Diffusers' GGUF loader and FLUX converter.
+    pytest.importorskip("gguf")
+    file.unlink()
+    gguf_file, counts = export_gguf(tmp_path / "pruned", tmp_path / "flux-Q8_0.gguf", quant="Q8_0", progress=False)
+    assert counts["Q8_0"] > 0
+    info, image = _read_back(tmp_path, gguf_file, stock)
+    psnr = _psnr(image, expected)
+    print(f"FLUX.1 full width, GGUF Q8_0: PSNR {psnr:.1f} dB against the pruned model")
+    assert 60.0 <= psnr < float("inf"), psnr
 
 
 class _FakeApi:
@@ -270,3 +280,23 @@ def test_flux_cards_send_users_to_comfyui_and_refuse_a_missing_block_kind(tmp_pa
     assert main(["export", str(folder), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "need at least one of each" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sharded_bf16_folders_give_the_same_file(pruned_folders, tmp_path):
+    """A 16 GB transformer is sharded and usually bf16: every shard is read, the dtype kept, the tensors those of the
+    one-file fp32 folder rounded to bf16."""
+    from safetensors.torch import load_file
+
+    from diffusers_hprune.models import pruned_class_for
+
+    folder, _, _ = pruned_folders["sd3"]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded, ignore=shutil.ignore_patterns("transformer"))
+    transformer = pruned_class_for("sd3").from_pretrained(folder / "transformer").to(torch.bfloat16)
+    transformer.save_pretrained(sharded / "transformer", max_shard_size="20KB")
+    assert len(list((sharded / "transformer").glob("*.safetensors"))) > 2
+    reference = load_file(export_single_file(folder, tmp_path / "one.safetensors"))
+    got = load_file(export_single_file(sharded, tmp_path / "sharded.safetensors"))
+    assert set(got) == set(reference)
+    for key, tensor in reference.items():
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor.to(torch.bfloat16)), key
