@@ -2208,8 +2208,8 @@ class SD3Family(ModelFamily):
             raise PlanError(
                 f"The plan removes the last block, so {original} becomes the last block of the stock model and its "
                 "text modulation must be cut to the two chunks the stock last block has, but these weights are "
-                "4-bit. Export the 16-bit folder this one was quantised from with --stock (`hprune compress` keeps "
-                "it as 4-distilled/), or export this one with --format remote."
+                "quantised (4-bit or int8). Export the 16-bit folder this one was quantised from with --stock "
+                "(`hprune compress` keeps it as 4-distilled/), or export this one with --format remote."
             )
         for key in list(out):
             if key.startswith(tuple(f"{block}.{name}" for name in _TEXT_OUTPUT)):

@@ -180,7 +180,7 @@ def test_file_exports_refuse_4bit_folders_and_name_the_16bit_one(tmp_path, capsy
     prune_pipeline(tiny_pipeline("sd3"), PLANS["sd3"]).save_pretrained(tmp_path / "pruned")
     quantize_pipeline(tmp_path / "pruned", tmp_path / "nf4")
     assert main(["export", str(tmp_path / "nf4"), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "4-bit bitsandbytes weights" in capsys.readouterr().err
+    assert "holds quantised weights (nf4)" in capsys.readouterr().err
 
 
 def test_gguf_without_the_extra_names_it(pruned_folders, tmp_path, monkeypatch, capsys):

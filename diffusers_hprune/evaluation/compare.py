@@ -48,6 +48,7 @@ from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines import with_pruned_transformer
 from diffusers_hprune.utils.checks import check_number
 from diffusers_hprune.utils.errors import HPruneError
+from diffusers_hprune.utils.quant_config import is_bitsandbytes
 
 FIDELITY = "fidelity"
 
@@ -97,9 +98,11 @@ def _cost(pipe, inputs: dict, repeats: int, warmup: int) -> dict[str, Any]:
 
 
 def _is_4bit(module: torch.nn.Module) -> bool:
-    """A bitsandbytes-quantised model (it stays where bitsandbytes put it)."""
-    return getattr(module, "hf_quantizer", None) is not None or bool(
-        getattr(getattr(module, "config", None), "quantization_config", None))
+    """A bitsandbytes-quantised model (it stays where bitsandbytes put it; a torchao one moves like any other)."""
+    quantizer = getattr(module, "hf_quantizer", None)
+    if quantizer is not None:
+        return is_bitsandbytes({"quantization_config": quantizer.quantization_config})
+    return is_bitsandbytes(getattr(module, "config", {}))
 
 
 def _modules(pipe) -> list[torch.nn.Module]:
@@ -391,7 +394,7 @@ def load_student_beside(teacher, folder: str | os.PathLike):
     check_weight_files(folder / "transformer", "transformer weights")
     dtype = compute_dtype(teacher.transformer)
     transformer = pruned_class_for(get_family(config)).from_pretrained(folder / "transformer", dtype=dtype)
-    if not config.get("quantization_config"):
+    if not is_bitsandbytes(config):
         transformer.to(next(teacher.transformer.parameters()).device)
     student = with_pruned_transformer(teacher, transformer)
     student.register_to_config(_name_or_path=str(folder))

@@ -22,6 +22,7 @@ from diffusers_hprune.hub.remote_code import MODULE_NAME
 from diffusers_hprune.pipelines.pruned import stock_pipeline_name
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_path, atomic_write_text
+from diffusers_hprune.utils.quant_config import quantization_method
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 USAGE = Path(__file__).parent / "templates" / "usage.md"
@@ -110,15 +111,18 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
         config, plan = folder_plan(folder)
     except FolderError as e:
         raise CardError(str(e)) from None
-    quantized = bool(config.get("quantization_config"))
+    method = quantization_method(config)
+    quantized = method is not None
     distilled = (folder / "distill_summary.json").is_file()
     card_tags = ["diffusers", "text-to-image", "hierarchicalprune", "diffusers-hprune"]
     if not plan.is_empty:
         card_tags.append("pruned")
     if distilled:
         card_tags.append("distillation")
-    if quantized:
+    if method == "nf4":
         card_tags += ["4-bit", "nf4", "bitsandbytes"]
+    elif method is not None:
+        card_tags += [t for t in ("8-bit" if method.startswith("int8") else "", method, "torchao") if t]
     card_tags += [t for t in tags if t not in card_tags]
     on_hub = "/" in base_model and not Path(base_model).exists()
     # Hub convention: "quantized" is the base model's weights, only quantised; pruning (and distilling) changes them.
@@ -135,7 +139,7 @@ def render_model_card(folder: str | os.PathLike, *, base_model: str, repo_id: st
     base_url = f"https://huggingface.co/{base_model}" if on_hub else ""
     return ModelCard.from_template(
         data, template_path=str(TEMPLATE), model_name=model_name or repo.split("/")[-1], base_model=base_model,
-        base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized,
+        base_model_url=base_url, repo_id=repo, distilled=distilled, quantized=quantized, method=method,
         plan_words=plan.describe() if not plan.is_empty else "Nothing (an unpruned model).",
         plan_table=_plan_table(plan) if not plan.is_empty else "", pruned=not plan.is_empty,
         cost_table=cost, quality_table=quality, grid=grid, how_made=how, usage=usage_section(folder, repo_id),
@@ -177,7 +181,8 @@ def usage_section(folder: str | os.PathLike, repo_id: str | None) -> str:
     return jinja2.Template(USAGE.read_text(encoding="utf-8"), keep_trailing_newline=False).render(
         load_format=load_format, export_format=default_format(plan), repo_id=repo_id or str(folder),
         dtype="torch.bfloat16",
-        quantized=bool(config.get("quantization_config")), base_class=family.base_class_name,
+        quantized=bool(config.get("quantization_config")), method=quantization_method(config),
+        base_class=family.base_class_name,
         pipeline_class=stock_pipeline_name(index.get("_class_name", "")), family=family.display_name,
         kept_blocks=len(specs) - len(plan.removed_blocks), total_blocks=len(specs), plan_file=PLAN_FILE,
         module_name=MODULE_NAME,

@@ -93,6 +93,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _stock_metadata(metadata: dict[str, str], rename) -> dict[str, str]:
+    """A shard's metadata under the stock names. torchao's safetensors (an int8 transformer) describe each
+    parameter under its name and list them in ``tensor_names``: those are renamed as the tensors are, and the
+    entries of removed blocks dropped. Other metadata (``format``) is kept as it is."""
+    if "tensor_names" not in metadata:
+        return metadata
+    out = {}
+    for key, value in metadata.items():
+        if key == "tensor_names":
+            out[key] = json.dumps([new for name in json.loads(value) if (new := rename(name)) is not None])
+        elif key == "format":
+            out[key] = value
+        elif (new := rename(key)) is not None:
+            out[new] = value
+    return out
+
+
 def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan: PrunePlan) -> None:
     """Write the stock transformer folder: renumbered weights, file by file (one shard in memory at a time)."""
     from safetensors import safe_open
@@ -105,7 +122,7 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
     for path in sorted(source.iterdir()):
         if path.name.endswith(".safetensors"):
             with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {"format": "pt"}
+                metadata = _stock_metadata(f.metadata() or {"format": "pt"}, family.stock_renamer(config, plan))
                 tensors = family.stock_state_dict({k: f.get_tensor(k) for k in f.keys()}, config, plan)
             if not tensors:  # a shard that held only removal markers of removed blocks: nothing left to write
                 continue

@@ -27,6 +27,7 @@ from diffusers_hprune.pipelines.pruned import check_pipeline_family
 from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.errors import PlanError
 from diffusers_hprune.utils.fileio import atomic_path, safetensors_user_modes
+from diffusers_hprune.utils.quant_config import quantization_method
 from diffusers_hprune.utils.untrusted import check_model_index, input_files
 
 FILE_FORMATS = ("single-file", "gguf")
@@ -71,9 +72,10 @@ def stock_transformer(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     family = get_family(config)
     check_pipeline_family(index["_class_name"], config, folder)
     if config.get("quantization_config"):
-        raise ExportError(f"The transformer in {folder} holds 4-bit bitsandbytes weights, which the single-file and "
-                          "GGUF layouts cannot carry. Export the 16-bit folder it was quantised from (`hprune compress` "
-                          "keeps it as 4-distilled/); --format gguf quantises in the file's own kinds.")
+        raise ExportError(f"The transformer in {folder} holds quantised weights ({quantization_method(config)}), which "
+                          "the single-file and GGUF layouts cannot carry. Export the 16-bit folder it was quantised "
+                          "from (`hprune compress` keeps it as 4-distilled/); --format gguf quantises in the file's "
+                          "own kinds.")
     if family.original_layout is None:
         raise ExportError(f"The {family.display_name or family.name} family has no single-file layout in "
                           "diffusers-hprune; export it with --format stock or --format remote.")

@@ -46,7 +46,8 @@ def is_quantized(transformer: torch.nn.Module) -> bool:
     return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in transformer.modules())
 
 
-def _check_skip_modules(transformer: torch.nn.Module, skip_modules) -> None:
+def check_skip_modules(transformer: torch.nn.Module, skip_modules) -> None:
+    """QuantizeError naming the names of ``skip_modules`` that are no module of ``transformer`` (by path or leaf name)."""
     names = {n for n, _ in transformer.named_modules() if n}
     leaves = {n.rsplit(".", 1)[-1] for n in names}
     unknown = [s for s in skip_modules if s not in names and s not in leaves]
@@ -84,7 +85,7 @@ def quantize(transformer: torch.nn.Module, *, skip_modules=None, compute_dtype: 
     if is_quantized(transformer):
         raise QuantizeError("This transformer is already quantised; quantise the 16- or 32-bit model it came from.")
     skip = tuple(family.default_nf4_skip_modules if skip_modules is None else skip_modules)
-    _check_skip_modules(transformer, skip)
+    check_skip_modules(transformer, skip)
     if not isinstance(transformer, pruned_class_for(family)):
         transformer = prune_transformer(transformer, family.empty_plan(transformer.config))
     device = next(transformer.parameters()).device
