@@ -25,13 +25,16 @@ rehearsal's full-depth reduced-width models and the full-size configs:
    AdamW is refused under it.
 8. ``nf4-stock-diffusers``: a whole-block student quantised on the GPU (`hprune quantize`), exported
    (`hprune export`), loaded by stock Diffusers in a process that never imports diffusers_hprune, drawn on the GPU.
-9. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`; the
+9. ``torchao-kinds``: `hprune quantize --method int8-weight-only / int8-dynamic` and, on a GPU of compute
+   capability 8.9+, `fp8-weight-only` (issue 35), each exported stock and drawn by stock Diffusers on the GPU (on a
+   CPU: the pruned class draws the int8 folders); skipped without torchao.
+10. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`; the
    teacher, loaded on the host, draws on the GPU with its T5 on the CPU, then the student alone).
-10. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
+11. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
    `hprune budget --device cuda` (section "rehearsal-gpu").
-11. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
+12. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
 
-``--only NAME ...`` runs some; ``--device cpu`` runs 1-4 and 8 through the CPU paths (the others need CUDA and
+``--only NAME ...`` runs some; ``--device cpu`` runs 1-4, 8 and 9 through the CPU paths (the others need CUDA and
 say so), which is how the script itself is tested (tests/test_benchmarks.py).
 """
 
@@ -355,6 +358,31 @@ def nf4_stock_diffusers(ctx: Context) -> str:
     return "quantised on the GPU, exported, loaded and drawn by stock Diffusers (SD3Transformer2DModel, NF4)"
 
 
+def torchao_kinds(ctx: Context) -> str:
+    """``hprune quantize --method`` with torchao's kinds (issue 35): int8 on every device, fp8 on a GPU of compute
+    capability 8.9+ (H100: 9.0); each exported stock and drawn by stock Diffusers on a GPU."""
+    if importlib.util.find_spec("torchao") is None:
+        raise Skipped("torchao is not installed (pip install 'diffusers-hprune[torchao]')")
+    import torch
+
+    out = ctx.work / "blocks"
+    if not (out / "model_index.json").is_file():
+        hprune(ctx, distill_args(ctx, "sd3", "sd3-blocks", out))
+    methods = ["int8-weight-only", "int8-dynamic"]
+    if ctx.cuda and torch.cuda.get_device_capability() >= (8, 9):
+        methods.append("fp8-weight-only")
+    done = []
+    for method in methods:
+        quantized, export = ctx.work / f"blocks-{method}", ctx.work / f"blocks-{method}-stock"
+        hprune(ctx, ["quantize", str(out), "--out", str(quantized), "--method", method])
+        hprune(ctx, ["export", str(quantized), "--out", str(export)])
+        drawn = draw(ctx, export if ctx.cuda else quantized, stock=ctx.cuda)
+        expect(drawn["transformer"] in ("SD3Transformer2DModel", "HierarchicalPrunedSD3Transformer2DModel"),
+               f"{method}: loaded as {drawn['transformer']}")
+        done.append(method)
+    return f"quantised, exported and drawn: {', '.join(done)}" + ("" if ctx.cuda else " (pruned class, CPU)")
+
+
 def gpu_tests(ctx: Context) -> str:
     if not ctx.cuda:
         raise Skipped("the tests marked gpu need CUDA")
@@ -392,6 +420,7 @@ CHECKS = {
     "fsdp2": fsdp2,
     "deepspeed-zero2": deepspeed_zero2,
     "nf4-stock-diffusers": nf4_stock_diffusers,
+    "torchao-kinds": torchao_kinds,
     "gpu-tests": gpu_tests,
     "rehearsal": rehearsal,
     "latency": latency,
@@ -403,7 +432,7 @@ def environment(device: str) -> str:
     import torch
 
     what = f"torch {torch.__version__}, diffusers {diffusers.__version__}"
-    for name in ("accelerate", "bitsandbytes", "peft", "deepspeed"):
+    for name in ("accelerate", "bitsandbytes", "peft", "deepspeed", "torchao", "gguf"):
         spec = importlib.util.find_spec(name)
         if spec is not None:
             from importlib.metadata import PackageNotFoundError, version

@@ -199,7 +199,7 @@ def test_bad_inputs_classifies_each_ending(tmp_path, monkeypatch):
 def test_the_gpu_check_runs_what_a_cpu_can_and_says_why_it_skips_the_rest(tmp_path):
     """benchmarks/gpu_check.py is the one command for the GPU-only paths; run here with --device cpu its toy checks
     pass through the CPU paths (bf16 validation, the NF4 teacher with sliced FLUX blocks, the QLoRA student, LoRA + 8-bit AdamW +
-    checkpointing, NF4 save and load) and every CUDA-only check is skipped with its reason, nothing failing."""
+    checkpointing, NF4 save and load, torchao's int8 kinds) and every CUDA-only check is skipped with its reason, nothing failing."""
     import os
     import subprocess
 
@@ -212,7 +212,7 @@ def test_the_gpu_check_runs_what_a_cpu_can_and_says_why_it_skips_the_rest(tmp_pa
     gpu_check = _script("gpu_check")
     assert list(checks) == list(gpu_check.CHECKS)
     ran = {"validation-bf16", "teacher-4bit-flux-slices", "qlora-flux-slices", "lora-8bit-checkpointing",
-           "nf4-stock-diffusers"}
+           "nf4-stock-diffusers", "torchao-kinds"}  # torchao is in the dev extra
     assert {name for name, c in checks.items() if c["outcome"] == "PASS"} == ran
     assert all(c["outcome"] == "SKIP" and c["detail"] for name, c in checks.items() if name not in ran)
     assert "| validation-bf16 | PASS |" in proc.stdout

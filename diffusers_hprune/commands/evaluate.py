@@ -24,6 +24,7 @@ from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, check_apart, check_output_file, nonnegative_int, positive_int
 from diffusers_hprune.utils.errors import HPruneError
 from diffusers_hprune.utils.fileio import atomic_write_json
+from diffusers_hprune.utils.quant_config import quantization_method
 
 
 def register(subparsers) -> None:
@@ -78,7 +79,7 @@ def _check_fits(args: argparse.Namespace) -> None:
     if not student.get("prune_plan") or teacher.get("prune_plan"):
         return
     options = BudgetOptions(eval_batch_size=args.batch_size, vae_tiling=args.vae_tiling, resolution=args.height,
-                            quantize=bool(student.get("quantization_config")))
+                            quantize=quantization_method(student) == "nf4")  # torchao's int8: as 16-bit, an upper bound
     check_fits("evaluation", args.model, PrunePlan.from_dict(student["prune_plan"]), options)
 
 
