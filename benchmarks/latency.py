@@ -35,7 +35,7 @@ from diffusers_hprune import prune_transformer, toy  # noqa: E402
 from diffusers_hprune.analysis import synthetic_report  # noqa: E402
 from diffusers_hprune.architecture import get_family  # noqa: E402
 from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config  # noqa: E402
-from diffusers_hprune.evaluation.measure import step_inputs  # noqa: E402
+from diffusers_hprune.evaluation.measure import device_description, step_inputs  # noqa: E402
 from diffusers_hprune.planning import make_plan  # noqa: E402
 
 SCALED = {"num_attention_heads": 4, "attention_head_dim": 64}
@@ -74,13 +74,15 @@ def random_inputs(transformer, resolution: int, device, dtype) -> dict:
     return family.denoiser_inputs(transformer, latents, torch.full((1,), 0.5, device=device, dtype=dtype), text)
 
 
-@torch.no_grad()
 def step_flops(transformer, inputs) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one step, attention included (``evaluation.measure.step_flops``: counted on the meta device, where
+    attention runs as matrix products; a CPU run's fused attention kernel is not counted by torch's counter)."""
+    from diffusers_hprune.evaluation.measure import step_flops as architecture_flops
 
-    with FlopCounterMode(display=False) as counter:
-        transformer(**inputs, return_dict=False)
-    return counter.get_total_flops()
+    flops = architecture_flops(transformer, inputs)
+    if flops is None:
+        raise SystemExit(f"cannot count the FLOPs of {type(transformer).__name__} on the meta device")
+    return flops
 
 
 @torch.no_grad()
@@ -137,6 +139,118 @@ def measure_case(label: str, base, inputs: dict, plans: dict, repeats: int, quan
     return rows
 
 
+def _timed(models: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per step of each ``name: (model, inputs)``, timed in turn (drift hits every row alike)."""
+    device = next(next(iter(models.values()))[0].parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for model, inputs in models.values():
+            for _ in range(warmup):
+                model(**inputs, return_dict=False)
+        times = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, (model, inputs) in models.items():
+                sync()
+                start = time.perf_counter()
+                model(**inputs, return_dict=False)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def format_models(base, plan, inputs: dict, device: torch.device) -> dict:
+    """Every format the project writes of the pruned model, beside the original (fp32 and bf16 on a CPU, bf16 on a
+    GPU): ``name: factory`` returning ``(model, inputs)``, so a GPU can hold one format at a time. torchao's kinds are
+    quantised in memory with the configs ``hprune quantize`` passes to Diffusers, skipping the same modules; NF4
+    through ``quantization.quantize`` (on a CPU it computes in fp32). ``base`` is fp32 on a CPU, bf16 on a GPU."""
+    from diffusers_hprune.quantization import quantize
+
+    def bf16(x):
+        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+
+    def pruned():
+        return prune_transformer(copy.deepcopy(base), plan).eval()
+
+    cpu = device.type == "cpu"
+    factories = {}
+    if cpu:
+        factories["original, fp32"] = lambda: (base, inputs)
+    factories["original, bf16"] = lambda: (copy.deepcopy(base).to(torch.bfloat16) if cpu else base, bf16(inputs))
+    if cpu:
+        factories["pruned, fp32"] = lambda: (pruned(), inputs)
+    factories["pruned, bf16"] = lambda: (pruned().to(torch.bfloat16), bf16(inputs))
+    factories["pruned, NF4"] = lambda: (quantize(pruned()), inputs if cpu else bf16(inputs))
+    try:
+        import torchao.quantization as ao
+    except ImportError:
+        print("torchao is not installed: its rows are left out (pip install 'diffusers-hprune[torchao]')")
+        return factories
+    skip = tuple(get_family(base).default_nf4_skip_modules)
+
+    def keep(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not any(part in skip for part in fqn.split("."))
+
+    def torchao_kind(config, compiled: bool = False):
+        def make():
+            model = pruned().to(torch.bfloat16)
+            ao.quantize_(model, config, filter_fn=keep)
+            return (torch.compile(model) if compiled else model), bf16(inputs)
+        return make
+
+    factories["pruned, int8 weight-only"] = torchao_kind(ao.Int8WeightOnlyConfig())
+    factories["pruned, int8 dynamic"] = torchao_kind(ao.Int8DynamicActivationInt8WeightConfig())
+    if not cpu:  # torch.compile fuses the int8 matmuls and the element-wise work around them
+        factories["pruned, bf16 + torch.compile"] = lambda: (torch.compile(pruned().to(torch.bfloat16)), bf16(inputs))
+        factories["pruned, int8 dynamic + torch.compile"] = torchao_kind(ao.Int8DynamicActivationInt8WeightConfig(), True)
+        if torch.cuda.get_device_capability(device) >= (8, 9):
+            factories["pruned, fp8 weight-only"] = torchao_kind(ao.Float8WeightOnlyConfig())
+    return factories
+
+
+def _measure_formats(factories: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
+    """Median seconds per step and stored bytes of every format: on a CPU all in memory and timed in turn (drift hits
+    every row alike); on a GPU one at a time, each freed before the next is built."""
+    from diffusers_hprune.evaluation.measure import stored_bytes
+
+    if device.type == "cpu":
+        models = {name: make() for name, make in factories.items()}
+        sizes = {name: stored_bytes(m) for name, (m, _) in models.items()}
+        return _timed(models, repeats), sizes
+    timing, sizes = {}, {}
+    for name, make in factories.items():
+        model, x = make()
+        sizes[name] = stored_bytes(getattr(model, "_orig_mod", model))
+        timing.update(_timed({name: (model, x)}, repeats))
+        del model, x
+        torch.cuda.empty_cache()
+    return timing, sizes
+
+
+def format_case(label: str, base, inputs: dict, plan, repeats: int, device: torch.device) -> list[list]:
+    """One model's format table: latency of each format against the fastest original, beside the pruning's FLOP
+    bound; the goal: the fastest pruned format beats the fastest original and reaches 0.9 x the bound."""
+    flops = {"original": step_flops(base, inputs), "pruned": step_flops(prune_transformer(copy.deepcopy(base), plan),
+                                                                        inputs)}
+    timing, sizes = _measure_formats(format_models(base, plan, inputs, device), repeats, device)
+    sixteen = timing["original, bf16"]  # the issue's reference: the 16-bit original
+    fastest_original = min(t for n, t in timing.items() if n.startswith("original"))  # on a CPU fp32 can be faster
+    bound = 1 - flops["pruned"] / flops["original"]
+    fastest = min((n for n in timing if n.startswith("pruned")), key=timing.get)
+    rows = []
+    for name in timing:
+        pruned = name.startswith("pruned")
+        against = [1 - timing[name] / sixteen, 1 - timing[name] / fastest_original]
+        goal = ""
+        if name == fastest:
+            goal = " / ".join("yes" if m > 0 and m >= 0.9 * bound else "no" for m in against)
+        rows.append([label, name, f"{sizes[name] / 2**20:.1f}", f"{flops['pruned' if pruned else 'original'] / 1e9:.2f}",
+                     f"{timing[name] * 1e3:.1f}", f"{timing[name] / sixteen:.1%}",
+                     f"{timing[name] / fastest_original:.1%}", f"{bound:.1%}" if pruned else "-",
+                     " / ".join(f"{m / bound:.2f}" for m in against) if pruned else "-", goal])
+    print("\n".join(" | ".join(map(str, r)) for r in rows), flush=True)
+    return rows
+
+
 def component_breakdown(name: str, repeats: int) -> list[list]:
     """Time vs FLOP reduction of removing one kind of component from most blocks of a short scaled model."""
     from diffusers_hprune.plan import PrunePlan
@@ -163,15 +277,63 @@ def component_breakdown(name: str, repeats: int) -> list[list]:
     return rows
 
 
+def formats(args, device: torch.device) -> None:
+    """The table of every format (issue 35): the HPP 20 % plan (whole blocks) of each model, in each format."""
+    rows = []
+    if device.type == "cpu":
+        for family in ("sd3", "flux"):
+            pipe = toy.load_pipeline(family)
+            transformer = pipe.transformer.eval()
+            rows += format_case(f"{family} toy, 32 px", transformer, step_inputs(pipe, toy.prompts(n=1)[0]),
+                                plans_for(dict(transformer.config))[0.2], args.format_repeats, device)
+    for name in ("sd3.5-large-turbo", "flux.1-schnell"):
+        config = scaled_config(name, full_size=device.type == "cuda")
+        family = get_family(config)
+        torch.manual_seed(0)
+        with device:  # on a GPU: random weights made there, in bf16 (an fp32 FLUX.1 and its copies would not fit)
+            base = family.base_class.from_config(config).eval()
+            if device.type == "cuda":
+                base = base.to(torch.bfloat16)
+        resolution = 1024 if device.type == "cuda" else 512
+        size = "full size" if device.type == "cuda" else "width 256, every block"
+        rows += format_case(f"{name} ({size}), {resolution} px", base, random_inputs(base, resolution, device,
+                            torch.float32), plans_for(config)[0.2], args.format_repeats, device)
+        del base
+    body = markdown_table(["model", "format", "transformer MiB", "GFLOPs / step", "latency (ms, median)",
+                           "of the 16-bit original", "of the fastest original", "FLOP bound (reduction)",
+                           "measured / bound (16-bit / fastest original)",
+                           "fastest pruned format: faster and >= 0.9 x bound (16-bit / fastest original)"], rows)
+    body += (
+        f"\n\nOne transformer step, batch 1, {args.format_repeats} timed steps per row after 2 warm-up steps, rows "
+        "timed in turn. Plan: HPP at 20 % from a synthetic analysis, whole blocks only (below r_thres), so every "
+        "format holds it. FLOPs: `evaluation.measure.step_flops` (counted on the meta device, attention included); "
+        "a quantised kind computes the FLOPs of its 16-bit self. The FLOP bound is the reduction in FLOPs; measured / "
+        "bound is the latency reduction against the 16-bit (bf16) original, the issue's reference, and against the "
+        "original in its fastest dtype here (on this CPU the toys' small matrices run faster in fp32, so the second "
+        "is the stricter test). NF4 on a CPU "
+        "computes in fp32 after dequantising each weight; torchao's int8 kinds compute in bf16 "
+        f"(torchao quantize_ with the configs `hprune quantize` passes to Diffusers). Measured on "
+        f"{device_description(device)}.\n")
+    if not args.no_write:
+        update_section(f"latency-formats-{device.type}", f"Per-step latency of every format ({device.type}, "
+                       "issue 35)", body)
+    print(body)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    parser.add_argument("--formats-only", action="store_true", help="only the table of every format (issue 35)")
+    parser.add_argument("--format-repeats", type=int, default=10, help="timed steps per format row (default 10)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; run on a GPU machine or drop the flag.")
     device = torch.device(args.device)
+    formats(args, device)
+    if args.formats_only:
+        return
     rows = []
     if args.device == "cpu":
         for family in ("sd3", "flux"):
@@ -209,8 +371,10 @@ def main(argv=None):
     body += (
         f"\n\nOne transformer step, batch 1, {args.repeats} timed steps per row after 3 warm-up steps, rows timed "
         "in turn; ± is the standard error of the median's sample (stdev / sqrt(n)). FLOPs counted by "
-        "torch.utils.flop_counter (matrix products and attention; norms and element-wise work are not counted, "
-        "which is why the bound can overstate what removal of a block saves on small widths). HPP plans from a "
+        "torch.utils.flop_counter on the meta device (`evaluation.measure.step_flops`: matrix products, attention "
+        "as its two batched matrix products; norms and element-wise work are not counted, which is why the bound can "
+        "overstate what removal of a block saves on small widths). Before 2026-12-06 the count came from a CPU run, "
+        "where the fused attention kernel has no FLOP formula: attention was left out of every bound. HPP plans from a "
         "synthetic analysis (later blocks matter less). Random weights: latency does not depend on their values.\n"
     )
     if args.device == "cpu":
@@ -220,10 +384,10 @@ def main(argv=None):
             "scaled SD3.5 model (same width, resolution and text length as above):\n\n"
             + markdown_table(["model", "component removed", "blocks", "FLOP reduction", "measured reduction"],
                              breakdown)
-            + "\n\nOn this CPU a FLOP of the MLPs' large matrix products costs less time than a FLOP of attention, "
-            "and the element-wise work (norms, modulation, gating) is not in the FLOP count at all, so removing "
-            "MLPs saves less time than FLOPs, and removing attention more. Whole-block removal saves "
-            "all of a block's kinds of work at once and tracks the bound more closely.\n"
+            + "\n\nWith attention counted, each kind of component's time follows its share of the FLOPs; the "
+            "modulations (`norm1`, `norm1_context`) have almost none, and the element-wise work (norms, gating) is "
+            "not in the count at all, which is where a plan can fall short of its bound. Whole-block removal saves "
+            "all of a block's kinds of work at once.\n"
         )
     if not args.no_write:
         update_section(section, title, body)

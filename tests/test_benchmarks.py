@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -224,3 +225,30 @@ def test_the_gpu_check_refuses_cuda_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _script("gpu_check").main(["--no-write"]) == 2
     assert "no CUDA device is visible here" in capsys.readouterr().err
+
+
+def test_latency_formats_time_every_format_against_the_same_bound():
+    """benchmarks/latency.py's format table (issue 35): every format the project writes of one pruned model, the
+    bound from the architecture's FLOPs, the goal judged on the fastest pruned format only."""
+    import torch
+    from helpers import tiny_pipeline
+
+    from diffusers_hprune import PrunePlan, prune_transformer
+    from diffusers_hprune.evaluation.measure import step_flops, step_inputs
+
+    latency = _script("latency")
+    pipe = tiny_pipeline("sd3")
+    plan = PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4)
+    inputs = step_inputs(pipe, height=32, width=32)
+    rows = latency.format_case("toy", pipe.transformer, inputs, plan, 1, torch.device("cpu"))
+    names = [r[1] for r in rows]
+    expected = ["original, fp32", "original, bf16", "pruned, fp32", "pruned, bf16", "pruned, NF4"]
+    if importlib.util.find_spec("torchao") is not None:
+        expected += ["pruned, int8 weight-only", "pruned, int8 dynamic"]
+    assert names == expected
+    bound = 1 - step_flops(prune_transformer(pipe.transformer, plan), inputs) / step_flops(pipe.transformer, inputs)
+    assert {r[7] for r in rows if r[1].startswith("pruned")} == {f"{bound:.1%}"}
+    goals = [r[9] for r in rows]
+    assert goals.count("") == len(rows) - 1 and set(goals) - {""} <= {f"{a} / {b}" for a in ("yes", "no") for b in ("yes", "no")}
+    size = {r[1]: float(r[2]) for r in rows}
+    assert size["pruned, NF4"] < size["pruned, fp32"] < size["original, fp32"] and size["pruned, bf16"] <= size["pruned, fp32"]

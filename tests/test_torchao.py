@@ -78,6 +78,12 @@ def test_int8_folders_save_as_safetensors_and_reload(folders, method, plan):
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.transformer.transformer_blocks[0].ff.net[2].weight).__name__ == "Int8Tensor"
     assert type(pipe.transformer.proj_out.weight).__name__ == "Parameter"  # the skip list stays bf16
+    # the int8 data and scales are what it holds: counted, not the logical bf16 size
+    from diffusers_hprune.evaluation.measure import stored_bytes
+    from diffusers_hprune.models import pruned_class_for
+
+    bf16 = stored_bytes(pruned_class_for("sd3").from_pretrained(source / "transformer", dtype=torch.bfloat16))
+    assert stored_bytes(pipe.transformer) < 0.8 * bf16
     psnr = _psnr(_image(pipe), expected)
     print(f"{plan} {method}: PSNR {psnr:.1f} dB against the bf16 pruned model")
     assert 40.0 <= psnr < float("inf"), psnr

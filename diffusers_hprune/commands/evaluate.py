@@ -155,26 +155,34 @@ def format_evaluation(result: dict) -> str:
         add("step peak bytes", [f"{e['step_peak_bytes']:,}" for e in entries])
         add("step latency", [f"{e['latency_s']['median'] * 1e3:.1f} ms (IQR {e['latency_s']['iqr'] * 1e3:.1f})"
                              for e in entries])
+        add("step FLOPs", [f"{e['step_flops'] / 1e9:.3g} G" if e.get("step_flops") else "-" for e in entries])
+        add("weights", [e.get("weights", "-") for e in entries])
     for metric in entries[0]["metrics"]:
         values = [e["metrics"][metric] for e in entries]
         add(metric, [f"{overall_score(v):.4g}" for v in values])
-    for e in entries[1:]:
-        if "fidelity" in e:
-            f = e["fidelity"]
-            rows.append(["fidelity to " + names[0], "-"] + [f"PSNR {f['psnr_db']:.2f} dB"
-                                                          + (f", SSIM {f['ssim']:.3f}" if f["ssim"] is not None else "")])
+    if any("fidelity" in e for e in entries[1:]):
+        def fidelity(e):
+            f = e.get("fidelity")
+            return "-" if f is None else (f"PSNR {f['psnr_db']:.2f} dB"
+                                          + (f", SSIM {f['ssim']:.3f}" if f["ssim"] is not None else ""))
+        rows.append(["fidelity to " + names[0], "-", *(fidelity(e) for e in entries[1:])])
     header = ["", *names]
-    if len(names) == 2:
-        header.append(f"{names[1]} / {names[0]}")
-        rel = entries[1].get("relative", {})
-        keys = {"parameters": "params", "weight bytes": "weight_bytes", "step peak bytes": "step_peak_bytes",
-                "step latency": "latency"}
+    keys = {"parameters": "params", "weight bytes": "weight_bytes", "step peak bytes": "step_peak_bytes",
+            "step latency": "latency", "step FLOPs": "flop_bound"}
+    for name, entry in zip(names[1:], entries[1:]):  # each model against the first
+        header.append(f"{name} / {names[0]}")
+        rel = entry.get("relative", {})
         for row in rows:
             key = keys.get(row[0], row[0])
             row.append(f"{rel[key]:.1%}" if key in rel else "")
+            if row[0] == "step latency" and "flop_bound" in rel:
+                row[-1] += f" (FLOP bound {rel['flop_bound']:.1%})"
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.append(f"{len(result['prompts'])} prompts, seeds {result['seed']}.., generation {result['generation']}")
+    if "device" in result:
+        lines.append(f"measured on {result['device']}; FLOP bound: the latency share the FLOP reduction alone would "
+                     "give (FLOPs of one step, attention included)")
     if "grid" in result:
         lines.append(f"grid ({' | '.join(names)}, one row each): {result['grid']}")
     return "\n".join(lines)

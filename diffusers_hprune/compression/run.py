@@ -172,7 +172,7 @@ def compress(model: str, out: str | os.PathLike, config: HPruneConfig | None = N
     metrics = run.evaluate()
     run.write_card(metrics, push, license)
     summary = {"model": str(model), "out": str(out), "final": str(run.final), "stages": run.stages.rows,
-               "metrics": metrics["models"],
+               "metrics": metrics["models"], **({"device": metrics["device"]} if "device" in metrics else {}),
                "prompts": {"training_distinct": len(set(chosen.train_pool)), "evaluation": len(chosen.evaluation),
                            "evaluation_source": chosen.eval_source}}
     if push:
@@ -224,6 +224,7 @@ class _Run:
     say: Callable[[str], None]
     keys: dict[str, str] = field(default_factory=dict)
     final: Path | None = None
+    unquantized: Path | None = None  # the 16-bit model the quantisation started from, evaluated beside it
     placement: dict = field(default_factory=dict)  # the analysis's cache_device and batch_size: same result
 
     @property
@@ -293,24 +294,28 @@ class _Run:
         self.final, self.keys["model"] = self.stages.run(4, "distilled", inputs, do_distill, keep_partial=True)
 
     def quantize(self) -> None:
-        source = self.final
+        source = self.unquantized = self.final
         self.final, self.keys["model"] = self.stages.run(5, "quantized", {"from": self.keys["model"]},
                                                          lambda d: quantize_pipeline(source, d, overwrite=True))
 
     def evaluate(self) -> dict:
-        config, final = self.config, self.final
+        config, final, unquantized = self.config, self.final, self.unquantized
 
         def do_evaluate(folder: Path) -> None:
-            # loaded after the teacher's turn, around the teacher's text encoders and VAE (its own are the same files)
+            # loaded after the teacher's turn, around the teacher's text encoders and VAE (its own are the same files);
+            # a quantised student after its 16-bit self, so each latency stands beside the same FLOP bound
+            students = {"unquantized": lambda: load_student_beside(self.teacher.pipe, unquantized)} if unquantized else {}
             result = evaluate_pipelines(
-                {"teacher": self.teacher.pipe, "student": lambda: load_student_beside(self.teacher.pipe, final)},
+                {"teacher": self.teacher.pipe, **students,
+                 "student": lambda: load_student_beside(self.teacher.pipe, final)},
                 self.prompts.evaluation, seed=config.seed,
                 metrics=[FIDELITY] + (["shapeeval"] if self.is_toy else []), latency_repeats=config.latency_repeats,
                 grid=folder / "grid.png", batch_size=config.eval_batch_size, vae_tiling=config.vae_tiling,
             )
             atomic_write_json(folder / "metrics.json", result)
 
-        inputs = {"model": self.keys["model"], **config.evaluation_settings(), "prompts": _digest(self.prompts.evaluation)}
+        inputs = {"model": self.keys["model"], **config.evaluation_settings(), "prompts": _digest(self.prompts.evaluation),
+                  "models": ["teacher", *(["unquantized"] if unquantized else []), "student"]}
         folder, _ = self.stages.run(6, "evaluation", inputs, do_evaluate)
         return json.loads((folder / "metrics.json").read_text())
 
@@ -380,6 +385,25 @@ def _flags(config: HPruneConfig) -> str:
     return " ".join(parts)
 
 
+def _speed_lines(models: dict, device: str | None) -> list[str]:
+    """Each model's step latency as a share of the original's beside its FLOP bound, and where it was measured."""
+    base = models.get("teacher", {})
+    if not base.get("step_flops"):
+        return []
+    names = {"teacher": "original", "unquantized": "compressed, 16-bit", "student": "compressed"}
+    lines = ["", f"{'step latency':<28}{'ms':>10}{'of original':>13}{'FLOP bound':>12}"]
+    for name, m in models.items():
+        if "latency_s" not in m:
+            continue
+        label = f"{names.get(name, name)} ({m.get('weights', '?')})"
+        bound = m["step_flops"] / base["step_flops"] if m.get("step_flops") else float("nan")
+        lines.append(f"{label:<28}{m['latency_s']['median'] * 1e3:>10.1f}"
+                     f"{m['latency_s']['median'] / base['latency_s']['median']:>13.1%}{bound:>12.1%}")
+    if device:
+        lines.append(f"measured on {device}")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     lines = ["stage        status                  seconds"]
     lines += [f"{name:<12} {status:<23} {seconds:7.1f}" for name, status, seconds in summary["stages"]]
@@ -397,6 +421,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{metric:<22}{tv:>16.3f}{sv:>16.3f}{share}")
     if "fidelity" in s:
         lines.append(f"{'fidelity (PSNR dB)':<22}{'':>16}{s['fidelity']['psnr_db']:>16.2f}")
+    lines += _speed_lines(summary["metrics"], summary.get("device"))
     lines.append("")
     lines.append(f"compressed pipeline: {summary['final']} (model card: {Path(summary['final']) / 'README.md'})")
     if summary.get("pushed"):

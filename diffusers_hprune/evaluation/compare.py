@@ -24,7 +24,9 @@ from diffusers_hprune.architecture import get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.evaluation.measure import (
     compute_dtype,
+    device_description,
     logical_params,
+    step_flops,
     step_inputs,
     step_latency,
     step_memory,
@@ -48,7 +50,7 @@ from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.pipelines import with_pruned_transformer
 from diffusers_hprune.utils.checks import check_number
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.quant_config import is_bitsandbytes
+from diffusers_hprune.utils.quant_config import is_bitsandbytes, quantization_method
 
 FIDELITY = "fidelity"
 
@@ -94,6 +96,8 @@ def _cost(pipe, inputs: dict, repeats: int, warmup: int) -> dict[str, Any]:
         "step_peak_bytes": memory["peak"],
         "memory_method": memory["method"],
         "latency_s": {k: latency[k] for k in ("median", "stdev", "iqr", "min", "max", "warmup", "repeats")},
+        "step_flops": step_flops(transformer, inputs),
+        "weights": quantization_method(transformer.config) or str(compute_dtype(transformer)).replace("torch.", ""),
     }
 
 
@@ -220,7 +224,8 @@ def evaluate_pipelines(
     kwargs = generation_settings(reference, num_inference_steps, height, width, guidance_scale)
     seeds = [seed + k for k in range(len(prompts))]
     result: dict[str, Any] = {"prompts": list(prompts), "seed": seed, "generation": kwargs, "models": {},
-                              **({"vae_tiling": True} if vae_tiling else {})}
+                              **({"vae_tiling": True} if vae_tiling else {}),
+                              **({"device": device_description(pipelines.device)} if cost else {})}
     inputs = None
     # no size given: the model's own
     step = dict(height=kwargs.get("height"), width=kwargs.get("width"), guidance_scale=guidance_scale, seed=seed)
@@ -242,6 +247,8 @@ def evaluate_pipelines(
         if cost:
             entry.update(_cost(pipe, _inputs_for(pipe, inputs), latency_repeats, warmup))
         result["models"][name] = entry
+        del pipe
+        pipelines.done(name)
     for name in names[1:]:
         entry = result["models"][name]
         if FIDELITY in metrics or not metrics:
@@ -281,6 +288,12 @@ class _Pipelines:
                 value = value()
             self.loaded[name] = value
         return self.loaded[name]
+
+    def done(self, name: str) -> None:
+        """Drop a pipeline this object loaded (from a function) once its turn is over, but the reference: its
+        transformer need not wait in host memory beside the next one (three FLUX.1 transformers would not fit)."""
+        if name != next(iter(self.models)) and not hasattr(self.models[name], "components"):
+            self.loaded.pop(name, None)
 
 
 def _image_scorers(metrics, metric_options: dict[str, dict] | None) -> dict[str, Any]:
@@ -328,6 +341,8 @@ def _relative(entry: dict, base: dict) -> dict[str, float]:
             out[key] = entry[key] / base[key]
     if "latency_s" in entry:
         out["latency"] = entry["latency_s"]["median"] / base["latency_s"]["median"]
+    if entry.get("step_flops") and base.get("step_flops"):  # the latency share the FLOP reduction alone would give
+        out["flop_bound"] = entry["step_flops"] / base["step_flops"]
     for metric, value in entry["metrics"].items():
         b = overall_score(base["metrics"].get(metric))
         if b:

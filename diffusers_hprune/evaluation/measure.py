@@ -14,6 +14,10 @@
   reuses what the warm-up freed, so activations went missing from the figure.)
 * ``step_latency(transformer, inputs, warmup=2, repeats=10)``: wall time of each step after
   ``warmup`` untimed steps (CUDA synchronised), summarised as median and spread.
+* ``step_flops(transformer, inputs)``: the FLOPs of one step of the model's architecture (its plan, dense
+  weights), counted on the meta device: the same for every quantised kind of one model, so a latency can be read
+  beside the FLOP bound of the pruning (the latency the FLOP reduction alone would give).
+* ``device_description(device)``: the line a table gives about where its latencies were measured.
 """
 
 from __future__ import annotations
@@ -60,14 +64,25 @@ def compute_dtype(transformer) -> torch.dtype:
     return next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass that flattens into inner tensors (torchao's ``Int8Tensor``: int8 data
+    and scales) holds those, not its logical dtype's."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        return sum(_tensor_bytes(inner) for name in names if isinstance(inner := getattr(data, name, None), torch.Tensor))
+    return t.numel() * t.element_size()
+
+
 def stored_bytes(transformer: torch.nn.Module) -> int:
-    """Bytes of the tensors the model holds: parameters, buffers and bitsandbytes' quantisation state."""
+    """Bytes of the tensors the model holds: parameters, buffers, bitsandbytes' quantisation state and the inner
+    tensors of torchao's quantised weights."""
     total = 0
     seen = set()
     for t in list(transformer.parameters()) + list(transformer.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += _tensor_bytes(t)
         state = getattr(t, "quant_state", None)
         if state is not None:
             total += _quant_state_bytes(state)
@@ -160,5 +175,45 @@ def live_tensor_peak(module: torch.nn.Module, inputs: dict) -> int:
     return counter.peak
 
 
-__all__ = ["MeasureError", "live_tensor_peak", "logical_params", "step_inputs", "step_latency", "step_memory",
+@torch.no_grad()
+def step_flops(transformer: torch.nn.Module, inputs: dict) -> int | None:
+    """FLOPs of one call of ``transformer``'s architecture on ``inputs``' shapes (``torch.utils.flop_counter``), or
+    ``None`` when it cannot be rebuilt on the meta device. The model is rebuilt from its config without any
+    ``quantization_config``, so an NF4 or int8 model counts the matmuls it computes, as its 16-bit self does. On the
+    meta device attention runs as its two batched matmuls and is counted; counted on a CPU run it would be missing
+    (the CPU's fused attention kernel has no FLOP formula in torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = {k: v for k, v in transformer.config.items() if k != "quantization_config"}
+    try:
+        with torch.device("meta"):
+            dense = type(transformer).from_config(config)
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with FlopCounterMode(display=False) as counter:
+            dense(**meta, return_dict=False)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # an op without a meta kernel
+        return None
+    return int(counter.get_total_flops())
+
+
+def device_description(device: torch.device | str) -> str:
+    """``cuda: NVIDIA H100 80GB HBM3 (torch 2.x, CUDA 12.x)`` or ``cpu: <processor>, N cores, T threads (torch 2.x)``."""
+    import os
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (f"cuda: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return (f"{device.type}: {name}, {os.cpu_count()} cores, {threads} thread{'' if threads == 1 else 's'} "
+            f"(torch {torch.__version__})")
+
+
+__all__ = ["MeasureError", "device_description", "step_flops", "live_tensor_peak", "logical_params", "step_inputs", "step_latency", "step_memory",
            "stored_bytes"]

@@ -56,6 +56,30 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+#: How the card names the models of an evaluation (``hprune compress`` adds the student before quantisation).
+MODEL_NAMES = {"teacher": "base model", "unquantized": "this model before quantisation", "student": "this model"}
+
+
+def _speed_table(models: dict, evaluation: dict) -> str:
+    """Every evaluated model's step latency beside its FLOP bound (the latency share the FLOP reduction alone would
+    give), and where it was measured."""
+    base = models["teacher"]
+    if not all("latency_s" in m for m in models.values()):
+        return ""
+    rows = ["| model | weights | latency of one step | of the base model | FLOP bound |", "| --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        share = m["latency_s"]["median"] / base["latency_s"]["median"]
+        bound = (f"{m['step_flops'] / base['step_flops']:.1%}" if m.get("step_flops") and base.get("step_flops")
+                 else "-")
+        rows.append(f"| {MODEL_NAMES.get(name, name)} | {m.get('weights', '-')} | {m['latency_s']['median'] * 1e3:.1f} ms "
+                    f"| {share:.1%} | {bound} |")
+    device = evaluation.get("device", "a device the evaluation did not record")
+    return ("\n\n" + "\n".join(rows) + f"\n\nMeasured on {device}. The FLOP bound is the latency share the removed "
+            "FLOPs alone would give (FLOPs of one step, attention included); a quantised kind computes the FLOPs of "
+            "its 16-bit self, so NF4, which dequantises every weight before its matmul, is slower than its bound and "
+            "int8 kinds can be faster where int8 matmuls are.")
+
+
 def _tables(evaluation: dict | None) -> tuple[str, str]:
     if not evaluation:
         return ("Not measured (run `hprune evaluate BASE THIS --out metrics.json` and pass it to the card).",) * 2
@@ -73,7 +97,7 @@ def _tables(evaluation: dict | None) -> tuple[str, str]:
                     f"{_fmt_bytes(s['step_peak_bytes'])} | {s['step_peak_bytes'] / t['step_peak_bytes']:.1%} |")
         cost.append(f"| latency of one step (median) | {t['latency_s']['median'] * 1e3:.1f} ms | "
                     f"{s['latency_s']['median'] * 1e3:.1f} ms | {s['latency_s']['median'] / t['latency_s']['median']:.1%} |")
-        cost_text = "\n".join(cost) + f"\n\nMemory: {s.get('memory_method', '')}."
+        cost_text = "\n".join(cost) + f"\n\nMemory: {s.get('memory_method', '')}." + _speed_table(models, evaluation)
     else:
         cost_text = "Not measured."
     quality = ["| metric | base model | this model | ratio |", "| --- | --- | --- | --- |"]

@@ -32,7 +32,8 @@ def quantization_method(config: Mapping[str, Any] | Any) -> str | None:
     quantization = _as_dict(quantization)
     if not quantization:
         return None
-    method = str(quantization.get("quant_method", ""))
+    method = quantization.get("quant_method", "")
+    method = str(getattr(method, "value", method))  # a loaded model's config holds Diffusers' QuantizationMethod enum
     if method == "bitsandbytes":
         return "nf4" if quantization.get("load_in_4bit") and quantization.get("bnb_4bit_quant_type") == "nf4" \
             else "bitsandbytes"
