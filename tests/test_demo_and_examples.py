@@ -42,6 +42,13 @@ def test_demo_compresses_the_sd3_toy_and_says_where_everything_is(tmp_path, caps
     teacher, student = summary["metrics"]["teacher"], summary["metrics"]["student"]
     assert student["params"] < 0.75 * teacher["params"]  # the 30 % plan
     assert student["weight_bytes"] < 0.3 * teacher["weight_bytes"]  # pruned and NF4 against fp32
+    # every format's latency beside the same FLOP bound: the 16-bit student was evaluated too, and where
+    sixteen = summary["metrics"]["unquantized"]
+    assert list(summary["metrics"]) == ["teacher", "unquantized", "student"] and sixteen["weights"] == "float32"
+    assert student["weights"] == "nf4" and sixteen["step_flops"] == student["step_flops"] < teacher["step_flops"]
+    assert f"measured on {summary['device']}" in printed and "compressed, 16-bit (float32)" in printed
+    card = (out / "5-quantized" / "README.md").read_text()
+    assert "| this model before quantisation | float32 |" in card and f"Measured on {summary['device']}" in card
     final = Path(summary["final"])
     assert final == out / "5-quantized"
     for line in (f"teacher {teacher['metrics']['shapeeval']['overall']:.3f}",
