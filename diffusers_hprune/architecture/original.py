@@ -69,6 +69,15 @@ def renamed(state_dict: Mapping[str, torch.Tensor], names: Mapping[str, str], ou
                 used.add(stock + suffix)
 
 
+def final_layer(state_dict: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor], used: set[str]) -> None:
+    """The output layers both MMDiT layouts name alike: ``proj_out`` as ``final_layer.linear``, and ``norm_out``'s
+    modulation (Diffusers: scale, shift) as ``final_layer.adaLN_modulation.1`` (original: shift, scale)."""
+    renamed(state_dict, {"proj_out": "final_layer.linear"}, out, used)
+    for suffix in (".weight", ".bias"):
+        out["final_layer.adaLN_modulation.1" + suffix] = halves_swapped(state_dict["norm_out.linear" + suffix])
+        used.add("norm_out.linear" + suffix)
+
+
 def check_all_used(state_dict: Mapping[str, torch.Tensor], used: set[str], family: str) -> None:
     """Refuse weights the layout has no name for (a component left inside a block, a quantisation's extra tensors)."""
     left = sorted(set(state_dict) - used)
@@ -78,4 +87,4 @@ def check_all_used(state_dict: Mapping[str, torch.Tensor], used: set[str], famil
                         "whole-block plan in 16 or 32 bits. Export this folder with --format remote instead.")
 
 
-__all__ = ["OriginalLayout", "check_all_used", "fused", "halves_swapped", "renamed"]
+__all__ = ["OriginalLayout", "check_all_used", "final_layer", "fused", "halves_swapped", "renamed"]

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from diffusers_hprune.architecture.original import OriginalLayout, check_all_used, fused, halves_swapped, renamed
+from diffusers_hprune.architecture.original import (
+    OriginalLayout,
+    check_all_used,
+    final_layer,
+    fused,
+    renamed,
+)
 from diffusers_hprune.utils.errors import PlanError
 
 _TOP = {
@@ -24,7 +30,6 @@ _TOP = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "context_embedder": "txt_in",
     "x_embedder": "img_in",
-    "proj_out": "final_layer.linear",
 }
 _DOUBLE = {
     "norm1.linear": "img_mod.lin",
@@ -68,9 +73,7 @@ def to_original(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> di
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     renamed(sd, _TOP, out, used)
-    for suffix in (".weight", ".bias"):
-        out["final_layer.adaLN_modulation.1" + suffix] = halves_swapped(sd["norm_out.linear" + suffix])
-        used.add("norm_out.linear" + suffix)
+    final_layer(sd, out, used)
     for i in range(doubles):
         block = f"transformer_blocks.{i}"
         renamed(sd, {f"{block}.{k}": f"double_blocks.{i}.{v}" for k, v in _DOUBLE.items()}, out, used)

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from diffusers_hprune.architecture.original import OriginalLayout, check_all_used, fused, halves_swapped, renamed
+from diffusers_hprune.architecture.original import (
+    OriginalLayout,
+    check_all_used,
+    final_layer,
+    fused,
+    halves_swapped,
+    renamed,
+)
 from diffusers_hprune.utils.errors import PlanError
 
 _TOP = {
@@ -25,7 +32,6 @@ _TOP = {
     "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
     "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
     "context_embedder": "context_embedder",
-    "proj_out": "final_layer.linear",
 }
 _BLOCK = {
     "norm1.linear": "x_block.adaLN_modulation.1",
@@ -63,9 +69,7 @@ def to_original(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> di
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     renamed(sd, _TOP, out, used)
-    for suffix in (".weight", ".bias"):
-        out["final_layer.adaLN_modulation.1" + suffix] = halves_swapped(sd["norm_out.linear" + suffix])
-        used.add("norm_out.linear" + suffix)
+    final_layer(sd, out, used)
     for i in range(layers):
         block, target = f"transformer_blocks.{i}", f"joint_blocks.{i}"
         renamed(sd, {f"{block}.{k}": f"{target}.{v}" for k, v in _BLOCK.items()}, out, used)
