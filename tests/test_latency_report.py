@@ -71,5 +71,5 @@ def test_evaluation_reports_the_flop_bound_and_the_device(tmp_path):
     pruned.save_pretrained(folder)
     card = write_model_card(folder, base_model="someone/base", evaluation=result).read_text()
     bound = f"{u['step_flops'] / t['step_flops']:.1%}"
-    assert f"| this model before quantisation | float32 |" in card and f"| {bound} |" in card
+    assert "| this model before quantisation | float32 |" in card and f"| {bound} |" in card
     assert f"Measured on {result['device']}" in card
