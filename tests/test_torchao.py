@@ -25,6 +25,11 @@ pytest.importorskip("torchao")
 PROMPT = "a red circle left of a blue square"
 CALL = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, output_type="np")
 BLOCKS = PrunePlan(removed_blocks=[1], family="sd3", num_blocks=4)  # keeps the last block: a stock export holds it
+# Images against the bf16 pruned model's. Weight-only dequantises to bf16 and multiplies as bf16 does: 45-48 dB on
+# every CPU tried. Dynamic multiplies int8 by int8, and how exactly depends on the CPU's kernels: 44.6-47.2 dB with
+# AVX-512, 36.8-39.5 dB with the AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), where weight-only
+# did not move, so the bf16 reference did not either.
+MIN_PSNR = {"int8-weight-only": 40.0, "int8-dynamic": 35.0}
 
 READER = textwrap.dedent(
     """
@@ -86,7 +91,7 @@ def test_int8_folders_save_as_safetensors_and_reload(folders, method, plan):
     assert stored_bytes(pipe.transformer) < 0.8 * bf16
     psnr = _psnr(_image(pipe), expected)
     print(f"{plan} {method}: PSNR {psnr:.1f} dB against the bf16 pruned model")
-    assert 40.0 <= psnr < float("inf"), psnr
+    assert MIN_PSNR[method] <= psnr < float("inf"), psnr
 
 
 def test_int8_stock_export_loads_with_stock_diffusers(folders, tmp_path):
