@@ -81,7 +81,7 @@ def _copy_config(source: Path, target: Path) -> None:
         return
     data.pop("auto_map")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(target, data)
+    write_json(target, data)
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -89,7 +89,8 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copyfile(source, target)  # with the user's umask, not the source's mode
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A config or index as the export writes them: indented, keys sorted, a final newline."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -135,7 +136,7 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
         elif path.name.endswith(".safetensors.index.json"):
             continue  # rewritten below from the shards
         elif path.name == "config.json":
-            _write_json(target / "config.json", family.stock_config(config, plan))
+            write_json(target / "config.json", family.stock_config(config, plan))
         elif path.is_file() and path.name != PLAN_FILE and not _left_out(Path("transformer", path.name)):
             _copy(path, target / path.name)
     for path in sorted(source.glob("*.safetensors.index.json")):
@@ -143,11 +144,28 @@ def _stock_transformer(source: Path, target: Path, config: dict[str, Any], plan:
         shards = set(index.get("weight_map", {}).values())
         index["weight_map"] = {key: name for key, name in sorted(key_file.items()) if name in shards}
         index.setdefault("metadata", {})["total_size"] = sum(sizes[name] for name in shards if name in sizes)
-        _write_json(target / path.name, index)
+        write_json(target / path.name, index)
     paths = family.stock_block_paths(config, plan)
-    _write_json(target / PLAN_FILE, {
+    write_json(target / PLAN_FILE, {
         "format": SIDE_FORMAT, "version": 1, "plan": plan.to_dict(), "blocks": paths, "original_config": config,
     })
+
+
+def source_folder(folder: Path) -> tuple[dict[str, Any], list[Path], dict[str, Any], PrunePlan]:
+    """What every export reads of the pipeline folder ``folder`` before it writes anything: ``model_index.json``
+    (checked: plain component names, folders present), its files (every link checked), the transformer config
+    (without its author's ``auto_map``) and plan, its pipeline class of the config's family. ``ExportError`` for a
+    folder that is no pipeline or an export already."""
+    index = read_json(folder / "model_index.json")
+    check_model_index(index, folder, error=ExportError)
+    files = list(input_files(folder, error=ExportError))  # every link checked before anything is written
+    if folder_format(folder) is not None:
+        raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
+                          "made from.")
+    config, plan = folder_plan(folder)
+    config.pop("auto_map", None)  # its author's code; a remote export writes the project's own
+    check_pipeline_family(index["_class_name"], config, folder)
+    return index, files, config, plan
 
 
 def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None,
@@ -167,16 +185,8 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
             hold the plan (``stock`` with components removed inside blocks).
     """
     folder, out = Path(folder), Path(out)
-    index = read_json(folder / "model_index.json")
-    check_model_index(index, folder, error=ExportError)
-    files = list(input_files(folder, error=ExportError))  # every link checked before anything is written
-    if folder_format(folder) is not None:
-        raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was "
-                          "made from.")
-    config, plan = folder_plan(folder)
-    config.pop("auto_map", None)  # its author's code; a remote export writes the project's own
+    index, files, config, plan = source_folder(folder)
     family = get_family(config)
-    check_pipeline_family(index["_class_name"], config, folder)
     check_pipeline_weights(folder)  # a truncated file is named, not copied into the export
     format = format or default_format(plan)
     if format not in FORMATS:
@@ -210,11 +220,11 @@ def export_folder(folder: str | os.PathLike, out: str | os.PathLike, *, format: 
                     _copy(path, tmp / "transformer" / path.name)
             class_name = config["_class_name"]
             auto_map = {"AutoModel": f"{MODULE_NAME}.{class_name}"}
-            _write_json(tmp / "transformer" / "config.json", {**config, "auto_map": auto_map})
+            write_json(tmp / "transformer" / "config.json", {**config, "auto_map": auto_map})
             (tmp / "transformer" / f"{MODULE_NAME}.py").write_text(modeling_source(), encoding="utf-8")
             index["transformer"] = [MODULE_NAME, class_name]
             index["auto_map"] = auto_map  # AutoModel(subfolder="transformer") reads it here, not in config.json
-        _write_json(tmp / "model_index.json", index)
+        write_json(tmp / "model_index.json", index)
         record_fp32_default(tmp)  # a plain from_pretrained(repo) loads one dtype
         if (folder / "README.md").is_file():
             card = (folder / "README.md").read_text(encoding="utf-8")
@@ -356,4 +366,5 @@ def convert_lora_for_export(lora: str | os.PathLike, export: str | os.PathLike, 
     return out, dropped
 
 
-__all__ = ["LORA_WEIGHTS", "ExportError", "check_export", "convert_lora_for_export", "export_folder"]
+__all__ = ["LORA_WEIGHTS", "ExportError", "check_export", "convert_lora_for_export", "export_folder", "source_folder",
+           "write_json"]

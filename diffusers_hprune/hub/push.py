@@ -13,7 +13,6 @@ anything is written, created or uploaded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from diffusers_hprune.architecture import get_family
-from diffusers_hprune.hub.export import check_export, export_folder
+from diffusers_hprune.hub.export import check_export, export_folder, write_json
 from diffusers_hprune.hub.file_card import write_file_card
 from diffusers_hprune.hub.folders import folder_format, folder_plan, read_json
 from diffusers_hprune.hub.gguf_file import export_gguf
@@ -126,9 +125,7 @@ def _file_export(folder: Path, out: Path, format: str, repo_id: str | None, *, q
         file = export_single_file(folder, out / f"{name}.safetensors", dtype=dtype)
     config, plan = folder_plan(folder)
     (out / "transformer").mkdir()
-    stock = get_family(config).stock_config(config, plan)
-    (out / "transformer" / "config.json").write_text(json.dumps(stock, indent=2, sort_keys=True) + "\n",
-                                                     encoding="utf-8")
+    write_json(out / "transformer" / "config.json", get_family(config).stock_config(config, plan))
     pipeline = stock_pipeline_name(read_json(folder / "model_index.json")["_class_name"])
     write_file_card(out, file_name=file.name, config=config, plan=plan, pipeline_class=pipeline,
                     base_model=base_model, repo_id=repo_id or name, quant=quant if format == "gguf" else None,

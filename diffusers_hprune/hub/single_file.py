@@ -20,15 +20,12 @@ from typing import Any
 import torch
 
 from diffusers_hprune.architecture import get_family
-from diffusers_hprune.hub.export import ExportError
-from diffusers_hprune.hub.folders import folder_format, folder_plan, read_json
+from diffusers_hprune.hub.export import ExportError, source_folder
 from diffusers_hprune.loading import check_pipeline_weights
-from diffusers_hprune.pipelines.pruned import check_pipeline_family
 from diffusers_hprune.utils.checks import InputError, check_not_inside
 from diffusers_hprune.utils.errors import PlanError
 from diffusers_hprune.utils.fileio import atomic_path, safetensors_user_modes
 from diffusers_hprune.utils.quant_config import quantization_method
-from diffusers_hprune.utils.untrusted import check_model_index, input_files
 
 FILE_FORMATS = ("single-file", "gguf")
 """Export formats that write one file of the transformer (the other components stay those of the base model)."""
@@ -62,15 +59,8 @@ def stock_transformer(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     from safetensors import safe_open
 
     folder = Path(folder)
-    index = read_json(folder / "model_index.json")
-    check_model_index(index, folder, error=ExportError)
-    list(input_files(folder, error=ExportError))  # every link checked before anything is read
-    if folder_format(folder) is not None:
-        raise ExportError(f"{folder} is an export already ({folder_format(folder)}); export the folder it was made "
-                          "from.")
-    config, plan = folder_plan(folder)
+    _, _, config, plan = source_folder(folder)
     family = get_family(config)
-    check_pipeline_family(index["_class_name"], config, folder)
     if config.get("quantization_config"):
         raise ExportError(f"The transformer in {folder} holds quantised weights ({quantization_method(config)}), which "
                           "the single-file and GGUF layouts cannot carry. Export the 16-bit folder it was quantised "
