@@ -85,23 +85,30 @@ def step_flops(transformer, inputs) -> int:
     return flops
 
 
-@torch.no_grad()
 def interleaved_latency(models: dict, inputs: dict, repeats: int, warmup: int = 3) -> dict:
-    """(median seconds per step, standard error) of each model, timing them in turn so drift hits all alike."""
-    device = next(next(iter(models.values())).parameters()).device
+    """(median seconds per step, standard error) of each model on the same ``inputs``, timing them in turn so drift
+    hits all alike."""
+    return _interleaved({name: (model, inputs) for name, model in models.items()}, repeats, warmup)
+
+
+def _interleaved(models: dict, repeats: int, warmup: int) -> dict:
+    """(median seconds per step, standard error) of each ``name: (model, inputs)``, timed in turn."""
+    device = next(next(iter(models.values()))[0].parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for model in models.values():
-        for _ in range(warmup):
-            model(**inputs, return_dict=False)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            sync()
-            start = time.perf_counter()
-            model(**inputs, return_dict=False)
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), statistics.stdev(t) / len(t) ** 0.5) for name, t in times.items()}
+    with torch.no_grad():
+        for model, inputs in models.values():
+            for _ in range(warmup):
+                model(**inputs, return_dict=False)
+        times = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, (model, inputs) in models.items():
+                sync()
+                start = time.perf_counter()
+                model(**inputs, return_dict=False)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), statistics.stdev(t) / len(t) ** 0.5 if len(t) > 1 else 0.0)
+            for name, t in times.items()}
 
 
 def plans_for(config: dict):
@@ -141,21 +148,7 @@ def measure_case(label: str, base, inputs: dict, plans: dict, repeats: int, quan
 
 def _timed(models: dict, repeats: int, warmup: int = 2) -> dict:
     """Median seconds per step of each ``name: (model, inputs)``, timed in turn (drift hits every row alike)."""
-    device = next(next(iter(models.values()))[0].parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for model, inputs in models.values():
-            for _ in range(warmup):
-                model(**inputs, return_dict=False)
-        times = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, (model, inputs) in models.items():
-                sync()
-                start = time.perf_counter()
-                model(**inputs, return_dict=False)
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: median for name, (median, _) in _interleaved(models, repeats, warmup).items()}
 
 
 def format_models(base, plan, inputs: dict, device: torch.device) -> dict:
