@@ -100,7 +100,7 @@ def analysis(family: str, metric: str, n_prompts: int, eval_steps: int, folder: 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list(toy.FAMILIES), choices=toy.FAMILIES)
+    parser.add_argument("--families", nargs="+", default=["sd3", "flux"], choices=toy.NAMES)
     parser.add_argument("--n-heldout", type=int, default=200)
     parser.add_argument("--n-calibration", type=int, default=8, help="calibration prompts of every analysis")
     parser.add_argument("--eval-steps", type=int, default=4, help="steps the velocity metric compares")

@@ -498,7 +498,7 @@ def section_name(ratios: list[float]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd3", "flux"], choices=toy.FAMILIES)
+    parser.add_argument("--families", nargs="+", default=["sd3", "flux"], choices=toy.NAMES)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=400,

@@ -30,7 +30,7 @@ def psnr(a, b) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", choices=toy.FAMILIES, default="sd3")
+    parser.add_argument("--family", choices=toy.NAMES, default="sd3")
     parser.add_argument("--n", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

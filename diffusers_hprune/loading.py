@@ -123,7 +123,7 @@ def check_image_size(height, width, multiple: int | None, model: str = "this mod
 # -- calibration ------------------------------------------------------------------------------
 def is_toy(pipe) -> str | None:
     """The toy family of a pipeline loaded from a shipped toy's folder, else None."""
-    return toy.family_of(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""), names=False)
+    return toy.name_of(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""), names=False)
 
 
 def generation_settings(pipe, num_inference_steps=None, height=None, width=None, guidance_scale=None) -> dict:
@@ -284,7 +284,7 @@ def pipeline_folder(model) -> Path | None:
     """The local folder a pipeline was loaded from (a folder, a toy name, a Hub id in the local cache), or None."""
     name = str(model if isinstance(model, (str, os.PathLike)) else
                getattr(model, "name_or_path", "") or model.config.get("_name_or_path", ""))
-    family = toy.family_of(name)
+    family = toy.name_of(name)
     if family:
         return toy.model_path(family)
     if name and (Path(name) / "model_index.json").is_file():
@@ -305,7 +305,7 @@ def load_pipeline(model, device, dtype, **components):
     if not isinstance(model, (str, os.PathLike)):
         return model, str(getattr(model, "name_or_path", type(model).__name__))
     name = str(model)
-    family = toy.family_of(name)
+    family = toy.name_of(name)
     path = toy.model_path(family) if family else name
     local = pipeline_folder(name)
     if local is not None:  # pickles and damaged files are refused before Diffusers reads any of them

@@ -83,7 +83,7 @@ def _published_profiles() -> list[GenerationProfile]:
 #: Profile name -> profile: the published models of the built-in families, then the toys.
 PROFILES: dict[str, GenerationProfile] = {p.name: p for p in (
     *_published_profiles(),
-    *(_toy_profile(name) for name in toy.FAMILIES),
+    *(_toy_profile(name) for name in toy.NAMES),
 )}
 
 
@@ -114,7 +114,7 @@ def _names(model: Any) -> list[str]:
 
 
 def _by_name(name: str) -> GenerationProfile | None:
-    family = toy.family_of(name.strip().rstrip("/"))
+    family = toy.name_of(name.strip().rstrip("/"))
     if family:
         return PROFILES["toy-" + family]
     text = name.strip().rstrip("/").lower()

@@ -229,6 +229,7 @@ NUMBER_REFUSALS = [
     (["demo", "--out", "{w}/d", "--quantize", "nf4", "--pwp", "nope"], "argument --pwp: 'nope' is not a boolean"),
     (["toy-train", "--out", "{w}/t", "--minutes", "0"], "argument --minutes: must be a positive"),
     (["toy-train", "--out", "{w}/t", "--seed", "-1"], "argument --seed: must be 0 or more"),
+    (["toy-train", "--out", "{w}/t", "--toys", "sd4"], "argument --toys: invalid choice: 'sd4'"),
 ]
 
 

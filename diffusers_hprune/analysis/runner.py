@@ -104,7 +104,7 @@ def shard_timeout(model, prompts: int, steps: int | None) -> timedelta:
     """
     try:
         if isinstance(model, (str, os.PathLike)):
-            family = toy.family_of(str(model))
+            family = toy.name_of(str(model))
             config = load_transformer_config(toy.model_path(family) if family else model)
         else:
             config = dict(model.transformer.config)

@@ -187,11 +187,11 @@ def _largest_resolution(config: dict, parts) -> int | None:
 
 
 def _is_toy_name(model) -> bool:
-    return isinstance(model, str) and toy.family_of(model) is not None
+    return isinstance(model, str) and toy.name_of(model) is not None
 
 
 def _toy_folder(model):
-    return toy.model_path(toy.family_of(model))
+    return toy.model_path(toy.name_of(model))
 
 
 @dataclass

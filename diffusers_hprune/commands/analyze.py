@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         text = read_text_file(args.prompts, "prompt file (one prompt a line)")
         prompts = prompt_lines(text, args.prompts)
         if "shapeeval" in (args.metric, args.alignment_metric) or (
-                args.alignment_metric == "auto" and args.model in toy.FAMILIES):  # before any work, not at the end
+                args.alignment_metric == "auto" and args.model in toy.NAMES):  # before any work, not at the end
             toy.check_prompts(prompts, args.prompts)
     check_image_size(args.height, args.width, pixel_multiple(args.model), args.model)  # before any weight is loaded
     options = BudgetOptions(analysis_prompts=len(prompts) if prompts else args.n_prompts,

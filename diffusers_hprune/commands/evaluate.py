@@ -73,7 +73,7 @@ def _check_fits(args: argparse.Namespace) -> None:
         return
     try:
         student, teacher = load_transformer_config(args.student), load_transformer_config(
-            toy.model_path(args.model) if args.model in toy.FAMILIES else args.model)
+            toy.model_path(args.model) if args.model in toy.NAMES else args.model)
     except (HPruneError, OSError, ValueError):
         return
     if not student.get("prune_plan") or teacher.get("prune_plan"):
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     models = {"teacher" if args.student else "model": reference}
     if args.student:  # loaded when its turn comes, beside the teacher's encoders when they are the same files
         models["student"] = lambda: load_student(reference, args.model, args.student)
-    toy_model = is_toy(reference) is not None or args.model in toy.FAMILIES
+    toy_model = is_toy(reference) is not None or args.model in toy.NAMES
     if args.prompts:
         prompt_list = read_prompts(args.prompts)[: args.n] if args.n else read_prompts(args.prompts)
     elif toy_model:

@@ -194,7 +194,7 @@ class _Prompts:
     @classmethod
     def choose(cls, model: str, config: HPruneConfig, prompts: list[str] | None,
                eval_prompts: list[str] | None) -> _Prompts:
-        is_toy = str(model) in toy.FAMILIES
+        is_toy = str(model) in toy.NAMES
         if prompts is None and not is_toy:
             raise CompressError("Distillation needs training prompts: pass --prompts FILE (one prompt a line).")
         toy_split = {}
@@ -229,7 +229,7 @@ class _Run:
 
     @property
     def is_toy(self) -> bool:
-        return str(self.model) in toy.FAMILIES
+        return str(self.model) in toy.NAMES
 
     @property
     def analysis_path(self) -> Path:

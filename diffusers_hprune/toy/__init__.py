@@ -20,7 +20,11 @@ from diffusers_hprune.toy.dataset import CATEGORIES, parse_prompt, prompts, rend
 from diffusers_hprune.toy.shapeeval import detect_objects, score_image, shapeeval
 from diffusers_hprune.utils.checks import InputError
 
+#: The toy families (the Diffusers pipeline each toy is: ``StableDiffusion3Pipeline`` or ``FluxPipeline``).
 FAMILIES = ("sd3", "flux")
+#: The shipped toys by name: the two 12-block toys, and two as deep as the seed models (SD3.5 Large's 38 joint
+#: blocks; FLUX.1's 19 double + 38 single blocks) with the same text encoders, VAE and data.
+NAMES = ("sd3", "flux", "sd3-deep", "flux-deep")
 #: The toy `hprune demo` compresses.
 DEMO_TOY = "sd3"
 
@@ -29,6 +33,13 @@ _GENERATION = {
     "flux": dict(height=32, width=32, num_inference_steps=20, true_cfg_scale=5.0, negative_prompt="",
                  max_sequence_length=10),
 }
+
+
+def toy_family(name: str) -> str:
+    """The family (``"sd3"`` or ``"flux"``) of the toy ``name`` (one of :data:`NAMES`)."""
+    if name not in NAMES:
+        raise ValueError(f"Unknown toy {name!r}; choose one of {', '.join(NAMES)}.")
+    return name.removesuffix("-deep")
 
 
 def check_prompts(prompts, source: str) -> list[str]:
@@ -48,48 +59,54 @@ def check_prompts(prompts, source: str) -> list[str]:
     return prompts
 
 
-def model_path(family: str = "sd3") -> Path:
-    """The folder of the shipped toy pipeline of ``family`` (``"sd3"`` or ``"flux"``)."""
-    if family not in FAMILIES:
-        raise ValueError(f"Unknown toy family {family!r}; choose one of {', '.join(FAMILIES)}.")
-    path = Path(str(resources.files("diffusers_hprune") / "toy" / "models" / family))
+def model_path(name: str = "sd3") -> Path:
+    """The folder of the shipped toy pipeline ``name`` (one of :data:`NAMES`)."""
+    toy_family(name)
+    path = Path(str(resources.files("diffusers_hprune") / "toy" / "models" / name))
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"The toy {family} pipeline is missing from {path}; reinstall diffusers-hprune, or train it with "
-            f"`python -m diffusers_hprune.toy.train {family} --vae VAE_DIR --out {path}`."
+            f"The toy {name} pipeline is missing from {path}; reinstall diffusers-hprune, or train it with "
+            f"`hprune toy-train --toys {name} --out DIR` and copy DIR/{name} there."
         )
     return path
 
 
-def family_of(name, *, names: bool = True) -> str | None:
-    """The toy family ``name`` stands for, or None.
+def shipped() -> tuple[str, ...]:
+    """The toys of :data:`NAMES` whose pipelines this installation holds (a toy in training is not yet shipped)."""
+    root = Path(str(resources.files("diffusers_hprune") / "toy" / "models"))
+    return tuple(n for n in NAMES if (root / n / "model_index.json").is_file())
 
-    A toy name (``"sd3"``, ``"toy-flux"``; with ``names=False`` these do not count) or the folder
+
+def name_of(name, *, names: bool = True) -> str | None:
+    """The toy ``name`` stands for (one of :data:`NAMES`), or None.
+
+    A toy name (``"sd3"``, ``"toy-flux-deep"``; with ``names=False`` these do not count) or the folder
     of a shipped toy pipeline.
     """
     text = str(name or "")
-    if names and text.removeprefix("toy-") in FAMILIES:
+    if names and text.removeprefix("toy-") in NAMES:
         return text.removeprefix("toy-")
-    for family in FAMILIES:
+    for toy in NAMES:
         try:
-            if text and Path(text).resolve() == model_path(family).resolve():
-                return family
+            if text and Path(text).resolve() == model_path(toy).resolve():
+                return toy
         except (FileNotFoundError, OSError):
             continue
     return None
 
 
-def generation_kwargs(family: str = "sd3") -> dict:
-    """The call arguments the toy pipelines were trained for (size, steps, guidance, text length)."""
-    return dict(_GENERATION[family])
+def generation_kwargs(name: str = "sd3") -> dict:
+    """The call arguments the toy pipelines were trained for (size, steps, guidance, text length); a deep toy's
+    are its family's."""
+    return dict(_GENERATION[toy_family(name)])
 
 
-def load_pipeline(family_or_path: str | Path = "sd3", dtype=None):
-    """Load a toy pipeline (shipped family name or a folder) in float32 with stock ``DiffusionPipeline``."""
+def load_pipeline(name_or_path: str | Path = "sd3", dtype=None):
+    """Load a toy pipeline (a shipped toy's name or a folder) in float32 with stock ``DiffusionPipeline``."""
     import torch
     from diffusers import DiffusionPipeline
 
-    path = model_path(family_or_path) if str(family_or_path) in FAMILIES else Path(family_or_path)
+    path = model_path(name_or_path) if str(name_or_path) in NAMES else Path(name_or_path)
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -140,14 +157,15 @@ __all__ = [
     "CATEGORIES",
     "DEMO_TOY",
     "FAMILIES",
+    "NAMES",
     "check_prompts",
     "detect_objects",
     "evaluate_pipeline",
-    "family_of",
     "generate",
     "generation_kwargs",
     "load_pipeline",
     "model_path",
+    "name_of",
     "parse_prompt",
     "prompts",
     "render",
@@ -155,4 +173,6 @@ __all__ = [
     "save_grid",
     "score_image",
     "shapeeval",
+    "shipped",
+    "toy_family",
 ]

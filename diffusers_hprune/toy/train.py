@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusers_hprune.architecture import get_family
+from diffusers_hprune.toy import NAMES, evaluate_pipeline, load_pipeline, toy_family
 from diffusers_hprune.toy import dataset as D
-from diffusers_hprune.toy import evaluate_pipeline, load_pipeline
+from diffusers_hprune.toy import train_state as S
 from diffusers_hprune.toy.components import build_flux_pipeline, build_sd3_pipeline, build_vae
-from diffusers_hprune.utils.fileio import safetensors_user_modes
+from diffusers_hprune.utils.checks import check_replaceable
+from diffusers_hprune.utils.fileio import atomic_directory, atomic_write_json, safetensors_user_modes
 
 TEXT_LENGTH = 10  # CLIP and T5 tokens per prompt (the longest prompt needs 9)
 TOY_CONFIGS = {
@@ -45,7 +47,19 @@ TOY_CONFIGS = {
         patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=24,
         num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 8, 8),
     ),
+    # The seed models' depths (SD3.5 Large: 38 joint blocks, the last context_pre_only, no dual attention;
+    # FLUX.1: 19 double + 38 single blocks) at width 64, so that they train on 2 CPU cores.
+    "sd3-deep": dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=38,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
+        pooled_projection_dim=64, pos_embed_max_size=16, dual_attention_layers=(), qk_norm="rms_norm",
+    ),
+    "flux-deep": dict(
+        patch_size=1, in_channels=16, num_layers=19, num_single_layers=38, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ),
 }
+CHECKPOINT_MINUTES = 10.0  # how often the resumable state is written while training
 SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
 
@@ -99,22 +113,28 @@ def train_vae(out: Path, seed: int = 0, steps: int = 1500, batch: int = 32, n_im
 
 
 # ---------------------------------------------------------------------------- transformer
-def build_toy_pipeline(family: str, vae, seed: int = 0):
-    """The untrained toy pipeline of ``family`` around ``vae`` (tokenizers from the dataset vocabulary)."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-    )
+def build_toy_pipeline(name: str, vae=None, seed: int = 0):
+    """The untrained toy pipeline ``name`` (a key of ``TOY_CONFIGS``).
 
+    ``sd3`` / ``flux``: built in code around ``vae`` (tokenizers from the dataset vocabulary, text encoders at their
+    seeded initialisation). ``sd3-deep`` / ``flux-deep``: every component but the transformer is the shipped toy's of
+    the same family (the same text encoders, tokenizers, VAE and scheduler), with a new transformer of the deep shape.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+    family = toy_family(name)
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    if name != family:
+        base = load_pipeline(family)
+        torch.manual_seed(seed)
+        return type(base)(**{**base.components, "transformer": cls(**TOY_CONFIGS[name])})
     torch.manual_seed(seed)
     words = D.vocabulary()
+    transformer = cls(**TOY_CONFIGS[name])
     if family == "sd3":
-        transformer = SD3Transformer2DModel(**TOY_CONFIGS["sd3"])
         scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
         return build_sd3_pipeline(transformer, words, seed=seed, clip_hidden=32, t5_d_model=64,
                                   text_length=TEXT_LENGTH, vae=vae, scheduler=scheduler)
-    transformer = FluxTransformer2DModel(**TOY_CONFIGS["flux"])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT, use_dynamic_shifting=False)
     return build_flux_pipeline(transformer, words, seed=seed, clip_hidden=32, t5_d_model=64,
                                text_length=TEXT_LENGTH, vae=vae, scheduler=scheduler)
@@ -161,40 +181,71 @@ def flow_matching_loss(family, transformer, x0, embeds, pooled, gen) -> torch.Te
     return F.mse_loss(_predict(family, transformer, x_t, sigmas, embeds, pooled), noise - x0)
 
 
-def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45.0, seed: int = 0, batch: int = 32,
-                      lr: float = 8e-4, n_images: int = 40000, max_steps: int | None = None, eval_prompts: int = 60) -> Path:
-    """Train the toy transformer of ``family`` for a wall-clock budget and save the whole pipeline to ``out``."""
-    from diffusers import AutoencoderKL
-    from diffusers.training_utils import EMAModel
-
-    start = time.time()
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    pipe = build_toy_pipeline(family, vae, seed=seed)
-    transformer = pipe.transformer
+def _training_data(pipe, n_images: int, seed: int):
+    """Cached training data: VAE latents of ``n_images`` drawings, their caption indices, and every caption's text
+    embeddings (the last is the empty prompt)."""
     train_specs = sorted({s.text for specs in D.split_prompts("train").values() for s in specs})
     texts = train_specs + [""]
     embeds, pooled = encode_prompts(pipe, texts)
     index = {t: i for i, t in enumerate(texts)}
     data = D.sample(n_images, "train", seed=seed)
-    latents = encode_latents(vae, [im for im, _ in data])
+    latents = encode_latents(pipe.vae, [im for im, _ in data])
     captions = torch.tensor([index[c] for _, c in data])
-    _log(f"{family}: {sum(p.numel() for p in transformer.parameters()):,} parameters; {len(data)} images, "
-         f"{len(texts)} prompts cached in {time.time() - start:.0f}s")
+    return latents, captions, embeds, pooled, index[""]
 
+
+def train_transformer(name: str, vae_dir: Path | None, out: Path, minutes: float = 45.0, seed: int = 0, batch: int = 32,
+                      lr: float = 8e-4, n_images: int = 40000, max_steps: int | None = None, eval_prompts: int = 60,
+                      checkpoint_minutes: float = CHECKPOINT_MINUTES) -> Path:
+    """Train the toy transformer ``name`` for a wall-clock budget (or until ``max_steps`` in all) and save the whole
+    pipeline, with the EMA weights, to ``out``.
+
+    Resumable: the state is kept in ``<out>.state`` (:mod:`~diffusers_hprune.toy.train_state`), every
+    ``checkpoint_minutes`` and at the end; a later call with the same ``out`` and settings continues it, so
+    ``minutes`` is the budget of this call. ``vae_dir`` is the trained VAE of ``sd3`` / ``flux``; the deep toys
+    take every component but the transformer from the shipped toy of their family (``vae_dir`` must be None).
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.training_utils import EMAModel
+
+    start = time.time()
+    family = toy_family(name)
+    if (vae_dir is None) == (name == family):
+        raise ValueError(f"{name}: {'give the trained VAE (--vae)' if vae_dir is None else 'takes the shipped toy VAE; leave --vae out'}")
+    out = Path(out)
+    check_replaceable(out)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval() if vae_dir is not None else None
+    pipe = build_toy_pipeline(name, vae, seed=seed)
+    transformer = pipe.transformer
+    settings = {"name": name, "seed": seed, "batch": batch, "lr": lr, "n_images": n_images,
+                "config": json.loads(json.dumps(TOY_CONFIGS[name]))}
+    folder = S.state_folder(out)
+    saved = S.check_resumable(folder, settings)
+    latents, captions, embeds, pooled, empty = _training_data(pipe, n_images, seed)
     transformer.train()
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    warmup = 200
     ema = EMAModel(transformer.parameters(), decay=0.999)
     gen = torch.Generator().manual_seed(seed)
-    empty = index[""]
+    progress = {"step": 0, "minutes": 0.0, "runs": 0, "loss": None, "evaluations": []}
+    if saved is not None:
+        S.load_state(folder, saved, transformer, opt, ema, gen)
+        progress = {k: saved.get(k, v) for k, v in progress.items()}
+    _log(f"{name}: {sum(p.numel() for p in transformer.parameters()):,} parameters; {len(latents)} images cached in "
+         f"{time.time() - start:.0f}s; " + (f"resuming at step {progress['step']}" if saved else "starting"))
+
+    warmup, t0, losses, last_save = 200, time.time(), [], time.time()
     budget = minutes * 60 - (time.time() - start)
-    t0, step, losses = time.time(), 0, []
-    while (max_steps is None and time.time() - t0 < budget) or (max_steps is not None and step < max_steps):
+
+    def save():
+        progress["loss"] = float(np.mean(losses[-250:])) if losses else progress["loss"]
+        S.save_state(folder, settings, progress | {"minutes": progress["minutes"] + (time.time() - t0) / 60}, transformer, opt, ema, gen)
+
+    while (time.time() - t0 < budget) and (max_steps is None or progress["step"] < max_steps):
         pick = torch.randint(len(latents), (batch,), generator=gen)
         cap = captions[pick].clone()
         cap[torch.rand(batch, generator=gen) < CAPTION_DROPOUT] = empty
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+            g["lr"] = lr * min(1.0, (progress["step"] + 1) / warmup)
         loss = flow_matching_loss(family, transformer, latents[pick], embeds[cap], pooled[cap], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,60 +253,81 @@ def train_transformer(family: str, vae_dir: Path, out: Path, minutes: float = 45
         opt.step()
         ema.step(transformer.parameters())
         losses.append(loss.item())
-        step += 1
-        if step % 250 == 0:
-            _log(f"{family}: step {step}, loss {np.mean(losses[-250:]):.4f}, {step / (time.time() - t0):.2f} steps/s")
+        progress["step"] += 1
+        if progress["step"] % 250 == 0:
+            _log(f"{name}: step {progress['step']}, loss {np.mean(losses[-250:]):.4f}, {len(losses) / (time.time() - t0):.2f} steps/s")
+        if time.time() - last_save > checkpoint_minutes * 60:
+            save()
+            last_save = time.time()
+    progress["runs"] += 1
+    save()
+    progress["minutes"] += (time.time() - t0) / 60
+    _log(f"{name}: at step {progress['step']} after {progress['minutes']:.1f} min of training in {progress['runs']} run(s)")
     ema.copy_to(transformer.parameters())
-    transformer.eval()
-    train_info = {"family": family, "steps": step, "batch": batch, "lr": lr, "seed": seed, "shift": SHIFT,
-                  "caption_dropout": CAPTION_DROPOUT, "minutes": round((time.time() - start) / 60, 1),
-                  "final_loss": float(np.mean(losses[-250:])) if losses else None}
-    _log(f"{family}: trained {step} steps in {(time.time() - t0) / 60:.1f} min")
-    # Transformer and VAE are stored in fp16 (Diffusers loads them in fp32 unless asked otherwise); the text
-    # encoders stay fp32, which transformers 5 keeps too, so the plain `from_pretrained(out)` gives one dtype.
-    pipe.transformer.to(torch.float16)
-    pipe.vae.to(torch.float16)
-    pipe.save_pretrained(out)
-    safetensors_user_modes(out)
-    (out / "training.json").write_text(json.dumps(train_info, indent=2) + "\n")
+    _save_pipeline(pipe, out, {"family": family, "name": name, "steps": progress["step"], "batch": batch, "lr": lr,
+                               "seed": seed, "shift": SHIFT, "caption_dropout": CAPTION_DROPOUT,
+                               "minutes": round(progress["minutes"], 1), "runs": progress["runs"],
+                               "final_loss": progress["loss"], "evaluations": progress["evaluations"]})
     if eval_prompts:
         result = evaluate_pipeline(load_pipeline(out), n=eval_prompts)
-        _log(f"{family}: ShapeEval on {eval_prompts} held-out prompts: " + json.dumps({k: round(v, 3) for k, v in result.items()}))
+        _log(f"{name}: ShapeEval on {eval_prompts} held-out prompts: " + json.dumps({k: round(v, 3) for k, v in result.items()}))
+        progress["evaluations"].append({"step": progress["step"], "prompts": eval_prompts, "overall": round(result["overall"], 4)})
+        atomic_write_json(out / "training.json", json.loads((out / "training.json").read_text())
+                          | {"evaluations": progress["evaluations"]})
+        S.record(folder, evaluations=progress["evaluations"])
     return out
 
 
-def train_all(out: Path, minutes: float = 55.0, seed: int = 0) -> dict[str, Path]:
-    """Train the VAE, then both transformers at once (one thread each), into ``out/{vae,sd3,flux}``."""
+def _save_pipeline(pipe, out: Path, info: dict) -> None:
+    """Write the pipeline to ``out`` atomically: transformer and VAE in fp16, the text encoders in fp32 (which
+    transformers 5 keeps), so the plain ``from_pretrained(out)`` gives one dtype; ``training.json`` beside."""
+    import copy
+
+    pipe = type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer).to(torch.float16),
+                         "vae": copy.deepcopy(pipe.vae).to(torch.float16)})
+    with atomic_directory(out, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp)
+        safetensors_user_modes(tmp)
+        atomic_write_json(tmp / "training.json", info)
+
+
+def train_all(out: Path, minutes: float = 55.0, seed: int = 0, toys=("sd3", "flux")) -> dict[str, Path]:
+    """Train ``toys`` into ``out/<name>``, each in its own process at once (one thread each when several); the
+    12-block toys first need the VAE, trained into ``out/vae`` unless it is there. Each toy resumes from its state."""
     import subprocess
     import sys
 
     out = Path(out)
-    train_vae(out / "vae", seed=seed)
+    if any(toy_family(t) == t for t in toys) and not (out / "vae" / "training.json").is_file():
+        train_vae(out / "vae", seed=seed)
     procs = {}
-    for family in ("sd3", "flux"):
-        cmd = [sys.executable, "-m", "diffusers_hprune.toy.train", family, "--vae", str(out / "vae"),
-               "--out", str(out / family), "--minutes", str(minutes), "--seed", str(seed), "--threads", "1"]
-        log = open(out / f"{family}.log", "w")
-        procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-        _log(f"{family}: training in the background, log in {out / f'{family}.log'}")
+    for name in toys:
+        cmd = [sys.executable, "-m", "diffusers_hprune.toy.train", name, "--out", str(out / name),
+               "--minutes", str(minutes), "--seed", str(seed)] + (["--threads", "1"] if len(toys) > 1 else [])
+        cmd += ["--vae", str(out / "vae")] if toy_family(name) == name else []
+        log = open(out / f"{name}.log", "a")
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        _log(f"{name}: training in the background, log in {out / f'{name}.log'}")
     failed = []
-    for family, (proc, log) in procs.items():
+    for name, (proc, log) in procs.items():
         if proc.wait() != 0:
-            failed.append(family)
+            failed.append(name)
         log.close()
     if failed:
         raise RuntimeError(f"training failed for {failed}; see the logs in {out}")
-    return {f: out / f for f in ("vae", "sd3", "flux")}
+    return {n: out / n for n in (["vae"] if (out / "vae").is_dir() else []) + list(toys)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffusers_hprune.toy.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["all", "vae", "sd3", "flux"], help="what to train (all: vae, then sd3 and flux at once)")
+    parser.add_argument("stage", choices=["all", "vae", *NAMES],
+                        help="what to train (all: vae, then sd3 and flux at once; the deep toys need no --vae)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--vae", help="trained VAE folder (for sd3 / flux)")
-    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget for a transformer (default 45)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead (tests)")
+    parser.add_argument("--minutes", type=float, default=45.0,
+                        help="wall-clock budget of this run for a transformer (default 45); a later run resumes")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop at this many steps in all (tests)")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--images", type=int, default=None, help="dataset size (default 20000 for vae, 40000 otherwise)")
     parser.add_argument("--batch", type=int, default=None)
@@ -271,9 +343,11 @@ def main(argv=None) -> int:
     elif args.stage == "vae":
         train_vae(out, seed=args.seed, steps=args.vae_steps, batch=args.batch or 32, n_images=args.images or 20000)
     else:
-        if not args.vae:
+        if not args.vae and args.stage in ("sd3", "flux"):
             parser.error("--vae is required to train a transformer (train it first: `... vae --out DIR`)")
-        train_transformer(args.stage, Path(args.vae), out, minutes=args.minutes, seed=args.seed, batch=args.batch or 32,
+        if args.vae and args.stage not in ("sd3", "flux"):
+            parser.error(f"{args.stage} takes the shipped {toy_family(args.stage)} toy's VAE and text encoders; leave --vae out")
+        train_transformer(args.stage, Path(args.vae) if args.vae else None, out, minutes=args.minutes, seed=args.seed, batch=args.batch or 32,
                           n_images=args.images or 40000, max_steps=args.max_steps, eval_prompts=args.eval_prompts)
     return 0
 
