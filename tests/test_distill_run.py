@@ -16,6 +16,7 @@ from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.cli import main
+from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.planning import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -561,6 +562,21 @@ def test_sgdistill_switches_on_the_target_ratio(setup, tmp_path, capsys):
         assert ("plain distillation" in printed) is (not expected)
         if not expected:
             assert f"plan target ratio {target:.1%} < r_thres {r_thres:.0%}" in printed
+
+
+def test_the_trainer_warns_before_training_when_pwp_leaves_almost_nothing(setup, tmp_path, capsys):
+    base, plans = setup
+    plan_path = tmp_path / "last.json"
+    PrunePlan(family="sd3", num_blocks=12, removed_blocks=[9, 10, 11]).save(plan_path)
+    out = tmp_path / "out"
+    assert main(_args(base, "sd3", plans["sd3"][0], plan_path, out, "--max_train_steps", "1",
+                      "--checkpointing_steps", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "warning: PWP leaves 0.6% of the student trainable" in printed and "--no-pwp" in printed
+    assert printed.index("warning: PWP leaves") < printed.index("optimizer:")  # said before the optimizer is built
+    assert main(_args(base, "sd3", plans["sd3"][0], plan_path, tmp_path / "free", "--max_train_steps", "1",
+                      "--checkpointing_steps", "0", "--no-pwp")) == 0
+    assert "warning: PWP" not in capsys.readouterr().out
 
 
 def test_the_data_spec_takes_every_data_option_of_the_config(tmp_path):

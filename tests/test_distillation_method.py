@@ -57,6 +57,25 @@ def test_pwp_freezes_exactly_what_runs_before_the_first_pruned_location(sd3_pipe
         first_pruned_block(PrunePlan(family="sd3", num_blocks=4))
 
 
+def test_pwp_warns_when_it_leaves_almost_nothing_to_train(sd3_pipeline, flux_pipeline):
+    # the plan removes only the last block: every kept block is before it, only the output head trains
+    student = _student(sd3_pipeline, removed_blocks=[3])
+    result = apply_pwp(student)
+    assert result.trainable_modules == ["norm_out", "proj_out"]
+    share = result.trainable_params / (result.frozen_params + result.trainable_params)
+    assert share < 0.05
+    warning = result.warning()
+    assert warning.startswith(f"warning: PWP leaves {share:.1%} of the student trainable")
+    assert "no kept block trains" in warning and "--no-pwp" in warning and "first pruned location is block 3" in warning
+    assert apply_pwp(student, enabled=False).warning() is None  # --no-pwp: everything trains
+    # a block in the middle: the blocks after it train, no warning
+    assert apply_pwp(_student(sd3_pipeline, removed_blocks=[1])).warning() is None
+    # FLUX, the last single block's MLP: the head alone trains again
+    flux = apply_pwp(_student(flux_pipeline, removed_components={4: ["mlp"]}))
+    assert flux.trainable_modules == ["single_transformer_blocks.2", "norm_out", "proj_out"]
+    assert (flux.warning() is None) == (flux.trainable_params >= 0.05 * (flux.trainable_params + flux.frozen_params))
+
+
 def test_sgdistill_learning_rates_are_the_hand_computed_ones(sd3_pipeline):
     student = _student(sd3_pipeline, removed_blocks=[2], removed_components={3: ["ff"]})
     apply_pwp(student)

@@ -16,6 +16,9 @@ from diffusers_hprune.distillation.qlora import logical_numel
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.errors import PlanError
 
+#: Below this share of the student's parameters left trainable, the trainer warns that PWP leaves almost nothing to train.
+ALMOST_NOTHING = 0.05
+
 
 def first_pruned_block(plan: PrunePlan) -> int:
     """Index of the first block the plan removes or prunes."""
@@ -34,6 +37,23 @@ class PWPResult:
     trainable_modules: list[str] = field(default_factory=list)
     frozen_params: int = 0
     trainable_params: int = 0
+
+    def warning(self) -> str | None:
+        """What to tell the user before training when PWP froze nearly everything (less than :data:`ALMOST_NOTHING`
+        of the parameters trains: a plan that removes only the last blocks), else None."""
+        total = self.frozen_params + self.trainable_params
+        if not self.frozen_params or self.trainable_params >= ALMOST_NOTHING * total:
+            return None
+        blocks = [m for m in self.trainable_modules if m.rsplit(".", 1)[-1].isdigit()]
+        return (
+            f"warning: PWP leaves {self.trainable_params / total:.1%} of the student trainable "
+            f"({self.trainable_params:,} parameters: {', '.join(self.trainable_modules)}), because the plan's first "
+            f"pruned location is block {self.first_pruned} and everything before it stays as the teacher had it"
+            + ("; no kept block trains" if not blocks else "") + ". Distillation can then recover little of what "
+            "the removed blocks did: on the toys such a plan distils better without PWP (docs/distillation.md, "
+            "'When PWP leaves almost nothing to train'). Pass --no-pwp (hprune distill; \"pwp\": false in a hprune "
+            "compress --config), or choose a plan that removes blocks before the end."
+        )
 
     def summary(self) -> str:
         total = self.frozen_params + self.trainable_params
