@@ -13,7 +13,12 @@ For each toy:
    trajectory against the full model's) and ``shapeeval`` (prompt adherence of the final images).
    Their wall time per entry goes beside each other.
 3. The Spearman rank correlation between each metric's dP(block) and each damage measure
-   (PSNR loss counted as ``-PSNR`` so that both increase with damage).
+   (PSNR loss counted as ``-PSNR`` so that both increase with damage), and between the block's
+   position (its index in execution order: FLUX's double blocks, then its single blocks) and the
+   damage: negative where later blocks matter less, HierarchicalPrune's premise.
+
+The 12-block toys go to the section "metric-correlation", the deep toys (``--families sd3-deep
+flux-deep``) to "metric-correlation-deep".
 
 Results are kept in ``OUT/<family>/`` (``sweep.json``, ``analysis-<metric>.json``) and reused by a
 later run with the same settings; the table goes to BENCHMARKS.md, section "metric-correlation".
@@ -27,11 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import markdown_table, update_section  # noqa: E402
+from _report import markdown_table, spearman, update_section  # noqa: E402
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.evaluation import psnr  # noqa: E402
@@ -40,24 +43,23 @@ from diffusers_hprune.utils.fileio import atomic_write_json  # noqa: E402
 METRICS = ("velocity", "image_fidelity", "shapeeval")
 
 
-def ranks(values) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank (as Spearman's rho needs)."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="stable")
-    out = np.empty(len(values))
-    out[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tied = values == v
-        out[tied] = out[tied].mean()
-    return out
+def position_rho(damage: dict) -> tuple[float, float]:
+    """Spearman's rho of block position against skip damage: ``(vs PSNR loss, vs ShapeEval drop)``."""
+    blocks = damage["blocks"]
+    position = [b["block"] for b in blocks]
+    return (spearman(position, [-b["psnr"] for b in blocks]),
+            spearman(position, [damage["full_shapeeval"] - b["shapeeval"] for b in blocks]))
 
 
-def spearman(a, b) -> float:
-    """Spearman's rank correlation (Pearson's r of the tie-averaged ranks); nan when one side is constant."""
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+def section(families) -> tuple[str, str]:
+    """The BENCHMARKS.md section (name, title) of a run over ``families``: the deep toys have their own."""
+    deep = {toy.toy_family(f) != f for f in families}
+    if len(deep) > 1:
+        raise SystemExit("--families: run the 12-block toys (sd3, flux) and the deep toys (sd3-deep, flux-deep) "
+                         "separately; their tables are separate sections of BENCHMARKS.md")
+    if deep == {True}:
+        return "metric-correlation-deep", "Which contribution metric predicts a block's damage: the deep toys (issue 36)"
+    return "metric-correlation", "Which contribution metric predicts a block's damage (issue 17)"
 
 
 def sweep(family: str, n: int, folder: Path) -> dict:
@@ -109,12 +111,16 @@ def main(argv=None):
     parser.add_argument("--out", default="build/metric-study")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows, cost_rows, notes = [], [], []
+    name, title = section(args.families)  # before any work
+    rows, cost_rows, notes, position_rows = [], [], [], []
     for family in args.families:
         folder = out / family
         damage = sweep(family, args.n_heldout, folder)
         if args.sweep_only:
             continue
+        rho_psnr, rho_shape = position_rho(damage)
+        position_rows.append([family, len(damage["blocks"]), f"{damage['full_shapeeval']:.3f}", f"{rho_psnr:+.2f}",
+                              f"{rho_shape:+.2f}"])
         psnr_loss = [-b["psnr"] for b in damage["blocks"]]
         shape_drop = [damage["full_shapeeval"] - b["shapeeval"] for b in damage["blocks"]]
         n_blocks = len(damage["blocks"])
@@ -142,9 +148,13 @@ def main(argv=None):
         "damage of skipping that block. Analysis cost (every entry: blocks and components, one process, "
         "this machine):\n\n"
         + markdown_table(["toy", "metric", "entries", "wall time", "per entry"], cost_rows)
+        + "\n\nBlock position against the damage of skipping the block (Spearman's rho of the block's index in "
+        "execution order with its PSNR loss and its ShapeEval drop: negative where later blocks matter less):\n\n"
+        + markdown_table(["toy", "blocks", "full ShapeEval", "rho(position, PSNR loss)",
+                          "rho(position, ShapeEval drop)"], position_rows)
         + "\n\n" + "\n".join(notes) + "\n"
     )
-    update_section("metric-correlation", "Which contribution metric predicts a block's damage (issue 17)", body)
+    update_section(name, title, body)
     print(body)
 
 

@@ -484,16 +484,25 @@ def qlora_study(args, out: Path) -> None:
             "base as trained plus the adapters in bf16, which computes what the merged student computes (its "
             "ShapeEval is the merged row's): counted as the NF4 row's bytes plus 2 bytes per adapter parameter. Wall "
             "minutes: data, training, saving and scoring of one seed. Plans:\n\n" + "\n".join(notes) + "\n")
-    name = f"toy-ablation-qlora-{round(ratio * 100):d}"
+    name = f"toy-ablation-qlora-{depth_tag(args.families)}{round(ratio * 100):d}"
     update_section(name, f"The QLoRA student beside full-weight distillation on the {' and '.join(args.families)} "
                    f"toy{'s' if len(args.families) > 1 else ''} at {ratio:.0%} (issue 34)", body)
     print(body)
 
 
-def section_name(ratios: list[float]) -> str:
+def depth_tag(families: list[str]) -> str:
+    """``"deep-"`` for the deep toys, ``""`` for the 12-block ones: their tables are separate sections, side by side."""
+    deep = {toy.toy_family(f) != f for f in families}
+    if len(deep) > 1:
+        raise SystemExit("--families: run the 12-block toys (sd3, flux) and the deep toys (sd3-deep, flux-deep) "
+                         "separately; their tables are separate sections of BENCHMARKS.md")
+    return "deep-" if deep == {True} else ""
+
+
+def section_name(ratios: list[float], families: list[str] = ("sd3", "flux")) -> str:
     """The BENCHMARKS.md section (and plot) of a table at ``ratios``: one per set of ratios, so a run at 20 % keeps the
-    30 % table ("toy-ablation-20", "toy-ablation-30", "toy-ablation-20-30")."""
-    return "toy-ablation-" + "-".join(f"{round(r * 100):d}" for r in sorted(ratios))
+    30 % table ("toy-ablation-20", "toy-ablation-30", "toy-ablation-20-30"; the deep toys': "toy-ablation-deep-30")."""
+    return "toy-ablation-" + depth_tag(list(families)) + "-".join(f"{round(r * 100):d}" for r in sorted(ratios))
 
 
 def main(argv=None):
@@ -522,6 +531,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    depth_tag(args.families)  # before any work
     if args.curve:
         return learning_curve(args, out)
     if args.sgdistill:
@@ -538,7 +548,7 @@ def main(argv=None):
         notes += [f"- {family} goal at {text}" for text in goal(m["results"])]
     header = ["toy", "target", "row", "seeds", "removed", "params", "bytes", "ShapeEval", *toy.CATEGORIES, "PSNR",
               "SSIM", "degradation", "of teacher"]
-    name = section_name(args.ratios)
+    name = section_name(args.ratios, args.families)
     plot_path = Path(__file__).resolve().parent / f"{name.replace('-', '_')}.png"
     save_plot(plots, {f: m["results"][(None, "Original")][0]["score"]["overall"] for f, m in measured.items()},
               plot_path)

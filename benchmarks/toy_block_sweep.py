@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, markdown_table, update_section
+from _report import ROOT, markdown_table, spearman, update_section
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy
 from diffusers_hprune.toy.dataset import to_array
@@ -67,12 +67,15 @@ def main(argv=None):
     header = ["skipped block", "ShapeEval", "drop", "shape", "position", "count", "color", "PSNR vs full (dB)"]
     first, last = drops[: n_blocks // 2], drops[n_blocks // 2 :]
     body = (
-        f"{args.family} toy, {args.n} held-out prompts, full model ShapeEval {full['overall']:.3f} "
+        f"{args.family} toy ({n_blocks} blocks), {args.n} held-out prompts, full model ShapeEval {full['overall']:.3f} "
         f"(shape {full['attribute_shape']:.3f}, position {full['attribute_position']:.3f}). One block skipped at a time "
         "(the block is the identity on both streams).\n\n"
         + markdown_table(header, rows)
         + f"\n\nMean ShapeEval drop, first half of the blocks: {np.mean(first):.3f}; second half: {np.mean(last):.3f}. "
-        f"Lowest fidelity (most change) when skipping block {int(np.argmin(fidelity))}.\n\n"
+        f"Lowest fidelity (most change) when skipping block {int(np.argmin(fidelity))}. Spearman's rho of the block's "
+        f"position (execution order) with the damage of skipping it: {spearman(range(n_blocks), drops):+.2f} "
+        f"(ShapeEval drop), {spearman(range(n_blocks), [-f for f in fidelity]):+.2f} (PSNR loss); negative where "
+        "later blocks matter less.\n\n"
         f"![block sweep](benchmarks/{plot.name})\n"
     )
     update_section(f"toy-{args.family}-block-sweep", f"Skip-one-block sweep of the {args.family} toy", body)

@@ -125,6 +125,9 @@ def test_ablation_sections_keep_what_another_run_wrote():
     ablation = _script("toy_ablation")
     assert ablation.section_name([0.3]) == "toy-ablation-30"
     assert ablation.section_name([0.3, 0.2]) == ablation.section_name([0.2, 0.3]) == "toy-ablation-20-30"
+    assert ablation.section_name([0.3], ["sd3-deep", "flux-deep"]) == "toy-ablation-deep-30"  # beside the 12-block one
+    with pytest.raises(SystemExit, match="run the 12-block toys .* and the deep toys .* separately"):
+        ablation.section_name([0.3], ["sd3", "flux-deep"])
     notes = ablation.convergence("flux", [(200, 0.40, 0.02), (400, 0.45, 0.01), (800, 0.46, 0.03), (1000, 0.9, 0.0)])
     assert notes == [
         "- flux: 200 -> 400 steps changes the mean ShapeEval by +0.050 (seed spread 0.020): beyond it",
@@ -252,3 +255,16 @@ def test_latency_formats_time_every_format_against_the_same_bound():
     assert goals.count("") == len(rows) - 1 and set(goals) - {""} <= {f"{a} / {b}" for a in ("yes", "no") for b in ("yes", "no")}
     size = {r[1]: float(r[2]) for r in rows}
     assert size["pruned, NF4"] < size["pruned, fp32"] < size["original, fp32"] and size["pruned, bf16"] <= size["pruned, fp32"]
+
+
+def test_metric_correlation_reads_the_position_hierarchy_and_keeps_the_deep_toys_apart():
+    study = _script("metric_correlation")
+    blocks = [{"block": i, "psnr": 10.0 + i, "shapeeval": 0.3 + 0.05 * i} for i in range(5)]  # later: less damage
+    assert study.position_rho({"full_shapeeval": 0.6, "blocks": blocks}) == pytest.approx((-1.0, -1.0))
+    blocks[0], blocks[4] = dict(blocks[4], block=0), dict(blocks[0], block=4)  # the last block matters most
+    rho_psnr, _ = study.position_rho({"full_shapeeval": 0.6, "blocks": blocks})
+    assert -1.0 < rho_psnr < 1.0
+    assert study.section(["sd3", "flux"])[0] == "metric-correlation"
+    assert study.section(["sd3-deep", "flux-deep"])[0] == "metric-correlation-deep"
+    with pytest.raises(SystemExit, match="separately"):
+        study.section(["sd3", "sd3-deep"])
