@@ -279,8 +279,9 @@ def identical_rows(results: dict) -> list[str]:
 
 
 def relative_drop(base: float, scores: list[float]) -> float:
-    """The degradation column: the relative drop of the mean of ``scores`` from ``base``."""
-    return (base - statistics.fmean(scores)) / base
+    """The degradation column: the relative drop of the mean of ``scores`` from ``base`` (nan for a teacher that
+    scores 0: an untrained toy)."""
+    return (base - statistics.fmean(scores)) / base if base else float("nan")
 
 
 BASELINES = ("BK-SDM + KD", "KOALA + KD", "last blocks + KD")
@@ -571,7 +572,8 @@ def main(argv=None):
     )
     ratios = " and ".join(f"{r:.0%}" for r in args.ratios)
     update_section(name, f"Baselines and ablation on the {' and '.join(args.families)} toy"
-                   f"{'s' if len(args.families) > 1 else ''} at {ratios} (issue 7, tables 1 and 3 in kind; issue 17)",
+                   f"{'s' if len(args.families) > 1 else ''} at {ratios} "
+                   + ("(issue 36)" if depth_tag(args.families) else "(issue 7, tables 1 and 3 in kind; issue 17)"),
                    body)
     print(body)
 
