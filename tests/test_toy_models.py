@@ -16,14 +16,14 @@ from diffusers_hprune.toy import train
 REFERENCE = Path(__file__).parent / "data" / "toy_reference.json"
 
 
-@pytest.mark.parametrize("family", toy.FAMILIES)
+@pytest.mark.parametrize("family", toy.shipped())
 def test_shipped_pipeline_loads_with_stock_diffusers_and_matches_reference(family):
     from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
     reference = json.loads(REFERENCE.read_text())[family]
     pipe = DiffusionPipeline.from_pretrained(toy.model_path(family), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    assert type(pipe) is {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[toy.toy_family(family)]
     image = pipe(reference["prompt"], generator=torch.Generator().manual_seed(reference["seed"]),
                  output_type="np", **toy.generation_kwargs(family)).images[0]
     expected = np.array(reference["pixels"], dtype=np.float32) / 255.0
@@ -48,7 +48,7 @@ print(json.dumps(dtypes))
 
 
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)
-@pytest.mark.parametrize("family", toy.FAMILIES)
+@pytest.mark.parametrize("family", toy.shipped())
 def test_shipped_pipeline_works_with_the_plain_call_in_a_fresh_process(family, tmp_path):
     """`DiffusionPipeline.from_pretrained(path)` with no dtype, without diffusers_hprune imported: one dtype, the
     reference drawing."""

@@ -18,7 +18,7 @@ from diffusers_hprune import toy
 PROMPT, SEED = "a red circle left of a blue square", 0
 
 reference = {}
-for family in toy.FAMILIES:
+for family in toy.shipped():
     pipe = toy.load_pipeline(family)
     image = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), output_type="np", **toy.generation_kwargs(family)).images[0]
     reference[family] = {"prompt": PROMPT, "seed": SEED, "pixels": np.round(image * 255).astype(int).tolist()}
