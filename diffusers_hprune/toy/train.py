@@ -13,6 +13,10 @@ Three stages, each reproducible from ``--seed``:
    guidance and an EMA of the weights. Training runs for a wall-clock budget.
 3. The pipeline is saved (fp16 weights) with ``save_pretrained``.
 
+``sd3-deep`` / ``flux-deep`` are the seed models' depths (38 joint blocks; 19 double + 38 single) at width 64, with
+every other component taken from the shipped toy of their family (no VAE stage). A transformer's training resumes
+from ``<out>.state`` (:mod:`diffusers_hprune.toy.train_state`) when run again with the same settings.
+
 Run the two transformers in parallel with one thread each to use both cores.
 """
 
