@@ -72,6 +72,19 @@ def test_shipped_pipelines_fit_the_size_budget():
     assert total <= 20 * 2**20
 
 
+def test_shipped_deep_toys_have_the_seed_models_depths_and_fit_their_size_budget():
+    deep = ("sd3-deep", "flux-deep")
+    total = sum(p.stat().st_size for f in deep for p in toy.model_path(f).rglob("*") if p.is_file())
+    assert total <= 25 * 2**20  # 23 MB when shipped: two fp16 transformers of about 5.5 M parameters, their encoders
+    sd3 = json.loads((toy.model_path("sd3-deep") / "transformer" / "config.json").read_text())
+    assert (sd3["num_layers"], sd3["dual_attention_layers"]) == (38, [])  # SD3.5 Large
+    flux = json.loads((toy.model_path("flux-deep") / "transformer" / "config.json").read_text())
+    assert (flux["num_layers"], flux["num_single_layers"]) == (19, 38)  # FLUX.1
+    for name in deep:
+        info = json.loads((toy.model_path(name) / "training.json").read_text())
+        assert info["name"] == name and info["evaluations"][-1]["overall"] >= 0.5
+
+
 def test_shipped_sd3_toy_structure():
     config = json.loads((toy.model_path("sd3") / "transformer" / "config.json").read_text())
     assert config["num_layers"] >= 12 and config["dual_attention_layers"]

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "Each finished entry is saved as it completes (OUT.parts/); run the same command again to resume. "
         "Under `accelerate launch --num_processes N` the entries are split across processes.",
     )
-    p.add_argument("model", help="a pipeline folder or Hub repo id (SD3/SD3.5/FLUX.1), or a toy name (sd3, flux); "
+    p.add_argument("model", help="a pipeline folder or Hub repo id (SD3/SD3.5/FLUX.1), or a toy name (sd3, flux, sd3-deep, flux-deep); "
                    "with --synthetic: a config (built-in name, config.json, folder)")
     p.add_argument("--out", required=True, help="the analysis.json to write (and resume from)")
     p.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality metric P, one of {', '.join(metric_names())} "

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "Activations are traced through the real modules on the meta device. Docs: docs/budget.md.",
     )
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
-                   help="a built-in config (" + ", ".join(builtin_configs()) + "), a toy (sd3, flux), a pipeline or "
+                   help="a built-in config (" + ", ".join(builtin_configs()) + "), a toy (sd3, flux, sd3-deep, flux-deep), a pipeline or "
                    "transformer folder, a config.json, or a Hub repo id in the local cache")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=ratio, default=None,

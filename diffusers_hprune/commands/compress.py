@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         description="Compress a pipeline with HierarchicalPrune. One folder per stage inside --out; a stage whose "
         "output exists and matches its inputs is skipped, so an interrupted run continues where it stopped.",
     )
-    p.add_argument("model", help="a pipeline folder, a cached Hub id, or a toy name (sd3, flux)")
+    p.add_argument("model", help="a pipeline folder, a cached Hub id, or a toy name (sd3, flux, sd3-deep, flux-deep)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=ratio, help="fraction of the transformer's parameters to remove (default 0.3)")
     target.add_argument("--memory", type=parse_bytes, help="weight budget at --weight-dtype, e.g. 4GB")

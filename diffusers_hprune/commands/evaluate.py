@@ -37,7 +37,7 @@ def register(subparsers) -> None:
         "denoising step (warm-up, then the median of --latency-repeats steps).",
     )
     p.add_argument("model", help="the pipeline (the teacher when STUDENT is given): a folder, a cached Hub id, or a "
-                   "toy name (sd3, flux)")
+                   "toy name (sd3, flux, sd3-deep, flux-deep)")
     p.add_argument("student", nargs="?", help="a student pipeline to compare with MODEL")
     p.add_argument("--metric", action="append", metavar="NAME",
                    help="a metric of the registry (fidelity, shapeeval, clip_score, hpsv2, ...); repeat for several")
