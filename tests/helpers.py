@@ -190,6 +190,16 @@ def tiny_unet():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
+def failure_output(stderr: str, limit: int = 3000) -> str:
+    """What to show of a failed process group's ``stderr``: where a rank crashed, Python's fault handler wrote
+    "Fatal Python error" and the stack of each thread before a long list of extension modules, so the
+    tail alone hides the cause. Each such report's first lines, then the tail."""
+    heads = []
+    for part in stderr.split("Fatal Python error")[1:]:
+        heads.append("Fatal Python error" + part.split("\nExtension modules")[0][:limit])
+    return "\n...\n".join(heads + [stderr[-limit:]])
+
+
 def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` (a command, or an ``accelerate launch`` and its ranks) as the leader of a process group of its own.
 

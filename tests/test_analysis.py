@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import record_keyword, run_process_group
+from helpers import failure_output, record_keyword, run_process_group
 
 from diffusers_hprune import BLOCK
 from diffusers_hprune.analysis import analyze
@@ -236,7 +236,7 @@ def test_two_processes_give_the_single_process_report(tmp_path):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
     result = run_process_group(launch, env=env, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     assert "36 computed here" in result.stdout  # rank 0 did its half of the 71 entries
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["run"]["processes"] == 2 and a["run"]["processes"] == 1

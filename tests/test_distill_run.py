@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import imagefolder, run_process_group
+from helpers import failure_output, imagefolder, run_process_group
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis import analyze
@@ -202,7 +202,7 @@ def test_two_processes_end_with_identical_weights(setup, tmp_path):
            str(ROOT / "examples" / "distill.py"), *_args(base, "sd3", analysis, plan_path, out)[1:],
            "--max_train_steps", "12", "--learning_rate", "1e-3", "--no-sgdistill", "--checkpointing_steps", "0"]
     result = run_process_group(cmd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["processes"] == 2
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_identical"]

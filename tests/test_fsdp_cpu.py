@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import run_process_group
+from helpers import failure_output, run_process_group
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -103,7 +103,7 @@ def test_fsdp2_shards_the_pruned_student_and_gathers_a_loadable_state_dict(tmp_p
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(tmp_path / "fsdp_student.py"), str(tmp_path / "plan.json")]
     result = run_process_group(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, result.stdout[-2000:]
     found = json.loads(line[-1][len("RESULT "):])
