@@ -68,3 +68,15 @@ def spearman(a, b) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def depth_tag(families) -> str:
+    """``"deep-"`` for the deep toys, ``""`` for the 12-block ones: their tables are separate sections of BENCHMARKS.md,
+    side by side; a run over both kinds is refused (``SystemExit``)."""
+    from diffusers_hprune import toy
+
+    deep = {toy.toy_family(f) != f for f in families}
+    if len(deep) > 1:
+        raise SystemExit("--families: run the 12-block toys (sd3, flux) and the deep toys (sd3-deep, flux-deep) "
+                         "separately; their tables are separate sections of BENCHMARKS.md")
+    return "deep-" if deep == {True} else ""

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import markdown_table, spearman, update_section  # noqa: E402
+from _report import depth_tag, markdown_table, spearman, update_section  # noqa: E402
 
 from diffusers_hprune import PrunePlan, get_family, prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.evaluation import psnr  # noqa: E402
@@ -53,11 +53,7 @@ def position_rho(damage: dict) -> tuple[float, float]:
 
 def section(families) -> tuple[str, str]:
     """The BENCHMARKS.md section (name, title) of a run over ``families``: the deep toys have their own."""
-    deep = {toy.toy_family(f) != f for f in families}
-    if len(deep) > 1:
-        raise SystemExit("--families: run the 12-block toys (sd3, flux) and the deep toys (sd3-deep, flux-deep) "
-                         "separately; their tables are separate sections of BENCHMARKS.md")
-    if deep == {True}:
+    if depth_tag(families):
         return "metric-correlation-deep", "Which contribution metric predicts a block's damage: the deep toys (issue 36)"
     return "metric-correlation", "Which contribution metric predicts a block's damage (issue 17)"
 

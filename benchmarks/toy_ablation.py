@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _report import markdown_table, update_section  # noqa: E402
+from _report import depth_tag, markdown_table, update_section  # noqa: E402
 
 from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
@@ -489,15 +489,6 @@ def qlora_study(args, out: Path) -> None:
     update_section(name, f"The QLoRA student beside full-weight distillation on the {' and '.join(args.families)} "
                    f"toy{'s' if len(args.families) > 1 else ''} at {ratio:.0%} (issue 34)", body)
     print(body)
-
-
-def depth_tag(families: list[str]) -> str:
-    """``"deep-"`` for the deep toys, ``""`` for the 12-block ones: their tables are separate sections, side by side."""
-    deep = {toy.toy_family(f) != f for f in families}
-    if len(deep) > 1:
-        raise SystemExit("--families: run the 12-block toys (sd3, flux) and the deep toys (sd3-deep, flux-deep) "
-                         "separately; their tables are separate sections of BENCHMARKS.md")
-    return "deep-" if deep == {True} else ""
 
 
 def section_name(ratios: list[float], families: list[str] = ("sd3", "flux")) -> str:

@@ -142,8 +142,8 @@ def _distill(config: DistillConfig, output_dir: Path, spec, plan: PrunePlan, acc
     _check_resolution(config, models)
     pwp = apply_pwp(models.student, enabled=config.pwp)
     say(pwp.summary())
-    if pwp.warning():
-        say(pwp.warning())
+    if warning := pwp.warning():
+        say(warning)
     use_sg, lora_config, groups, off_the_loss = _trainable_groups(config, models, pwp, say)
     _own_trainable_copies(models.student)
     # the text encoders and VAE are the main process's alone: their digest is computed there and handed to all

@@ -59,10 +59,15 @@ def check_prompts(prompts, source: str) -> list[str]:
     return prompts
 
 
+def _folder(name: str) -> Path:
+    """Where the installation keeps the toy ``name``'s pipeline (whether or not it is there)."""
+    return Path(str(resources.files("diffusers_hprune") / "toy" / "models" / name))
+
+
 def model_path(name: str = "sd3") -> Path:
     """The folder of the shipped toy pipeline ``name`` (one of :data:`NAMES`)."""
     toy_family(name)
-    path = Path(str(resources.files("diffusers_hprune") / "toy" / "models" / name))
+    path = _folder(name)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"The toy {name} pipeline is missing from {path}; reinstall diffusers-hprune, or train it with "
@@ -73,8 +78,7 @@ def model_path(name: str = "sd3") -> Path:
 
 def shipped() -> tuple[str, ...]:
     """The toys of :data:`NAMES` whose pipelines this installation holds (a toy in training is not yet shipped)."""
-    root = Path(str(resources.files("diffusers_hprune") / "toy" / "models"))
-    return tuple(n for n in NAMES if (root / n / "model_index.json").is_file())
+    return tuple(n for n in NAMES if (_folder(n) / "model_index.json").is_file())
 
 
 def name_of(name, *, names: bool = True) -> str | None:
