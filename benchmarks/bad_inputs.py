@@ -377,7 +377,8 @@ def cases() -> list[Case]:
         "analyze": ("analyze sd3 --out {case}/a.json", [
             ("--steps", "0"), ("--eval-steps", "0"), ("--batch-size", "0"), ("--n-prompts", "0"), ("--height", "7"),
             ("--width", "18"), ("--height", "-16"), ("--guidance-scale", "nan"), ("--seed", "x"),
-            ("--max-cache-bytes", "4XB"), ("--metric", "nosuch")]),
+            ("--max-cache-bytes", "4XB"), ("--metric", "nosuch"), ("--images auto --plan-ratios", "1.2"),
+            ("--images auto --confidence", "1"), ("--images auto --min-images", "0"), ("--images", "some")]),
         "evaluate": ("evaluate sd3 --out {case}/e.json", [
             ("--steps", "0"), ("--n", "0"), ("--batch-size", "0"), ("--latency-repeats", "0"), ("--warmup", "-1"),
             ("--grid-size", "0"), ("--height", "7"), ("--guidance-scale", "inf")]),
@@ -412,6 +413,14 @@ def cases() -> list[Case]:
             name = flag.split()[-1].lstrip("-")
             phrase = {"--height": "height", "--width": "width", "--metric": "metric"}.get(flag, name)
             add(command, f"`{flag} {value}`", argv, phrase=phrase)
+
+    # The adaptive analysis: its flags without it, and what it cannot measure.
+    add("analyze", "`--plan-ratios` without `--images auto`", "analyze sd3 --out {case}/a.json --plan-ratios 0.3",
+        phrase="--images auto")
+    add("analyze", "`--images auto --metric velocity`", "analyze sd3 --out {case}/a.json --images auto --metric velocity",
+        phrase="velocity metric compares predictions")
+    add("analyze", "`--images auto --min-images 1`", "analyze sd3 --out {case}/a.json --images auto --min-images 1",
+        phrase="at least 2 images")
 
     # A GPU too small for a stage even with every remedy: refused before anything is loaded or written.
     add("compress", "`--gpu-memory` too small for the analysis", "compress sd3 --out {case}/c --gpu-memory 1MB",

@@ -53,7 +53,10 @@ def _key(entry: Mapping[str, Any]) -> tuple[int, str]:
 class ContributionReport:
     """The result of a contribution analysis (the ``analysis.json`` file).
 
-    ``entries`` maps ``(block index, component)`` to ``{"score": P(ablated), "delta": dP}``;
+    ``entries`` maps ``(block index, component)`` to ``{"score": P(ablated), "delta": dP}``; an
+    entry of an adaptive analysis (``analyze(..., stopping=...)``, ``hprune analyze --images auto``)
+    measured on fewer than all calibration images also holds ``n_images``, ``interval`` (``[low,
+    high]`` around dP) and ``values`` (dP of each image, in the order measured): see :meth:`images_of`;
     ``similarity`` maps a block index to the cosine similarity of its input and output in
     the full model (what the ``koala`` strategy ranks by). ``alignment`` (optional) holds
     the whole-block dP of a text-image alignment score (``--alignment-metric``: what the
@@ -69,7 +72,7 @@ class ContributionReport:
     calibration: dict[str, Any]
     pairs: bool = False
     baseline_score: float | None = None
-    entries: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)
+    entries: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     similarity: dict[int, float] = field(default_factory=dict)
     timesteps: list[float] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +90,16 @@ class ContributionReport:
     @property
     def complete(self) -> bool:
         return self.baseline_score is not None and all(k in self.entries for k in self.expected_keys())
+
+    @property
+    def calibration_images(self) -> int:
+        """How many calibration images (prompts with their seeds) the analysis draws."""
+        return len(self.calibration.get("prompts", ()))
+
+    def images_of(self, key: tuple[int, str]) -> int:
+        """How many calibration images entry ``key``'s dP was measured on: all, unless an adaptive analysis stopped
+        it early (``n_images``)."""
+        return int(self.entries[key].get("n_images", self.calibration_images))
 
     def contributions(self, pairs: bool = False) -> dict[tuple[int, str], float]:
         """``(block, component) -> dP``; pair entries (``"a+b"``) only with ``pairs=True``."""
@@ -168,7 +181,7 @@ class ContributionReport:
                 calibration=dict(data["calibration"]),
                 pairs=bool(data.get("pairs", False)),
                 baseline_score=None if data.get("baseline_score") is None else float(data["baseline_score"]),
-                entries={_key(e): {"score": float(e["score"]), "delta": float(e["delta"])} for e in data["entries"]},
+                entries={_key(e): _entry(e) for e in data["entries"]},
                 similarity={int(s["block"]): float(s["cosine"]) for s in data.get("similarity", [])},
                 timesteps=[float(t) for t in data.get("timesteps", [])],
                 run=dict(data.get("run", {})),
@@ -242,6 +255,18 @@ def _alignment(data) -> dict[str, Any]:
                        for e in data.get("entries", [])}}
 
 
+def _entry(e: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry as the report holds it: score and delta, and an adaptive analysis's images, interval and values."""
+    entry: dict[str, Any] = {"score": float(e["score"]), "delta": float(e["delta"])}
+    if "n_images" in e:
+        entry["n_images"] = int(e["n_images"])
+    if "interval" in e:
+        entry["interval"] = [float(v) for v in e["interval"]]
+    if "values" in e:
+        entry["values"] = [float(v) for v in e["values"]]
+    return entry
+
+
 def describe_keys(keys: list[tuple[int, str]], limit: int = 5) -> str:
     """``block 3 ff, block 4 block, ... (12 in all)``: entries named for a message."""
     shown = ", ".join(f"block {i} {c}" for i, c in keys[:limit])
@@ -287,6 +312,8 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
         for name in ("score", "delta"):
             if name in entry:
                 check(f"entry {n} (block {entry.get('block')}, {entry['component']}) {name}", entry[name])
+        _check_adaptive(entry, f"entry {n} (block {entry.get('block')}, {entry['component']})", source,
+                        len((data.get("calibration") or {}).get("prompts", ())), check)
     alignment = data.get("alignment") or {}
     if alignment:
         if not isinstance(alignment.get("metric"), Mapping) or not isinstance(alignment.get("entries", []), list):
@@ -307,6 +334,32 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
             check(f"similarity entry {n} block", item["block"], kind=int, minimum=0)
         if "cosine" in item:  # NaN would rank first for KOALA (it removed blocks 0-2 of an all-NaN analysis)
             check(f"similarity entry {n} cosine", item["cosine"], minimum=-1.001, maximum=1.001)
+
+
+def _check_adaptive(entry: Mapping[str, Any], label: str, source: str, images: int, check) -> None:
+    """An adaptive entry's ``n_images`` (1..the calibration images), ``interval`` (two numbers, low <= high) and
+    ``values`` (one number per image measured)."""
+    if "n_images" in entry:
+        check(f"{label} n_images", entry["n_images"], kind=int, minimum=1, maximum=max(images, 1))
+    if "interval" in entry:
+        interval = entry["interval"]
+        if not isinstance(interval, list) or len(interval) != 2:
+            raise AnalysisError(f"{source}: {label} `interval` must be a list [low, high], got {interval!r}.")
+        for bound in interval:
+            check(f"{label} interval", bound)
+        if interval[0] > interval[1]:
+            raise AnalysisError(f"{source}: {label} has an interval whose low end {interval[0]} is above its high end "
+                                f"{interval[1]}.")
+    if entry.get("n_images", images) < images and "values" not in entry:
+        raise AnalysisError(f"{source}: {label} was measured on {entry['n_images']} of the {images} calibration "
+                            "images but has no `values` (each image's dP) to continue from.")
+    if "values" in entry:
+        values = entry["values"]
+        if not isinstance(values, list) or len(values) != entry.get("n_images", -1):
+            raise AnalysisError(f"{source}: {label} `values` must be a list of one number per image measured "
+                                "(as many as n_images).")
+        for v in values:
+            check(f"{label} value", v)
 
 
 def architecture_hash(config: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -278,3 +279,9 @@ def record_keyword(monkeypatch, module, name: str, keyword: str) -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+def hprune_cli(*args, env_extra=None):
+    """``(command, env)`` running ``hprune ARGS`` in a subprocess with one thread (tests run beside each other)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return [sys.executable, "-m", "diffusers_hprune", *args], env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import failure_output, record_keyword, run_process_group
+from helpers import failure_output, hprune_cli, record_keyword, run_process_group
 
 from diffusers_hprune import BLOCK
 from diffusers_hprune.analysis import analyze
@@ -184,9 +183,7 @@ def test_a_changed_text_encoder_vae_tokenizer_or_scheduler_is_another_analysis(s
     assert len(digests) == 5
 
 
-def _cli(*args, env_extra=None, **kwargs):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return [sys.executable, "-m", "diffusers_hprune", *args], env
+_cli = hprune_cli
 
 
 @pytest.mark.slow  # end-to-end: runs in CI's second step (--runslow)

@@ -83,9 +83,12 @@ class Measurement:
         (the others are not kept) where the block cache lives; the baseline scores and block similarities follow."""
         transformer, report, counter = self.transformer, self.report, self.counter
         step, wanted, call_steps = [0], set(self.steps), []
+        self.batch_starts = []  # the number of the first transformer call of each batch of prompts
 
         def on_step(i):
             step[0] = i
+            if i == 0:
+                self.batch_starts.append(len(call_steps))
 
         def tag(module, args, kwargs):
             call_steps.append(step[0])
@@ -119,19 +122,58 @@ class Measurement:
             return 0.0 - normalised_error(base, self.references)
         return float(self.scorer(self.images, self.images if self.metric_def.kind == REFERENCE else self.prompts))
 
-    def ablated_images(self, entry):
-        """The final images of the model without ``entry``, from the calibration noise and prompts."""
+    @property
+    def num_batches(self) -> int:
+        """How many batches of ``batch_size`` prompts the calibration images are drawn in."""
+        return -(-len(self.prompts) // self.batch_size)
+
+    def batch_slice(self, batch: int) -> slice:
+        return slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+
+    def ablated_images(self, entry, batch: int | None = None):
+        """The final images of the model without ``entry``, from the calibration noise and prompts (or those of
+        batch number ``batch`` alone: the full model drew them in the same batch, so the cache serves the same
+        first-step calls)."""
         ablated = prune_transformer(self.transformer, entry)
+        first = self.first_step
+        if batch is not None:  # the batch's calls, numbered from its first
+            start = self.batch_starts[batch]
+            stop = self.batch_starts[batch + 1] if batch + 1 < len(self.batch_starts) else float("inf")
+            first = [(k - start, j) for k, j in first if start <= k < stop]
         served = {}
-        if self.method == "cached":
-            outputs = self.cache.ablated_outputs(entry, self.counter, calls=[j for _, j in self.first_step])
-            served = {k: out for (k, _), out in zip(self.first_step, outputs)}
+        if self.method == "cached" and first:
+            outputs = self.cache.ablated_outputs(entry, self.counter, calls=[j for _, j in first])
+            served = {k: out for (k, _), out in zip(first, outputs)}
         self.counter.attach(ablated)
         try:
             with swapped_transformer(self.pipe, ablated), served_calls(ablated, served):
-                return self._generate()
+                if batch is None:
+                    return self._generate()
+                part = self.batch_slice(batch)
+                return generate(self.pipe, self.prompts[part], self.seeds[part], self.gen_kwargs, self.batch_size,
+                                embeds=None if self.embeds is None else [self.embeds[batch]],
+                                tiled="vae_tile" in self.report.calibration)
         finally:
             self.counter.detach()
+
+    def _image_score(self, image, k: int) -> float:
+        """The metric of image ``k`` of the calibration alone (against the full model's image ``k``, or its prompt)."""
+        other = self.images[k] if self.metric_def.kind == REFERENCE else self.prompts[k]
+        return float(self.scorer([image], [other]))
+
+    def image_deltas(self, key, batch: int) -> list[float]:
+        """dP of each image of batch ``batch`` without ``key``: the full model's score of the image less the
+        ablated model's (an adaptive analysis's evidence; their mean over every image is the entry's dP)."""
+        if self.metric_def.kind == OUTPUT:
+            raise ValueError("Per-image dP needs an image metric; output metrics compare predictions, not images.")
+        if not hasattr(self, "_image_baselines"):
+            self._image_baselines = [self._image_score(image, k) for k, image in enumerate(self.images)]
+        i, c = key
+        entry = entry_plan(self.family, self.config, i, tuple(c.split("+")))
+        images = self.ablated_images(entry, batch)
+        first = self.batch_slice(batch).start
+        return [self._image_baselines[first + n] - self._image_score(image, first + n)
+                for n, image in enumerate(images)]
 
     def _output_score(self, entry) -> float:
         if self.method == "cached":

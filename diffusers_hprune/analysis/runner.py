@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.ablation import BlockCounter
+from diffusers_hprune.analysis.adaptive import AdaptiveRun, StoppingRule, check_adaptive, sync_parts, take_entries
 from diffusers_hprune.analysis.measurement import Measurement, base_config, encoded_pipeline
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
@@ -152,7 +153,7 @@ def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, i
                 f"{path} holds an analysis with other settings ({', '.join(differs)} differ: another model, metric or "
                 "calibration); pass --overwrite to replace it, or choose another --out."
             )
-        report.entries.update(other.entries)
+        take_entries(report, other)
         report.similarity.update(other.similarity)
         report.timesteps = report.timesteps or other.timesteps
         if other.baseline_score is not None:
@@ -195,6 +196,9 @@ def analyze(
     max_cache_bytes: int | None = None,
     progress: bool = True,
     vae_tiling: bool = False,
+    stopping: StoppingRule | None = None,
+    min_images: int | None = None,
+    confidence: float = 0.95,
 ) -> ContributionReport:
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
 
@@ -231,6 +235,11 @@ def analyze(
             little from whole decodes, so it is part of the calibration (another analysis).
         max_cache_bytes: refuse (``AnalysisError``, before the cache is built past its first call)
             a block-output cache larger than this; ``None``: no bound. The size is reported either way.
+        stopping: an adaptive analysis (:mod:`.adaptive`): each entry is measured on ``min_images`` images, then
+            batch by batch while ``stopping`` (``planning.PlanDecisions``) says its dP could still change a plan, up
+            to every calibration image. Image metrics only. ``None`` (default): every entry on every image.
+        min_images: the images every entry of an adaptive analysis gets first (default: one batch, ``batch_size``).
+        confidence: of the interval an adaptive analysis keeps around each dP (default 0.95).
     """
     if method not in METHODS:
         raise AnalysisError(f"Unknown analysis method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -240,6 +249,8 @@ def analyze(
         raise AnalysisError("A sharded analysis (several processes) needs an output file (--out) to merge into.")
     metric_def = get_metric(metric)
     metric = canonical_name(metric)
+    if stopping is not None:
+        check_adaptive(metric_def, alignment_metric, method, min_images, confidence)
     scorer = metric_def.build(**dict(metric_options or {}))
     if dtype is None:
         dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
@@ -256,35 +267,86 @@ def analyze(
                             "baseline_score": None, "blocks": {}}
     out = Path(out) if out is not None else None
     _resume(report, out, overwrite, state)
+    if stopping is None:  # every entry on every image: one an adaptive run stopped early is measured again
+        report.entries = {k: v for k, v in report.entries.items() if report.images_of(k) >= report.calibration_images}
     reused = len(report.entries)
-    mine = _entries_to_measure(report)[state.process_index :: state.num_processes]
     part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
-    counter = BlockCounter()
-    started = time.perf_counter()
-    need_similarity = len(report.similarity) < report.num_blocks
-    need_alignment_base = bool(report.alignment) and report.alignment["baseline_score"] is None
-    cache_bytes = 0
-    if mine or report.baseline_score is None or need_similarity or need_alignment_base:
-        # the text encoders and the transformer never on the device together (a pipeline on an accelerator stays put)
-        drawing, embeds = encoded_pipeline(pipe, report, batch_size, state.device if _on_host(pipe) else None)
-        measurement = Measurement(drawing, report, metric_def, scorer, align_scorer, method, batch_size, counter,
-                                  embeds=embeds)
-        measurement.draw_full_model(cache_device, max_cache_bytes)
-        cache_bytes = measurement.cache.nbytes
-        bar = tqdm(mine, desc=f"analysis ({metric})", unit="entry", disable=not (progress and state.is_main_process))
-        for key in bar:
-            measurement.record(key)
-            bar.set_postfix_str(f"block {key[0]} {key[1]}")
-            if part is not None:
-                report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
-                report.save(part)
-    if metric_def.alignment and not report.alignment:  # the main metric is an alignment score: bk-sdm ranks by it
-        report.alignment = {"metric": dict(report.metric), "baseline_score": report.baseline_score,
-                            "blocks": {i: dict(v) for (i, c), v in report.entries.items() if c == BLOCK}}
+    counter, started = BlockCounter(), time.perf_counter()
+    measurement = _LazyMeasurement(lambda: _measurement(pipe, report, state, metric_def, scorer, align_scorer, method,
+                                                        batch_size, counter, cache_device, max_cache_bytes))
+    if _needs_drawing(report):
+        measurement()
+    if stopping is None:
+        mine = _entries_to_measure(report)[state.process_index :: state.num_processes]
+        _measure_all(measurement, mine, report, part, counter, started, progress and state.is_main_process)
+        adaptive = {}
+    else:
+        run = AdaptiveRun(measurement, report, stopping, min_images=min_images or batch_size, confidence=confidence,
+                          state=state, part=part, sync=lambda: sync_parts(report, _parts_dir(out) if out else None, part, state),
+                          progress=progress)
+        run.run(report.expected_keys())
+        mine, adaptive = run.measured, {"adaptive": run.summary()}
+    if metric_def.alignment and not report.alignment:
+        _alignment_from_entries(report)
     report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
-                  "cache_bytes": cache_bytes, "computed_entries": len(mine), "block_evaluations": counter.count,
-                  "seconds": round(time.perf_counter() - started, 3)}
+                  "cache_bytes": measurement.cache_bytes, "computed_entries": len(mine),
+                  "block_evaluations": counter.count, "seconds": round(time.perf_counter() - started, 3), **adaptive}
     return report if out is None else _merged_result(report, out, part, state)
+
+
+def _needs_drawing(report: ContributionReport) -> bool:
+    """Whether the full model's drawing is needed whatever is measured: a baseline or similarity is missing."""
+    return report.baseline_score is None or len(report.similarity) < report.num_blocks or bool(
+        report.alignment and report.alignment["baseline_score"] is None)
+
+
+def _alignment_from_entries(report: ContributionReport) -> None:
+    """The main metric is an alignment score: its whole-block entries are what bk-sdm ranks by."""
+    report.alignment = {"metric": dict(report.metric), "baseline_score": report.baseline_score,
+                        "blocks": {i: {"score": v["score"], "delta": v["delta"]}
+                                   for (i, c), v in report.entries.items() if c == BLOCK}}
+
+
+def _measurement(pipe, report: ContributionReport, state, metric_def, scorer, align_scorer, method: str,
+                 batch_size: int, counter: BlockCounter, cache_device, max_cache_bytes: int | None) -> Measurement:
+    """The calibration prompts encoded, and the full model's drawing of them (its block outputs cached)."""
+    # the text encoders and the transformer never on the device together (a pipeline on an accelerator stays put)
+    drawing, embeds = encoded_pipeline(pipe, report, batch_size, state.device if _on_host(pipe) else None)
+    measurement = Measurement(drawing, report, metric_def, scorer, align_scorer, method, batch_size, counter,
+                              embeds=embeds)
+    measurement.draw_full_model(cache_device, max_cache_bytes)
+    return measurement
+
+
+class _LazyMeasurement:
+    """A :class:`Measurement` made when first needed: a run with nothing left to measure draws nothing."""
+
+    def __init__(self, make):
+        self.make, self.made = make, None
+
+    def __call__(self) -> Measurement:
+        if self.made is None:
+            self.made = self.make()
+        return self.made
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.made.cache.nbytes if self.made is not None else 0
+
+
+def _measure_all(measurement, keys, report: ContributionReport, part: Path | None, counter: BlockCounter,
+                 started: float, progress: bool) -> None:
+    """Every entry of ``keys`` on every calibration image, each saved to ``part`` as it completes."""
+    if not keys:
+        return
+    measuring = measurement()
+    bar = tqdm(keys, desc=f"analysis ({report.metric['name']})", unit="entry", disable=not progress)
+    for key in bar:
+        measuring.record(key)
+        bar.set_postfix_str(f"block {key[0]} {key[1]}")
+        if part is not None:
+            report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+            report.save(part)
 
 
 def _on_host(pipe) -> bool:
@@ -403,11 +465,15 @@ def _merge(report: ContributionReport, out: Path) -> ContributionReport:
     processes = int(report.run.get("processes", 1))
     for path in sorted(_parts_dir(out).glob("rank-*.json")):
         other = ContributionReport.load(path)
-        merged.entries.update(other.entries)
+        take_entries(merged, other)
         merged.similarity.update(other.similarity)
         _merge_alignment(merged, other)
         if int(path.stem.split("-")[1]) < processes:
             for k in totals:
                 totals[k] += other.run.get(k, 0)
     merged.run = {"method": report.run.get("method"), "processes": processes, **totals}
+    if "adaptive" in report.run:  # what every process's entries spent
+        merged.run["adaptive"] = dict(report.run["adaptive"],
+                                      images_used=sum(merged.images_of(k) for k in merged.entries),
+                                      images_full=merged.calibration_images * len(merged.entries))
     return merged

@@ -11,12 +11,15 @@ import torch
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.runner import analyze
 from diffusers_hprune.analysis.synthetic import synthetic_report
+from diffusers_hprune.architecture.inventory import inspect_transformer
 from diffusers_hprune.budget import BudgetOptions
 from diffusers_hprune.budget.fit import cache_placement, check_fits
-from diffusers_hprune.commands.options import add_generation_flags, metric_args, parse_bytes
+from diffusers_hprune.commands.options import add_generation_flags, metric_args, open_fraction, parse_bytes, ratio
 from diffusers_hprune.loading import check_image_size, pixel_multiple
 from diffusers_hprune.metrics import DEFAULT_METRIC, metric_names
+from diffusers_hprune.planning.decisions import DEFAULT_RATIOS, PlanDecisions
 from diffusers_hprune.utils.checks import (
+    InputError,
     check_apart,
     check_output_file,
     nonnegative_int,
@@ -80,6 +83,17 @@ def register(subparsers) -> None:
                    "entries of the same settings are still reused")
     p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
                    help="on a GPU, start even when `hprune budget` predicts the analysis will not fit its memory")
+    p.add_argument("--images", choices=["all", "auto"], default="all",
+                   help="calibration images per entry: all (default: the paper's protocol), or auto: --min-images "
+                   "each, then more, batch by batch, only for the entries whose dP could still change the plan at "
+                   "--plan-ratios (an adaptive analysis, docs/removal.md; image metrics only)")
+    p.add_argument("--plan-ratios", type=ratio, nargs="+", metavar="R",
+                   help="with --images auto: the ratios whose hierarchical plans decide where images go (default "
+                   f"{' '.join(str(r) for r in DEFAULT_RATIOS)})")
+    p.add_argument("--min-images", type=positive_int, metavar="N",
+                   help="with --images auto: images every entry gets first (default: --batch-size; at least 2)")
+    p.add_argument("--confidence", type=open_fraction,
+                   help="with --images auto: the confidence of the interval kept around each dP (default 0.95)")
     p.add_argument("--synthetic", action="store_true",
                    help="write a made-up analysis shaped like the paper's from the config alone (no weights), for "
                    "planning and memory estimates")
@@ -95,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote a SYNTHETIC analysis of {args.model} (no weights, no measurement) to {args.out}")
         return 0
 
+    stopping = _stopping_rule(args)
     diffusers.utils.logging.disable_progress_bar()
     prompts = None
     if args.prompts:
@@ -123,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,
         dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
-        max_cache_bytes=args.max_cache_bytes, vae_tiling=args.vae_tiling,
+        max_cache_bytes=args.max_cache_bytes, vae_tiling=args.vae_tiling, stopping=stopping,
+        min_images=args.min_images, confidence=args.confidence or 0.95,
     )
 
     if process_state().is_main_process:
@@ -133,5 +149,25 @@ def run(args: argparse.Namespace) -> int:
               f"P(original) = {report.baseline_score:.6g}")
         print(f"block evaluations: {report.run.get('block_evaluations')}, seconds: {report.run.get('seconds'):.1f}, "
               f"block-output cache: {run.get('cache_bytes', 0) / 1e6:.1f} MB")
+        adaptive = report.run.get("adaptive")
+        if adaptive:
+            print(f"adaptive: {adaptive['images_used']:,} of {adaptive['images_full']:,} entry images "
+                  f"({adaptive['images_used'] / adaptive['images_full']:.1%}) in {adaptive['rounds']} rounds, for the "
+                  f"plans at {', '.join(f'{r:g}' for r in args.plan_ratios)}")
         print(f"wrote {args.out}")
     return 0
+
+
+def _stopping_rule(args: argparse.Namespace) -> PlanDecisions | None:
+    """The plans an adaptive analysis (``--images auto``) decides for; None for a full one, whose adaptive flags
+    are refused (they would be ignored)."""
+    given = [flag for flag, value in (("--plan-ratios", args.plan_ratios), ("--min-images", args.min_images),
+                                      ("--confidence", args.confidence)) if value is not None]
+    if args.images == "all":
+        if given:
+            raise InputError(f"{', '.join(given)} only steer an adaptive analysis; add --images auto, or drop them "
+                             "(--images all measures every entry on every image).")
+        return None
+    args.plan_ratios = args.plan_ratios or list(DEFAULT_RATIOS)
+    family = toy.name_of(str(args.model))
+    return PlanDecisions(inspect_transformer(toy.model_path(family) if family else args.model), args.plan_ratios)

@@ -65,6 +65,14 @@ def ratio(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a confidence)."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (e.g. 0.95), got {value:g}")
+    return value
+
+
 def add_generation_flags(parser: argparse.ArgumentParser, *, steps_help: str) -> None:
     """``--steps``, ``--height``, ``--width``, ``--guidance-scale``: the generation settings (default: the model's
     profile). Sizes must also be a multiple of what the model needs (16 for SD3 and FLUX.1, 4 for the toys),
