@@ -18,6 +18,7 @@ trajectories and decoded images, the cache serving the first step) is timed per 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _report import markdown_table, update_section
+from _report import markdown_table, spearman, update_section
 
 from diffusers_hprune.analysis import analyze
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import component_keys
+from diffusers_hprune.utils.fileio import atomic_write_json
 
 
 def analytic_counts(config) -> tuple[int, int, int]:
@@ -47,8 +49,8 @@ def analytic_counts(config) -> tuple[int, int, int]:
 
 
 # The paper's measured figures used for the extrapolation (HierarchicalPrune, Table 5 and Appendix C.1).
-PAPER_A100_STEP_SECONDS = {"sd3.5-large-turbo": 0.444}
-PAPER_ANALYSIS_HOURS = {"sd3.5-large-turbo": 12.6}
+PAPER_A100_STEP_SECONDS = {"sd3.5-large-turbo": 0.444, "flux.1-schnell": 0.430}
+PAPER_ANALYSIS_HOURS = {"sd3.5-large-turbo": 12.6, "flux.1-schnell": 27.1}
 PAPER_PROTOCOL = {"block_images": 400, "component_images": 80, "steps": 4}
 
 
@@ -64,13 +66,159 @@ def protocol_evaluations(config, block_images: int, component_images: int, steps
         calls = block_calls if c == BLOCK else component_calls
         naive += calls * (n - 1 if c == BLOCK else n)
         cached += calls * (n - i - 1 if c == BLOCK else n - i)
-    # image_fidelity: every image's whole trajectory; the cache serves the first step (blocks before i replayed).
-    images = n * block_images * steps  # the full model draws the calibration images
-    for i, c in component_keys(family, config):
-        count = block_images if c == BLOCK else component_images
-        kept = n - 1 if c == BLOCK else n
-        images += count * ((n - i - 1 if c == BLOCK else n - i) + (steps - 1) * kept)
+    images = image_evaluations(config, lambda key: block_images if key[1] == BLOCK else component_images,
+                               max(block_images, component_images), steps)
     return {"naive": naive, "cached": cached, "image_cached": images, "blocks": n}
+
+
+def image_evaluations(config, images_of, drawn: int, steps: int) -> float:
+    """Block evaluations of an ``image_fidelity`` analysis whose entry ``(i, c)`` is measured on ``images_of((i, c))``
+    images of ``drawn`` calibration images, ``steps`` denoising steps each: the full model draws every calibration
+    image once, then each ablated image's whole trajectory runs, the cache serving its first step (blocks before
+    ``i`` replayed)."""
+    family = get_family(config)
+    n = family.num_blocks(config)
+    images = n * drawn * steps  # the full model draws the calibration images
+    for i, c in component_keys(family, config):
+        kept = n - 1 if c == BLOCK else n
+        images += images_of((i, c)) * ((n - i - 1 if c == BLOCK else n - i) + (steps - 1) * kept)
+    return images
+
+
+# -- the adaptive analysis (issue 37) -------------------------------------------------------------------------
+ADAPTIVE_RATIOS = (0.2, 0.3, 0.4)
+
+
+def spent_fractions(report) -> dict[str, float]:
+    """Of the images an adaptive analysis could add to its entries beyond their first ones, the share it added, for
+    whole blocks and for components: ``sum(n - min) / sum(N - min)``."""
+    first = int(report.run["adaptive"]["min_images"])
+    full = report.calibration_images
+    out = {}
+    for kind in ("block", "component"):
+        keys = [k for k in report.entries if (k[1] == BLOCK) == (kind == "block")]
+        out[kind] = sum(report.images_of(k) - first for k in keys) / max(len(keys) * (full - first), 1)
+    return out
+
+
+def adaptive_counts(config, fractions: dict[str, float], min_images: int = 8) -> dict[str, float]:
+    """Block evaluations of the full ``image_fidelity`` analysis under the paper's protocol and of the adaptive one
+    whose entries take ``min_images`` and then the ``fractions`` of the rest their kind is allowed (400 images
+    per whole block, 80 per component, 4 steps)."""
+    blocks, comps, steps = (PAPER_PROTOCOL[k] for k in ("block_images", "component_images", "steps"))
+
+    def adaptive(key):
+        most, kind = (blocks, "block") if key[1] == BLOCK else (comps, "component")
+        return min_images + fractions[kind] * (most - min_images)
+
+    return {"full": image_evaluations(config, lambda k: blocks if k[1] == BLOCK else comps, blocks, steps),
+            "adaptive": image_evaluations(config, adaptive, blocks, steps)}
+
+
+def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
+    """Per ratio: ``same`` when both analyses give the hierarchical plan the same removals, else the Score sum
+    (prunability by the full analysis's dP, higher = removes less) of each plan's removals."""
+    from diffusers_hprune.architecture.inventory import inspect_transformer
+    from diffusers_hprune.planning import make_plan, prunability
+
+    inventory = inspect_transformer(full.transformer_config)
+    out = []
+    for ratio in ratios:
+        plans = [make_plan(r.contributions(), inventory, ratio=ratio) for r in (full, auto)]
+        if plans[0].plan.removed_blocks == plans[1].plan.removed_blocks and (
+                plans[0].plan.removed_components == plans[1].plan.removed_components):
+            out.append(f"{ratio:.0%}: same")
+            continue
+        alpha = plans[0].plan.metadata["alpha"]
+        scores = [sum(prunability(full.entries[k]["delta"], k[0], full.num_blocks, alpha) for k in p.order)
+                  for p in plans]
+        differ = len(set(plans[0].order) ^ set(plans[1].order))
+        out.append(f"{ratio:.0%}: {differ} removals differ, Score sum {scores[1]:.5g} vs {scores[0]:.5g} "
+                   f"({scores[1] / scores[0] - 1:+.1%} of the full plan's)")
+    return out
+
+
+def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path) -> dict:
+    """The full and the adaptive ``image_fidelity`` analysis of a toy (cached in ``folder``): costs and agreement."""
+    from diffusers_hprune import toy
+    from diffusers_hprune.architecture.inventory import inspect_transformer
+    from diffusers_hprune.contributions import ContributionReport
+    from diffusers_hprune.planning.decisions import PlanDecisions
+
+    cache = folder / f"{family}-{n_prompts}x{batch_size}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = dict(n_prompts=n_prompts, batch_size=batch_size)
+    runs = {}
+    for name, extra in (("full", {}), ("adaptive", {"stopping": PlanDecisions(
+            inspect_transformer(toy.model_path(family)), ADAPTIVE_RATIOS)})):
+        out = folder / f"{family}-{n_prompts}x{batch_size}-{name}.json"
+        start = time.perf_counter()
+        report = analyze(family, out, **settings, **extra)
+        runs[name] = {"seconds": time.perf_counter() - start, "block_evaluations": report.run["block_evaluations"],
+                      "file": str(out), "reused_entries": report.run["this_process"].get("reused_entries", 0)}
+        if runs[name]["reused_entries"]:
+            print(f"{family} {name}: resumed an earlier run ({runs[name]['reused_entries']} entries reused): its cost "
+                  f"is not the whole analysis's; remove {out} and its .parts folder to measure it again", flush=True)
+        print(f"{family} {name}: {runs[name]['block_evaluations']:,} block evaluations, "
+              f"{runs[name]['seconds']:.0f} s", flush=True)
+    full, auto = (ContributionReport.load(runs[k]["file"]) for k in ("full", "adaptive"))
+    keys = sorted(full.entries)
+    row = {"family": family, "blocks": full.num_blocks, "entries": len(keys), "n_prompts": n_prompts,
+           "batch_size": batch_size, "runs": runs, "adaptive": auto.run["adaptive"],
+           "fractions": spent_fractions(auto),
+           "rho": spearman([full.entries[k]["delta"] for k in keys], [auto.entries[k]["delta"] for k in keys]),
+           "plans": plan_agreement(full, auto), "threads": torch.get_num_threads()}
+    atomic_write_json(cache, row)
+    return row
+
+
+def adaptive_main(args) -> None:
+    rows, table = [], []
+    for family in args.families:
+        row = measure_adaptive(family, args.n_prompts, args.batch_size, Path(args.out))
+        rows.append(row)
+        full, auto = row["runs"]["full"], row["runs"]["adaptive"]
+        table.append([f"{family} ({row['blocks']} blocks)", row["entries"],
+                      f"{row['adaptive']['images_used']:,} of {row['adaptive']['images_full']:,}",
+                      f"{full['block_evaluations']:,} vs {auto['block_evaluations']:,}",
+                      f"{full['block_evaluations'] / auto['block_evaluations']:.2f}x",
+                      f"{full['seconds']:.0f} s vs {auto['seconds']:.0f} s", f"{full['seconds'] / auto['seconds']:.2f}x",
+                      f"{row['rho']:+.3f}", "; ".join(row["plans"])])
+    lines = []
+    for name, like in (("sd3.5-large-turbo", "sd3"), ("flux.1-schnell", "flux")):
+        measured = [r for r in rows if r["family"].startswith(like)]
+        if not measured:
+            continue
+        source = max(measured, key=lambda r: r["blocks"])  # the deepest toy of the family: the nearest in depth
+        config = load_transformer_config(name)
+        counts = adaptive_counts(config, source["fractions"])
+        per_block = PAPER_A100_STEP_SECONDS[name] / get_family(config).num_blocks(config)
+        hours = {k: v * per_block / 3600 for k, v in counts.items()}
+        lines.append(
+            f"- {name}: the full analysis {counts['full']:,.0f} block evaluations ({hours['full']:.1f} A100-hours), the "
+            f"adaptive one {counts['adaptive']:,.0f} ({hours['adaptive']:.1f} A100-hours, "
+            f"{counts['full'] / counts['adaptive']:.1f}x fewer), with 8 first images per entry and then the shares "
+            f"of the rest that the {source['family']} toy's adaptive analysis took "
+            f"(blocks {source['fractions']['block']:.1%}, components {source['fractions']['component']:.1%}).")
+    body = markdown_table(
+        ["toy", "entries", "entry images (adaptive of full)", "block evaluations (full vs adaptive)", "fewer",
+         "wall time", "faster", "rho of dP", "plans at 20 / 30 / 40 %"], table)
+    body += (
+        f"\n\nCalibration: {args.n_prompts} toy training prompts in batches of {args.batch_size}; the adaptive "
+        f"analysis gives each entry one batch, then decides for the hierarchical plans at "
+        f"{', '.join(f'{r:.0%}' for r in ADAPTIVE_RATIOS)} (95 % intervals). Block evaluations count the ablated "
+        "drawings and the cache, not the full model's drawing (the same for both); wall time counts everything. "
+        "`rho`: Spearman's rank correlation of the two analyses' dP over every entry. A plan that differs is "
+        "given with the Score sum of its removals by the full analysis's dP (higher: less damage expected).\n\n"
+        "Extrapolated under the paper's protocol (400 images per whole-block entry, 80 per component, 4 steps, one "
+        "block evaluation = the paper's A100 step (Table 5) over the blocks). The shares measured on a toy are "
+        "assumed to hold for the real model, which has 400 / 80 images where the toy has "
+        f"{args.n_prompts}: an assumption, not a measurement (intervals narrow with more images, so more entries "
+        "stop early on the real model if their dP are as spread).\n\n" + "\n".join(lines) + "\n")
+    update_section("analysis-cost-adaptive", "Adaptive analysis: cost and agreement with the full one (issue 37)", body)
+    print(body)
 
 
 def main(argv=None):
@@ -78,7 +226,18 @@ def main(argv=None):
     parser.add_argument("--n-prompts", type=int, default=4)
     parser.add_argument("--eval-steps", type=int, default=4)
     parser.add_argument("--metrics", nargs="+", default=["velocity", "image_fidelity"])
+    parser.add_argument("--adaptive", action="store_true",
+                        help="measure the adaptive analysis against the full one instead (issue 37); --n-prompts "
+                        "then defaults to 64")
+    parser.add_argument("--families", nargs="+", default=["sd3", "flux"], help="toys of --adaptive")
+    parser.add_argument("--batch-size", type=int, default=8, help="of --adaptive")
+    parser.add_argument("--out", default="build/analysis-cost", help="where --adaptive keeps its analyses")
     args = parser.parse_args(argv)
+    if args.adaptive:
+        if "--n-prompts" not in (argv if argv is not None else sys.argv):
+            args.n_prompts = 64
+        adaptive_main(args)
+        return
     rows = []
     for family in ("sd3", "flux"):
         for metric in args.metrics:

@@ -47,6 +47,34 @@ def test_protocol_count_agrees_with_the_per_call_count(name):
 
 
 @pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
+def test_adaptive_count_spans_first_images_to_the_full_protocol(name):
+    from diffusers_hprune.architecture.inventory import load_transformer_config
+
+    cost = _script("analysis_cost")
+    config = load_transformer_config(name)
+    everything = cost.adaptive_counts(config, {"block": 1.0, "component": 1.0})
+    assert everything["adaptive"] == everything["full"] == cost.protocol_evaluations(config, **cost.PAPER_PROTOCOL)[
+        "image_cached"]
+    # 8 images per entry: the protocol at 8 images, but the full model still draws all 400.
+    first = cost.adaptive_counts(config, {"block": 0.0, "component": 0.0}, min_images=8)
+    n = cost.get_family(config).num_blocks(config)
+    eight = cost.protocol_evaluations(config, block_images=8, component_images=8, steps=4)["image_cached"]
+    assert first["adaptive"] == eight + n * (400 - 8) * 4
+    blocks = cost.adaptive_counts(config, {"block": 1.0, "component": 0.0}, min_images=8)
+    assert first["adaptive"] < blocks["adaptive"] < everything["adaptive"]
+
+
+def test_spent_fractions_count_the_images_beyond_the_first():
+    from types import SimpleNamespace
+
+    cost = _script("analysis_cost")
+    entries = {(0, "block"): 8, (1, "block"): 40, (0, "attn"): 8, (0, "ff"): 24}
+    report = SimpleNamespace(run={"adaptive": {"min_images": 8}}, calibration_images=40, entries=entries,
+                             images_of=entries.__getitem__)
+    assert cost.spent_fractions(report) == {"block": 0.5, "component": 0.25}
+
+
+@pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
 def test_latency_scaled_config_keeps_every_block_at_width_256(name):
     from diffusers_hprune.architecture import get_family
     from diffusers_hprune.architecture.inventory import build_on_meta, load_transformer_config
