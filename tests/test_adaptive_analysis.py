@@ -106,6 +106,33 @@ def test_a_decided_entry_stops_at_its_first_images_and_a_later_run_continues_it(
     assert later.run["block_evaluations"] < full.run["block_evaluations"]  # the first two images were not redrawn
 
 
+class Crash(Exception):
+    pass
+
+
+class CrashingRule(Rule):
+    """Names every entry undecided; raises at its second decision (a run stopped in its third round)."""
+
+    def undecided(self, estimates, intervals):
+        if self.calls == 1:
+            raise Crash
+        return super().undecided(estimates, intervals)
+
+
+def test_a_stopped_adaptive_run_resumes_from_its_parts(sd3_pipeline, tmp_path):
+    out = tmp_path / "analysis.json"
+    settings = dict(SMALL, n_prompts=6)
+    with pytest.raises(Crash):
+        analyze(sd3_pipeline, out, stopping=CrashingRule(undecided=True), min_images=2, **settings)
+    part = ContributionReport.load(tmp_path / "analysis.json.parts" / "rank-0.json")
+    assert not out.exists() and {e["n_images"] for e in part.entries.values()} == {4}  # two rounds were saved
+    resumed = analyze(sd3_pipeline, out, stopping=Rule(undecided=True), min_images=2, **settings)
+    assert resumed.run["this_process"]["reused_entries"] == len(part.entries)
+    uninterrupted = analyze(sd3_pipeline, stopping=Rule(undecided=True), min_images=2, **settings)
+    assert resumed.entries == uninterrupted.entries
+    assert resumed.run["block_evaluations"] < uninterrupted.run["block_evaluations"]
+
+
 def test_a_full_analysis_measures_again_what_an_adaptive_one_stopped_early(sd3_pipeline, tmp_path):
     out = tmp_path / "analysis.json"
     analyze(sd3_pipeline, out, stopping=Rule(undecided=False), min_images=2, **SMALL)
