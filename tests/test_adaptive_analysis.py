@@ -15,7 +15,7 @@ from diffusers_hprune.analysis import analyze, synthetic_report
 from diffusers_hprune.analysis.adaptive import batch_order, interval
 from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport
-from diffusers_hprune.planning import make_plan
+from diffusers_hprune.planning import format_table, make_plan
 from diffusers_hprune.planning.decisions import PlanDecisions
 from diffusers_hprune.utils.errors import PlanError
 
@@ -97,6 +97,9 @@ def test_a_decided_entry_stops_at_its_first_images_and_a_later_run_continues_it(
         assert entry["interval"][0] <= entry["delta"] <= entry["interval"][1]
     full = analyze(sd3_pipeline, **SMALL)
     assert early.run["block_evaluations"] < full.run["block_evaluations"]
+    table = format_table(early)
+    assert f"adaptive analysis: {len(early.entries)} entries stopped before all 4 images" in table
+    assert "~" in table and "~" not in format_table(full)
     # The file round-trips, and a later run with another rule continues from the kept values.
     assert ContributionReport.load(out).entries == early.entries
     later = analyze(sd3_pipeline, out, stopping=Rule(undecided=True), min_images=2, **SMALL)
