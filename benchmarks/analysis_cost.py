@@ -93,11 +93,11 @@ def spent_fractions(report) -> dict[str, float]:
     """Of the images an adaptive analysis could add to its entries beyond their first ones, the share it added, for
     whole blocks and for components: ``sum(n - min) / sum(N - min)``."""
     first = int(report.run["adaptive"]["min_images"])
-    full = report.calibration_images
     out = {}
     for kind in ("block", "component"):
         keys = [k for k in report.entries if (k[1] == BLOCK) == (kind == "block")]
-        out[kind] = sum(report.images_of(k) - first for k in keys) / max(len(keys) * (full - first), 1)
+        out[kind] = (sum(report.images_of(k) - first for k in keys) /
+                     max(sum(report.entry_images(k) - first for k in keys), 1))
     return out
 
 

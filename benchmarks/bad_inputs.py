@@ -378,7 +378,7 @@ def cases() -> list[Case]:
             ("--steps", "0"), ("--eval-steps", "0"), ("--batch-size", "0"), ("--n-prompts", "0"), ("--height", "7"),
             ("--width", "18"), ("--height", "-16"), ("--guidance-scale", "nan"), ("--seed", "x"),
             ("--max-cache-bytes", "4XB"), ("--metric", "nosuch"), ("--images auto --plan-ratios", "1.2"),
-            ("--images auto --confidence", "1"), ("--images auto --min-images", "0"), ("--images", "some")]),
+            ("--images auto --confidence", "1"), ("--images auto --min-images", "0"), ("--images", "some"), ("--component-images", "0")]),
         "evaluate": ("evaluate sd3 --out {case}/e.json", [
             ("--steps", "0"), ("--n", "0"), ("--batch-size", "0"), ("--latency-repeats", "0"), ("--warmup", "-1"),
             ("--grid-size", "0"), ("--height", "7"), ("--guidance-scale", "inf")]),
@@ -419,6 +419,11 @@ def cases() -> list[Case]:
         phrase="--images auto")
     add("analyze", "`--images auto --metric velocity`", "analyze sd3 --out {case}/a.json --images auto --metric velocity",
         phrase="velocity metric compares predictions")
+    add("analyze", "`--component-images` not a multiple of `--batch-size`",
+        "analyze sd3 --out {case}/a.json --component-images 6 --batch-size 4", phrase="multiple of --batch-size 4")
+    add("analyze", "`--component-images` with `--metric velocity`",
+        "analyze sd3 --out {case}/a.json --n-prompts 4 --component-images 2 --batch-size 2 --metric velocity",
+        phrase="--component-images counts images")
     add("analyze", "`--images auto --min-images 1`", "analyze sd3 --out {case}/a.json --images auto --min-images 1",
         phrase="at least 2 images")
 

@@ -96,10 +96,25 @@ class ContributionReport:
         """How many calibration images (prompts with their seeds) the analysis draws."""
         return len(self.calibration.get("prompts", ()))
 
+    def entry_images(self, key: tuple[int, str]) -> int:
+        """How many calibration images entry ``key`` is measured on in full: all for whole blocks, the first
+        ``calibration["component_images"]`` (where set: the paper measures components on 80 images of its 400) for
+        components and pairs."""
+        return self.calibration_images if key[1] == BLOCK else self.component_images
+
+    @property
+    def component_images(self) -> int:
+        """How many of the calibration images (the first) component and pair entries are measured on."""
+        return min(self.calibration_images, int(self.calibration.get("component_images", self.calibration_images)))
+
     def images_of(self, key: tuple[int, str]) -> int:
-        """How many calibration images entry ``key``'s dP was measured on: all, unless an adaptive analysis stopped
-        it early (``n_images``)."""
-        return int(self.entries[key].get("n_images", self.calibration_images))
+        """How many calibration images entry ``key``'s dP was measured on: :meth:`entry_images`, unless an adaptive
+        analysis stopped it early (``n_images``)."""
+        return int(self.entries[key].get("n_images", self.entry_images(key)))
+
+    def stopped_early(self, key: tuple[int, str]) -> bool:
+        """Whether an adaptive analysis stopped entry ``key`` before its images (its dP an estimate)."""
+        return self.images_of(key) < self.entry_images(key)
 
     def contributions(self, pairs: bool = False) -> dict[tuple[int, str], float]:
         """``(block, component) -> dP``; pair entries (``"a+b"``) only with ``pairs=True``."""

@@ -98,7 +98,7 @@ def test_a_decided_entry_stops_at_its_first_images_and_a_later_run_continues_it(
     full = analyze(sd3_pipeline, **SMALL)
     assert early.run["block_evaluations"] < full.run["block_evaluations"]
     table = format_table(early)
-    assert f"adaptive analysis: {len(early.entries)} entries stopped before all 4 images" in table
+    assert f"adaptive analysis: {len(early.entries)} entries stopped before all their images" in table
     assert "~" in table and "~" not in format_table(full)
     # The file round-trips, and a later run with another rule continues from the kept values.
     assert ContributionReport.load(out).entries == early.entries
@@ -142,6 +142,27 @@ def test_a_full_analysis_measures_again_what_an_adaptive_one_stopped_early(sd3_p
     again = analyze(sd3_pipeline, out, **SMALL)
     assert again.run["this_process"]["reused_entries"] == 0
     assert again.entries == analyze(sd3_pipeline, **SMALL).entries  # no n_images, values or interval left
+
+
+def test_component_entries_on_their_first_images(sd3_pipeline):
+    """--component-images 2 of 4: a component entry is what an analysis of the first 2 prompts measures, a block
+    entry what one of all 4 does; the adaptive analysis at every image ends at the same numbers."""
+    capped = analyze(sd3_pipeline, component_images=2, **SMALL)
+    everything = analyze(sd3_pipeline, **SMALL)
+    first_two = analyze(sd3_pipeline, **dict(SMALL, n_prompts=2))
+    assert capped.calibration["component_images"] == 2 and capped.entry_images((0, "attn")) == 2
+    for key, entry in capped.entries.items():
+        assert entry == (everything if key[1] == "block" else first_two).entries[key], key
+    rule = Rule(undecided=True)
+    adaptive = analyze(sd3_pipeline, stopping=rule, min_images=2, component_images=2, **SMALL)
+    for key, entry in capped.entries.items():
+        assert adaptive.entries[key]["n_images"] == (4 if key[1] == "block" else 2)
+        assert adaptive.entries[key]["delta"] == pytest.approx(entry["delta"], rel=1e-12, abs=1e-15)
+    assert rule.calls == 1  # round 2 was the blocks' alone
+    with pytest.raises(AnalysisError, match="multiple of --batch-size 2"):
+        analyze(sd3_pipeline, component_images=3, **SMALL)
+    with pytest.raises(AnalysisError, match="--component-images counts images; the velocity metric"):
+        analyze(sd3_pipeline, metric="velocity", component_images=2, **SMALL)
 
 
 def test_adaptive_refusals(sd3_pipeline, tmp_path):

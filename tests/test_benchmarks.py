@@ -69,8 +69,10 @@ def test_spent_fractions_count_the_images_beyond_the_first():
 
     cost = _script("analysis_cost")
     entries = {(0, "block"): 8, (1, "block"): 40, (0, "attn"): 8, (0, "ff"): 24}
-    report = SimpleNamespace(run={"adaptive": {"min_images": 8}}, calibration_images=40, entries=entries,
-                             images_of=entries.__getitem__)
+    report = SimpleNamespace(run={"adaptive": {"min_images": 8}}, entries=entries, images_of=entries.__getitem__,
+                             entry_images=lambda key: 40 if key[1] == "block" else 24)
+    assert cost.spent_fractions(report) == {"block": 0.5, "component": 0.5}  # components of 24 images each
+    report.entry_images = lambda key: 40
     assert cost.spent_fractions(report) == {"block": 0.5, "component": 0.25}
 
 

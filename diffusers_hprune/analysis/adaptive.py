@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from diffusers_hprune.architecture import BLOCK
 from diffusers_hprune.contributions import AnalysisError, ContributionReport
 from diffusers_hprune.metrics import OUTPUT
 
@@ -72,33 +73,36 @@ class AdaptiveRun:
         nothing left to measure draws nothing); ``sync()`` shares the processes' entries between rounds."""
         self.measurement, self.report, self.rule = measurement, report, rule
         self.confidence, self.state, self.part, self.sync = confidence, state, part, sync
-        self.population = report.calibration_images
-        size = int(report.calibration["batch_size"])
-        self.order = batch_order(-(-self.population // size), int(report.calibration["seeds"][0]))
-        self.sizes = [min(size, self.population - b * size) for b in self.order]
-        self.min_images = min(min_images, self.population)
+        images, size = report.calibration_images, int(report.calibration["batch_size"])
+        order = batch_order(-(-images // size), int(report.calibration["seeds"][0]))
+        # components: the batches of their first images only (a multiple of the batch size)
+        self.orders = {True: order, False: [b for b in order if b * size < report.component_images]}
+        self.size, self.images = size, images
+        self.min_images = min_images
         self.rounds = 0
         self.measured: list[Key] = []
         self.bar = tqdm(desc="adaptive analysis", unit="batch", total=0,
                         disable=not (progress and state.is_main_process))
 
-    def _next_batch(self, key: Key) -> int | None:
-        """The next batch entry ``key`` measures (None when it has every image); its values must end at a batch."""
+    def _next_batch(self, key: Key) -> int:
+        """The next batch entry ``key`` measures, in its random order; its values end at a batch."""
         n = len(self.report.entries[key]["values"]) if key in self.report.entries else 0
         done = 0
-        for position, size in enumerate(self.sizes):
+        for batch in self.orders[key[1] == BLOCK]:
             if done == n:
-                return self.order[position]
-            done += size
-        return None
+                return batch
+            done += min(self.size, self.images - batch * self.size)
+        raise AnalysisError(f"Entry block {key[0]} {key[1]} has {n} image values, which do not end at a batch of "
+                            f"{self.size}; the analysis file was edited: analyse again with --overwrite.")
 
     def _final(self, key: Key) -> bool:
-        return key in self.report.entries and self.report.images_of(key) >= self.population
+        return key in self.report.entries and not self.report.stopped_early(key)
 
     def todo(self, keys: list[Key]) -> list[Key]:
         """This round's entries: those below ``min_images``, else the rule's undecided ones not yet at every image."""
         entries = self.report.entries
-        short = [k for k in keys if k not in entries or (not self._final(k) and self.report.images_of(k) < self.min_images)]
+        short = [k for k in keys if k not in entries or (
+            not self._final(k) and self.report.images_of(k) < min(self.min_images, self.report.entry_images(k)))]
         if short:
             return short
         estimates = {k: entries[k]["delta"] for k in keys}
@@ -113,11 +117,12 @@ class AdaptiveRun:
         entry = self.report.entries.get(key, {})
         values = list(entry.get("values", [])) + self.measurement().image_deltas(key, batch)
         delta = math.fsum(values) / len(values)
-        low, high = interval(values, self.population, self.confidence)
+        population = self.report.entry_images(key)
+        low, high = interval(values, population, self.confidence)
         self.report.entries[key] = {"score": self.report.baseline_score - delta, "delta": delta,
                                     "n_images": len(values), "interval": [low, high],
                                     # every image: the full analysis's entry, nothing left to continue
-                                    **({"values": values} if len(values) < self.population else {})}
+                                    **({"values": values} if len(values) < population else {})}
 
     def run(self, keys: list[Key]) -> None:
         """Rounds until no entry is left to measure (the same decision on every process)."""
@@ -144,7 +149,7 @@ class AdaptiveRun:
         """What the run spent, for ``report.run``."""
         used = sum(self.report.images_of(k) for k in self.report.entries)
         return {"rounds": self.rounds, "confidence": self.confidence, "min_images": self.min_images,
-                "images_used": used, "images_full": self.population * len(self.report.entries)}
+                "images_used": used, "images_full": sum(self.report.entry_images(k) for k in self.report.entries)}
 
 
 def check_adaptive(metric_def, alignment_metric: str | None, method: str, min_images: int | None,

@@ -195,12 +195,14 @@ class Measurement:
         if main and self.metric_def.kind == OUTPUT:
             score = self._output_score(entry)
         elif main:
-            images_without = self.ablated_images(entry)
+            n = report.entry_images(key)  # a component entry may be measured on the first images only
+            images_without = (self.ablated_images(entry) if n == len(self.prompts) else
+                              [im for b in range(n // self.batch_size) for im in self.ablated_images(entry, b)])
             if self.metric_def.kind == REFERENCE:
                 refs = self._generate() if self.method == "scratch" else self.images
-                score = float(self.scorer(images_without, refs))
+                score = float(self.scorer(images_without, refs[:n]))
             else:
-                score = float(self.scorer(images_without, self.prompts))
+                score = float(self.scorer(images_without, self.prompts[:n]))
         alignment = None
         if align:
             images_without = images_without if images_without is not None else self.ablated_images(entry)
@@ -212,7 +214,10 @@ class Measurement:
         score, alignment = self.measure(key)
         report = self.report
         if score is not None:
-            report.entries[key] = {"score": score, "delta": report.baseline_score - score}
+            n = report.entry_images(key)
+            base = report.baseline_score if n == len(self.prompts) else float(self.scorer(
+                self.images[:n], self.images[:n] if self.metric_def.kind == REFERENCE else self.prompts[:n]))
+            report.entries[key] = {"score": score, "delta": base - score}
         if alignment is not None:
             report.alignment["blocks"][key[0]] = {
                 "score": alignment, "delta": report.alignment["baseline_score"] - alignment}

@@ -48,6 +48,7 @@ from diffusers_hprune.loading import VAE_TILE, generation_settings, is_toy, load
 from diffusers_hprune.metrics import (
     ALIGNMENT_METRICS,
     DEFAULT_METRIC,
+    OUTPUT,
     canonical_name,
     get_metric,
     metric_names,
@@ -199,6 +200,7 @@ def analyze(
     stopping: StoppingRule | None = None,
     min_images: int | None = None,
     confidence: float = 0.95,
+    component_images: int | None = None,
 ) -> ContributionReport:
     """Measure dP for every block and component of an SD3/FLUX pipeline's transformer.
 
@@ -240,6 +242,8 @@ def analyze(
             to every calibration image. Image metrics only. ``None`` (default): every entry on every image.
         min_images: the images every entry of an adaptive analysis gets first (default: one batch, ``batch_size``).
         confidence: of the interval an adaptive analysis keeps around each dP (default 0.95).
+        component_images: measure component (and pair) entries on the first this many calibration images only (a
+            multiple of ``batch_size``; image metrics), as the paper does (80 of its 400); default: all.
     """
     if method not in METHODS:
         raise AnalysisError(f"Unknown analysis method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -252,8 +256,7 @@ def analyze(
     if stopping is not None:
         check_adaptive(metric_def, alignment_metric, method, min_images, confidence)
     scorer = metric_def.build(**dict(metric_options or {}))
-    if dtype is None:
-        dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
+    dtype = dtype or (torch.float32 if state.device.type == "cpu" else torch.bfloat16)
     pipe, model_name = load_pipeline(model, None, dtype)  # on the CPU until its prompts are encoded (see below)
     _refuse_pruned(pipe.transformer, model_name)
     alignment_metric, align_scorer = _alignment_scorer(alignment_metric, alignment_options, is_toy(pipe))
@@ -261,14 +264,14 @@ def analyze(
     gen_kwargs = generation_settings(pipe, num_inference_steps, height, width, guidance_scale)
     report = _new_report(pipe, model_name, {"name": metric, "options": dict(metric_options or {})}, prompts, seed,
                          gen_kwargs, eval_step_indices(gen_kwargs["num_inference_steps"], eval_steps), batch_size,
-                         dtype, pairs, vae_tiling)
+                         dtype, pairs, vae_tiling, _component_images(component_images, prompts, batch_size, metric_def))
     if alignment_metric is not None:
         report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
                             "baseline_score": None, "blocks": {}}
     out = Path(out) if out is not None else None
     _resume(report, out, overwrite, state)
     if stopping is None:  # every entry on every image: one an adaptive run stopped early is measured again
-        report.entries = {k: v for k, v in report.entries.items() if report.images_of(k) >= report.calibration_images}
+        report.entries = {k: v for k, v in report.entries.items() if not report.stopped_early(k)}
     reused = len(report.entries)
     part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
     counter, started = BlockCounter(), time.perf_counter()
@@ -392,9 +395,22 @@ def _calibration_prompts(prompts: Sequence[str] | None, n_prompts: int, seed: in
     return prompts
 
 
+def _component_images(count: int | None, prompts: list[str], batch_size: int, metric_def) -> int | None:
+    """The images component entries are measured on, where fewer than all (else None); checked."""
+    if count is None or count >= len(prompts):
+        return None
+    if metric_def.kind == OUTPUT:
+        raise AnalysisError(f"--component-images counts images; the {metric_def.name} metric compares predictions at "
+                            "every calibration prompt. Drop --component-images, or choose an image metric.")
+    if count < 1 or count % batch_size:
+        raise AnalysisError(f"--component-images must be a positive multiple of --batch-size {batch_size} (component "
+                            f"entries are drawn in the full model's batches), got {count}.")
+    return count
+
+
 def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: int, gen_kwargs: dict,
                 steps: list[int], batch_size: int, dtype: torch.dtype, pairs: bool,
-                vae_tiling: bool = False) -> ContributionReport:
+                vae_tiling: bool = False, component_images: int | None = None) -> ContributionReport:
     """An empty report of this model, metric and calibration (what a resumed run must share; tiled decoding is
     named only when on, so a report written before it existed is the same calibration)."""
     transformer = pipe.transformer
@@ -410,7 +426,8 @@ def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: i
         metric=metric,
         calibration={"prompts": prompts, "seeds": [seed + k for k in range(len(prompts))], "generation": gen_kwargs,
                      "eval_steps": steps, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
-                     **({"vae_tile": VAE_TILE} if vae_tiling else {})},
+                     **({"vae_tile": VAE_TILE} if vae_tiling else {}),
+                     **({"component_images": component_images} if component_images else {})},
         pairs=pairs,
     )
 
@@ -475,5 +492,5 @@ def _merge(report: ContributionReport, out: Path) -> ContributionReport:
     if "adaptive" in report.run:  # what every process's entries spent
         merged.run["adaptive"] = dict(report.run["adaptive"],
                                       images_used=sum(merged.images_of(k) for k in merged.entries),
-                                      images_full=merged.calibration_images * len(merged.entries))
+                                      images_full=sum(merged.entry_images(k) for k in merged.entries))
     return merged

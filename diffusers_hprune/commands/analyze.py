@@ -83,6 +83,10 @@ def register(subparsers) -> None:
                    "entries of the same settings are still reused")
     p.add_argument("--no-budget-check", dest="budget_check", action="store_false",
                    help="on a GPU, start even when `hprune budget` predicts the analysis will not fit its memory")
+    p.add_argument("--component-images", type=positive_int, metavar="N",
+                   help="measure component (and pair) entries on the first N calibration images only, a multiple of "
+                   "--batch-size (the paper: 80 of its 400); whole blocks use every image (default: all; image "
+                   "metrics)")
     p.add_argument("--images", choices=["all", "auto"], default="all",
                    help="calibration images per entry: all (default: the paper's protocol), or auto: --min-images "
                    "each, then more, batch by batch, only for the entries whose dP could still change the plan at "
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         pairs=args.pairs, method=args.method, overwrite=args.overwrite,
         dtype=getattr(torch, args.dtype) if args.dtype else None, cache_device=args.cache_device,
         max_cache_bytes=args.max_cache_bytes, vae_tiling=args.vae_tiling, stopping=stopping,
-        min_images=args.min_images, confidence=args.confidence or 0.95,
+        min_images=args.min_images, confidence=args.confidence or 0.95, component_images=args.component_images,
     )
 
     if process_state().is_main_process:
@@ -160,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _stopping_rule(args: argparse.Namespace) -> PlanDecisions | None:
     """The plans an adaptive analysis (``--images auto``) decides for; None for a full one, whose adaptive flags
-    are refused (they would be ignored)."""
+    are refused (they would be ignored). ``--component-images`` checked against ``--batch-size`` first."""
+    if args.component_images is not None and args.component_images % args.batch_size:  # before any weight loads
+        raise InputError(f"--component-images must be a multiple of --batch-size {args.batch_size} (component entries "
+                         f"are drawn in the full model's batches), got {args.component_images}.")
     given = [flag for flag, value in (("--plan-ratios", args.plan_ratios), ("--min-images", args.min_images),
                                       ("--confidence", args.confidence)) if value is not None]
     if args.images == "all":

@@ -51,7 +51,7 @@ def format_table(report: ContributionReport, plan: PrunePlan | None = None, alph
                 cells.append("")
                 continue
             mark = "*" if _status(plan, spec.index, c) == "removed" else ""
-            early = "~" if report.images_of((spec.index, c)) < report.calibration_images else ""
+            early = "~" if report.stopped_early((spec.index, c)) else ""
             cells.append(f"{early}{deltas[(spec.index, c)]:.4g}{mark}")
         cos = report.similarity.get(spec.index)
         cells.append("" if cos is None else f"{cos:.4f}")
@@ -68,12 +68,12 @@ def format_table(report: ContributionReport, plan: PrunePlan | None = None, alph
         f"{len(report.entries)} of {len(report.expected_keys())} entries"
         + ("" if report.complete else " (INCOMPLETE: resume with `hprune analyze`)"),
     ]
-    early = [k for k in report.entries if report.images_of(k) < report.calibration_images]
+    early = [k for k in report.entries if report.stopped_early(k)]
     if early:
         used = sum(report.images_of(k) for k in report.entries)
-        out.append(f"adaptive analysis: {len(early)} entries stopped before all {report.calibration_images} images "
-                   f"('~': their dP is an estimate, its interval in the file); {used:,} of "
-                   f"{report.calibration_images * len(report.entries):,} entry images measured")
+        out.append(f"adaptive analysis: {len(early)} entries stopped before all their images ('~': their dP is an "
+                   f"estimate, its interval in the file); {used:,} of "
+                   f"{sum(report.entry_images(k) for k in report.entries):,} entry images measured")
     if plan is not None:
         out.append(f"plan: {plan.describe()}  ('*' marks what it removes)")
     out += ["", line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
