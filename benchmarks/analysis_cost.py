@@ -138,35 +138,37 @@ def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
     return out
 
 
-def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path) -> dict:
+def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path,
+                     component_images: int | None = None) -> dict:
     """The full and the adaptive ``image_fidelity`` analysis of a toy (cached in ``folder``): costs and agreement."""
     from diffusers_hprune import toy
     from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.contributions import ContributionReport
     from diffusers_hprune.planning.decisions import PlanDecisions
 
-    cache = folder / f"{family}-{n_prompts}x{batch_size}.json"
+    name = f"{family}-{n_prompts}x{batch_size}" + (f"-c{component_images}" if component_images else "")
+    cache = folder / f"{name}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    settings = dict(n_prompts=n_prompts, batch_size=batch_size)
+    settings = dict(n_prompts=n_prompts, batch_size=batch_size, component_images=component_images)
     runs = {}
-    for name, extra in (("full", {}), ("adaptive", {"stopping": PlanDecisions(
+    for kind, extra in (("full", {}), ("adaptive", {"stopping": PlanDecisions(
             inspect_transformer(toy.model_path(family)), ADAPTIVE_RATIOS)})):
-        out = folder / f"{family}-{n_prompts}x{batch_size}-{name}.json"
+        out = folder / f"{name}-{kind}.json"
         start = time.perf_counter()
         report = analyze(family, out, **settings, **extra)
-        runs[name] = {"seconds": time.perf_counter() - start, "block_evaluations": report.run["block_evaluations"],
+        runs[kind] = {"seconds": time.perf_counter() - start, "block_evaluations": report.run["block_evaluations"],
                       "file": str(out), "reused_entries": report.run["this_process"].get("reused_entries", 0)}
-        if runs[name]["reused_entries"]:
-            print(f"{family} {name}: resumed an earlier run ({runs[name]['reused_entries']} entries reused): its cost "
+        if runs[kind]["reused_entries"]:
+            print(f"{family} {kind}: resumed an earlier run ({runs[kind]['reused_entries']} entries reused): its cost "
                   f"is not the whole analysis's; remove {out} and its .parts folder to measure it again", flush=True)
-        print(f"{family} {name}: {runs[name]['block_evaluations']:,} block evaluations, "
-              f"{runs[name]['seconds']:.0f} s", flush=True)
+        print(f"{family} {kind}: {runs[kind]['block_evaluations']:,} block evaluations, "
+              f"{runs[kind]['seconds']:.0f} s", flush=True)
     full, auto = (ContributionReport.load(runs[k]["file"]) for k in ("full", "adaptive"))
     keys = sorted(full.entries)
     row = {"family": family, "blocks": full.num_blocks, "entries": len(keys), "n_prompts": n_prompts,
-           "batch_size": batch_size, "runs": runs, "adaptive": auto.run["adaptive"],
+           "batch_size": batch_size, "component_images": component_images, "runs": runs, "adaptive": auto.run["adaptive"],
            "fractions": spent_fractions(auto),
            "rho": spearman([full.entries[k]["delta"] for k in keys], [auto.entries[k]["delta"] for k in keys]),
            "plans": plan_agreement(full, auto), "threads": torch.get_num_threads()}
@@ -177,7 +179,7 @@ def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path)
 def adaptive_main(args) -> None:
     rows, table = [], []
     for family in args.families:
-        row = measure_adaptive(family, args.n_prompts, args.batch_size, Path(args.out))
+        row = measure_adaptive(family, args.n_prompts, args.batch_size, Path(args.out), args.component_images)
         rows.append(row)
         full, auto = row["runs"]["full"], row["runs"]["adaptive"]
         table.append([f"{family} ({row['blocks']} blocks)", row["entries"],
@@ -206,7 +208,8 @@ def adaptive_main(args) -> None:
         ["toy", "entries", "entry images (adaptive of full)", "block evaluations (full vs adaptive)", "fewer",
          "wall time", "faster", "rho of dP", "plans at 20 / 30 / 40 %"], table)
     body += (
-        f"\n\nCalibration: {args.n_prompts} toy training prompts in batches of {args.batch_size}; the adaptive "
+        f"\n\nCalibration: {args.n_prompts} toy training prompts in batches of {args.batch_size}"
+        f"{f' (components: the first {args.component_images})' if args.component_images else ''}; the adaptive "
         f"analysis gives each entry one batch, then decides for the hierarchical plans at "
         f"{', '.join(f'{r:.0%}' for r in ADAPTIVE_RATIOS)} (95 % intervals). Block evaluations count the ablated "
         "drawings and the cache, not the full model's drawing (the same for both); wall time counts everything. "
@@ -231,6 +234,7 @@ def main(argv=None):
                         "then defaults to 64")
     parser.add_argument("--families", nargs="+", default=["sd3", "flux"], help="toys of --adaptive")
     parser.add_argument("--batch-size", type=int, default=8, help="of --adaptive")
+    parser.add_argument("--component-images", type=int, help="of --adaptive: images per component entry (default all)")
     parser.add_argument("--out", default="build/analysis-cost", help="where --adaptive keeps its analyses")
     args = parser.parse_args(argv)
     if args.adaptive:

@@ -316,6 +316,11 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
         raise AnalysisError(f"{source}: `pairs` must be true or false, got {data['pairs']!r}.")
     if data.get("baseline_score") is not None:
         check("baseline_score", data["baseline_score"])
+    calibration = data.get("calibration") or {}
+    images = len(calibration.get("prompts", ()))
+    if calibration.get("component_images") is not None:
+        check("calibration.component_images", calibration["component_images"], kind=int, minimum=1)
+    component_images = min(images, calibration.get("component_images") or images)
     for n, entry in enumerate(data.get("entries", [])):
         if not isinstance(entry, Mapping):
             raise AnalysisError(f"{source}: entry {n} must be an object, got {type(entry).__name__}.")
@@ -328,7 +333,7 @@ def _check_shape(data: Mapping[str, Any], source: str) -> None:
             if name in entry:
                 check(f"entry {n} (block {entry.get('block')}, {entry['component']}) {name}", entry[name])
         _check_adaptive(entry, f"entry {n} (block {entry.get('block')}, {entry['component']})", source,
-                        len((data.get("calibration") or {}).get("prompts", ())), check)
+                        images if entry["component"] == BLOCK else component_images, check)
     alignment = data.get("alignment") or {}
     if alignment:
         if not isinstance(alignment.get("metric"), Mapping) or not isinstance(alignment.get("entries", []), list):

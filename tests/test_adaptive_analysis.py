@@ -144,7 +144,7 @@ def test_a_full_analysis_measures_again_what_an_adaptive_one_stopped_early(sd3_p
     assert again.entries == analyze(sd3_pipeline, **SMALL).entries  # no n_images, values or interval left
 
 
-def test_component_entries_on_their_first_images(sd3_pipeline):
+def test_component_entries_on_their_first_images(sd3_pipeline, tmp_path):
     """--component-images 2 of 4: a component entry is what an analysis of the first 2 prompts measures, a block
     entry what one of all 4 does; the adaptive analysis at every image ends at the same numbers."""
     capped = analyze(sd3_pipeline, component_images=2, **SMALL)
@@ -154,7 +154,9 @@ def test_component_entries_on_their_first_images(sd3_pipeline):
     for key, entry in capped.entries.items():
         assert entry == (everything if key[1] == "block" else first_two).entries[key], key
     rule = Rule(undecided=True)
-    adaptive = analyze(sd3_pipeline, stopping=rule, min_images=2, component_images=2, **SMALL)
+    out = tmp_path / "analysis.json"  # saved after every batch, and read back: an entry's images are its own
+    adaptive = analyze(sd3_pipeline, out, stopping=rule, min_images=2, component_images=2, **SMALL)
+    assert ContributionReport.load(out).entries == adaptive.entries
     for key, entry in capped.entries.items():
         assert adaptive.entries[key]["n_images"] == (4 if key[1] == "block" else 2)
         assert adaptive.entries[key]["delta"] == pytest.approx(entry["delta"], rel=1e-12, abs=1e-15)
