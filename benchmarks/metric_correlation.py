@@ -20,7 +20,8 @@ For each toy:
 The 12-block toys go to the section "metric-correlation", the deep toys (``--families sd3-deep
 flux-deep``) to "metric-correlation-deep".
 
-Results are kept in ``OUT/<family>/`` (``sweep.json``, ``analysis-<metric>.json``) and reused by a
+Results are kept in ``OUT/<family>/`` (``sweep.json``, ``analysis-<metric>.json``, and the cost of the run that
+computed an analysis in ``cost-<metric>-<n>.json``: a later run reusing every entry costs nothing) and reused by a
 later run with the same settings; the table goes to BENCHMARKS.md, section "metric-correlation".
 """
 
@@ -87,13 +88,20 @@ def sweep(family: str, n: int, folder: Path) -> dict:
 
 
 def analysis(family: str, metric: str, n_prompts: int, eval_steps: int, folder: Path):
-    """The toy's analysis with ``metric`` (resumed from ``folder`` when there), and its wall time."""
+    """The toy's analysis with ``metric`` (resumed from ``folder`` when there), and the cost of the run(s) that
+    computed it: ``{"seconds", "computed_entries", "resumed"}`` from ``folder/cost-<metric>-<n>.json``, written when a
+    run computes entries (a later run reusing every entry costs nothing and leaves it), or None when not recorded."""
     from diffusers_hprune.analysis import analyze
 
     path = folder / f"analysis-{metric}-{n_prompts}.json"
+    cost_path = folder / f"cost-{metric}-{n_prompts}.json"
     report = analyze(family, path, metric=metric, n_prompts=n_prompts, eval_steps=eval_steps, progress=True,
                      overwrite=True)
-    return report
+    run = report.run.get("this_process", report.run)
+    if run.get("computed_entries"):
+        atomic_write_json(cost_path, {"seconds": run["seconds"], "computed_entries": run["computed_entries"],
+                                      "resumed": bool(run.get("reused_entries"))})
+    return report, (json.loads(cost_path.read_text()) if cost_path.exists() else None)
 
 
 def main(argv=None):
@@ -121,14 +129,17 @@ def main(argv=None):
         shape_drop = [damage["full_shapeeval"] - b["shapeeval"] for b in damage["blocks"]]
         n_blocks = len(damage["blocks"])
         for metric in args.metrics:
-            report = analysis(family, metric, args.n_calibration, args.eval_steps, folder)
+            report, cost = analysis(family, metric, args.n_calibration, args.eval_steps, folder)
             deltas = [report.entries[(i, "block")]["delta"] for i in range(n_blocks)]
-            seconds = report.run.get("this_process", report.run).get("seconds")
-            computed = report.run.get("this_process", report.run).get("computed_entries") or len(report.entries)
             rows.append([family, metric, f"{spearman(deltas, psnr_loss):+.2f}", f"{spearman(deltas, shape_drop):+.2f}",
                          "  ".join(f"{d:.3g}" for d in deltas)])
-            cost_rows.append([family, metric, len(report.entries), f"{seconds:.1f} s",
-                              f"{seconds / max(computed, 1):.2f} s"])
+            if cost is None:
+                cost_rows.append([family, metric, len(report.entries), "not recorded", "not recorded"])
+            else:
+                cost_rows.append([family, metric, len(report.entries),
+                                  f"{cost['seconds']:.1f} s" + (" (resumed: this run's entries)" if cost["resumed"]
+                                                                 else ""),
+                                  f"{cost['seconds'] / max(cost['computed_entries'], 1):.2f} s"])
         notes.append(f"- {family}: damage over {args.n_heldout} held-out prompts, full model ShapeEval "
                      f"{damage['full_shapeeval']:.3f}; PSNR per skipped block "
                      + ", ".join(f"{b['block']}: {b['psnr']:.1f}" for b in damage["blocks"])
