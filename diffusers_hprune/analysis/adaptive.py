@@ -174,24 +174,6 @@ def check_adaptive(metric_def, alignment_metric: str | None, method: str, min_im
                             "recomputes the full model per entry and is for verifying a full analysis.")
 
 
-def sync_parts(report: ContributionReport, parts: Path | None, part: Path | None, state) -> None:
-    """Between two rounds of a sharded adaptive analysis: every process's part read by all (the next round's
-    decision is then the same everywhere). Nothing to do on one process."""
-    if state.num_processes == 1 or parts is None:
-        return
-    report.save(part)
-    state.wait_for_everyone()
-    for path in sorted(parts.glob("rank-*.json")):
-        take_entries(report, ContributionReport.load(path))
-    state.wait_for_everyone()  # nobody writes the next round's part before everyone has read this round's
 
 
-def take_entries(report: ContributionReport, other: ContributionReport) -> None:
-    """``other``'s entries into ``report`` where they were measured on at least as many images (an adaptive
-    analysis's parts hold the same entry at different stages)."""
-    for key, entry in other.entries.items():
-        if key not in report.entries or other.images_of(key) >= report.images_of(key):
-            report.entries[key] = entry
-
-
-__all__ = ["AdaptiveRun", "StoppingRule", "batch_order", "check_adaptive", "interval", "sync_parts", "take_entries"]
+__all__ = ["AdaptiveRun", "StoppingRule", "batch_order", "check_adaptive", "interval"]

@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -39,8 +38,9 @@ from tqdm.auto import tqdm
 
 from diffusers_hprune import toy
 from diffusers_hprune.analysis.ablation import BlockCounter
-from diffusers_hprune.analysis.adaptive import AdaptiveRun, StoppingRule, check_adaptive, sync_parts, take_entries
+from diffusers_hprune.analysis.adaptive import AdaptiveRun, StoppingRule, check_adaptive
 from diffusers_hprune.analysis.measurement import Measurement, base_config, encoded_pipeline
+from diffusers_hprune.analysis.parts import merged_result, parts_dir, resume, sync_parts
 from diffusers_hprune.architecture import BLOCK, get_family
 from diffusers_hprune.architecture.inventory import load_transformer_config
 from diffusers_hprune.contributions import AnalysisError, ContributionReport, components_fingerprint, fingerprint
@@ -119,57 +119,6 @@ def shard_timeout(model, prompts: int, steps: int | None) -> timedelta:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     share = math.ceil(blocks * ENTRIES_PER_BLOCK / max(world, 1))
     return lone_work_timeout(share * prompts * steps * DRAW_SECONDS_PER_STEP)
-
-
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
-def _read_known(report: ContributionReport, out: Path | None, overwrite: bool, is_main: bool) -> list[Path]:
-    """Merge entries of the same settings from ``out`` and its parts folder into ``report`` (resume).
-
-    Files of other settings (or unreadable ones) are refused, or with ``overwrite`` returned, to be
-    replaced: ``--overwrite`` never discards finished entries of the same settings.
-    """
-    if out is None:
-        return []
-    stale = []
-    sources = ([out] if out.exists() else []) + sorted(_parts_dir(out).glob("rank-*.json"))
-    for path in sources:
-        try:
-            other = ContributionReport.load(path)
-        except AnalysisError as e:
-            if overwrite:
-                stale.append(path)
-                continue
-            raise AnalysisError(f"{e} (Found while resuming; pass --overwrite to start again, replacing it.)") from None
-        # A file written before a built-in metric was renamed (fidelity -> velocity) resumes under the new name.
-        other.metric = dict(other.metric, name=canonical_name(str(other.metric.get("name", ""))))
-        if other.settings() != report.settings():
-            if overwrite:
-                stale.append(path)
-                continue
-            differs = [k for k, v in report.settings().items() if other.settings().get(k) != v]
-            raise AnalysisError(
-                f"{path} holds an analysis with other settings ({', '.join(differs)} differ: another model, metric or "
-                "calibration); pass --overwrite to replace it, or choose another --out."
-            )
-        take_entries(report, other)
-        report.similarity.update(other.similarity)
-        report.timesteps = report.timesteps or other.timesteps
-        if other.baseline_score is not None:
-            report.baseline_score = other.baseline_score
-        _merge_alignment(report, other)
-    return stale
-
-
-def _merge_alignment(report: ContributionReport, other: ContributionReport) -> None:
-    """Take ``other``'s alignment entries when they were measured with the alignment metric ``report`` asks for."""
-    if not report.alignment or not other.alignment or other.alignment.get("metric") != report.alignment["metric"]:
-        return
-    report.alignment["blocks"].update(other.alignment.get("blocks", {}))
-    if other.alignment.get("baseline_score") is not None:
-        report.alignment["baseline_score"] = other.alignment["baseline_score"]
 
 
 def analyze(
@@ -269,11 +218,11 @@ def analyze(
         report.alignment = {"metric": {"name": alignment_metric, "options": dict(alignment_options or {})},
                             "baseline_score": None, "blocks": {}}
     out = Path(out) if out is not None else None
-    _resume(report, out, overwrite, state)
+    resume(report, out, overwrite, state)
     if stopping is None:  # every entry on every image: one an adaptive run stopped early is measured again
         report.entries = {k: v for k, v in report.entries.items() if not report.stopped_early(k)}
     reused = len(report.entries)
-    part = _parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
+    part = parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
     counter, started = BlockCounter(), time.perf_counter()
     measurement = _LazyMeasurement(lambda: _measurement(pipe, report, state, metric_def, scorer, align_scorer, method,
                                                         batch_size, counter, cache_device, max_cache_bytes))
@@ -285,7 +234,7 @@ def analyze(
         adaptive = {}
     else:
         run = AdaptiveRun(measurement, report, stopping, min_images=min_images or batch_size, confidence=confidence,
-                          state=state, part=part, sync=lambda: sync_parts(report, _parts_dir(out) if out else None, part, state),
+                          state=state, part=part, sync=lambda: sync_parts(report, parts_dir(out) if out else None, part, state),
                           progress=progress)
         run.run(report.expected_keys())
         mine, adaptive = run.measured, {"adaptive": run.summary()}
@@ -294,7 +243,7 @@ def analyze(
     report.run = {"method": method, "processes": state.num_processes, "reused_entries": reused,
                   "cache_bytes": measurement.cache_bytes, "computed_entries": len(mine),
                   "block_evaluations": counter.count, "seconds": round(time.perf_counter() - started, 3), **adaptive}
-    return report if out is None else _merged_result(report, out, part, state)
+    return report if out is None else merged_result(report, out, part, state)
 
 
 def _needs_drawing(report: ContributionReport) -> bool:
@@ -432,17 +381,6 @@ def _new_report(pipe, model_name: str, metric: dict, prompts: list[str], seed: i
     )
 
 
-def _resume(report: ContributionReport, out: Path | None, overwrite: bool, state) -> None:
-    """Fill ``report`` with the entries ``out`` and its part files already hold for the same settings."""
-    stale = _read_known(report, out, overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if state.is_main_process:  # --overwrite: the part files of other settings go; `out` is replaced at the end
-        for path in stale:
-            if path != out:
-                path.unlink(missing_ok=True)
-    state.wait_for_everyone()
-
-
 def _entries_to_measure(report: ContributionReport) -> list[tuple[int, str]]:
     """The entries still missing, in the report's order; whole blocks whose alignment dP is missing too."""
     todo = [k for k in report.expected_keys() if k not in report.entries]
@@ -453,44 +391,3 @@ def _entries_to_measure(report: ContributionReport) -> list[tuple[int, str]]:
     return todo
 
 
-def _merged_result(report: ContributionReport, out: Path, part: Path, state) -> ContributionReport:
-    """Every process's part merged into ``out`` (by the main process); the parts go once it is complete."""
-    report.save(part)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merged = _merge(report, out)
-        merged.save(out)
-        if merged.complete:
-            shutil.rmtree(_parts_dir(out), ignore_errors=True)
-    state.wait_for_everyone()
-    final = ContributionReport.load(out)
-    final.run["this_process"] = report.run
-    return final
-
-
-def _merge(report: ContributionReport, out: Path) -> ContributionReport:
-    """The main process's report plus every rank's part file; the run costs of this run's ranks are summed."""
-    merged = ContributionReport(**{k: getattr(report, k) for k in (
-        "family", "num_blocks", "model", "fingerprint", "transformer_config", "metric", "calibration", "pairs",
-        "components")})
-    merged.baseline_score = report.baseline_score
-    merged.entries = dict(report.entries)
-    merged.similarity = dict(report.similarity)
-    merged.timesteps = report.timesteps
-    merged.alignment = {k: (dict(v) if isinstance(v, dict) else v) for k, v in report.alignment.items()}
-    totals = {"block_evaluations": 0, "seconds": 0.0}
-    processes = int(report.run.get("processes", 1))
-    for path in sorted(_parts_dir(out).glob("rank-*.json")):
-        other = ContributionReport.load(path)
-        take_entries(merged, other)
-        merged.similarity.update(other.similarity)
-        _merge_alignment(merged, other)
-        if int(path.stem.split("-")[1]) < processes:
-            for k in totals:
-                totals[k] += other.run.get(k, 0)
-    merged.run = {"method": report.run.get("method"), "processes": processes, **totals}
-    if "adaptive" in report.run:  # what every process's entries spent
-        merged.run["adaptive"] = dict(report.run["adaptive"],
-                                      images_used=sum(merged.images_of(k) for k in merged.entries),
-                                      images_full=sum(merged.entry_images(k) for k in merged.entries))
-    return merged
