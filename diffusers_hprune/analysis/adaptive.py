@@ -174,6 +174,4 @@ def check_adaptive(metric_def, alignment_metric: str | None, method: str, min_im
                             "recomputes the full model per entry and is for verifying a full analysis.")
 
 
-
-
 __all__ = ["AdaptiveRun", "StoppingRule", "batch_order", "check_adaptive", "interval"]

@@ -73,6 +73,7 @@ class Measurement:
         calibration = report.calibration
         self.prompts, self.seeds, self.gen_kwargs = calibration["prompts"], calibration["seeds"], calibration["generation"]
         self.steps = calibration["eval_steps"]
+        self._image_baselines: list[float] | None = None
 
     def _generate(self, on_step=None):
         return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step,
@@ -122,11 +123,6 @@ class Measurement:
             return 0.0 - normalised_error(base, self.references)
         return float(self.scorer(self.images, self.images if self.metric_def.kind == REFERENCE else self.prompts))
 
-    @property
-    def num_batches(self) -> int:
-        """How many batches of ``batch_size`` prompts the calibration images are drawn in."""
-        return -(-len(self.prompts) // self.batch_size)
-
     def batch_slice(self, batch: int) -> slice:
         return slice(batch * self.batch_size, (batch + 1) * self.batch_size)
 
@@ -166,7 +162,7 @@ class Measurement:
         ablated model's (an adaptive analysis's evidence; their mean over every image is the entry's dP)."""
         if self.metric_def.kind == OUTPUT:
             raise ValueError("Per-image dP needs an image metric; output metrics compare predictions, not images.")
-        if not hasattr(self, "_image_baselines"):
+        if self._image_baselines is None:  # the full model's score of each image, once
             self._image_baselines = [self._image_score(image, k) for k, image in enumerate(self.images)]
         i, c = key
         entry = entry_plan(self.family, self.config, i, tuple(c.split("+")))
