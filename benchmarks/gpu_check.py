@@ -28,13 +28,15 @@ rehearsal's full-depth reduced-width models and the full-size configs:
 9. ``torchao-kinds``: `hprune quantize --method int8-weight-only / int8-dynamic` and, on a GPU of compute
    capability 8.9+, `fp8-weight-only` (issue 35), each exported stock and drawn by stock Diffusers on the GPU (on a
    CPU: the pruned class draws the int8 folders); skipped without torchao.
-10. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`; the
+10. ``analysis-bf16``: `hprune analyze` on the device in its default dtype (bf16 on a GPU), with every image and
+   with `--images auto` (issue 37): both complete, the adaptive entries within their images, the 30 % plans compared.
+11. ``gpu-tests``: the tests marked `gpu` (`pytest -m gpu`: each model's own step peak in `hprune evaluate`; the
    teacher, loaded on the host, draws on the GPU with its T5 on the CPU, then the student alone).
-11. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
+12. ``rehearsal``: `benchmarks/rehearsal.py --device cuda`: every stage's measured peak within 15 % of
    `hprune budget --device cuda` (section "rehearsal-gpu").
-12. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
+13. ``latency``: `benchmarks/latency.py --device cuda --repeats 5` (section "latency-gpu").
 
-``--only NAME ...`` runs some; ``--device cpu`` runs 1-4, 8 and 9 through the CPU paths (the others need CUDA and
+``--only NAME ...`` runs some; ``--device cpu`` runs 1-4 and 8-10 through the CPU paths (the others need CUDA and
 say so), which is how the script itself is tested (tests/test_benchmarks.py).
 """
 
@@ -406,6 +408,31 @@ def latency(ctx: Context) -> str:
     return "section latency-gpu written" + _tail(proc)
 
 
+def analysis_bf16(ctx: Context) -> str:
+    """The contribution analysis on the device in its default dtype (bf16 on a GPU), full and adaptive: both complete,
+    every adaptive entry within its images, the plans at 30 % from each compared."""
+    from diffusers_hprune.architecture.inventory import inspect_transformer
+    from diffusers_hprune.contributions import ContributionReport
+    from diffusers_hprune.planning import make_plan
+
+    settings = ["--n-prompts", "8", "--batch-size", "4", "--steps", "4"]
+    full, auto = ctx.work / "analysis-full.json", ctx.work / "analysis-auto.json"
+    hprune(ctx, ["analyze", "sd3", "--out", str(full), *settings])
+    hprune(ctx, ["analyze", "sd3", "--out", str(auto), *settings, "--images", "auto", "--plan-ratios", "0.3"])
+    reports = [ContributionReport.load(path) for path in (full, auto)]
+    dtype = "bfloat16" if ctx.cuda else "float32"
+    for report in reports:
+        expect(report.complete, "an analysis is incomplete")
+        expect(report.calibration["dtype"] == dtype, f"the analysis ran in {report.calibration['dtype']}, not {dtype}")
+    expect(all(1 <= reports[1].images_of(k) <= reports[1].entry_images(k) for k in reports[1].entries),
+           "an adaptive entry has more images than its own")
+    inventory = inspect_transformer(reports[0].transformer_config)
+    plans = [make_plan(r.contributions(), inventory, ratio=0.3).plan.describe() for r in reports]
+    spent = reports[1].run["adaptive"]
+    return (f"{dtype}; adaptive {spent['images_used']} of {spent['images_full']} entry images; plans at 30 % "
+            + ("the same" if plans[0] == plans[1] else f"differ: {plans[0]} vs {plans[1]}"))
+
+
 def _tail(proc) -> str:
     lines = [x for x in proc.stdout.splitlines() if x.strip()]
     return f" ({lines[-1][:160]})" if lines else ""
@@ -421,6 +448,7 @@ CHECKS = {
     "deepspeed-zero2": deepspeed_zero2,
     "nf4-stock-diffusers": nf4_stock_diffusers,
     "torchao-kinds": torchao_kinds,
+    "analysis-bf16": analysis_bf16,
     "gpu-tests": gpu_tests,
     "rehearsal": rehearsal,
     "latency": latency,

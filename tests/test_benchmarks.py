@@ -246,7 +246,7 @@ def test_the_gpu_check_runs_what_a_cpu_can_and_says_why_it_skips_the_rest(tmp_pa
     gpu_check = _script("gpu_check")
     assert list(checks) == list(gpu_check.CHECKS)
     ran = {"validation-bf16", "teacher-4bit-flux-slices", "qlora-flux-slices", "lora-8bit-checkpointing",
-           "nf4-stock-diffusers", "torchao-kinds"}  # torchao is in the dev extra
+           "nf4-stock-diffusers", "torchao-kinds", "analysis-bf16"}  # torchao is in the dev extra
     assert {name for name, c in checks.items() if c["outcome"] == "PASS"} == ran
     assert all(c["outcome"] == "SKIP" and c["detail"] for name, c in checks.items() if name not in ran)
     assert "| validation-bf16 | PASS |" in proc.stdout
