@@ -74,6 +74,7 @@ class Measurement:
         self.prompts, self.seeds, self.gen_kwargs = calibration["prompts"], calibration["seeds"], calibration["generation"]
         self.steps = calibration["eval_steps"]
         self._image_baselines: list[float] | None = None
+        self._subset_baselines: dict[int, float] = {}
 
     def _generate(self, on_step=None):
         return generate(self.pipe, self.prompts, self.seeds, self.gen_kwargs, self.batch_size, on_step,
@@ -205,15 +206,22 @@ class Measurement:
             alignment = float(self.align_scorer(images_without, self.prompts))
         return score, alignment
 
+    def _baseline_of(self, n: int) -> float:
+        """The full model's score of its first ``n`` images (every one: the report's baseline), scored once per ``n``:
+        every component entry measured on the first images shares it."""
+        if n == len(self.prompts):
+            return self.report.baseline_score
+        if n not in self._subset_baselines:
+            other = self.images[:n] if self.metric_def.kind == REFERENCE else self.prompts[:n]
+            self._subset_baselines[n] = float(self.scorer(self.images[:n], other))
+        return self._subset_baselines[n]
+
     def record(self, key) -> None:
         """Measure ``key`` and put its score (and alignment score) into the report."""
         score, alignment = self.measure(key)
         report = self.report
         if score is not None:
-            n = report.entry_images(key)
-            base = report.baseline_score if n == len(self.prompts) else float(self.scorer(
-                self.images[:n], self.images[:n] if self.metric_def.kind == REFERENCE else self.prompts[:n]))
-            report.entries[key] = {"score": score, "delta": base - score}
+            report.entries[key] = {"score": score, "delta": self._baseline_of(report.entry_images(key)) - score}
         if alignment is not None:
             report.alignment["blocks"][key[0]] = {
                 "score": alignment, "delta": report.alignment["baseline_score"] - alignment}
