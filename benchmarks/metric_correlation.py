@@ -20,7 +20,8 @@ For each toy:
 The 12-block toys go to the section "metric-correlation", the deep toys (``--families sd3-deep
 flux-deep``) to "metric-correlation-deep".
 
-Results are kept in ``OUT/<family>/`` (``sweep.json``, ``analysis-<metric>.json``, and the cost of the run that
+Results are kept in ``OUT/<family>/`` (``sweep.json``, the blocks swept so far in ``sweep-partial-<n>.json`` so that
+an interrupted sweep resumes, ``analysis-<metric>.json``, and the cost of the run that
 computed an analysis in ``cost-<metric>-<n>.json``: a later run reusing every entry costs nothing) and reused by a
 later run with the same settings; the table goes to BENCHMARKS.md, section "metric-correlation".
 """
@@ -60,7 +61,9 @@ def section(families) -> tuple[str, str]:
 
 
 def sweep(family: str, n: int, folder: Path) -> dict:
-    """Skip-one-block damage over ``n`` held-out prompts (cached in ``folder/sweep.json``)."""
+    """Skip-one-block damage over ``n`` held-out prompts (cached in ``folder/sweep.json``). The blocks measured so
+    far are kept in ``folder/sweep-partial-<n>.json`` after each block, so an interrupted sweep resumes there (the
+    full model's images are drawn again: the same prompts and seeds give the same images)."""
     path = folder / "sweep.json"
     if path.exists():
         data = json.loads(path.read_text())
@@ -68,22 +71,26 @@ def sweep(family: str, n: int, folder: Path) -> dict:
             return data
     from tqdm.auto import tqdm
 
+    partial_path = folder / f"sweep-partial-{n}.json"
+    partial = json.loads(partial_path.read_text()) if partial_path.exists() else {"blocks": [], "seconds": 0.0}
     pipe = toy.load_pipeline(family)
     fam = get_family(pipe.transformer)
     n_blocks = fam.num_blocks(pipe.transformer.config)
     prompts = toy.prompts("heldout", n=n, seed=0)
-    start = time.perf_counter()
+    start = time.perf_counter() - partial["seconds"]
     full_images = toy.generate(pipe, prompts, seed=0)
     full = toy.shapeeval(full_images, prompts)["overall"]
-    blocks = []
-    for i in tqdm(range(n_blocks), desc=f"{family}: skip block"):
+    blocks = partial["blocks"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(blocks), n_blocks), desc=f"{family}: skip block", initial=len(blocks), total=n_blocks):
         ablated = prune_pipeline(pipe, PrunePlan(removed_blocks=[i], family=fam.name, num_blocks=n_blocks))
         images = toy.generate(ablated, prompts, seed=0)
         blocks.append({"block": i, "shapeeval": toy.shapeeval(images, prompts)["overall"],
                        "psnr": psnr(images, full_images)})
+        atomic_write_json(partial_path, {"blocks": blocks, "seconds": round(time.perf_counter() - start, 1)})
     data = {"n": n, "full_shapeeval": full, "blocks": blocks, "seconds": round(time.perf_counter() - start, 1)}
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, data)
+    partial_path.unlink()
     return data
 
 
