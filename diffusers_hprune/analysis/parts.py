@@ -22,7 +22,7 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def read_known(report: ContributionReport, out: Path | None, overwrite: bool, is_main: bool) -> list[Path]:
+def read_known(report: ContributionReport, out: Path | None, overwrite: bool) -> list[Path]:
     """Merge entries of the same settings from ``out`` and its parts folder into ``report`` (resume).
 
     Files of other settings (or unreadable ones) are refused, or with ``overwrite`` returned, to be
@@ -71,7 +71,7 @@ def merge_alignment(report: ContributionReport, other: ContributionReport) -> No
 
 def resume(report: ContributionReport, out: Path | None, overwrite: bool, state) -> None:
     """Fill ``report`` with the entries ``out`` and its part files already hold for the same settings."""
-    stale = read_known(report, out, overwrite, state.is_main_process)
+    stale = read_known(report, out, overwrite)
     state.wait_for_everyone()
     if state.is_main_process:  # --overwrite: the part files of other settings go; `out` is replaced at the end
         for path in stale:
