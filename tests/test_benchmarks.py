@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -298,3 +299,27 @@ def test_metric_correlation_reads_the_position_hierarchy_and_keeps_the_deep_toys
     assert study.section(["sd3-deep", "flux-deep"])[0] == "metric-correlation-deep"
     with pytest.raises(SystemExit, match="separately"):
         study.section(["sd3", "sd3-deep"])
+
+
+def test_metric_correlation_sweep_resumes_from_the_blocks_it_kept(tmp_path, monkeypatch):
+    study = _script("metric_correlation")
+    drawn = []  # what was drawn: the full model, then each ablated model (its skipped block)
+    full = SimpleNamespace(transformer=SimpleNamespace(config={}))
+    fam = SimpleNamespace(name="sd3", num_blocks=lambda config: 4)
+    monkeypatch.setattr(study.toy, "load_pipeline", lambda family: full)
+    monkeypatch.setattr(study, "get_family", lambda transformer: fam)
+    monkeypatch.setattr(study, "prune_pipeline", lambda pipe, plan: plan.removed_blocks[0])
+    monkeypatch.setattr(study.toy, "prompts", lambda split, n, seed: ["a red circle"] * n)
+    monkeypatch.setattr(study.toy, "generate", lambda pipe, prompts, seed: drawn.append(pipe) or pipe)
+    monkeypatch.setattr(study.toy, "shapeeval", lambda images, prompts: {"overall": 0.5})
+    monkeypatch.setattr(study, "psnr", lambda images, full: 20.0 + images)
+    kept = [{"block": 0, "shapeeval": 0.25, "psnr": 11.0}, {"block": 1, "shapeeval": 0.25, "psnr": 12.0}]
+    (tmp_path / "sweep-partial-3.json").write_text(json.dumps({"blocks": kept, "seconds": 100.0}))
+    data = study.sweep("sd3", 3, tmp_path)
+    assert drawn == [full, 2, 3]  # the kept blocks are not drawn again
+    assert data["blocks"] == kept + [{"block": i, "shapeeval": 0.5, "psnr": 20.0 + i} for i in (2, 3)]
+    assert data["seconds"] >= 100.0 and data["n"] == 3
+    assert not (tmp_path / "sweep-partial-3.json").exists()
+    assert json.loads((tmp_path / "sweep.json").read_text()) == data
+    drawn.clear()
+    assert study.sweep("sd3", 3, tmp_path) == data and drawn == []  # the whole sweep is cached
