@@ -390,7 +390,8 @@ def learning_curve(args, out: Path) -> None:
                 "doubling the budget changes the mean by no more than the seed spread:\n\n"
                 + "\n".join(convergence(family, points)) + "\n")
         update_section(f"toy-ablation-curve-{family}",
-                       f"Learning curve of '{args.curve}' on the {family} toy at {ratio:.0%} (issue 17)", body)
+                       f"Learning curve of '{args.curve}' on the {family} toy at {ratio:.0%} ({issue_of([family])})",
+                       body)
         print(body)
 
 
@@ -433,7 +434,8 @@ def floor_study(args, out: Path) -> None:
                 f"{args.n_eval} held-out prompts. A floor f gives m = 0 (no update) to every component whose "
                 "multiplier m = (1 / (|dP| + eps)) / max falls below f.\n")
         update_section(f"sgdistill-floor-{family}",
-                       f"SGDistill floor and eps on the {family} toy at {ratio:.0%} (issue 17)", body)
+                       f"SGDistill floor and eps on the {family} toy at {ratio:.0%} ({issue_of([family])})",
+                       body)
         print(body)
 
 
@@ -489,6 +491,11 @@ def qlora_study(args, out: Path) -> None:
     update_section(name, f"The QLoRA student beside full-weight distillation on the {' and '.join(args.families)} "
                    f"toy{'s' if len(args.families) > 1 else ''} at {ratio:.0%} (issue 34)", body)
     print(body)
+
+
+def issue_of(families) -> str:
+    """The issue a study of ``families`` answers, for its section title: 36 for the deep toys, 17 for the others."""
+    return "issue 36" if depth_tag(list(families)) else "issue 17"
 
 
 def section_name(ratios: list[float], families: list[str] = ("sd3", "flux")) -> str:

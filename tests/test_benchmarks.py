@@ -159,6 +159,7 @@ def test_ablation_sections_keep_what_another_run_wrote():
     assert ablation.section_name([0.3], ["sd3-deep", "flux-deep"]) == "toy-ablation-deep-30"  # beside the 12-block one
     with pytest.raises(SystemExit, match="run the 12-block toys .* and the deep toys .* separately"):
         ablation.section_name([0.3], ["sd3", "flux-deep"])
+    assert ablation.issue_of(["flux-deep"]) == "issue 36" and ablation.issue_of(["sd3"]) == "issue 17"  # titles
     notes = ablation.convergence("flux", [(200, 0.40, 0.02), (400, 0.45, 0.01), (800, 0.46, 0.03), (1000, 0.9, 0.0)])
     assert notes == [
         "- flux: 200 -> 400 steps changes the mean ShapeEval by +0.050 (seed spread 0.020): beyond it",
