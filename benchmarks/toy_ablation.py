@@ -24,7 +24,8 @@ fidelity to the teacher (PSNR and SSIM of the final images, same prompts and see
 degradation of ShapeEval against Original.
 
 The table goes to the BENCHMARKS.md section of its ratios ("toy-ablation-30" for ``--ratios 0.3``, with
-the plot ``benchmarks/toy_ablation_30.png``). Rows are kept in ``OUT/<family>/rows.json`` with the settings
+the plot ``benchmarks/toy_ablation_30.png``). Rows are kept in ``OUT/<family>/rows.json`` (``OUT``:
+``benchmarks/results/toy-ablation``, where git keeps the rows, analyses and plans and ignores the runs) with the settings
 and the torch thread count they ran with; a later run with the same settings reuses them, so ``--families sd3`` and ``--families flux`` can run side by side (one
 thread each) and a final run with both families writes the whole table without training again.
 Two rows whose plans and options coincide (e.g. KOALA choosing what BK-SDM chooses) are trained once.
@@ -525,7 +526,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", default="build/toy-ablation")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "toy-ablation"),
+                        help="where the analyses, plans and rows are kept (and, ignored by git, the runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
