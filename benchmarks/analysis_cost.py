@@ -235,7 +235,8 @@ def main(argv=None):
     parser.add_argument("--families", nargs="+", default=["sd3", "flux"], help="toys of --adaptive")
     parser.add_argument("--batch-size", type=int, default=8, help="of --adaptive")
     parser.add_argument("--component-images", type=int, help="of --adaptive: images per component entry (default all)")
-    parser.add_argument("--out", default="build/analysis-cost", help="where --adaptive keeps its analyses")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "analysis-cost"),
+                        help="where --adaptive keeps its analyses (tracked by git; partial ones are not)")
     args = parser.parse_args(argv)
     if args.adaptive:
         if "--n-prompts" not in (argv if argv is not None else sys.argv):
