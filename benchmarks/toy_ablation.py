@@ -238,12 +238,13 @@ def run_family(family: str, args, out: Path) -> dict:
             fam.rows.put(key, measure_pipeline(prune_pipeline(fam.teacher, hpp_plan), fam.prompts,
                                                fam.teacher_images))
         results[(ratio, "HPP alone (no training)")] = [fam.rows.get(key)]
-        for label, strategy, options in TRAINED:
-            plan, plan_path = plans[strategy]
+        for label, _, _ in TRAINED:
             results[(ratio, label)] = []
             if label == FULL:
                 results[(ratio, NF4)] = []
-            for seed in args.seeds:
+        for seed in args.seeds:  # every row of one seed before the next seed: a run cut off has whole seeds
+            for label, strategy, options in TRAINED:
+                plan, plan_path = plans[strategy]
                 measured, nf4 = fam.trained(label, plan, plan_path, options, seed, args.steps, nf4=label == FULL)
                 results[(ratio, label)].append(measured)
                 if label == FULL:
