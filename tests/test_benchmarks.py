@@ -151,6 +151,37 @@ def test_ablation_rows_are_keyed_by_the_thread_count(monkeypatch):
     assert json.loads(one)["threads"] == 1 and json.loads(two)["threads"] == 2
 
 
+def test_ablation_trains_every_row_of_a_seed_before_the_next_seed(monkeypatch, tmp_path):
+    """A run cut off (rows are kept as they finish) leaves whole seeds; the table still lists each row's seeds."""
+    ablation = _script("toy_ablation")
+    calls = []
+
+    class FakeFamily:
+        def __init__(self, family, args, out):
+            self.rows = SimpleNamespace(get=lambda key: {"measured": key})
+
+        def original(self):
+            return {"row": "original"}
+
+        def plan(self, ratio, strategy):
+            plan = SimpleNamespace(removed_blocks=[strategy], removed_components={}, describe=lambda: strategy,
+                                   to_dict=lambda: {"strategy": strategy})
+            return SimpleNamespace(plan=plan, ratio=ratio), tmp_path / f"{strategy}.json"
+
+        def trained(self, label, plan, plan_path, options, seed, steps, nf4=False):
+            calls.append((seed, label))
+            return {"label": label, "seed": seed}, ({"nf4": seed} if nf4 else None)
+
+    monkeypatch.setattr(ablation, "Family", FakeFamily)
+    args = SimpleNamespace(ratios=[0.3], seeds=[0, 1], steps=5, n_eval=2)
+    results = ablation.run_family("sd3", args, tmp_path)["results"]
+    labels = [label for label, _, _ in ablation.TRAINED]
+    assert calls == [(seed, label) for seed in (0, 1) for label in labels]
+    for label in labels:
+        assert results[(0.3, label)] == [{"label": label, "seed": 0}, {"label": label, "seed": 1}]
+    assert results[(0.3, ablation.NF4)] == [{"nf4": 0}, {"nf4": 1}]
+
+
 def test_ablation_sections_keep_what_another_run_wrote():
     """A table at 20 % goes to its own section and plot (the 30 % one stays); the curve's verdict per doubling."""
     ablation = _script("toy_ablation")
