@@ -14,7 +14,7 @@ from diffusers_hprune import __version__
 from diffusers_hprune.commands import COMMANDS
 from diffusers_hprune.utils.distributed import end_processes
 from diffusers_hprune.utils.errors import HPruneError
-from diffusers_hprune.utils.interrupts import raise_on_termination
+from diffusers_hprune.utils.interrupts import termination_raises
 from diffusers_hprune.utils.quiet import quiet_third_party_notices
 
 
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    raise_on_termination()  # SIGTERM runs the cleanup of what the command was writing, as Ctrl-C does
     try:
-        code = args.func(args)
+        with termination_raises():  # SIGTERM runs the cleanup of what the command was writing, as Ctrl-C does
+            code = args.func(args)
     except HPruneError as e:
         print(f"hprune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,35 @@ def test_safetensors_disk_full_error_is_recognised(monkeypatch, tmp_path, capsys
     assert _scratch(tmp_path) == [] and not out.exists()
 
 
+def test_main_hands_the_callers_signal_handlers_back(monkeypatch, tmp_path):
+    """While a command runs, SIGTERM raises SystemExit(143) so its writers clean up; after ``main()`` returns, a
+    program (or a test process) that called it has its own SIGTERM and SIGINT handlers again."""
+    from safetensors import SafetensorError
+
+    from diffusers_hprune import toy
+
+    seen = {}
+
+    def own_term(signum, frame):
+        seen["caller"] = signum
+
+    def full(*args, **kwargs):
+        seen["during"] = signal.getsignal(signal.SIGTERM)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    before_int = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, own_term)
+    try:
+        assert main(["quantize", str(toy.model_path("sd3")), "--out", str(tmp_path / "q")]) == 2
+        assert seen["during"] not in (own_term, signal.SIG_DFL)  # the command's own handler, while it ran
+        assert signal.getsignal(signal.SIGTERM) is own_term and signal.getsignal(signal.SIGINT) is before_int
+        os.kill(os.getpid(), signal.SIGTERM)  # the caller's handler runs: no SystemExit
+        assert seen["caller"] == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 SWAP = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
