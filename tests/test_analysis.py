@@ -20,7 +20,7 @@ from diffusers_hprune.loading import sliced_decoding
 from diffusers_hprune.metrics import MetricError, get_metric, register_metric
 
 # The machinery (cache, resume, shards) on the fast velocity metric; image metrics: tests/test_image_fidelity.py.
-# 16 px: the tiny VAE does not downsample, so 256 image tokens (32 px: 1024, a 3.8 x slower analysis).
+# 16 px: the tiny VAE does not downsample, so 256 image tokens (32 px: 1024, and a several times slower analysis).
 SMALL = dict(metric="velocity", n_prompts=2, eval_steps=2, num_inference_steps=3, height=16, width=16, progress=False)
 
 
