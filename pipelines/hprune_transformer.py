@@ -644,7 +644,7 @@ def check_input_links(folder: str | os.PathLike, *, error: type[Exception] = Inp
 
 Python ends on SIGTERM without running ``finally`` blocks, so a command stopped by a job
 scheduler (``scancel``, ``kill``, a container stopping) would leave its temporary files and
-folders behind. The ``hprune`` command line (:func:`raise_on_termination`) turns SIGTERM into
+folders behind. While a command runs, the ``hprune`` command line (:func:`termination_raises`) turns SIGTERM into
 ``SystemExit(143)`` and keeps Ctrl-C a ``KeyboardInterrupt``: the atomic writers of
 :mod:`diffusers_hprune.utils.fileio` then remove what they wrote. Inside :func:`uninterrupted`
 (the few renames that put an output in place) either signal waits until the block ends, so an
@@ -680,6 +680,23 @@ def raise_on_termination() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+
+
+@contextlib.contextmanager
+def termination_raises() -> Iterator[None]:
+    """:func:`raise_on_termination` for the length of a block, then the handlers that were there before: a program
+    or test process that calls ``hprune``'s ``main()`` gets its own SIGTERM and SIGINT handling back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    raise_on_termination()
+    try:
+        yield
+    finally:
+        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), previous):
+            if handler is not None:  # None: installed outside Python, and so not restorable from it
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
