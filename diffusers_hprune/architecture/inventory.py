@@ -30,6 +30,7 @@ from diffusers_hprune.architecture.sizes import (
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.checks import InputError, read_text_file
 from diffusers_hprune.utils.errors import UnsupportedModelError
+from diffusers_hprune.utils.memo import Memo, config_key
 
 
 def builtin_configs() -> dict[str, Traversable]:
@@ -257,44 +258,73 @@ def inspect_transformer(source: Any) -> TransformerInventory:
         name = str(source) if isinstance(source, (str, os.PathLike)) else str(config.get("_name_or_path", ""))
         params = None
     family = get_family(config)
-    original = build_on_meta(config, pruned=False)
+    counts = _unpruned_counts(config)
     if params is None:
-        params = sum(p.numel() for p in build_on_meta(config).parameters())
+        params = _PRUNED_PARAMS.get(config_key(config), lambda: sum(p.numel() for p in build_on_meta(config).parameters()))
     plan = family.empty_plan(config)
     if config.get("prune_plan"):
         plan = family.check_plan(PrunePlan.from_dict(config["prune_plan"]), config)
-    blocks = []
-    for spec, module in zip(family.block_specs(config), family.block_modules(original)):
-        sizes = {c: family.component_parameters(module, spec, c, config) for c in (BLOCK, *spec.components)}
-        skipped = is_skipped(spec.path, family.default_nf4_skip_modules)
-        nbytes = {
-            dtype: {
-                c: sum(param_bytes(n, dtype, linear and not skipped, tables=not _is_slice(c, name, spec, family, config))
-                       for name, n, linear in parts)
-                for c, parts in sizes.items()
-            }
-            for dtype in DTYPES
-        }
-        blocks.append(
-            BlockInventory(
-                spec=spec,
-                params=sum(n for _, n, _ in sizes[BLOCK]),
-                components={c: sum(n for _, n, _ in sizes[c]) for c in spec.components},
-                removed=spec.index in plan.removed_blocks,
-                removed_components=tuple(plan.removed_components.get(spec.index, ())),
-                nbytes=nbytes,
-            )
+    blocks = [
+        BlockInventory(
+            spec=spec,
+            params=block_params,
+            components=dict(components),
+            removed=spec.index in plan.removed_blocks,
+            removed_components=tuple(plan.removed_components.get(spec.index, ())),
+            nbytes={dtype: dict(sizes) for dtype, sizes in nbytes.items()},
         )
+        for spec, (block_params, components, nbytes) in zip(family.block_specs(config), counts.blocks)
+    ]
     return TransformerInventory(
         family=family,
         config=config,
         blocks=blocks,
-        original_params=sum(p.numel() for p in original.parameters()),
+        original_params=counts.params,
         params=params,
         name=name,
         plan_description="" if plan.is_empty else plan.describe(),
-        original_bytes={dtype: model_weight_bytes(original, dtype) for dtype in DTYPES},
+        original_bytes=dict(counts.nbytes),
     )
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """What :func:`inspect_transformer` counts on the unpruned model: per block (params, component params, bytes)."""
+
+    blocks: tuple[tuple[int, dict[str, int], dict[str, dict[str, int]]], ...]
+    params: int
+    nbytes: dict[str, int]
+
+
+# Counting builds the whole model on meta; `hprune budget` and the `--gpu-memory` fit inspect the same
+# few configs dozens of times. Callers get fresh inventories from the kept counts (they may set ``name``).
+_COUNTS: Memo[_Counts] = Memo()
+_PRUNED_PARAMS: Memo[int] = Memo()
+
+
+def _unpruned_counts(config: Mapping[str, Any]) -> _Counts:
+    def count() -> _Counts:
+        family = get_family(config)
+        original = build_on_meta(config, pruned=False)
+        blocks = []
+        for spec, module in zip(family.block_specs(config), family.block_modules(original)):
+            sizes = {c: family.component_parameters(module, spec, c, config) for c in (BLOCK, *spec.components)}
+            skipped = is_skipped(spec.path, family.default_nf4_skip_modules)
+            nbytes = {
+                dtype: {
+                    c: sum(param_bytes(n, dtype, linear and not skipped,
+                                       tables=not _is_slice(c, name, spec, family, config))
+                           for name, n, linear in parts)
+                    for c, parts in sizes.items()
+                }
+                for dtype in DTYPES
+            }
+            components = {c: sum(n for _, n, _ in sizes[c]) for c in spec.components}
+            blocks.append((sum(n for _, n, _ in sizes[BLOCK]), components, nbytes))
+        return _Counts(tuple(blocks), sum(p.numel() for p in original.parameters()),
+                       {dtype: model_weight_bytes(original, dtype) for dtype in DTYPES})
+
+    return _COUNTS.get(config_key(config, drop=("prune_plan",)), count)
 
 
 def _is_slice(component: str, name: str, spec: BlockSpec, family: ModelFamily, config) -> bool:

@@ -10,6 +10,7 @@ them); attention runs the fused kernel, as on the devices (``fused_attention_on_
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from diffusers_hprune.models import pruned_class_for
 from diffusers_hprune.plan import PrunePlan
 from diffusers_hprune.utils.compat import tree_leaves
 from diffusers_hprune.utils.live_memory import LiveTensorBytes, fused_attention_on_meta
+from diffusers_hprune.utils.memo import Memo, config_key
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,26 @@ class ForwardTrace:
     """Bytes of the call's inputs (what recording a call keeps)."""
 
 
-@torch.no_grad()
+# A trace is a function of its arguments alone, and `hprune budget` / the `--gpu-memory` fit ask for the
+# same ones many times (every remedy tried re-predicts its stage): each is traced once per process.
+_FORWARD: Memo[ForwardTrace] = Memo()
+_STEP: Memo[StepTrace] = Memo()
+_VAE: Memo[int] = Memo()
+
+
+def _model_key(config: Mapping[str, Any], plan: PrunePlan | None) -> tuple[str, str]:
+    settings = _settings(config) | {"_class_name": get_family(config).base_class_name}
+    return config_key(settings), json.dumps(plan.to_dict() if plan else None, sort_keys=True)
+
+
 def forward_trace(config: Mapping[str, Any], plan: PrunePlan | None, shapes: Shapes, dtype: torch.dtype) -> ForwardTrace:
     """One no-grad call of the transformer (inference, analysis, the teacher drawing the training data)."""
+    return _FORWARD.get((*_model_key(config, plan), shapes, str(dtype)),
+                        lambda: _forward_trace(config, plan, shapes, dtype))
+
+
+@torch.no_grad()
+def _forward_trace(config: Mapping[str, Any], plan: PrunePlan | None, shapes: Shapes, dtype: torch.dtype) -> ForwardTrace:
     model = meta_transformer(config, plan, dtype)
     family = get_family(model)
     inputs = meta_inputs(model, shapes, dtype)
@@ -138,6 +157,13 @@ def step_trace(config: Mapping[str, Any], plan: PrunePlan, shapes: Shapes, dtype
     :func:`~diffusers_hprune.distillation.loss.loss_terms`); all weights are in ``dtype``, so
     the gradients are too (the caller corrects for float32 master weights).
     """
+    options = (lora_rank, pwp, gradient_checkpointing, per_block_groups)
+    return _STEP.get((*_model_key(config, plan), shapes, str(dtype), options),
+                     lambda: _step_trace(config, plan, shapes, dtype, *options))
+
+
+def _step_trace(config: Mapping[str, Any], plan: PrunePlan, shapes: Shapes, dtype: torch.dtype, lora_rank: int,
+                pwp: bool, gradient_checkpointing: bool, per_block_groups: bool) -> StepTrace:
     teacher = meta_transformer(config, None, dtype)
     student = meta_transformer(config, plan, dtype)
     family = get_family(teacher)
@@ -187,11 +213,17 @@ def step_peak(teacher: torch.nn.Module, student: torch.nn.Module, inputs: dict, 
     return counter.peak, gradients
 
 
-@torch.no_grad()
 def vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, width: int, dtype: torch.dtype,
                      tiled: bool = False) -> int:
     """Most bytes the VAE's ``decode`` of ``batch`` latents holds at once (the decoded images included); ``tiled``:
     decoded in tiles, as ``loading.sliced_decoding`` sets them up (the same code, run on meta)."""
+    return _VAE.get((config_key(_settings(vae_config)), batch, height, width, str(dtype), tiled),
+                    lambda: _vae_decode_trace(vae_config, batch, height, width, dtype, tiled))
+
+
+@torch.no_grad()
+def _vae_decode_trace(vae_config: Mapping[str, Any], batch: int, height: int, width: int, dtype: torch.dtype,
+                      tiled: bool) -> int:
     from diffusers import AutoencoderKL
 
     with init_empty_weights(include_buffers=True):
