@@ -99,17 +99,23 @@ def row_key(settings: dict) -> str:
 
 
 class Rows:
-    """Finished measurements of one family, kept atomically in ``rows.json`` under their settings key."""
+    """Finished measurements of one family, kept atomically in ``rows.json`` under their settings key.
+
+    Each new row is added to the file as it is then, not to this process's copy of it: two runs on the same toy
+    (one ratio each, say) both keep their rows."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def get(self, key: str):
         return self.data.get(key)
 
     def put(self, key: str, value: dict) -> None:
-        self.data[key] = value
+        self.data = {**self._read(), key: value}
         atomic_write_json(self.path, self.data)
 
 

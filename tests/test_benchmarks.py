@@ -151,6 +151,18 @@ def test_ablation_rows_are_keyed_by_the_thread_count(monkeypatch):
     assert json.loads(one)["threads"] == 1 and json.loads(two)["threads"] == 2
 
 
+def test_ablation_rows_of_two_runs_on_one_toy_are_both_kept(tmp_path):
+    """Two runs on the same toy (one ratio each) each add their rows to the file, not their copy of it."""
+    ablation = _script("toy_ablation")
+    path = tmp_path / "rows.json"
+    first, second = ablation.Rows(path), ablation.Rows(path)
+    first.put("a", {"score": 1})
+    second.put("b", {"score": 2})
+    first.put("c", {"score": 3})
+    assert json.loads(path.read_text()) == {"a": {"score": 1}, "b": {"score": 2}, "c": {"score": 3}}
+    assert ablation.Rows(path).get("b") == {"score": 2}
+
+
 def test_ablation_trains_every_row_of_a_seed_before_the_next_seed(monkeypatch, tmp_path):
     """A run cut off (rows are kept as they finish) leaves whole seeds; the table still lists each row's seeds."""
     ablation = _script("toy_ablation")
