@@ -61,6 +61,7 @@ from diffusers_hprune import prune_pipeline, toy  # noqa: E402
 from diffusers_hprune.analysis import analyze  # noqa: E402
 from diffusers_hprune.architecture.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.contributions import ContributionReport  # noqa: E402
+from diffusers_hprune.distillation.models import sgdistill_ratio  # noqa: E402
 from diffusers_hprune.distillation.sgdistill import default_eps  # noqa: E402
 from diffusers_hprune.distillation.trainer import DistillConfig, distill  # noqa: E402
 from diffusers_hprune.evaluation import psnr, ssim  # noqa: E402
@@ -89,6 +90,15 @@ def resolved(options: dict) -> dict:
     if options.get("sgdistill", True) is False or "sensitivity_floor" in options:
         return options
     return dict(options, sensitivity_floor=DistillConfig.sensitivity_floor)
+
+
+def run_options(label: str, plan, achieved: float) -> dict:
+    """The distillation options of ``label``'s row for ``plan``. Below r_thres SGDistill is off (Algorithm 1), so
+    the full method's run would be HPP + PWP's run again: it reuses that run (and quantises its student for NF4)."""
+    options = {lbl: o for lbl, _, o in TRAINED}
+    if label == FULL and sgdistill_ratio(plan, achieved)[0] < DistillConfig.r_thres:
+        return options["HPP + PWP"]
+    return options[label]
 
 
 def row_key(settings: dict) -> str:
@@ -232,8 +242,8 @@ def run_family(family: str, args, out: Path) -> dict:
         plans = {}
         for strategy in ("bk-sdm", "koala", "last", "hierarchical"):
             outcome, path = fam.plan(ratio, strategy)
-            plans[strategy] = (outcome.plan, path)
-            same = [other for other, (p, _) in plans.items() if other != strategy
+            plans[strategy] = (outcome.plan, path, outcome.ratio)
+            same = [other for other, (p, _, _) in plans.items() if other != strategy
                     and (p.removed_blocks, p.removed_components) == (outcome.plan.removed_blocks,
                                                                      outcome.plan.removed_components)]
             plans_text[(ratio, strategy)] = (f"{outcome.ratio:.1%}: {outcome.plan.describe()}"
@@ -249,9 +259,10 @@ def run_family(family: str, args, out: Path) -> dict:
             if label == FULL:
                 results[(ratio, NF4)] = []
         for seed in args.seeds:  # every row of one seed before the next seed: a run cut off has whole seeds
-            for label, strategy, options in TRAINED:
-                plan, plan_path = plans[strategy]
-                measured, nf4 = fam.trained(label, plan, plan_path, options, seed, args.steps, nf4=label == FULL)
+            for label, strategy, _ in TRAINED:
+                plan, plan_path, achieved = plans[strategy]
+                measured, nf4 = fam.trained(label, plan, plan_path, run_options(label, plan, achieved), seed,
+                                            args.steps, nf4=label == FULL)
                 results[(ratio, label)].append(measured)
                 if label == FULL:
                     results[(ratio, NF4)].append(nf4)

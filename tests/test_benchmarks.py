@@ -177,21 +177,39 @@ def test_ablation_trains_every_row_of_a_seed_before_the_next_seed(monkeypatch, t
 
         def plan(self, ratio, strategy):
             plan = SimpleNamespace(removed_blocks=[strategy], removed_components={}, describe=lambda: strategy,
-                                   to_dict=lambda: {"strategy": strategy})
+                                   to_dict=lambda: {"strategy": strategy}, metadata={"target_ratio": ratio})
             return SimpleNamespace(plan=plan, ratio=ratio), tmp_path / f"{strategy}.json"
 
         def trained(self, label, plan, plan_path, options, seed, steps, nf4=False):
-            calls.append((seed, label))
+            calls.append((seed, label, options, nf4))
             return {"label": label, "seed": seed}, ({"nf4": seed} if nf4 else None)
 
     monkeypatch.setattr(ablation, "Family", FakeFamily)
     args = SimpleNamespace(ratios=[0.3], seeds=[0, 1], steps=5, n_eval=2)
     results = ablation.run_family("sd3", args, tmp_path)["results"]
     labels = [label for label, _, _ in ablation.TRAINED]
-    assert calls == [(seed, label) for seed in (0, 1) for label in labels]
+    assert [(seed, label) for seed, label, _, _ in calls] == [(seed, label) for seed in (0, 1) for label in labels]
+    assert [nf4 for *_, nf4 in calls] == [label == ablation.FULL for _ in (0, 1) for label in labels]
     for label in labels:
         assert results[(0.3, label)] == [{"label": label, "seed": 0}, {"label": label, "seed": 1}]
     assert results[(0.3, ablation.NF4)] == [{"nf4": 0}, {"nf4": 1}]
+    full = [options for _, label, options, _ in calls if label == ablation.FULL]
+    assert full == [{}, {}]  # at 30 % (>= r_thres) the full method trains with SGDistill
+
+
+def test_ablation_below_r_thres_reuses_the_hpp_pwp_run_for_the_full_method():
+    """Below r_thres SGDistill is off, so "+ SGDistill" is HPP + PWP's run (same options, hence same cached row and
+    student), not a second identical training; from r_thres on it runs with SGDistill."""
+    ablation = _script("toy_ablation")
+    below = SimpleNamespace(metadata={"target_ratio": 0.2})
+    at = SimpleNamespace(metadata={"target_ratio": ablation.DistillConfig.r_thres})
+    pwp = dict((label, o) for label, _, o in ablation.TRAINED)["HPP + PWP"]
+    assert ablation.run_options(ablation.FULL, below, 0.2) == pwp == {"sgdistill": False}
+    assert ablation.run_options(ablation.FULL, at, 0.2) == {}
+    assert ablation.run_options("HPP + PWP", at, 0.3) == pwp
+    # a plan without a target ratio is judged by the ratio it achieves
+    assert ablation.run_options(ablation.FULL, SimpleNamespace(metadata={}), 0.3) == {}
+    assert ablation.run_options(ablation.FULL, SimpleNamespace(metadata=None), 0.1) == pwp
 
 
 def test_ablation_sections_keep_what_another_run_wrote():
