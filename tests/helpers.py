@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,6 +200,14 @@ def failure_output(stderr: str, limit: int = 3000) -> str:
     for part in stderr.split("Fatal Python error")[1:]:
         heads.append("Fatal Python error" + part.split("\nExtension modules")[0][:limit])
     return "\n...\n".join(heads + [stderr[-limit:]])
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous: a fixed port (or the launchers' default
+    29500) can still be held by another test's group or a stale process, and the launch then aborts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_process_group(cmd, *, timeout: float, env=None) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import failure_output, hprune_cli, run_process_group
+from helpers import failure_output, free_port, hprune_cli, run_process_group
 
 from diffusers_hprune.analysis import analyze, synthetic_report
 from diffusers_hprune.analysis.adaptive import batch_order, interval
@@ -216,7 +216,7 @@ def test_two_processes_give_the_single_process_adaptive_report(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "adaptive: " in result.stdout
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
     result = run_process_group(launch, env=env, timeout=600)

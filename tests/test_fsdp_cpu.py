@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import failure_output, run_process_group
+from helpers import failure_output, free_port, run_process_group
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -100,7 +100,7 @@ def test_fsdp2_shards_the_pruned_student_and_gathers_a_loadable_state_dict(tmp_p
                      removed_components={9: ["ff_context"]})
     plan.save(tmp_path / "plan.json")
     (tmp_path / "fsdp_student.py").write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(tmp_path / "fsdp_student.py"), str(tmp_path / "plan.json")]
     result = run_process_group(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, failure_output(result.stderr)

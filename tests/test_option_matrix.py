@@ -18,14 +18,13 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import imagefolder, run_process_group
+from helpers import free_port, imagefolder, run_process_group
 
 from diffusers_hprune import PrunePlan, toy
 
@@ -111,12 +110,6 @@ def test_the_covering_array_covers_every_pair():
     assert len(rows) <= 2 * len(FACTORS["plan"]) * 2  # near the lower bound (6 plans x 2 values)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distill_args(row: dict, base: Path, out: Path) -> list[str]:
     family, _, extra = PLANS[row["plan"]]
     args = ["distill", "--teacher", family, "--plan", str(base / f"{row['plan']}.json"), "--output_dir", str(out),
@@ -153,7 +146,7 @@ def _launch(args: list[str], processes: int, *, script: str | None = None, confi
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     launch += ["--config_file", config] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no",
                                                         "--mixed_precision", "no"]
-    launch += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    launch += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
     launch += [script] if script else ["-m", "diffusers_hprune"]
     return run_process_group([*launch, *args], timeout=RUN_TIMEOUT, env=env)
 
