@@ -216,8 +216,9 @@ def test_two_processes_give_the_single_process_adaptive_report(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "adaptive: " in result.stdout
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
     result = run_process_group(launch, env=env, timeout=600)
     assert result.returncode == 0, failure_output(result.stderr)

@@ -230,8 +230,9 @@ def test_two_processes_give_the_single_process_report(tmp_path):
     args = ["--n-prompts", "2", "--eval-steps", "2", "--metric", "velocity"]
     cmd, env = _cli("analyze", "sd3", "--out", str(one), *args)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "diffusers_hprune", "analyze", "sd3", "--out", str(two), *args]
     result = run_process_group(launch, env=env, timeout=400)
     assert result.returncode == 0, failure_output(result.stderr)

@@ -197,8 +197,9 @@ def test_two_processes_end_with_identical_weights(setup, tmp_path):
     base, plans = setup
     analysis, plan_path, _ = plans["sd3"]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "examples" / "distill.py"), *_args(base, "sd3", analysis, plan_path, out)[1:],
            "--max_train_steps", "12", "--learning_rate", "1e-3", "--no-sgdistill", "--checkpointing_steps", "0"]
     result = run_process_group(cmd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
