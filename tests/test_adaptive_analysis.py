@@ -130,6 +130,7 @@ def test_a_stopped_adaptive_run_resumes_from_its_parts(sd3_pipeline, tmp_path):
         analyze(sd3_pipeline, out, stopping=CrashingRule(undecided=True), min_images=2, **settings)
     part = ContributionReport.load(tmp_path / "analysis.json.parts" / "rank-0.json")
     assert not out.exists() and {e["n_images"] for e in part.entries.values()} == {4}  # two rounds were saved
+    assert part.run["block_evaluations"] > 0 and part.run["seconds"] > 0  # what the interrupted run spent
     resumed = analyze(sd3_pipeline, out, stopping=Rule(undecided=True), min_images=2, **settings)
     assert resumed.run["this_process"]["reused_entries"] == len(part.entries)
     uninterrupted = analyze(sd3_pipeline, stopping=Rule(undecided=True), min_images=2, **settings)

@@ -68,10 +68,11 @@ class AdaptiveRun:
     """The rounds of an adaptive analysis over a :class:`~.measurement.Measurement`."""
 
     def __init__(self, measurement, report: ContributionReport, rule: StoppingRule, *, min_images: int,
-                 confidence: float, state, part: Path | None, sync, progress: bool):
+                 confidence: float, state, part: Path | None, sync, progress: bool, cost=None):
         """``measurement()`` returns the :class:`~.measurement.Measurement` (made when first called: a run with
-        nothing left to measure draws nothing); ``sync()`` shares the processes' entries between rounds."""
-        self.measurement, self.report, self.rule = measurement, report, rule
+        nothing left to measure draws nothing); ``sync()`` shares the processes' entries between rounds; ``cost()``
+        (if given) is this run's cost so far, written as ``run`` with every part (what an interrupted run spent)."""
+        self.measurement, self.report, self.rule, self.cost = measurement, report, rule, cost
         self.confidence, self.state, self.part, self.sync = confidence, state, part, sync
         images, size = report.calibration_images, int(report.calibration["batch_size"])
         order = batch_order(-(-images // size), int(report.calibration["seeds"][0]))
@@ -141,6 +142,8 @@ class AdaptiveRun:
                 self.bar.update(self.state.num_processes)
                 self.bar.set_postfix_str(f"round {self.rounds}, {len(todo)} entries, block {key[0]} {key[1]}")
                 if self.part is not None:
+                    if self.cost is not None:
+                        self.report.run = self.cost()
                     self.report.save(self.part)
             self.sync()
         self.bar.close()

@@ -235,7 +235,8 @@ def analyze(
     else:
         run = AdaptiveRun(measurement, report, stopping, min_images=min_images or batch_size, confidence=confidence,
                           state=state, part=part, sync=lambda: sync_parts(report, parts_dir(out) if out else None, part, state),
-                          progress=progress)
+                          progress=progress, cost=lambda: {"block_evaluations": counter.count,
+                                                           "seconds": time.perf_counter() - started})
         run.run(report.expected_keys())
         mine, adaptive = run.measured, {"adaptive": run.summary()}
     if metric_def.alignment and not report.alignment:
