@@ -77,6 +77,44 @@ def test_spent_fractions_count_the_images_beyond_the_first():
     assert cost.spent_fractions(report) == {"block": 0.5, "component": 0.25}
 
 
+def test_matched_images_keep_the_interval_an_entry_stopped_at():
+    cost = _script("analysis_cost")
+    # The same calibration: the images the entry used.
+    assert [cost.matched_images(n, 64, 64, 8) for n in (8, 24, 56)] == [8, 24, 56]
+    # Every toy image: every image of the larger calibration (the toy's interval closed by running out).
+    assert cost.matched_images(64, 64, 400, 8) == 400 and cost.matched_images(16, 16, 80, 8) == 80
+    # A larger calibration needs more images for the same interval, the more the nearer the toy's end it stopped.
+    assert cost.matched_images(8, 64, 400, 8) == 16  # 8.8 images
+    assert cost.matched_images(56, 64, 400, 8) == 216  # 210.0 images: 27 batches
+    assert cost.matched_images(8, 16, 80, 8) == 16  # 12.8 images
+
+
+def test_matched_fractions_count_the_paper_images_beyond_the_first():
+    cost = _script("analysis_cost")
+    entries = {(0, "block"): 64, (1, "block"): 24, (0, "attn"): 8, (0, "ff"): 16}
+    report = SimpleNamespace(run={"adaptive": {"min_images": 8}}, entries=entries, images_of=entries.__getitem__,
+                             entry_images=lambda key: 64 if key[1] == "block" else 16)
+    need = {"block": [400, cost.matched_images(24, 64, 400, 8)], "component": [16, 80]}
+    fractions = cost.matched_fractions(report, 8)
+    assert fractions["block"] == pytest.approx(sum(n - 8 for n in need["block"]) / (2 * 392))
+    assert fractions["component"] == pytest.approx((8 + 72) / (2 * 72))
+
+
+def test_earlier_cost_adds_each_interrupted_run_once(tmp_path):
+    cost = _script("analysis_cost")
+    out = tmp_path / "toy-full.json"
+    assert cost.earlier_cost(out)["runs"] == 0 and not (tmp_path / "toy-full.json.cost.json").exists()
+    part = tmp_path / "toy-full.json.parts" / "rank-0.json"
+    part.parent.mkdir()
+    part.write_text(json.dumps({"run": {"block_evaluations": 100, "seconds": 2.5}}))
+    first = cost.earlier_cost(out)
+    assert (first["block_evaluations"], first["seconds"], first["runs"]) == (100, 2.5, 1)
+    assert cost.earlier_cost(out)["runs"] == 1  # the same part: that run was added already
+    part.write_text(json.dumps({"run": {"block_evaluations": 40, "seconds": 1.0}}))  # a second interrupted run
+    second = cost.earlier_cost(out)
+    assert (second["block_evaluations"], second["seconds"], second["runs"]) == (140, 3.5, 2)
+
+
 @pytest.mark.parametrize("name", ["sd3.5-large-turbo", "flux.1-schnell"])
 def test_latency_scaled_config_keeps_every_block_at_width_256(name):
     from diffusers_hprune.architecture import get_family
