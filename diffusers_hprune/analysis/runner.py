@@ -235,8 +235,7 @@ def analyze(
     else:
         run = AdaptiveRun(measurement, report, stopping, min_images=min_images or batch_size, confidence=confidence,
                           state=state, part=part, sync=lambda: sync_parts(report, parts_dir(out) if out else None, part, state),
-                          progress=progress, cost=lambda: {"block_evaluations": counter.count,
-                                                           "seconds": time.perf_counter() - started})
+                          progress=progress, cost=lambda: _cost_so_far(counter, started))
         run.run(report.expected_keys())
         mine, adaptive = run.measured, {"adaptive": run.summary()}
     if metric_def.alignment and not report.alignment:
@@ -298,8 +297,13 @@ def _measure_all(measurement, keys, report: ContributionReport, part: Path | Non
         measuring.record(key)
         bar.set_postfix_str(f"block {key[0]} {key[1]}")
         if part is not None:
-            report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+            report.run = _cost_so_far(counter, started)
             report.save(part)
+
+
+def _cost_so_far(counter: BlockCounter, started: float) -> dict:
+    """A running analysis's cost, written with its part files (what an interrupted run spent)."""
+    return {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
 
 
 def _on_host(pipe) -> bool:
