@@ -150,8 +150,9 @@ def adaptive_counts(config, fractions: dict[str, float], min_images: int = 8) ->
 
 
 def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
-    """Per ratio: ``same`` when both analyses give the hierarchical plan the same removals, else the Score sum
-    (prunability by the full analysis's dP, higher = removes less) of each plan's removals."""
+    """Per ratio: ``same`` when both analyses give the hierarchical plan the same removals, else the sum of
+    ``|Score|`` (prunability by the full analysis's dP, ``|dP| / W_pos``: the damage the plan expects) of each
+    plan's removals, the adaptive plan's first."""
     from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan, prunability
 
@@ -167,8 +168,8 @@ def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
         scores = [sum(prunability(full.entries[k]["delta"], k[0], full.num_blocks, alpha) for k in p.order)
                   for p in plans]
         differ = len(set(plans[0].order) ^ set(plans[1].order))
-        out.append(f"{ratio:.0%}: {differ} removals differ, Score sum {scores[1]:.5g} vs {scores[0]:.5g} "
-                   f"({scores[1] / scores[0] - 1:+.1%} of the full plan's)")
+        out.append(f"{ratio:.0%}: {differ} removals differ, sum of abs(Score) {-scores[1]:.5g} vs {-scores[0]:.5g} "
+                   f"({scores[1] / scores[0] - 1:+.1%} damage expected)")
     return out
 
 
@@ -202,8 +203,13 @@ def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path,
 
     name = f"{family}-{n_prompts}x{batch_size}" + (f"-c{component_images}" if component_images else "")
     cache = folder / f"{name}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    if cache.exists():  # the plans compared again: cheap, and as this script words them now
+        row = json.loads(cache.read_text())
+        plans = plan_agreement(*(ContributionReport.load(folder / Path(row["runs"][k]["file"]).name)
+                                 for k in ("full", "adaptive")))
+        if plans != row["plans"]:
+            atomic_write_json(cache, dict(row, plans=plans))
+        return dict(row, plans=plans)
     folder.mkdir(parents=True, exist_ok=True)
     settings = dict(n_prompts=n_prompts, batch_size=batch_size, component_images=component_images)
     runs = {}
@@ -211,11 +217,17 @@ def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path,
             inspect_transformer(toy.model_path(family)), ADAPTIVE_RATIOS)})):
         out = folder / f"{name}-{kind}.json"
         earlier = earlier_cost(out)
-        start = time.perf_counter()
-        report = analyze(family, out, **settings, **extra)
-        runs[kind] = {"seconds": time.perf_counter() - start + earlier["seconds"],
-                      "block_evaluations": report.run["block_evaluations"] + earlier["block_evaluations"],
-                      "file": str(out), "reused_entries": report.run["this_process"].get("reused_entries", 0),
+        done = ContributionReport.load(out) if out.exists() else None
+        if done is not None and done.complete and done.run.get("block_evaluations"):
+            # finished by an earlier run of this script that stopped before its row: the cost is in the file
+            seconds, evaluations, reused = done.run["seconds"], done.run["block_evaluations"], 0
+        else:
+            start = time.perf_counter()
+            report = analyze(family, out, **settings, **extra)
+            seconds, evaluations = time.perf_counter() - start, report.run["block_evaluations"]
+            reused = report.run["this_process"].get("reused_entries", 0)
+        runs[kind] = {"seconds": seconds + earlier["seconds"], "block_evaluations": evaluations +
+                      earlier["block_evaluations"], "file": str(out), "reused_entries": reused,
                       "interrupted_runs": earlier["runs"]}
         if runs[kind]["reused_entries"] and not earlier["runs"]:
             print(f"{family} {kind}: resumed an earlier run ({runs[kind]['reused_entries']} entries reused): its cost "
@@ -276,7 +288,8 @@ def adaptive_main(args) -> None:
         f"{', '.join(f'{r:.0%}' for r in ADAPTIVE_RATIOS)} (95 % intervals). Block evaluations count the ablated "
         "drawings and the cache, not the full model's drawing (the same for both); wall time counts everything. "
         "`rho`: Spearman's rank correlation of the two analyses' dP over every entry. A plan that differs is "
-        "given with the Score sum of its removals by the full analysis's dP (higher: less damage expected).\n\n"
+        "given with the sum of abs(Score) = |dP| / W_pos over its removals, by the full analysis's dP, the adaptive plan's "
+        "first (lower: less damage expected).\n\n"
         "Extrapolated under the paper's protocol (400 images per whole-block entry, 80 per component, 4 steps, one "
         "block evaluation = the paper's A100 step (Table 5) over the blocks), from the deepest toy of each family, "
         "read two ways; neither is a measurement of the real model, which has 400 / 80 images where the toy has "
