@@ -98,13 +98,18 @@ def image_evaluations(config, images_of, drawn: int, steps: int) -> float:
 ADAPTIVE_RATIOS = (0.2, 0.3, 0.4)
 
 
+def entries_of(report, kind: str) -> list:
+    """The report's whole-block entries (``kind`` ``"block"``) or its component entries (``"component"``)."""
+    return [k for k in report.entries if (k[1] == BLOCK) == (kind == "block")]
+
+
 def spent_fractions(report) -> dict[str, float]:
     """Of the images an adaptive analysis could add to its entries beyond their first ones, the share it added, for
     whole blocks and for components: ``sum(n - min) / sum(N - min)``."""
     first = int(report.run["adaptive"]["min_images"])
     out = {}
     for kind in ("block", "component"):
-        keys = [k for k in report.entries if (k[1] == BLOCK) == (kind == "block")]
+        keys = entries_of(report, kind)
         out[kind] = (sum(report.images_of(k) - first for k in keys) /
                      max(sum(report.entry_images(k) - first for k in keys), 1))
     return out
@@ -129,7 +134,7 @@ def matched_fractions(report, batch: int) -> dict[str, float]:
     first = int(report.run["adaptive"]["min_images"])
     out = {}
     for kind, target in (("block", PAPER_PROTOCOL["block_images"]), ("component", PAPER_PROTOCOL["component_images"])):
-        keys = [k for k in report.entries if (k[1] == BLOCK) == (kind == "block")]
+        keys = entries_of(report, kind)
         need = [matched_images(report.images_of(k), report.entry_images(k), target, batch) for k in keys]
         out[kind] = sum(n - first for n in need) / max(len(keys) * (target - first), 1)
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from pathlib import Path
 from statistics import NormalDist
 from typing import Protocol
 
@@ -68,12 +67,12 @@ class AdaptiveRun:
     """The rounds of an adaptive analysis over a :class:`~.measurement.Measurement`."""
 
     def __init__(self, measurement, report: ContributionReport, rule: StoppingRule, *, min_images: int,
-                 confidence: float, state, part: Path | None, sync, progress: bool, cost=None):
+                 confidence: float, state, checkpoint, sync, progress: bool):
         """``measurement()`` returns the :class:`~.measurement.Measurement` (made when first called: a run with
-        nothing left to measure draws nothing); ``sync()`` shares the processes' entries between rounds; ``cost()``
-        (if given) is this run's cost so far, written as ``run`` with every part (what an interrupted run spent)."""
-        self.measurement, self.report, self.rule, self.cost = measurement, report, rule, cost
-        self.confidence, self.state, self.part, self.sync = confidence, state, part, sync
+        nothing left to measure draws nothing); ``checkpoint()`` saves this process's entries (its part file, with
+        the run's cost so far) after every batch; ``sync()`` shares the processes' entries between rounds."""
+        self.measurement, self.report, self.rule = measurement, report, rule
+        self.confidence, self.state, self.checkpoint, self.sync = confidence, state, checkpoint, sync
         images, size = report.calibration_images, int(report.calibration["batch_size"])
         order = batch_order(-(-images // size), int(report.calibration["seeds"][0]))
         # components: the batches of their first images only (a multiple of the batch size)
@@ -141,10 +140,7 @@ class AdaptiveRun:
                     self.measured.append(key)
                 self.bar.update(self.state.num_processes)
                 self.bar.set_postfix_str(f"round {self.rounds}, {len(todo)} entries, block {key[0]} {key[1]}")
-                if self.part is not None:
-                    if self.cost is not None:
-                        self.report.run = self.cost()
-                    self.report.save(self.part)
+                self.checkpoint()
             self.sync()
         self.bar.close()
 

@@ -123,14 +123,14 @@ def merge(report: ContributionReport, out: Path) -> ContributionReport:
     return merged
 
 
-def sync_parts(report: ContributionReport, parts: Path | None, part: Path | None, state) -> None:
-    """Between two rounds of a sharded adaptive analysis: every process's part read by all (the next round's
-    decision is then the same everywhere). Nothing to do on one process."""
-    if state.num_processes == 1 or parts is None:
+def sync_parts(report: ContributionReport, part: Path | None, state) -> None:
+    """Between two rounds of a sharded adaptive analysis: every process's part (``part`` this one's) read by all
+    (the next round's decision is then the same everywhere). Nothing to do on one process."""
+    if state.num_processes == 1 or part is None:
         return
     report.save(part)
     state.wait_for_everyone()
-    for path in sorted(parts.glob("rank-*.json")):
+    for path in sorted(part.parent.glob("rank-*.json")):
         take_entries(report, ContributionReport.load(path))
     state.wait_for_everyone()  # nobody writes the next round's part before everyone has read this round's
 

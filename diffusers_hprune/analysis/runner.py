@@ -23,6 +23,7 @@ The result is a :class:`ContributionReport`, saved as ``analysis.json`` (docs/fo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -224,18 +225,18 @@ def analyze(
     reused = len(report.entries)
     part = parts_dir(out) / f"rank-{state.process_index}.json" if out is not None else None
     counter, started = BlockCounter(), time.perf_counter()
+    checkpoint = functools.partial(_save_part, report, part, counter, started)
     measurement = _LazyMeasurement(lambda: _measurement(pipe, report, state, metric_def, scorer, align_scorer, method,
                                                         batch_size, counter, cache_device, max_cache_bytes))
     if _needs_drawing(report):
         measurement()
     if stopping is None:
-        mine = _entries_to_measure(report)[state.process_index :: state.num_processes]
-        _measure_all(measurement, mine, report, part, counter, started, progress and state.is_main_process)
-        adaptive = {}
+        mine, adaptive = _entries_to_measure(report)[state.process_index :: state.num_processes], {}
+        _measure_all(measurement, mine, report, checkpoint, progress and state.is_main_process)
     else:
         run = AdaptiveRun(measurement, report, stopping, min_images=min_images or batch_size, confidence=confidence,
-                          state=state, part=part, sync=lambda: sync_parts(report, parts_dir(out) if out else None, part, state),
-                          progress=progress, cost=lambda: _cost_so_far(counter, started))
+                          state=state, checkpoint=checkpoint, progress=progress,
+                          sync=lambda: sync_parts(report, part, state))
         run.run(report.expected_keys())
         mine, adaptive = run.measured, {"adaptive": run.summary()}
     if metric_def.alignment and not report.alignment:
@@ -286,9 +287,8 @@ class _LazyMeasurement:
         return self.made.cache.nbytes if self.made is not None else 0
 
 
-def _measure_all(measurement, keys, report: ContributionReport, part: Path | None, counter: BlockCounter,
-                 started: float, progress: bool) -> None:
-    """Every entry of ``keys`` on every calibration image, each saved to ``part`` as it completes."""
+def _measure_all(measurement, keys, report: ContributionReport, checkpoint, progress: bool) -> None:
+    """Every entry of ``keys`` on every calibration image, each checkpointed as it completes."""
     if not keys:
         return
     measuring = measurement()
@@ -296,14 +296,15 @@ def _measure_all(measurement, keys, report: ContributionReport, part: Path | Non
     for key in bar:
         measuring.record(key)
         bar.set_postfix_str(f"block {key[0]} {key[1]}")
-        if part is not None:
-            report.run = _cost_so_far(counter, started)
-            report.save(part)
+        checkpoint()
 
 
-def _cost_so_far(counter: BlockCounter, started: float) -> dict:
-    """A running analysis's cost, written with its part files (what an interrupted run spent)."""
-    return {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+def _save_part(report: ContributionReport, part: Path | None, counter: BlockCounter, started: float) -> None:
+    """This process's entries saved to its part file (if the analysis has an ``out``), with the run's cost so far
+    as ``run``: what an interrupted run spent."""
+    if part is not None:
+        report.run = {"block_evaluations": counter.count, "seconds": time.perf_counter() - started}
+        report.save(part)
 
 
 def _on_host(pipe) -> bool:
