@@ -83,7 +83,8 @@ def test_every_image_for_every_entry_is_the_full_analysis(sd3_pipeline):
     assert adaptive.entries.keys() == full.entries.keys() and rule.calls == 1  # round 1: 2 images; round 2: the rest
     for key, entry in full.entries.items():
         got = adaptive.entries[key]
-        assert got["n_images"] == 4 and "values" not in got and got["interval"] == [got["delta"]] * 2
+        assert got["n_images"] == 4 and len(got["values"]) == 4 and got["interval"] == [got["delta"]] * 2
+        assert got["delta"] == pytest.approx(statistics.fmean(got["values"]), rel=1e-15)  # kept at every image too
         assert got["delta"] == pytest.approx(entry["delta"], rel=1e-12, abs=1e-15)  # the order of a sum of 4 floats
     assert adaptive.run["adaptive"]["images_used"] == adaptive.run["adaptive"]["images_full"] == 4 * len(full.entries)
 

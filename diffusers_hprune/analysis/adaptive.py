@@ -6,8 +6,9 @@ of that mean, with the finite-population correction (the target is the dP the fu
 all the calibration images, so the interval closes when every image is in). Then, round after round, a
 :class:`StoppingRule` names the entries whose interval could still change what it decides (planning's
 ``PlanDecisions``: the plans at the ratios asked for); each of them gets one more batch, until none is left or
-they have every image. An entry's images, interval and per-image values are kept in the report, so a run stopped
-or started again with other ratios continues from them.
+they have every image. An entry's images, interval and per-image values are kept in the report (the values at
+every image too), so a run stopped or started again with other ratios continues from them, and another stopping rule
+can be replayed on them (``benchmarks/adaptive_replay.py``).
 
 Rounds are sharded: under several processes each round's entries are split across them, each writes its part
 file, and all of them read every part before the next round's decision (the same on every process).
@@ -119,10 +120,9 @@ class AdaptiveRun:
         delta = math.fsum(values) / len(values)
         population = self.report.entry_images(key)
         low, high = interval(values, population, self.confidence)
+        # the values stay at every image too: the evidence a stopping rule can be studied on again (replayed)
         self.report.entries[key] = {"score": self.report.baseline_score - delta, "delta": delta,
-                                    "n_images": len(values), "interval": [low, high],
-                                    # every image: the full analysis's entry, nothing left to continue
-                                    **({"values": values} if len(values) < population else {})}
+                                    "n_images": len(values), "interval": [low, high], "values": values}
 
     def run(self, keys: list[Key]) -> None:
         """Rounds until no entry is left to measure (the same decision on every process)."""
