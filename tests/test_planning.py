@@ -219,6 +219,17 @@ def tiny():
     return inspect_transformer(dict(tiny_sd3_transformer_config(), _class_name="SD3Transformer2DModel"))
 
 
+def test_a_transformer_built_in_code_is_inspected_like_its_config(tiny):
+    """A transformer made in code (not from_pretrained) has no _class_name in its config; its class names it."""
+    from diffusers_hprune.toy.components import tiny_sd3_pipeline
+
+    transformer = tiny_sd3_pipeline(seed=0).transformer
+    assert "_class_name" not in transformer.config
+    built = inspect_transformer(transformer)
+    assert [b.components for b in built.blocks] == [b.components for b in tiny.blocks]
+    assert built.params == built.original_params == tiny.params
+
+
 def _tiny_contributions():
     # Block sizes: 45264, 45264, 37856, 24224 of 168484 parameters.
     d = {(0, BLOCK): 0.9, (1, BLOCK): 0.2, (2, BLOCK): 0.2, (3, BLOCK): 0.3}

@@ -250,6 +250,8 @@ def inspect_transformer(source: Any) -> TransformerInventory:
     """
     if isinstance(source, torch.nn.Module):
         config = dict(source.config)
+        # a transformer built in code (not loaded) has no _class_name in its config: its class names it
+        config.setdefault("_class_name", type(source).__name__)
         name = str(config.get("_name_or_path", type(source).__name__))
         params = sum(p.numel() for p in source.parameters())
     else:
