@@ -145,17 +145,23 @@ def measure_pipeline(pipe, prompts, teacher_images, images=None) -> dict:
 class Family:
     """One toy's teacher, held-out prompts and images, analysis and cached rows."""
 
-    def __init__(self, family: str, args, out: Path):
+    def __init__(self, family: str, args, out: Path, analysis: Path | None = None):
+        """``analysis``: make the plans (and SGDistill's sensitivities) from this analysis file instead of the toy's
+        own ``--analysis-prompts`` analysis; its rows are keyed by the file's digest too."""
         self.name, self.args = family, args
+        self.digest = None if analysis is None else hashlib.sha256(Path(analysis).read_bytes()).hexdigest()[:16]
         self.folder = out / family
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rows = Rows(self.folder / "rows.json")
         self.prompts = toy.prompts(split="heldout", n=args.n_eval, seed=0)
         self.teacher = toy.load_pipeline(family)
         self.teacher_images = toy.generate(self.teacher, self.prompts, seed=0)
-        self.analysis_path = self.folder / f"analysis-{args.metric}-{args.analysis_prompts}.json"
+        self.analysis_path = Path(analysis) if analysis is not None else (
+            self.folder / f"analysis-{args.metric}-{args.analysis_prompts}.json")
         report = ContributionReport.load(self.analysis_path) if self.analysis_path.exists() else None
-        if report is None or not report.complete or report.alignment_contributions() is None:
+        if analysis is not None and (report is None or not report.complete):
+            raise SystemExit(f"{analysis}: no complete analysis to make the plans from")
+        if analysis is None and (report is None or not report.complete or report.alignment_contributions() is None):
             # Only when something is missing: rewriting the file would change its digest, which a resumed
             # distillation run checks against its checkpoint.
             report = analyze(self.teacher, self.analysis_path, metric=args.metric, alignment_metric="shapeeval",
@@ -191,7 +197,8 @@ class Family:
         options = resolved(options)
         removal = {k: v for k, v in plan.to_dict().items() if k != "metadata"}  # not the strategy's name
         settings = {"plan": removal, "options": options, "seed": seed, "steps": steps, "samples": args.samples,
-                    "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval}
+                    "lr": args.lr, "batch": args.batch, "n_eval": args.n_eval,
+                    **({"analysis": self.digest} if self.digest else {})}
         key = row_key(settings)
         nf4_key = row_key(dict(settings, quantize="nf4"))
         tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) or "full"
