@@ -423,3 +423,24 @@ def test_metric_correlation_sweep_resumes_from_the_blocks_it_kept(tmp_path, monk
     assert json.loads((tmp_path / "sweep.json").read_text()) == data
     drawn.clear()
     assert study.sweep("sd3", 3, tmp_path) == data and drawn == []  # the whole sweep is cached
+
+
+def test_a_replay_on_recorded_values_stops_every_entry_where_the_measured_run_did(sd3_pipeline):
+    """adaptive_replay.py's premise: the rule run again on the evidence (every image's dP) is the adaptive analysis."""
+    from diffusers_hprune.analysis import analyze
+    from diffusers_hprune.architecture.inventory import inspect_transformer
+    from diffusers_hprune.planning.decisions import PlanDecisions
+
+    replay = _script("adaptive_replay")
+    small = dict(n_prompts=6, batch_size=2, progress=False, num_inference_steps=2, height=16, width=16)
+    rule = PlanDecisions(inspect_transformer(sd3_pipeline.transformer), replay.ADAPTIVE_RATIOS)
+    evidence = analyze(sd3_pipeline, stopping=rule, min_images=6, **small)
+    assert all(len(e["values"]) == evidence.entry_images(k) for k, e in evidence.entries.items())
+    measured = analyze(sd3_pipeline, stopping=rule, min_images=2, **small)
+    stops = {measured.images_of(k) for k in measured.entries}
+    assert len(stops) > 1  # some entries stopped early, others went on: the replay has decisions to get right
+    got = replay.replay(evidence, min_images=2, confidence=0.95)
+    assert replay.same_stops(got, measured)
+    assert got.run["adaptive"]["images_used"] == measured.run["adaptive"]["images_used"]
+    assert not replay.same_stops(replay.replay(evidence, min_images=4, confidence=0.95), measured)
+    assert replay.toy_evaluations(got) < replay.toy_evaluations(evidence)
