@@ -50,11 +50,6 @@ from diffusers_hprune.contributions import AnalysisError, ContributionReport  # 
 REAL = {"sd3": "sd3.5-large-turbo", "flux": "flux.1-schnell"}
 
 
-def config_of(report: ContributionReport) -> dict:
-    """The analysed transformer's config, named by its class (a pipeline built in code has no ``_class_name``)."""
-    return {"_class_name": get_family(report.family).base_class_name, **report.transformer_config}
-
-
 def evidence(family: str, n_prompts: int, batch_size: int, component_images: int | None, folder: Path) -> Path:
     """The analysis of ``family`` whose every entry has every image's dP (measured unless kept in ``folder``)."""
     from diffusers_hprune import toy
@@ -98,7 +93,7 @@ def replay(evidence: ContributionReport, min_images: int, confidence: float,
     report.entries = {}
     recorded = Recorded(evidence, report)
     state = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
-    rule = PlanDecisions(inspect_transformer(config_of(evidence)), ratios)
+    rule = PlanDecisions(inspect_transformer(evidence.transformer_config), ratios)
     run = AdaptiveRun(lambda: recorded, report, rule, min_images=min_images, confidence=confidence, state=state,
                       checkpoint=lambda: None, sync=lambda: None, progress=False)
     run.run(report.expected_keys())
@@ -117,7 +112,7 @@ def same_stops(replayed: ContributionReport, measured: ContributionReport) -> bo
 def toy_evaluations(report: ContributionReport) -> float:
     """Block evaluations of ``report``'s entries on their images (the model of ``analysis_cost``)."""
     steps = int(report.calibration["generation"]["num_inference_steps"])
-    return image_evaluations(config_of(report), report.images_of, report.calibration_images, steps)
+    return image_evaluations(report.transformer_config, report.images_of, report.calibration_images, steps)
 
 
 def rows_of(family: str, args, folder: Path) -> list[list]:
