@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import toy_ablation as ablation  # noqa: E402
 from _report import markdown_table, update_section  # noqa: E402
+from analysis_cost import analysis_name  # noqa: E402
 
 from diffusers_hprune import prune_pipeline  # noqa: E402
 
@@ -34,8 +35,7 @@ KINDS = ("full", "adaptive")
 
 
 def analyses(family: str, args) -> dict[str, Path]:
-    name = f"{family}-{args.n_prompts}x{args.batch_size}" + (f"-c{args.component_images}" if args.component_images
-                                                              else "")
+    name = analysis_name(family, args.n_prompts, args.batch_size, args.component_images)
     paths = {kind: Path(args.analyses) / f"{name}-{kind}.json" for kind in KINDS}
     for path in paths.values():
         if not path.is_file():

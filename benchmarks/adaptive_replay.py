@@ -37,6 +37,7 @@ from analysis_cost import (  # noqa: E402
     ADAPTIVE_RATIOS,
     PAPER_A100_STEP_SECONDS,
     adaptive_counts,
+    analysis_name,
     image_evaluations,
     matched_fractions,
     plan_agreement,
@@ -56,7 +57,7 @@ def evidence(family: str, n_prompts: int, batch_size: int, component_images: int
     from diffusers_hprune.analysis import analyze
     from diffusers_hprune.planning.decisions import PlanDecisions
 
-    name = f"{family}-{n_prompts}x{batch_size}" + (f"-c{component_images}" if component_images else "")
+    name = analysis_name(family, n_prompts, batch_size, component_images)
     out = folder / f"{name}-evidence.json"
     done = ContributionReport.load(out) if out.exists() else None
     if done is None or not done.complete:
@@ -118,8 +119,7 @@ def toy_evaluations(report: ContributionReport) -> float:
 def rows_of(family: str, args, folder: Path) -> list[list]:
     full = ContributionReport.load(evidence(family, args.n_prompts, args.batch_size, args.component_images, folder))
     base = toy_evaluations(full)
-    name = f"{family}-{args.n_prompts}x{args.batch_size}" + (f"-c{args.component_images}" if args.component_images
-                                                              else "")
+    name = analysis_name(family, args.n_prompts, args.batch_size, args.component_images)
     measured_path = folder / f"{name}-adaptive.json"
     measured = ContributionReport.load(measured_path) if measured_path.exists() else None
     real = REAL[full.family]

@@ -199,6 +199,11 @@ def earlier_cost(out: Path) -> dict:
     return ledger
 
 
+def analysis_name(family: str, n_prompts: int, batch_size: int, component_images: int | None) -> str:
+    """The stem of a toy's analysis files in a results folder: ``{toy}-{prompts}x{batch}[-c{component images}]``."""
+    return f"{family}-{n_prompts}x{batch_size}" + (f"-c{component_images}" if component_images else "")
+
+
 def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path,
                      component_images: int | None = None) -> dict:
     """The full and the adaptive ``image_fidelity`` analysis of a toy (cached in ``folder``): costs and agreement."""
@@ -206,7 +211,7 @@ def measure_adaptive(family: str, n_prompts: int, batch_size: int, folder: Path,
     from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.planning.decisions import PlanDecisions
 
-    name = f"{family}-{n_prompts}x{batch_size}" + (f"-c{component_images}" if component_images else "")
+    name = analysis_name(family, n_prompts, batch_size, component_images)
     cache = folder / f"{name}.json"
     if cache.exists():  # the plans compared again: cheap, and as this script words them now
         row = json.loads(cache.read_text())
