@@ -154,27 +154,31 @@ def adaptive_counts(config, fractions: dict[str, float], min_images: int = 8) ->
             "adaptive": image_evaluations(config, adaptive, blocks, steps)}
 
 
-def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
-    """Per ratio: ``same`` when both analyses give the hierarchical plan the same removals, else the sum of
-    ``|Score|`` (prunability by the full analysis's dP, ``|dP| / W_pos``: the damage the plan expects) of each
-    plan's removals, the adaptive plan's first."""
+def plan_difference(full, other, ratio: float) -> tuple[int, float, float]:
+    """How far ``other``'s hierarchical plan at ``ratio`` is from ``full``'s: the removals in one plan and not the
+    other, and the damage each plan expects by ``full``'s dP (the sum of ``|Score|`` = ``|dP| / W_pos`` over its
+    removals), ``full``'s plan's first. Plans with the same removals differ by 0."""
     from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.planning import make_plan, prunability
 
     inventory = inspect_transformer(full.transformer_config)
+    plans = [make_plan(r.contributions(), inventory, ratio=ratio) for r in (full, other)]
+    alpha = plans[0].plan.metadata["alpha"]
+    damage = [-sum(prunability(full.entries[k]["delta"], k[0], full.num_blocks, alpha) for k in p.order)
+              for p in plans]
+    return len(set(plans[0].order) ^ set(plans[1].order)), damage[0], damage[1]
+
+
+def plan_agreement(full, auto, ratios=ADAPTIVE_RATIOS) -> list[str]:
+    """Per ratio: ``same`` when both analyses give the hierarchical plan the same removals, else the sum of
+    ``|Score|`` (prunability by the full analysis's dP, ``|dP| / W_pos``: the damage the plan expects) of each
+    plan's removals, the adaptive plan's first."""
     out = []
     for ratio in ratios:
-        plans = [make_plan(r.contributions(), inventory, ratio=ratio) for r in (full, auto)]
-        if plans[0].plan.removed_blocks == plans[1].plan.removed_blocks and (
-                plans[0].plan.removed_components == plans[1].plan.removed_components):
-            out.append(f"{ratio:.0%}: same")
-            continue
-        alpha = plans[0].plan.metadata["alpha"]
-        scores = [sum(prunability(full.entries[k]["delta"], k[0], full.num_blocks, alpha) for k in p.order)
-                  for p in plans]
-        differ = len(set(plans[0].order) ^ set(plans[1].order))
-        out.append(f"{ratio:.0%}: {differ} removals differ, sum of abs(Score) {-scores[1]:.5g} vs {-scores[0]:.5g} "
-                   f"({scores[1] / scores[0] - 1:+.1%} damage expected)")
+        differ, full_damage, damage = plan_difference(full, auto, ratio)
+        out.append(f"{ratio:.0%}: same" if not differ else
+                   f"{ratio:.0%}: {differ} removals differ, sum of abs(Score) {damage:.5g} vs {full_damage:.5g} "
+                   f"({damage / full_damage - 1:+.1%} damage expected)")
     return out
 
 

@@ -425,18 +425,32 @@ def test_metric_correlation_sweep_resumes_from_the_blocks_it_kept(tmp_path, monk
     assert study.sweep("sd3", 3, tmp_path) == data and drawn == []  # the whole sweep is cached
 
 
-def test_a_replay_on_recorded_values_stops_every_entry_where_the_measured_run_did(sd3_pipeline):
-    """adaptive_replay.py's premise: the rule run again on the evidence (every image's dP) is the adaptive analysis."""
+TINY_ANALYSIS = dict(n_prompts=6, batch_size=2, component_images=4, progress=False, num_inference_steps=2, height=16,
+                     width=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_evidence():
+    """The tiny SD3's adaptive analysis at every image (the evidence the replays read) and its pipeline and rule."""
     from diffusers_hprune.analysis import analyze
     from diffusers_hprune.architecture.inventory import inspect_transformer
     from diffusers_hprune.planning.decisions import PlanDecisions
+    from diffusers_hprune.toy.components import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    rule = PlanDecisions(inspect_transformer(pipe.transformer), (0.2, 0.3, 0.4))
+    return analyze(pipe, stopping=rule, min_images=6, **TINY_ANALYSIS), pipe, rule
+
+
+def test_a_replay_on_recorded_values_stops_every_entry_where_the_measured_run_did(tiny_evidence):
+    """adaptive_replay.py's premise: the rule run again on the evidence (every image's dP) is the adaptive analysis."""
+    from diffusers_hprune.analysis import analyze
 
     replay = _script("adaptive_replay")
-    small = dict(n_prompts=6, batch_size=2, progress=False, num_inference_steps=2, height=16, width=16)
-    rule = PlanDecisions(inspect_transformer(sd3_pipeline.transformer), replay.ADAPTIVE_RATIOS)
-    evidence = analyze(sd3_pipeline, stopping=rule, min_images=6, **small)
+    evidence, pipe, rule = tiny_evidence
     assert all(len(e["values"]) == evidence.entry_images(k) for k, e in evidence.entries.items())
-    measured = analyze(sd3_pipeline, stopping=rule, min_images=2, **small)
+    measured = analyze(pipe, stopping=rule, min_images=2, **TINY_ANALYSIS)
     stops = {measured.images_of(k) for k in measured.entries}
     assert len(stops) > 1  # some entries stopped early, others went on: the replay has decisions to get right
     got = replay.replay(evidence, min_images=2, confidence=0.95)
@@ -444,3 +458,47 @@ def test_a_replay_on_recorded_values_stops_every_entry_where_the_measured_run_di
     assert got.run["adaptive"]["images_used"] == measured.run["adaptive"]["images_used"]
     assert not replay.same_stops(replay.replay(evidence, min_images=4, confidence=0.95), measured)
     assert replay.toy_evaluations(got) < replay.toy_evaluations(evidence)
+
+
+def test_the_noise_yardsticks_keep_each_image_its_value_and_the_oracle_stops_where_it_must(tiny_evidence):
+    """adaptive_noise.py: another batch order and a bootstrap calibration move images, never their values; the
+    oracle stops every entry at the first batch from which its running dP keeps the plans."""
+    import statistics
+
+    noise = _script("adaptive_noise")
+    evidence, _, rule = tiny_evidence
+    first = evidence.component_images
+    component = next(k for k in evidence.entries if k[1] != "block")
+    assert sorted(noise.image_ids(evidence, component)) == list(range(first))  # components: their first images
+    assert sorted(noise.image_ids(evidence, (0, "block"))) == list(range(evidence.calibration_images)) != list(
+        range(first))
+    by_image = {k: dict(zip(noise.image_ids(evidence, k), e["values"], strict=True)) for k, e in evidence.entries.items()}
+    assert noise.reordered(evidence, int(evidence.calibration["seeds"][0])).entries == evidence.entries
+    seed = next(s for s in range(1, 100) if noise.image_ids(evidence, (0, "block"), s) !=
+                noise.image_ids(evidence, (0, "block")))
+    moved = noise.reordered(evidence, seed)
+    assert all(dict(zip(noise.image_ids(evidence, k, seed), e["values"], strict=True)) == by_image[k]
+               for k, e in moved.entries.items())
+
+    again, other = noise.resample(evidence, 0), noise.resampled(evidence, 0)
+    drawn = again.run["resample"]["images"]
+    assert again.entries == noise.resample(evidence, 0).entries and again.complete
+    for key, entry in other.entries.items():  # the other calibration's image j is the evidence's image drawn[j]
+        assert entry["values"] == [by_image[key][drawn[j]] for j in noise.image_ids(evidence, key)]
+        assert entry["delta"] == again.entries[key]["delta"]
+    assert len(drawn) == evidence.calibration_images and len(set(drawn)) < len(drawn)  # with replacement
+    assert all(i < first for i in drawn[:first]) and all(i >= first for i in drawn[first:])
+    for key, entry in again.entries.items():
+        use = drawn if key[1] == "block" else drawn[:first]
+        assert entry["delta"] == pytest.approx(statistics.fmean(by_image[key][i] for i in use), rel=1e-12)
+
+    best, truth, size = noise.oracle(evidence, rule.ratios), evidence.contributions(), TINY_ANALYSIS["batch_size"]
+    base = rule.plans(truth)
+    mean = lambda key, n: statistics.fmean(evidence.entries[key]["values"][:n])  # noqa: E731
+    assert {best.images_of(k) for k in best.entries} > {size}  # some stop at the first batch, some go on
+    for key in best.entries:
+        stop = best.images_of(key)
+        assert all(rule.plans({**truth, key: mean(key, n)}) == base
+                   for n in range(stop, evidence.entry_images(key) + 1, size))
+        assert stop == size or rule.plans({**truth, key: mean(key, stop - size)}) != base
+    assert noise.costs(evidence, best)[0] > 1
