@@ -144,7 +144,7 @@ def distances(evidence: ContributionReport, others: list[ContributionReport]) ->
         got = [plan_difference(evidence, other, ratio) for other in others]
         same = sum(1 for differ, _, _ in got if not differ)
         cells.append(f"{same}/{len(got)}; {statistics.median(d for d, _, _ in got):g}, "
-                     f"{statistics.median(b / a - 1 for _, a, b in got):+.1%}")
+                     f"{statistics.median(b / a - 1 if differ else 0.0 for differ, a, b in got):+.1%}")
     return cells
 
 
