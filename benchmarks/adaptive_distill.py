@@ -130,16 +130,19 @@ def main(argv=None):
         got = run_family(family, args)
         lines += got[0]
         notes += got[1]
-    body = markdown_table(["toy", "plan from", "removed", "untrained ShapeEval", "seeds", "ShapeEval", "PSNR", "SSIM", "of teacher"], lines)
+    body = markdown_table(["toy", "plan from", "removed", "untrained ShapeEval", "seeds", "ShapeEval", "PSNR", "SSIM",
+                           "of teacher"], lines)
     body += (
         f"\n\nHPP + PWP + SGDistill at {args.ratio:.0%} from each analysis of analysis-cost-adaptive ("
         f"{args.n_prompts} calibration prompts, components on the first {args.component_images}): "
         f"{args.steps} optimizer steps, batch {args.batch}, learning rate {args.lr}, {args.samples} teacher drawings, "
         f"seeds {', '.join(map(str, args.seeds))} (mean ± sample std); ShapeEval on {args.n_eval} held-out prompts, "
-        "PSNR / SSIM against the teacher's images; untrained: the plan applied to the teacher, no training; SGDistill's sensitivities from the plan's own analysis. Issue 37 "
+        "PSNR / SSIM against the teacher's images; untrained: the plan applied to the teacher, no training; "
+        "SGDistill's sensitivities from the plan's own analysis. Issue 37 "
         "asks for the adaptive plan's student within the seed spread of the full plan's where the plans differ. "
-        + (f"{'resample-0' if args.resamples == 1 else f'resample-0 .. {args.resamples - 1}'}: the full analysis of another calibration of the same size (a "
-           "bootstrap resample of adaptive-replay's evidence, adaptive-noise), whose plan differs from the full "
+        + (f"{'resample-0' if args.resamples == 1 else f'resample-0 .. {args.resamples - 1}'}: the full analysis "
+           "of another calibration of the same size (a bootstrap resample of adaptive-replay's evidence, "
+           "adaptive-noise), whose plan differs from the full "
            "analysis's by the calibration's own noise: how far a student moves when only the calibration images "
            "change. " if args.resamples else "")
         + "Plans and verdicts:\n\n" + "\n".join(notes) + "\n")

@@ -193,7 +193,8 @@ def main(argv=None):
     parser.add_argument("--component-images", type=int, default=16)
     parser.add_argument("--orders", type=int, default=20, help="batch orders each setting is replayed in")
     parser.add_argument("--resamples", type=int, default=40, help="bootstrap resamples of the calibration")
-    parser.add_argument("--settings", nargs="+", type=str, default=["8:0.95:20,30,40", "16:0.95:20,30,40", "8:0.9:30", "8:0.8:30"],
+    parser.add_argument("--settings", nargs="+", type=str,
+                        default=["8:0.95:20,30,40", "16:0.95:20,30,40", "8:0.9:30", "8:0.8:30"],
                         help="min images:confidence:ratios in percent the rule decides for")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "analysis-cost"),
                         help="where the evidence is kept (adaptive_replay.py)")

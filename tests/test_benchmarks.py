@@ -472,7 +472,8 @@ def test_the_noise_yardsticks_keep_each_image_its_value_and_the_oracle_stops_whe
     assert sorted(noise.image_ids(evidence, component)) == list(range(first))  # components: their first images
     assert sorted(noise.image_ids(evidence, (0, "block"))) == list(range(evidence.calibration_images)) != list(
         range(first))
-    by_image = {k: dict(zip(noise.image_ids(evidence, k), e["values"], strict=True)) for k, e in evidence.entries.items()}
+    by_image = {k: dict(zip(noise.image_ids(evidence, k), e["values"], strict=True))
+                for k, e in evidence.entries.items()}
     assert noise.reordered(evidence, int(evidence.calibration["seeds"][0])).entries == evidence.entries
     seed = next(s for s in range(1, 100) if noise.image_ids(evidence, (0, "block"), s) !=
                 noise.image_ids(evidence, (0, "block")))
@@ -502,3 +503,28 @@ def test_the_noise_yardsticks_keep_each_image_its_value_and_the_oracle_stops_whe
                    for n in range(stop, evidence.entry_images(key) + 1, size))
         assert stop == size or rule.plans({**truth, key: mean(key, stop - size)}) != base
     assert noise.costs(evidence, best)[0] > 1
+
+
+def test_adaptive_distill_writes_each_resampled_analysis_once_and_judges_each_plan_against_the_full_one(
+        tiny_evidence, tmp_path):
+    """adaptive_distill.py --resamples: the full analyses of bootstrap calibrations, made from the evidence beside
+    the analyses (refused without it), kept once written; every student judged against the full plan's."""
+    from diffusers_hprune.contributions import ContributionReport
+
+    distill, noise = _script("adaptive_distill"), _script("adaptive_noise")
+    evidence = tiny_evidence[0]
+    args = SimpleNamespace(analyses=str(tmp_path), n_prompts=6, batch_size=2, component_images=4, resamples=2)
+    for kind in ("full", "adaptive"):
+        evidence.save(tmp_path / f"sd3-6x2-c4-{kind}.json")
+    with pytest.raises(SystemExit, match="adaptive_replay.py"):
+        distill.analyses("sd3", args)
+    evidence.save(tmp_path / "sd3-6x2-c4-evidence.json")
+    paths = distill.analyses("sd3", args)
+    assert list(paths) == ["full", "adaptive", "resample-0", "resample-1"]
+    assert ContributionReport.load(paths["resample-1"]).contributions() == noise.resample(evidence, 1).contributions()
+    written = paths["resample-0"].stat().st_mtime_ns
+    assert distill.analyses("sd3", args) == paths and paths["resample-0"].stat().st_mtime_ns == written
+    spreads = {"full": 0.02, "adaptive": 0.01, "resample-0": 0.03}
+    assert "within" in distill.verdict("adaptive", {"full": 0.6, "adaptive": 0.585}, spreads)
+    assert "beyond" in distill.verdict("adaptive", {"full": 0.6, "adaptive": 0.575}, spreads)
+    assert "within" in distill.verdict("resample-0", {"full": 0.6, "resample-0": 0.575}, spreads)  # its own spread
