@@ -50,10 +50,12 @@ def analyses(family: str, args) -> dict[str, Path]:
     evidence = folder / f"{name}-evidence.json"
     if args.resamples and not evidence.is_file():
         raise SystemExit(f"{evidence}: missing; run benchmarks/adaptive_replay.py --families {family} first")
+    report = None
     for seed in range(args.resamples):
         paths[f"resample-{seed}"] = path = folder / f"{name}-resample-{seed}.json"
         if not path.is_file():
-            resample(ContributionReport.load(evidence), seed).save(path)
+            report = report or ContributionReport.load(evidence)
+            resample(report, seed).save(path)
     return paths
 
 

@@ -42,21 +42,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, update_section  # noqa: E402
-from adaptive_replay import REAL, evidence, replay, toy_evaluations  # noqa: E402
-from analysis_cost import (  # noqa: E402
-    PAPER_A100_STEP_SECONDS,
-    adaptive_counts,
-    matched_fractions,
-    plan_difference,
-)
+from adaptive_replay import costs, evidence, evidence_options, replay  # noqa: E402
+from analysis_cost import ADAPTIVE_RATIOS, plan_difference  # noqa: E402
 
 from diffusers_hprune.analysis.adaptive import batch_order  # noqa: E402
-from diffusers_hprune.architecture import BLOCK, get_family  # noqa: E402
-from diffusers_hprune.architecture.inventory import inspect_transformer, load_transformer_config  # noqa: E402
+from diffusers_hprune.architecture import BLOCK  # noqa: E402
+from diffusers_hprune.architecture.inventory import inspect_transformer  # noqa: E402
 from diffusers_hprune.contributions import ContributionReport  # noqa: E402
 from diffusers_hprune.planning.decisions import PlanDecisions  # noqa: E402
-
-RATIOS = (0.2, 0.3, 0.4)
 
 
 def image_ids(report: ContributionReport, key, seed: int | None = None) -> list[int]:
@@ -69,11 +62,16 @@ def image_ids(report: ContributionReport, key, seed: int | None = None) -> list[
     return [i for b in batches for i in range(b * size, min((b + 1) * size, report.calibration_images))]
 
 
+def values_by_image(report: ContributionReport, key) -> dict[int, float]:
+    """Entry ``key``'s recorded values by the calibration image each was measured on."""
+    return dict(zip(image_ids(report, key), report.entries[key]["values"], strict=True))
+
+
 def reordered(evidence: ContributionReport, seed: int) -> ContributionReport:
     """The evidence with every entry's values in the batch order of ``seed``: what a replay takes them in."""
     out = copy.deepcopy(evidence)
     for key, entry in evidence.entries.items():
-        value = dict(zip(image_ids(evidence, key), entry["values"], strict=True))
+        value = values_by_image(evidence, key)
         out.entries[key] = dict(entry, values=[value[i] for i in image_ids(evidence, key, seed)])
     return out
 
@@ -88,8 +86,8 @@ def resampled(evidence: ContributionReport, seed: int) -> ContributionReport:
     drawn = [rng.randrange(first) for _ in range(first)] + [first + rng.randrange(total - first)
                                                             for _ in range(total - first)]
     out = copy.deepcopy(evidence)
-    for key, entry in evidence.entries.items():
-        value = dict(zip(image_ids(evidence, key), entry["values"], strict=True))
+    for key in evidence.entries:
+        value = values_by_image(evidence, key)
         values = [value[drawn[j]] for j in image_ids(evidence, key)]
         delta = math.fsum(values) / len(values)
         out.entries[key] = {"score": evidence.baseline_score - delta, "delta": delta, "values": values}
@@ -126,21 +124,11 @@ def oracle(evidence: ContributionReport, ratios) -> ContributionReport:
     return out
 
 
-def costs(evidence: ContributionReport, got: ContributionReport) -> tuple[float, float, float]:
-    """Fewer block evaluations on the toy; A100-hours of the real model and fewer, under the paper's protocol."""
-    real = REAL[evidence.family]
-    config = load_transformer_config(real)
-    counts = adaptive_counts(config, matched_fractions(got, int(evidence.calibration["batch_size"])),
-                             int(got.run["adaptive"]["min_images"]))
-    hours = counts["adaptive"] * PAPER_A100_STEP_SECONDS[real] / get_family(config).num_blocks(config) / 3600
-    return toy_evaluations(evidence) / toy_evaluations(got), hours, counts["full"] / counts["adaptive"]
-
-
 def distances(evidence: ContributionReport, others: list[ContributionReport]) -> list[str]:
-    """Per ratio of RATIOS, over ``others``: how many give the evidence's plan, and the median removals that differ
+    """Per ratio of ADAPTIVE_RATIOS, over ``others``: how many give the evidence's plan, and the median removals that differ
     and expected damage."""
     cells = []
-    for ratio in RATIOS:
+    for ratio in ADAPTIVE_RATIOS:
         got = [plan_difference(evidence, other, ratio) for other in others]
         same = sum(1 for differ, _, _ in got if not differ)
         cells.append(f"{same}/{len(got)}; {statistics.median(d for d, _, _ in got):g}, "
@@ -187,10 +175,7 @@ def _percent(ratios) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd3-deep"])
-    parser.add_argument("--n-prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--component-images", type=int, default=16)
+    evidence_options(parser)
     parser.add_argument("--orders", type=int, default=20, help="batch orders each setting is replayed in")
     parser.add_argument("--resamples", type=int, default=40, help="bootstrap resamples of the calibration")
     parser.add_argument("--settings", nargs="+", type=str,
@@ -200,7 +185,7 @@ def main(argv=None):
                         help="where the evidence is kept (adaptive_replay.py)")
     args = parser.parse_args(argv)
     rows = [row for family in args.families for row in rows_of(family, args, Path(args.out))]
-    body = markdown_table(["toy", "analysis", *(f"{r:.0%}: same plan; median removals differ, damage" for r in RATIOS),
+    body = markdown_table(["toy", "analysis", *(f"{r:.0%}: same plan; median removals differ, damage" for r in ADAPTIVE_RATIOS),
                            "30%: its calibration's full plan", "fewer (toy)", "fewer, real model (range; A100-hours)"],
                           rows)
     body += (

@@ -116,15 +116,30 @@ def toy_evaluations(report: ContributionReport) -> float:
     return image_evaluations(report.transformer_config, report.images_of, report.calibration_images, steps)
 
 
+def costs(evidence: ContributionReport, got: ContributionReport) -> tuple[float, float, float]:
+    """Of the replay ``got`` of ``evidence``: fewer block evaluations on the toy; the A100-hours of the real model of
+    its family and how many times fewer than the full analysis, under the paper's protocol ("same intervals")."""
+    real = REAL[evidence.family]
+    config = load_transformer_config(real)
+    counts = adaptive_counts(config, matched_fractions(got, int(evidence.calibration["batch_size"])),
+                             int(got.run["adaptive"]["min_images"]))
+    hours = counts["adaptive"] * PAPER_A100_STEP_SECONDS[real] / get_family(config).num_blocks(config) / 3600
+    return toy_evaluations(evidence) / toy_evaluations(got), hours, counts["full"] / counts["adaptive"]
+
+
+def evidence_options(parser: argparse.ArgumentParser) -> None:
+    """The options that name a toy's evidence (this script's and ``adaptive_noise.py``'s)."""
+    parser.add_argument("--families", nargs="+", default=["sd3-deep"])
+    parser.add_argument("--n-prompts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--component-images", type=int, default=16)
+
+
 def rows_of(family: str, args, folder: Path) -> list[list]:
     full = ContributionReport.load(evidence(family, args.n_prompts, args.batch_size, args.component_images, folder))
-    base = toy_evaluations(full)
     name = analysis_name(family, args.n_prompts, args.batch_size, args.component_images)
     measured_path = folder / f"{name}-adaptive.json"
     measured = ContributionReport.load(measured_path) if measured_path.exists() else None
-    real = REAL[full.family]
-    config = load_transformer_config(real)
-    per_block = PAPER_A100_STEP_SECONDS[real] / get_family(config).num_blocks(config)
     keys = sorted(full.entries)
     rows = []
     for first in args.min_images:
@@ -134,23 +149,19 @@ def rows_of(family: str, args, folder: Path) -> list[list]:
             if measured is not None and measured.run["adaptive"]["min_images"] == first and \
                     measured.run["adaptive"]["confidence"] == confidence:
                 check = " (= measured)" if same_stops(got, measured) else " (differs from the measured run!)"
-            counts = adaptive_counts(config, matched_fractions(got, args.batch_size), first)
+            toy, hours, fewer = costs(full, got)
             used = got.run["adaptive"]
             rows.append([family, first, f"{confidence:g}{check}", f"{used['images_used']:,} of {used['images_full']:,}",
-                         f"{base / toy_evaluations(got):.2f}x",
+                         f"{toy:.2f}x",
                          f"{spearman([full.entries[k]['delta'] for k in keys], [got.entries[k]['delta'] for k in keys]):+.3f}",
-                         "; ".join(plan_agreement(full, got)),
-                         f"{counts['adaptive'] * per_block / 3600:.1f} ({counts['full'] / counts['adaptive']:.1f}x)"])
+                         "; ".join(plan_agreement(full, got)), f"{hours:.1f} ({fewer:.1f}x)"])
             print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd3-deep"])
-    parser.add_argument("--n-prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--component-images", type=int, default=16)
+    evidence_options(parser)
     parser.add_argument("--min-images", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "analysis-cost"),

@@ -472,8 +472,7 @@ def test_the_noise_yardsticks_keep_each_image_its_value_and_the_oracle_stops_whe
     assert sorted(noise.image_ids(evidence, component)) == list(range(first))  # components: their first images
     assert sorted(noise.image_ids(evidence, (0, "block"))) == list(range(evidence.calibration_images)) != list(
         range(first))
-    by_image = {k: dict(zip(noise.image_ids(evidence, k), e["values"], strict=True))
-                for k, e in evidence.entries.items()}
+    by_image = {k: noise.values_by_image(evidence, k) for k in evidence.entries}
     assert noise.reordered(evidence, int(evidence.calibration["seeds"][0])).entries == evidence.entries
     seed = next(s for s in range(1, 100) if noise.image_ids(evidence, (0, "block"), s) !=
                 noise.image_ids(evidence, (0, "block")))
